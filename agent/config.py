@@ -1,0 +1,83 @@
+"""Agent configuration: a YAML file (`--config`), overridden by command-line flags."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+ROLES = ("computing", "daemons")
+_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_KEYS = {"id", "controller", "roles", "capabilities", "state_dir", "services_root",
+         "heartbeat_interval"}
+
+
+class ConfigError(ValueError):
+    """A bad agent configuration; the message names the key (and file)."""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    id: str
+    controller: str
+    roles: tuple[str, ...]
+    capabilities: tuple[str, ...] = ()
+    state_dir: Path = Path("/var/lib/deployer-agent")
+    services_root: Path = Path("/srv/services")
+    heartbeat_interval: float = 5.0
+
+
+def load(args: argparse.Namespace) -> AgentConfig:
+    values: dict = {}
+    where = "command line"
+    if args.config:
+        where = args.config
+        try:
+            with open(args.config) as f:
+                values = yaml.safe_load(f) or {}
+        except OSError as exc:
+            raise ConfigError(f"{args.config}: cannot read: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{args.config}: not valid YAML: {exc}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{args.config}: expected a mapping of settings")
+        unknown = sorted(set(values) - _KEYS)
+        if unknown:
+            raise ConfigError(f"{args.config}: unknown key {unknown[0]!r} (known: {', '.join(sorted(_KEYS))})")
+    for key in ("id", "controller", "state_dir", "services_root", "heartbeat_interval"):
+        if getattr(args, key, None) is not None:
+            values[key] = getattr(args, key)
+    if args.role:
+        values["roles"] = args.role
+    if args.capability:
+        values["capabilities"] = args.capability
+    return _validate(values, where)
+
+
+def _validate(values: dict, where: str) -> AgentConfig:
+    agent_id = str(values.get("id") or "")
+    if not _ID.match(agent_id):
+        raise ConfigError(f"{where}: id {agent_id!r} must match [a-z0-9][a-z0-9._-]* (at most 63 characters)")
+    controller = str(values.get("controller") or "")
+    if not controller:
+        raise ConfigError(f"{where}: controller is required (HOST:PORT or unix:PATH)")
+    roles = tuple(values.get("roles") or ())
+    if not roles:
+        raise ConfigError(f"{where}: roles: give at least one of {', '.join(ROLES)}")
+    for role in roles:
+        if role not in ROLES:
+            raise ConfigError(f"{where}: roles: unknown role {role!r} (known: {', '.join(ROLES)})")
+    try:
+        interval = float(values.get("heartbeat_interval", 5.0))
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: heartbeat_interval must be a number of seconds") from None
+    return AgentConfig(
+        id=agent_id, controller=controller, roles=roles,
+        capabilities=tuple(str(c) for c in values.get("capabilities") or ()),
+        state_dir=Path(values.get("state_dir") or "/var/lib/deployer-agent"),
+        services_root=Path(values.get("services_root") or "/srv/services"),
+        heartbeat_interval=interval,
+    )

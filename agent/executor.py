@@ -1,0 +1,331 @@
+"""Process handling, in one place: start a command in its own process group, capture its output
+into the spool, enforce timeout and cancellation, and measure what it used.
+
+Exit is observed through a pidfd and the child is left a zombie until its group has been cleaned
+up: while the zombie holds the pid, the process group id cannot be reused, so the final
+`killpg(SIGKILL)` of leftovers can never hit an unrelated process. Nothing an operation starts
+outlives it (a service is started by the service driver, not by `exec`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import pwd
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import psutil
+
+from protos import deployer_pb2 as pb
+
+from .spool import Spool, SpoolError
+
+DEFAULT_GRACE_S = 5.0
+LINGER_S = 2.0  # how long output may still come after the main process has exited
+_F_SETPIPE_SZ = 1031
+_READ_BYTES = 1 << 20
+BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class StartError(Exception):
+    """The command could not be started; the message is one line for the operator."""
+
+
+@dataclass
+class Run:
+    """A command in flight."""
+
+    op_id: str
+    proc: subprocess.Popen
+    started: float
+    on_output: Callable[[], None]
+    spool: Spool
+    stop_reason: str = ""            # "cancel" or "timeout" once we started stopping it
+    stop_detail: str = ""
+    spool_error: str = ""
+    eof: asyncio.Event = field(default_factory=asyncio.Event)
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    fds: dict[int, object] = field(default_factory=dict)  # open pipe fd → pipe
+    peak_rss: int = 0
+
+
+def _resolve_user(name: str) -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        raise StartError(f"unknown user {name!r}") from None
+
+
+def build_env(spec: pb.ExecSpec, user: pwd.struct_passwd | None) -> dict[str, str]:
+    """A small, predictable environment: the agent's own variables never leak into commands."""
+    env = {"PATH": BASE_PATH, "LANG": "C.UTF-8"}
+    if user is not None:
+        env.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name)
+    else:
+        env["HOME"] = os.environ.get("HOME", "/root")
+    env.update(spec.env)
+    return env
+
+
+def spawn(op_id: str, spec: pb.ExecSpec, default_cwd: str, spool: Spool,
+          on_output: Callable[[], None]) -> Run:
+    """Start the command; raise StartError with a one-line reason if it cannot start."""
+    if not spec.argv:
+        raise StartError("empty command")
+    cwd = spec.cwd or default_cwd
+    if not os.path.isdir(cwd):
+        raise StartError(f"working directory {cwd} does not exist")
+    user = _resolve_user(spec.user) if spec.user else None
+    env = build_env(spec, user)
+    kwargs = {}
+    if user is not None and user.pw_uid != os.getuid():
+        kwargs.update(user=user.pw_uid, group=user.pw_gid, extra_groups=[])
+    try:
+        proc = subprocess.Popen(
+            list(spec.argv), cwd=cwd, env=env, start_new_session=True, close_fds=True,
+            stdin=subprocess.PIPE if spec.stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs,
+        )
+    except FileNotFoundError:
+        raise StartError(f"command not found: {spec.argv[0]}") from None
+    except PermissionError:
+        raise StartError(f"permission denied: {spec.argv[0]}") from None
+    except OSError as exc:
+        raise StartError(f"cannot start {spec.argv[0]}: {exc.strerror}") from None
+    run = Run(op_id, proc, time.monotonic(), on_output, spool)
+    if spec.stdin:
+        threading.Thread(target=_feed, args=(proc.stdin, bytes(spec.stdin)), daemon=True).start()
+    loop = asyncio.get_running_loop()
+    for pipe, stream in ((proc.stdout, pb.STDOUT), (proc.stderr, pb.STDERR)):
+        fd = pipe.fileno()
+        try:
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, _READ_BYTES)  # fewer, larger reads under heavy output
+        except OSError:
+            pass
+        os.set_blocking(fd, False)
+        run.fds[fd] = pipe
+        loop.add_reader(fd, _drain, run, pipe, fd, stream)
+    pidfd = os.pidfd_open(proc.pid)
+    loop.add_reader(pidfd, _on_exit, run, pidfd)
+    return run
+
+
+def _feed(pipe, data: bytes) -> None:
+    try:
+        pipe.write(data)
+        pipe.close()
+    except (BrokenPipeError, OSError):
+        pass
+
+
+def _drain(run: Run, pipe, fd: int, stream: int) -> None:
+    try:
+        data = os.read(fd, _READ_BYTES)
+    except BlockingIOError:
+        return
+    except OSError:
+        data = b""
+    if data:
+        if not run.spool_error:
+            try:
+                run.spool.append(stream, data)
+            except SpoolError as exc:
+                # Keep reading (the command must not block on a full pipe) but drop the output,
+                # and say so in the result.
+                run.spool_error = str(exc)
+        run.on_output()
+        return
+    _close_stream(run, pipe, fd)
+
+
+def _close_stream(run: Run, pipe, fd: int) -> None:
+    if fd not in run.fds:
+        return
+    asyncio.get_running_loop().remove_reader(fd)
+    del run.fds[fd]
+    pipe.close()
+    if not run.fds:
+        run.eof.set()
+
+
+def _on_exit(run: Run, pidfd: int) -> None:
+    asyncio.get_running_loop().remove_reader(pidfd)
+    os.close(pidfd)
+    run.exited.set()
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def request_stop(run: Run, reason: str, detail: str) -> None:
+    """Cancel or time out: SIGTERM to the whole group now; `supervise` escalates to SIGKILL."""
+    if run.stop_reason:
+        return
+    run.stop_reason, run.stop_detail = reason, detail
+    _killpg(run.proc.pid, signal.SIGTERM)
+    run.stop_requested.set()
+
+
+async def supervise(run: Run, spec: pb.ExecSpec) -> pb.OperationResult:
+    """Wait for the command to end (enforcing timeout and cancel grace) and build its result."""
+    grace = spec.kill_grace_s or DEFAULT_GRACE_S
+    timeout = spec.timeout_s or None
+    sampler = asyncio.create_task(_sample_memory(run))
+    try:
+        await asyncio.wait_for(_first(run.exited, run.stop_requested), timeout)
+    except asyncio.TimeoutError:
+        request_stop(run, "timeout", f"timed out after {spec.timeout_s:g}s")
+    if not run.exited.is_set():
+        # Stopping: the group has its grace period, then whatever is left is killed.
+        if not await _wait(run.exited, grace):
+            _killpg(run.proc.pid, signal.SIGKILL)
+            await run.exited.wait()
+    # The main process is a zombie now, so its group id is still ours. Output may still come from
+    # the rest of the group for a moment; then nothing of the group may survive the operation.
+    if not await _wait(run.eof, grace if run.stop_reason else LINGER_S):
+        _killpg(run.proc.pid, signal.SIGKILL)
+        if not await _wait(run.eof, LINGER_S):
+            for fd, pipe in list(run.fds.items()):  # held open by a process that left the group
+                _close_stream(run, pipe, fd)
+    sampler.cancel()
+    _killpg(run.proc.pid, signal.SIGKILL)
+    _pid, status, usage = os.wait4(run.proc.pid, 0)
+    run.proc.returncode = os.waitstatus_to_exitcode(status)
+    run.spool.close()
+    return _result(run, status, usage)
+
+
+async def _first(*events: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> bool:
+    if event.is_set():
+        return True
+    if seconds <= 0:
+        return False
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+        return True
+    except asyncio.TimeoutError:
+        return False
+
+
+SAMPLE_DELAYS_S = (0.02, 0.1, 0.3)  # then every 0.5 s
+
+
+async def _sample_memory(run: Run) -> None:
+    """Peak resident memory of the command's process tree, sampled.
+
+    `wait4`'s ru_maxrss would be wrong here: Linux carries the forking agent's own high-water mark
+    across exec. Per process VmHWM catches short peaks between samples; the sum of VmRSS over the
+    tree catches many processes at once.
+    """
+    delays = iter(SAMPLE_DELAYS_S)
+    while not run.exited.is_set():
+        run.peak_rss = max(run.peak_rss, _tree_memory(run.proc.pid))
+        await asyncio.sleep(next(delays, 0.5))
+
+
+def _tree_memory(pid: int) -> int:
+    try:
+        procs = [psutil.Process(pid)]
+        procs += procs[0].children(recursive=True)
+    except psutil.Error:
+        return 0
+    total = hwm = 0
+    for proc in procs:
+        try:
+            with open(f"/proc/{proc.pid}/status", "rb") as f:
+                fields = dict(line.split(b":", 1) for line in f if line.startswith((b"VmRSS", b"VmHWM")))
+        except OSError:
+            continue
+        total += int(fields.get(b"VmRSS", b"0 kB").split()[0]) * 1024
+        hwm = max(hwm, int(fields.get(b"VmHWM", b"0 kB").split()[0]) * 1024)
+    return max(total, hwm)
+
+
+def _result(run: Run, status: int, usage) -> pb.OperationResult:
+    result = pb.OperationResult(
+        op_id=run.op_id,
+        duration_s=time.monotonic() - run.started,
+        peak_rss_bytes=run.peak_rss,
+        cpu_s=usage.ru_utime + usage.ru_stime,
+        output_bytes=run.spool.end,
+    )
+    if os.WIFSIGNALED(status):
+        result.signal = os.WTERMSIG(status)
+    else:
+        result.exit_code = os.WEXITSTATUS(status)
+    if run.stop_reason == "timeout":
+        result.outcome, result.error = pb.TIMED_OUT, run.stop_detail
+    elif run.stop_reason == "cancel":
+        result.outcome, result.error = pb.CANCELLED, run.stop_detail
+    elif os.WIFSIGNALED(status):
+        result.outcome = pb.SIGNALED
+    else:
+        result.outcome = pb.EXITED
+    if run.spool_error:
+        result.error = (result.error + "; " if result.error else "") + f"output lost: {run.spool_error}"
+    return result
+
+
+def write_file(op_id: str, spec: pb.WriteFileSpec) -> pb.OperationResult:
+    """Atomic write: temp file in the same folder, fsync, chmod/chown, rename, fsync the folder."""
+    started = time.monotonic()
+    result = pb.OperationResult(op_id=op_id, outcome=pb.EXITED)
+    path = Path(spec.path)
+    try:
+        if not path.is_absolute():
+            raise StartError(f"path {spec.path!r} is not absolute")
+        uid = gid = -1
+        if spec.owner:
+            user_name, _, group_name = spec.owner.partition(":")
+            user = _resolve_user(user_name)
+            uid, gid = user.pw_uid, user.pw_gid
+            if group_name:
+                import grp
+                try:
+                    gid = grp.getgrnam(group_name).gr_gid
+                except KeyError:
+                    raise StartError(f"unknown group {group_name!r}") from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{op_id}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, spec.content)
+            os.fchmod(fd, spec.mode or 0o644)
+            if uid != -1:
+                os.fchown(fd, uid, gid)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except StartError as exc:
+        result.outcome, result.error = pb.FAILED_TO_START, str(exc)
+    except OSError as exc:
+        result.outcome, result.error = pb.FAILED_TO_START, f"cannot write {spec.path}: {exc.strerror}"
+    result.duration_s = time.monotonic() - started
+    return result

@@ -1,0 +1,172 @@
+"""The operations an agent holds: accepted, running or finished-but-unacknowledged.
+
+This outlives connections: a session comes and goes, the operations and their spooled output stay
+until the controller confirms it has them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import structlog
+
+from protos import deployer_pb2 as pb
+
+from . import executor
+from .journal import Entry, Journal, valid_op_id
+from .spool import Spool
+
+log = structlog.get_logger("agent")
+
+
+@dataclass
+class Held:
+    op_id: str
+    operation: pb.Operation
+    spool: Spool
+    result: pb.OperationResult | None = None
+    acked_offset: int = 0
+    run: executor.Run | None = None
+    task: asyncio.Task | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def notify(self) -> None:
+        self.wake.set()
+
+
+class Operations:
+    def __init__(self, journal: Journal, services_root: Path) -> None:
+        self.journal = journal
+        self.services_root = services_root
+        self.held: dict[str, Held] = {}
+        self.on_new: list = []  # callbacks(held) of the live session, to start a pump
+
+    def recover(self) -> None:
+        """At start: take back what the journal holds; what was running was interrupted."""
+        self.journal.prune()
+        for entry in self.journal.entries():
+            held = Held(entry.op_id, entry.operation, Spool(entry.folder / "spool"),
+                        entry.result, entry.acked_offset)
+            if held.result is None:
+                _kill_leftovers(entry)
+                held.result = pb.OperationResult(
+                    op_id=entry.op_id, outcome=pb.INTERRUPTED, output_bytes=held.spool.end,
+                    error="the agent stopped while the operation ran; it was not run again",
+                )
+                self.journal.record_result(held.result)
+                log.warning("op.interrupted", op_id=entry.op_id)
+            held.spool.close()
+            self.held[entry.op_id] = held
+
+    def summary(self) -> list[pb.HeldOperation]:
+        return [
+            pb.HeldOperation(op_id=h.op_id, acked_offset=h.acked_offset,
+                             state=pb.HELD_FINISHED if h.result else pb.HELD_RUNNING)
+            for h in self.held.values()
+        ]
+
+    @property
+    def running(self) -> int:
+        return sum(1 for h in self.held.values() if h.result is None)
+
+    def receive(self, operation: pb.Operation) -> tuple[Held | None, bool, str]:
+        """Take an operation from the controller: (held, duplicate, rejection reason)."""
+        if not valid_op_id(operation.id):
+            return None, False, f"invalid operation id {operation.id[:80]!r}"
+        if operation.id in self.held:
+            return self.held[operation.id], True, ""
+        entry = self.journal.load(operation.id)
+        if entry is not None:
+            # Known and finished long ago (a tombstone): answer with its result, never rerun.
+            held = Held(entry.op_id, entry.operation, Spool(entry.folder / "spool"), entry.result,
+                        entry.result.output_bytes if entry.result else 0)
+            self.held[entry.op_id] = held
+            return held, True, ""
+        self.journal.accept(operation)
+        held = Held(operation.id, operation, Spool(self.journal.folder(operation.id) / "spool"))
+        self.held[operation.id] = held
+        held.task = asyncio.create_task(self._execute(held), name=f"op-{operation.id}")
+        return held, False, ""
+
+    async def _execute(self, held: Held) -> None:
+        op = held.operation
+        kind = op.WhichOneof("kind")
+        log.info("op.started", op_id=op.id, kind=kind)
+        if kind == "exec":
+            try:
+                run = executor.spawn(op.id, op.exec, str(self.services_root), held.spool, held.notify)
+            except executor.StartError as exc:
+                result = pb.OperationResult(op_id=op.id, outcome=pb.FAILED_TO_START, error=str(exc))
+            else:
+                held.run = run
+                try:
+                    created = psutil.Process(run.proc.pid).create_time()
+                except psutil.Error:
+                    created = time.time()
+                self.journal.record_process(op.id, run.proc.pid, created)
+                result = await executor.supervise(run, op.exec)
+        elif kind == "write_file":
+            result = await asyncio.to_thread(executor.write_file, op.id, op.write_file)
+        else:
+            result = pb.OperationResult(op_id=op.id, outcome=pb.REJECTED,
+                                        error="unknown operation kind")
+        held.spool.close()
+        result.output_bytes = held.spool.end
+        self.journal.record_result(result)
+        held.result, held.run = result, None
+        log.info("op.finished", op_id=op.id, outcome=pb.Outcome.Name(result.outcome),
+                 exit_code=result.exit_code, signal=result.signal,
+                 duration_s=round(result.duration_s, 3))
+        held.notify()
+
+    def cancel(self, op_id: str, reason: str) -> bool:
+        held = self.held.get(op_id)
+        if held is None or held.run is None:
+            return False
+        log.info("op.cancel", op_id=op_id, reason=reason)
+        executor.request_stop(held.run, "cancel", f"cancelled: {reason or 'by the controller'}")
+        return True
+
+    def ack(self, op_id: str, offset: int, has_result: bool) -> None:
+        held = self.held.get(op_id)
+        if held is None:
+            return
+        if offset > held.acked_offset:
+            held.acked_offset = offset
+            held.spool.release_below(offset)
+            self.journal.record_ack(op_id, offset)
+        if has_result and held.result is not None:
+            self.journal.mark_done(op_id)
+            held.spool.discard()
+            del self.held[op_id]
+
+    async def stop_all(self, reason: str, wait_s: float) -> None:
+        """Agent shutdown: cancel what runs and give it a moment to record its result."""
+        tasks = [h.task for h in self.held.values() if h.run is not None and h.task]
+        for held in list(self.held.values()):
+            if held.run is not None:
+                executor.request_stop(held.run, "cancel", f"cancelled: {reason}")
+        if tasks:
+            await asyncio.wait(tasks, timeout=wait_s)
+
+
+def _kill_leftovers(entry: Entry) -> None:
+    """Commands of a crashed agent may still run: end every member of the operation's group.
+
+    A member must have been created after the recorded leader, so a group id reused by an
+    unrelated process since then is left alone.
+    """
+    info = entry.process
+    if not info:
+        return
+    for proc in psutil.process_iter(["pid", "create_time"]):
+        try:
+            if os.getpgid(proc.pid) == info["pgid"] and proc.info["create_time"] >= info["create_time"] - 0.05:
+                proc.kill()
+        except (psutil.Error, ProcessLookupError, KeyError):
+            continue

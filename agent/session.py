@@ -1,0 +1,131 @@
+"""One connected session with the controller: hello, then operations in, output and results out.
+
+One task reads the controller's messages, one writes everything the agent sends (gRPC allows a
+single writer per stream), one pump per operation feeds output from its spool, and a heartbeat
+task reports liveness and host facts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import structlog
+
+from protos import deployer_pb2 as pb
+from protos import deployer_pb2_grpc as pb_grpc
+
+from . import __version__, facts
+from .config import AgentConfig
+from .operations import Held, Operations
+
+log = structlog.get_logger("agent")
+OUTBOX_MESSAGES = 8  # bounds what is in memory on its way out (≤ 8 chunks of ≤ 1 MiB)
+CHUNK_BYTES = 1 << 20
+
+
+class SessionEnded(Exception):
+    """The controller said goodbye (it is restarting): reconnect soon."""
+
+
+class Session:
+    def __init__(self, config: AgentConfig, ops: Operations, channel: grpc.aio.Channel) -> None:
+        self.config = config
+        self.ops = ops
+        self.stub = pb_grpc.AgentGatewayStub(channel)
+        self.outbox: asyncio.Queue[pb.AgentMessage] = asyncio.Queue(OUTBOX_MESSAGES)
+        self.pumps: dict[str, asyncio.Task] = {}
+        self.welcomed = False
+        self.started = time.monotonic()
+
+    async def run(self, on_welcome) -> None:
+        call = self.stub.Connect()
+        tasks: list[asyncio.Task] = []
+        try:
+            await call.write(pb.AgentMessage(hello=self._hello()))
+            first = await call.read()
+            if first is grpc.aio.EOF or first.WhichOneof("msg") != "welcome":
+                raise ConnectionError("the controller did not welcome the agent")
+            self.welcomed = True
+            log.info("agent.connected", controller=self.config.controller,
+                     held=len(self.ops.held))
+            on_welcome()
+            tasks = [asyncio.create_task(self._writer(call)), asyncio.create_task(self._heartbeats())]
+            for held in list(self.ops.held.values()):
+                self._start_pump(held)
+            await self._reader(call)
+        finally:
+            for task in [*tasks, *self.pumps.values()]:
+                task.cancel()
+            await asyncio.gather(*tasks, *self.pumps.values(), return_exceptions=True)
+            call.cancel()
+
+    def _hello(self) -> pb.Hello:
+        return pb.Hello(
+            agent_id=self.config.id, roles=self.config.roles,
+            capabilities=self.config.capabilities, version=__version__,
+            facts=facts.gather(self.config.services_root), held=self.ops.summary(),
+            heartbeat_interval_s=int(self.config.heartbeat_interval),
+            services_root=str(self.config.services_root),
+        )
+
+    async def _reader(self, call) -> None:
+        while True:
+            message = await call.read()
+            if message is grpc.aio.EOF:
+                return
+            kind = message.WhichOneof("msg")
+            if kind == "operation":
+                await self._on_operation(message.operation)
+            elif kind == "ack":
+                self.ops.ack(message.ack.op_id, message.ack.offset, message.ack.result)
+            elif kind == "cancel":
+                self.ops.cancel(message.cancel.op_id, message.cancel.reason)
+            elif kind == "goodbye":
+                raise SessionEnded(message.goodbye.reason)
+
+    async def _on_operation(self, operation: pb.Operation) -> None:
+        held, duplicate, rejection = self.ops.receive(operation)
+        if held is None:
+            await self.outbox.put(pb.AgentMessage(result=pb.OperationResult(
+                op_id=operation.id, outcome=pb.REJECTED, error=rejection)))
+            return
+        if duplicate:
+            log.info("op.duplicate", op_id=operation.id)
+        await self.outbox.put(pb.AgentMessage(accepted=pb.Accepted(op_id=operation.id, duplicate=duplicate)))
+        self._start_pump(held)
+
+    def _start_pump(self, held: Held) -> None:
+        pump = self.pumps.get(held.op_id)
+        if pump is None or pump.done():
+            self.pumps[held.op_id] = asyncio.create_task(self._pump(held))
+
+    async def _pump(self, held: Held) -> None:
+        """Send the operation's output from what the controller has confirmed, then its result."""
+        cursor = held.acked_offset
+        while True:
+            held.wake.clear()
+            records = held.spool.read(cursor, CHUNK_BYTES)
+            for record in records:
+                await self.outbox.put(pb.AgentMessage(output=pb.OutputChunk(
+                    op_id=held.op_id, seq=record.seq, offset=record.offset,
+                    stream=record.stream, data=record.data)))
+                cursor = record.end
+            if records:
+                continue
+            if held.result is not None and cursor >= held.result.output_bytes:
+                await self.outbox.put(pb.AgentMessage(result=held.result))
+                return
+            await held.wake.wait()
+
+    async def _writer(self, call) -> None:
+        while True:
+            message = await self.outbox.get()
+            await call.write(message)
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval)
+            await self.outbox.put(pb.AgentMessage(heartbeat=pb.Heartbeat(
+                facts=facts.gather(self.config.services_root), running=self.ops.running)))

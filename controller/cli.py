@@ -1,0 +1,368 @@
+"""deployctl: the operator's command line. It talks to the controller over its Unix socket.
+
+Exit codes: 0 success; 1 an operation or agent failed; 2 bad usage or input; 3 the controller
+cannot be reached; 130 interrupted (Ctrl-C; the operations were cancelled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from protos import deployer_pb2 as pb
+from protos import deployer_pb2_grpc as pb_grpc
+
+from . import __version__, render
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+_AGENT_STATES = {pb.AGENT_CONNECTED: "connected", pb.AGENT_DISCONNECTED: "disconnected",
+                 pb.AGENT_LOST: "lost"}
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+
+
+class CliError(Exception):
+    """A one-line error for the operator, with the exit code to leave with."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ---------------------------------------------------------------- connection
+
+def controller_target(args: argparse.Namespace) -> tuple[str, str]:
+    """(gRPC target, how to name it to a human)."""
+    if args.controller:
+        return args.controller, args.controller
+    path = Path(args.socket or os.environ.get("DEPLOYER_SOCKET") or "store/control.sock")
+    if not path.exists():
+        raise CliError(f"cannot reach the controller: no socket at {path} "
+                       "(is it running? `make demo` starts one; --socket or DEPLOYER_SOCKET "
+                       "point elsewhere)", EXIT_UNREACHABLE)
+    return f"unix:{path.resolve()}", str(path)
+
+
+def connect(args: argparse.Namespace) -> tuple[pb_grpc.OperatorStub, str]:
+    target, name = controller_target(args)
+    channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 8 << 20)])
+    return pb_grpc.OperatorStub(channel), name
+
+
+def _rpc_error(exc: grpc.RpcError, where: str) -> CliError:
+    if exc.code() in RETRYABLE:
+        return CliError(f"cannot reach the controller at {where}: {exc.details()}", EXIT_UNREACHABLE)
+    return CliError(exc.details() or exc.code().name, EXIT_USAGE
+                    if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+                    else EXIT_FAILED)
+
+
+# ---------------------------------------------------------------- agents
+
+def cmd_agents(args: argparse.Namespace) -> int:
+    stub, where = connect(args)
+    try:
+        reply = stub.ListAgents(pb.ListAgentsRequest(), timeout=10)
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc, where) from None
+    now = time.time()
+    if args.json:
+        print(json.dumps([_agent_dict(a) for a in reply.agents], indent=2))
+        return EXIT_OK
+    if not reply.agents:
+        print("no agent has ever connected")
+        return EXIT_OK
+    rows = []
+    for a in reply.agents:
+        f = a.facts
+        rows.append([
+            a.id, ",".join(a.roles), _AGENT_STATES.get(a.state, "?"), render.age(now - a.last_seen),
+            f"{f.load1:.2f}/{f.cpus}", f"{render.size(f.mem_available_bytes)} free of {render.size(f.mem_total_bytes)}",
+            f"{render.size(f.disk_free_bytes)} free", a.version,
+        ])
+    sys.stdout.write(render.table(
+        ["ID", "ROLES", "STATE", "LAST SEEN", "LOAD/CPUS", "MEMORY", "DISK", "VERSION"], rows))
+    return EXIT_OK
+
+
+def _agent_dict(a: pb.AgentInfo) -> dict:
+    f = a.facts
+    return {
+        "id": a.id, "roles": list(a.roles), "capabilities": list(a.capabilities),
+        "state": _AGENT_STATES.get(a.state, "unknown"), "last_seen": a.last_seen,
+        "version": a.version, "peer": a.peer, "running": a.running,
+        "facts": {"hostname": f.hostname, "cpus": f.cpus, "load": [f.load1, f.load5, f.load15],
+                  "mem_total_bytes": f.mem_total_bytes, "mem_available_bytes": f.mem_available_bytes,
+                  "disk_free_bytes": f.disk_free_bytes, "disk_total_bytes": f.disk_total_bytes},
+    }
+
+
+# ---------------------------------------------------------------- exec
+
+def describe(result: pb.OperationResult) -> tuple[bool, str]:
+    """(success, one line) for an operation's result."""
+    took = render.duration(result.duration_s)
+    usage = f"{took}, rss {render.size(result.peak_rss_bytes)}, cpu {render.duration(result.cpu_s)}"
+    outcome = result.outcome
+    if outcome == pb.EXITED and result.exit_code == 0 and not result.error:
+        return True, f"ok ({usage})"
+    if outcome == pb.EXITED:
+        detail = f"exit {result.exit_code}"
+        return False, f"failed: {detail} ({usage})" + (f"; {result.error}" if result.error else "")
+    if outcome == pb.SIGNALED:
+        return False, f"failed: killed by signal {_signame(result.signal)} ({usage})"
+    if outcome in (pb.TIMED_OUT, pb.CANCELLED):
+        return False, f"{result.error} ({took})"
+    return False, f"{pb.Outcome.Name(outcome).lower().replace('_', ' ')}: {result.error}"
+
+
+def _signame(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
+
+
+class Follower:
+    """Writes followed output with agent prefixes; remembers offsets so it can resume."""
+
+    def __init__(self, ops: dict[str, str], colour: bool) -> None:
+        self.ops = ops
+        width = max(len(a) for a in ops.values())
+        order = sorted(set(ops.values()))
+        self.prefixers = {
+            (op_id, stream): render.LinePrefixer(render.prefix_for(
+                agent, width, order.index(agent) if colour else None))
+            for op_id, agent in ops.items() for stream in (pb.STDOUT, pb.STDERR)
+        }
+        self.offsets = {op_id: 0 for op_id in ops}
+        self.results: dict[str, pb.OperationResult] = {}
+        self.out = {pb.STDOUT: sys.stdout.buffer, pb.STDERR: sys.stderr.buffer}
+
+    def handle(self, event: pb.FollowEvent) -> None:
+        kind = event.WhichOneof("ev")
+        if kind == "output":
+            chunk = event.output
+            if chunk.offset + len(chunk.data) <= self.offsets[chunk.op_id]:
+                return
+            data = chunk.data[max(0, self.offsets[chunk.op_id] - chunk.offset):]
+            stream = chunk.stream if chunk.stream in self.out else pb.STDOUT
+            sink = self.out[stream]
+            sink.write(self.prefixers[(chunk.op_id, stream)].feed(data))
+            sink.flush()
+            self.offsets[chunk.op_id] = chunk.offset + len(chunk.data)
+        elif kind == "result":
+            self._finish(event.result.op_id)
+            self.results[event.result.op_id] = event.result
+        elif kind == "status" and event.status.note:
+            status = event.status
+            print(f"{status.agent_id}: {status.note}", file=sys.stderr, flush=True)
+
+    def _finish(self, op_id: str) -> None:
+        for stream, sink in self.out.items():
+            tail = self.prefixers[(op_id, stream)].finish()
+            if tail:
+                sink.write(tail)
+                sink.flush()
+
+    @property
+    def pending(self) -> list[str]:
+        return [op_id for op_id in self.ops if op_id not in self.results]
+
+
+def follow(stub: pb_grpc.OperatorStub, follower: Follower, reconnect_s: float) -> None:
+    """Follow until every operation has a result, resuming after the controller comes back."""
+    down_since: float | None = None
+    while follower.pending:
+        request = pb.FollowRequest(op_ids=follower.pending, from_offsets=follower.offsets)
+        try:
+            for event in stub.Follow(request):
+                down_since = None
+                follower.handle(event)
+            return
+        except grpc.RpcError as exc:
+            if exc.code() not in RETRYABLE:
+                raise
+            now = time.monotonic()
+            if down_since is None:
+                down_since = now
+                print("controller unreachable; waiting for it to come back…", file=sys.stderr, flush=True)
+            elif now - down_since > reconnect_s:
+                raise CliError(f"the controller did not come back within {reconnect_s:g}s; "
+                               f"operations: {', '.join(follower.pending)}", EXIT_UNREACHABLE) from None
+            time.sleep(0.5)
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    if not args.command:
+        raise CliError("no command given: deployctl exec --all -- CMD ARGS…", EXIT_USAGE)
+    target = pb.Target(agent_ids=args.agent or [], roles=args.role or [], all=args.all)
+    if not (args.agent or args.role or args.all):
+        raise CliError("say where to run it: --all, --role ROLE or --agent ID", EXIT_USAGE)
+    stub, where = connect(args)
+    spec = pb.ExecSpec(argv=args.command, timeout_s=args.timeout or 0, cwd=args.cwd or "",
+                       user=args.user or "", env=dict(_parse_env(args.env or [])))
+    try:
+        reply = stub.SubmitExec(pb.SubmitExecRequest(target=target, exec=spec), timeout=30)
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc, where) from None
+    failures = 0
+    for op in reply.operations:
+        if not op.op_id:
+            failures += 1
+            print(f"{op.agent_id or 'deployctl'}: {op.error}", file=sys.stderr, flush=True)
+    ops = {op.op_id: op.agent_id for op in reply.operations if op.op_id}
+    if not ops:
+        return EXIT_FAILED
+    colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    follower = Follower(ops, colour)
+    interrupted = False
+    try:
+        follow(stub, follower, args.reconnect_timeout)
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ncancelling…", file=sys.stderr, flush=True)
+        stub.CancelOperations(pb.CancelRequest(op_ids=follower.pending, reason="interrupted by the operator"), timeout=10)
+        follow(stub, follower, args.reconnect_timeout)
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc, where) from None
+    for op_id, agent in sorted(ops.items(), key=lambda kv: kv[1]):
+        ok, line = describe(follower.results[op_id])
+        failures += not ok
+        print(f"{agent}: {line}", file=sys.stderr)
+    succeeded = len(ops) - sum(1 for r in follower.results.values() if not describe(r)[0])
+    print(f"{succeeded} succeeded, {failures} failed", file=sys.stderr, flush=True)
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_OK if failures == 0 else EXIT_FAILED
+
+
+def _parse_env(pairs: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise CliError(f"--env {pair!r}: expected NAME=VALUE", EXIT_USAGE)
+        out.append((name, value))
+    return out
+
+
+# ---------------------------------------------------------------- operations
+
+def cmd_op_show(args: argparse.Namespace) -> int:
+    stub, where = connect(args)
+    try:
+        record = stub.GetOperation(pb.GetOperationRequest(op_id=args.op_id), timeout=10)
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc, where) from None
+    result = record.result if record.HasField("result") else None
+    if args.json:
+        data = {"id": record.op_id, "agent": record.agent_id, "kind": record.kind,
+                "command": list(record.argv), "state": record.state, "created": record.created,
+                "finished": record.finished or None, "output_bytes": record.output_bytes}
+        if result is not None:
+            data["result"] = {"outcome": pb.Outcome.Name(result.outcome).lower(),
+                              "exit_code": result.exit_code, "signal": result.signal,
+                              "duration_s": result.duration_s, "peak_rss_bytes": result.peak_rss_bytes,
+                              "cpu_s": result.cpu_s, "error": result.error}
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    print(f"operation  {record.op_id}\nagent      {record.agent_id}\n"
+          f"command    {' '.join(record.argv)}\nstate      {record.state}\n"
+          f"output     {render.size(record.output_bytes)}")
+    if result is not None:
+        print(f"result     {describe(result)[1]}")
+    return EXIT_OK
+
+
+def cmd_op_output(args: argparse.Namespace) -> int:
+    """The operation's recorded output, raw (no prefixes): stdout to stdout, stderr to stderr."""
+    stub, where = connect(args)
+    out = {pb.STDOUT: sys.stdout.buffer, pb.STDERR: sys.stderr.buffer}
+    try:
+        for event in stub.Follow(pb.FollowRequest(op_ids=[args.op_id])):
+            if event.WhichOneof("ev") == "output":
+                sink = out.get(event.output.stream, sys.stdout.buffer)
+                sink.write(event.output.data)
+                sink.flush()
+            elif event.WhichOneof("ev") == "result":
+                return EXIT_OK if describe(event.result)[0] else EXIT_FAILED
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc, where) from None
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deployctl", description="Operate the deployer: agents, commands across the fleet.",
+        epilog="exit codes: 0 ok, 1 failed, 2 bad usage, 3 controller unreachable, 130 interrupted",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--socket", help="controller socket (default $DEPLOYER_SOCKET or store/control.sock)")
+    parser.add_argument("--controller", help="controller operator address HOST:PORT instead of the socket")
+    parser.add_argument("--version", action="version", version=f"deployctl {__version__}")
+    sub = parser.add_subparsers(dest="command_name", metavar="COMMAND")
+
+    p = sub.add_parser("agents", help="list agents and their state",
+                       description="List every agent the controller knows.",
+                       epilog="example: deployctl agents --json | jq '.[].state'")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_agents)
+
+    p = sub.add_parser("exec", help="run a command on agents, streaming its output",
+                       description="Run a command on agents and stream every line as it is produced, "
+                                   "prefixed by the agent id. Ctrl-C cancels it everywhere.",
+                       epilog="example: deployctl exec --role computing --timeout 30 -- uptime")
+    p.add_argument("--all", action="store_true", help="every connected agent")
+    p.add_argument("--role", action="append", help="agents with this role (repeatable)")
+    p.add_argument("--agent", action="append", help="this agent id (repeatable)")
+    p.add_argument("--timeout", type=float, help="seconds before the command is stopped")
+    p.add_argument("--cwd", help="working directory on the agent (default: its services root)")
+    p.add_argument("--user", help="run as this Unix user")
+    p.add_argument("--env", action="append", help="NAME=VALUE added to the command's environment")
+    p.add_argument("--reconnect-timeout", type=float, default=60.0,
+                   help="how long to wait for a restarting controller (default 60s)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS…")
+    p.set_defaults(func=cmd_exec)
+
+    op = sub.add_parser("op", help="inspect an operation",
+                        description="Inspect one operation by id.").add_subparsers(dest="op_command", metavar="SUBCOMMAND")
+    p = op.add_parser("show", help="state and result", epilog="example: deployctl op show op-20261125T091502-3f9a1c2e")
+    p.add_argument("op_id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_op_show)
+    p = op.add_parser("output", help="the recorded output, raw; follows until it ends",
+                      epilog="example: deployctl op output op-20261125T091502-3f9a1c2e | less")
+    p.add_argument("op_id")
+    p.set_defaults(func=cmd_op_output)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "command", None) and args.command[:1] == ["--"]:
+        args.command = args.command[1:]
+    if not hasattr(args, "func"):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except CliError as exc:
+        print(f"deployctl: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

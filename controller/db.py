@@ -1,0 +1,143 @@
+"""The controller's SQLite database (WAL, one writer): agents and operations; it migrates itself."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from protos import deployer_pb2 as pb
+
+# Each entry moves the schema one version up; never edit an entry that has shipped.
+MIGRATIONS = [
+    """
+    CREATE TABLE agents (
+        id TEXT PRIMARY KEY,
+        roles TEXT NOT NULL,
+        capabilities TEXT NOT NULL,
+        version TEXT NOT NULL,
+        facts BLOB,
+        services_root TEXT,
+        peer TEXT,
+        first_seen REAL NOT NULL,
+        last_seen REAL NOT NULL
+    );
+    CREATE TABLE operations (
+        id TEXT PRIMARY KEY,
+        agent_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        summary TEXT NOT NULL,
+        spec BLOB,              -- the operation as sent; dropped once it has a result
+        state TEXT NOT NULL,    -- queued, sent, running, finished
+        created REAL NOT NULL,
+        finished REAL,
+        result BLOB
+    );
+    CREATE INDEX operations_open ON operations (agent_id) WHERE state != 'finished';
+    """,
+]
+
+
+@dataclass
+class OperationRow:
+    id: str
+    agent_id: str
+    kind: str
+    summary: list[str]
+    spec: pb.Operation | None
+    state: str
+    created: float
+    finished: float | None
+    result: pb.OperationResult | None
+
+
+def _row(r: sqlite3.Row) -> OperationRow:
+    return OperationRow(
+        id=r["id"], agent_id=r["agent_id"], kind=r["kind"], summary=json.loads(r["summary"]),
+        spec=pb.Operation.FromString(r["spec"]) if r["spec"] else None,
+        state=r["state"], created=r["created"], finished=r["finished"],
+        result=pb.OperationResult.FromString(r["result"]) if r["result"] else None,
+    )
+
+
+class Database:
+    def __init__(self, path: Path) -> None:
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=FULL")
+        self.conn.execute("PRAGMA busy_timeout=5000")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            self.conn.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # ---------------------------------------------------------------- agents
+
+    def save_agent(self, hello: pb.Hello, peer: str) -> None:
+        now = time.time()
+        self.conn.execute(
+            """INSERT INTO agents (id, roles, capabilities, version, facts, services_root, peer,
+                                   first_seen, last_seen)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT (id) DO UPDATE SET roles=excluded.roles,
+                 capabilities=excluded.capabilities, version=excluded.version,
+                 facts=excluded.facts, services_root=excluded.services_root, peer=excluded.peer,
+                 last_seen=excluded.last_seen""",
+            (hello.agent_id, json.dumps(list(hello.roles)), json.dumps(list(hello.capabilities)),
+             hello.version, hello.facts.SerializeToString(), hello.services_root, peer, now, now),
+        )
+
+    def touch_agent(self, agent_id: str, last_seen: float, facts: pb.HostFacts | None) -> None:
+        if facts is None:
+            self.conn.execute("UPDATE agents SET last_seen=? WHERE id=?", (last_seen, agent_id))
+        else:
+            self.conn.execute("UPDATE agents SET last_seen=?, facts=? WHERE id=?",
+                              (last_seen, facts.SerializeToString(), agent_id))
+
+    def agents(self) -> list[sqlite3.Row]:
+        return self.conn.execute("SELECT * FROM agents ORDER BY id").fetchall()
+
+    # ---------------------------------------------------------------- operations
+
+    def insert_operation(self, op: pb.Operation, agent_id: str, summary: list[str]) -> float:
+        created = time.time()
+        self.conn.execute(
+            "INSERT INTO operations (id, agent_id, kind, summary, spec, state, created) "
+            "VALUES (?, ?, ?, ?, ?, 'queued', ?)",
+            (op.id, agent_id, op.WhichOneof("kind"), json.dumps(summary),
+             op.SerializeToString(), created),
+        )
+        return created
+
+    def set_state(self, op_id: str, state: str) -> None:
+        self.conn.execute("UPDATE operations SET state=? WHERE id=? AND state != 'finished'",
+                          (state, op_id))
+
+    def finish(self, op_id: str, result: pb.OperationResult) -> float:
+        finished = time.time()
+        self.conn.execute(
+            "UPDATE operations SET state='finished', finished=?, result=?, spec=NULL WHERE id=?",
+            (finished, result.SerializeToString(), op_id),
+        )
+        return finished
+
+    def operation(self, op_id: str) -> OperationRow | None:
+        r = self.conn.execute("SELECT * FROM operations WHERE id=?", (op_id,)).fetchone()
+        return _row(r) if r else None
+
+    def open_operations(self, agent_id: str | None = None) -> list[OperationRow]:
+        if agent_id is None:
+            rows = self.conn.execute("SELECT * FROM operations WHERE state != 'finished' ORDER BY created")
+        else:
+            rows = self.conn.execute(
+                "SELECT * FROM operations WHERE state != 'finished' AND agent_id=? ORDER BY created",
+                (agent_id,))
+        return [_row(r) for r in rows]

@@ -1,0 +1,226 @@
+"""The dispatcher: sends operations to agents and records what comes back, exactly once.
+
+Delivery is at-least-once and execution exactly-once: every operation without a result is sent
+again each time its agent says hello, and the agent's journal recognises what it already has.
+Output is written to disk before it is acknowledged, so the agent can forget only what is safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from protos import deployer_pb2 as pb
+
+from . import operations
+from .db import Database
+from .oplog import OutputGap, OutputLog
+from .registry import Registry, Session
+
+log = structlog.get_logger("controller")
+ACK_EVERY_S = 0.2
+
+
+class UnknownOperation(KeyError):
+    """No operation has this id."""
+
+
+@dataclass
+class Op:
+    """An operation the controller is following (open, or finished and still being read)."""
+
+    id: str
+    agent_id: str
+    state: str
+    output: OutputLog
+    result: pb.OperationResult | None = None
+    cancel_reason: str = ""
+    note: str = ""
+    acked: int = 0
+    listeners: set[asyncio.Event] = field(default_factory=set)
+
+    def fire(self) -> None:
+        for event in self.listeners:
+            event.set()
+
+    @property
+    def finished(self) -> bool:
+        return self.result is not None
+
+
+class Dispatcher:
+    def __init__(self, db: Database, registry: Registry, store: Path) -> None:
+        self.db = db
+        self.registry = registry
+        self.root = store / "operations"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.ops: dict[str, Op] = {}
+        registry.on_disconnected.append(self._agent_disconnected)
+        registry.on_lost.append(self._agent_lost)
+
+    # ---------------------------------------------------------------- lookup
+
+    def get(self, op_id: str) -> Op:
+        op = self.ops.get(op_id)
+        if op is not None:
+            return op
+        row = self.db.operation(op_id)
+        if row is None:
+            raise UnknownOperation(op_id)
+        op = Op(row.id, row.agent_id, row.state, OutputLog(self.root / row.id), row.result)
+        op.acked = op.output.received
+        self.ops[op_id] = op
+        return op
+
+    def release(self, op: Op) -> None:
+        """Forget a finished operation nobody follows (its files stay on disk)."""
+        if op.finished and not op.listeners and self.ops.get(op.id) is op:
+            op.output.close()
+            del self.ops[op.id]
+
+    # ---------------------------------------------------------------- sending
+
+    def submit(self, agent_id: str, operation: pb.Operation) -> Op:
+        self.db.insert_operation(operation, agent_id, operations.summary(operation))
+        op = Op(operation.id, agent_id, "queued", OutputLog(self.root / operation.id))
+        self.ops[operation.id] = op
+        log.info("op.submitted", op_id=operation.id, agent_id=agent_id,
+                 kind=operation.WhichOneof("kind"))
+        session = self.registry.session(agent_id)
+        if session is not None:
+            self._send(session, op, operation)
+        else:
+            op.note = f"agent {agent_id} is not connected; waiting for it"
+        return op
+
+    def _send(self, session: Session, op: Op, operation: pb.Operation) -> None:
+        session.send(pb.ControllerMessage(operation=operation))
+        if op.state == "queued":
+            op.state = "sent"
+            self.db.set_state(op.id, "sent")
+        if op.cancel_reason:
+            session.send(pb.ControllerMessage(cancel=pb.Cancel(op_id=op.id, reason=op.cancel_reason)))
+
+    def on_hello(self, session: Session, hello: pb.Hello) -> None:
+        """Send again everything this agent has no result for; its journal drops duplicates."""
+        for row in self.db.open_operations(session.agent_id):
+            op = self.get(row.id)
+            op.note = ""
+            op.fire()
+            if row.spec is not None:
+                self._send(session, op, row.spec)
+
+    def cancel(self, op_id: str, reason: str) -> bool:
+        op = self.get(op_id)
+        if op.finished:
+            return False
+        op.cancel_reason = reason or "cancelled by an operator"
+        log.info("op.cancel_requested", op_id=op_id, reason=op.cancel_reason)
+        session = self.registry.session(op.agent_id)
+        if session is not None:
+            session.send(pb.ControllerMessage(cancel=pb.Cancel(op_id=op_id, reason=op.cancel_reason)))
+        return True
+
+    # ---------------------------------------------------------------- receiving
+
+    def on_accepted(self, session: Session, accepted: pb.Accepted) -> None:
+        try:
+            op = self.get(accepted.op_id)
+        except UnknownOperation:
+            return
+        if accepted.duplicate:
+            log.info("op.duplicate", op_id=op.id, agent_id=session.agent_id)
+        if op.state in ("queued", "sent"):
+            op.state = "running"
+            self.db.set_state(op.id, "running")
+            op.fire()
+
+    def on_output(self, session: Session, chunk: pb.OutputChunk) -> None:
+        try:
+            op = self.get(chunk.op_id)
+        except UnknownOperation:
+            log.warning("op.unknown_output", op_id=chunk.op_id, agent_id=session.agent_id)
+            return
+        try:
+            if op.output.write(chunk):
+                op.fire()
+        except OutputGap as exc:
+            log.error("op.output_gap", op_id=op.id, error=str(exc))
+
+    async def on_result(self, session: Session, result: pb.OperationResult) -> None:
+        try:
+            op = self.get(result.op_id)
+        except UnknownOperation:
+            # Not ours (a store restored from an old backup?): let the agent forget it.
+            log.warning("op.unknown_result", op_id=result.op_id, agent_id=session.agent_id)
+            session.send(pb.ControllerMessage(ack=pb.Ack(op_id=result.op_id, offset=result.output_bytes, result=True)))
+            return
+        if op.output.received < result.output_bytes:
+            log.error("op.output_incomplete", op_id=op.id, received=op.output.received,
+                      expected=result.output_bytes)
+        synced = await asyncio.to_thread(op.output.sync)
+        self._record(op, result)
+        session.send(pb.ControllerMessage(ack=pb.Ack(op_id=op.id, offset=synced, result=True)))
+
+    def _record(self, op: Op, result: pb.OperationResult) -> None:
+        if op.finished and op.result.outcome != pb.LOST:
+            return  # a result resent after a reconnect: we have it already
+        if op.finished:
+            log.warning("op.result_after_lost", op_id=op.id)
+        self.db.finish(op.id, result)
+        (op.output.folder / "result.json").write_text(json.dumps(_result_dict(result), indent=2) + "\n")
+        op.state, op.result, op.note = "finished", result, ""
+        log.info("op.finished", op_id=op.id, agent_id=op.agent_id,
+                 outcome=pb.Outcome.Name(result.outcome), exit_code=result.exit_code,
+                 signal=result.signal, duration_s=round(result.duration_s, 3),
+                 output_bytes=op.output.received)
+        op.fire()
+        self.release(op)
+
+    async def acknowledge(self, session: Session) -> None:
+        """Periodically confirm durable output so the agent can free its spool."""
+        while True:
+            await asyncio.sleep(ACK_EVERY_S)
+            pending = [op for op in list(self.ops.values())
+                       if op.agent_id == session.agent_id and op.output.received > op.acked
+                       and not op.finished]
+            for op in pending:
+                synced = await asyncio.to_thread(op.output.sync)
+                op.acked = synced
+                session.send(pb.ControllerMessage(ack=pb.Ack(op_id=op.id, offset=synced)))
+
+    # ---------------------------------------------------------------- agent state
+
+    def _agent_disconnected(self, agent_id: str) -> None:
+        for op in self.ops.values():
+            if op.agent_id == agent_id and not op.finished:
+                op.note = f"agent {agent_id} disconnected; waiting for it to come back"
+                op.fire()
+
+    def _agent_lost(self, agent_id: str) -> None:
+        lost_after = self.registry.lost_after
+        for row in self.db.open_operations(agent_id):
+            op = self.get(row.id)
+            self._record(op, pb.OperationResult(
+                op_id=op.id, outcome=pb.LOST, output_bytes=op.output.received,
+                error=f"agent {agent_id} lost: no contact for {lost_after:g}s"))
+
+    def close(self) -> None:
+        for op in self.ops.values():
+            op.output.close()
+        self.ops.clear()
+
+
+def _result_dict(result: pb.OperationResult) -> dict:
+    return {
+        "outcome": pb.Outcome.Name(result.outcome).lower(),
+        "exit_code": result.exit_code, "signal": result.signal,
+        "duration_s": round(result.duration_s, 6), "peak_rss_bytes": result.peak_rss_bytes,
+        "cpu_s": round(result.cpu_s, 6), "error": result.error,
+        "output_bytes": result.output_bytes, "recorded_at": time.time(),
+    }

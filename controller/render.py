@@ -1,0 +1,81 @@
+"""Pure formatting for deployctl: tables, sizes, ages, and agent-prefixed output lines."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+COLOURS = (36, 33, 35, 32, 34, 91, 96, 93, 95, 92)
+PARTIAL_LINE_LIMIT = 64 << 10
+
+
+def size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def age(seconds: float) -> str:
+    if seconds < 2:
+        return "now"
+    for limit, unit in ((120, "s"), (7200, "m"), (172800, "h")):
+        if seconds < limit:
+            return f"{int(seconds // {'s': 1, 'm': 60, 'h': 3600}[unit])}{unit} ago"
+    return f"{int(seconds // 86400)}d ago"
+
+
+def duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 120:
+        return f"{seconds:.2f}s"
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()
+             for row in [headers, *rows]]
+    return "\n".join(lines) + "\n"
+
+
+def prefix_for(agent_id: str, width: int, colour_index: int | None) -> bytes:
+    label = f"{agent_id.ljust(width)} |"
+    if colour_index is not None:
+        label = f"\x1b[{COLOURS[colour_index % len(COLOURS)]}m{label}\x1b[0m"
+    return (label + " ").encode()
+
+
+class LinePrefixer:
+    """Prefix every line with its agent; hold back a partial line so agents don't interleave
+    mid-line, unless it grows past PARTIAL_LINE_LIMIT (then it goes out as it is)."""
+
+    def __init__(self, prefix: bytes) -> None:
+        self.prefix = prefix
+        self.rest = b""
+        self.mid_line = False  # a partial line was already written without its end
+
+    def feed(self, data: bytes) -> bytes:
+        buf = self.rest + data
+        cut = buf.rfind(b"\n") + 1
+        complete, self.rest = buf[:cut], buf[cut:]
+        out = b""
+        if complete:
+            out = complete[:-1].replace(b"\n", b"\n" + self.prefix) + b"\n"
+            if not self.mid_line:
+                out = self.prefix + out
+            self.mid_line = False
+        if len(self.rest) > PARTIAL_LINE_LIMIT:
+            out += (b"" if self.mid_line else self.prefix) + self.rest
+            self.rest, self.mid_line = b"", True
+        return out
+
+    def finish(self) -> bytes:
+        """What is left, ended with a newline if the command did not end its last line."""
+        if self.rest:
+            out = (b"" if self.mid_line else self.prefix) + self.rest + b"\n"
+        else:
+            out = b"\n" if self.mid_line else b""
+        self.rest, self.mid_line = b"", False
+        return out

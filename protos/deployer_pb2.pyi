@@ -1,0 +1,414 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Stream(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STREAM_UNSPECIFIED: _ClassVar[Stream]
+    STDOUT: _ClassVar[Stream]
+    STDERR: _ClassVar[Stream]
+
+class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OUTCOME_UNSPECIFIED: _ClassVar[Outcome]
+    EXITED: _ClassVar[Outcome]
+    SIGNALED: _ClassVar[Outcome]
+    TIMED_OUT: _ClassVar[Outcome]
+    CANCELLED: _ClassVar[Outcome]
+    FAILED_TO_START: _ClassVar[Outcome]
+    INTERRUPTED: _ClassVar[Outcome]
+    LOST: _ClassVar[Outcome]
+    REJECTED: _ClassVar[Outcome]
+
+class HeldState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    HELD_UNSPECIFIED: _ClassVar[HeldState]
+    HELD_RUNNING: _ClassVar[HeldState]
+    HELD_FINISHED: _ClassVar[HeldState]
+
+class AgentState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    AGENT_STATE_UNSPECIFIED: _ClassVar[AgentState]
+    AGENT_CONNECTED: _ClassVar[AgentState]
+    AGENT_DISCONNECTED: _ClassVar[AgentState]
+    AGENT_LOST: _ClassVar[AgentState]
+STREAM_UNSPECIFIED: Stream
+STDOUT: Stream
+STDERR: Stream
+OUTCOME_UNSPECIFIED: Outcome
+EXITED: Outcome
+SIGNALED: Outcome
+TIMED_OUT: Outcome
+CANCELLED: Outcome
+FAILED_TO_START: Outcome
+INTERRUPTED: Outcome
+LOST: Outcome
+REJECTED: Outcome
+HELD_UNSPECIFIED: HeldState
+HELD_RUNNING: HeldState
+HELD_FINISHED: HeldState
+AGENT_STATE_UNSPECIFIED: AgentState
+AGENT_CONNECTED: AgentState
+AGENT_DISCONNECTED: AgentState
+AGENT_LOST: AgentState
+
+class ExecSpec(_message.Message):
+    __slots__ = ("argv", "env", "cwd", "stdin", "timeout_s", "user", "kill_grace_s")
+    class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ARGV_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    CWD_FIELD_NUMBER: _ClassVar[int]
+    STDIN_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    KILL_GRACE_S_FIELD_NUMBER: _ClassVar[int]
+    argv: _containers.RepeatedScalarFieldContainer[str]
+    env: _containers.ScalarMap[str, str]
+    cwd: str
+    stdin: bytes
+    timeout_s: float
+    user: str
+    kill_grace_s: float
+    def __init__(self, argv: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., cwd: _Optional[str] = ..., stdin: _Optional[bytes] = ..., timeout_s: _Optional[float] = ..., user: _Optional[str] = ..., kill_grace_s: _Optional[float] = ...) -> None: ...
+
+class WriteFileSpec(_message.Message):
+    __slots__ = ("path", "content", "mode", "owner")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    content: bytes
+    mode: int
+    owner: str
+    def __init__(self, path: _Optional[str] = ..., content: _Optional[bytes] = ..., mode: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
+
+class Operation(_message.Message):
+    __slots__ = ("id", "exec", "write_file")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_FIELD_NUMBER: _ClassVar[int]
+    WRITE_FILE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    exec: ExecSpec
+    write_file: WriteFileSpec
+    def __init__(self, id: _Optional[str] = ..., exec: _Optional[_Union[ExecSpec, _Mapping]] = ..., write_file: _Optional[_Union[WriteFileSpec, _Mapping]] = ...) -> None: ...
+
+class OutputChunk(_message.Message):
+    __slots__ = ("op_id", "seq", "offset", "stream", "data")
+    OP_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    op_id: str
+    seq: int
+    offset: int
+    stream: Stream
+    data: bytes
+    def __init__(self, op_id: _Optional[str] = ..., seq: _Optional[int] = ..., offset: _Optional[int] = ..., stream: _Optional[_Union[Stream, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class OperationResult(_message.Message):
+    __slots__ = ("op_id", "outcome", "exit_code", "signal", "duration_s", "peak_rss_bytes", "cpu_s", "error", "output_bytes")
+    OP_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    PEAK_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CPU_S_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    op_id: str
+    outcome: Outcome
+    exit_code: int
+    signal: int
+    duration_s: float
+    peak_rss_bytes: int
+    cpu_s: float
+    error: str
+    output_bytes: int
+    def __init__(self, op_id: _Optional[str] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., duration_s: _Optional[float] = ..., peak_rss_bytes: _Optional[int] = ..., cpu_s: _Optional[float] = ..., error: _Optional[str] = ..., output_bytes: _Optional[int] = ...) -> None: ...
+
+class HostFacts(_message.Message):
+    __slots__ = ("hostname", "cpus", "load1", "load5", "load15", "mem_total_bytes", "mem_available_bytes", "disk_free_bytes", "disk_total_bytes")
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    CPUS_FIELD_NUMBER: _ClassVar[int]
+    LOAD1_FIELD_NUMBER: _ClassVar[int]
+    LOAD5_FIELD_NUMBER: _ClassVar[int]
+    LOAD15_FIELD_NUMBER: _ClassVar[int]
+    MEM_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEM_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    hostname: str
+    cpus: int
+    load1: float
+    load5: float
+    load15: float
+    mem_total_bytes: int
+    mem_available_bytes: int
+    disk_free_bytes: int
+    disk_total_bytes: int
+    def __init__(self, hostname: _Optional[str] = ..., cpus: _Optional[int] = ..., load1: _Optional[float] = ..., load5: _Optional[float] = ..., load15: _Optional[float] = ..., mem_total_bytes: _Optional[int] = ..., mem_available_bytes: _Optional[int] = ..., disk_free_bytes: _Optional[int] = ..., disk_total_bytes: _Optional[int] = ...) -> None: ...
+
+class HeldOperation(_message.Message):
+    __slots__ = ("op_id", "state", "acked_offset")
+    OP_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ACKED_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    op_id: str
+    state: HeldState
+    acked_offset: int
+    def __init__(self, op_id: _Optional[str] = ..., state: _Optional[_Union[HeldState, str]] = ..., acked_offset: _Optional[int] = ...) -> None: ...
+
+class Hello(_message.Message):
+    __slots__ = ("agent_id", "roles", "capabilities", "version", "facts", "held", "heartbeat_interval_s", "services_root")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLES_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FACTS_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    SERVICES_ROOT_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    roles: _containers.RepeatedScalarFieldContainer[str]
+    capabilities: _containers.RepeatedScalarFieldContainer[str]
+    version: str
+    facts: HostFacts
+    held: _containers.RepeatedCompositeFieldContainer[HeldOperation]
+    heartbeat_interval_s: int
+    services_root: str
+    def __init__(self, agent_id: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., capabilities: _Optional[_Iterable[str]] = ..., version: _Optional[str] = ..., facts: _Optional[_Union[HostFacts, _Mapping]] = ..., held: _Optional[_Iterable[_Union[HeldOperation, _Mapping]]] = ..., heartbeat_interval_s: _Optional[int] = ..., services_root: _Optional[str] = ...) -> None: ...
+
+class Heartbeat(_message.Message):
+    __slots__ = ("facts", "running")
+    FACTS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    facts: HostFacts
+    running: int
+    def __init__(self, facts: _Optional[_Union[HostFacts, _Mapping]] = ..., running: _Optional[int] = ...) -> None: ...
+
+class Accepted(_message.Message):
+    __slots__ = ("op_id", "duplicate")
+    OP_ID_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    op_id: str
+    duplicate: bool
+    def __init__(self, op_id: _Optional[str] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+
+class AgentMessage(_message.Message):
+    __slots__ = ("hello", "heartbeat", "accepted", "output", "result")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    hello: Hello
+    heartbeat: Heartbeat
+    accepted: Accepted
+    output: OutputChunk
+    result: OperationResult
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., accepted: _Optional[_Union[Accepted, _Mapping]] = ..., output: _Optional[_Union[OutputChunk, _Mapping]] = ..., result: _Optional[_Union[OperationResult, _Mapping]] = ...) -> None: ...
+
+class Welcome(_message.Message):
+    __slots__ = ("controller_version", "heartbeat_interval_s")
+    CONTROLLER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    controller_version: str
+    heartbeat_interval_s: int
+    def __init__(self, controller_version: _Optional[str] = ..., heartbeat_interval_s: _Optional[int] = ...) -> None: ...
+
+class Cancel(_message.Message):
+    __slots__ = ("op_id", "reason")
+    OP_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    op_id: str
+    reason: str
+    def __init__(self, op_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Ack(_message.Message):
+    __slots__ = ("op_id", "offset", "result")
+    OP_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    op_id: str
+    offset: int
+    result: bool
+    def __init__(self, op_id: _Optional[str] = ..., offset: _Optional[int] = ..., result: _Optional[bool] = ...) -> None: ...
+
+class Goodbye(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class ControllerMessage(_message.Message):
+    __slots__ = ("welcome", "operation", "cancel", "ack", "goodbye")
+    WELCOME_FIELD_NUMBER: _ClassVar[int]
+    OPERATION_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    GOODBYE_FIELD_NUMBER: _ClassVar[int]
+    welcome: Welcome
+    operation: Operation
+    cancel: Cancel
+    ack: Ack
+    goodbye: Goodbye
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., operation: _Optional[_Union[Operation, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ...) -> None: ...
+
+class AgentInfo(_message.Message):
+    __slots__ = ("id", "roles", "capabilities", "state", "last_seen", "version", "facts", "peer", "running")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ROLES_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FACTS_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    roles: _containers.RepeatedScalarFieldContainer[str]
+    capabilities: _containers.RepeatedScalarFieldContainer[str]
+    state: AgentState
+    last_seen: float
+    version: str
+    facts: HostFacts
+    peer: str
+    running: int
+    def __init__(self, id: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., capabilities: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[AgentState, str]] = ..., last_seen: _Optional[float] = ..., version: _Optional[str] = ..., facts: _Optional[_Union[HostFacts, _Mapping]] = ..., peer: _Optional[str] = ..., running: _Optional[int] = ...) -> None: ...
+
+class ListAgentsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListAgentsReply(_message.Message):
+    __slots__ = ("agents",)
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    agents: _containers.RepeatedCompositeFieldContainer[AgentInfo]
+    def __init__(self, agents: _Optional[_Iterable[_Union[AgentInfo, _Mapping]]] = ...) -> None: ...
+
+class Target(_message.Message):
+    __slots__ = ("agent_ids", "roles", "all")
+    AGENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    ROLES_FIELD_NUMBER: _ClassVar[int]
+    ALL_FIELD_NUMBER: _ClassVar[int]
+    agent_ids: _containers.RepeatedScalarFieldContainer[str]
+    roles: _containers.RepeatedScalarFieldContainer[str]
+    all: bool
+    def __init__(self, agent_ids: _Optional[_Iterable[str]] = ..., roles: _Optional[_Iterable[str]] = ..., all: _Optional[bool] = ...) -> None: ...
+
+class SubmitExecRequest(_message.Message):
+    __slots__ = ("target", "exec")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    EXEC_FIELD_NUMBER: _ClassVar[int]
+    target: Target
+    exec: ExecSpec
+    def __init__(self, target: _Optional[_Union[Target, _Mapping]] = ..., exec: _Optional[_Union[ExecSpec, _Mapping]] = ...) -> None: ...
+
+class SubmittedOperation(_message.Message):
+    __slots__ = ("agent_id", "op_id", "error")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    OP_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    op_id: str
+    error: str
+    def __init__(self, agent_id: _Optional[str] = ..., op_id: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+
+class SubmitReply(_message.Message):
+    __slots__ = ("operations",)
+    OPERATIONS_FIELD_NUMBER: _ClassVar[int]
+    operations: _containers.RepeatedCompositeFieldContainer[SubmittedOperation]
+    def __init__(self, operations: _Optional[_Iterable[_Union[SubmittedOperation, _Mapping]]] = ...) -> None: ...
+
+class FollowRequest(_message.Message):
+    __slots__ = ("op_ids", "from_offsets")
+    class FromOffsetsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    OP_IDS_FIELD_NUMBER: _ClassVar[int]
+    FROM_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    op_ids: _containers.RepeatedScalarFieldContainer[str]
+    from_offsets: _containers.ScalarMap[str, int]
+    def __init__(self, op_ids: _Optional[_Iterable[str]] = ..., from_offsets: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class OperationStatus(_message.Message):
+    __slots__ = ("op_id", "agent_id", "state", "note")
+    OP_ID_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    op_id: str
+    agent_id: str
+    state: str
+    note: str
+    def __init__(self, op_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., state: _Optional[str] = ..., note: _Optional[str] = ...) -> None: ...
+
+class FollowEvent(_message.Message):
+    __slots__ = ("output", "result", "status")
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    output: OutputChunk
+    result: OperationResult
+    status: OperationStatus
+    def __init__(self, output: _Optional[_Union[OutputChunk, _Mapping]] = ..., result: _Optional[_Union[OperationResult, _Mapping]] = ..., status: _Optional[_Union[OperationStatus, _Mapping]] = ...) -> None: ...
+
+class CancelRequest(_message.Message):
+    __slots__ = ("op_ids", "reason")
+    OP_IDS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    op_ids: _containers.RepeatedScalarFieldContainer[str]
+    reason: str
+    def __init__(self, op_ids: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class CancelReply(_message.Message):
+    __slots__ = ("cancelled",)
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    cancelled: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, cancelled: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetOperationRequest(_message.Message):
+    __slots__ = ("op_id",)
+    OP_ID_FIELD_NUMBER: _ClassVar[int]
+    op_id: str
+    def __init__(self, op_id: _Optional[str] = ...) -> None: ...
+
+class OperationRecord(_message.Message):
+    __slots__ = ("op_id", "agent_id", "kind", "argv", "state", "created", "finished", "result", "output_bytes")
+    OP_ID_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ARGV_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    op_id: str
+    agent_id: str
+    kind: str
+    argv: _containers.RepeatedScalarFieldContainer[str]
+    state: str
+    created: float
+    finished: float
+    result: OperationResult
+    output_bytes: int
+    def __init__(self, op_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., kind: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., created: _Optional[float] = ..., finished: _Optional[float] = ..., result: _Optional[_Union[OperationResult, _Mapping]] = ..., output_bytes: _Optional[int] = ...) -> None: ...

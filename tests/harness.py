@@ -1,0 +1,251 @@
+"""Real processes for integration tests: a controller, agents, deployctl, and a TCP link we can cut."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 20.0, every: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Controller:
+    def __init__(self, base: Path, lost_after: float = 60.0) -> None:
+        self.store = base / "store"
+        self.socket = self.store / "control.sock"
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log = base / "controller.log"
+        self.lost_after = lost_after
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Controller":
+        self.proc = subprocess.Popen(
+            [PY, "-m", "controller.daemon", "--store", str(self.store), "--listen", self.address,
+             "--log-file", str(self.log), "--lost-after", str(self.lost_after)],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_for(lambda: self.socket.exists() or self.proc.poll() is not None, what="controller socket")
+        if self.proc.poll() is not None:
+            raise AssertionError(f"controller exited: {self.proc.stderr.read().decode()}")
+        return self
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def events(self, name: str) -> list[dict]:
+        if not self.log.exists():
+            return []
+        out = []
+        for line in self.log.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("event") == name:
+                out.append(record)
+        return out
+
+
+class Agent:
+    def __init__(self, base: Path, agent_id: str, controller: str, roles=("computing",),
+                 heartbeat: float = 1.0) -> None:
+        self.id = agent_id
+        self.controller = controller
+        self.roles = roles
+        self.state_dir = base / f"agent-{agent_id}"
+        self.services_root = base / "srv"
+        self.log = base / f"agent-{agent_id}.log"
+        self.heartbeat = heartbeat
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Agent":
+        argv = [PY, "-m", "agent.main", "--id", self.id, "--controller", self.controller,
+                "--state-dir", str(self.state_dir), "--services-root", str(self.services_root),
+                "--heartbeat-interval", str(self.heartbeat)]
+        for role in self.roles:
+            argv += ["--role", role]
+        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                     stderr=open(self.log, "ab"))
+        return self
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Cluster:
+    """A controller and its agents in one temporary folder; stops everything on close."""
+
+    def __init__(self, base: Path, lost_after: float = 60.0) -> None:
+        self.base = base
+        self.controller = Controller(base, lost_after)
+        self.agents: dict[str, Agent] = {}
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "DEPLOYER_SOCKET": str(self.controller.socket), "NO_COLOR": "1"}
+
+    def add_agent(self, agent_id: str, roles=("computing",), via: str | None = None) -> Agent:
+        agent = Agent(self.base, agent_id, via or self.controller.address, roles).start()
+        self.agents[agent_id] = agent
+        return agent
+
+    def deployctl(self, *args: str, timeout: float = 60, stdout=subprocess.PIPE) -> subprocess.CompletedProcess:
+        return subprocess.run([PY, "-m", "controller.cli", *args], cwd=ROOT, env=self.env(),
+                              stdout=stdout, stderr=subprocess.PIPE, timeout=timeout)
+
+    def deployctl_bg(self, *args: str, stdout=subprocess.PIPE) -> subprocess.Popen:
+        return subprocess.Popen([PY, "-m", "controller.cli", *args], cwd=ROOT, env=self.env(),
+                                stdout=stdout, stderr=subprocess.PIPE)
+
+    def agents_json(self) -> dict[str, dict]:
+        result = self.deployctl("agents", "--json")
+        assert result.returncode == 0, result.stderr
+        return {a["id"]: a for a in json.loads(result.stdout)}
+
+    def wait_connected(self, *agent_ids: str, timeout: float = 30) -> None:
+        def connected():
+            agents = self.agents_json()
+            return all(agents.get(a, {}).get("state") == "connected" for a in agent_ids)
+        wait_for(connected, timeout, every=0.2, what=f"agents {agent_ids} connected")
+
+    def operation(self, op_id: str) -> dict:
+        result = self.deployctl("op", "show", op_id, "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    def wait_finished(self, op_id: str, timeout: float = 60) -> dict:
+        return wait_for(lambda: (lambda o: o if o["state"] == "finished" else None)(self.operation(op_id)),
+                        timeout, every=0.2, what=f"operation {op_id} finished")
+
+    def output(self, op_id: str) -> bytes:
+        return (self.controller.store / "operations" / op_id / "output.log").read_bytes()
+
+    def op_ids(self) -> list[str]:
+        return sorted(p.name for p in (self.controller.store / "operations").iterdir())
+
+    def close(self) -> None:
+        for agent in self.agents.values():
+            agent.stop()
+        self.controller.stop()
+
+
+class CuttableProxy:
+    """A TCP proxy between agents and the controller whose connections a test can cut."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream = ("127.0.0.1", upstream_port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+        self.conns: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.accepting = threading.Event()
+        self.accepting.set()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.accepting.is_set():
+                client.close()
+                continue
+            try:
+                server = socket.create_connection(self.upstream)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.conns += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self, refuse_for: float = 0.0) -> None:
+        """Drop every connection (like a link going down); refuse new ones for a while."""
+        if refuse_for:
+            self.accepting.clear()
+            threading.Timer(refuse_for, self.accepting.set).start()
+        with self.lock:
+            conns, self.conns = self.conns, []
+        for s in conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()
+
+
+def peak_rss_while(procs: list[psutil.Process], until: threading.Event, every: float = 0.05) -> dict[int, int]:
+    """Sample the RSS of processes until the event is set; returns pid → peak bytes."""
+    peaks = {p.pid: 0 for p in procs}
+    while not until.is_set():
+        for p in procs:
+            try:
+                peaks[p.pid] = max(peaks[p.pid], p.memory_info().rss)
+            except psutil.Error:
+                pass
+        time.sleep(every)
+    return peaks
