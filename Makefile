@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh machine: `make demo` (the main job) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo demo-stop test bench protos system clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+# Debian packages the tests, the demo and the units' verification need (idempotent).
+system:
+	@scripts/bootstrap-system.sh
+
+demo: system $(STAMP)
+	@scripts/demo.sh start
+
+demo-stop:
+	@scripts/demo.sh stop
+
+test: system $(STAMP)
+	@$(PY) -m pytest -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+bench: system $(STAMP)
+	$(PY) bench/run.py
+
+protos: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. protos/deployer.proto
+
+clean: demo-stop
+	rm -rf $(VENV) .demo build *.egg-info
