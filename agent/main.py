@@ -7,7 +7,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 
@@ -15,23 +14,12 @@ import grpc
 import structlog
 
 from . import __version__, config as config_mod, link
+from .system import sd_notify, tune_malloc
 from .journal import Journal
 from .operations import Operations
 from .session import Session, SessionEnded
 
 log = structlog.get_logger("agent")
-
-
-def sd_notify(state: str) -> None:
-    """Tell systemd (Type=notify) about our state; a no-op when not run by systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.connect(address)
-        s.sendall(state.encode())
 
 
 def configure_logging(level: str) -> None:
@@ -125,6 +113,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    tune_malloc()
     configure_logging(args.log_level)
     try:
         config = config_mod.load(args)

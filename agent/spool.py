@@ -78,7 +78,7 @@ class Spool:
         try:
             if self._fd is None or self._segment_size >= SEGMENT_BYTES:
                 self._open_segment()
-            os.write(self._fd, _HEADER.pack(record.seq, record.offset, stream, len(data)) + data)
+            os.writev(self._fd, [_HEADER.pack(record.seq, record.offset, stream, len(data)), data])
         except OSError as exc:
             raise SpoolError(exc.errno, f"cannot write output spool in {self.folder}: {exc.strerror}") from exc
         self._segment_size += _HEADER.size + len(data)

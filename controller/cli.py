@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 
+from agent.system import tune_malloc
 from protos import deployer_pb2 as pb
 from protos import deployer_pb2_grpc as pb_grpc
 
@@ -348,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    tune_malloc()
     if getattr(args, "command", None) and args.command[:1] == ["--"]:
         args.command = args.command[1:]
     if not hasattr(args, "func"):

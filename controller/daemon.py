@@ -7,7 +7,6 @@ import asyncio
 import fcntl
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import grpc
 import structlog
 
+from agent.system import sd_notify, tune_malloc
 from protos import deployer_pb2_grpc as pb_grpc
 
 from . import __version__, logs
@@ -42,18 +42,6 @@ DEFAULT_LISTEN = "127.0.0.1:7710"
 
 def default_store() -> Path:
     return Path(os.environ.get("DEPLOYER_STORE") or Path.cwd() / "store")
-
-
-def sd_notify(state: str) -> None:
-    """Tell systemd (Type=notify) about our state; a no-op when not run by systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.connect(address)
-        s.sendall(state.encode())
 
 
 class StartupError(Exception):
@@ -146,6 +134,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    tune_malloc()
     os.umask(0o077)  # everything the controller writes is private
     log_stream = open(args.log_file, "a", buffering=1) if args.log_file else None
     logs.configure(args.log_level, log_stream)

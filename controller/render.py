@@ -56,16 +56,19 @@ class LinePrefixer:
         self.rest = b""
         self.mid_line = False  # a partial line was already written without its end
 
-    def feed(self, data: bytes) -> bytes:
+    def feed(self, data: bytes) -> bytes | bytearray:
         buf = self.rest + data
         cut = buf.rfind(b"\n") + 1
-        complete, self.rest = buf[:cut], buf[cut:]
-        out = b""
-        if complete:
-            out = complete[:-1].replace(b"\n", b"\n" + self.prefix) + b"\n"
+        out = bytearray()
+        if cut:
+            # Two copies in all: the replace, and appending it. The prefix the replace puts after
+            # the last newline, and the partial line behind it, are cut off again.
             if not self.mid_line:
-                out = self.prefix + out
+                out += self.prefix
+            out += buf.replace(b"\n", b"\n" + self.prefix)
+            del out[len(out) - len(self.prefix) - (len(buf) - cut):]
             self.mid_line = False
+        self.rest = buf[cut:]
         if len(self.rest) > PARTIAL_LINE_LIMIT:
             out += (b"" if self.mid_line else self.prefix) + self.rest
             self.rest, self.mid_line = b"", True

@@ -49,10 +49,19 @@ class Controller:
             [PY, "-m", "controller.daemon", "--store", str(self.store), "--listen", self.address,
              "--log-file", str(self.log), "--lost-after", str(self.lost_after)],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_for(lambda: self.socket.exists() or self.proc.poll() is not None, what="controller socket")
+        wait_for(lambda: self._accepting() or self.proc.poll() is not None, what="controller socket")
         if self.proc.poll() is not None:
             raise AssertionError(f"controller exited: {self.proc.stderr.read().decode()}")
         return self
+
+    def _accepting(self) -> bool:
+        """Really serving: a socket file alone may be left over by a killed controller."""
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(str(self.socket))
+                return True
+            except OSError:
+                return False
 
     def kill9(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
