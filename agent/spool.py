@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import os
 import struct
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 _HEADER = struct.Struct(">QQBI")  # seq, offset, stream, length
 SEGMENT_BYTES = 8 << 20
+RECENT_BYTES = 8 << 20  # output kept in memory too, so a sender keeping up never reads it back
+RECENT_RECORDS = 512
 
 
 class SpoolError(OSError):
@@ -51,6 +54,8 @@ class Spool:
         self._fd: int | None = None
         self._segment_size = 0
         self._cursor = (-1, 0, 0)  # (offset, segment index, file position) after the last read
+        self._recent: deque[Record] = deque()
+        self._recent_bytes = 0
         self._recover()
 
     def _recover(self) -> None:
@@ -84,6 +89,10 @@ class Spool:
         self._segment_size += _HEADER.size + len(data)
         self.end = record.end
         self.next_seq += 1
+        self._recent.append(record)
+        self._recent_bytes += len(data)
+        while self._recent_bytes > RECENT_BYTES or len(self._recent) > RECENT_RECORDS:
+            self._recent_bytes -= len(self._recent.popleft().data)
         return record
 
     def _open_segment(self) -> None:
@@ -97,6 +106,8 @@ class Spool:
         self._segment_size = os.fstat(self._fd).st_size
 
     def close(self) -> None:
+        self._recent.clear()
+        self._recent_bytes = 0
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -107,6 +118,8 @@ class Spool:
         The first record is trimmed to start exactly at `offset`. Sequential readers resume where
         the previous call stopped without rescanning the segment.
         """
+        if self._recent and self._recent[0].offset <= offset < self.end:
+            return self._read_recent(offset, max_bytes)
         out: list[Record] = []
         total = 0
         index, position = self._locate(offset)
@@ -142,6 +155,24 @@ class Spool:
             index += 1
             position = 0
         return out
+
+    def _read_recent(self, offset: int, max_bytes: int) -> list[Record]:
+        """The fast path: records still in memory (those before `offset` are dropped), adjacent
+        records of one stream joined into one."""
+        while self._recent and self._recent[0].end <= offset:
+            self._recent_bytes -= len(self._recent.popleft().data)
+        runs: list[tuple[Record, list[bytes]]] = []
+        total = 0
+        for record in self._recent:
+            if total >= max_bytes:
+                break
+            data = record.data[offset - record.offset:] if record.offset < offset else record.data
+            if runs and runs[-1][0].stream == record.stream:
+                runs[-1][1].append(data)
+            else:
+                runs.append((Record(record.seq, max(offset, record.offset), record.stream, b""), [data]))
+            total += len(data)
+        return [Record(r.seq, r.offset, r.stream, b"".join(parts)) for r, parts in runs]
 
     def _locate(self, offset: int) -> tuple[int | None, int]:
         if self._cursor[0] == offset and self._cursor[1] < len(self._segments):

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import bisect
 import os
+from collections import deque
 from pathlib import Path
 
 from protos import deployer_pb2 as pb
+
+
+RECENT_BYTES = 8 << 20  # kept in memory so live followers are served without reading the file
+RECENT_PIECES = 512
 
 
 class OutputGap(Exception):
@@ -29,6 +34,8 @@ class OutputLog:
         self._load_index()
         self._idx = open(folder / "streams.idx", "a")
         self.synced = self.received
+        self._recent: deque[tuple[int, int, bytes]] = deque()
+        self._recent_bytes = 0
 
     def _load_index(self) -> None:
         path = self.folder / "streams.idx"
@@ -62,6 +69,10 @@ class OutputLog:
             self._offsets.append(self.received)
             self._streams.append(chunk.stream)
         os.write(self._fd, data)
+        self._recent.append((self.received, chunk.stream, data))
+        self._recent_bytes += len(data)
+        while self._recent_bytes > RECENT_BYTES or len(self._recent) > RECENT_PIECES:
+            self._recent_bytes -= len(self._recent.popleft()[2])
         self.received += len(data)
         return len(data)
 
@@ -75,6 +86,8 @@ class OutputLog:
 
     def read(self, offset: int, max_bytes: int = 1 << 20) -> list[tuple[int, int, bytes]]:
         """(offset, stream, data) pieces from `offset`, split where the stream changes."""
+        if self._recent and self._recent[0][0] <= offset < self.received:
+            return self._read_recent(offset, max_bytes)
         end = min(self.received, offset + max_bytes)
         pieces = []
         while offset < end:
@@ -88,6 +101,25 @@ class OutputLog:
             pieces.append((offset, stream, data))
             offset += len(data)
         return pieces
+
+    def _read_recent(self, offset: int, max_bytes: int) -> list[tuple[int, int, bytes]]:
+        """The fast path for live followers; adjacent pieces of one stream are joined."""
+        runs: list[tuple[int, int, list[bytes]]] = []
+        total = 0
+        for start, stream, data in self._recent:
+            if start + len(data) <= offset:
+                continue
+            if total >= max_bytes:
+                break
+            if start < offset:
+                data, start = data[offset - start:], offset
+            data = data[:max_bytes - total]
+            if runs and runs[-1][1] == stream:
+                runs[-1][2].append(data)
+            else:
+                runs.append((start, stream, [data]))
+            total += len(data)
+        return [(start, stream, b"".join(parts)) for start, stream, parts in runs]
 
     def close(self) -> None:
         os.close(self._fd)
