@@ -12,7 +12,8 @@ import yaml
 ROLES = ("computing", "daemons")
 _ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _KEYS = {"id", "controller", "roles", "capabilities", "state_dir", "services_root",
-         "heartbeat_interval"}
+         "heartbeat_interval", "provides"}
+PROVIDES = ("mysql", "redis", "nginx")
 
 
 class ConfigError(ValueError):
@@ -28,6 +29,7 @@ class AgentConfig:
     state_dir: Path = Path("/var/lib/deployer-agent")
     services_root: Path = Path("/srv/services")
     heartbeat_interval: float = 5.0
+    settings: tuple[tuple[str, str], ...] = ()  # flattened `provides`: ("mysql.port", "3306"), …
 
 
 def load(args: argparse.Namespace) -> AgentConfig:
@@ -54,6 +56,12 @@ def load(args: argparse.Namespace) -> AgentConfig:
         values["roles"] = args.role
     if args.capability:
         values["capabilities"] = args.capability
+    for item in getattr(args, "provide", None) or []:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not (sep and dot and name):
+            raise ConfigError(f"--provide {item!r}: expected SERVICE.SETTING=VALUE, e.g. mysql.port=3306")
+        values.setdefault("provides", {}).setdefault(section, {})[name] = value
     return _validate(values, where)
 
 
@@ -74,9 +82,20 @@ def _validate(values: dict, where: str) -> AgentConfig:
         interval = float(values.get("heartbeat_interval", 5.0))
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: heartbeat_interval must be a number of seconds") from None
+    provides = values.get("provides") or {}
+    if not isinstance(provides, dict):
+        raise ConfigError(f"{where}: provides must map {', '.join(PROVIDES)} to their settings")
+    settings = []
+    for section, entries in sorted(provides.items()):
+        if section not in PROVIDES:
+            raise ConfigError(f"{where}: provides: unknown service {section!r} (known: {', '.join(PROVIDES)})")
+        if not isinstance(entries, dict):
+            raise ConfigError(f"{where}: provides.{section}: expected a mapping of settings")
+        settings += [(f"{section}.{k}", str(v)) for k, v in sorted(entries.items())]
+    capabilities = list(dict.fromkeys([*(str(c) for c in values.get("capabilities") or ()), *sorted(provides)]))
     return AgentConfig(
         id=agent_id, controller=controller, roles=roles,
-        capabilities=tuple(str(c) for c in values.get("capabilities") or ()),
+        capabilities=tuple(capabilities), settings=tuple(settings),
         state_dir=Path(values.get("state_dir") or "/var/lib/deployer-agent"),
         services_root=Path(values.get("services_root") or "/srv/services"),
         heartbeat_interval=interval,

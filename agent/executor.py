@@ -57,21 +57,39 @@ class Run:
     peak_rss: int = 0
 
 
-def _resolve_user(name: str) -> pwd.struct_passwd:
+def resolve_user(name: str) -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(name)
     except KeyError:
         raise StartError(f"unknown user {name!r}") from None
 
 
-def build_env(spec: pb.ExecSpec, user: pwd.struct_passwd | None) -> dict[str, str]:
+def read_env_file(path: str) -> dict[str, str]:
+    """KEY=VALUE lines (blank lines and # comments skipped), as the controller writes `.env`."""
+    env = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                line = line.rstrip("\n")
+                if not line or line.startswith("#") or "=" not in line:
+                    continue
+                name, value = line.split("=", 1)
+                env[name.strip()] = value
+    except OSError as exc:
+        raise StartError(f"cannot read environment file {path}: {exc.strerror}") from None
+    return env
+
+
+def build_env(extra, env_file: str, user: pwd.struct_passwd | None) -> dict[str, str]:
     """A small, predictable environment: the agent's own variables never leak into commands."""
     env = {"PATH": BASE_PATH, "LANG": "C.UTF-8"}
     if user is not None:
         env.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name)
     else:
         env["HOME"] = os.environ.get("HOME", "/root")
-    env.update(spec.env)
+    if env_file:
+        env.update(read_env_file(env_file))
+    env.update(extra)
     return env
 
 
@@ -83,8 +101,8 @@ def spawn(op_id: str, spec: pb.ExecSpec, default_cwd: str, spool: Spool,
     cwd = spec.cwd or default_cwd
     if not os.path.isdir(cwd):
         raise StartError(f"working directory {cwd} does not exist")
-    user = _resolve_user(spec.user) if spec.user else None
-    env = build_env(spec, user)
+    user = resolve_user(spec.user) if spec.user else None
+    env = build_env(spec.env, spec.env_file, user)
     kwargs = {}
     if user is not None and user.pw_uid != os.getuid():
         kwargs.update(user=user.pw_uid, group=user.pw_gid, extra_groups=[])
@@ -298,7 +316,7 @@ def write_file(op_id: str, spec: pb.WriteFileSpec) -> pb.OperationResult:
         uid = gid = -1
         if spec.owner:
             user_name, _, group_name = spec.owner.partition(":")
-            user = _resolve_user(user_name)
+            user = resolve_user(user_name)
             uid, gid = user.pw_uid, user.pw_gid
             if group_name:
                 import grp

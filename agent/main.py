@@ -17,6 +17,7 @@ from . import __version__, config as config_mod, link
 from .system import sd_notify, tune_malloc
 from .journal import Journal
 from .operations import Operations
+from .services import Supervisor
 from .session import Session, SessionEnded
 
 log = structlog.get_logger("agent")
@@ -39,7 +40,8 @@ class Agent:
         self.config = config
         config.state_dir.mkdir(parents=True, exist_ok=True)
         config.services_root.mkdir(parents=True, exist_ok=True)
-        self.ops = Operations(Journal(config.state_dir), config.services_root)
+        self.ops = Operations(Journal(config.state_dir), config.services_root,
+                              Supervisor(config.state_dir))
         self.stopping = asyncio.Event()
         self.ready_sent = False
 
@@ -102,7 +104,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--id", help="this agent's id, unique in the fleet")
     parser.add_argument("--controller", help="controller address, HOST:PORT or unix:PATH")
     parser.add_argument("--role", action="append", help="computing or daemons (repeatable)")
-    parser.add_argument("--capability", action="append", help="e.g. mysql, redis, nginx (repeatable)")
+    parser.add_argument("--capability", action="append", help="an extra capability label (repeatable)")
+    parser.add_argument("--provide", action="append",
+                        help="what this agent provides to deploys, e.g. mysql.port=3306, "
+                             "nginx.conf_dir=/etc/nginx/conf.d (repeatable)")
     parser.add_argument("--state-dir", dest="state_dir", help="journal and spool (default /var/lib/deployer-agent)")
     parser.add_argument("--services-root", dest="services_root", help="default /srv/services")
     parser.add_argument("--heartbeat-interval", dest="heartbeat_interval", type=float)

@@ -7,6 +7,7 @@ until the controller confirms it has them.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -17,8 +18,9 @@ import structlog
 
 from protos import deployer_pb2 as pb
 
-from . import executor
+from . import executor, probe
 from .journal import Entry, Journal, valid_op_id
+from .services import Supervisor
 from .spool import Spool
 
 log = structlog.get_logger("agent")
@@ -40,9 +42,10 @@ class Held:
 
 
 class Operations:
-    def __init__(self, journal: Journal, services_root: Path) -> None:
+    def __init__(self, journal: Journal, services_root: Path, driver: Supervisor) -> None:
         self.journal = journal
         self.services_root = services_root
+        self.driver = driver
         self.held: dict[str, Held] = {}
         self.on_new: list = []  # callbacks(held) of the live session, to start a pump
 
@@ -112,6 +115,21 @@ class Operations:
                 result = await executor.supervise(run, op.exec)
         elif kind == "write_file":
             result = await asyncio.to_thread(executor.write_file, op.id, op.write_file)
+        elif kind in ("service_start", "service_stop"):
+            try:
+                if kind == "service_start":
+                    result = await self.driver.start(op.id, op.service_start)
+                else:
+                    result = await self.driver.stop(op.id, op.service_stop)
+            except executor.StartError as exc:
+                result = pb.OperationResult(op_id=op.id, outcome=pb.FAILED_TO_START, error=str(exc))
+        elif kind == "service_list":
+            lines = [json.dumps(e) + "\n" for e in self.driver.list(op.service_list.name_prefix)]
+            if lines:
+                held.spool.append(pb.STDOUT, "".join(lines).encode())
+            result = pb.OperationResult(op_id=op.id, outcome=pb.EXITED)
+        elif kind == "http_probe":
+            result = await probe.probe(op.id, op.http_probe)
         else:
             result = pb.OperationResult(op_id=op.id, outcome=pb.REJECTED,
                                         error="unknown operation kind")

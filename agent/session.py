@@ -68,6 +68,7 @@ class Session:
             facts=facts.gather(self.config.services_root), held=self.ops.summary(),
             heartbeat_interval_s=int(self.config.heartbeat_interval),
             services_root=str(self.config.services_root),
+            settings=dict(self.config.settings), service_driver=self.ops.driver.name,
         )
 
     async def _reader(self, call) -> None:

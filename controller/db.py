@@ -37,6 +37,65 @@ MIGRATIONS = [
     );
     CREATE INDEX operations_open ON operations (agent_id) WHERE state != 'finished';
     """,
+    # 2: the instantiation ledger, jobs, credentials and secrets; agents report what they provide.
+    """
+    ALTER TABLE agents ADD COLUMN settings TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE operations ADD COLUMN folder TEXT;
+    CREATE TABLE environments (
+        key TEXT PRIMARY KEY,          -- app/environment
+        spec TEXT NOT NULL,            -- the accepted spec, canonical JSON
+        updated REAL NOT NULL
+    );
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        env_key TEXT NOT NULL,
+        kind TEXT NOT NULL,            -- apply, rollback, verify, …
+        state TEXT NOT NULL,           -- running, succeeded, failed, interrupted
+        created REAL NOT NULL,
+        finished REAL,
+        summary TEXT NOT NULL DEFAULT ''
+    );
+    CREATE TABLE counters (            -- numbers only ever grow: deploys and instances
+        env_key TEXT NOT NULL, service TEXT NOT NULL, component TEXT NOT NULL,
+        last INTEGER NOT NULL,
+        PRIMARY KEY (env_key, service, component)
+    );
+    CREATE TABLE deploys (
+        env_key TEXT NOT NULL, service TEXT NOT NULL, number INTEGER NOT NULL,
+        job_id TEXT NOT NULL,
+        code INTEGER, code_new INTEGER NOT NULL DEFAULT 0,
+        mysql INTEGER, mysql_new INTEGER NOT NULL DEFAULT 0,
+        redis INTEGER, redis_new INTEGER NOT NULL DEFAULT 0,
+        commit_sha TEXT, host TEXT, port INTEGER,
+        outcome TEXT NOT NULL,         -- running, succeeded, failed
+        reason TEXT NOT NULL DEFAULT '',
+        created REAL NOT NULL, finished REAL,
+        PRIMARY KEY (env_key, service, number)
+    );
+    CREATE TABLE instances (
+        env_key TEXT NOT NULL, service TEXT NOT NULL, component TEXT NOT NULL,
+        number INTEGER NOT NULL,
+        status TEXT NOT NULL,          -- building, live, standby, failed, removed
+        host TEXT, port INTEGER, commit_sha TEXT, fingerprint TEXT,
+        names TEXT NOT NULL DEFAULT '{}',
+        created REAL NOT NULL, updated REAL NOT NULL,
+        PRIMARY KEY (env_key, service, component, number)
+    );
+    CREATE TABLE credentials (
+        env_key TEXT NOT NULL, service TEXT NOT NULL, component TEXT NOT NULL,
+        number INTEGER NOT NULL, password TEXT NOT NULL,
+        PRIMARY KEY (env_key, service, component, number)
+    );
+    CREATE TABLE secrets (
+        env_key TEXT NOT NULL, name TEXT NOT NULL, value TEXT NOT NULL,
+        PRIMARY KEY (env_key, name)
+    );
+    CREATE TABLE ports (
+        host TEXT NOT NULL, port INTEGER NOT NULL,
+        env_key TEXT NOT NULL, service TEXT NOT NULL, instance INTEGER NOT NULL,
+        PRIMARY KEY (host, port)
+    );
+    """,
 ]
 
 
@@ -51,6 +110,7 @@ class OperationRow:
     created: float
     finished: float | None
     result: pb.OperationResult | None
+    folder: str | None
 
 
 def _row(r: sqlite3.Row) -> OperationRow:
@@ -59,6 +119,7 @@ def _row(r: sqlite3.Row) -> OperationRow:
         spec=pb.Operation.FromString(r["spec"]) if r["spec"] else None,
         state=r["state"], created=r["created"], finished=r["finished"],
         result=pb.OperationResult.FromString(r["result"]) if r["result"] else None,
+        folder=r["folder"],
     )
 
 
@@ -87,14 +148,15 @@ class Database:
         now = time.time()
         self.conn.execute(
             """INSERT INTO agents (id, roles, capabilities, version, facts, services_root, peer,
-                                   first_seen, last_seen)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                                   first_seen, last_seen, settings)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT (id) DO UPDATE SET roles=excluded.roles,
                  capabilities=excluded.capabilities, version=excluded.version,
                  facts=excluded.facts, services_root=excluded.services_root, peer=excluded.peer,
-                 last_seen=excluded.last_seen""",
+                 last_seen=excluded.last_seen, settings=excluded.settings""",
             (hello.agent_id, json.dumps(list(hello.roles)), json.dumps(list(hello.capabilities)),
-             hello.version, hello.facts.SerializeToString(), hello.services_root, peer, now, now),
+             hello.version, hello.facts.SerializeToString(), hello.services_root, peer, now, now,
+             json.dumps(dict(hello.settings))),
         )
 
     def touch_agent(self, agent_id: str, last_seen: float, facts: pb.HostFacts | None) -> None:
@@ -109,13 +171,13 @@ class Database:
 
     # ---------------------------------------------------------------- operations
 
-    def insert_operation(self, op: pb.Operation, agent_id: str, summary: list[str]) -> float:
+    def insert_operation(self, op: pb.Operation, agent_id: str, summary: list[str], folder: str) -> float:
         created = time.time()
         self.conn.execute(
-            "INSERT INTO operations (id, agent_id, kind, summary, spec, state, created) "
-            "VALUES (?, ?, ?, ?, ?, 'queued', ?)",
+            "INSERT INTO operations (id, agent_id, kind, summary, spec, state, created, folder) "
+            "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)",
             (op.id, agent_id, op.WhichOneof("kind"), json.dumps(summary),
-             op.SerializeToString(), created),
+             op.SerializeToString(), created, folder),
         )
         return created
 

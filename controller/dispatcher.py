@@ -72,7 +72,8 @@ class Dispatcher:
         row = self.db.operation(op_id)
         if row is None:
             raise UnknownOperation(op_id)
-        op = Op(row.id, row.agent_id, row.state, OutputLog(self.root / row.id), row.result)
+        op = Op(row.id, row.agent_id, row.state, OutputLog(Path(row.folder) if row.folder else self.root / row.id),
+                row.result)
         op.acked = op.output.received
         self.ops[op_id] = op
         return op
@@ -85,9 +86,12 @@ class Dispatcher:
 
     # ---------------------------------------------------------------- sending
 
-    def submit(self, agent_id: str, operation: pb.Operation) -> Op:
-        self.db.insert_operation(operation, agent_id, operations.summary(operation))
-        op = Op(operation.id, agent_id, "queued", OutputLog(self.root / operation.id))
+    def submit(self, agent_id: str, operation: pb.Operation, folder: Path | None = None) -> Op:
+        """Record the operation and send it if its agent is connected; `folder` keeps its output
+        (a job's own folder, or store/operations/<id>)."""
+        folder = folder or self.root / operation.id
+        self.db.insert_operation(operation, agent_id, operations.summary(operation), str(folder))
+        op = Op(operation.id, agent_id, "queued", OutputLog(folder))
         self.ops[operation.id] = op
         log.info("op.submitted", op_id=operation.id, agent_id=agent_id,
                  kind=operation.WhichOneof("kind"))
@@ -96,6 +100,19 @@ class Dispatcher:
             self._send(session, op, operation)
         else:
             op.note = f"agent {agent_id} is not connected; waiting for it"
+        return op
+
+    async def execute(self, agent_id: str, operation: pb.Operation, folder: Path | None = None) -> Op:
+        """Submit and wait for the result (a lost agent ends it with LOST)."""
+        op = self.submit(agent_id, operation, folder)
+        wake = asyncio.Event()
+        op.listeners.add(wake)
+        try:
+            while not op.finished:
+                wake.clear()
+                await wake.wait()
+        finally:
+            op.listeners.discard(wake)
         return op
 
     def _send(self, session: Session, op: Op, operation: pb.Operation) -> None:

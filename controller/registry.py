@@ -56,6 +56,8 @@ class Agent:
     session: Session | None = None
     since: float = field(default_factory=time.monotonic)  # when the state last changed
     running: int = 0
+    settings: dict[str, str] = field(default_factory=dict)
+    services_root: str = ""
 
 
 class Registry:
@@ -71,7 +73,8 @@ class Registry:
                 id=row["id"], roles=json.loads(row["roles"]),
                 capabilities=json.loads(row["capabilities"]), version=row["version"],
                 facts=pb.HostFacts.FromString(row["facts"] or b""), last_seen=row["last_seen"],
-                peer=row["peer"] or "")
+                peer=row["peer"] or "", settings=json.loads(row["settings"] or "{}"),
+                services_root=row["services_root"] or "")
 
     def attach(self, hello: pb.Hello, peer: str) -> Session:
         agent = self.agents.get(hello.agent_id)
@@ -84,7 +87,8 @@ class Registry:
             id=hello.agent_id, roles=list(hello.roles), capabilities=list(hello.capabilities),
             version=hello.version, facts=hello.facts, last_seen=time.time(), peer=peer,
             state=CONNECTED, session=session,
-            running=sum(1 for h in hello.held if h.state == pb.HELD_RUNNING))
+            running=sum(1 for h in hello.held if h.state == pb.HELD_RUNNING),
+            settings=dict(hello.settings), services_root=hello.services_root)
         self.db.save_agent(hello, peer)
         log.info("agent.connected", agent_id=hello.agent_id, peer=peer, roles=list(hello.roles),
                  version=hello.version, held=len(hello.held))

@@ -58,7 +58,7 @@ AGENT_DISCONNECTED: AgentState
 AGENT_LOST: AgentState
 
 class ExecSpec(_message.Message):
-    __slots__ = ("argv", "env", "cwd", "stdin", "timeout_s", "user", "kill_grace_s")
+    __slots__ = ("argv", "env", "cwd", "stdin", "timeout_s", "user", "kill_grace_s", "env_file")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,7 @@ class ExecSpec(_message.Message):
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
     KILL_GRACE_S_FIELD_NUMBER: _ClassVar[int]
+    ENV_FILE_FIELD_NUMBER: _ClassVar[int]
     argv: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.ScalarMap[str, str]
     cwd: str
@@ -80,7 +81,8 @@ class ExecSpec(_message.Message):
     timeout_s: float
     user: str
     kill_grace_s: float
-    def __init__(self, argv: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., cwd: _Optional[str] = ..., stdin: _Optional[bytes] = ..., timeout_s: _Optional[float] = ..., user: _Optional[str] = ..., kill_grace_s: _Optional[float] = ...) -> None: ...
+    env_file: str
+    def __init__(self, argv: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., cwd: _Optional[str] = ..., stdin: _Optional[bytes] = ..., timeout_s: _Optional[float] = ..., user: _Optional[str] = ..., kill_grace_s: _Optional[float] = ..., env_file: _Optional[str] = ...) -> None: ...
 
 class WriteFileSpec(_message.Message):
     __slots__ = ("path", "content", "mode", "owner")
@@ -94,15 +96,82 @@ class WriteFileSpec(_message.Message):
     owner: str
     def __init__(self, path: _Optional[str] = ..., content: _Optional[bytes] = ..., mode: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
 
+class ServiceStartSpec(_message.Message):
+    __slots__ = ("name", "instance", "argv", "cwd", "env", "env_file", "user", "log_path")
+    class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    ARGV_FIELD_NUMBER: _ClassVar[int]
+    CWD_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    ENV_FILE_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    LOG_PATH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    instance: str
+    argv: _containers.RepeatedScalarFieldContainer[str]
+    cwd: str
+    env: _containers.ScalarMap[str, str]
+    env_file: str
+    user: str
+    log_path: str
+    def __init__(self, name: _Optional[str] = ..., instance: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., env_file: _Optional[str] = ..., user: _Optional[str] = ..., log_path: _Optional[str] = ...) -> None: ...
+
+class ServiceStopSpec(_message.Message):
+    __slots__ = ("name", "instance", "grace_s")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    GRACE_S_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    instance: str
+    grace_s: float
+    def __init__(self, name: _Optional[str] = ..., instance: _Optional[str] = ..., grace_s: _Optional[float] = ...) -> None: ...
+
+class ServiceListSpec(_message.Message):
+    __slots__ = ("name_prefix",)
+    NAME_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    name_prefix: str
+    def __init__(self, name_prefix: _Optional[str] = ...) -> None: ...
+
+class HttpProbeSpec(_message.Message):
+    __slots__ = ("url", "expect_status", "attempts", "interval_s", "timeout_s", "host_header")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    EXPECT_STATUS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    HOST_HEADER_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    expect_status: int
+    attempts: int
+    interval_s: float
+    timeout_s: float
+    host_header: str
+    def __init__(self, url: _Optional[str] = ..., expect_status: _Optional[int] = ..., attempts: _Optional[int] = ..., interval_s: _Optional[float] = ..., timeout_s: _Optional[float] = ..., host_header: _Optional[str] = ...) -> None: ...
+
 class Operation(_message.Message):
-    __slots__ = ("id", "exec", "write_file")
+    __slots__ = ("id", "exec", "write_file", "service_start", "service_stop", "service_list", "http_probe")
     ID_FIELD_NUMBER: _ClassVar[int]
     EXEC_FIELD_NUMBER: _ClassVar[int]
     WRITE_FILE_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_START_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_STOP_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_LIST_FIELD_NUMBER: _ClassVar[int]
+    HTTP_PROBE_FIELD_NUMBER: _ClassVar[int]
     id: str
     exec: ExecSpec
     write_file: WriteFileSpec
-    def __init__(self, id: _Optional[str] = ..., exec: _Optional[_Union[ExecSpec, _Mapping]] = ..., write_file: _Optional[_Union[WriteFileSpec, _Mapping]] = ...) -> None: ...
+    service_start: ServiceStartSpec
+    service_stop: ServiceStopSpec
+    service_list: ServiceListSpec
+    http_probe: HttpProbeSpec
+    def __init__(self, id: _Optional[str] = ..., exec: _Optional[_Union[ExecSpec, _Mapping]] = ..., write_file: _Optional[_Union[WriteFileSpec, _Mapping]] = ..., service_start: _Optional[_Union[ServiceStartSpec, _Mapping]] = ..., service_stop: _Optional[_Union[ServiceStopSpec, _Mapping]] = ..., service_list: _Optional[_Union[ServiceListSpec, _Mapping]] = ..., http_probe: _Optional[_Union[HttpProbeSpec, _Mapping]] = ...) -> None: ...
 
 class OutputChunk(_message.Message):
     __slots__ = ("op_id", "seq", "offset", "stream", "data")
@@ -173,7 +242,14 @@ class HeldOperation(_message.Message):
     def __init__(self, op_id: _Optional[str] = ..., state: _Optional[_Union[HeldState, str]] = ..., acked_offset: _Optional[int] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("agent_id", "roles", "capabilities", "version", "facts", "held", "heartbeat_interval_s", "services_root")
+    __slots__ = ("agent_id", "roles", "capabilities", "version", "facts", "held", "heartbeat_interval_s", "services_root", "settings", "service_driver")
+    class SettingsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     ROLES_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +258,8 @@ class Hello(_message.Message):
     HELD_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     SERVICES_ROOT_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_DRIVER_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     roles: _containers.RepeatedScalarFieldContainer[str]
     capabilities: _containers.RepeatedScalarFieldContainer[str]
@@ -190,7 +268,9 @@ class Hello(_message.Message):
     held: _containers.RepeatedCompositeFieldContainer[HeldOperation]
     heartbeat_interval_s: int
     services_root: str
-    def __init__(self, agent_id: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., capabilities: _Optional[_Iterable[str]] = ..., version: _Optional[str] = ..., facts: _Optional[_Union[HostFacts, _Mapping]] = ..., held: _Optional[_Iterable[_Union[HeldOperation, _Mapping]]] = ..., heartbeat_interval_s: _Optional[int] = ..., services_root: _Optional[str] = ...) -> None: ...
+    settings: _containers.ScalarMap[str, str]
+    service_driver: str
+    def __init__(self, agent_id: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., capabilities: _Optional[_Iterable[str]] = ..., version: _Optional[str] = ..., facts: _Optional[_Union[HostFacts, _Mapping]] = ..., held: _Optional[_Iterable[_Union[HeldOperation, _Mapping]]] = ..., heartbeat_interval_s: _Optional[int] = ..., services_root: _Optional[str] = ..., settings: _Optional[_Mapping[str, str]] = ..., service_driver: _Optional[str] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("facts", "running")

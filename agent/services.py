@@ -1,0 +1,149 @@
+"""The built-in service driver: a small supervisor for long-running service processes.
+
+Services run detached in their own session, with output appended to their log file. Their state
+(pid, start time, command) is kept in `<state_dir>/services/`, so a restarted agent adopts the
+services that are still running. The driver never restarts anything on its own: a service that
+dies stays dead until the controller says otherwise (verify and repair are the controller's job).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import structlog
+
+from protos import deployer_pb2 as pb
+
+from .executor import StartError, build_env, resolve_user
+
+log = structlog.get_logger("agent")
+DEFAULT_GRACE_S = 10.0
+STARTUP_WATCH_S = 0.3  # a process that dies this fast did not start
+
+
+def _key(name: str, instance: str) -> str:
+    return f"{name}@{instance}"
+
+
+class Supervisor:
+    name = "supervisor"
+
+    def __init__(self, state_dir: Path) -> None:
+        self.folder = state_dir / "services"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.children: dict[str, subprocess.Popen] = {}
+
+    def _state_path(self, key: str) -> Path:
+        return self.folder / f"{key}.json"
+
+    def _load(self, key: str) -> dict | None:
+        try:
+            return json.loads(self._state_path(key).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    @staticmethod
+    def alive(state: dict) -> bool:
+        """Still the same process we started (a reused pid is not)."""
+        try:
+            proc = psutil.Process(state["pid"])
+            return (abs(proc.create_time() - state["create_time"]) < 0.05
+                    and proc.status() != psutil.STATUS_ZOMBIE)
+        except (psutil.Error, KeyError):
+            return False
+
+    async def start(self, op_id: str, spec: pb.ServiceStartSpec) -> pb.OperationResult:
+        key = _key(spec.name, spec.instance)
+        previous = self._load(key)
+        if previous and self.alive(previous):
+            return pb.OperationResult(op_id=op_id, outcome=pb.EXITED,
+                                      error=f"{key} already running (pid {previous['pid']})")
+        user = resolve_user(spec.user) if spec.user else None
+        env = build_env(spec.env, spec.env_file, user)
+        if not os.path.isdir(spec.cwd):
+            raise StartError(f"working directory {spec.cwd} does not exist")
+        Path(spec.log_path).parent.mkdir(parents=True, exist_ok=True)
+        kwargs = {}
+        if user is not None and user.pw_uid != os.getuid():
+            kwargs.update(user=user.pw_uid, group=user.pw_gid, extra_groups=[])
+        with open(spec.log_path, "ab") as logfile:
+            try:
+                proc = subprocess.Popen(list(spec.argv), cwd=spec.cwd, env=env, stdin=subprocess.DEVNULL,
+                                        stdout=logfile, stderr=logfile, start_new_session=True,
+                                        close_fds=True, **kwargs)
+            except FileNotFoundError:
+                raise StartError(f"command not found: {spec.argv[0]}") from None
+            except OSError as exc:
+                raise StartError(f"cannot start {spec.argv[0]}: {exc.strerror}") from None
+        self.children[key] = proc
+        state = {"name": spec.name, "instance": spec.instance, "pid": proc.pid,
+                 "create_time": psutil.Process(proc.pid).create_time(), "argv": list(spec.argv),
+                 "cwd": spec.cwd, "log_path": spec.log_path, "started_at": time.time()}
+        self._state_path(key).write_text(json.dumps(state))
+        asyncio.get_running_loop().create_task(self._reap(key, proc))
+        await asyncio.sleep(STARTUP_WATCH_S)
+        if proc.poll() is not None:
+            return pb.OperationResult(op_id=op_id, outcome=pb.FAILED_TO_START,
+                                      error=f"{key} exited at once with code {proc.returncode} "
+                                            f"(see {spec.log_path})")
+        log.info("service.started", service=key, pid=proc.pid)
+        return pb.OperationResult(op_id=op_id, outcome=pb.EXITED)
+
+    async def _reap(self, key: str, proc: subprocess.Popen) -> None:
+        """Our own children must be waited for, or they linger as zombies."""
+        while proc.poll() is None:
+            await asyncio.sleep(0.5)
+        if self.children.get(key) is proc:
+            del self.children[key]
+        log.info("service.exited", service=key, pid=proc.pid, code=proc.returncode)
+
+    async def stop(self, op_id: str, spec: pb.ServiceStopSpec) -> pb.OperationResult:
+        key = _key(spec.name, spec.instance)
+        state = self._load(key)
+        if state is None or not self.alive(state):
+            self._state_path(key).unlink(missing_ok=True)
+            return pb.OperationResult(op_id=op_id, outcome=pb.EXITED, error=f"{key} was not running")
+        pgid = state["pid"]
+        _killpg(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + (spec.grace_s or DEFAULT_GRACE_S)
+        while self.alive(state) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        killed = self.alive(state)
+        _killpg(pgid, signal.SIGKILL)
+        self._state_path(key).unlink(missing_ok=True)
+        log.info("service.stopped", service=key, pid=pgid, killed=killed)
+        return pb.OperationResult(op_id=op_id, outcome=pb.EXITED,
+                                  error="did not stop on SIGTERM: killed" if killed else "")
+
+    def list(self, prefix: str) -> list[dict]:
+        out = []
+        for path in sorted(self.folder.glob("*.json")):
+            state = self._load(path.stem)
+            if state is None or not state.get("name", "").startswith(prefix):
+                continue
+            entry = {k: state.get(k) for k in ("name", "instance", "pid", "started_at", "log_path")}
+            entry["alive"] = self.alive(state)
+            if entry["alive"]:
+                try:
+                    proc = psutil.Process(state["pid"])
+                    tree = [proc, *proc.children(recursive=True)]
+                    entry["rss_bytes"] = sum(p.memory_info().rss for p in tree)
+                    entry["cpu_s"] = sum(sum(p.cpu_times()[:2]) for p in tree)
+                except psutil.Error:
+                    pass
+            out.append(entry)
+        return out
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -1,0 +1,206 @@
+"""The instantiation ledger: for every deploy of every service, which instance of each component
+it created or reused. Backed by the controller's SQLite database (see db.py for the schema)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+from .db import Database
+
+COMPONENTS = ("code", "mysql", "redis")
+
+
+@dataclass(frozen=True)
+class LiveInstance:
+    number: int
+    commit: str = ""
+    fingerprint: str = ""
+    host: str = ""
+    port: int = 0
+
+
+@dataclass(frozen=True)
+class ServiceState:
+    """What the ledger knows of one service: its live instance of each component (if any)."""
+
+    service: str
+    code: LiveInstance | None = None
+    mysql: LiveInstance | None = None
+    redis: LiveInstance | None = None
+
+    def live(self, component: str) -> LiveInstance | None:
+        return getattr(self, component)
+
+
+@dataclass(frozen=True)
+class DeployRow:
+    number: int
+    code: int | None
+    code_new: bool
+    mysql: int | None
+    mysql_new: bool
+    redis: int | None
+    redis_new: bool
+    commit: str
+    host: str
+    port: int
+    outcome: str
+    reason: str
+    job_id: str
+    created: float
+
+
+class Ledger:
+    def __init__(self, db: Database) -> None:
+        self.conn = db.conn
+
+    # ---------------------------------------------------------------- reading
+
+    def state(self, env_key: str) -> dict[str, ServiceState]:
+        rows = self.conn.execute(
+            "SELECT * FROM instances WHERE env_key=? AND status='live'", (env_key,)).fetchall()
+        found: dict[str, dict] = {}
+        for r in rows:
+            found.setdefault(r["service"], {})[r["component"]] = LiveInstance(
+                r["number"], r["commit_sha"] or "", r["fingerprint"] or "", r["host"] or "", r["port"] or 0)
+        return {service: ServiceState(service, **parts) for service, parts in found.items()}
+
+    def history(self, env_key: str, service: str) -> list[DeployRow]:
+        rows = self.conn.execute(
+            "SELECT * FROM deploys WHERE env_key=? AND service=? ORDER BY number", (env_key, service))
+        return [DeployRow(r["number"], r["code"], bool(r["code_new"]), r["mysql"], bool(r["mysql_new"]),
+                          r["redis"], bool(r["redis_new"]), r["commit_sha"] or "", r["host"] or "",
+                          r["port"] or 0, r["outcome"], r["reason"], r["job_id"], r["created"])
+                for r in rows]
+
+    def services(self, env_key: str) -> list[str]:
+        rows = self.conn.execute(
+            "SELECT DISTINCT service FROM instances WHERE env_key=? AND status != 'removed' ORDER BY service",
+            (env_key,))
+        return [r[0] for r in rows]
+
+    def instance(self, env_key: str, service: str, component: str, number: int):
+        return self.conn.execute(
+            "SELECT * FROM instances WHERE env_key=? AND service=? AND component=? AND number=?",
+            (env_key, service, component, number)).fetchone()
+
+    def instances(self, env_key: str, service: str | None = None) -> list:
+        if service is None:
+            return self.conn.execute("SELECT * FROM instances WHERE env_key=? ORDER BY service, component, number",
+                                     (env_key,)).fetchall()
+        return self.conn.execute(
+            "SELECT * FROM instances WHERE env_key=? AND service=? ORDER BY component, number",
+            (env_key, service)).fetchall()
+
+    def password(self, env_key: str, service: str, component: str, number: int) -> str | None:
+        r = self.conn.execute(
+            "SELECT password FROM credentials WHERE env_key=? AND service=? AND component=? AND number=?",
+            (env_key, service, component, number)).fetchone()
+        return r[0] if r else None
+
+    def secrets(self, env_key: str) -> dict[str, str]:
+        return {r[0]: r[1] for r in self.conn.execute(
+            "SELECT name, value FROM secrets WHERE env_key=?", (env_key,))}
+
+    def all_secret_values(self) -> list[str]:
+        """Every secret value the controller holds (for redaction)."""
+        return [r[0] for r in self.conn.execute(
+            "SELECT value FROM secrets UNION SELECT password FROM credentials")]
+
+    def ports_in_use(self, host: str) -> set[int]:
+        return {r[0] for r in self.conn.execute("SELECT port FROM ports WHERE host=?", (host,))}
+
+    # ---------------------------------------------------------------- writing
+
+    def next_number(self, env_key: str, service: str, counter: str) -> int:
+        """The next deploy or instance number: numbers only ever grow, never reused."""
+        self.conn.execute(
+            "INSERT INTO counters (env_key, service, component, last) VALUES (?, ?, ?, 1) "
+            "ON CONFLICT DO UPDATE SET last = last + 1", (env_key, service, counter))
+        return self.conn.execute(
+            "SELECT last FROM counters WHERE env_key=? AND service=? AND component=?",
+            (env_key, service, counter)).fetchone()[0]
+
+    def add_instance(self, env_key: str, service: str, component: str, number: int, *,
+                     host: str = "", port: int = 0, commit: str = "", fingerprint: str = "",
+                     names: dict | None = None, status: str = "building") -> None:
+        now = time.time()
+        self.conn.execute(
+            "INSERT INTO instances (env_key, service, component, number, status, host, port, commit_sha, "
+            "fingerprint, names, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (env_key, service, component, number, status, host, port, commit, fingerprint,
+             json.dumps(names or {}), now, now))
+
+    def set_status(self, env_key: str, service: str, component: str, number: int, status: str,
+                   port: int | None = None) -> None:
+        if port is None:
+            self.conn.execute(
+                "UPDATE instances SET status=?, updated=? WHERE env_key=? AND service=? AND component=? AND number=?",
+                (status, time.time(), env_key, service, component, number))
+        else:
+            self.conn.execute(
+                "UPDATE instances SET status=?, port=?, updated=? WHERE env_key=? AND service=? "
+                "AND component=? AND number=?",
+                (status, port, time.time(), env_key, service, component, number))
+
+    def make_live(self, env_key: str, service: str, component: str, number: int) -> None:
+        """`number` becomes the live instance; the one it replaces is kept as standby."""
+        self.conn.execute(
+            "UPDATE instances SET status='standby', updated=? WHERE env_key=? AND service=? "
+            "AND component=? AND status='live' AND number != ?",
+            (time.time(), env_key, service, component, number))
+        self.set_status(env_key, service, component, number, "live")
+
+    def save_password(self, env_key: str, service: str, component: str, number: int, password: str) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO credentials VALUES (?, ?, ?, ?, ?)",
+                          (env_key, service, component, number, password))
+
+    def set_secret(self, env_key: str, name: str, value: str) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO secrets VALUES (?, ?, ?)", (env_key, name, value))
+
+    def reserve_port(self, host: str, port: int, env_key: str, service: str, instance: int) -> None:
+        self.conn.execute("INSERT INTO ports VALUES (?, ?, ?, ?, ?)", (host, port, env_key, service, instance))
+
+    def release_port(self, host: str, port: int) -> None:
+        self.conn.execute("DELETE FROM ports WHERE host=? AND port=?", (host, port))
+
+    def start_deploy(self, env_key: str, service: str, job_id: str, *, code: int | None, code_new: bool,
+                     mysql: int | None, mysql_new: bool, redis: int | None, redis_new: bool,
+                     commit: str, host: str) -> int:
+        number = self.next_number(env_key, service, "deploy")
+        self.conn.execute(
+            "INSERT INTO deploys (env_key, service, number, job_id, code, code_new, mysql, mysql_new, "
+            "redis, redis_new, commit_sha, host, outcome, created) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?)",
+            (env_key, service, number, job_id, code, int(code_new), mysql, int(mysql_new), redis,
+             int(redis_new), commit, host, time.time()))
+        return number
+
+    def finish_deploy(self, env_key: str, service: str, number: int, outcome: str, reason: str = "",
+                      port: int | None = None) -> None:
+        self.conn.execute(
+            "UPDATE deploys SET outcome=?, reason=?, port=COALESCE(?, port), finished=? "
+            "WHERE env_key=? AND service=? AND number=?",
+            (outcome, reason, port, time.time(), env_key, service, number))
+
+
+def diagram(rows: list[DeployRow]) -> str:
+    """The ledger in the shape of the original notes: (n) where a deploy made instance n,
+    `|` where it reused the one above. A failed deploy is marked."""
+    lines = ["deploy  code  mysql  redis"]
+    for row in rows:
+        cells = []
+        for number, new in ((row.code, row.code_new), (row.mysql, row.mysql_new), (row.redis, row.redis_new)):
+            if number is None:
+                cells.append("")
+            elif new:
+                cells.append(f"({number})")
+            else:
+                cells.append(" |")
+        line = f"{row.number:<7} {cells[0]:<5} {cells[1]:<6} {cells[2]}".rstrip()
+        if row.outcome != "succeeded":
+            line = f"{line:<28} {row.outcome}" + (f": {row.reason}" if row.reason else "")
+        lines.append(line)
+    return "\n".join(lines) + "\n"
