@@ -23,6 +23,7 @@ from protos import deployer_pb2_grpc as pb_grpc
 from . import __version__, render
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_CHANGES = 2  # `plan`: there is something to do
 _AGENT_STATES = {pb.AGENT_CONNECTED: "connected", pb.AGENT_DISCONNECTED: "disconnected",
                  pb.AGENT_LOST: "lost"}
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
@@ -299,6 +300,212 @@ def cmd_op_output(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------- orders, jobs, ledger
+
+def _order(args: argparse.Namespace) -> pb.OrderRequest:
+    def read(path: str | None) -> tuple[str, str]:
+        if not path:
+            return "", ""
+        try:
+            return Path(path).read_text(), path
+        except OSError as exc:
+            raise CliError(f"{path}: cannot read: {exc.strerror}", EXIT_FAILED) from None
+    spec_text, spec_name = read(args.file)
+    options_text, options_name = read(getattr(args, "options", None))
+    diff_text, diff_name = read(getattr(args, "diff", None))
+    base = str(Path(args.file).resolve().parent) if args.file else os.getcwd()
+    return pb.OrderRequest(spec_text=spec_text, spec_name=spec_name, options_text=options_text,
+                           options_name=options_name, diff_text=diff_text, diff_name=diff_name,
+                           environment=getattr(args, "env", "") or "", prune=getattr(args, "prune", False),
+                           base_dir=base)
+
+
+def print_plan(plan: dict) -> None:
+    if not plan["services"]:
+        print(f"{plan['environment']}: nothing to do")
+    for s in plan["services"]:
+        parts = []
+        for component, c in s["components"].items():
+            parts.append(f"{component} " + ("new" if c["new"] else f"reuse {c['instance']}"))
+        print(f"{plan['environment']}/{s['service']}: {s['action']} ({', '.join(parts) or 'everything'})")
+        for reason in s["reasons"]:
+            print(f"    {reason}")
+    for note in plan.get("notes", []):
+        print(f"note: {note}")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    stub, where = connect(args)
+    try:
+        reply = stub.Plan(_order(args), timeout=120)
+    except grpc.RpcError as exc:
+        raise _order_error(exc, where) from None
+    plan = json.loads(reply.plan_json)
+    if args.json:
+        print(json.dumps(plan, indent=2))
+    else:
+        print_plan(plan)
+    return EXIT_OK if not plan["services"] else EXIT_CHANGES
+
+
+def _order_error(exc: grpc.RpcError, where: str) -> CliError:
+    error = _rpc_error(exc, where)
+    if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        error.code = EXIT_FAILED
+    return error
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    stub, where = connect(args)
+    try:
+        reply = stub.Apply(_order(args), timeout=120)
+    except grpc.RpcError as exc:
+        raise _order_error(exc, where) from None
+    plan = json.loads(reply.plan_json)
+    if not reply.job_id:
+        print(f"{plan['environment']}: nothing to do")
+        return EXIT_OK
+    if args.detach:
+        print(reply.job_id)
+        return EXIT_OK
+    print(f"job {reply.job_id}")
+    return follow_job(stub, reply.job_id, verbose=False)
+
+
+def follow_job(stub: pb_grpc.OperatorStub, job_id: str, verbose: bool) -> int:
+    """Print a job's steps as they happen; exit code = the job's outcome."""
+    started: dict[str, float] = {}
+    state = "running"
+    for event in stub.FollowJob(pb.JobRef(job_id=job_id, follow=True)):
+        e = json.loads(event.json)
+        name = e["event"]
+        if name == "deploy.started":
+            made = [f"{c} {e[c]}{'' if c != 'code' or e['code_new'] else ' (reused)'}"
+                    for c in ("code", "mysql", "redis") if e.get(c)]
+            print(f"{e['service']}: deploy {e['deploy']} on {e['host']}: {', '.join(made)}", flush=True)
+        elif name == "step.started":
+            started[e["op"]] = e["t"]
+            if verbose:
+                print(f"  {e['service']}: {e['step']}…", flush=True)
+        elif name == "step.finished":
+            mark = "ok" if e["ok"] else e["outcome"] + (f" {e['exit_code']}" if e["outcome"] == "exited" else "")
+            print(f"  {e['service']}: {e['step']:<16} {mark:<10} {render.duration(e['duration_s'])}", flush=True)
+        elif name == "step.failed":
+            print(f"error: {e['error']}", file=sys.stderr)
+            if e.get("tail"):
+                print("  " + e["tail"].replace("\n", "\n  "), file=sys.stderr)
+        elif name == "deploy.live":
+            where = f" on port {e['port']}" if e.get("port") else ""
+            print(f"{e['service']}: code {e['code']} is live{where}", flush=True)
+        elif name == "job.finished":
+            state = e["state"]
+            print(f"job {job_id} {state}: {e['summary']}", file=sys.stderr if state != "succeeded" else sys.stdout)
+    return EXIT_OK if state == "succeeded" else EXIT_FAILED
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    stub, where = connect(args)
+    try:
+        rows = json.loads(stub.ListJobs(pb.EnvRef(environment=args.env or ""), timeout=10).json)
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc, where) from None
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    now = time.time()
+    sys.stdout.write(render.table(["JOB", "ENVIRONMENT", "KIND", "STATE", "STARTED", "SUMMARY"],
+                                  [[r["id"], r["env_key"], r["kind"], r["state"], render.age(now - r["created"]),
+                                    r["summary"]] for r in rows]))
+    return EXIT_OK
+
+
+def cmd_job_show(args: argparse.Namespace) -> int:
+    stub, where = connect(args)
+    try:
+        job = json.loads(stub.ShowJob(pb.JobRef(job_id=args.job_id), timeout=10).json)
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc, where) from None
+    if args.json:
+        print(json.dumps(job, indent=2))
+        return EXIT_OK
+    print(f"job         {job['id']}\nenvironment {job['env_key']}\nkind        {job['kind']}\n"
+          f"state       {job['state']}\nsummary     {job['summary']}\nfolder      {job['folder']}")
+    for e in job["events"]:
+        if e["event"] == "step.finished":
+            print(f"  {e['service']}: {e['step']:<16} {'ok' if e['ok'] else e['outcome']:<10} "
+                  f"{render.duration(e['duration_s'])}  {e['op']}")
+    return EXIT_OK
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    """A job's events and the output of each of its operations, in order."""
+    stub, where = connect(args)
+    try:
+        for event in stub.FollowJob(pb.JobRef(job_id=args.job_id, follow=args.follow)):
+            e = json.loads(event.json)
+            if e["event"] == "step.finished":
+                print(f"== {e['service']}: {e['step']} ({'ok' if e['ok'] else e['outcome']}, {e['op']})", flush=True)
+                for out in stub.Follow(pb.FollowRequest(op_ids=[e["op"]])):
+                    if out.WhichOneof("ev") == "output":
+                        sys.stdout.buffer.write(out.output.data)
+                sys.stdout.flush()
+            elif e["event"] == "job.finished":
+                print(f"== job {e['state']}: {e['summary']}")
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc, where) from None
+    return EXIT_OK
+
+
+def cmd_ledger(args: argparse.Namespace) -> int:
+    stub, where = connect(args)
+    try:
+        data = json.loads(stub.Ledger(pb.EnvRef(environment=args.env, service=args.service or ""), timeout=10).json)
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc, where) from None
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    for i, (service, entry) in enumerate(data.items()):
+        if len(data) > 1:
+            print(("\n" if i else "") + f"{args.env}/{service}")
+        sys.stdout.write(entry["diagram"])
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    stub, where = connect(args)
+    try:
+        rows = json.loads(stub.Status(pb.EnvRef(environment=args.env), timeout=60).json)
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc, where) from None
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    table = []
+    for r in rows:
+        table.append([r["service"], str(r["code"] or "-"), r["commit"][:10], r["host"], str(r["port"] or "-"),
+                      r["process"], r.get("health", "-"),
+                      render.size(r["rss_bytes"]) if r.get("rss_bytes") else "-",
+                      render.duration(r["cpu_s"]) if r.get("cpu_s") is not None else "-"])
+    sys.stdout.write(render.table(["SERVICE", "CODE", "COMMIT", "HOST", "PORT", "PROCESS", "HEALTH", "RSS", "CPU"], table))
+    return EXIT_OK if all(r["process"] == "running" for r in rows) else EXIT_FAILED
+
+
+def cmd_secret_set(args: argparse.Namespace) -> int:
+    value = sys.stdin.read()
+    if value.endswith("\n"):
+        value = value[:-1]
+    if not value:
+        raise CliError("no value on standard input (e.g. `deployctl secret set shop/prod KEY < file`)", EXIT_USAGE)
+    stub, where = connect(args)
+    try:
+        stub.SetSecret(pb.SecretRequest(environment=args.env, name=args.name, value=value), timeout=10)
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc, where) from None
+    print(f"{args.env}: secret {args.name} set")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -343,6 +550,67 @@ def build_parser() -> argparse.ArgumentParser:
                       epilog="example: deployctl op output op-20261125T091502-3f9a1c2e | less")
     p.add_argument("op_id")
     p.set_defaults(func=cmd_op_output)
+
+    p = sub.add_parser("plan", help="what applying a spec would change (exit 0: nothing, 2: changes, 1: error)",
+                       description="Plan an order without running it.",
+                       epilog="example: deployctl plan examples/shop/environment.yml --options deploy-options.yml")
+    p.add_argument("file", nargs="?", help="environment spec (YAML)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--options", help="deploy-options.yml: limit services, renew components, override refs")
+    group.add_argument("--diff", help="environment-diff.yml merged over the stored spec")
+    p.add_argument("--env", help="APP/ENVIRONMENT, with --diff and no spec file")
+    p.add_argument("--prune", action="store_true", help="destroy services no longer in the spec")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("apply", help="run an order as a job, showing its steps live",
+                       description="Apply an order: plan it and run the plan as a job.",
+                       epilog="example: deployctl apply examples/shop/environment.yml")
+    p.add_argument("file", nargs="?", help="environment spec (YAML)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--options")
+    group.add_argument("--diff")
+    p.add_argument("--env", help="APP/ENVIRONMENT, with --diff and no spec file")
+    p.add_argument("--prune", action="store_true")
+    p.add_argument("--detach", action="store_true", help="print the job id and return at once")
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("jobs", help="recent jobs", epilog="example: deployctl jobs --env shop/prod")
+    p.add_argument("--env")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_jobs)
+
+    job = sub.add_parser("job", help="inspect a job").add_subparsers(dest="job_command", metavar="SUBCOMMAND")
+    p = job.add_parser("show", help="a job's state and steps", epilog="example: deployctl job show job-20261125T101500-a1b2c3")
+    p.add_argument("job_id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_job_show)
+
+    p = sub.add_parser("logs", help="a job's steps and the output of every operation",
+                       epilog="example: deployctl logs job-20261125T101500-a1b2c3 -f")
+    p.add_argument("job_id")
+    p.add_argument("-f", "--follow", action="store_true")
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("ledger", help="which instance of each component every deploy made or reused",
+                       epilog="example: deployctl ledger shop/prod api")
+    p.add_argument("env", help="APP/ENVIRONMENT")
+    p.add_argument("service", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ledger)
+
+    p = sub.add_parser("status", help="live instance, host, port, health, RSS and CPU of each service",
+                       epilog="example: deployctl status shop/prod")
+    p.add_argument("env", help="APP/ENVIRONMENT")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    secret = sub.add_parser("secret", help="set secret values").add_subparsers(dest="secret_command", metavar="SUBCOMMAND")
+    p = secret.add_parser("set", help="set a secret from standard input",
+                          epilog="example: printf %%s \"$KEY\" | deployctl secret set shop/prod SESSION_KEY")
+    p.add_argument("env", help="APP/ENVIRONMENT")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_secret_set)
     return parser
 
 

@@ -20,6 +20,8 @@ from protos import deployer_pb2_grpc as pb_grpc
 from . import __version__, logs
 from .db import Database
 from .dispatcher import Dispatcher
+from .environments import Environments
+from .ledger import Ledger
 from .gateway import AgentGateway
 from .operator_service import OperatorService
 from .registry import Registry
@@ -76,10 +78,11 @@ class Controller:
         db = Database(self.store / "deployer.db")
         registry = Registry(db, self.lost_after)
         dispatcher = Dispatcher(db, registry, self.store)
+        environments = Environments(self.store, dispatcher, registry, Ledger(db))
         agents = grpc.aio.server(options=SERVER_OPTIONS)
         pb_grpc.add_AgentGatewayServicer_to_server(AgentGateway(registry, dispatcher), agents)
         operators = grpc.aio.server(options=SERVER_OPTIONS)
-        pb_grpc.add_OperatorServicer_to_server(OperatorService(registry, dispatcher), operators)
+        pb_grpc.add_OperatorServicer_to_server(OperatorService(registry, dispatcher, environments), operators)
         try:
             if not agents.add_insecure_port(self.listen):
                 raise StartupError(f"cannot listen for agents on {self.listen}")

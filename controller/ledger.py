@@ -145,6 +145,13 @@ class Ledger:
                 "AND component=? AND number=?",
                 (status, port, time.time(), env_key, service, component, number))
 
+    def set_names(self, env_key: str, service: str, component: str, number: int, **names: str) -> None:
+        row = self.instance(env_key, service, component, number)
+        merged = {**json.loads(row["names"] or "{}"), **names} if row else names
+        self.conn.execute(
+            "UPDATE instances SET names=?, updated=? WHERE env_key=? AND service=? AND component=? AND number=?",
+            (json.dumps(merged), time.time(), env_key, service, component, number))
+
     def make_live(self, env_key: str, service: str, component: str, number: int) -> None:
         """`number` becomes the live instance; the one it replaces is kept as standby."""
         self.conn.execute(

@@ -40,3 +40,95 @@ def summary(op: pb.Operation) -> list[str]:
     if kind == "write_file":
         return ["write_file", op.write_file.path, oct(op.write_file.mode or 0o644)]
     return [kind or "unknown"]
+
+
+# ---------------------------------------------------------------- builders for deploy procedures
+# Each returns what to run; passwords travel on stdin or in files, never in argv.
+
+def _sql_ident(name: str) -> str:
+    return "`" + name.replace("`", "``") + "`"
+
+
+def _sql_string(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def mysql_create(database: str, user: str, password: str) -> bytes:
+    """SQL creating a database and a user that can use that database and nothing else."""
+    return (
+        f"CREATE DATABASE {_sql_ident(database)} CHARACTER SET utf8mb4;\n"
+        f"CREATE USER {_sql_string(user)}@'%' IDENTIFIED BY {_sql_string(password)};\n"
+        f"GRANT ALL PRIVILEGES ON {_sql_ident(database)}.* TO {_sql_string(user)}@'%';\n"
+    ).encode()
+
+
+def mysql_drop(database: str, user: str) -> bytes:
+    return (f"DROP DATABASE IF EXISTS {_sql_ident(database)};\n"
+            f"DROP USER IF EXISTS {_sql_string(user)}@'%';\n").encode()
+
+
+def redis_create_user(user: str, prefix: str, password: str) -> bytes:
+    """An ACL user confined to `prefix*` keys: data commands only. Commands that reveal or touch
+    other tenants' keys (SCAN, RANDOMKEY, DBSIZE, SELECT, flushes…) are refused too."""
+    return (f"ACL SETUSER {user} reset on >{password} ~{prefix}* resetchannels -@all "
+            "+@connection +@read +@write +@keyspace +@transaction +@scripting -@dangerous -select "
+            "-move -scan -randomkey -dbsize -function -script|flush -script|kill -script|debug "
+            "-client|tracking -client|caching -client|getredir\n").encode()
+
+
+def redis_drop_user(user: str) -> bytes:
+    return f"ACL DELUSER {user}\n".encode()
+
+
+def env_file(values: dict[str, str]) -> bytes:
+    """`.env` content: KEY=VALUE lines, newlines in values refused (they would split a line)."""
+    lines = []
+    for name, value in sorted(values.items()):
+        if "\n" in value or "\r" in value:
+            raise ValueError(f"the value of {name} contains a newline")
+        lines.append(f"{name}={value}\n")
+    return "".join(lines).encode()
+
+
+def nginx_config(env_key: str, domain: str, listen: str, routes: list[tuple[str, str, int]]) -> bytes:
+    """The environment's nginx file: one location per web service (path, host, port).
+
+    Longest paths first is nginx's own rule for prefix locations; we sort for a stable file.
+    """
+    out = [f"# {env_key}: written by the deployer; edits are overwritten\n",
+           "server {\n", f"    listen {listen};\n", f"    server_name {domain};\n"]
+    for path, host, port in sorted(routes):
+        out += [
+            f"    location {path} {{\n",
+            f"        proxy_pass http://{host}:{port};\n",
+            "        proxy_http_version 1.1;\n",
+            "        proxy_set_header Connection \"\";\n",
+            "        proxy_set_header Host $host;\n",
+            "        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n",
+            "        proxy_next_upstream error timeout;\n",
+            "    }\n",
+        ]
+    out.append("}\n")
+    return "".join(out).encode()
+
+
+def nginx_switch_script(conf: str, staged: str, test: str, reload: str) -> str:
+    """Swap the staged file in, test the whole configuration, reload — or put the old one back."""
+    return f"""set -u
+conf={_sh(conf)}; staged={_sh(staged)}; backup="$conf.previous"
+if [ -f "$conf" ]; then cp -p "$conf" "$backup"; else rm -f "$backup"; fi
+mv -f "$staged" "$conf"
+if ! out=$({test} 2>&1); then
+  if [ -f "$backup" ]; then mv -f "$backup" "$conf"; else rm -f "$conf"; fi
+  echo "nginx rejected the new configuration; the previous one is back:" >&2
+  echo "$out" >&2
+  exit 1
+fi
+{reload}
+rm -f "$backup"
+"""
+
+
+def _sh(value: str) -> str:
+    import shlex
+    return shlex.quote(value)

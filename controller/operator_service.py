@@ -10,8 +10,14 @@ import structlog
 from protos import deployer_pb2 as pb
 from protos import deployer_pb2_grpc as pb_grpc
 
-from . import operations
+import json
+import time
+
+from . import naming, operations
 from .dispatcher import Dispatcher, UnknownOperation
+from .environments import Environments, OrderError
+from .jobs import read_events
+from .ledger import diagram
 from .gateway import KNOWN_ROLES
 from .registry import CONNECTED, LOST, Registry
 
@@ -49,10 +55,143 @@ def resolve_targets(registry: Registry, target: pb.Target) -> tuple[list[str], l
     return chosen, errors
 
 
+def _env_key(context, value: str) -> str:
+    if value.count("/") != 1 or not all(value.split("/")):
+        return ""
+    return value
+
+
 class OperatorService(pb_grpc.OperatorServicer):
-    def __init__(self, registry: Registry, dispatcher: Dispatcher) -> None:
+    def __init__(self, registry: Registry, dispatcher: Dispatcher, environments: Environments) -> None:
         self.registry = registry
         self.dispatcher = dispatcher
+        self.environments = environments
+        self.ledger = environments.ledger
+
+    # ---------------------------------------------------------------- orders and jobs
+
+    async def Plan(self, request, context):
+        try:
+            _spec, plan, _options = await self.environments.plan(request)
+        except OrderError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.PlanReply(plan_json=json.dumps(plan.to_dict()))
+
+    async def Apply(self, request, context):
+        try:
+            job, plan = await self.environments.apply(request)
+        except OrderError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.ApplyReply(job_id=job.id if job else "", plan_json=json.dumps(plan.to_dict()))
+
+    def _job_folder(self, job_id: str):
+        if not job_id.startswith("job-") or "/" in job_id:
+            return None
+        folder = self.environments.store / "jobs" / job_id
+        return folder if folder.is_dir() else None
+
+    async def FollowJob(self, request, context):
+        folder = self._job_folder(request.job_id)
+        if folder is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown job {request.job_id!r}")
+        job = self.environments.jobs.get(request.job_id)
+        wake = asyncio.Event()
+        if job is not None:
+            job.listeners.add(wake)
+        offset = 0
+        try:
+            while True:
+                wake.clear()
+                events, offset = read_events(folder, offset)
+                for event in events:
+                    yield pb.JobEvent(json=json.dumps(event))
+                    if event["event"] == "job.finished":
+                        return
+                if not request.follow or job is None or job.finished:
+                    if not events:
+                        return
+                    continue
+                await wake.wait()
+        finally:
+            if job is not None:
+                job.listeners.discard(wake)
+
+    async def ListJobs(self, request, context):
+        query, args = "SELECT * FROM jobs", ()
+        if request.environment:
+            query, args = query + " WHERE env_key=?", (request.environment,)
+        rows = self.dispatcher.db.conn.execute(query + " ORDER BY created DESC LIMIT 200", args).fetchall()
+        return pb.JsonReply(json=json.dumps([dict(r) for r in rows]))
+
+    async def ShowJob(self, request, context):
+        row = self.dispatcher.db.conn.execute("SELECT * FROM jobs WHERE id=?", (request.job_id,)).fetchone()
+        if row is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown job {request.job_id!r}")
+        folder = self._job_folder(request.job_id)
+        events, _ = read_events(folder) if folder else ([], 0)
+        return pb.JsonReply(json=json.dumps({**dict(row), "folder": str(folder), "events": events}))
+
+    async def Ledger(self, request, context):
+        env_key = request.environment
+        services = [request.service] if request.service else self.ledger.services(env_key)
+        if not services or not any(self.ledger.history(env_key, s) for s in services):
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"nothing deployed for {env_key}" + (f"/{request.service}" if request.service else ""))
+        out = {}
+        for service in services:
+            rows = self.ledger.history(env_key, service)
+            out[service] = {"diagram": diagram(rows), "deploys": [r.__dict__ for r in rows],
+                            "instances": [{k: r[k] for k in r.keys() if k != "names"} | {"names": json.loads(r["names"])}
+                                          for r in self.ledger.instances(env_key, service)]}
+        return pb.JsonReply(json=json.dumps(out))
+
+    async def Status(self, request, context):
+        env_key = request.environment
+        state = self.ledger.state(env_key)
+        if not state:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"nothing deployed for {env_key}")
+        app, env = env_key.split("/", 1)
+        out = []
+        for service, live in sorted(state.items()):
+            entry = {"service": service, "code": live.code.number if live.code else None,
+                     "mysql": live.mysql.number if live.mysql else None,
+                     "redis": live.redis.number if live.redis else None,
+                     "host": live.code.host if live.code else "", "port": live.code.port if live.code else 0,
+                     "commit": live.code.commit if live.code else "", "process": "unknown"}
+            agent = self.registry.agents.get(entry["host"])
+            if live.code and agent is not None and agent.state == "connected":
+                unit = naming.unit_base(app, env, service)
+                op = await self.dispatcher.execute(agent.id, pb.Operation(
+                    id=operations.new_op_id(), service_list=pb.ServiceListSpec(name_prefix=unit)))
+                row = self.ledger.instance(env_key, service, "code", live.code.number)
+                process = json.loads(row["names"]).get("process") if row else None
+                for line in (op.output.folder / "output.log").read_text().splitlines():
+                    item = json.loads(line)
+                    if item["instance"] == process:
+                        entry.update(process="running" if item["alive"] else "dead",
+                                     pid=item.get("pid"), rss_bytes=item.get("rss_bytes"),
+                                     cpu_s=item.get("cpu_s"))
+                if live.code.port and entry["process"] == "running":
+                    spec = self.environments.stored_spec(env_key) or {}
+                    health = spec.get("services", {}).get(service, {}).get("health", "/")
+                    probe = await self.dispatcher.execute(agent.id, pb.Operation(
+                        id=operations.new_op_id(), http_probe=pb.HttpProbeSpec(
+                            url=f"http://{agent.settings.get('address', '127.0.0.1')}:{live.code.port}{health}",
+                            attempts=1, timeout_s=2.0)))
+                    entry["health"] = "ok" if probe.result.exit_code == 0 else probe.result.error
+            elif agent is not None:
+                entry["process"] = f"agent {agent.id} is {agent.state}"
+            out.append(entry)
+        return pb.JsonReply(json=json.dumps(out))
+
+    async def SetSecret(self, request, context):
+        if not _env_key(context, request.environment):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{request.environment!r}: expected APP/ENVIRONMENT")
+        if not request.name or not request.name.replace("_", "A").isalnum() or not request.name.isupper():
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"secret name {request.name!r}: use A-Z, 0-9 and _")
+        self.ledger.set_secret(request.environment, request.name, request.value)
+        log.info("secret.set", environment=request.environment, name=request.name)
+        return pb.Empty()
 
     async def ListAgents(self, request, context):
         reply = pb.ListAgentsReply()

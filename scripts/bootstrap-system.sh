@@ -8,6 +8,12 @@ declare -A need=(
   [git]=git
   [ip]=iproute2
   [ps]=procps
+  [nginx]=nginx-light         # routes web services
+  [node]=nodejs               # the bundled example services
+  [npm]=npm
+  [mariadb]=mariadb-client    # databases are created through the client on the mysql agent
+  [redis-cli]=redis-tools
+  [curl]=curl
 )
 missing=()
 for cmd in "${!need[@]}"; do

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: start a controller (store/ of this project) and two local agents, `computing-1`
-# and `daemons-1`, run a command across the fleet, and leave them running.
-#   scripts/demo.sh start | stop | status
+# (web services; it also provides MySQL, Redis and nginx routing on this machine) and `daemons-1`,
+# deploy the bundled example (examples/shop) for real through nginx, and leave it all running.
+#   scripts/demo.sh start | stop
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -9,6 +10,8 @@ BIN=$ROOT/.venv/bin
 DEMO=$ROOT/.demo
 STORE=$ROOT/store
 LISTEN=${DEPLOYER_DEMO_LISTEN:-127.0.0.1:7710}
+HTTP_PORT=${DEPLOYER_DEMO_HTTP_PORT:-80}
+REPO=$DEMO/repos/shop.git
 export DEPLOYER_SOCKET=$STORE/control.sock
 
 running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
@@ -33,6 +36,30 @@ states = {a["id"]: a["state"] for a in json.load(sys.stdin)}
 sys.exit(0 if all(states.get(a) == "connected" for a in ("computing-1", "daemons-1")) else 1)'
 }
 
+start_nginx() {
+  if ! pgrep -x nginx >/dev/null; then
+    nginx
+    echo "demo: started nginx"
+  fi
+}
+
+# The example's code lives in this project; deploys take it from a git repository, as in real life.
+publish_example() {
+  local work=$DEMO/repos/shop-work
+  [ -d "$REPO" ] || git init -q --bare -b main "$REPO"
+  rm -rf "$work"
+  git clone -q "$REPO" "$work" 2>/dev/null
+  git -C "$work" checkout -q -B main
+  (cd examples/shop && tar --exclude=node_modules --exclude=dist -cf - web worker) | (cd "$work" && tar -xf -)
+  git -C "$work" add -A
+  if ! git -C "$work" diff --cached --quiet; then
+    git -C "$work" -c user.name=demo -c user.email=demo@localhost commit -q -m "shop example"
+    git -C "$work" push -q origin main
+    echo "demo: published examples/shop to $REPO"
+  fi
+  rm -rf "$work"
+}
+
 start() {
   mkdir -p "$DEMO"
   if running "$DEMO/controller.pid"; then
@@ -40,37 +67,60 @@ start() {
   else
     start_bg "$DEMO/controller.pid" "$DEMO/controller.out" \
       "$BIN/deployer-controller" --store "$STORE" --listen "$LISTEN" --log-file "$STORE/controller.log"
-    wait_until 20 "the controller socket" test -S "$DEPLOYER_SOCKET"
+    wait_until 20 "the controller" "$BIN/deployctl" agents
     echo "demo: controller serving agents on $LISTEN, operators on store/control.sock"
   fi
-  for spec in computing-1:computing daemons-1:daemons; do
-    id=${spec%%:*} role=${spec##*:}
-    if running "$DEMO/$id.pid"; then
-      echo "demo: agent $id already running"
-      continue
-    fi
-    start_bg "$DEMO/$id.pid" "$DEMO/$id.log" \
-      "$BIN/deployer-agent" --id "$id" --role "$role" --controller "$LISTEN" \
-      --state-dir "$DEMO/agents/$id" --services-root "$DEMO/srv"
-  done
+  start_nginx
+  if ! running "$DEMO/computing-1.pid"; then
+    start_bg "$DEMO/computing-1.pid" "$DEMO/computing-1.log" \
+      "$BIN/deployer-agent" --id computing-1 --role computing --controller "$LISTEN" \
+      --state-dir "$DEMO/agents/computing-1" --services-root "$DEMO/srv" \
+      --provide mysql.host=127.0.0.1 --provide mysql.port=3306 \
+      --provide redis.host=127.0.0.1 --provide redis.port=6379 \
+      --provide nginx.conf_dir=/etc/nginx/conf.d --provide nginx.listen="$HTTP_PORT"
+  fi
+  if ! running "$DEMO/daemons-1.pid"; then
+    start_bg "$DEMO/daemons-1.pid" "$DEMO/daemons-1.log" \
+      "$BIN/deployer-agent" --id daemons-1 --role daemons --controller "$LISTEN" \
+      --state-dir "$DEMO/agents/daemons-1" --services-root "$DEMO/srv"
+  fi
   wait_until 30 "both agents to connect" agents_connected
   echo
   "$BIN/deployctl" agents
   echo
-  echo '$ deployctl exec --all -- sh -c '\''for i in 1 2 3; do echo "$i on $(hostname)"; sleep 1; done'\'''
-  "$BIN/deployctl" exec --all -- sh -c 'for i in 1 2 3; do echo "$i on $(hostname)"; sleep 1; done'
+  publish_example
+  echo '$ deployctl apply examples/shop/environment.yml'
+  "$BIN/deployctl" apply examples/shop/environment.yml
+  echo
+  echo "\$ curl http://shop.localhost:$HTTP_PORT/     (through nginx; reads MySQL and Redis)"
+  curl -sS --fail --resolve "shop.localhost:$HTTP_PORT:127.0.0.1" "http://shop.localhost:$HTTP_PORT/"
+  echo
+  echo
+  echo '$ deployctl ledger shop/demo'
+  "$BIN/deployctl" ledger shop/demo
+  echo
+  echo '$ deployctl status shop/demo'
+  "$BIN/deployctl" status shop/demo || true
   cat <<MSG
 
-The controller and both agents are still running. Try:
-  .venv/bin/deployctl agents
+The example answers at http://shop.localhost:$HTTP_PORT/ through nginx, and everything keeps running.
+Try:
+  .venv/bin/deployctl plan examples/shop/environment.yml     # nothing to do
   .venv/bin/deployctl exec --role daemons -- uptime
   make demo-stop
-Logs: store/controller.log, .demo/computing-1.log, .demo/daemons-1.log
+Logs: store/controller.log, .demo/computing-1.log, .demo/daemons-1.log, .demo/srv/*/logs/
 MSG
 }
 
 stop() {
-  local any=0
+  local any=0 pid
+  for state in "$DEMO"/agents/*/services/*.json; do  # the example's own processes
+    [ -f "$state" ] || continue
+    pid=$("$BIN/python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["pid"])' "$state")
+    kill -- "-$pid" 2>/dev/null && echo "demo: stopped service $(basename "$state" .json)"
+    rm -f "$state"
+    any=1
+  done
   for name in computing-1 daemons-1 controller; do
     if running "$DEMO/$name.pid"; then
       kill "$(cat "$DEMO/$name.pid")"

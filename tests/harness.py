@@ -92,7 +92,8 @@ class Controller:
 
 class Agent:
     def __init__(self, base: Path, agent_id: str, controller: str, roles=("computing",),
-                 heartbeat: float = 1.0) -> None:
+                 heartbeat: float = 1.0, provides: dict[str, str] | None = None) -> None:
+        self.provides = provides or {}
         self.id = agent_id
         self.controller = controller
         self.roles = roles
@@ -108,6 +109,8 @@ class Agent:
                 "--heartbeat-interval", str(self.heartbeat)]
         for role in self.roles:
             argv += ["--role", role]
+        for key, value in self.provides.items():
+            argv += ["--provide", f"{key}={value}"]
         self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL,
                                      stderr=open(self.log, "ab"))
         return self
@@ -137,8 +140,9 @@ class Cluster:
     def env(self) -> dict[str, str]:
         return {**os.environ, "DEPLOYER_SOCKET": str(self.controller.socket), "NO_COLOR": "1"}
 
-    def add_agent(self, agent_id: str, roles=("computing",), via: str | None = None) -> Agent:
-        agent = Agent(self.base, agent_id, via or self.controller.address, roles).start()
+    def add_agent(self, agent_id: str, roles=("computing",), via: str | None = None,
+                  provides: dict[str, str] | None = None) -> Agent:
+        agent = Agent(self.base, agent_id, via or self.controller.address, roles, provides=provides).start()
         self.agents[agent_id] = agent
         return agent
 

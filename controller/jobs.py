@@ -1,0 +1,117 @@
+"""Jobs: the controller's execution of an order, each with its own folder a human can read.
+
+store/jobs/<id>/  order/ (the files as received), plan.json, events.jsonl (append-only),
+                  ops/<op id>/output.log (the full output of every operation), job.json.
+One job at a time per environment, guarded by a lock folder that says who holds it and why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+
+from .db import Database
+
+
+class Locked(Exception):
+    """Another job holds the environment's lock; the message says which, since when and why."""
+
+
+def new_job_id(now: float | None = None) -> str:
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now if now is not None else time.time()))
+    return f"job-{stamp}-{secrets.token_hex(3)}"
+
+
+class EnvLock:
+    """`mkdir` is atomic: the folder exists for exactly one holder. A stale lock (its controller
+    died) stays visible until an operator breaks it on purpose."""
+
+    def __init__(self, store: Path, env_key: str) -> None:
+        self.path = store / "locks" / env_key.replace("/", "--")
+        self.env_key = env_key
+
+    def acquire(self, job_id: str, reason: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir()
+        except FileExistsError:
+            raise Locked(f"{self.env_key} is locked by {self.describe()}") from None
+        (self.path / "owner.json").write_text(json.dumps(
+            {"job": job_id, "pid": os.getpid(), "since": time.time(), "reason": reason}))
+
+    def owner(self) -> dict | None:
+        try:
+            return json.loads((self.path / "owner.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return {"job": "?", "since": 0, "reason": "unknown"} if self.path.exists() else None
+
+    def describe(self) -> str:
+        owner = self.owner() or {}
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("since", 0)))
+        return f"job {owner.get('job')} since {since} ({owner.get('reason')})"
+
+    def release(self) -> None:
+        (self.path / "owner.json").unlink(missing_ok=True)
+        try:
+            self.path.rmdir()
+        except FileNotFoundError:
+            pass
+
+
+class Job:
+    def __init__(self, store: Path, db: Database, job_id: str, env_key: str, kind: str) -> None:
+        self.id = job_id
+        self.env_key = env_key
+        self.kind = kind
+        self.db = db
+        self.folder = store / "jobs" / job_id
+        self.folder.mkdir(parents=True)
+        self._events = open(self.folder / "events.jsonl", "a", buffering=1)
+        self.listeners: set[asyncio.Event] = set()
+        self.finished = False
+        db.conn.execute("INSERT INTO jobs (id, env_key, kind, state, created) VALUES (?, ?, ?, 'running', ?)",
+                        (job_id, env_key, kind, time.time()))
+
+    def save(self, name: str, content: bytes | str) -> None:
+        path = self.folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+
+    def ops_folder(self, op_id: str) -> Path:
+        return self.folder / "ops" / op_id
+
+    def event(self, name: str, **fields) -> None:
+        record = {"t": round(time.time(), 3), "event": name, **fields}
+        self._events.write(json.dumps(record) + "\n")
+        for listener in self.listeners:
+            listener.set()
+
+    def finish(self, state: str, summary: str) -> None:
+        self.event("job.finished", state=state, summary=summary)
+        self.db.conn.execute("UPDATE jobs SET state=?, finished=?, summary=? WHERE id=?",
+                             (state, time.time(), summary, self.id))
+        (self.folder / "job.json").write_text(json.dumps(
+            {"id": self.id, "environment": self.env_key, "kind": self.kind, "state": state,
+             "summary": summary}, indent=2) + "\n")
+        self.finished = True
+        self._events.close()
+        for listener in self.listeners:
+            listener.set()
+
+
+def read_events(folder: Path, start: int = 0) -> tuple[list[dict], int]:
+    """Events from byte `start` of events.jsonl; returns them and where to continue."""
+    path = folder / "events.jsonl"
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read()
+    except FileNotFoundError:
+        return [], start
+    end = data.rfind(b"\n") + 1
+    events = [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+    return events, start + end

@@ -1,0 +1,404 @@
+"""Procedures: deploying a service, composed of operations sent to agents.
+
+The order of a deploy (blue/green per code instance):
+  checkout → new data instances (mysql, redis) → .env → install → build → migrate → start on a
+  fresh port → health check → route switch (nginx transaction) → ledger → drain → stop the old
+  process → `current` → prune old releases.
+Any failure before the route switch stops the new process, drops the data instances this deploy
+created, marks them failed in the ledger, and leaves the live instance serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from protos import deployer_pb2 as pb
+
+from . import naming, operations as ops
+from .dispatcher import Dispatcher, Op
+from .jobs import Job
+from .ledger import Ledger
+from .planner import Plan, ServicePlan
+from .registry import CONNECTED, Agent, Registry
+from .spec import Service, Spec, code_fingerprint
+
+log = structlog.get_logger("controller")
+KEEP_RELEASES = 5
+DRAIN_S = 2.0
+PORT_RANGE = range(20000, 30000)
+HEALTH_ATTEMPTS = 60
+OUTPUT_TAIL_LINES = 15
+
+
+class StepFailed(Exception):
+    """A step of a procedure failed; the message is one line, the tail the operation's output."""
+
+    def __init__(self, service: str, step: str, message: str, tail: str = "") -> None:
+        super().__init__(f"{service}: {step} failed: {message}")
+        self.service, self.step, self.tail = service, step, tail
+
+
+class PlacementError(Exception):
+    """No connected agent can take this work."""
+
+
+def pick_agent(registry: Registry, *, role: str | None = None, capability: str | None = None,
+               prefer: str = "") -> Agent:
+    connected = [a for a in registry.agents.values() if a.state == CONNECTED
+                 and (role is None or role in a.roles)
+                 and (capability is None or capability in a.capabilities)]
+    for agent in connected:
+        if agent.id == prefer:
+            return agent
+    if prefer and registry.agents.get(prefer):
+        raise PlacementError(f"agent {prefer} (which runs this service) is {registry.agents[prefer].state}")
+    if not connected:
+        what = " and ".join(x for x in (f"role {role}" if role else "", f"capability {capability}" if capability else "") if x)
+        raise PlacementError(f"no connected agent has {what}")
+    return sorted(connected, key=lambda a: a.id)[0]
+
+
+def _tail(path: Path, lines: int = OUTPUT_TAIL_LINES) -> str:
+    try:
+        data = path.read_bytes()[-8192:]
+    except FileNotFoundError:
+        return ""
+    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+
+
+@dataclass
+class Deployment:
+    """The state of one service's deploy while it runs, for clean-up on failure."""
+
+    service: Service
+    host: Agent
+    service_dir: str
+    deploy: int = 0
+    code: int = 0
+    code_new: bool = False
+    port: int = 0
+    process: str = ""
+    created: list[tuple[str, int, dict, Agent]] = field(default_factory=list)  # new data instances
+
+
+class Runner:
+    """Runs one job's procedures: sends operations, records events, keeps the ledger."""
+
+    def __init__(self, job: Job, spec: Spec, dispatcher: Dispatcher, registry: Registry,
+                 ledger: Ledger) -> None:
+        self.job, self.spec, self.dispatcher, self.registry, self.ledger = job, spec, dispatcher, registry, ledger
+        self.env_key = spec.key
+
+    # ---------------------------------------------------------------- operations
+
+    async def run_op(self, agent: Agent, operation: pb.Operation, service: str, step: str,
+                     check: bool = True) -> Op:
+        operation.id = ops.new_op_id()
+        self.job.event("step.started", service=service, step=step, agent=agent.id, op=operation.id)
+        op = await self.dispatcher.execute(agent.id, operation, self.job.ops_folder(operation.id))
+        result = op.result
+        ok = result.outcome == pb.EXITED and result.exit_code == 0
+        self.job.event("step.finished", service=service, step=step, op=operation.id, ok=ok,
+                       duration_s=round(result.duration_s, 3),
+                       outcome=pb.Outcome.Name(result.outcome).lower(), exit_code=result.exit_code)
+        if check and not ok:
+            detail = result.error or (f"exit {result.exit_code}" if result.outcome == pb.EXITED
+                                      else pb.Outcome.Name(result.outcome).lower())
+            raise StepFailed(service, step, detail, _tail(op.output.folder / "output.log"))
+        return op
+
+    async def sh(self, agent: Agent, script: str, service: str, step: str, *, cwd: str = "",
+                 env_file: str = "", stdin: bytes = b"", timeout: float = 1800, check: bool = True) -> Op:
+        operation = pb.Operation(exec=pb.ExecSpec(argv=["sh", "-c", script], cwd=cwd, env_file=env_file,
+                                                  stdin=stdin, timeout_s=timeout))
+        return await self.run_op(agent, operation, service, step, check)
+
+    # ---------------------------------------------------------------- the plan
+
+    async def apply(self, plan: Plan) -> None:
+        for service_plan in plan.services:
+            if service_plan.action == "deploy":
+                await self.deploy(service_plan)
+
+    async def deploy(self, sp: ServicePlan) -> None:
+        service = self.spec.service(sp.service)
+        live = self.ledger.state(self.env_key).get(service.name)
+        try:
+            host = pick_agent(self.registry, role=service.role,
+                              prefer=live.code.host if live and live.code else "")
+        except PlacementError as exc:
+            raise StepFailed(service.name, "placement", str(exc)) from None
+        d = Deployment(service, host, naming.service_dir(host.services_root, self.spec.app,
+                                                         self.spec.environment, service.name))
+        code, mysql, redis = sp.change("code"), sp.change("mysql"), sp.change("redis")
+        d.code_new = code.new
+        d.code = self.ledger.next_number(self.env_key, service.name, "code") if code.new else code.number
+        numbers = {}
+        for change in (mysql, redis):
+            if change is not None:
+                numbers[change.component] = (self.ledger.next_number(self.env_key, service.name, change.component)
+                                             if change.new else change.number)
+        d.deploy = self.ledger.start_deploy(
+            self.env_key, service.name, self.job.id, code=d.code, code_new=code.new,
+            mysql=numbers.get("mysql"), mysql_new=bool(mysql and mysql.new),
+            redis=numbers.get("redis"), redis_new=bool(redis and redis.new), commit=sp.commit, host=host.id)
+        self.job.event("deploy.started", service=service.name, deploy=d.deploy, code=d.code,
+                       code_new=code.new, mysql=numbers.get("mysql"), redis=numbers.get("redis"),
+                       host=host.id, reasons=list(sp.reasons))
+        try:
+            await self._deploy(d, sp, live, numbers, mysql, redis)
+        except StepFailed as exc:
+            await self._undo(d)
+            self.ledger.finish_deploy(self.env_key, service.name, d.deploy, "failed", str(exc))
+            raise
+
+    async def _deploy(self, d: Deployment, sp: ServicePlan, live, numbers, mysql, redis) -> None:
+        service, name = d.service, d.service.name
+        release = f"{d.service_dir}/releases/{d.code}"
+        workdir = f"{release}/{service.root}" if service.root else release
+        if d.code_new:
+            self.ledger.add_instance(self.env_key, name, "code", d.code, host=d.host.id, commit=sp.commit,
+                                     fingerprint=code_fingerprint(service), names={"release": release})
+            await self.sh(d.host, _checkout_script(d.service_dir, release, service.source, sp.commit),
+                          name, "checkout", timeout=600)
+        values = {}
+        if mysql is not None:
+            values.update(await self._mysql(d, numbers["mysql"], mysql.new))
+        if redis is not None:
+            values.update(await self._redis(d, numbers["redis"], redis.new))
+        values.update(dict(service.env))
+        stored = self.ledger.secrets(self.env_key)
+        values.update({secret: stored[secret] for secret in service.secrets})
+        env_path = f"{release}/.env"
+        await self.run_op(d.host, pb.Operation(write_file=pb.WriteFileSpec(
+            path=env_path, content=ops.env_file(values), mode=0o600)), name, ".env")
+        if d.code_new:
+            for step in ("install", "build"):
+                command = getattr(service, step)
+                if command:
+                    await self.sh(d.host, command, name, step, cwd=workdir, env_file=env_path)
+        if service.migrate and (d.code_new or (mysql is not None and mysql.new)):
+            await self.sh(d.host, service.migrate, name, "migrate", cwd=workdir, env_file=env_path)
+        await self._start(d, workdir, env_path)
+        if service.is_web:
+            await self._route(d)
+        self._go_live(d, numbers)
+        if live and live.code:
+            await self._retire(d, live)
+        await self.sh(d.host, _current_script(d.service_dir, release), name, "current")
+        await self._prune_releases(d)
+
+    # ---------------------------------------------------------------- data components
+
+    async def _mysql(self, d: Deployment, number: int, new: bool) -> dict[str, str]:
+        app, env, name = self.spec.app, self.spec.environment, d.service.name
+        try:
+            provider = pick_agent(self.registry, capability="mysql")
+        except PlacementError as exc:
+            raise StepFailed(name, "mysql", str(exc)) from None
+        database = naming.database_name(app, env, name, number)
+        user = naming.database_user(app, env, name, number)
+        if new:
+            password = secrets.token_urlsafe(24)
+            names = {"database": database, "user": user}
+            self.ledger.add_instance(self.env_key, name, "mysql", number, host=provider.id, names=names)
+            self.ledger.save_password(self.env_key, name, "mysql", number, password)
+            d.created.append(("mysql", number, names, provider))
+            await self.sh(provider, _mysql_admin(provider), name, "mysql",
+                          stdin=ops.mysql_create(database, user, password))
+        password = self.ledger.password(self.env_key, name, "mysql", number) or ""
+        host = provider.settings.get("mysql.host", "127.0.0.1")
+        port = provider.settings.get("mysql.port", "3306")
+        return {"DATABASE_URL": f"mysql://{user}:{password}@{host}:{port}/{database}",
+                "DB_HOST": host, "DB_PORT": port, "DB_NAME": database, "DB_USER": user,
+                "DB_PASSWORD": password}
+
+    async def _redis(self, d: Deployment, number: int, new: bool) -> dict[str, str]:
+        app, env, name = self.spec.app, self.spec.environment, d.service.name
+        try:
+            provider = pick_agent(self.registry, capability="redis")
+        except PlacementError as exc:
+            raise StepFailed(name, "redis", str(exc)) from None
+        user = naming.redis_user(app, env, name, number)
+        prefix = naming.redis_prefix(app, env, name, number)
+        if new:
+            password = secrets.token_urlsafe(24)
+            names = {"user": user, "prefix": prefix}
+            self.ledger.add_instance(self.env_key, name, "redis", number, host=provider.id, names=names)
+            self.ledger.save_password(self.env_key, name, "redis", number, password)
+            d.created.append(("redis", number, names, provider))
+            await self.sh(provider, _redis_admin(provider), name, "redis",
+                          stdin=ops.redis_create_user(user, prefix, password))
+        password = self.ledger.password(self.env_key, name, "redis", number) or ""
+        host = provider.settings.get("redis.host", "127.0.0.1")
+        port = provider.settings.get("redis.port", "6379")
+        return {"REDIS_URL": f"redis://{user}:{password}@{host}:{port}", "REDIS_PREFIX": prefix}
+
+    # ---------------------------------------------------------------- processes and routes
+
+    async def _start(self, d: Deployment, workdir: str, env_path: str) -> None:
+        service, name = d.service, d.service.name
+        env = {"RELEASE": str(d.code)}
+        if service.is_web:
+            d.port = await self._allocate_port(d)
+            env["PORT"] = str(d.port)
+            d.process = f"{d.code}-{d.port}"
+        else:
+            d.process = f"{d.code}-d{d.deploy}"
+        unit = naming.unit_base(self.spec.app, self.spec.environment, name)
+        await self.run_op(d.host, pb.Operation(service_start=pb.ServiceStartSpec(
+            name=unit, instance=d.process, argv=["sh", "-c", f"exec {service.start}"], cwd=workdir,
+            env=env, env_file=env_path, log_path=f"{d.service_dir}/logs/{d.code}.log")), name, "start")
+        if service.is_web:
+            address = d.host.settings.get("address", "127.0.0.1")
+            await self.run_op(d.host, pb.Operation(http_probe=pb.HttpProbeSpec(
+                url=f"http://{address}:{d.port}{service.health}", attempts=HEALTH_ATTEMPTS,
+                interval_s=0.5, timeout_s=2.0)), name, "health")
+        else:
+            await asyncio.sleep(service.healthy_after)
+            listing = await self.run_op(d.host, pb.Operation(service_list=pb.ServiceListSpec(name_prefix=unit)),
+                                        name, "health")
+            entries = [json.loads(line) for line in
+                       (listing.output.folder / "output.log").read_text().splitlines() if line.strip()]
+            if not any(e["instance"] == d.process and e["alive"] for e in entries):
+                raise StepFailed(name, "health", f"the daemon did not stay up for {service.healthy_after:g}s",
+                                 _tail(Path(f"{d.service_dir}/logs/{d.code}.log")))
+
+    async def _allocate_port(self, d: Deployment) -> int:
+        taken = self.ledger.ports_in_use(d.host.id)
+        for port in PORT_RANGE:
+            if port in taken:
+                continue
+            probe = await self.sh(d.host, _port_free_script(port), d.service.name, "port", check=False)
+            if probe.result.exit_code == 0 and probe.result.outcome == pb.EXITED:
+                self.ledger.reserve_port(d.host.id, port, self.env_key, d.service.name, d.code)
+                return port
+            taken.add(port)
+        raise StepFailed(d.service.name, "port", f"no free port on {d.host.id} in {PORT_RANGE.start}-{PORT_RANGE.stop - 1}")
+
+    async def _route(self, d: Deployment) -> None:
+        name = d.service.name
+        try:
+            router = pick_agent(self.registry, capability="nginx")
+        except PlacementError as exc:
+            raise StepFailed(name, "route", str(exc)) from None
+        routes = []
+        for other in self.spec.services:
+            if not other.is_web:
+                continue
+            if other.name == name:
+                routes.append((other.path, d.host.settings.get("address", "127.0.0.1"), d.port))
+                continue
+            live = self.ledger.state(self.env_key).get(other.name)
+            if live and live.code and live.code.port:
+                host = self.registry.agents.get(live.code.host)
+                routes.append((other.path, host.settings.get("address", "127.0.0.1") if host else "127.0.0.1",
+                               live.code.port))
+        conf_dir = router.settings.get("nginx.conf_dir", "/etc/nginx/conf.d")
+        conf = f"{conf_dir}/{naming.nginx_file(self.spec.app, self.spec.environment)}"
+        staged = f"{conf}.staged-{self.job.id}"
+        content = ops.nginx_config(self.env_key, self.spec.domain, router.settings.get("nginx.listen", "80"), routes)
+        await self.run_op(router, pb.Operation(write_file=pb.WriteFileSpec(path=staged, content=content, mode=0o644)),
+                          name, "route")
+        await self.sh(router, ops.nginx_switch_script(
+            conf, staged, router.settings.get("nginx.test", "nginx -t"),
+            router.settings.get("nginx.reload", "nginx -s reload")), name, "route")
+
+    def _go_live(self, d: Deployment, numbers: dict[str, int]) -> None:
+        name = d.service.name
+        self.ledger.set_status(self.env_key, name, "code", d.code, "live", port=d.port or None)
+        self.ledger.set_names(self.env_key, name, "code", d.code, process=d.process)
+        self.ledger.make_live(self.env_key, name, "code", d.code)
+        for component, number in numbers.items():
+            self.ledger.make_live(self.env_key, name, component, number)
+        self.ledger.finish_deploy(self.env_key, name, d.deploy, "succeeded", port=d.port or None)
+        self.job.event("deploy.live", service=name, deploy=d.deploy, code=d.code, port=d.port, host=d.host.id)
+
+    async def _retire(self, d: Deployment, live) -> None:
+        """Give in-flight requests to the old process time to finish, then stop it."""
+        old = self.ledger.instance(self.env_key, d.service.name, "code", live.code.number)
+        process = json.loads(old["names"]).get("process", "") if old else ""
+        if not process or process == d.process:
+            return
+        await asyncio.sleep(DRAIN_S)
+        unit = naming.unit_base(self.spec.app, self.spec.environment, d.service.name)
+        await self.run_op(d.host, pb.Operation(service_stop=pb.ServiceStopSpec(name=unit, instance=process)),
+                          d.service.name, "stop previous", check=False)
+        if live.code.port:
+            self.ledger.release_port(live.code.host, live.code.port)
+
+    async def _prune_releases(self, d: Deployment) -> None:
+        keep = {r["number"] for r in self.ledger.instances(self.env_key, d.service.name)
+                if r["component"] == "code" and r["status"] in ("live", "standby", "building")}
+        keep = set(sorted(keep)[-KEEP_RELEASES:]) | {d.code}
+        doomed = [r["number"] for r in self.ledger.instances(self.env_key, d.service.name)
+                  if r["component"] == "code" and r["number"] not in keep and r["status"] != "removed"]
+        if not doomed:
+            return
+        paths = " ".join(shlex.quote(f"{d.service_dir}/releases/{n}") for n in doomed)
+        await self.sh(d.host, f"rm -rf {paths}", d.service.name, "prune releases", check=False)
+        for number in doomed:
+            self.ledger.set_status(self.env_key, d.service.name, "code", number, "removed")
+
+    # ---------------------------------------------------------------- failure
+
+    async def _undo(self, d: Deployment) -> None:
+        """Leave things as they were: the live instance keeps serving, new data goes away."""
+        name = d.service.name
+        if d.process:
+            unit = naming.unit_base(self.spec.app, self.spec.environment, name)
+            await self.run_op(d.host, pb.Operation(service_stop=pb.ServiceStopSpec(name=unit, instance=d.process)),
+                              name, "stop failed instance", check=False)
+        if d.port:
+            self.ledger.release_port(d.host.id, d.port)
+        if d.code_new:
+            self.ledger.set_status(self.env_key, name, "code", d.code, "failed")
+        for component, number, names, provider in d.created:
+            if component == "mysql":
+                await self.sh(provider, _mysql_admin(provider), name, "drop new mysql",
+                              stdin=ops.mysql_drop(names["database"], names["user"]), check=False)
+            else:
+                await self.sh(provider, _redis_admin(provider, expect="1"), name, "drop new redis",
+                              stdin=ops.redis_drop_user(names["user"]), check=False)
+            self.ledger.set_status(self.env_key, name, component, number, "failed")
+
+
+# ---------------------------------------------------------------- scripts (pure)
+
+def _checkout_script(service_dir: str, release: str, source: str, commit: str) -> str:
+    q = shlex.quote
+    return (f"set -e; mkdir -p {q(service_dir)}/releases {q(service_dir)}/shared {q(service_dir)}/logs; "
+            f"rm -rf {q(release)}; git clone --quiet --no-checkout {q(source)} {q(release)}; "
+            f"git -C {q(release)} checkout --quiet --detach {q(commit)}")
+
+
+def _current_script(service_dir: str, release: str) -> str:
+    q = shlex.quote
+    return f"ln -sfn {q(release)} {q(service_dir)}/current.tmp && mv -T {q(service_dir)}/current.tmp {q(service_dir)}/current"
+
+
+def _port_free_script(port: int) -> str:
+    return ("python3 -c 'import socket,sys; s=socket.socket(); "
+            "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+            f"s.bind((\"0.0.0.0\", {port}))' 2>/dev/null")
+
+
+def _mysql_admin(provider: Agent) -> str:
+    return provider.settings.get("mysql.admin", "mariadb --batch")
+
+
+def _redis_admin(provider: Agent, expect: str = "OK") -> str:
+    """redis-cli exits 0 even when Redis answers an error, so the reply is checked; it is not
+    printed, since an ACL error can quote the rule it refused."""
+    host = provider.settings.get("redis.host", "127.0.0.1")
+    port = provider.settings.get("redis.port", "6379")
+    cli = provider.settings.get("redis.admin", f"redis-cli -h {host} -p {port}")
+    return f'reply=$({cli}) || exit 1; [ "$reply" = {expect} ] || {{ echo "redis refused the change" >&2; exit 1; }}'
+

@@ -1,0 +1,731 @@
+"""Environment specs and deploy options (docs/spec-format.md): loading, validating, canonical form."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+import posixpath
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from .naming import name_problem
+
+VERSION = 1
+COMPONENTS = ("mysql", "redis")
+RESERVED_ENV = ("PORT", "DATABASE_URL", "DB_HOST", "DB_PORT", "DB_NAME", "DB_USER", "DB_PASSWORD",
+                "REDIS_URL", "REDIS_PREFIX")
+DEFAULT_HEALTH = "/"
+DEFAULT_HEALTHY_AFTER = 5.0
+
+TOP_KEYS = ("version", "app", "environment", "domain", "services")
+TOP_REQUIRED = ("app", "environment", "domain", "services")
+SERVICE_KEYS = ("path", "source", "ref", "root", "install", "build", "migrate", "start", "health",
+                "healthy_after", "env", "secrets", "uses")
+SERVICE_REQUIRED = ("source", "ref", "start")
+OPTION_KEYS = ("services", "renew", "refs")
+
+_HINTS = {
+    "app": "the app's name, like shop",
+    "environment": "the environment's name, like prod",
+    "domain": "the nginx server_name, like shop.example.com",
+    "services": "a mapping of service names to their settings",
+    "source": "a git URL or a local path to a repository",
+    "ref": "a branch, tag or full commit",
+    "start": "the command that runs the service in the foreground",
+}
+_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+_PATH_CHARS = re.compile(r"[A-Za-z0-9._~/-]*")
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+Key = tuple  # a key path: mapping keys (str) and list indexes (int)
+
+
+class SpecError(ValueError):
+    """A bad spec, options or diff file; str() is one line: `FILE:LINE: KEY: MESSAGE`."""
+
+    def __init__(self, message: str, file: str | None = None, line: int | None = None,
+                 key: str | None = None) -> None:
+        self.file = file
+        self.line = line
+        self.key = key or None
+        self.message = message
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = ":".join(part for part in (self.file, str(self.line) if self.line else None) if part)
+        text = ": ".join(part for part in (where, self.key, self.message) if part)
+        return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    path: str | None = None
+    source: str = ""
+    ref: str = ""
+    root: str | None = None
+    install: str | None = None
+    build: str | None = None
+    migrate: str | None = None
+    start: str = ""
+    health: str | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    secrets: tuple[str, ...] = ()
+    uses: tuple[str, ...] = ()
+    healthy_after: float = DEFAULT_HEALTHY_AFTER
+
+    @property
+    def is_web(self) -> bool:
+        return self.path is not None
+
+    @property
+    def role(self) -> str:
+        return "computing" if self.is_web else "daemons"
+
+    def to_dict(self) -> dict:
+        """The canonical form: defaults and empty settings left out, so equal services are equal dicts."""
+        out: dict[str, Any] = {}
+        if self.path is not None:
+            out["path"] = self.path
+        out["source"] = self.source
+        out["ref"] = self.ref
+        for key in ("root", "install", "build", "migrate"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        out["start"] = self.start
+        if self.is_web and self.health != DEFAULT_HEALTH:
+            out["health"] = self.health
+        if not self.is_web and self.healthy_after != DEFAULT_HEALTHY_AFTER:
+            out["healthy_after"] = _plain_number(self.healthy_after)
+        if self.env:
+            out["env"] = dict(self.env)
+        if self.secrets:
+            out["secrets"] = list(self.secrets)
+        if self.uses:
+            out["uses"] = list(self.uses)
+        return out
+
+
+@dataclass(frozen=True)
+class Spec:
+    version: int
+    app: str
+    environment: str
+    domain: str
+    services: tuple[Service, ...]
+
+    @property
+    def key(self) -> str:
+        return f"{self.app}/{self.environment}"
+
+    def service(self, name: str) -> Service:
+        for service in self.services:
+            if service.name == name:
+                return service
+        raise KeyError(f"no service {name!r} in {self.key}")
+
+    def to_dict(self) -> dict:
+        return {"version": self.version, "app": self.app, "environment": self.environment,
+                "domain": self.domain, "services": {s.name: s.to_dict() for s in self.services}}
+
+
+@dataclass(frozen=True)
+class Options:
+    """deploy-options.yml, checked against the spec; empty `services` means every service."""
+
+    services: tuple[str, ...] = ()
+    renew: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    refs: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {}
+        if self.services:
+            out["services"] = list(self.services)
+        if self.renew:
+            out["renew"] = {name: list(components) for name, components in self.renew.items()}
+        if self.refs:
+            out["refs"] = dict(self.refs)
+        return out
+
+
+def code_fingerprint(service: Service) -> str:
+    """Everything that defines a code instance except the ref (the planner adds the resolved commit)."""
+    defining = {"source": service.source, "root": service.root, "install": service.install,
+                "build": service.build, "migrate": service.migrate, "start": service.start,
+                "health": service.health, "env": dict(service.env), "secrets": list(service.secrets),
+                "path": service.path, "healthy_after": float(service.healthy_after)}
+    canonical = json.dumps(defining, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def ref_problem(ref: str) -> str | None:
+    """Why `ref` cannot name a branch, tag or commit, or None when it can."""
+    if not ref:
+        return "is empty"
+    if any(c.isspace() for c in ref) or not ref.isprintable():
+        return f"{ref!r} contains spaces or control characters"
+    if ref.startswith("-"):
+        return f"{ref!r} starts with '-'"
+    if ".." in ref:
+        return f"{ref!r} contains '..'"
+    return None
+
+
+# ---------------------------------------------------------------- loading
+
+def key_line(text: str, key: Sequence[str | int]) -> int | None:
+    """The line of `key` (like ["services", "web", "ref"]) in a YAML text, or None if it is not there."""
+    try:
+        _, source = _parse_yaml(text, "")
+    except SpecError:
+        return None
+    return source.lines.get(tuple(key))
+
+
+def load_spec(path: str | Path) -> Spec:
+    return parse_spec(_read(path), str(path))
+
+
+def parse_spec(text: str, filename: str) -> Spec:
+    data, source = _parse_yaml(text, filename)
+    return _spec(data, source)
+
+
+def spec_from_dict(data: Any, filename: str | None = None) -> Spec:
+    """Validate an already-parsed spec (a stored one, say); errors have no line numbers."""
+    return _spec(data, _Source(filename))
+
+
+def load_options(path: str | Path, spec: Spec) -> Options:
+    return parse_options(_read(path), str(path), spec)
+
+
+def parse_options(text: str, filename: str, spec: Spec) -> Options:
+    data, source = _parse_yaml(text, filename)
+    return _options(data, source, spec)
+
+
+def merge_diff(stored: dict, diff_text: str, filename: str) -> Spec:
+    """Merge an environment diff over a stored spec: mappings merge key by key, anything else
+    replaces, null removes a key. Errors name the diff's file, and its line where the key is in it."""
+    data, source = _parse_yaml(diff_text, filename)
+    if data is None:
+        return _spec(stored, source)
+    if not isinstance(data, dict):
+        raise source.error((), f"a diff must be a mapping (a partial spec), not {_kind(data)}")
+    for key in ("app", "environment"):
+        if key in data and data[key] != stored.get(key):
+            raise source.error((key,), f"a diff cannot change the {key} (it is {stored.get(key)!r}); "
+                                       "submit a full spec for another environment")
+    return _spec(_merge(stored, data), source)
+
+
+def _merge(base: Any, over: Any) -> Any:
+    if not isinstance(over, dict):
+        return over
+    merged = dict(base) if isinstance(base, dict) else {}
+    for key, value in over.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = _merge(merged.get(key), value)
+    return merged
+
+
+def _read(path: str | Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError(f"cannot read: {exc.strerror}", str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"not UTF-8 text (byte {exc.start})", str(path)) from None
+
+
+# ---------------------------------------------------------------- YAML with positions
+
+class _Source:
+    """Where the values of one YAML document came from, so errors can name the file and line."""
+
+    def __init__(self, file: str | None) -> None:
+        self.file = file
+        self.lines: dict[Key, int] = {}
+        self.scalars: dict[Key, str] = {}  # the text as written, for values read as strings
+
+    def error(self, key: Key, message: str, line: int | None = None) -> SpecError:
+        return SpecError(message, self.file, line or self.line(key), _key_text(key))
+
+    def line(self, key: Key) -> int | None:
+        # A key that is absent (missing, or only in the stored spec) is placed at its nearest parent.
+        for end in range(len(key), -1, -1):
+            if key[:end] in self.lines:
+                return self.lines[key[:end]]
+        return None
+
+    def text(self, key: Key, value: Any) -> str:
+        """A scalar as the operator wrote it: `1.10` stays "1.10", `010` stays "010"."""
+        if isinstance(value, str):
+            return value
+        return self.scalars.get(key, str(value))
+
+
+def _key_text(key: Key) -> str:
+    text = ""
+    for part in key:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
+    return text
+
+
+def _parse_yaml(text: str, filename: str) -> tuple[Any, _Source]:
+    source = _Source(filename)
+    loader = None
+    try:
+        loader = yaml.SafeLoader(text)
+        node = loader.get_single_node()
+        if node is None:
+            return None, source
+        _check_duplicates(node, source, (), set())
+        source.lines[()] = node.start_mark.line + 1
+        return _construct(loader, node, (), source, frozenset()), source
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        problem = ", ".join(part for part in (exc.context, exc.problem) if part) or "syntax error"
+        if mark:
+            problem += f" (column {mark.column + 1})"
+        raise SpecError(f"invalid YAML: {problem}", filename, mark.line + 1 if mark else None) from None
+    except yaml.reader.ReaderError as exc:
+        line = text[:exc.position].count("\n") + 1
+        raise SpecError(f"invalid YAML: character #x{exc.character:04x}: {exc.reason}", filename,
+                        line) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _check_duplicates(node: yaml.Node, source: _Source, key: Key, seen: set[int]) -> None:
+    # PyYAML silently keeps the last of two equal keys; this runs on the raw node tree, before merge
+    # keys (<<) are flattened, because a key that overrides a merged one is not a duplicate.
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _check_duplicates(item, source, key + (index,), seen)
+    elif isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            name, line = key_node.value, key_node.start_mark.line + 1
+            if name in first:
+                raise source.error(key + (name,), f"duplicate key {name!r} (first at line {first[name]}); "
+                                                  "YAML would silently keep only the last one", line)
+            first[name] = line
+            _check_duplicates(value_node, source, key + (name,), seen)
+
+
+def _construct(loader: yaml.SafeLoader, node: yaml.Node, key: Key, source: _Source,
+               parents: frozenset[int]) -> Any:
+    if isinstance(node, yaml.ScalarNode):
+        source.scalars[key] = node.value
+        return loader.construct_object(node)
+    if id(node) in parents:
+        raise source.error(key, "an alias refers to a node that contains it; recursive values are not allowed")
+    parents = parents | {id(node)}
+    if isinstance(node, yaml.SequenceNode):
+        items = []
+        for index, item in enumerate(node.value):
+            source.lines[key + (index,)] = item.start_mark.line + 1
+            items.append(_construct(loader, item, key + (index,), source, parents))
+        return items
+    loader.flatten_mapping(node)
+    mapping: dict[str, Any] = {}
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise source.error(key, "keys must be plain names, not lists or mappings",
+                               key_node.start_mark.line + 1)
+        # Keys as written: `ON:` or `1:` stay "ON" and "1" instead of becoming True and 1.
+        name = key_node.value
+        source.lines[key + (name,)] = key_node.start_mark.line + 1
+        mapping[name] = _construct(loader, value_node, key + (name,), source, parents)
+    return mapping
+
+
+# ---------------------------------------------------------------- validation: the spec
+
+def _spec(data: Any, source: _Source) -> Spec:
+    if data is None:
+        raise source.error((), "the spec is empty; expected a mapping with app, environment, domain "
+                               "and services")
+    _mapping(source, (), data, "the spec")
+    _known_keys(source, (), data, TOP_KEYS)
+    _required_keys(source, (), data, TOP_REQUIRED)
+    version = data.get("version")
+    if version is not None and (type(version) is not int or version != VERSION):
+        shown = source.text(("version",), version) if type(version) in (int, float) else _kind(version)
+        raise source.error(("version",), f"unsupported version {shown}; the only version is {VERSION}")
+    app = _name(source, ("app",), data["app"])
+    environment = _name(source, ("environment",), data["environment"])
+    domain = _domain(source, ("domain",), data["domain"])
+    services = _services(source, data["services"])
+    return Spec(VERSION, app, environment, domain, services)
+
+
+def _services(source: _Source, raw: Any) -> tuple[Service, ...]:
+    key = ("services",)
+    if not isinstance(raw, dict):
+        raise source.error(key, f"must be a mapping of service names to settings, not {_kind(raw)}")
+    if not raw:
+        raise source.error(key, "must name at least one service")
+    services = [_service(source, name, body) for name, body in raw.items()]
+    _unique_paths(source, services)
+    return tuple(sorted(services, key=lambda s: s.name))
+
+
+def _service(source: _Source, name: str, body: Any) -> Service:
+    at = ("services", name)
+    _name(source, at, name, "service name")
+    if not isinstance(body, dict):
+        raise source.error(at, f"must be a mapping of settings, not {_kind(body)}")
+    _known_keys(source, at, body, SERVICE_KEYS)
+    _required_keys(source, at, body, SERVICE_REQUIRED)
+    path = _web_path(source, at + ("path",), body["path"]) if body.get("path") is not None else None
+    repository = _repository(source, at + ("source",), body["source"])
+    ref = _ref(source, at + ("ref",), body["ref"])
+    root = _root(source, at + ("root",), body.get("root"))
+    install, build, migrate = (_command(source, at + (k,), body.get(k)) for k in ("install", "build", "migrate"))
+    start = _string(source, at + ("start",), body["start"], what="a command (a string)")
+    health = _health(source, at + ("health",), body.get("health"), path is not None)
+    healthy_after = _healthy_after(source, at + ("healthy_after",), body.get("healthy_after"), path is not None)
+    secrets = _secrets(source, at + ("secrets",), body.get("secrets"))
+    env = _env(source, at + ("env",), body.get("env"), secrets)
+    uses = _uses(source, at + ("uses",), body.get("uses"))
+    return Service(name, path, repository, ref, root, install, build, migrate, start, health, env, secrets,
+                   uses, healthy_after)
+
+
+def _unique_paths(source: _Source, services: list[Service]) -> None:
+    # `/api` and `/api/` would route the same requests, so they count as the same path.
+    first: dict[str, str] = {}
+    for service in services:
+        if service.path is None:
+            continue
+        route = service.path.rstrip("/") or "/"
+        if route in first:
+            raise source.error(("services", service.name, "path"),
+                               f"path {service.path} is already used by service {first[route]}")
+        first[route] = service.name
+
+
+def _name(source: _Source, key: Key, value: Any, what: str = "") -> str:
+    if value is None or isinstance(value, (dict, list)):
+        raise source.error(key, f"must be a name like shop, not {_kind(value)}")
+    text = source.text(key, value)  # as written, so `environment: on` is the name "on", not True
+    problem = name_problem(text)
+    if problem:
+        raise source.error(key, " ".join(part for part in (what, repr(text), problem) if part))
+    return text
+
+
+def _domain(source: _Source, key: Key, value: Any) -> str:
+    text = _string(source, key, value).lower()
+    labels = text.split(".")
+    if len(text) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        raise source.error(key, f"{value!r} is not a hostname (letters, digits and hyphens in "
+                                "dot-separated labels, like shop.example.com or shop.localhost)")
+    return text
+
+
+def _web_path(source: _Source, key: Key, value: Any) -> str:
+    path = _string(source, key, value)
+    if not path.startswith("/"):
+        raise source.error(key, f"must start with '/', like /{path.lstrip('/') or 'api'}")
+    if not _PATH_CHARS.fullmatch(path):
+        bad = next(c for c in path if not _PATH_CHARS.fullmatch(c))
+        raise source.error(key, f"contains {bad!r}; a path uses letters, digits and . _ ~ / -")
+    for bad in ("..", "//"):
+        if bad in path:
+            raise source.error(key, f"{path!r} contains {bad!r}")
+    return path
+
+
+def _repository(source: _Source, key: Key, value: Any) -> str:
+    text = _string(source, key, value)
+    if not text.isprintable() or text != text.strip():
+        raise source.error(key, "contains control characters or leading/trailing spaces")
+    if text.startswith("-"):
+        raise source.error(key, f"{text!r} starts with '-' (git would read it as an option)")
+    return text
+
+
+def _ref(source: _Source, key: Key, value: Any) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = source.text(key, value)  # an unquoted tag like 1.10
+    text = _string(source, key, value, what="a string (a branch, tag or full commit)")
+    problem = ref_problem(text)
+    if problem:
+        raise source.error(key, f"{problem}; a ref is a branch, tag or full commit")
+    return text
+
+
+def _root(source: _Source, key: Key, value: Any) -> str | None:
+    if value is None:
+        return None
+    text = _string(source, key, value)
+    if text.startswith("/"):
+        raise source.error(key, f"{text!r} must be relative to the repository, like web/")
+    if ".." in text:
+        raise source.error(key, f"{text!r} contains '..'; root must stay inside the repository")
+    if not _PATH_CHARS.fullmatch(text):
+        bad = next(c for c in text if not _PATH_CHARS.fullmatch(c))
+        raise source.error(key, f"contains {bad!r}; a folder uses letters, digits and . _ ~ / -")
+    normal = posixpath.normpath(text)
+    return None if normal == "." else normal
+
+
+def _command(source: _Source, key: Key, value: Any) -> str | None:
+    if value is None:
+        return None
+    return _string(source, key, value, what="a command (a string)")
+
+
+def _health(source: _Source, key: Key, value: Any, is_web: bool) -> str | None:
+    if value is None:
+        return DEFAULT_HEALTH if is_web else None
+    if not is_web:
+        raise source.error(key, "only web services (with a path) have a health path; a daemon is "
+                                "healthy once it stays up for healthy_after seconds")
+    text = _string(source, key, value)
+    if not text.startswith("/") or any(c.isspace() for c in text) or not text.isprintable():
+        raise source.error(key, f"{text!r} must be a URL path starting with '/', like /health")
+    return text
+
+
+def _healthy_after(source: _Source, key: Key, value: Any, is_web: bool) -> float:
+    if value is None:
+        return DEFAULT_HEALTHY_AFTER
+    if is_web:
+        raise source.error(key, "only daemons have healthy_after; a web service is healthy when its "
+                                "health path answers")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value <= 0:
+        raise source.error(key, f"must be a positive number of seconds, not {source.text(key, value)!r}")
+    return float(value)
+
+
+def _env(source: _Source, key: Key, value: Any, secrets: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    if value is None:
+        return ()
+    _mapping(source, key, value)
+    pairs = []
+    for name, setting in value.items():
+        at = key + (name,)
+        _env_name(source, at, name)
+        if name in secrets:
+            raise source.error(at, f"{name} is also declared in secrets; a secret's value is set with "
+                                   "`deployctl secret set`, never in the spec")
+        pairs.append((name, _env_value(source, at, setting)))
+    return tuple(sorted(pairs))
+
+
+def _env_value(source: _Source, key: Key, value: Any) -> str:
+    if value is None:
+        raise source.error(key, 'has no value; write "" for an empty value, or remove it')
+    if isinstance(value, bool):
+        raise source.error(key, f"{source.text(key, value)} is read by YAML as a boolean; quote it, "
+                                f'like "{source.text(key, value)}"')
+    if isinstance(value, (dict, list)):
+        raise source.error(key, f"must be a single value, not {_kind(value)}")
+    text = source.text(key, value)
+    if "\0" in text:
+        raise source.error(key, "contains a NUL character")
+    return text
+
+
+def _secrets(source: _Source, key: Key, value: Any) -> tuple[str, ...]:
+    names = _list(source, key, value, "[SESSION_KEY]")
+    for index, name in enumerate(names):
+        _env_name(source, key + (index,), name)
+        if names.index(name) != index:
+            raise source.error(key + (index,), f"{name} is listed twice")
+    return tuple(sorted(names))
+
+
+def _env_name(source: _Source, key: Key, name: Any) -> None:
+    if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+        raise source.error(key, f"{source.text(key, name)!r} is not an environment variable name "
+                                "(uppercase letters, digits and _, not starting with a digit)")
+    if name in RESERVED_ENV:
+        raise source.error(key, f"{name} is set by the deployer (reserved: {', '.join(RESERVED_ENV)})")
+
+
+def _uses(source: _Source, key: Key, value: Any) -> tuple[str, ...]:
+    components = _list(source, key, value, "[mysql, redis]")
+    for index, component in enumerate(components):
+        _component(source, key + (index,), component)
+        if components.index(component) != index:
+            raise source.error(key + (index,), f"{component} is listed twice")
+    return tuple(c for c in COMPONENTS if c in components)
+
+
+def _component(source: _Source, key: Key, value: Any) -> str:
+    if value not in COMPONENTS:
+        shown = source.text(key, value) if value is not None else "null"
+        raise source.error(key, f"unknown component {shown!r}; known components: {', '.join(COMPONENTS)}")
+    return value
+
+
+# ---------------------------------------------------------------- validation: deploy options
+
+def _options(data: Any, source: _Source, spec: Spec) -> Options:
+    if data is None:
+        return Options()
+    _mapping(source, (), data, "deploy options")
+    _known_keys(source, (), data, OPTION_KEYS)
+    limited = _option_services(source, data.get("services"), spec)
+    in_scope = limited or tuple(s.name for s in spec.services)
+    refs = _option_refs(source, data.get("refs"), spec, in_scope)
+    renew = _option_renew(source, data.get("renew"), spec, in_scope)
+    return Options(limited, MappingProxyType(renew), MappingProxyType(refs))
+
+
+def _option_services(source: _Source, value: Any, spec: Spec) -> tuple[str, ...]:
+    key = ("services",)
+    if value is None:
+        return ()
+    names = _list(source, key, value, "[web]")
+    if not names:
+        raise source.error(key, "is empty; leave it out to deploy every service")
+    for index, name in enumerate(names):
+        _spec_service(source, key + (index,), name, spec, _service_names(spec))
+        if names.index(name) != index:
+            raise source.error(key + (index,), f"{name} is listed twice")
+    return tuple(sorted(names))
+
+
+def _option_refs(source: _Source, value: Any, spec: Spec, in_scope: tuple[str, ...]) -> dict[str, str]:
+    key = ("refs",)
+    if value is None:
+        return {}
+    _mapping(source, key, value)
+    return {name: _ref(source, key + (name,), value[name])
+            for name in sorted(value) if _spec_service(source, key + (name,), name, spec, in_scope)}
+
+
+def _option_renew(source: _Source, value: Any, spec: Spec,
+                  in_scope: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    key = ("renew",)
+    if value is None:
+        return {}
+    if isinstance(value, list):
+        return _renew_everywhere(source, key, value, spec, in_scope)
+    if not isinstance(value, dict):
+        raise source.error(key, f"must be a list like [mysql] or a mapping like {{web: [mysql]}}, "
+                                f"not {_kind(value)}")
+    renew = {}
+    for name in sorted(value):
+        at = key + (name,)
+        service = _spec_service(source, at, name, spec, in_scope)
+        components = _list(source, at, value[name], "[mysql]")
+        for index, component in enumerate(components):
+            _component(source, at + (index,), component)
+            if component not in service.uses:
+                raise source.error(at + (index,), f"service {name} does not use {component} "
+                                                  f"(uses: {', '.join(service.uses) or 'nothing'})")
+        if components:
+            renew[name] = tuple(c for c in COMPONENTS if c in components)
+    return renew
+
+
+def _renew_everywhere(source: _Source, key: Key, components: list, spec: Spec,
+                      in_scope: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    # The list form means "these components, wherever the deployed services use them".
+    for index, component in enumerate(components):
+        _component(source, key + (index,), component)
+        if not any(component in spec.service(name).uses for name in in_scope):
+            raise source.error(key + (index,), f"no service in this deploy uses {component} "
+                                               f"(services: {', '.join(in_scope)})")
+    renew = {}
+    for name in in_scope:
+        used = tuple(c for c in COMPONENTS if c in components and c in spec.service(name).uses)
+        if used:
+            renew[name] = used
+    return renew
+
+
+def _spec_service(source: _Source, key: Key, name: Any, spec: Spec, in_scope: tuple[str, ...]) -> Service:
+    names = _service_names(spec)
+    if name not in names:
+        raise source.error(key, f"no service {source.text(key, name)!r} in {spec.key} "
+                                f"(services: {', '.join(names)})")
+    if name not in in_scope:
+        raise source.error(key, f"service {name} is not among the services this deploy is limited "
+                                f"to ({', '.join(in_scope)})")
+    return spec.service(name)
+
+
+def _service_names(spec: Spec) -> tuple[str, ...]:
+    return tuple(s.name for s in spec.services)
+
+
+# ---------------------------------------------------------------- shared checks
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"a {type(value).__name__}"
+
+
+def _mapping(source: _Source, key: Key, value: Any, what: str = "") -> None:
+    if not isinstance(value, dict):
+        raise source.error(key, f"{what} must be a mapping, not {_kind(value)}".lstrip())
+
+
+def _list(source: _Source, key: Key, value: Any, example: str) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise source.error(key, f"must be a list, like {example}, not {_kind(value)}")
+    return value
+
+
+def _string(source: _Source, key: Key, value: Any, what: str = "a string") -> str:
+    if not isinstance(value, str):
+        raise source.error(key, f"must be {what}, not {_kind(value)}")
+    if not value.strip():
+        raise source.error(key, "must not be empty")
+    return value
+
+
+def _known_keys(source: _Source, key: Key, mapping: dict, known: tuple[str, ...]) -> None:
+    for name in mapping:
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise source.error(key + (name,), f"unknown key {name!r}{hint}; known keys: {', '.join(known)}")
+
+
+def _required_keys(source: _Source, key: Key, mapping: dict, required: tuple[str, ...]) -> None:
+    for name in required:
+        if name not in mapping:
+            raise source.error(key, f"missing required key {name!r} ({_HINTS[name]})")
+
+
+def _plain_number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value

@@ -1,0 +1,140 @@
+"""Real parts for deploy tests: a private nginx, git repositories of the example, clean-up of
+everything a test environment created in MariaDB and Redis."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from tests.harness import ROOT, free_port, wait_for
+
+EXAMPLE = ROOT / "examples" / "shop"
+
+
+class Nginx:
+    """An nginx of the test's own (prefix, config and port), reloaded like a real one."""
+
+    def __init__(self, base: Path) -> None:
+        self.prefix = base / "nginx"
+        self.conf_dir = self.prefix / "conf.d"
+        self.conf = self.prefix / "nginx.conf"
+        self.port = free_port()
+        for sub in ("conf.d", "logs", "tmp"):
+            (self.prefix / sub).mkdir(parents=True, exist_ok=True)
+        os.chmod(self.prefix / "tmp", 0o1777)
+        user = "user root;\n" if os.geteuid() == 0 else ""
+        self.conf.write_text(f"""{user}worker_processes 1;
+pid {self.prefix}/nginx.pid;
+error_log {self.prefix}/logs/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {self.prefix}/tmp/body;
+    proxy_temp_path {self.prefix}/tmp/proxy;
+    fastcgi_temp_path {self.prefix}/tmp/fastcgi;
+    uwsgi_temp_path {self.prefix}/tmp/uwsgi;
+    scgi_temp_path {self.prefix}/tmp/scgi;
+    include {self.conf_dir}/*.conf;
+}}
+""")
+        self.base_cmd = f"nginx -p {self.prefix} -c {self.conf}"
+
+    def settings(self) -> dict[str, str]:
+        return {"nginx.conf_dir": str(self.conf_dir), "nginx.listen": str(self.port),
+                "nginx.test": f"{self.base_cmd} -t", "nginx.reload": f"{self.base_cmd} -s reload"}
+
+    def start(self) -> "Nginx":
+        subprocess.run(self.base_cmd.split(), check=True)
+        wait_for(lambda: (self.prefix / "nginx.pid").exists(), what="nginx started")
+        return self
+
+    def stop(self) -> None:
+        pid_file = self.prefix / "nginx.pid"
+        if pid_file.exists():
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGQUIT)
+            except (ProcessLookupError, ValueError):
+                pass
+
+
+def git(repo: Path, *args: str) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True,
+                          env=env).stdout.strip()
+
+
+def example_repo(base: Path) -> Path:
+    """A git repository holding the example's web and worker, on branch main."""
+    repo = base / "shop-repo"
+    repo.mkdir()
+    for part in ("web", "worker"):
+        shutil.copytree(EXAMPLE / part, repo / part, ignore=shutil.ignore_patterns("node_modules", "dist"))
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "shop v1")
+    return repo
+
+
+def new_commit(repo: Path, note: str) -> str:
+    (repo / "web" / "CHANGES").write_text(note + "\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", note)
+    return git(repo, "rev-parse", "HEAD")
+
+
+def unique_env() -> str:
+    return "t" + secrets.token_hex(3)
+
+
+def mysql(sql: str) -> str:
+    return subprocess.run(["mariadb", "--batch", "--skip-column-names", "-e", sql], check=True,
+                          capture_output=True, text=True).stdout
+
+
+def redis(*args: str) -> str:
+    return subprocess.run(["redis-cli", *args], check=True, capture_output=True, text=True).stdout
+
+
+def purge(app: str, env: str) -> None:
+    """Remove what a test environment created in MariaDB and Redis (names are ours: auto-*)."""
+    prefix = f"auto-{app}-{env}-"
+    for db in mysql(f"SHOW DATABASES LIKE '{prefix}%'").split():
+        mysql(f"DROP DATABASE `{db}`")
+    for user in mysql(f"SELECT User FROM mysql.user WHERE User LIKE '{prefix}%'").split():
+        mysql(f"DROP USER '{user}'@'%'")
+    for user in redis("ACL", "USERS").split():
+        if user.startswith(prefix):
+            redis("ACL", "DELUSER", user)
+    keys = redis("--scan", "--pattern", f"{prefix}*").split()
+    if keys:
+        redis("DEL", *keys)
+
+
+def http_get(port: int, path: str = "/", host: str = "", timeout: float = 5.0) -> tuple[int, bytes]:
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Host": host} if host else {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def wait_http_ok(port: int, path: str, host: str, timeout: float = 30) -> None:
+    def ok():
+        try:
+            return http_get(port, path, host)[0] == 200
+        except OSError:
+            return False
+    wait_for(ok, timeout, every=0.2, what=f"http://127.0.0.1:{port}{path} answering 200")
+
+
+def elapsed(start: float) -> float:
+    return time.monotonic() - start

@@ -1,0 +1,252 @@
+"""Deploying the example for real: MariaDB, Redis, nginx, git, Node.js, agents over gRPC."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.deploy_harness import (Nginx, example_repo, git, http_get, mysql, new_commit, purge, redis,
+                                  unique_env, wait_http_ok)
+from tests.harness import Cluster
+
+pytestmark = pytest.mark.slow
+INSTALL = "npm ci --omit=dev --no-audit --no-fund --prefer-offline"
+
+
+def web_service(repo: Path, **extra) -> dict:
+    service = {"path": "/", "source": str(repo), "ref": "main", "root": "web", "install": INSTALL,
+               "build": "npm run build", "migrate": "node migrate.js", "start": "node server.js",
+               "health": "/health", "uses": ["mysql", "redis"]}
+    service.update(extra)
+    return service
+
+
+def write_spec(folder: Path, env: str, services: dict, name: str = "environment.yml") -> Path:
+    import yaml
+    path = folder / name
+    path.write_text(yaml.safe_dump({"app": "shop", "environment": env, "domain": "shop.test",
+                                    "services": services}, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    base = tmp_path_factory.mktemp("deploy")
+    nginx = Nginx(base).start()
+    cluster = Cluster(base)
+    cluster.controller.start()
+    provides = {**nginx.settings(), "mysql.host": "127.0.0.1", "mysql.port": "3306",
+                "redis.host": "127.0.0.1", "redis.port": "6379"}
+    cluster.add_agent("computing-1", ["computing"], provides=provides)
+    cluster.add_agent("daemons-1", ["daemons"])
+    cluster.wait_connected("computing-1", "daemons-1")
+    repo = example_repo(base)
+    envs: list[str] = []
+    yield {"base": base, "nginx": nginx, "cluster": cluster, "repo": repo, "envs": envs}
+    cluster.close()
+    nginx.stop()
+    for env in envs:
+        purge("shop", env)
+
+
+def new_env(world) -> str:
+    env = unique_env()
+    world["envs"].append(env)
+    return env
+
+
+def apply(world, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    result = world["cluster"].deployctl("apply", *args, timeout=600)
+    if ok:
+        assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+    return result
+
+
+def through_nginx(world, path: str = "/") -> tuple[int, bytes]:
+    return http_get(world["nginx"].port, path, host="shop.test")
+
+
+def test_the_four_deploys_of_the_notes(world, tmp_path):
+    env, repo, cluster = new_env(world), world["repo"], world["cluster"]
+    spec = write_spec(tmp_path, env, {"web": web_service(repo)})
+
+    apply(world, str(spec))                                   # deploy 1: code 1, mysql 1, redis 1
+    status, body = through_nginx(world)
+    assert status == 200, body
+    assert json.loads(body)["visits"] >= 1
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", world["nginx"].port, timeout=5)
+    conn.request("POST", "/notes", body=b"written through mysql 1", headers={"Host": "shop.test"})
+    assert conn.getresponse().status in (200, 201)
+
+    new_commit(repo, "v2")                                    # deploy 2: new ref → code 2 only
+    apply(world, str(spec))
+    assert b"written through mysql 1" in through_nginx(world, "/notes")[1]
+
+    new_commit(repo, "v3")                                    # deploy 3: new ref + renew mysql
+    options = tmp_path / "deploy-options.yml"
+    options.write_text("renew: [mysql]\n")
+    apply(world, str(spec), "--options", str(options))
+    status, body = through_nginx(world, "/notes")
+    assert status == 200 and b"written through mysql 1" not in body   # mysql 2 starts empty
+
+    options.write_text("renew: [redis]\n")                    # deploy 4: renew redis only
+    apply(world, str(spec), "--options", str(options))
+    assert through_nginx(world)[0] == 200
+
+    ledger = cluster.deployctl("ledger", f"shop/{env}", "web")
+    assert ledger.returncode == 0, ledger.stderr
+    assert ledger.stdout.decode() == (
+        "deploy  code  mysql  redis\n"
+        "1       (1)   (1)    (1)\n"
+        "2       (2)    |      |\n"
+        "3       (3)   (2)     |\n"
+        "4        |     |     (2)\n")
+
+    plan = cluster.deployctl("plan", str(spec))               # unchanged spec: nothing to do
+    assert plan.returncode == 0, plan.stdout
+    assert b"nothing to do" in plan.stdout
+    again = apply(world, str(spec))
+    assert b"nothing to do" in again.stdout
+    assert cluster.deployctl("ledger", f"shop/{env}", "web").stdout == ledger.stdout
+
+
+def test_zero_downtime_redeploy_and_failed_health_check(world, tmp_path):
+    env, repo, cluster = new_env(world), world["repo"], world["cluster"]
+    spec = write_spec(tmp_path, env, {"web": web_service(repo)})
+    apply(world, str(spec))
+    results = {"ok": 0, "failed": 0, "errors": []}
+    stop = threading.Event()
+
+    def client():
+        while not stop.is_set() or results["ok"] + results["failed"] < 2000:
+            try:
+                status, _ = through_nginx(world, "/health")
+                if status == 200:
+                    results["ok"] += 1
+                else:
+                    results["failed"] += 1
+                    results["errors"].append(status)
+            except OSError as exc:
+                results["failed"] += 1
+                results["errors"].append(str(exc))
+            if results["ok"] + results["failed"] >= 20000:
+                break
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    new_commit(repo, "zero downtime")
+    apply(world, str(spec))
+    stop.set()
+    thread.join()
+    assert results["failed"] == 0, results["errors"][:5]
+    assert results["ok"] >= 2000
+
+    # A release whose health check fails: the old one keeps serving, the new one is failed.
+    broken = write_spec(tmp_path, env, {"web": web_service(repo, health="/no-such-health")}, "broken.yml")
+    result = apply(world, str(broken), ok=False)
+    assert result.returncode == 1
+    assert b"health failed" in result.stderr
+    assert through_nginx(world, "/health")[0] == 200
+    ledger = json.loads(cluster.deployctl("ledger", f"shop/{env}", "web", "--json").stdout)["web"]
+    statuses = {i["number"]: i["status"] for i in ledger["instances"] if i["component"] == "code"}
+    assert statuses == {1: "standby", 2: "live", 3: "failed"}
+    assert ledger["deploys"][-1]["outcome"] == "failed"
+
+
+def test_isolation_between_services(world, tmp_path):
+    env, repo, cluster = new_env(world), world["repo"], world["cluster"]
+    spec = write_spec(tmp_path, env, {"a": web_service(repo, path="/a"), "b": web_service(repo, path="/b")})
+    apply(world, str(spec))
+    root = cluster.agents["computing-1"].services_root
+
+    def env_of(service: str) -> dict[str, str]:
+        path = root / f"auto-shop-{env}-{service}" / "current" / ".env"
+        assert oct(path.stat().st_mode & 0o777) == "0o600"
+        return dict(line.split("=", 1) for line in path.read_text().splitlines())
+
+    a, b = env_of("a"), env_of("b")
+    redis("SET", b["REDIS_PREFIX"] + "secret", "b-only")
+    as_a = ["redis-cli", "--user", a["REDIS_PREFIX"][:-1], "--pass", a["REDIS_URL"].split(":")[2].split("@")[0],
+            "--no-auth-warning"]
+    read = subprocess.run([*as_a, "GET", b["REDIS_PREFIX"] + "secret"], capture_output=True, text=True)
+    assert "NOPERM" in read.stdout + read.stderr
+    write = subprocess.run([*as_a, "SET", b["REDIS_PREFIX"] + "x", "1"], capture_output=True, text=True)
+    assert "NOPERM" in write.stdout + write.stderr
+    own = subprocess.run([*as_a, "SET", a["REDIS_PREFIX"] + "x", "1"], capture_output=True, text=True)
+    assert own.stdout.strip() == "OK"
+    opened = subprocess.run(["mariadb", "-h", "127.0.0.1", "-u", a["DB_USER"], f"-p{a['DB_PASSWORD']}",
+                             b["DB_NAME"], "-e", "SELECT 1"], capture_output=True, text=True)
+    assert opened.returncode != 0 and "Access denied" in opened.stderr
+    mine = subprocess.run(["mariadb", "-h", "127.0.0.1", "-u", a["DB_USER"], f"-p{a['DB_PASSWORD']}",
+                           a["DB_NAME"], "-e", "SELECT 1"], capture_output=True, text=True)
+    assert mine.returncode == 0, mine.stderr
+
+
+def test_failing_install_changes_nothing_and_secrets_stay_secret(world, tmp_path):
+    env, repo, cluster = new_env(world), world["repo"], world["cluster"]
+    secret = "s3cr3t-" + unique_env() + "-value"
+    set_secret = subprocess.run([*cluster_cmd(cluster), "secret", "set", f"shop/{env}", "SESSION_KEY"],
+                                input=secret.encode(), capture_output=True, env=cluster.env())
+    assert set_secret.returncode == 0, set_secret.stderr
+    spec = write_spec(tmp_path, env, {"web": web_service(repo, secrets=["SESSION_KEY"])})
+    outputs = [apply(world, str(spec))]
+    before = cluster.deployctl("ledger", f"shop/{env}", "--json").stdout
+
+    bad = write_spec(tmp_path, env, {"web": web_service(repo, secrets=["SESSION_KEY"],
+                                                        install="echo installing; echo boom >&2; exit 3")}, "bad.yml")
+    result = apply(world, str(bad), ok=False)
+    outputs.append(result)
+    assert result.returncode == 1
+    assert b"install failed: exit 3" in result.stderr and b"boom" in result.stderr
+    after = json.loads(cluster.deployctl("ledger", f"shop/{env}", "--json").stdout)
+    live = {(i["component"], i["number"]) for i in after["web"]["instances"] if i["status"] == "live"}
+    assert live == {("code", 1), ("mysql", 1), ("redis", 1)}
+    assert through_nginx(world)[0] == 200
+    assert json.loads(before)["web"]["deploys"][0]["outcome"] == "succeeded"
+
+    for name in ("status", "jobs"):
+        outputs.append(cluster.deployctl(name, f"shop/{env}") if name == "status" else cluster.deployctl(name))
+    job_ids = [r["id"] for r in json.loads(cluster.deployctl("jobs", "--json").stdout)]
+    outputs += [cluster.deployctl("logs", job) for job in job_ids]
+    import sqlite3
+    db = sqlite3.connect(cluster.controller.store / "deployer.db")
+    passwords = [row[0] for row in db.execute("SELECT password FROM credentials")]
+    assert passwords
+    values = [secret, *passwords]
+    haystacks = [o.stdout + o.stderr for o in outputs]
+    haystacks += [p.read_bytes() for p in (cluster.controller.store / "jobs").rglob("*") if p.is_file()]
+    haystacks += [cluster.controller.log.read_bytes()]
+    haystacks += [p.read_bytes() for p in world["base"].glob("agent-*.log")]
+    for value in values:
+        for haystack in haystacks:
+            assert value.encode() not in haystack
+
+
+def cluster_cmd(cluster) -> list[str]:
+    import sys
+    return [sys.executable, "-m", "controller.cli"]
+
+
+@pytest.mark.parametrize("spec_text, error", [
+    ("app: shop\nenvironment: {env}\ndomain: shop.test\nservices:\n  web:\n    path: /\n    source: {repo}\n"
+     "    ref: no-such-branch\n    start: node server.js\n", ":8: services.web.ref: ref 'no-such-branch' not found"),
+    ("app: shop\nenvironment: {env}\ndomain: shop.test\nservices:\n  web:\n    path: /\n    source: /nonexistent/repo\n"
+     "    ref: main\n    start: node server.js\n", ":8: services.web.ref:"),
+])
+def test_bad_refs_are_refused_before_any_job(world, tmp_path, spec_text, error):
+    env, cluster = new_env(world), world["cluster"]
+    path = tmp_path / "environment.yml"
+    path.write_text(spec_text.format(env=env, repo=world["repo"]))
+    jobs_before = json.loads(cluster.deployctl("jobs", "--json").stdout)
+    for command in ("plan", "apply"):
+        result = cluster.deployctl(command, str(path))
+        assert result.returncode == 1
+        lines = result.stderr.decode().strip().splitlines()
+        assert len(lines) == 1 and error in lines[0] and "environment.yml" in lines[0], lines
+    assert json.loads(cluster.deployctl("jobs", "--json").stdout) == jobs_before
