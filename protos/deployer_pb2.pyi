@@ -492,3 +492,81 @@ class OperationRecord(_message.Message):
     result: OperationResult
     output_bytes: int
     def __init__(self, op_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., kind: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., created: _Optional[float] = ..., finished: _Optional[float] = ..., result: _Optional[_Union[OperationResult, _Mapping]] = ..., output_bytes: _Optional[int] = ...) -> None: ...
+
+class OrderRequest(_message.Message):
+    __slots__ = ("spec_text", "spec_name", "options_text", "options_name", "diff_text", "diff_name", "environment", "prune", "base_dir")
+    SPEC_TEXT_FIELD_NUMBER: _ClassVar[int]
+    SPEC_NAME_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_TEXT_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_NAME_FIELD_NUMBER: _ClassVar[int]
+    DIFF_TEXT_FIELD_NUMBER: _ClassVar[int]
+    DIFF_NAME_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    PRUNE_FIELD_NUMBER: _ClassVar[int]
+    BASE_DIR_FIELD_NUMBER: _ClassVar[int]
+    spec_text: str
+    spec_name: str
+    options_text: str
+    options_name: str
+    diff_text: str
+    diff_name: str
+    environment: str
+    prune: bool
+    base_dir: str
+    def __init__(self, spec_text: _Optional[str] = ..., spec_name: _Optional[str] = ..., options_text: _Optional[str] = ..., options_name: _Optional[str] = ..., diff_text: _Optional[str] = ..., diff_name: _Optional[str] = ..., environment: _Optional[str] = ..., prune: _Optional[bool] = ..., base_dir: _Optional[str] = ...) -> None: ...
+
+class PlanReply(_message.Message):
+    __slots__ = ("plan_json",)
+    PLAN_JSON_FIELD_NUMBER: _ClassVar[int]
+    plan_json: str
+    def __init__(self, plan_json: _Optional[str] = ...) -> None: ...
+
+class ApplyReply(_message.Message):
+    __slots__ = ("job_id", "plan_json")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    PLAN_JSON_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    plan_json: str
+    def __init__(self, job_id: _Optional[str] = ..., plan_json: _Optional[str] = ...) -> None: ...
+
+class JobRef(_message.Message):
+    __slots__ = ("job_id", "follow")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    follow: bool
+    def __init__(self, job_id: _Optional[str] = ..., follow: _Optional[bool] = ...) -> None: ...
+
+class JobEvent(_message.Message):
+    __slots__ = ("json",)
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    json: str
+    def __init__(self, json: _Optional[str] = ...) -> None: ...
+
+class EnvRef(_message.Message):
+    __slots__ = ("environment", "service")
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    environment: str
+    service: str
+    def __init__(self, environment: _Optional[str] = ..., service: _Optional[str] = ...) -> None: ...
+
+class JsonReply(_message.Message):
+    __slots__ = ("json",)
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    json: str
+    def __init__(self, json: _Optional[str] = ...) -> None: ...
+
+class SecretRequest(_message.Message):
+    __slots__ = ("environment", "name", "value")
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    environment: str
+    name: str
+    value: str
+    def __init__(self, environment: _Optional[str] = ..., name: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+
+class Empty(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

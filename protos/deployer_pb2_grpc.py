@@ -132,6 +132,46 @@ class OperatorStub:
                 request_serializer=protos_dot_deployer__pb2.GetOperationRequest.SerializeToString,
                 response_deserializer=protos_dot_deployer__pb2.OperationRecord.FromString,
                 _registered_method=True)
+        self.Plan = channel.unary_unary(
+                '/deployer.v1.Operator/Plan',
+                request_serializer=protos_dot_deployer__pb2.OrderRequest.SerializeToString,
+                response_deserializer=protos_dot_deployer__pb2.PlanReply.FromString,
+                _registered_method=True)
+        self.Apply = channel.unary_unary(
+                '/deployer.v1.Operator/Apply',
+                request_serializer=protos_dot_deployer__pb2.OrderRequest.SerializeToString,
+                response_deserializer=protos_dot_deployer__pb2.ApplyReply.FromString,
+                _registered_method=True)
+        self.FollowJob = channel.unary_stream(
+                '/deployer.v1.Operator/FollowJob',
+                request_serializer=protos_dot_deployer__pb2.JobRef.SerializeToString,
+                response_deserializer=protos_dot_deployer__pb2.JobEvent.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/deployer.v1.Operator/ListJobs',
+                request_serializer=protos_dot_deployer__pb2.EnvRef.SerializeToString,
+                response_deserializer=protos_dot_deployer__pb2.JsonReply.FromString,
+                _registered_method=True)
+        self.ShowJob = channel.unary_unary(
+                '/deployer.v1.Operator/ShowJob',
+                request_serializer=protos_dot_deployer__pb2.JobRef.SerializeToString,
+                response_deserializer=protos_dot_deployer__pb2.JsonReply.FromString,
+                _registered_method=True)
+        self.Ledger = channel.unary_unary(
+                '/deployer.v1.Operator/Ledger',
+                request_serializer=protos_dot_deployer__pb2.EnvRef.SerializeToString,
+                response_deserializer=protos_dot_deployer__pb2.JsonReply.FromString,
+                _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/deployer.v1.Operator/Status',
+                request_serializer=protos_dot_deployer__pb2.EnvRef.SerializeToString,
+                response_deserializer=protos_dot_deployer__pb2.JsonReply.FromString,
+                _registered_method=True)
+        self.SetSecret = channel.unary_unary(
+                '/deployer.v1.Operator/SetSecret',
+                request_serializer=protos_dot_deployer__pb2.SecretRequest.SerializeToString,
+                response_deserializer=protos_dot_deployer__pb2.Empty.FromString,
+                _registered_method=True)
 
 
 class OperatorServicer:
@@ -168,6 +208,55 @@ class OperatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Plan(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Apply(self, request, context):
+        """Starts a job for the order and returns at once; FollowJob streams its events.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FollowJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShowJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Ledger(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Status(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetSecret(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OperatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -195,6 +284,46 @@ def add_OperatorServicer_to_server(servicer, server):
                     servicer.GetOperation,
                     request_deserializer=protos_dot_deployer__pb2.GetOperationRequest.FromString,
                     response_serializer=protos_dot_deployer__pb2.OperationRecord.SerializeToString,
+            ),
+            'Plan': grpc.unary_unary_rpc_method_handler(
+                    servicer.Plan,
+                    request_deserializer=protos_dot_deployer__pb2.OrderRequest.FromString,
+                    response_serializer=protos_dot_deployer__pb2.PlanReply.SerializeToString,
+            ),
+            'Apply': grpc.unary_unary_rpc_method_handler(
+                    servicer.Apply,
+                    request_deserializer=protos_dot_deployer__pb2.OrderRequest.FromString,
+                    response_serializer=protos_dot_deployer__pb2.ApplyReply.SerializeToString,
+            ),
+            'FollowJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.FollowJob,
+                    request_deserializer=protos_dot_deployer__pb2.JobRef.FromString,
+                    response_serializer=protos_dot_deployer__pb2.JobEvent.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=protos_dot_deployer__pb2.EnvRef.FromString,
+                    response_serializer=protos_dot_deployer__pb2.JsonReply.SerializeToString,
+            ),
+            'ShowJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShowJob,
+                    request_deserializer=protos_dot_deployer__pb2.JobRef.FromString,
+                    response_serializer=protos_dot_deployer__pb2.JsonReply.SerializeToString,
+            ),
+            'Ledger': grpc.unary_unary_rpc_method_handler(
+                    servicer.Ledger,
+                    request_deserializer=protos_dot_deployer__pb2.EnvRef.FromString,
+                    response_serializer=protos_dot_deployer__pb2.JsonReply.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=protos_dot_deployer__pb2.EnvRef.FromString,
+                    response_serializer=protos_dot_deployer__pb2.JsonReply.SerializeToString,
+            ),
+            'SetSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSecret,
+                    request_deserializer=protos_dot_deployer__pb2.SecretRequest.FromString,
+                    response_serializer=protos_dot_deployer__pb2.Empty.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -332,6 +461,222 @@ class Operator:
             '/deployer.v1.Operator/GetOperation',
             protos_dot_deployer__pb2.GetOperationRequest.SerializeToString,
             protos_dot_deployer__pb2.OperationRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Plan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deployer.v1.Operator/Plan',
+            protos_dot_deployer__pb2.OrderRequest.SerializeToString,
+            protos_dot_deployer__pb2.PlanReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Apply(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deployer.v1.Operator/Apply',
+            protos_dot_deployer__pb2.OrderRequest.SerializeToString,
+            protos_dot_deployer__pb2.ApplyReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FollowJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/deployer.v1.Operator/FollowJob',
+            protos_dot_deployer__pb2.JobRef.SerializeToString,
+            protos_dot_deployer__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deployer.v1.Operator/ListJobs',
+            protos_dot_deployer__pb2.EnvRef.SerializeToString,
+            protos_dot_deployer__pb2.JsonReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShowJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deployer.v1.Operator/ShowJob',
+            protos_dot_deployer__pb2.JobRef.SerializeToString,
+            protos_dot_deployer__pb2.JsonReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Ledger(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deployer.v1.Operator/Ledger',
+            protos_dot_deployer__pb2.EnvRef.SerializeToString,
+            protos_dot_deployer__pb2.JsonReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deployer.v1.Operator/Status',
+            protos_dot_deployer__pb2.EnvRef.SerializeToString,
+            protos_dot_deployer__pb2.JsonReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deployer.v1.Operator/SetSecret',
+            protos_dot_deployer__pb2.SecretRequest.SerializeToString,
+            protos_dot_deployer__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,
