@@ -99,6 +99,7 @@ class Operations:
     async def _execute(self, held: Held) -> None:
         op = held.operation
         kind = op.WhichOneof("kind")
+        started = time.monotonic()
         log.info("op.started", op_id=op.id, kind=kind)
         if kind == "exec":
             try:
@@ -135,6 +136,7 @@ class Operations:
                                         error="unknown operation kind")
         held.spool.close()
         result.output_bytes = held.spool.end
+        result.duration_s = result.duration_s or time.monotonic() - started
         self.journal.record_result(result)
         held.result, held.run = result, None
         log.info("op.finished", op_id=op.id, outcome=pb.Outcome.Name(result.outcome),

@@ -272,16 +272,16 @@ class Runner:
                                  _tail(Path(f"{d.service_dir}/logs/{d.code}.log")))
 
     async def _allocate_port(self, d: Deployment) -> int:
+        """A port no instance on that host holds in the ledger, and that is free there now."""
         taken = self.ledger.ports_in_use(d.host.id)
-        for port in PORT_RANGE:
-            if port in taken:
-                continue
-            probe = await self.sh(d.host, _port_free_script(port), d.service.name, "port", check=False)
-            if probe.result.exit_code == 0 and probe.result.outcome == pb.EXITED:
-                self.ledger.reserve_port(d.host.id, port, self.env_key, d.service.name, d.code)
-                return port
-            taken.add(port)
-        raise StepFailed(d.service.name, "port", f"no free port on {d.host.id} in {PORT_RANGE.start}-{PORT_RANGE.stop - 1}")
+        candidates = [p for p in PORT_RANGE if p not in taken][:200]
+        probe = await self.sh(d.host, _first_free_port_script(candidates), d.service.name, "port", check=False)
+        chosen = (probe.output.folder / "output.log").read_text().strip()
+        if probe.result.exit_code != 0 or not chosen.isdigit():
+            raise StepFailed(d.service.name, "port", f"no free port on {d.host.id} among {len(candidates)} candidates")
+        port = int(chosen)
+        self.ledger.reserve_port(d.host.id, port, self.env_key, d.service.name, d.code)
+        return port
 
     async def _route(self, d: Deployment) -> None:
         name = d.service.name
@@ -384,10 +384,19 @@ def _current_script(service_dir: str, release: str) -> str:
     return f"ln -sfn {q(release)} {q(service_dir)}/current.tmp && mv -T {q(service_dir)}/current.tmp {q(service_dir)}/current"
 
 
-def _port_free_script(port: int) -> str:
-    return ("python3 -c 'import socket,sys; s=socket.socket(); "
-            "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
-            f"s.bind((\"0.0.0.0\", {port}))' 2>/dev/null")
+def _first_free_port_script(candidates: list[int]) -> str:
+    return ("python3 - <<'EOF'\nimport socket, sys\n"
+            f"for port in {candidates!r}:\n"
+            "    s = socket.socket()\n"
+            "    try:\n"
+            "        s.bind(('0.0.0.0', port))\n"
+            "    except OSError:\n"
+            "        continue\n"
+            "    finally:\n"
+            "        s.close()\n"
+            "    print(port)\n"
+            "    sys.exit(0)\n"
+            "sys.exit(1)\nEOF")
 
 
 def _mysql_admin(provider: Agent) -> str:

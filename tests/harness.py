@@ -119,6 +119,9 @@ class Agent:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
+    def stop_services(self) -> None:
+        _stop_services(self.state_dir)
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
@@ -127,6 +130,15 @@ class Agent:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def _stop_services(state_dir: Path) -> None:
+    """Service processes outlive their agent by design; a test must end them itself."""
+    for state in (state_dir / "services").glob("*.json"):
+        try:
+            os.killpg(json.loads(state.read_text())["pid"], signal.SIGKILL)
+        except (ProcessLookupError, PermissionError, ValueError, KeyError):
+            pass
 
 
 class Cluster:
@@ -183,6 +195,7 @@ class Cluster:
     def close(self) -> None:
         for agent in self.agents.values():
             agent.stop()
+            agent.stop_services()
         self.controller.stop()
 
 

@@ -250,3 +250,34 @@ def test_bad_refs_are_refused_before_any_job(world, tmp_path, spec_text, error):
         lines = result.stderr.decode().strip().splitlines()
         assert len(lines) == 1 and error in lines[0] and "environment.yml" in lines[0], lines
     assert json.loads(cluster.deployctl("jobs", "--json").stdout) == jobs_before
+
+
+BAD_SPECS = [
+    ("app: shop\nenvironment: {env}\nservices: [\n", ":4:", "invalid YAML"),
+    ("app: shop\nenvironment: {env}\ndomain: shop.test\ncolour: blue\nservices:\n  web:\n    source: {repo}\n"
+     "    ref: main\n    start: x\n", ":4: colour:", "unknown key"),
+    ("app: Shop\nenvironment: {env}\ndomain: shop.test\nservices:\n  web:\n    source: {repo}\n    ref: main\n"
+     "    start: x\n", ":1: app:", ""),
+    ("app: shop\nenvironment: {env}\ndomain: shop.test\nservices:\n  a:\n    path: /x\n    source: {repo}\n"
+     "    ref: main\n    start: x\n  b:\n    path: /x\n    source: {repo}\n    ref: main\n    start: x\n",
+     ":11: services.b.path:", ""),
+    ("app: shop\nenvironment: {env}\ndomain: shop.test\nservices:\n  web:\n    source: {repo}\n    ref: main\n"
+     "    start: x\n    uses: [mysql, postgres]\n", ":9: services.web.uses[1]:", "postgres"),
+    ("app: shop\nenvironment: {env}\ndomain: shop.test\nservices:\n  web:\n    source: {repo}\n    ref: main\n",
+     ":5: services.web", "start"),
+]
+
+
+@pytest.mark.parametrize("spec_text, where, what", BAD_SPECS)
+def test_bad_specs_give_one_line_and_start_no_job(world, tmp_path, spec_text, where, what):
+    env, cluster = new_env(world), world["cluster"]
+    path = tmp_path / "environment.yml"
+    path.write_text(spec_text.format(env=env, repo=world["repo"]))
+    jobs_before = cluster.deployctl("jobs", "--json").stdout
+    for command in ("plan", "apply"):
+        result = cluster.deployctl(command, str(path))
+        assert result.returncode == 1
+        lines = result.stderr.decode().strip().splitlines()
+        assert len(lines) == 1, lines
+        assert f"environment.yml{where}" in lines[0] and what in lines[0], lines[0]
+    assert cluster.deployctl("jobs", "--json").stdout == jobs_before

@@ -1,0 +1,130 @@
+"""Deploy benchmarks: a no-op re-apply of a 20-service environment, and a full deploy of the
+example against a plain shell script that runs the same commands by hand."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from tests.deploy_harness import Nginx, example_repo, purge, wait_http_ok
+from tests.harness import Cluster
+
+INSTALL = "npm ci --omit=dev --no-audit --no-fund --prefer-offline"
+
+
+def _apply(cluster: Cluster, spec: Path) -> float:
+    start = time.perf_counter()
+    result = cluster.deployctl("apply", str(spec), timeout=900)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"apply failed: {result.stderr.decode()[-800:]}")
+    return seconds
+
+
+def _write(folder: Path, name: str, data: dict) -> Path:
+    path = folder / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def example_spec(folder: Path, env: str, repo: Path) -> Path:
+    web = {"path": "/", "source": str(repo), "ref": "main", "root": "web", "install": INSTALL,
+           "build": "npm run build", "migrate": "node migrate.js", "start": "node server.js",
+           "health": "/health", "uses": ["mysql", "redis"]}
+    worker = {"source": str(repo), "ref": "main", "root": "worker", "install": INSTALL,
+              "start": "node worker.js", "uses": ["redis"]}
+    return _write(folder, f"{env}.yml", {"app": "bench", "environment": env, "domain": "bench.test",
+                                         "services": {"web": web, "worker": worker}})
+
+
+def wide_spec(folder: Path, env: str, repo: Path, count: int) -> Path:
+    services = {f"s{i:02d}": {"path": f"/s{i:02d}", "source": str(repo), "ref": "main",
+                              "start": "python3 -m http.server $PORT --bind 127.0.0.1"}
+                for i in range(count)}
+    return _write(folder, f"{env}.yml", {"app": "bench", "environment": env, "domain": "wide.test",
+                                         "services": services})
+
+
+SHELL_DEPLOY = r"""set -eu
+# The example's deploy by hand: what an operator's script would do, without a ledger or checks.
+D=$BASE/by-hand; rm -rf "$D"; mkdir -p "$D"
+PW=$(head -c 18 /dev/urandom | base64 | tr -d '/+=')
+mariadb -e "CREATE DATABASE \`$DB\`; CREATE USER '$DB'@'%' IDENTIFIED BY '$PW'; GRANT ALL ON \`$DB\`.* TO '$DB'@'%';"
+redis-cli ACL SETUSER "$DB" reset on ">$PW" "~$DB:*" -@all +@connection +@read +@write +@keyspace >/dev/null
+redis-cli ACL SETUSER "$DB-w" reset on ">$PW" "~$DB-w:*" -@all +@connection +@read +@write +@keyspace >/dev/null
+for part in web worker; do
+  git clone -q --no-checkout "$REPO" "$D/$part"; git -C "$D/$part" checkout -q --detach main
+done
+printf 'DATABASE_URL=mysql://%s:%s@127.0.0.1:3306/%s\nREDIS_URL=redis://%s:%s@127.0.0.1:6379\nREDIS_PREFIX=%s:\n' \
+  "$DB" "$PW" "$DB" "$DB" "$PW" "$DB" > "$D/web/.env"
+printf 'REDIS_URL=redis://%s-w:%s@127.0.0.1:6379\nREDIS_PREFIX=%s-w:\n' "$DB" "$PW" "$DB" > "$D/worker/.env"
+cd "$D/web/web"; set -a; . "$D/web/.env"; set +a
+npm ci --omit=dev --no-audit --no-fund --prefer-offline >/dev/null; npm run build >/dev/null; node migrate.js >/dev/null
+PORT=$WEB_PORT setsid node server.js >/dev/null 2>&1 &
+echo $! > "$D/web.pid"
+cd "$D/worker/worker"; set -a; . "$D/worker/.env"; set +a
+npm ci --omit=dev --no-audit --no-fund --prefer-offline >/dev/null
+setsid node worker.js >/dev/null 2>&1 &
+echo $! > "$D/worker.pid"
+for i in $(seq 100); do curl -sf "http://127.0.0.1:$WEB_PORT/health" >/dev/null && break; sleep 0.1; done
+printf 'server { listen %s; server_name byhand.test; location / { proxy_pass http://127.0.0.1:%s; } }\n' \
+  "$NGINX_PORT" "$WEB_PORT" > "$CONF_DIR/by-hand.conf"
+$NGINX_CMD -t 2>/dev/null; $NGINX_CMD -s reload
+sleep 5   # the deployer waits as long for a daemon to prove it stays up
+"""
+
+
+def shell_deploy(base: Path, repo: Path, nginx: Nginx, db: str) -> float:
+    from tests.harness import free_port
+    env = {**os.environ, "BASE": str(base), "REPO": str(repo), "DB": db, "WEB_PORT": str(free_port()),
+           "NGINX_PORT": str(nginx.port), "CONF_DIR": str(nginx.conf_dir), "NGINX_CMD": nginx.base_cmd}
+    start = time.perf_counter()
+    subprocess.run(["bash", "-c", SHELL_DEPLOY], env=env, check=True)
+    seconds = time.perf_counter() - start
+    for pid_file in (base / "by-hand").glob("*.pid"):
+        subprocess.run(["kill", "--", f"-{pid_file.read_text().strip()}"], check=False)
+    (nginx.conf_dir / "by-hand.conf").unlink(missing_ok=True)
+    return seconds
+
+
+def run(runs: int = 3) -> dict:
+    base = Path(tempfile.mkdtemp(prefix="deployer-bench-deploy-"))
+    nginx = Nginx(base).start()
+    cluster = Cluster(base)
+    cluster.controller.start()
+    provides = {**nginx.settings(), "mysql.host": "127.0.0.1", "mysql.port": "3306",
+                "redis.host": "127.0.0.1", "redis.port": "6379"}
+    cluster.add_agent("computing-1", ["computing"], provides=provides)
+    cluster.add_agent("daemons-1", ["daemons"])
+    cluster.wait_connected("computing-1", "daemons-1")
+    repo = example_repo(base)
+    envs: list[str] = []
+    try:
+        ours, by_hand = [], []
+        for _ in range(runs):
+            env = "b" + secrets.token_hex(3)
+            envs.append(env)
+            ours.append(_apply(cluster, example_spec(base, env, repo)))
+            db = f"auto-bench-{env}-byhand"
+            envs.append(env)
+            by_hand.append(shell_deploy(base, repo, nginx, db))
+        wide_env = "w" + secrets.token_hex(3)
+        envs.append(wide_env)
+        wide = wide_spec(base, wide_env, repo, 20)
+        first = _apply(cluster, wide)
+        noop = [_apply(cluster, wide) for _ in range(5)]
+        return {"deploy": statistics.median(ours), "by_hand": statistics.median(by_hand),
+                "wide_first": first, "noop": statistics.median(noop), "runs": runs}
+    finally:
+        cluster.close()
+        nginx.stop()
+        for env in envs:
+            purge("bench", env)
+        subprocess.run(["mariadb", "-e", "SELECT 1"], check=False, capture_output=True)
