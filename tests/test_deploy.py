@@ -29,7 +29,7 @@ def web_service(repo: Path, **extra) -> dict:
 def write_spec(folder: Path, env: str, services: dict, name: str = "environment.yml") -> Path:
     import yaml
     path = folder / name
-    path.write_text(yaml.safe_dump({"app": "shop", "environment": env, "domain": "shop.test",
+    path.write_text(yaml.safe_dump({"app": "shop", "environment": env, "domain": f"{env}.shop.test",
                                     "services": services}, sort_keys=False))
     return path
 
@@ -67,8 +67,9 @@ def apply(world, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
-def through_nginx(world, path: str = "/") -> tuple[int, bytes]:
-    return http_get(world["nginx"].port, path, host="shop.test")
+def through_nginx(world, env: str, path: str = "/") -> tuple[int, bytes]:
+    """A request through nginx to one environment (each test environment has its own domain)."""
+    return http_get(world["nginx"].port, path, host=f"{env}.shop.test")
 
 
 def test_the_four_deploys_of_the_notes(world, tmp_path):
@@ -76,28 +77,28 @@ def test_the_four_deploys_of_the_notes(world, tmp_path):
     spec = write_spec(tmp_path, env, {"web": web_service(repo)})
 
     apply(world, str(spec))                                   # deploy 1: code 1, mysql 1, redis 1
-    status, body = through_nginx(world)
+    status, body = through_nginx(world, env)
     assert status == 200, body
     assert json.loads(body)["visits"] >= 1
     import http.client
     conn = http.client.HTTPConnection("127.0.0.1", world["nginx"].port, timeout=5)
-    conn.request("POST", "/notes", body=b"written through mysql 1", headers={"Host": "shop.test"})
+    conn.request("POST", "/notes", body=b"written through mysql 1", headers={"Host": f"{env}.shop.test"})
     assert conn.getresponse().status in (200, 201)
 
     new_commit(repo, "v2")                                    # deploy 2: new ref → code 2 only
     apply(world, str(spec))
-    assert b"written through mysql 1" in through_nginx(world, "/notes")[1]
+    assert b"written through mysql 1" in through_nginx(world, env, "/notes")[1]
 
     new_commit(repo, "v3")                                    # deploy 3: new ref + renew mysql
     options = tmp_path / "deploy-options.yml"
     options.write_text("renew: [mysql]\n")
     apply(world, str(spec), "--options", str(options))
-    status, body = through_nginx(world, "/notes")
+    status, body = through_nginx(world, env, "/notes")
     assert status == 200 and b"written through mysql 1" not in body   # mysql 2 starts empty
 
     options.write_text("renew: [redis]\n")                    # deploy 4: renew redis only
     apply(world, str(spec), "--options", str(options))
-    assert through_nginx(world)[0] == 200
+    assert through_nginx(world, env)[0] == 200
 
     ledger = cluster.deployctl("ledger", f"shop/{env}", "web")
     assert ledger.returncode == 0, ledger.stderr
@@ -126,7 +127,7 @@ def test_zero_downtime_redeploy_and_failed_health_check(world, tmp_path):
     def client():
         while not stop.is_set() or results["ok"] + results["failed"] < 2000:
             try:
-                status, _ = through_nginx(world, "/health")
+                status, _ = through_nginx(world, env, "/health")
                 if status == 200:
                     results["ok"] += 1
                 else:
@@ -152,7 +153,7 @@ def test_zero_downtime_redeploy_and_failed_health_check(world, tmp_path):
     result = apply(world, str(broken), ok=False)
     assert result.returncode == 1
     assert b"health failed" in result.stderr
-    assert through_nginx(world, "/health")[0] == 200
+    assert through_nginx(world, env, "/health")[0] == 200
     ledger = json.loads(cluster.deployctl("ledger", f"shop/{env}", "web", "--json").stdout)["web"]
     statuses = {i["number"]: i["status"] for i in ledger["instances"] if i["component"] == "code"}
     assert statuses == {1: "standby", 2: "live", 3: "failed"}
@@ -207,7 +208,7 @@ def test_failing_install_changes_nothing_and_secrets_stay_secret(world, tmp_path
     after = json.loads(cluster.deployctl("ledger", f"shop/{env}", "--json").stdout)
     live = {(i["component"], i["number"]) for i in after["web"]["instances"] if i["status"] == "live"}
     assert live == {("code", 1), ("mysql", 1), ("redis", 1)}
-    assert through_nginx(world)[0] == 200
+    assert through_nginx(world, env)[0] == 200
     assert json.loads(before)["web"]["deploys"][0]["outcome"] == "succeeded"
 
     for name in ("status", "jobs"):
@@ -281,3 +282,30 @@ def test_bad_specs_give_one_line_and_start_no_job(world, tmp_path, spec_text, wh
         assert len(lines) == 1, lines
         assert f"environment.yml{where}" in lines[0] and what in lines[0], lines[0]
     assert cluster.deployctl("jobs", "--json").stdout == jobs_before
+
+
+def test_services_outlive_an_agent_crash_and_are_adopted(world, tmp_path):
+    env, repo, cluster = new_env(world), world["repo"], world["cluster"]
+    spec = write_spec(tmp_path, env, {"web": web_service(repo)})
+    apply(world, str(spec))
+    status = json.loads(cluster.deployctl("status", f"shop/{env}", "--json").stdout)[0]
+    old_pid = status["pid"]
+    agent = cluster.agents["computing-1"]
+    agent.kill9()
+    assert through_nginx(world, env)[0] == 200          # the service does not depend on its agent
+    agent.start()
+    cluster.wait_connected("computing-1")
+    status = json.loads(cluster.deployctl("status", f"shop/{env}", "--json").stdout)[0]
+    assert (status["process"], status["pid"], status["health"]) == ("running", old_pid, "ok")
+    new_commit(repo, "after the agent came back")
+    apply(world, str(spec))                         # the adopted process is retired as usual
+    import psutil
+    from tests.harness import wait_for
+
+    def gone() -> bool:
+        try:
+            return psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+    wait_for(gone, 15, what=f"the adopted process {old_pid} stopped")
+    assert through_nginx(world, env)[0] == 200
