@@ -12,7 +12,7 @@ import yaml
 ROLES = ("computing", "daemons")
 _ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _KEYS = {"id", "controller", "roles", "capabilities", "state_dir", "services_root",
-         "heartbeat_interval", "provides"}
+         "heartbeat_interval", "provides", "service_driver"}
 PROVIDES = ("mysql", "redis", "nginx")
 
 
@@ -30,6 +30,7 @@ class AgentConfig:
     services_root: Path = Path("/srv/services")
     heartbeat_interval: float = 5.0
     settings: tuple[tuple[str, str], ...] = ()  # flattened `provides`: ("mysql.port", "3306"), …
+    service_driver: str = "auto"
 
 
 def load(args: argparse.Namespace) -> AgentConfig:
@@ -49,7 +50,7 @@ def load(args: argparse.Namespace) -> AgentConfig:
         unknown = sorted(set(values) - _KEYS)
         if unknown:
             raise ConfigError(f"{args.config}: unknown key {unknown[0]!r} (known: {', '.join(sorted(_KEYS))})")
-    for key in ("id", "controller", "state_dir", "services_root", "heartbeat_interval"):
+    for key in ("id", "controller", "state_dir", "services_root", "heartbeat_interval", "service_driver"):
         if getattr(args, key, None) is not None:
             values[key] = getattr(args, key)
     if args.role:
@@ -93,8 +94,11 @@ def _validate(values: dict, where: str) -> AgentConfig:
             raise ConfigError(f"{where}: provides.{section}: expected a mapping of settings")
         settings += [(f"{section}.{k}", str(v)) for k, v in sorted(entries.items())]
     capabilities = list(dict.fromkeys([*(str(c) for c in values.get("capabilities") or ()), *sorted(provides)]))
+    driver = str(values.get("service_driver") or "auto")
+    if driver not in ("auto", "systemd", "supervisor"):
+        raise ConfigError(f"{where}: service_driver must be auto, systemd or supervisor")
     return AgentConfig(
-        id=agent_id, controller=controller, roles=roles,
+        id=agent_id, controller=controller, roles=roles, service_driver=driver,
         capabilities=tuple(capabilities), settings=tuple(settings),
         state_dir=Path(values.get("state_dir") or "/var/lib/deployer-agent"),
         services_root=Path(values.get("services_root") or "/srv/services"),

@@ -89,7 +89,9 @@ class Journal:
         _write_atomic(self.folder(op_id) / "process.json", json.dumps(info).encode(), sync=False)
 
     def record_result(self, result: pb.OperationResult) -> None:
-        _write_atomic(self.folder(result.op_id) / "result", result.SerializeToString(), sync=True)
+        # Not fsynced: if a power cut loses it, the restarted agent reports the operation
+        # `interrupted`, and the controller keeps the result it already acknowledged.
+        _write_atomic(self.folder(result.op_id) / "result", result.SerializeToString(), sync=False)
 
     def record_ack(self, op_id: str, offset: int) -> None:
         folder = self.folder(op_id)

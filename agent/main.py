@@ -18,6 +18,7 @@ from .system import sd_notify, tune_malloc
 from .journal import Journal
 from .operations import Operations
 from .services import Supervisor
+from .systemd_driver import SystemdDriver, booted
 from .session import Session, SessionEnded
 
 log = structlog.get_logger("agent")
@@ -35,13 +36,20 @@ def configure_logging(level: str) -> None:
     )
 
 
+def choose_driver(config: config_mod.AgentConfig):
+    """systemd supervises services where it is PID 1; the built-in supervisor elsewhere."""
+    wanted = config.service_driver
+    if wanted == "systemd" or (wanted == "auto" and booted()):
+        return SystemdDriver(config.state_dir)
+    return Supervisor(config.state_dir)
+
+
 class Agent:
     def __init__(self, config: config_mod.AgentConfig) -> None:
         self.config = config
         config.state_dir.mkdir(parents=True, exist_ok=True)
         config.services_root.mkdir(parents=True, exist_ok=True)
-        self.ops = Operations(Journal(config.state_dir), config.services_root,
-                              Supervisor(config.state_dir))
+        self.ops = Operations(Journal(config.state_dir), config.services_root, choose_driver(config))
         self.stopping = asyncio.Event()
         self.ready_sent = False
 
@@ -111,6 +119,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--state-dir", dest="state_dir", help="journal and spool (default /var/lib/deployer-agent)")
     parser.add_argument("--services-root", dest="services_root", help="default /srv/services")
     parser.add_argument("--heartbeat-interval", dest="heartbeat_interval", type=float)
+    parser.add_argument("--service-driver", dest="service_driver", choices=["auto", "systemd", "supervisor"],
+                        help="how service processes are run (default auto: systemd where it is PID 1)")
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--version", action="version", version=f"deployer-agent {__version__}")
     return parser.parse_args(argv)

@@ -79,6 +79,8 @@ class OutputLog:
     def sync(self) -> int:
         """Make what was received durable; returns the offset it is safe to acknowledge."""
         received = self.received
+        if received == self.synced:
+            return self.synced  # nothing new since the last sync (often: no output at all)
         os.fsync(self._fd)
         os.fsync(self._idx.fileno())
         self.synced = max(self.synced, received)

@@ -189,7 +189,7 @@ def test_agent_never_imports_controller():
 
 def args(**kw) -> argparse.Namespace:
     base = dict(config=None, id=None, controller=None, role=None, capability=None, state_dir=None,
-                services_root=None, heartbeat_interval=None, provide=None)
+                services_root=None, heartbeat_interval=None, provide=None, service_driver=None)
     base.update(kw)
     return argparse.Namespace(**base)
 

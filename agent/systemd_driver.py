@@ -1,0 +1,129 @@
+"""The systemd service driver, used where systemd is PID 1: each service process is an instance
+of a template unit `auto-<app>-<env>-<service>@.service`, so systemd supervises it, keeps its
+logs in the journal, and it survives any restart of the agent.
+
+The template is the same for every service of the deployer; what differs per process (working
+folder, command, environment) is in a per-instance environment file under the agent's state
+folder (0600), read by systemd itself. The instance name is the driver's process key
+(`<code instance>-<port>`), since a code instance can run twice during a blue/green restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from protos import deployer_pb2 as pb
+
+from .executor import StartError, read_env_file
+
+UNIT_DIR = Path("/etc/systemd/system")
+STARTUP_WATCH_S = 0.3
+
+
+def template_unit(env_dir: Path) -> str:
+    """The one template every deployed service uses (`%p` = name, `%i` = instance).
+
+    `$$` hands a literal `$` to the shell: systemd would otherwise substitute the variables
+    itself, splitting the command at spaces.
+    """
+    return f"""[Unit]
+Description=%p instance %i (started by the deployer agent)
+
+[Service]
+Type=simple
+EnvironmentFile={env_dir}/%p@%i.env
+ExecStart=/bin/sh -c 'cd "$$DEPLOYER_CWD" && exec /bin/sh -c "$$DEPLOYER_COMMAND"'
+KillMode=control-group
+TimeoutStopSec=10
+Restart=no
+"""
+
+
+def _quote(value: str) -> str:
+    """EnvironmentFile value syntax: double quotes, with backslash and quote escaped."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def instance_env(spec: pb.ServiceStartSpec) -> str:
+    values = read_env_file(spec.env_file) if spec.env_file else {}
+    values.update(spec.env)
+    for name, value in values.items():
+        if "\n" in value:
+            raise StartError(f"the value of {name} contains a newline")
+    values["DEPLOYER_CWD"] = spec.cwd
+    values["DEPLOYER_COMMAND"] = " ".join(spec.argv[2:]) if spec.argv[:2] == ["sh", "-c"] else \
+        " ".join(_quote(a) for a in spec.argv)
+    return "".join(f"{name}={_quote(value)}\n" for name, value in sorted(values.items()))
+
+
+def booted() -> bool:
+    """sd_booted(3): systemd is the init system."""
+    return Path("/run/systemd/system").is_dir()
+
+
+class SystemdDriver:
+    name = "systemd"
+
+    def __init__(self, state_dir: Path, unit_dir: Path = UNIT_DIR) -> None:
+        self.env_dir = state_dir / "services"
+        self.env_dir.mkdir(parents=True, exist_ok=True)
+        self.unit_dir = unit_dir
+
+    async def _systemctl(self, *args: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            "systemctl", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out, _ = await proc.communicate()
+        return proc.returncode, out.decode(errors="replace").strip()
+
+    async def _install_template(self, name: str) -> None:
+        path = self.unit_dir / f"{name}@.service"
+        content = template_unit(self.env_dir)
+        if not path.exists() or path.read_text() != content:
+            path.write_text(content)
+            await self._systemctl("daemon-reload")
+
+    async def start(self, op_id: str, spec: pb.ServiceStartSpec) -> pb.OperationResult:
+        if not os.path.isdir(spec.cwd):
+            raise StartError(f"working directory {spec.cwd} does not exist")
+        await self._install_template(spec.name)
+        env_path = self.env_dir / f"{spec.name}@{spec.instance}.env"
+        fd = os.open(env_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(instance_env(spec))
+        unit = f"{spec.name}@{spec.instance}.service"
+        code, out = await self._systemctl("start", unit)
+        if code != 0:
+            return pb.OperationResult(op_id=op_id, outcome=pb.FAILED_TO_START, error=f"systemctl start {unit}: {out}")
+        await asyncio.sleep(STARTUP_WATCH_S)
+        code, state = await self._systemctl("is-active", unit)
+        if state != "active":
+            return pb.OperationResult(op_id=op_id, outcome=pb.FAILED_TO_START,
+                                      error=f"{unit} is {state} (see journalctl -u {unit})")
+        return pb.OperationResult(op_id=op_id, outcome=pb.EXITED)
+
+    async def stop(self, op_id: str, spec: pb.ServiceStopSpec) -> pb.OperationResult:
+        unit = f"{spec.name}@{spec.instance}.service"
+        code, out = await self._systemctl("stop", unit)
+        (self.env_dir / f"{spec.name}@{spec.instance}.env").unlink(missing_ok=True)
+        return pb.OperationResult(op_id=op_id, outcome=pb.EXITED, error="" if code == 0 else out)
+
+    def list(self, prefix: str) -> list[dict]:
+        """Known instances, from their environment files; liveness from systemd."""
+        import subprocess
+        out = []
+        for path in sorted(self.env_dir.glob(f"{prefix}*@*.env")):
+            name, _, instance = path.stem.partition("@")
+            unit = f"{name}@{instance}.service"
+            show = subprocess.run(["systemctl", "show", unit, "-p", "ActiveState,MainPID,MemoryCurrent,CPUUsageNSec"],
+                                  capture_output=True, text=True).stdout
+            props = dict(line.split("=", 1) for line in show.splitlines() if "=" in line)
+            entry = {"name": name, "instance": instance, "pid": int(props.get("MainPID") or 0),
+                     "alive": props.get("ActiveState") == "active", "log_path": f"journal:{unit}"}
+            if props.get("MemoryCurrent", "").isdigit():
+                entry["rss_bytes"] = int(props["MemoryCurrent"])
+            if props.get("CPUUsageNSec", "").isdigit():
+                entry["cpu_s"] = int(props["CPUUsageNSec"]) / 1e9
+            out.append(entry)
+        return out
