@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import signal
 import sys
@@ -14,7 +13,7 @@ import grpc
 import structlog
 
 from . import __version__, config as config_mod, link
-from .system import sd_notify, tune_malloc
+from .system import configure_logging, sd_notify, tune_malloc
 from .journal import Journal
 from .operations import Operations
 from .services import Supervisor
@@ -22,18 +21,6 @@ from .systemd_driver import SystemdDriver, booted
 from .session import Session, SessionEnded
 
 log = structlog.get_logger("agent")
-
-
-def configure_logging(level: str) -> None:
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.JSONRenderer(),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )
 
 
 def choose_driver(config: config_mod.AgentConfig):

@@ -6,8 +6,13 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import socket
+import sys
+from typing import TextIO
+
+import structlog
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -39,3 +44,17 @@ def tune_malloc() -> None:
         libc.mallopt(_M_TRIM_THRESHOLD, 16 << 20)
     except (OSError, AttributeError):
         pass
+
+
+def configure_logging(level: str = "info", stream: TextIO | None = None) -> None:
+    """JSON logs with stable event names (`agent.connected`, `op.finished`, …), one per line."""
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        cache_logger_on_first_use=True,
+    )

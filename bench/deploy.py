@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.deploy_harness import Nginx, example_repo, purge, wait_http_ok
+from tests.deploy_harness import Nginx, deploy_cluster, example_repo, purge
 from tests.harness import Cluster
 
 INSTALL = "npm ci --omit=dev --no-audit --no-fund --prefer-offline"
@@ -96,14 +96,7 @@ def shell_deploy(base: Path, repo: Path, nginx: Nginx, db: str) -> float:
 
 def run(runs: int = 3) -> dict:
     base = Path(tempfile.mkdtemp(prefix="deployer-bench-deploy-"))
-    nginx = Nginx(base).start()
-    cluster = Cluster(base)
-    cluster.controller.start()
-    provides = {**nginx.settings(), "mysql.host": "127.0.0.1", "mysql.port": "3306",
-                "redis.host": "127.0.0.1", "redis.port": "6379"}
-    cluster.add_agent("computing-1", ["computing"], provides=provides)
-    cluster.add_agent("daemons-1", ["daemons"])
-    cluster.wait_connected("computing-1", "daemons-1")
+    nginx, cluster = deploy_cluster(base)
     repo = example_repo(base)
     envs: list[str] = []
     try:
@@ -127,4 +120,3 @@ def run(runs: int = 3) -> dict:
         nginx.stop()
         for env in envs:
             purge("bench", env)
-        subprocess.run(["mariadb", "-e", "SELECT 1"], check=False, capture_output=True)

@@ -14,7 +14,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import deploy as deploy_bench, peers as peers_mod  # noqa: E402
-from tests.harness import Cluster, peak_rss_while  # noqa: E402
+from tests.harness import Cluster, PeakRss  # noqa: E402
 
 DEPLOYCTL = ROOT / ".venv" / "bin" / "deployctl"
 LINE = "0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz"
@@ -60,19 +59,11 @@ def deployer_fanout(cluster: Cluster, n: int, runs: int) -> float:
 
 def deployer_throughput(cluster: Cluster, command: str, nbytes: int) -> tuple[float, int, int]:
     """MB/s end to end into the `deployctl exec` follower, and peak RSS of controller and agent."""
-    agent = cluster.agents["a01"]
-    procs = [psutil.Process(cluster.controller.proc.pid), psutil.Process(agent.proc.pid)]
-    done = threading.Event()
-    peaks: dict[int, int] = {}
-    sampler = threading.Thread(target=lambda: peaks.update(peak_rss_while(procs, done)))
-    sampler.start()
-    try:
+    controller, agent = cluster.controller.proc.pid, cluster.agents["a01"].proc.pid
+    with PeakRss([controller, agent]) as peaks:
         seconds = timed([str(DEPLOYCTL), "exec", "--agent", "a01", "--", "sh", "-c", command],
                         cluster.env())
-    finally:
-        done.set()
-        sampler.join()
-    return nbytes / seconds / 1e6, peaks[procs[0].pid], peaks[procs[1].pid]
+    return nbytes / seconds / 1e6, peaks[controller], peaks[agent]
 
 
 def ssh_throughput(peers: peers_mod.Peers, command: str, nbytes: int) -> float:

@@ -14,10 +14,10 @@ from pathlib import Path
 import grpc
 import structlog
 
-from agent.system import sd_notify, tune_malloc
+from agent.system import configure_logging, sd_notify, tune_malloc
 from protos import deployer_pb2_grpc as pb_grpc
 
-from . import __version__, logs
+from . import __version__
 from .db import Database
 from .dispatcher import Dispatcher
 from .environments import Environments
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     tune_malloc()
     os.umask(0o077)  # everything the controller writes is private
     log_stream = open(args.log_file, "a", buffering=1) if args.log_file else None
-    logs.configure(args.log_level, log_stream)
+    configure_logging(args.log_level, log_stream)
     store = (args.store or default_store()).resolve()
     controller = Controller(store, (args.socket or store / "control.sock").resolve(), args.listen,
                             args.operator_listen, args.lost_after)

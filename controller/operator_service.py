@@ -11,7 +11,6 @@ from protos import deployer_pb2 as pb
 from protos import deployer_pb2_grpc as pb_grpc
 
 import json
-import time
 
 from . import naming, operations
 from .dispatcher import Dispatcher, UnknownOperation

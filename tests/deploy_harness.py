@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.harness import ROOT, free_port, wait_for
+from tests.harness import ROOT, Cluster, free_port, wait_for
 
 EXAMPLE = ROOT / "examples" / "shop"
 
@@ -138,3 +138,17 @@ def wait_http_ok(port: int, path: str, host: str, timeout: float = 30) -> None:
 
 def elapsed(start: float) -> float:
     return time.monotonic() - start
+
+
+def deploy_cluster(base: Path) -> tuple[Nginx, Cluster]:
+    """A private nginx, a controller, `computing-1` (which also provides MySQL, Redis and nginx
+    routing on this machine) and `daemons-1`, all connected."""
+    nginx = Nginx(base).start()
+    cluster = Cluster(base)
+    cluster.controller.start()
+    provides = {**nginx.settings(), "mysql.host": "127.0.0.1", "mysql.port": "3306",
+                "redis.host": "127.0.0.1", "redis.port": "6379"}
+    cluster.add_agent("computing-1", ["computing"], provides=provides)
+    cluster.add_agent("daemons-1", ["daemons"])
+    cluster.wait_connected("computing-1", "daemons-1")
+    return nginx, cluster

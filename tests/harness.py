@@ -264,14 +264,30 @@ class CuttableProxy:
         self.listener.close()
 
 
-def peak_rss_while(procs: list[psutil.Process], until: threading.Event, every: float = 0.05) -> dict[int, int]:
-    """Sample the RSS of processes until the event is set; returns pid → peak bytes."""
-    peaks = {p.pid: 0 for p in procs}
-    while not until.is_set():
-        for p in procs:
-            try:
-                peaks[p.pid] = max(peaks[p.pid], p.memory_info().rss)
-            except psutil.Error:
-                pass
-        time.sleep(every)
-    return peaks
+class PeakRss:
+    """`with PeakRss(pids) as peaks:` samples the RSS of processes every 50 ms while the block
+    runs; afterwards `peaks[pid]` is each one's highest sample in bytes."""
+
+    def __init__(self, pids: list[int], every: float = 0.05) -> None:
+        self.procs = [psutil.Process(pid) for pid in pids]
+        self.every = every
+        self.peaks = {pid: 0 for pid in pids}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            for p in self.procs:
+                try:
+                    self.peaks[p.pid] = max(self.peaks[p.pid], p.memory_info().rss)
+                except psutil.Error:
+                    pass
+            time.sleep(self.every)
+
+    def __enter__(self) -> dict[int, int]:
+        self._thread.start()
+        return self.peaks
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()

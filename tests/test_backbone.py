@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
-import threading
 import time
 
 import psutil
 import pytest
 
-from tests.harness import CuttableProxy, peak_rss_while, wait_for
+from tests.harness import CuttableProxy, PeakRss, wait_for
 
 LINES = 50_000
 # Prints LINES numbered lines in bursts, slowly enough that a test can strike mid-stream.
@@ -176,18 +173,10 @@ def test_200mb_of_output_keeps_memory_bounded(cluster):
     agent = cluster.add_agent("computing-1")
     cluster.wait_connected("computing-1")
     size = 200_000_000
-    procs = [psutil.Process(cluster.controller.proc.pid), psutil.Process(agent.proc.pid)]
-    done = threading.Event()
-    peaks: dict[int, int] = {}
-    sampler = threading.Thread(target=lambda: peaks.update(peak_rss_while(procs, done)))
-    sampler.start()
-    try:
+    with PeakRss([cluster.controller.proc.pid, agent.proc.pid]) as peaks:
         result = cluster.deployctl("exec", "--agent", "computing-1", "--", "sh", "-c",
                                    f"yes 0123456789abcdefghijklmnopqrstuvwxyz | head -c {size}",
                                    stdout=subprocess.DEVNULL, timeout=300)
-    finally:
-        done.set()
-        sampler.join()
     assert result.returncode == 0, result.stderr
     op_id = only_op(cluster)
     assert len(cluster.output(op_id)) == size

@@ -5,14 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.deploy_harness import (Nginx, example_repo, git, http_get, mysql, new_commit, purge, redis,
-                                  unique_env, wait_http_ok)
-from tests.harness import Cluster
+from tests.deploy_harness import deploy_cluster, example_repo, http_get, new_commit, purge, redis, unique_env
 
 pytestmark = pytest.mark.slow
 INSTALL = "npm ci --omit=dev --no-audit --no-fund --prefer-offline"
@@ -37,14 +34,7 @@ def write_spec(folder: Path, env: str, services: dict, name: str = "environment.
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     base = tmp_path_factory.mktemp("deploy")
-    nginx = Nginx(base).start()
-    cluster = Cluster(base)
-    cluster.controller.start()
-    provides = {**nginx.settings(), "mysql.host": "127.0.0.1", "mysql.port": "3306",
-                "redis.host": "127.0.0.1", "redis.port": "6379"}
-    cluster.add_agent("computing-1", ["computing"], provides=provides)
-    cluster.add_agent("daemons-1", ["daemons"])
-    cluster.wait_connected("computing-1", "daemons-1")
+    nginx, cluster = deploy_cluster(base)
     repo = example_repo(base)
     envs: list[str] = []
     yield {"base": base, "nginx": nginx, "cluster": cluster, "repo": repo, "envs": envs}
