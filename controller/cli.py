@@ -394,6 +394,8 @@ def follow_job(stub: pb_grpc.OperatorStub, job_id: str, verbose: bool) -> int:
             print(f"error: {e['error']}", file=sys.stderr)
             if e.get("tail"):
                 print("  " + e["tail"].replace("\n", "\n  "), file=sys.stderr)
+        elif name == "job.note":
+            print(e["note"], flush=True)
         elif name == "deploy.live":
             where = f" on port {e['port']}" if e.get("port") else ""
             print(f"{e['service']}: code {e['code']} is live{where}", flush=True)
@@ -401,6 +403,29 @@ def follow_job(stub: pb_grpc.OperatorStub, job_id: str, verbose: bool) -> int:
             state = e["state"]
             print(f"job {job_id} {state}: {e['summary']}", file=sys.stderr if state != "succeeded" else sys.stdout)
     return EXIT_OK if state == "succeeded" else EXIT_FAILED
+
+
+def _env_service(value: str) -> tuple[str, str]:
+    parts = value.split("/")
+    if len(parts) != 3 or not all(parts):
+        raise CliError(f"{value!r}: expected APP/ENVIRONMENT/SERVICE, e.g. shop/prod/web", EXIT_USAGE)
+    return "/".join(parts[:2]), parts[2]
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    env, service = _env_service(args.target)
+    stub, where = connect(args)
+    reload = args.command_name == "reload"
+    try:
+        reply = stub.Rollback(pb.RollbackRequest(environment=env, service=service,
+                                                 to=getattr(args, "to", None) or 0, reload=reload), timeout=30)
+    except grpc.RpcError as exc:
+        raise _order_error(exc, where) from None
+    if args.detach:
+        print(reply.job_id)
+        return EXIT_OK
+    print(f"job {reply.job_id}")
+    return follow_job(stub, reply.job_id, verbose=False)
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -604,6 +629,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("env", help="APP/ENVIRONMENT")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("rollback", help="start an older code instance again; data is never touched",
+                       description="Roll a service back to an older code instance still on disk: start it, "
+                                   "health check, switch the route, stop the current one. Recorded as a new "
+                                   "deploy that reuses that code instance. Databases and Redis stay as they are.",
+                       epilog="example: deployctl rollback shop/prod/web --to 3")
+    p.add_argument("target", metavar="APP/ENV/SERVICE")
+    p.add_argument("--to", type=int, help="code instance number (default: the newest one older than the live one)")
+    p.add_argument("--detach", action="store_true")
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("reload", help="restart the live instance blue/green, with no failed request",
+                       description="Start the live code instance again on a fresh port, health check, switch, "
+                                   "stop the old process.",
+                       epilog="example: deployctl reload shop/prod/web")
+    p.add_argument("target", metavar="APP/ENV/SERVICE")
+    p.add_argument("--detach", action="store_true")
+    p.set_defaults(func=cmd_rollback)
 
     secret = sub.add_parser("secret", help="set secret values").add_subparsers(dest="secret_command", metavar="SUBCOMMAND")
     p = secret.add_parser("set", help="set a secret from standard input",

@@ -143,6 +143,70 @@ class Environments:
         task.add_done_callback(self.tasks.discard)
         return job, plan
 
+    # ---------------------------------------------------------------- rollback and reload
+
+    def _code_plan(self, env_key: str, service: str, to: int, reload: bool) -> tuple[spec_mod.Spec, planner.Plan, str]:
+        """The plan of a rollback (or reload): reuse a code instance, touch no data component."""
+        stored = self.stored_spec(env_key)
+        live = self.ledger.state(env_key).get(service)
+        if stored is None or live is None or live.code is None:
+            raise OrderError(f"{env_key}/{service}: nothing is live to roll back from")
+        if reload:
+            number = live.code.number
+        elif to:
+            number = to
+        else:
+            older = [r["number"] for r in self.ledger.instances(env_key, service)
+                     if r["component"] == "code" and r["status"] == "standby" and r["number"] < live.code.number]
+            if not older:
+                raise OrderError(f"{env_key}/{service}: no older code instance is kept to roll back to")
+            number = max(older)
+        row = self.ledger.instance(env_key, service, "code", number)
+        if row is None:
+            raise OrderError(f"{env_key}/{service}: code instance {number} never existed")
+        if not reload and number == live.code.number:
+            raise OrderError(f"{env_key}/{service}: code instance {number} is already live")
+        if row["status"] in ("removed", "failed"):
+            why = "it was removed from disk" if row["status"] == "removed" else "it failed and never served"
+            raise OrderError(f"{env_key}/{service}: cannot roll back to code instance {number}: {why}")
+        names = json.loads(row["names"])
+        if "service" in names:
+            stored = {**stored, "services": {**stored["services"], service: names["service"]}}
+        try:
+            spec = spec_mod.spec_from_dict(stored)
+        except spec_mod.SpecError as exc:
+            raise OrderError(f"{env_key}/{service}: the stored definition is invalid: {exc}") from None
+        changes = [planner.Change("code", False, number, "reload" if reload else f"rollback to {number}")]
+        for component in ("mysql", "redis"):
+            current = live.live(component)
+            if current is not None:
+                changes.append(planner.Change(component, False, current.number))
+        why = f"reload of code instance {number}" if reload else f"rollback to code instance {number}"
+        plan = planner.Plan(env_key, (planner.ServicePlan(service, "deploy", tuple(changes), row["commit_sha"], (why,)),))
+        kept = [f"{c.component} {c.number}" for c in changes[1:]]
+        note = why + ("; data is not touched: " + ", ".join(kept) + " stay live" if kept else "")
+        return spec, plan, note
+
+    async def rollback(self, request) -> tuple[Job, planner.Plan]:
+        env_key, service = request.environment, request.service
+        spec, plan, note = self._code_plan(env_key, service, request.to, request.reload)
+        kind = "reload" if request.reload else "rollback"
+        lock = EnvLock(self.store, env_key)
+        job_id = new_job_id()
+        try:
+            lock.acquire(job_id, kind)
+        except Locked as exc:
+            raise OrderError(str(exc)) from None
+        job = Job(self.store, self.db, job_id, env_key, kind)
+        self.jobs[job_id] = job
+        job.save("plan.json", json.dumps(plan.to_dict(), indent=2) + "\n")
+        job.event("job.started", environment=env_key, kind=kind, plan=plan.to_dict())
+        job.event("job.note", note=note)
+        task = asyncio.create_task(self._run(job, spec, plan, lock))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return job, plan
+
     def _accept(self, spec: spec_mod.Spec) -> None:
         folder = self.store / "environments" / spec.app
         folder.mkdir(parents=True, exist_ok=True)
@@ -166,7 +230,8 @@ class Environments:
             job.finish("failed", f"internal error: {type(exc).__name__}: {exc}")
         else:
             names = ", ".join(s.service for s in plan.services)
-            job.finish("succeeded", f"deployed {names}")
+            verb = {"apply": "deployed"}.get(job.kind, job.kind + " of")
+            job.finish("succeeded", f"{verb} {names}")
         finally:
             lock.release()
             log.info("job.finished", job_id=job.id, environment=job.env_key)

@@ -194,18 +194,25 @@ class Ledger:
 
 
 def diagram(rows: list[DeployRow]) -> str:
-    """The ledger in the shape of the original notes: (n) where a deploy made instance n,
-    `|` where it reused the one above. A failed deploy is marked."""
+    """The ledger in the shape of the original notes: `(n)` where a deploy made instance n, `|`
+    where it kept the one above, and a bare `n` where it went back to an older one (a rollback).
+    A deploy that did not succeed is marked."""
     lines = ["deploy  code  mysql  redis"]
+    above: dict[str, int | None] = {"code": None, "mysql": None, "redis": None}
     for row in rows:
         cells = []
-        for number, new in ((row.code, row.code_new), (row.mysql, row.mysql_new), (row.redis, row.redis_new)):
+        for component, number, new in (("code", row.code, row.code_new), ("mysql", row.mysql, row.mysql_new),
+                                       ("redis", row.redis, row.redis_new)):
             if number is None:
                 cells.append("")
             elif new:
                 cells.append(f"({number})")
-            else:
+            elif number == above[component]:
                 cells.append(" |")
+            else:
+                cells.append(f" {number}")
+            if row.outcome == "succeeded" and number is not None:
+                above[component] = number
         line = f"{row.number:<7} {cells[0]:<5} {cells[1]:<6} {cells[2]}".rstrip()
         if row.outcome != "succeeded":
             line = f"{line:<28} {row.outcome}" + (f": {row.reason}" if row.reason else "")

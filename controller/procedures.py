@@ -164,8 +164,10 @@ class Runner:
         release = f"{d.service_dir}/releases/{d.code}"
         workdir = f"{release}/{service.root}" if service.root else release
         if d.code_new:
+            # The instance keeps its own definition, so a rollback restores its commands and env.
             self.ledger.add_instance(self.env_key, name, "code", d.code, host=d.host.id, commit=sp.commit,
-                                     fingerprint=code_fingerprint(service), names={"release": release})
+                                     fingerprint=code_fingerprint(service),
+                                     names={"release": release, "service": service.to_dict()})
             await self.sh(d.host, _checkout_script(d.service_dir, release, service.source, sp.commit),
                           name, "checkout", timeout=600)
         values = {}

@@ -515,6 +515,18 @@ class OrderRequest(_message.Message):
     base_dir: str
     def __init__(self, spec_text: _Optional[str] = ..., spec_name: _Optional[str] = ..., options_text: _Optional[str] = ..., options_name: _Optional[str] = ..., diff_text: _Optional[str] = ..., diff_name: _Optional[str] = ..., environment: _Optional[str] = ..., prune: _Optional[bool] = ..., base_dir: _Optional[str] = ...) -> None: ...
 
+class RollbackRequest(_message.Message):
+    __slots__ = ("environment", "service", "to", "reload")
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
+    RELOAD_FIELD_NUMBER: _ClassVar[int]
+    environment: str
+    service: str
+    to: int
+    reload: bool
+    def __init__(self, environment: _Optional[str] = ..., service: _Optional[str] = ..., to: _Optional[int] = ..., reload: _Optional[bool] = ...) -> None: ...
+
 class PlanReply(_message.Message):
     __slots__ = ("plan_json",)
     PLAN_JSON_FIELD_NUMBER: _ClassVar[int]

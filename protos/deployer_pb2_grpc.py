@@ -172,6 +172,11 @@ class OperatorStub:
                 request_serializer=protos_dot_deployer__pb2.SecretRequest.SerializeToString,
                 response_deserializer=protos_dot_deployer__pb2.Empty.FromString,
                 _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/deployer.v1.Operator/Rollback',
+                request_serializer=protos_dot_deployer__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=protos_dot_deployer__pb2.ApplyReply.FromString,
+                _registered_method=True)
 
 
 class OperatorServicer:
@@ -257,6 +262,12 @@ class OperatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rollback(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OperatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -324,6 +335,11 @@ def add_OperatorServicer_to_server(servicer, server):
                     servicer.SetSecret,
                     request_deserializer=protos_dot_deployer__pb2.SecretRequest.FromString,
                     response_serializer=protos_dot_deployer__pb2.Empty.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=protos_dot_deployer__pb2.RollbackRequest.FromString,
+                    response_serializer=protos_dot_deployer__pb2.ApplyReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -677,6 +693,33 @@ class Operator:
             '/deployer.v1.Operator/SetSecret',
             protos_dot_deployer__pb2.SecretRequest.SerializeToString,
             protos_dot_deployer__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deployer.v1.Operator/Rollback',
+            protos_dot_deployer__pb2.RollbackRequest.SerializeToString,
+            protos_dot_deployer__pb2.ApplyReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -299,3 +299,49 @@ def test_services_outlive_an_agent_crash_and_are_adopted(world, tmp_path):
             return True
     wait_for(gone, 15, what=f"the adopted process {old_pid} stopped")
     assert through_nginx(world, env)[0] == 200
+
+
+def test_rollback_from_a_release_that_serves_errors(world, tmp_path):
+    env, repo, cluster = new_env(world), world["repo"], world["cluster"]
+    good = write_spec(tmp_path, env, {"web": web_service(repo)})
+    apply(world, str(good))                                              # deploy 1: code 1
+    bad = write_spec(tmp_path, env, {"web": web_service(repo, env={"FAIL_MODE": "errors"})}, "bad.yml")
+    apply(world, str(bad))                                               # deploy 2: code 2, healthy, serves 500
+    assert through_nginx(world, env)[0] == 500
+    results = {"ok": 0, "failed": []}
+    stop = threading.Event()
+
+    def client():
+        while not stop.is_set() or results["ok"] + len(results["failed"]) < 1000:
+            try:
+                status, _ = through_nginx(world, env, "/health")
+                if status == 200:
+                    results["ok"] += 1
+                else:
+                    results["failed"].append(status)
+            except OSError as exc:
+                results["failed"].append(str(exc))
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    rollback = cluster.deployctl("rollback", f"shop/{env}/web", timeout=300)
+    stop.set()
+    thread.join()
+    assert rollback.returncode == 0, rollback.stderr
+    assert b"rollback to code instance 1; data is not touched: mysql 1, redis 1 stay live" in rollback.stdout
+    assert results["failed"] == [] and results["ok"] >= 1000
+    assert through_nginx(world, env)[0] == 200
+    ledger = cluster.deployctl("ledger", f"shop/{env}", "web").stdout.decode()
+    assert ledger == ("deploy  code  mysql  redis\n"
+                      "1       (1)   (1)    (1)\n"
+                      "2       (2)    |      |\n"
+                      "3        1     |      |\n")
+    rows = json.loads(cluster.deployctl("ledger", f"shop/{env}", "web", "--json").stdout)["web"]["deploys"]
+    assert (rows[-1]["code"], rows[-1]["code_new"]) == (1, False)
+
+    gone = cluster.deployctl("rollback", f"shop/{env}/web", "--to", "9")
+    assert gone.returncode == 1
+    assert gone.stderr.decode().strip() == f"deployctl: shop/{env}/web: code instance 9 never existed"
+    reload = cluster.deployctl("reload", f"shop/{env}/web", timeout=300)
+    assert reload.returncode == 0, reload.stderr
+    assert through_nginx(world, env)[0] == 200

@@ -246,3 +246,22 @@ def test_targets_resolve_by_id_role_and_all():
     assert chosen == ["c1", "d1"] and not errors
     chosen, errors = resolve_targets(FakeRegistry(), pb.Target(all=True))
     assert not chosen and errors[0].error == "no agent is connected"
+
+
+def test_ledger_diagram_marks_new_kept_and_rolled_back_instances():
+    from controller.ledger import DeployRow, diagram
+
+    def row(n, code, mysql, redis, new=(), outcome="succeeded", reason=""):
+        return DeployRow(n, code, "code" in new, mysql, "mysql" in new, redis, "redis" in new,
+                         "", "", 0, outcome, reason, "", 0)
+    rows = [row(1, 1, 1, 1, ("code", "mysql", "redis")), row(2, 2, 1, 1, ("code",)),
+            row(3, 3, 2, 1, ("code", "mysql"), "failed", "web: health failed"),
+            row(4, 2, 1, 2, ("redis",)), row(5, 1, 1, 2), row(6, 4, None, 2, ("code",))]
+    assert diagram(rows) == (
+        "deploy  code  mysql  redis\n"
+        "1       (1)   (1)    (1)\n"
+        "2       (2)    |      |\n"
+        "3       (3)   (2)     |      failed: web: health failed\n"
+        "4        |     |     (2)\n"
+        "5        1     |      |\n"
+        "6       (4)           |\n")
