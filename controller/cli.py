@@ -372,10 +372,12 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return follow_job(stub, reply.job_id, verbose=False)
 
 
-def follow_job(stub: pb_grpc.OperatorStub, job_id: str, verbose: bool) -> int:
-    """Print a job's steps as they happen; exit code = the job's outcome."""
+def follow_job(stub: pb_grpc.OperatorStub, job_id: str, verbose: bool, counts: dict | None = None) -> int:
+    """Print a job's steps as they happen; exit code = the job's outcome. `counts` collects how
+    many findings (and findings left after a repair) the job reported."""
     started: dict[str, float] = {}
     state = "running"
+    counts = counts if counts is not None else {}
     for event in stub.FollowJob(pb.JobRef(job_id=job_id, follow=True)):
         e = json.loads(event.json)
         name = e["event"]
@@ -396,6 +398,12 @@ def follow_job(stub: pb_grpc.OperatorStub, job_id: str, verbose: bool) -> int:
                 print("  " + e["tail"].replace("\n", "\n  "), file=sys.stderr)
         elif name == "job.note":
             print(e["note"], flush=True)
+        elif name == "finding":
+            key = "left" if e.get("after_repair") else "found"
+            counts[key] = counts.get(key, 0) + 1
+            print(("still: " if e.get("after_repair") else "") + e["line"], flush=True)
+        elif name in ("repaired", "clean.planned"):
+            print(e["line"], flush=True)
         elif name == "deploy.live":
             where = f" on port {e['port']}" if e.get("port") else ""
             print(f"{e['service']}: code {e['code']} is live{where}", flush=True)
@@ -426,6 +434,25 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"job {reply.job_id}")
     return follow_job(stub, reply.job_id, verbose=False)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """verify (exit 0 clean, 2 drift), repair (0 when nothing is left to repair), clean."""
+    stub, where = connect(args)
+    try:
+        reply = stub.Check(pb.CheckRequest(environment=args.env, action=args.command_name,
+                                           dry_run=getattr(args, "dry_run", False)), timeout=30)
+    except grpc.RpcError as exc:
+        raise _order_error(exc, where) from None
+    counts: dict[str, int] = {}
+    code = follow_job(stub, reply.job_id, verbose=False, counts=counts)
+    if code != EXIT_OK:
+        return code
+    if args.command_name == "verify":
+        return EXIT_CHANGES if counts.get("found") else EXIT_OK
+    if args.command_name == "repair":
+        return EXIT_CHANGES if counts.get("left") else EXIT_OK
+    return EXIT_OK
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -647,6 +674,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="APP/ENV/SERVICE")
     p.add_argument("--detach", action="store_true")
     p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("verify", help="compare the ledger with reality (exit 0 clean, 2 drift)",
+                       description="Check every component of the environment against the ledger, and list "
+                                   "orphans in our namespaces. One line per finding.",
+                       epilog="example: deployctl verify shop/prod")
+    p.add_argument("env", help="APP/ENVIRONMENT")
+    p.set_defaults(func=cmd_check)
+    p = sub.add_parser("repair", help="converge what verify finds, never deleting data",
+                       description="Restart dead instances, rewrite routes, recreate missing users with their "
+                                   "recorded names; then verify again (exit 0 when nothing is left).",
+                       epilog="example: deployctl repair shop/prod")
+    p.add_argument("env", help="APP/ENVIRONMENT")
+    p.set_defaults(func=cmd_check)
+    p = sub.add_parser("clean", help="remove failed and surplus releases and orphans in our namespaces",
+                       description="Lists what it removes before acting; --dry-run only lists.",
+                       epilog="example: deployctl clean shop/prod --dry-run")
+    p.add_argument("env", help="APP/ENVIRONMENT")
+    p.add_argument("--dry-run", action="store_true")
+    p.set_defaults(func=cmd_check)
 
     secret = sub.add_parser("secret", help="set secret values").add_subparsers(dest="secret_command", metavar="SUBCOMMAND")
     p = secret.add_parser("set", help="set a secret from standard input",

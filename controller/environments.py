@@ -15,6 +15,7 @@ from .dispatcher import Dispatcher
 from .jobs import EnvLock, Job, Locked, new_job_id
 from .ledger import Ledger
 from .procedures import PlacementError, Runner, StepFailed
+from .verify import Checker, claimed_names
 from .registry import Registry
 
 log = structlog.get_logger("controller")
@@ -123,25 +124,36 @@ class Environments:
         self._accept(spec)
         if plan.empty:
             return None, plan
+        files = {Path(request.spec_name).name or "environment.yml": request.spec_text or ""}
+        if request.options_text:
+            files[Path(request.options_name).name] = request.options_text
+        if request.diff_text:
+            files[Path(request.diff_name).name] = request.diff_text
+        job = self._launch(spec, "apply", plan, files, lambda runner: runner.apply(plan))
+        return job, plan
+
+    def _launch(self, spec: spec_mod.Spec, kind: str, plan: planner.Plan | None, files: dict[str, str],
+                body, note: str = "") -> Job:
+        """Lock the environment, open the job's folder, and run `body(runner)` as the job."""
         lock = EnvLock(self.store, spec.key)
         job_id = new_job_id()
         try:
-            lock.acquire(job_id, "apply")
+            lock.acquire(job_id, kind)
         except Locked as exc:
             raise OrderError(str(exc)) from None
-        job = Job(self.store, self.db, job_id, spec.key, "apply")
+        job = Job(self.store, self.db, job_id, spec.key, kind)
         self.jobs[job_id] = job
-        job.save("order/" + (Path(request.spec_name).name or "environment.yml"), request.spec_text or "")
-        if request.options_text:
-            job.save("order/" + Path(request.options_name).name, request.options_text)
-        if request.diff_text:
-            job.save("order/" + Path(request.diff_name).name, request.diff_text)
-        job.save("plan.json", json.dumps(plan.to_dict(), indent=2) + "\n")
-        job.event("job.started", environment=spec.key, kind="apply", plan=plan.to_dict())
-        task = asyncio.create_task(self._run(job, spec, plan, lock))
+        for name, text in files.items():
+            job.save("order/" + name, text)
+        if plan is not None:
+            job.save("plan.json", json.dumps(plan.to_dict(), indent=2) + "\n")
+        job.event("job.started", environment=spec.key, kind=kind, plan=plan.to_dict() if plan else None)
+        if note:
+            job.event("job.note", note=note)
+        task = asyncio.create_task(self._run(job, spec, body, lock))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-        return job, plan
+        return job
 
     # ---------------------------------------------------------------- rollback and reload
 
@@ -191,21 +203,43 @@ class Environments:
         env_key, service = request.environment, request.service
         spec, plan, note = self._code_plan(env_key, service, request.to, request.reload)
         kind = "reload" if request.reload else "rollback"
-        lock = EnvLock(self.store, env_key)
-        job_id = new_job_id()
-        try:
-            lock.acquire(job_id, kind)
-        except Locked as exc:
-            raise OrderError(str(exc)) from None
-        job = Job(self.store, self.db, job_id, env_key, kind)
-        self.jobs[job_id] = job
-        job.save("plan.json", json.dumps(plan.to_dict(), indent=2) + "\n")
-        job.event("job.started", environment=env_key, kind=kind, plan=plan.to_dict())
-        job.event("job.note", note=note)
-        task = asyncio.create_task(self._run(job, spec, plan, lock))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return job, plan
+        return self._launch(spec, kind, plan, {}, lambda runner: runner.apply(plan), note), plan
+
+    async def check(self, request) -> Job:
+        """verify, repair or clean one environment, as a job."""
+        stored = self.stored_spec(request.environment)
+        if stored is None:
+            raise OrderError(f"{request.environment}: no such environment (nothing was ever applied)")
+        if request.action not in ("verify", "repair", "clean"):
+            raise OrderError(f"unknown action {request.action!r}")
+        spec = spec_mod.spec_from_dict(stored)
+        claimed = claimed_names(self.db)
+
+        async def body(runner: Runner) -> str:
+            checker = Checker(runner, claimed)
+            facts = await checker.gather()
+            found = checker.findings(facts)
+            for finding in found:
+                runner.job.event("finding", line=finding.line(), fix=finding.fix)
+            if request.action == "verify":
+                return f"{len(found)} finding(s)" if found else "no drift"
+            if request.action == "clean":
+                lines = await checker.clean(facts, dry_run=True)
+                for line in lines:
+                    runner.job.event("clean.planned", line=line)
+                if request.dry_run or not lines:
+                    return f"{len(lines)} thing(s) to remove" + (" (dry run: nothing removed)" if request.dry_run else "")
+                await checker.clean(facts, dry_run=False)
+                return f"removed {len(lines)} thing(s)"
+            done = await checker.repair([f for f in found if f.fix and f.fix != "orphan"])
+            for line in done:
+                runner.job.event("repaired", line=line)
+            left = [f for f in checker.findings(await checker.gather()) if f.fix != "orphan"]
+            for finding in left:
+                runner.job.event("finding", line=finding.line(), fix=finding.fix, after_repair=True)
+            return f"{len(done)} repair(s); " + (f"{len(left)} finding(s) left" if left else "no drift left")
+
+        return self._launch(spec, request.action, None, {}, body)
 
     def _accept(self, spec: spec_mod.Spec) -> None:
         folder = self.store / "environments" / spec.app
@@ -216,10 +250,10 @@ class Environments:
             "ON CONFLICT (key) DO UPDATE SET spec=excluded.spec, updated=excluded.updated",
             (spec.key, json.dumps(spec.to_dict()), time.time()))
 
-    async def _run(self, job: Job, spec, plan, lock: EnvLock) -> None:
+    async def _run(self, job: Job, spec, body, lock: EnvLock) -> None:
         runner = Runner(job, spec, self.dispatcher, self.registry, self.ledger)
         try:
-            await runner.apply(plan)
+            summary = await body(runner)
         except StepFailed as exc:
             job.event("step.failed", service=exc.service, step=exc.step, error=str(exc), tail=exc.tail)
             job.finish("failed", str(exc))
@@ -229,9 +263,7 @@ class Environments:
             log.exception("job.crashed", job_id=job.id)
             job.finish("failed", f"internal error: {type(exc).__name__}: {exc}")
         else:
-            names = ", ".join(s.service for s in plan.services)
-            verb = {"apply": "deployed"}.get(job.kind, job.kind + " of")
-            job.finish("succeeded", f"{verb} {names}")
+            job.finish("succeeded", summary or job.kind)
         finally:
             lock.release()
             log.info("job.finished", job_id=job.id, environment=job.env_key)

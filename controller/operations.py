@@ -62,6 +62,14 @@ def mysql_create(database: str, user: str, password: str) -> bytes:
     ).encode()
 
 
+def mysql_user(database: str, user: str, password: str) -> bytes:
+    """Recreate a missing user with its recorded password and grants (the data is not touched)."""
+    return (
+        f"CREATE USER IF NOT EXISTS {_sql_string(user)}@'%' IDENTIFIED BY {_sql_string(password)};\n"
+        f"GRANT ALL PRIVILEGES ON {_sql_ident(database)}.* TO {_sql_string(user)}@'%';\n"
+    ).encode()
+
+
 def mysql_drop(database: str, user: str) -> bytes:
     return (f"DROP DATABASE IF EXISTS {_sql_ident(database)};\n"
             f"DROP USER IF EXISTS {_sql_string(user)}@'%';\n").encode()

@@ -90,6 +90,13 @@ class OperatorService(pb_grpc.OperatorServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return pb.ApplyReply(job_id=job.id, plan_json=json.dumps(plan.to_dict()))
 
+    async def Check(self, request, context):
+        try:
+            job = await self.environments.check(request)
+        except OrderError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.ApplyReply(job_id=job.id)
+
     def _job_folder(self, job_id: str):
         if not job_id.startswith("job-") or "/" in job_id:
             return None

@@ -122,10 +122,12 @@ class Runner:
 
     # ---------------------------------------------------------------- the plan
 
-    async def apply(self, plan: Plan) -> None:
+    async def apply(self, plan: Plan) -> str:
         for service_plan in plan.services:
             if service_plan.action == "deploy":
                 await self.deploy(service_plan)
+        verb = {"apply": "deployed"}.get(self.job.kind, self.job.kind + " of")
+        return f"{verb} {', '.join(s.service for s in plan.services)}"
 
     async def deploy(self, sp: ServicePlan) -> None:
         service = self.spec.service(sp.service)
@@ -286,32 +288,52 @@ class Runner:
         return port
 
     async def _route(self, d: Deployment) -> None:
-        name = d.service.name
-        try:
-            router = pick_agent(self.registry, capability="nginx")
-        except PlacementError as exc:
-            raise StepFailed(name, "route", str(exc)) from None
-        routes = []
-        for other in self.spec.services:
-            if not other.is_web:
+        address = d.host.settings.get("address", "127.0.0.1")
+        await self.switch_route(d.service.name, {d.service.name: (address, d.port)})
+
+    def routes(self, override: dict[str, tuple[str, int]] | None = None) -> list[tuple[str, str, int]]:
+        """(path, host address, port) of every web service: the live ones from the ledger, with
+        `override` for a service being switched."""
+        override = override or {}
+        state = self.ledger.state(self.env_key)
+        out = []
+        for service in self.spec.services:
+            if not service.is_web:
                 continue
-            if other.name == name:
-                routes.append((other.path, d.host.settings.get("address", "127.0.0.1"), d.port))
+            if service.name in override:
+                out.append((service.path, *override[service.name]))
                 continue
-            live = self.ledger.state(self.env_key).get(other.name)
+            live = state.get(service.name)
             if live and live.code and live.code.port:
                 host = self.registry.agents.get(live.code.host)
-                routes.append((other.path, host.settings.get("address", "127.0.0.1") if host else "127.0.0.1",
-                               live.code.port))
+                out.append((service.path, host.settings.get("address", "127.0.0.1") if host else "127.0.0.1",
+                            live.code.port))
+        return out
+
+    def router(self, service: str) -> Agent:
+        try:
+            return pick_agent(self.registry, capability="nginx")
+        except PlacementError as exc:
+            raise StepFailed(service, "route", str(exc)) from None
+
+    def nginx_path(self, router: Agent) -> str:
         conf_dir = router.settings.get("nginx.conf_dir", "/etc/nginx/conf.d")
-        conf = f"{conf_dir}/{naming.nginx_file(self.spec.app, self.spec.environment)}"
+        return f"{conf_dir}/{naming.nginx_file(self.spec.app, self.spec.environment)}"
+
+    def nginx_content(self, router: Agent, override=None) -> bytes:
+        return ops.nginx_config(self.env_key, self.spec.domain, router.settings.get("nginx.listen", "80"),
+                                self.routes(override))
+
+    async def switch_route(self, service: str, override=None) -> None:
+        """The nginx transaction: stage, swap, `nginx -t`, reload — or put the old file back."""
+        router = self.router(service)
+        conf = self.nginx_path(router)
         staged = f"{conf}.staged-{self.job.id}"
-        content = ops.nginx_config(self.env_key, self.spec.domain, router.settings.get("nginx.listen", "80"), routes)
-        await self.run_op(router, pb.Operation(write_file=pb.WriteFileSpec(path=staged, content=content, mode=0o644)),
-                          name, "route")
+        await self.run_op(router, pb.Operation(write_file=pb.WriteFileSpec(
+            path=staged, content=self.nginx_content(router, override), mode=0o644)), service, "route")
         await self.sh(router, ops.nginx_switch_script(
             conf, staged, router.settings.get("nginx.test", "nginx -t"),
-            router.settings.get("nginx.reload", "nginx -s reload")), name, "route")
+            router.settings.get("nginx.reload", "nginx -s reload")), service, "route")
 
     def _go_live(self, d: Deployment, numbers: dict[str, int]) -> None:
         name = d.service.name

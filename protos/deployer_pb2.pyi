@@ -527,6 +527,16 @@ class RollbackRequest(_message.Message):
     reload: bool
     def __init__(self, environment: _Optional[str] = ..., service: _Optional[str] = ..., to: _Optional[int] = ..., reload: _Optional[bool] = ...) -> None: ...
 
+class CheckRequest(_message.Message):
+    __slots__ = ("environment", "action", "dry_run")
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    environment: str
+    action: str
+    dry_run: bool
+    def __init__(self, environment: _Optional[str] = ..., action: _Optional[str] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
 class PlanReply(_message.Message):
     __slots__ = ("plan_json",)
     PLAN_JSON_FIELD_NUMBER: _ClassVar[int]

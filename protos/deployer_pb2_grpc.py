@@ -177,6 +177,11 @@ class OperatorStub:
                 request_serializer=protos_dot_deployer__pb2.RollbackRequest.SerializeToString,
                 response_deserializer=protos_dot_deployer__pb2.ApplyReply.FromString,
                 _registered_method=True)
+        self.Check = channel.unary_unary(
+                '/deployer.v1.Operator/Check',
+                request_serializer=protos_dot_deployer__pb2.CheckRequest.SerializeToString,
+                response_deserializer=protos_dot_deployer__pb2.ApplyReply.FromString,
+                _registered_method=True)
 
 
 class OperatorServicer:
@@ -268,6 +273,12 @@ class OperatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Check(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OperatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -339,6 +350,11 @@ def add_OperatorServicer_to_server(servicer, server):
             'Rollback': grpc.unary_unary_rpc_method_handler(
                     servicer.Rollback,
                     request_deserializer=protos_dot_deployer__pb2.RollbackRequest.FromString,
+                    response_serializer=protos_dot_deployer__pb2.ApplyReply.SerializeToString,
+            ),
+            'Check': grpc.unary_unary_rpc_method_handler(
+                    servicer.Check,
+                    request_deserializer=protos_dot_deployer__pb2.CheckRequest.FromString,
                     response_serializer=protos_dot_deployer__pb2.ApplyReply.SerializeToString,
             ),
     }
@@ -719,6 +735,33 @@ class Operator:
             target,
             '/deployer.v1.Operator/Rollback',
             protos_dot_deployer__pb2.RollbackRequest.SerializeToString,
+            protos_dot_deployer__pb2.ApplyReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Check(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deployer.v1.Operator/Check',
+            protos_dot_deployer__pb2.CheckRequest.SerializeToString,
             protos_dot_deployer__pb2.ApplyReply.FromString,
             options,
             channel_credentials,

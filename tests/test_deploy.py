@@ -345,3 +345,49 @@ def test_rollback_from_a_release_that_serves_errors(world, tmp_path):
     reload = cluster.deployctl("reload", f"shop/{env}/web", timeout=300)
     assert reload.returncode == 0, reload.stderr
     assert through_nginx(world, env)[0] == 200
+
+
+def test_verify_repair_and_clean(world, tmp_path):
+    env, repo, cluster = new_env(world), world["repo"], world["cluster"]
+    apply(world, str(write_spec(tmp_path, env, {"web": web_service(repo)})))
+    key = f"shop/{env}"
+
+    def verify() -> tuple[int, str]:
+        result = cluster.deployctl("verify", key, timeout=120)
+        return result.returncode, result.stdout.decode()
+
+    assert verify()[0] == 0
+    import os
+    import signal as sig
+    pid = json.loads(cluster.deployctl("status", key, "--json").stdout)[0]["pid"]
+    os.killpg(pid, sig.SIGKILL)                                    # a live process dies
+    code, out = verify()
+    assert code == 2 and "is not running (repair restarts it)" in out, out
+    repaired = cluster.deployctl("repair", key, timeout=300)
+    assert repaired.returncode == 0, repaired.stdout.decode() + repaired.stderr.decode()
+    assert verify()[0] == 0 and through_nginx(world, env)[0] == 200
+
+    conf = world["nginx"].conf_dir / f"auto-shop-{env}.conf"    # the environment's route vanishes
+    conf.unlink()
+    code, out = verify()
+    assert code == 2 and "nginx file is missing" in out
+    assert cluster.deployctl("repair", key, timeout=300).returncode == 0
+    assert verify()[0] == 0 and conf.exists()
+
+    user = f"auto-shop-{env}-web-1"                               # the Redis ACL user is dropped
+    redis("ACL", "DELUSER", user)
+    code, out = verify()
+    assert code == 2 and f"ACL user {user} is missing" in out
+    assert cluster.deployctl("repair", key, timeout=300).returncode == 0
+    assert verify()[0] == 0 and through_nginx(world, env)[0] == 200
+
+    root = cluster.agents["computing-1"].services_root            # an orphan, and a folder not ours
+    (root / "auto-x-y-z").mkdir()
+    (root / "keep-me").mkdir()
+    dry = cluster.deployctl("clean", key, "--dry-run", timeout=120)
+    assert dry.returncode == 0 and f"remove {root}/auto-x-y-z" in dry.stdout.decode()
+    assert (root / "auto-x-y-z").exists()
+    cleaned = cluster.deployctl("clean", key, timeout=120)
+    assert cleaned.returncode == 0 and f"remove {root}/auto-x-y-z" in cleaned.stdout.decode()
+    assert not (root / "auto-x-y-z").exists() and (root / "keep-me").exists()
+    assert verify()[0] == 0

@@ -1,0 +1,323 @@
+"""Verify, repair and clean: compare the ledger with what is really there, then converge.
+
+Facts are gathered with a few operations per host; `findings` compares them with the ledger and
+is pure. Repair only converges (restarts a dead instance, rewrites a route, recreates an ACL or
+database user with its recorded name and password) and never deletes data. Clean removes failed
+instances, code instances beyond the kept number, and orphans inside our namespaces — `auto-*`
+names that no environment in the ledger claims — and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass, field
+
+from protos import deployer_pb2 as pb
+
+from . import naming, operations as ops
+from .planner import Change, ServicePlan
+from .procedures import KEEP_RELEASES, PlacementError, Runner, pick_agent
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One difference between the ledger and reality, said in one line."""
+
+    where: str          # shop/prod/web, or a host for orphans
+    what: str
+    fix: str            # "restart", "route", "redis-user", "mysql-user", "env-mode", "orphan", "" (manual)
+    service: str = ""
+    target: str = ""    # what the fix acts on (an orphan's path, a user name…)
+
+    def line(self) -> str:
+        advice = {"restart": "repair restarts it", "route": "repair rewrites it",
+                  "redis-user": "repair recreates it", "mysql-user": "repair recreates it",
+                  "env-mode": "repair fixes it", "orphan": "clean removes it"}.get(self.fix, "needs an operator")
+        return f"{self.where}: {self.what} ({advice})"
+
+
+@dataclass
+class Facts:
+    releases: dict[str, str] = field(default_factory=dict)     # service → commit, or "missing"
+    env_modes: dict[str, str] = field(default_factory=dict)    # service → "600", or "missing"
+    processes: dict[tuple[str, str], bool] = field(default_factory=dict)  # (unit, instance) → alive
+    health: dict[str, str] = field(default_factory=dict)       # service → "" ok, or why not
+    nginx: str | None = None                                   # content, None if missing
+    nginx_expected: str = ""
+    folders: dict[str, list[str]] = field(default_factory=dict)  # host → auto-* folders under its root
+    databases: set[str] = field(default_factory=set)
+    mysql_users: set[str] = field(default_factory=set)
+    redis_users: dict[str, str] = field(default_factory=dict)  # user → its key patterns
+
+
+def _output(op) -> str:
+    return (op.output.folder / "output.log").read_text(errors="replace")
+
+
+class Checker:
+    """Runs inside a job: gathers facts for one environment, and repairs or cleans."""
+
+    def __init__(self, runner: Runner, claimed: dict) -> None:
+        self.runner = runner
+        self.spec = runner.spec
+        self.ledger = runner.ledger
+        self.env_key = runner.env_key
+        self.claimed = claimed  # every auto-* name any environment in the ledger holds
+
+    def unit(self, service: str) -> str:
+        return naming.unit_base(self.spec.app, self.spec.environment, service)
+
+    async def gather(self) -> Facts:
+        facts = Facts()
+        state = self.ledger.state(self.env_key)
+        hosts = {live.code.host for live in state.values() if live.code}
+        for host_id in sorted(hosts):
+            host = self.runner.registry.agents.get(host_id)
+            if host is None or host.state != "connected":
+                continue
+            await self._code_facts(host, state, facts)
+        router = self.runner.router(self.env_key)
+        cat = await self.runner.sh(router, f"cat {shlex.quote(self.runner.nginx_path(router))} 2>/dev/null || "
+                                   "echo '<missing>'", self.env_key, "read route", check=False)
+        text = _output(cat)
+        facts.nginx = None if text == "<missing>\n" else text
+        facts.nginx_expected = self.runner.nginx_content(router).decode()
+        await self._data_facts(facts)
+        return facts
+
+    async def _code_facts(self, host, state, facts: Facts) -> None:
+        lines = []
+        for service, live in state.items():
+            if not live.code or live.code.host != host.id:
+                continue
+            release = f"{naming.service_dir(host.services_root, self.spec.app, self.spec.environment, service)}" \
+                      f"/releases/{live.code.number}"
+            q = shlex.quote(release)
+            lines.append(f"echo release {service} $(git -C {q} rev-parse HEAD 2>/dev/null || echo missing)")
+            lines.append(f"echo env {service} $(stat -c %a {q}/.env 2>/dev/null || echo missing)")
+        lines.append(f"for d in {shlex.quote(host.services_root)}/auto-*; do [ -d \"$d\" ] && echo folder \"$d\"; done; true")
+        probe = await self.runner.sh(host, "\n".join(lines), self.env_key, "inspect code", check=False)
+        for line in _output(probe).splitlines():
+            kind, _, rest = line.partition(" ")
+            if kind == "folder":
+                facts.folders.setdefault(host.id, []).append(rest)
+            elif kind in ("release", "env"):
+                service, _, value = rest.partition(" ")
+                (facts.releases if kind == "release" else facts.env_modes)[service] = value
+        listing = await self.runner.run_op(host, pb.Operation(service_list=pb.ServiceListSpec(name_prefix=naming.PREFIX)),
+                                           self.env_key, "list processes", check=False)
+        for line in _output(listing).splitlines():
+            item = json.loads(line)
+            facts.processes[(item["name"], item["instance"])] = item["alive"]
+        address = host.settings.get("address", "127.0.0.1")
+        for service, live in state.items():
+            definition = self.spec.service(service) if service in {s.name for s in self.spec.services} else None
+            if live.code and live.code.host == host.id and live.code.port and definition and definition.is_web:
+                probe = await self.runner.run_op(host, pb.Operation(http_probe=pb.HttpProbeSpec(
+                    url=f"http://{address}:{live.code.port}{definition.health}", attempts=2, interval_s=0.5,
+                    timeout_s=2.0)), service, "health", check=False)
+                facts.health[service] = probe.result.error if probe.result.exit_code else ""
+
+    async def _data_facts(self, facts: Facts) -> None:
+        try:
+            mysql = pick_agent(self.runner.registry, capability="mysql")
+        except PlacementError:
+            mysql = None
+        if mysql is not None:
+            admin = mysql.settings.get("mysql.admin", "mariadb --batch")
+            query = ("SELECT CONCAT('db ', SCHEMA_NAME) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME LIKE 'auto-%'; "
+                     "SELECT CONCAT('user ', User) FROM mysql.user WHERE User LIKE 'auto-%';")
+            op = await self.runner.sh(mysql, f"{admin} --skip-column-names -e {shlex.quote(query)}", self.env_key,
+                                      "inspect mysql", check=False)
+            for line in _output(op).splitlines():
+                kind, _, name = line.partition(" ")
+                (facts.databases if kind == "db" else facts.mysql_users).add(name)
+        try:
+            redis = pick_agent(self.runner.registry, capability="redis")
+        except PlacementError:
+            redis = None
+        if redis is not None:
+            host = redis.settings.get("redis.host", "127.0.0.1")
+            port = redis.settings.get("redis.port", "6379")
+            cli = redis.settings.get("redis.admin", f"redis-cli -h {host} -p {port}")
+            # Password hashes are cut on the host: they never reach the job folder.
+            op = await self.runner.sh(redis, f"{cli} ACL LIST | sed -E 's/ [#>][^ ]*//g'", self.env_key, "inspect redis",
+                                      check=False)
+            for line in _output(op).splitlines():
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "user" and parts[1].startswith("auto-"):
+                    facts.redis_users[parts[1]] = " ".join(p for p in parts[2:] if p.startswith("~"))
+
+    def findings(self, facts: Facts) -> list[Finding]:
+        return findings(self.env_key, self.spec, self.ledger, facts, self.claimed,
+                        self.unit, self.runner.registry)
+
+    # ---------------------------------------------------------------- repair and clean
+
+    async def repair(self, found: list[Finding]) -> list[str]:
+        """Users and file modes first (a restarted process needs them), then processes, then routes."""
+        done = []
+        for f in found:
+            if f.fix == "redis-user":
+                await self._recreate(f, "redis")
+                done.append(f"{f.where}: recreated Redis ACL user {f.target}")
+            elif f.fix == "mysql-user":
+                await self._recreate(f, "mysql")
+                done.append(f"{f.where}: recreated MariaDB user {f.target}")
+            elif f.fix == "env-mode":
+                live = self.ledger.state(self.env_key)[f.service].code
+                host = self.runner.registry.agents[live.host]
+                path = f"{naming.service_dir(host.services_root, self.spec.app, self.spec.environment, f.service)}" \
+                       f"/releases/{live.number}/.env"
+                await self.runner.sh(host, f"chmod 600 {shlex.quote(path)}", f.service, "repair .env")
+                done.append(f"{f.where}: .env mode set to 600")
+        restart = sorted({f.service for f in found if f.fix == "restart"})
+        for service in restart:
+            await self._restart(service)
+            done.append(f"{self.env_key}/{service}: restarted its live code instance")
+        if any(f.fix == "route" for f in found) and not restart:  # a restart rewrites the route anyway
+            await self.runner.switch_route(self.env_key)
+            done.append(f"{self.env_key}: rewrote the nginx route")
+        return done
+
+    async def _restart(self, service: str) -> None:
+        live = self.ledger.state(self.env_key)[service]
+        changes = [Change("code", False, live.code.number, "repair")]
+        changes += [Change(c, False, live.live(c).number) for c in ("mysql", "redis") if live.live(c)]
+        await self.runner.deploy(ServicePlan(service, "deploy", tuple(changes), live.code.commit, ("repair",)))
+
+    async def _recreate(self, f: Finding, component: str) -> None:
+        live = self.ledger.state(self.env_key)[f.service].live(component)
+        row = self.ledger.instance(self.env_key, f.service, component, live.number)
+        names = json.loads(row["names"])
+        password = self.ledger.password(self.env_key, f.service, component, live.number) or ""
+        provider = self.runner.registry.agents[row["host"]]
+        if component == "redis":
+            await self.runner.sh(provider, _redis_admin(provider), f.service, "repair redis",
+                                 stdin=ops.redis_create_user(names["user"], names["prefix"], password))
+        else:
+            await self.runner.sh(provider, provider.settings.get("mysql.admin", "mariadb --batch"), f.service,
+                                 "repair mysql", stdin=ops.mysql_user(names["database"], names["user"], password))
+
+    async def clean(self, facts: Facts, dry_run: bool) -> list[str]:
+        """Orphan folders inside the services roots, failed releases, releases beyond the kept number."""
+        plan: list[tuple[object, str]] = []
+        for host_id, folders in facts.folders.items():
+            host = self.runner.registry.agents[host_id]
+            for folder in folders:
+                if folder.rsplit("/", 1)[-1] not in self.claimed["folders"]:
+                    plan.append((host, folder))
+        state = self.ledger.state(self.env_key)
+        for service, live in state.items():
+            if not live.code:
+                continue
+            host = self.runner.registry.agents.get(live.code.host)
+            if host is None:
+                continue
+            rows = [r for r in self.ledger.instances(self.env_key, service) if r["component"] == "code"]
+            kept = sorted(r["number"] for r in rows if r["status"] in ("live", "standby"))[-KEEP_RELEASES:]
+            base = naming.service_dir(host.services_root, self.spec.app, self.spec.environment, service)
+            for r in rows:
+                if r["status"] != "removed" and r["number"] not in kept and r["number"] != live.code.number:
+                    plan.append((host, f"{base}/releases/{r['number']}"))
+        lines = [f"{host.id}: remove {path}" for host, path in plan]
+        if dry_run or not plan:
+            return lines
+        for host, path in plan:
+            await self.runner.sh(host, f"rm -rf -- {shlex.quote(path)}", self.env_key, "clean")
+        for service, live in state.items():
+            for r in self.ledger.instances(self.env_key, service):
+                if r["component"] == "code" and r["status"] in ("failed", "standby") and any(
+                        p.endswith(f"/releases/{r['number']}") and f"/{naming.unit_base(self.spec.app, self.spec.environment, service)}/" in p
+                        for _, p in plan):
+                    self.ledger.set_status(self.env_key, service, "code", r["number"], "removed")
+        return lines
+
+
+def _redis_admin(provider) -> str:
+    from .procedures import _redis_admin as admin
+    return admin(provider)
+
+
+def findings(env_key, spec, ledger, facts: Facts, claimed, unit, registry) -> list[Finding]:
+    """Pure: every difference between the ledger and the facts, one finding each."""
+    out: list[Finding] = []
+    state = ledger.state(env_key)
+    for service, live in sorted(state.items()):
+        where = f"{env_key}/{service}"
+        code = live.code
+        if code is not None:
+            host = registry.agents.get(code.host)
+            if host is None or host.state != "connected":
+                out.append(Finding(where, f"code {code.number}: agent {code.host} is not connected, cannot check", ""))
+            else:
+                commit = facts.releases.get(service)
+                if commit == "missing":
+                    out.append(Finding(where, f"code {code.number}: release folder is missing", "", service))
+                elif commit and commit != code.commit:
+                    out.append(Finding(where, f"code {code.number}: release is at {commit[:12]}, not {code.commit[:12]}",
+                                       "", service))
+                mode = facts.env_modes.get(service)
+                if mode == "missing" and commit != "missing":
+                    out.append(Finding(where, f"code {code.number}: .env is missing", "restart", service))
+                elif mode and mode not in ("600", "missing"):
+                    out.append(Finding(where, f"code {code.number}: .env has mode {mode}, not 600", "env-mode", service))
+                row = ledger.instance(env_key, service, "code", code.number)
+                process = json.loads(row["names"]).get("process", "") if row else ""
+                if process and not facts.processes.get((unit(service), process), False):
+                    out.append(Finding(where, f"code {code.number}: process {process} is not running", "restart", service))
+                elif facts.health.get(service):
+                    out.append(Finding(where, f"code {code.number}: health check fails: {facts.health[service]}",
+                                       "restart", service))
+        if live.mysql is not None:
+            row = ledger.instance(env_key, service, "mysql", live.mysql.number)
+            names = json.loads(row["names"])
+            if names["database"] not in facts.databases:
+                out.append(Finding(where, f"mysql {live.mysql.number}: database {names['database']} is missing", "",
+                                   service, names["database"]))
+            if names["user"] not in facts.mysql_users:
+                out.append(Finding(where, f"mysql {live.mysql.number}: user {names['user']} is missing", "mysql-user",
+                                   service, names["user"]))
+        if live.redis is not None:
+            row = ledger.instance(env_key, service, "redis", live.redis.number)
+            names = json.loads(row["names"])
+            patterns = facts.redis_users.get(names["user"])
+            if patterns is None:
+                out.append(Finding(where, f"redis {live.redis.number}: ACL user {names['user']} is missing",
+                                   "redis-user", service, names["user"]))
+            elif patterns != f"~{names['prefix']}*":
+                out.append(Finding(where, f"redis {live.redis.number}: ACL user {names['user']} allows {patterns or 'no keys'}",
+                                   "redis-user", service, names["user"]))
+    if facts.nginx is None and any(s.is_web for s in spec.services):
+        out.append(Finding(env_key, "nginx file is missing", "route"))
+    elif facts.nginx is not None and facts.nginx != facts.nginx_expected:
+        out.append(Finding(env_key, "nginx file differs from what the ledger says", "route"))
+    for host, folders in sorted(facts.folders.items()):
+        for folder in folders:
+            if folder.rsplit("/", 1)[-1] not in claimed["folders"]:
+                out.append(Finding(host, f"orphan folder {folder}", "orphan", target=folder))
+    # Databases and ACL users are shared by every environment on a server: only names in this
+    # environment's own namespace are judged here.
+    own = naming.unit_base(spec.app, spec.environment, "x")[:-1]
+    for name in sorted(n for n in facts.databases - claimed["databases"] if n.startswith(own)):
+        out.append(Finding("mysql", f"orphan database {name}", "", target=name))
+    for name in sorted(n for n in set(facts.redis_users) - claimed["redis"] if n.startswith(own)):
+        out.append(Finding("redis", f"orphan ACL user {name}", "", target=name))
+    return out
+
+
+def claimed_names(db) -> dict[str, set[str]]:
+    """Every auto-* name some environment in the ledger holds (folders, databases, ACL users)."""
+    folders, databases, redis = set(), set(), set()
+    for r in db.conn.execute("SELECT env_key, service, component, names, status FROM instances"):
+        app, env = r["env_key"].split("/", 1)
+        folders.add(naming.unit_base(app, env, r["service"]))
+        names = json.loads(r["names"] or "{}")
+        if r["status"] == "removed":
+            continue
+        if r["component"] == "mysql":
+            databases.add(names.get("database", ""))
+        elif r["component"] == "redis":
+            redis.add(names.get("user", ""))
+    return {"folders": folders, "databases": databases, "redis": redis}
