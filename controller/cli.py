@@ -438,10 +438,17 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """verify (exit 0 clean, 2 drift), repair (0 when nothing is left to repair), clean."""
+    purge = getattr(args, "purge_data", False)
+    if purge and not args.yes:
+        if not sys.stdin.isatty():
+            raise CliError("--purge-data deletes databases and Redis keys: add --yes to confirm", EXIT_USAGE)
+        answer = input(f"This deletes every database and Redis key of {args.env}. Type {args.env} to confirm: ")
+        if answer.strip() != args.env:
+            raise CliError("not confirmed; nothing was done", EXIT_USAGE)
     stub, where = connect(args)
     try:
         reply = stub.Check(pb.CheckRequest(environment=args.env, action=args.command_name,
-                                           dry_run=getattr(args, "dry_run", False)), timeout=30)
+                                           dry_run=getattr(args, "dry_run", False), purge_data=purge), timeout=30)
     except grpc.RpcError as exc:
         raise _order_error(exc, where) from None
     counts: dict[str, int] = {}
@@ -692,6 +699,16 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example: deployctl clean shop/prod --dry-run")
     p.add_argument("env", help="APP/ENVIRONMENT")
     p.add_argument("--dry-run", action="store_true")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("destroy", help="remove an environment; data is kept unless --purge-data",
+                       description="Stop every process of the environment, remove its nginx route and its "
+                                   "folders. Databases and Redis keys are kept unless --purge-data, which asks "
+                                   "for confirmation (or --yes). The ledger keeps the history.",
+                       epilog="example: deployctl destroy shop/pr-42 --purge-data --yes")
+    p.add_argument("env", help="APP/ENVIRONMENT")
+    p.add_argument("--purge-data", action="store_true", help="also drop databases, ACL users and keys")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p.set_defaults(func=cmd_check)
 
     secret = sub.add_parser("secret", help="set secret values").add_subparsers(dest="secret_command", metavar="SUBCOMMAND")

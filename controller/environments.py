@@ -15,7 +15,7 @@ from .dispatcher import Dispatcher
 from .jobs import EnvLock, Job, Locked, new_job_id
 from .ledger import Ledger
 from .procedures import PlacementError, Runner, StepFailed
-from .verify import Checker, claimed_names
+from .verify import Checker, claimed_names, destroy
 from .registry import Registry
 
 log = structlog.get_logger("controller")
@@ -210,12 +210,16 @@ class Environments:
         stored = self.stored_spec(request.environment)
         if stored is None:
             raise OrderError(f"{request.environment}: no such environment (nothing was ever applied)")
-        if request.action not in ("verify", "repair", "clean"):
+        if request.action not in ("verify", "repair", "clean", "destroy"):
             raise OrderError(f"unknown action {request.action!r}")
         spec = spec_mod.spec_from_dict(stored)
         claimed = claimed_names(self.db)
 
         async def body(runner: Runner) -> str:
+            if request.action == "destroy":
+                summary = await destroy(runner, request.purge_data)
+                (self.store / "environments" / spec.app / f"{spec.environment}.yml").unlink(missing_ok=True)
+                return summary
             checker = Checker(runner, claimed)
             facts = await checker.gather()
             found = checker.findings(facts)

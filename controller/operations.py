@@ -88,6 +88,13 @@ def redis_drop_user(user: str) -> bytes:
     return f"ACL DELUSER {user}\n".encode()
 
 
+def redis_purge_script(cli: str, prefix: str) -> str:
+    """Delete every key under a prefix, in batches, without KEYS (which blocks the server)."""
+    import shlex
+    return (f"{cli} --scan --pattern {shlex.quote(prefix + '*')} | "
+            f"xargs -r -n 500 {cli} DEL >/dev/null")
+
+
 def env_file(values: dict[str, str]) -> bytes:
     """`.env` content: KEY=VALUE lines, newlines in values refused (they would split a line)."""
     lines = []
@@ -101,18 +108,23 @@ def env_file(values: dict[str, str]) -> bytes:
 def nginx_config(env_key: str, domain: str, listen: str, routes: list[tuple[str, str, int]]) -> bytes:
     """The environment's nginx file: one location per web service (path, host, port).
 
-    Longest paths first is nginx's own rule for prefix locations; we sort for a stable file.
+    A service mounted at /api sees /api/x as /x (its health path is checked the same way, on
+    its own port) and learns its mount point from X-Forwarded-Prefix.
     """
     out = [f"# {env_key}: written by the deployer; edits are overwritten\n",
            "server {\n", f"    listen {listen};\n", f"    server_name {domain};\n"]
     for path, host, port in sorted(routes):
+        prefix = path.rstrip("/")
+        if prefix:
+            out.append(f"    location = {prefix} {{ return 301 {prefix}/$is_args$args; }}\n")
         out += [
-            f"    location {path} {{\n",
-            f"        proxy_pass http://{host}:{port};\n",
+            f"    location {prefix}/ {{\n",
+            f"        proxy_pass http://{host}:{port}/;\n",
             "        proxy_http_version 1.1;\n",
             "        proxy_set_header Connection \"\";\n",
             "        proxy_set_header Host $host;\n",
             "        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n",
+            f"        proxy_set_header X-Forwarded-Prefix {prefix or '/'};\n",
             "        proxy_next_upstream error timeout;\n",
             "    }\n",
         ]

@@ -83,8 +83,14 @@ def plan(spec: Spec, state: Mapping[str, ServiceState], commits: Mapping[str, st
 def _plan_service(service, current: ServiceState | None, commit: str, renew: set[str]) -> ServicePlan | None:
     fingerprint = code_fingerprint(service)
     if current is None or current.code is None:
+        # No code is live (first deploy, or after a destroy that kept the data): data instances
+        # still live are used again, not replaced.
         changes = [Change("code", True, reason="first deploy")]
-        changes += [Change(c, True, reason="first deploy") for c in DATA_COMPONENTS if c in service.uses]
+        for c in DATA_COMPONENTS:
+            if c in service.uses:
+                kept = current.live(c) if current else None
+                changes.append(Change(c, True, reason="first deploy") if kept is None or c in renew
+                               else Change(c, False, kept.number))
         return ServicePlan(service.name, "deploy", tuple(changes), commit, ("first deploy",))
 
     reasons: list[str] = []

@@ -123,9 +123,16 @@ class Runner:
     # ---------------------------------------------------------------- the plan
 
     async def apply(self, plan: Plan) -> str:
+        from .verify import remove_code
         for service_plan in plan.services:
             if service_plan.action == "deploy":
                 await self.deploy(service_plan)
+            elif service_plan.action == "destroy":
+                # The spec no longer has it, so the route written next leaves it out.
+                await remove_code(self, service_plan.service)
+                self.job.event("service.removed", service=service_plan.service)
+                if any(s.is_web for s in self.spec.services):
+                    await self.switch_route(service_plan.service)
         verb = {"apply": "deployed"}.get(self.job.kind, self.job.kind + " of")
         return f"{verb} {', '.join(s.service for s in plan.services)}"
 

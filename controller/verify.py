@@ -17,7 +17,7 @@ from protos import deployer_pb2 as pb
 
 from . import naming, operations as ops
 from .planner import Change, ServicePlan
-from .procedures import KEEP_RELEASES, PlacementError, Runner, pick_agent
+from .procedures import KEEP_RELEASES, PlacementError, Runner, StepFailed, pick_agent
 
 
 @dataclass(frozen=True)
@@ -233,6 +233,68 @@ class Checker:
                         for _, p in plan):
                     self.ledger.set_status(self.env_key, service, "code", r["number"], "removed")
         return lines
+
+
+async def remove_code(runner: Runner, service: str) -> None:
+    """Stop every process of a service and remove its folder; mark its code instances removed.
+    Its data instances are left alone."""
+    spec, ledger, env_key = runner.spec, runner.ledger, runner.env_key
+    rows = [r for r in ledger.instances(env_key, service) if r["component"] == "code"]
+    unit = naming.unit_base(spec.app, spec.environment, service)
+    for host_id in sorted({r["host"] for r in rows if r["host"]}):
+        host = runner.registry.agents.get(host_id)
+        if host is None or host.state != "connected":
+            raise StepFailed(service, "remove", f"agent {host_id} is not connected: nothing was removed there")
+        listing = await runner.run_op(host, pb.Operation(service_list=pb.ServiceListSpec(name_prefix=unit)),
+                                      service, "list processes", check=False)
+        for line in _output(listing).splitlines():
+            item = json.loads(line)
+            if item["name"] == unit:
+                await runner.run_op(host, pb.Operation(service_stop=pb.ServiceStopSpec(
+                    name=unit, instance=item["instance"])), service, "stop", check=False)
+        folder = naming.service_dir(host.services_root, spec.app, spec.environment, service)
+        await runner.sh(host, f"rm -rf -- {shlex.quote(folder)}", service, "remove folder")
+    for r in rows:
+        ledger.set_status(env_key, service, "code", r["number"], "removed")
+        if r["port"]:
+            ledger.release_port(r["host"], r["port"])
+
+
+async def destroy(runner: Runner, purge_data: bool) -> str:
+    """Stop every process of the environment, remove its route and folders; drop its databases,
+    ACL users and keys only with `purge_data`. The ledger keeps the history; numbers stay used."""
+    ledger, env_key = runner.ledger, runner.env_key
+    for service in sorted({r["service"] for r in ledger.instances(env_key)}):
+        await remove_code(runner, service)
+    router = runner.router(env_key)
+    conf = runner.nginx_path(router)
+    reload = router.settings.get("nginx.reload", "nginx -s reload")
+    await runner.sh(router, f"rm -f -- {shlex.quote(conf)} && {reload}", env_key, "remove route")
+    purged = []
+    if purge_data:
+        for r in ledger.instances(env_key):
+            names = json.loads(r["names"] or "{}")
+            provider = runner.registry.agents.get(r["host"] or "")
+            if r["component"] not in ("mysql", "redis") or provider is None:
+                continue
+            if r["component"] == "mysql":
+                await runner.sh(provider, provider.settings.get("mysql.admin", "mariadb --batch"), r["service"],
+                                "drop mysql", stdin=ops.mysql_drop(names["database"], names["user"]))
+                purged.append(names["database"])
+            else:
+                host = provider.settings.get("redis.host", "127.0.0.1")
+                port = provider.settings.get("redis.port", "6379")
+                cli = provider.settings.get("redis.admin", f"redis-cli -h {host} -p {port}")
+                await runner.sh(provider, ops.redis_purge_script(cli, names["prefix"]), r["service"], "drop keys")
+                await runner.sh(provider, f"{cli} ACL DELUSER {shlex.quote(names['user'])} >/dev/null",
+                                r["service"], "drop redis user")
+                purged.append(names["prefix"])
+    if purge_data:
+        for r in ledger.instances(env_key):
+            ledger.set_status(env_key, r["service"], r["component"], r["number"], "removed")
+    ledger.conn.execute("DELETE FROM environments WHERE key=?", (env_key,))
+    kept = "" if purge_data else "; databases and Redis keys are kept (--purge-data removes them)"
+    return f"destroyed {env_key}" + (f", purged {len(purged)} data instance(s)" if purged else "") + kept
 
 
 def _redis_admin(provider) -> str:

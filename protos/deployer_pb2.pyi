@@ -528,14 +528,16 @@ class RollbackRequest(_message.Message):
     def __init__(self, environment: _Optional[str] = ..., service: _Optional[str] = ..., to: _Optional[int] = ..., reload: _Optional[bool] = ...) -> None: ...
 
 class CheckRequest(_message.Message):
-    __slots__ = ("environment", "action", "dry_run")
+    __slots__ = ("environment", "action", "dry_run", "purge_data")
     ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    PURGE_DATA_FIELD_NUMBER: _ClassVar[int]
     environment: str
     action: str
     dry_run: bool
-    def __init__(self, environment: _Optional[str] = ..., action: _Optional[str] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+    purge_data: bool
+    def __init__(self, environment: _Optional[str] = ..., action: _Optional[str] = ..., dry_run: _Optional[bool] = ..., purge_data: _Optional[bool] = ...) -> None: ...
 
 class PlanReply(_message.Message):
     __slots__ = ("plan_json",)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy_harness import deploy_cluster, example_repo, http_get, new_commit, purge, redis, unique_env
+from tests.deploy_harness import deploy_cluster, example_repo, http_get, mysql, new_commit, purge, redis, unique_env
 
 pytestmark = pytest.mark.slow
 INSTALL = "npm ci --omit=dev --no-audit --no-fund --prefer-offline"
@@ -391,3 +391,53 @@ def test_verify_repair_and_clean(world, tmp_path):
     assert cleaned.returncode == 0 and f"remove {root}/auto-x-y-z" in cleaned.stdout.decode()
     assert not (root / "auto-x-y-z").exists() and (root / "keep-me").exists()
     assert verify()[0] == 0
+
+
+def test_destroy_keeps_data_unless_purged(world, tmp_path):
+    env, repo, cluster = new_env(world), world["repo"], world["cluster"]
+    spec = write_spec(tmp_path, env, {"web": web_service(repo)})
+    apply(world, str(spec))
+    key, name = f"shop/{env}", f"auto-shop-{env}-web-1"
+    redis("SET", f"{name}:kept", "1")
+    folder = cluster.agents["computing-1"].services_root / f"auto-shop-{env}-web"
+    conf = world["nginx"].conf_dir / f"auto-shop-{env}.conf"
+    pid = json.loads(cluster.deployctl("status", key, "--json").stdout)[0]["pid"]
+
+    kept = cluster.deployctl("destroy", key, timeout=300)
+    assert kept.returncode == 0, kept.stderr
+    assert b"databases and Redis keys are kept" in kept.stdout
+    assert not folder.exists() and not conf.exists()
+    import psutil
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert mysql(f"SHOW DATABASES LIKE '{name}'").strip() == name
+    assert name in redis("ACL", "USERS").split() and redis("GET", f"{name}:kept").strip() == "1"
+
+    apply(world, str(spec))                                  # comes back on the data it kept
+    ledger = cluster.deployctl("ledger", key, "web").stdout.decode().splitlines()
+    assert ledger[-1].split() == ["2", "(2)", "|", "|"]
+    refused = cluster.deployctl("destroy", key, "--purge-data")
+    assert refused.returncode == 2 and b"--yes" in refused.stderr
+    purged = cluster.deployctl("destroy", key, "--purge-data", "--yes", timeout=300)
+    assert purged.returncode == 0, purged.stderr
+    assert mysql(f"SHOW DATABASES LIKE 'auto-shop-{env}-%'").strip() == ""
+    assert mysql(f"SELECT User FROM mysql.user WHERE User LIKE 'auto-shop-{env}-%'").strip() == ""
+    assert not [u for u in redis("ACL", "USERS").split() if u.startswith(f"auto-shop-{env}-")]
+    assert redis("--scan", "--pattern", f"auto-shop-{env}-*").strip() == ""
+    assert not conf.exists() and not folder.exists()
+
+
+def test_prune_removes_a_service_dropped_from_the_spec(world, tmp_path):
+    env, repo, cluster = new_env(world), world["repo"], world["cluster"]
+    both = write_spec(tmp_path, env, {"a": web_service(repo, path="/a"), "b": web_service(repo, path="/b")})
+    apply(world, str(both))
+    only_a = write_spec(tmp_path, env, {"a": web_service(repo, path="/a")}, "only-a.yml")
+    kept = cluster.deployctl("plan", str(only_a))
+    assert kept.returncode == 0 and b"b is no longer in the spec" in kept.stdout
+    assert cluster.deployctl("plan", str(only_a), "--prune").returncode == 2
+    apply(world, str(only_a), "--prune")
+    from tests.harness import wait_for
+    # `nginx -s reload` returns before the old workers have finished: wait for the new route.
+    wait_for(lambda: through_nginx(world, env, "/b/health")[0] == 404, 10, what="/b gone from nginx")
+    assert through_nginx(world, env, "/a/health")[0] == 200
+    assert not (cluster.agents["computing-1"].services_root / f"auto-shop-{env}-b").exists()
+    assert mysql(f"SHOW DATABASES LIKE 'auto-shop-{env}-b-1'").strip()      # data is kept
