@@ -496,8 +496,32 @@ def cmd_job_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_service_logs(args: argparse.Namespace) -> int:
+    """A service's own output, streamed from its agent; follows on to a new instance."""
+    env, service = _env_service(args.target)
+    stub, where = connect(args)
+    out = {pb.STDOUT: sys.stdout.buffer, pb.STDERR: sys.stderr.buffer}
+    try:
+        for event in stub.ServiceLogs(pb.ServiceLogsRequest(environment=env, service=service, follow=args.follow,
+                                                            tail=args.tail or 0)):
+            kind = event.WhichOneof("ev")
+            if kind == "output":
+                sink = out.get(event.output.stream, sys.stdout.buffer)
+                sink.write(event.output.data)
+                sink.flush()
+            elif kind == "status":
+                print(f"-- {event.status.note}", file=sys.stderr, flush=True)
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc, where) from None
+    return EXIT_OK
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
-    """A job's events and the output of each of its operations, in order."""
+    """A job's events and the output of each of its operations, in order; or, given
+    APP/ENV/SERVICE, that service's own output."""
+    if "/" in args.job_id:
+        args.target = args.job_id
+        return cmd_service_logs(args)
     stub, where = connect(args)
     try:
         for event in stub.FollowJob(pb.JobRef(job_id=args.job_id, follow=args.follow)):
@@ -645,10 +669,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_job_show)
 
-    p = sub.add_parser("logs", help="a job's steps and the output of every operation",
-                       epilog="example: deployctl logs job-20261125T101500-a1b2c3 -f")
-    p.add_argument("job_id")
+    p = sub.add_parser("logs", help="a job's steps and operation output, or a service's own output",
+                       description="deployctl logs JOB: the job's steps and the full output of each operation. "
+                                   "deployctl logs APP/ENV/SERVICE: the service's own output from its agent; "
+                                   "with -f it keeps following, onto the new instance after a redeploy.",
+                       epilog="examples: deployctl logs job-20261125T101500-a1b2c3 | deployctl logs shop/prod/web -f")
+    p.add_argument("job_id", metavar="JOB | APP/ENV/SERVICE")
     p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("--tail", type=int, help="service logs: lines of the past to show first (default 20)")
     p.set_defaults(func=cmd_logs)
 
     p = sub.add_parser("ledger", help="which instance of each component every deploy made or reused",

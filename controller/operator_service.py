@@ -97,6 +97,53 @@ class OperatorService(pb_grpc.OperatorServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return pb.ApplyReply(job_id=job.id)
 
+    async def ServiceLogs(self, request, context):
+        """Tail the live instance's log on its agent; after a redeploy, move to the new one."""
+        env_key, service = request.environment, request.service
+        app, _, env = env_key.partition("/")
+        tail = str(request.tail or 20)
+        current: tuple[str, int] | None = None
+        op = None
+        offset = 0
+        wake = asyncio.Event()
+        try:
+            while True:
+                live = self.ledger.state(env_key).get(service)
+                if live is None or live.code is None:
+                    await context.abort(grpc.StatusCode.NOT_FOUND, f"{env_key}/{service}: nothing is live")
+                if (live.code.host, live.code.number) != current:
+                    agent = self.registry.agents.get(live.code.host)
+                    if agent is None or agent.state != "connected":
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, f"agent {live.code.host} is not connected")
+                    if op is not None:
+                        self.dispatcher.cancel(op.id, "the service moved to a new instance")
+                        op.listeners.discard(wake)
+                        yield pb.FollowEvent(status=pb.OperationStatus(
+                            agent_id=agent.id, note=f"now following code instance {live.code.number}"))
+                    log_path = (f"{naming.service_dir(agent.services_root, app, env, service)}"
+                                f"/logs/{live.code.number}.log")
+                    argv = ["tail", "-n", tail if current is None else "+1"]
+                    argv += ["-F", log_path] if request.follow else [log_path]
+                    op = self.dispatcher.submit(agent.id, pb.Operation(
+                        id=operations.new_op_id(), exec=pb.ExecSpec(argv=argv)))
+                    op.listeners.add(wake)
+                    current, offset = (live.code.host, live.code.number), 0
+                wake.clear()
+                for start, stream, data in op.output.read(offset):
+                    yield pb.FollowEvent(output=pb.OutputChunk(op_id=op.id, offset=start, stream=stream, data=data))
+                    offset = start + len(data)
+                if op.finished and offset >= op.output.received:
+                    return
+                try:
+                    await asyncio.wait_for(wake.wait(), 0.5)  # and look at the ledger twice a second
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            if op is not None:
+                op.listeners.discard(wake)
+                if not op.finished:
+                    self.dispatcher.cancel(op.id, "the operator stopped following")
+
     def _job_folder(self, job_id: str):
         if not job_id.startswith("job-") or "/" in job_id:
             return None

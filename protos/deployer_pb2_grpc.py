@@ -182,6 +182,11 @@ class OperatorStub:
                 request_serializer=protos_dot_deployer__pb2.CheckRequest.SerializeToString,
                 response_deserializer=protos_dot_deployer__pb2.ApplyReply.FromString,
                 _registered_method=True)
+        self.ServiceLogs = channel.unary_stream(
+                '/deployer.v1.Operator/ServiceLogs',
+                request_serializer=protos_dot_deployer__pb2.ServiceLogsRequest.SerializeToString,
+                response_deserializer=protos_dot_deployer__pb2.FollowEvent.FromString,
+                _registered_method=True)
 
 
 class OperatorServicer:
@@ -279,6 +284,13 @@ class OperatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ServiceLogs(self, request, context):
+        """A service's own output, from the agent that runs it (stdout and stderr, as its log has them).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OperatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -356,6 +368,11 @@ def add_OperatorServicer_to_server(servicer, server):
                     servicer.Check,
                     request_deserializer=protos_dot_deployer__pb2.CheckRequest.FromString,
                     response_serializer=protos_dot_deployer__pb2.ApplyReply.SerializeToString,
+            ),
+            'ServiceLogs': grpc.unary_stream_rpc_method_handler(
+                    servicer.ServiceLogs,
+                    request_deserializer=protos_dot_deployer__pb2.ServiceLogsRequest.FromString,
+                    response_serializer=protos_dot_deployer__pb2.FollowEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -763,6 +780,33 @@ class Operator:
             '/deployer.v1.Operator/Check',
             protos_dot_deployer__pb2.CheckRequest.SerializeToString,
             protos_dot_deployer__pb2.ApplyReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ServiceLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/deployer.v1.Operator/ServiceLogs',
+            protos_dot_deployer__pb2.ServiceLogsRequest.SerializeToString,
+            protos_dot_deployer__pb2.FollowEvent.FromString,
             options,
             channel_credentials,
             insecure,

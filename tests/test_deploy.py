@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -441,3 +442,27 @@ def test_prune_removes_a_service_dropped_from_the_spec(world, tmp_path):
     assert through_nginx(world, env, "/a/health")[0] == 200
     assert not (cluster.agents["computing-1"].services_root / f"auto-shop-{env}-b").exists()
     assert mysql(f"SHOW DATABASES LIKE 'auto-shop-{env}-b-1'").strip()      # data is kept
+
+
+def test_service_logs_follow_live_and_across_a_redeploy(world, tmp_path):
+    env, repo, cluster = new_env(world), world["repo"], world["cluster"]
+    ticker = {"source": str(repo), "ref": "main", "healthy_after": 1,
+              "start": "sh -c 'while true; do echo \"$RELEASE $(date +%s.%N)\"; sleep 0.2; done'"}
+    spec = write_spec(tmp_path, env, {"ticker": ticker})
+    apply(world, str(spec))
+    follower = cluster.deployctl_bg("logs", f"shop/{env}/ticker", "-f", "--tail", "1")
+    lags = []
+    try:
+        while len(lags) < 10:
+            release, stamp = follower.stdout.readline().decode().split()
+            lags.append(time.time() - float(stamp))
+            assert release == "1"
+        assert sorted(lags)[len(lags) // 2] < 1.0, lags   # a printed line shows within a second
+        apply(world, str(write_spec(tmp_path, env, {"ticker": {**ticker, "env": {"V": "2"}}}, "v2.yml")))
+        seen = set()
+        while "2" not in seen:
+            seen.add(follower.stdout.readline().decode().split()[0])
+    finally:
+        follower.kill()
+        follower.wait()
+    assert seen >= {"2"}
