@@ -200,9 +200,11 @@ class Runner:
         await self._start(d, workdir, env_path)
         if service.is_web:
             await self._route(d)
+        # Read before going live: restarting the same code instance rewrites its process key.
+        previous = self._process_of(live)
         self._go_live(d, numbers)
         if live and live.code:
-            await self._retire(d, live)
+            await self._retire(d, live, previous)
         await self.sh(d.host, _current_script(d.service_dir, release), name, "current")
         await self._prune_releases(d)
 
@@ -352,10 +354,14 @@ class Runner:
         self.ledger.finish_deploy(self.env_key, name, d.deploy, "succeeded", port=d.port or None)
         self.job.event("deploy.live", service=name, deploy=d.deploy, code=d.code, port=d.port, host=d.host.id)
 
-    async def _retire(self, d: Deployment, live) -> None:
+    def _process_of(self, live) -> str:
+        if not live or not live.code:
+            return ""
+        row = self.ledger.instance(self.env_key, live.service, "code", live.code.number)
+        return json.loads(row["names"]).get("process", "") if row else ""
+
+    async def _retire(self, d: Deployment, live, process: str) -> None:
         """Give in-flight requests to the old process time to finish, then stop it."""
-        old = self.ledger.instance(self.env_key, d.service.name, "code", live.code.number)
-        process = json.loads(old["names"]).get("process", "") if old else ""
         if not process or process == d.process:
             return
         await asyncio.sleep(DRAIN_S)

@@ -49,6 +49,7 @@ class Facts:
     databases: set[str] = field(default_factory=set)
     mysql_users: set[str] = field(default_factory=set)
     redis_users: dict[str, str] = field(default_factory=dict)  # user → its key patterns
+    nginx_files: list[str] = field(default_factory=list)      # auto-*.conf in the router's folder
 
 
 def _output(op) -> str:
@@ -78,10 +79,15 @@ class Checker:
                 continue
             await self._code_facts(host, state, facts)
         router = self.runner.router(self.env_key)
-        cat = await self.runner.sh(router, f"cat {shlex.quote(self.runner.nginx_path(router))} 2>/dev/null || "
-                                   "echo '<missing>'", self.env_key, "read route", check=False)
+        conf = self.runner.nginx_path(router)
+        cat = await self.runner.sh(router, f"cat {shlex.quote(conf)} 2>/dev/null || echo '<missing>'",
+                                   self.env_key, "read route", check=False)
         text = _output(cat)
         facts.nginx = None if text == "<missing>\n" else text
+        folder = shlex.quote(conf.rsplit("/", 1)[0])
+        listing = await self.runner.sh(router, f"cd {folder} && ls -1 auto-*.conf 2>/dev/null; true",
+                                       self.env_key, "list routes", check=False)
+        facts.nginx_files = _output(listing).split()
         facts.nginx_expected = self.runner.nginx_content(router).decode()
         await self._data_facts(facts)
         return facts
@@ -362,6 +368,14 @@ def findings(env_key, spec, ledger, facts: Facts, claimed, unit, registry) -> li
     # Databases and ACL users are shared by every environment on a server: only names in this
     # environment's own namespace are judged here.
     own = naming.unit_base(spec.app, spec.environment, "x")[:-1]
+    for name in sorted(set(facts.nginx_files) - claimed["nginx"]):
+        out.append(Finding("nginx", f"orphan route file {name}", "", target=name))
+    known = {(unit(r["service"]), json.loads(r["names"] or "{}").get("process"))
+             for r in ledger.instances(env_key) if r["component"] == "code" and r["status"] != "removed"}
+    for (name, instance), alive in sorted(facts.processes.items()):
+        if name.startswith(own) and (name, instance) not in known:
+            out.append(Finding("processes", f"orphan process {name}@{instance}"
+                               + ("" if alive else " (dead)"), "", target=f"{name}@{instance}"))
     for name in sorted(n for n in facts.databases - claimed["databases"] if n.startswith(own)):
         out.append(Finding("mysql", f"orphan database {name}", "", target=name))
     for name in sorted(n for n in set(facts.redis_users) - claimed["redis"] if n.startswith(own)):
@@ -371,10 +385,12 @@ def findings(env_key, spec, ledger, facts: Facts, claimed, unit, registry) -> li
 
 def claimed_names(db) -> dict[str, set[str]]:
     """Every auto-* name some environment in the ledger holds (folders, databases, ACL users)."""
-    folders, databases, redis = set(), set(), set()
+    folders, databases, redis, nginx = set(), set(), set(), set()
     for r in db.conn.execute("SELECT env_key, service, component, names, status FROM instances"):
         app, env = r["env_key"].split("/", 1)
         folders.add(naming.unit_base(app, env, r["service"]))
+        if r["status"] != "removed":
+            nginx.add(naming.nginx_file(app, env))
         names = json.loads(r["names"] or "{}")
         if r["status"] == "removed":
             continue
@@ -382,4 +398,4 @@ def claimed_names(db) -> dict[str, set[str]]:
             databases.add(names.get("database", ""))
         elif r["component"] == "redis":
             redis.add(names.get("user", ""))
-    return {"folders": folders, "databases": databases, "redis": redis}
+    return {"folders": folders, "databases": databases, "redis": redis, "nginx": nginx}

@@ -343,9 +343,16 @@ def test_rollback_from_a_release_that_serves_errors(world, tmp_path):
     gone = cluster.deployctl("rollback", f"shop/{env}/web", "--to", "9")
     assert gone.returncode == 1
     assert gone.stderr.decode().strip() == f"deployctl: shop/{env}/web: code instance 9 never existed"
+    before = json.loads(cluster.deployctl("status", f"shop/{env}", "--json").stdout)[0]["pid"]
     reload = cluster.deployctl("reload", f"shop/{env}/web", timeout=300)
     assert reload.returncode == 0, reload.stderr
     assert through_nginx(world, env)[0] == 200
+    after = json.loads(cluster.deployctl("status", f"shop/{env}", "--json").stdout)[0]
+    assert after["pid"] != before and after["code"] == 1
+    import psutil
+    from tests.harness import wait_for
+    wait_for(lambda: not psutil.pid_exists(before) or psutil.Process(before).status() == psutil.STATUS_ZOMBIE,
+             15, what="the reloaded instance's previous process stopped")
 
 
 def test_verify_repair_and_clean(world, tmp_path):
