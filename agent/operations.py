@@ -101,39 +101,12 @@ class Operations:
         kind = op.WhichOneof("kind")
         started = time.monotonic()
         log.info("op.started", op_id=op.id, kind=kind)
-        if kind == "exec":
-            try:
-                run = executor.spawn(op.id, op.exec, str(self.services_root), held.spool, held.notify)
-            except executor.StartError as exc:
-                result = pb.OperationResult(op_id=op.id, outcome=pb.FAILED_TO_START, error=str(exc))
-            else:
-                held.run = run
-                try:
-                    created = psutil.Process(run.proc.pid).create_time()
-                except psutil.Error:
-                    created = time.time()
-                self.journal.record_process(op.id, run.proc.pid, created)
-                result = await executor.supervise(run, op.exec)
-        elif kind == "write_file":
-            result = await asyncio.to_thread(executor.write_file, op.id, op.write_file)
-        elif kind in ("service_start", "service_stop"):
-            try:
-                if kind == "service_start":
-                    result = await self.driver.start(op.id, op.service_start)
-                else:
-                    result = await self.driver.stop(op.id, op.service_stop)
-            except executor.StartError as exc:
-                result = pb.OperationResult(op_id=op.id, outcome=pb.FAILED_TO_START, error=str(exc))
-        elif kind == "service_list":
-            lines = [json.dumps(e) + "\n" for e in self.driver.list(op.service_list.name_prefix)]
-            if lines:
-                held.spool.append(pb.STDOUT, "".join(lines).encode())
-            result = pb.OperationResult(op_id=op.id, outcome=pb.EXITED)
-        elif kind == "http_probe":
-            result = await probe.probe(op.id, op.http_probe)
-        else:
-            result = pb.OperationResult(op_id=op.id, outcome=pb.REJECTED,
-                                        error="unknown operation kind")
+        try:
+            result = await self._run(held, op, kind)
+        except Exception as exc:  # whatever happens, the controller must get a result
+            log.exception("op.crashed", op_id=op.id)
+            result = pb.OperationResult(op_id=op.id, outcome=pb.FAILED_TO_START,
+                                        error=f"the agent could not run it: {type(exc).__name__}: {exc}")
         held.spool.close()
         result.output_bytes = held.spool.end
         result.duration_s = result.duration_s or time.monotonic() - started
@@ -143,6 +116,38 @@ class Operations:
                  exit_code=result.exit_code, signal=result.signal,
                  duration_s=round(result.duration_s, 3))
         held.notify()
+
+    async def _run(self, held: Held, op: pb.Operation, kind: str | None) -> pb.OperationResult:
+        if kind == "exec":
+            try:
+                run = executor.spawn(op.id, op.exec, str(self.services_root), held.spool, held.notify)
+            except executor.StartError as exc:
+                return pb.OperationResult(op_id=op.id, outcome=pb.FAILED_TO_START, error=str(exc))
+            held.run = run
+            try:
+                created = psutil.Process(run.proc.pid).create_time()
+            except psutil.Error:
+                created = time.time()
+            self.journal.record_process(op.id, run.proc.pid, created)
+            return await executor.supervise(run, op.exec)
+        if kind == "write_file":
+            return await asyncio.to_thread(executor.write_file, op.id, op.write_file)
+        if kind in ("service_start", "service_stop"):
+            try:
+                if kind == "service_start":
+                    return await self.driver.start(op.id, op.service_start)
+                return await self.driver.stop(op.id, op.service_stop)
+            except executor.StartError as exc:
+                return pb.OperationResult(op_id=op.id, outcome=pb.FAILED_TO_START, error=str(exc))
+        if kind == "service_list":
+            entries = await asyncio.to_thread(self.driver.list, op.service_list.name_prefix)
+            lines = [json.dumps(e) + "\n" for e in entries]
+            if lines:
+                held.spool.append(pb.STDOUT, "".join(lines).encode())
+            return pb.OperationResult(op_id=op.id, outcome=pb.EXITED)
+        if kind == "http_probe":
+            return await probe.probe(op.id, op.http_probe)
+        return pb.OperationResult(op_id=op.id, outcome=pb.REJECTED, error="unknown operation kind")
 
     def cancel(self, op_id: str, reason: str) -> bool:
         held = self.held.get(op_id)

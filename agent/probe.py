@@ -15,7 +15,8 @@ def _get(url: str, timeout: float, host_header: str) -> int:
     conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
     try:
         headers = {"Host": host_header} if host_header else {}
-        conn.request("GET", parts.path or "/" + ("?" + parts.query if parts.query else ""), headers=headers)
+        target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        conn.request("GET", target, headers=headers)
         return conn.getresponse().status
     finally:
         conn.close()

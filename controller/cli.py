@@ -230,8 +230,13 @@ def cmd_exec(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         interrupted = True
         print("\ncancelling…", file=sys.stderr, flush=True)
-        stub.CancelOperations(pb.CancelRequest(op_ids=follower.pending, reason="interrupted by the operator"), timeout=10)
-        follow(stub, follower, args.reconnect_timeout)
+        try:
+            stub.CancelOperations(pb.CancelRequest(op_ids=follower.pending, reason="interrupted by the operator"),
+                                  timeout=10)
+            follow(stub, follower, args.reconnect_timeout)
+        except grpc.RpcError as exc:
+            print(f"deployctl: {_rpc_error(exc, where)}", file=sys.stderr)
+            return EXIT_INTERRUPTED
     except grpc.RpcError as exc:
         raise _rpc_error(exc, where) from None
     for op_id, agent in sorted(ops.items(), key=lambda kv: kv[1]):
@@ -375,6 +380,14 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def follow_job(stub: pb_grpc.OperatorStub, job_id: str, verbose: bool, counts: dict | None = None) -> int:
     """Print a job's steps as they happen; exit code = the job's outcome. `counts` collects how
     many findings (and findings left after a repair) the job reported."""
+    try:
+        return _follow_job(stub, job_id, verbose, counts)
+    except grpc.RpcError as exc:
+        error = _rpc_error(exc, "the controller")
+        raise CliError(f"{error}; the job {job_id} goes on: `deployctl job show {job_id}`", error.code) from None
+
+
+def _follow_job(stub: pb_grpc.OperatorStub, job_id: str, verbose: bool, counts: dict | None) -> int:
     started: dict[str, float] = {}
     state = "running"
     counts = counts if counts is not None else {}

@@ -96,8 +96,13 @@ class Dispatcher:
         log.info("op.submitted", op_id=operation.id, agent_id=agent_id,
                  kind=operation.WhichOneof("kind"))
         session = self.registry.session(agent_id)
+        agent = self.registry.agents.get(agent_id)
         if session is not None:
             self._send(session, op, operation)
+        elif agent is not None and agent.state == "lost":
+            # Lost agents are not waited for: the operation ends at once, like those it held.
+            self._record(op, pb.OperationResult(op_id=op.id, outcome=pb.LOST,
+                                                 error=f"agent {agent_id} is lost"))
         else:
             op.note = f"agent {agent_id} is not connected; waiting for it"
         return op
@@ -113,6 +118,8 @@ class Dispatcher:
                 await wake.wait()
         finally:
             op.listeners.discard(wake)
+        # Keep the result at hand for the caller, but not the open files.
+        self.release(op)
         return op
 
     def _send(self, session: Session, op: Op, operation: pb.Operation) -> None:
@@ -186,6 +193,7 @@ class Dispatcher:
 
     def _record(self, op: Op, result: pb.OperationResult) -> None:
         if op.finished and op.result.outcome != pb.LOST:
+            self.release(op)
             return  # a result resent after a reconnect: we have it already
         if op.finished:
             log.warning("op.result_after_lost", op_id=op.id)
@@ -207,7 +215,10 @@ class Dispatcher:
                        if op.agent_id == session.agent_id and op.output.received > op.acked
                        and not op.finished]
             for op in pending:
-                synced = await asyncio.to_thread(op.output.sync)
+                try:
+                    synced = await asyncio.to_thread(op.output.sync)
+                except (OSError, ValueError):
+                    continue  # finished and closed meanwhile: its result carried the last ack
                 op.acked = synced
                 session.send(pb.ControllerMessage(ack=pb.Ack(op_id=op.id, offset=synced)))
 

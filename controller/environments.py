@@ -121,26 +121,29 @@ class Environments:
                    for s in spec.services for n in s.secrets if n not in self.ledger.secrets(spec.key)]
         if missing:
             raise OrderError(missing[0])
-        self._accept(spec)
         if plan.empty:
+            self._accept(spec)
             return None, plan
         files = {Path(request.spec_name).name or "environment.yml": request.spec_text or ""}
         if request.options_text:
             files[Path(request.options_name).name] = request.options_text
         if request.diff_text:
             files[Path(request.diff_name).name] = request.diff_text
-        job = self._launch(spec, "apply", plan, files, lambda runner: runner.apply(plan))
+        job = self._launch(spec, "apply", plan, files, lambda runner: runner.apply(plan), accept=True)
         return job, plan
 
     def _launch(self, spec: spec_mod.Spec, kind: str, plan: planner.Plan | None, files: dict[str, str],
-                body, note: str = "") -> Job:
-        """Lock the environment, open the job's folder, and run `body(runner)` as the job."""
+                body, note: str = "", accept: bool = False) -> Job:
+        """Lock the environment, open the job's folder, and run `body(runner)` as the job.
+        With `accept`, the spec becomes the environment's stored spec once the lock is held."""
         lock = EnvLock(self.store, spec.key)
         job_id = new_job_id()
         try:
             lock.acquire(job_id, kind)
         except Locked as exc:
             raise OrderError(str(exc)) from None
+        if accept:
+            self._accept(spec)
         job = Job(self.store, self.db, job_id, spec.key, kind)
         self.jobs[job_id] = job
         for name, text in files.items():
@@ -205,6 +208,18 @@ class Environments:
         kind = "reload" if request.reload else "rollback"
         return self._launch(spec, kind, plan, {}, lambda runner: runner.apply(plan), note), plan
 
+    def _as_deployed(self, env_key: str, stored: dict) -> dict:
+        """The stored spec with each service's definition as its live code instance was deployed
+        (after a failed apply the stored spec is ahead of what runs)."""
+        services = dict(stored["services"])
+        for service, live in self.ledger.state(env_key).items():
+            if live.code is not None:
+                row = self.ledger.instance(env_key, service, "code", live.code.number)
+                recorded = json.loads(row["names"]).get("service") if row else None
+                if recorded:
+                    services[service] = recorded
+        return {**stored, "services": services}
+
     async def check(self, request) -> Job:
         """verify, repair or clean one environment, as a job."""
         stored = self.stored_spec(request.environment)
@@ -212,7 +227,7 @@ class Environments:
             raise OrderError(f"{request.environment}: no such environment (nothing was ever applied)")
         if request.action not in ("verify", "repair", "clean", "destroy"):
             raise OrderError(f"unknown action {request.action!r}")
-        spec = spec_mod.spec_from_dict(stored)
+        spec = spec_mod.spec_from_dict(self._as_deployed(request.environment, stored))
         claimed = claimed_names(self.db)
 
         async def body(runner: Runner) -> str:

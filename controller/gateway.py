@@ -52,15 +52,16 @@ class AgentGateway(pb_grpc.AgentGatewayServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         hello = first.hello
         session = self.registry.attach(hello, context.peer())
-        await context.write(pb.ControllerMessage(welcome=pb.Welcome(
-            controller_version=__version__, heartbeat_interval_s=hello.heartbeat_interval_s)))
-        self.dispatcher.on_hello(session, hello)
-        tasks = [
-            asyncio.create_task(self._reader(session, context)),
-            asyncio.create_task(self._writer(session, context)),
-            asyncio.create_task(self.dispatcher.acknowledge(session)),
-        ]
+        tasks: list[asyncio.Task] = []
         try:
+            await context.write(pb.ControllerMessage(welcome=pb.Welcome(
+                controller_version=__version__, heartbeat_interval_s=hello.heartbeat_interval_s)))
+            self.dispatcher.on_hello(session, hello)
+            tasks = [
+                asyncio.create_task(self._reader(session, context)),
+                asyncio.create_task(self._writer(session, context)),
+                asyncio.create_task(self.dispatcher.acknowledge(session)),
+            ]
             await asyncio.wait([tasks[0], asyncio.create_task(session.closed.wait())],
                                return_when=asyncio.FIRST_COMPLETED)
             if session.closed.is_set():

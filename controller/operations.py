@@ -88,11 +88,17 @@ def redis_drop_user(user: str) -> bytes:
     return f"ACL DELUSER {user}\n".encode()
 
 
+# Deletes every key under a prefix on the server itself, in SCAN batches (KEYS would block the
+# server), with the exact key bytes: nothing in a key name can turn into another argument.
+_PURGE_LUA = ("local cursor = '0' repeat local r = redis.call('SCAN', cursor, 'MATCH', ARGV[1], 'COUNT', 500) "
+              "cursor = r[1] for _, k in ipairs(r[2]) do redis.call('UNLINK', k) end until cursor == '0' "
+              "return 0")
+
+
 def redis_purge_script(cli: str, prefix: str) -> str:
-    """Delete every key under a prefix, in batches, without KEYS (which blocks the server)."""
     import shlex
-    return (f"{cli} --scan --pattern {shlex.quote(prefix + '*')} | "
-            f"xargs -r -n 500 {cli} DEL >/dev/null")
+    pattern = "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "*"
+    return f"{cli} EVAL {shlex.quote(_PURGE_LUA)} 0 {shlex.quote(pattern)} >/dev/null"
 
 
 def env_file(values: dict[str, str]) -> bytes:
@@ -133,18 +139,29 @@ def nginx_config(env_key: str, domain: str, listen: str, routes: list[tuple[str,
 
 
 def nginx_switch_script(conf: str, staged: str, test: str, reload: str) -> str:
-    """Swap the staged file in, test the whole configuration, reload — or put the old one back."""
+    """Swap the staged file in, test the whole configuration, reload — or put the old one back
+    (and reload it) and fail. Every step is checked: success means nginx runs the new file."""
     return f"""set -u
 conf={_sh(conf)}; staged={_sh(staged)}; backup="$conf.previous"
-if [ -f "$conf" ]; then cp -p "$conf" "$backup"; else rm -f "$backup"; fi
-mv -f "$staged" "$conf"
-if ! out=$({test} 2>&1); then
+[ -f "$staged" ] || {{ echo "the staged file $staged is missing" >&2; exit 1; }}
+if [ -f "$conf" ]; then cp -p "$conf" "$backup" || exit 1; else rm -f "$backup"; fi
+restore() {{
   if [ -f "$backup" ]; then mv -f "$backup" "$conf"; else rm -f "$conf"; fi
+}}
+mv -f "$staged" "$conf" || {{ rm -f "$backup"; exit 1; }}
+if ! out=$({test} 2>&1); then
+  restore
   echo "nginx rejected the new configuration; the previous one is back:" >&2
   echo "$out" >&2
   exit 1
 fi
-{reload}
+if ! out=$({reload} 2>&1); then
+  restore
+  {reload} >/dev/null 2>&1
+  echo "nginx could not reload; the previous configuration is back:" >&2
+  echo "$out" >&2
+  exit 1
+fi
 rm -f "$backup"
 """
 

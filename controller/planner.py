@@ -72,7 +72,8 @@ def plan(spec: Spec, state: Mapping[str, ServiceState], commits: Mapping[str, st
             services.append(planned)
     notes = []
     wanted = {s.name for s in spec.services}
-    for name in sorted(set(state) - wanted):
+    deployed = {name for name, current in state.items() if current.code is not None}
+    for name in sorted(deployed - wanted):
         if prune:
             services.append(ServicePlan(name, "destroy", reasons=("removed from the spec",)))
         else:

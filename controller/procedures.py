@@ -85,6 +85,7 @@ class Deployment:
     code_new: bool = False
     port: int = 0
     process: str = ""
+    switched: bool = False  # the route (or, for a daemon, the health check) has passed: no way back
     created: list[tuple[str, int, dict, Agent]] = field(default_factory=list)  # new data instances
 
 
@@ -163,9 +164,12 @@ class Runner:
                        host=host.id, reasons=list(sp.reasons))
         try:
             await self._deploy(d, sp, live, numbers, mysql, redis)
-        except StepFailed as exc:
-            await self._undo(d)
-            self.ledger.finish_deploy(self.env_key, service.name, d.deploy, "failed", str(exc))
+        except BaseException as exc:
+            # Before the switch, put everything back; after it the new instance is the live one,
+            # and undoing would take down what serves (and drop data it now uses).
+            if not d.switched:
+                await asyncio.shield(self._undo(d))
+                self.ledger.finish_deploy(self.env_key, service.name, d.deploy, "failed", str(exc))
             raise
 
     async def _deploy(self, d: Deployment, sp: ServicePlan, live, numbers, mysql, redis) -> None:
@@ -188,8 +192,12 @@ class Runner:
         stored = self.ledger.secrets(self.env_key)
         values.update({secret: stored[secret] for secret in service.secrets})
         env_path = f"{release}/.env"
+        try:
+            content = ops.env_file(values)
+        except ValueError as exc:
+            raise StepFailed(name, ".env", str(exc)) from None
         await self.run_op(d.host, pb.Operation(write_file=pb.WriteFileSpec(
-            path=env_path, content=ops.env_file(values), mode=0o600)), name, ".env")
+            path=env_path, content=content, mode=0o600)), name, ".env")
         if d.code_new:
             for step in ("install", "build"):
                 command = getattr(service, step)
@@ -200,12 +208,14 @@ class Runner:
         await self._start(d, workdir, env_path)
         if service.is_web:
             await self._route(d)
+        d.switched = True
         # Read before going live: restarting the same code instance rewrites its process key.
         previous = self._process_of(live)
         self._go_live(d, numbers)
         if live and live.code:
             await self._retire(d, live, previous)
-        await self.sh(d.host, _current_script(d.service_dir, release), name, "current")
+        # After the switch: a failure here is reported, never undone.
+        await self.sh(d.host, _current_script(d.service_dir, release), name, "current", check=False)
         await self._prune_releases(d)
 
     # ---------------------------------------------------------------- data components

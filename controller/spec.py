@@ -545,6 +545,8 @@ def _env_value(source: _Source, key: Key, value: Any) -> str:
     text = source.text(key, value)
     if "\0" in text:
         raise source.error(key, "contains a NUL character")
+    if "\n" in text or "\r" in text:
+        raise source.error(key, "contains a line break, which a .env file cannot hold")
     return text
 
 

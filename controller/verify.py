@@ -370,10 +370,12 @@ def findings(env_key, spec, ledger, facts: Facts, claimed, unit, registry) -> li
     own = naming.unit_base(spec.app, spec.environment, "x")[:-1]
     for name in sorted(set(facts.nginx_files) - claimed["nginx"]):
         out.append(Finding("nginx", f"orphan route file {name}", "", target=name))
+    rows = ledger.instances(env_key)
+    units = {unit(r["service"]) for r in rows} | {unit(s.name) for s in spec.services}
     known = {(unit(r["service"]), json.loads(r["names"] or "{}").get("process"))
-             for r in ledger.instances(env_key) if r["component"] == "code" and r["status"] != "removed"}
+             for r in rows if r["component"] == "code" and r["status"] != "removed"}
     for (name, instance), alive in sorted(facts.processes.items()):
-        if name.startswith(own) and (name, instance) not in known:
+        if name in units and (name, instance) not in known:
             out.append(Finding("processes", f"orphan process {name}@{instance}"
                                + ("" if alive else " (dead)"), "", target=f"{name}@{instance}"))
     for name in sorted(n for n in facts.databases - claimed["databases"] if n.startswith(own)):

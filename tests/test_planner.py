@@ -66,3 +66,10 @@ def test_a_service_removed_from_the_spec_is_destroyed_only_with_prune():
     assert kept.empty and "worker is no longer in the spec" in kept.notes[0]
     pruned = plan(only_web, DEPLOYED, {"web": C1}, prune=True)
     assert [(s.service, s.action) for s in pruned.services] == [("worker", "destroy")]
+
+
+def test_a_pruned_service_whose_data_was_kept_is_not_planned_again():
+    only_web = dataclasses.replace(SPEC, services=(WEB,))
+    state = {"web": live(WEB), "worker": live(WORKER, code=None)}   # worker pruned, its redis kept
+    assert plan(only_web, state, {"web": C1}, prune=True).empty
+    assert plan(only_web, state, {"web": C1}).notes == ()

@@ -265,3 +265,57 @@ def test_ledger_diagram_marks_new_kept_and_rolled_back_instances():
         "4        |     |     (2)\n"
         "5        1     |      |\n"
         "6       (4)           |\n")
+
+
+# ---------------------------------------------------------------- fixes found in review
+
+@pytest.mark.parametrize("test, reload, ok, expected", [
+    ("true", "true", True, "new"),        # switched
+    ("false", "true", False, "old"),      # nginx -t refuses: the old file is back
+    ("true", "false", False, "old"),      # reload fails: the old file is back, reloaded
+])
+def test_nginx_switch_script_is_all_or_nothing(tmp_path, test, reload, ok, expected):
+    import subprocess
+    from controller.operations import nginx_switch_script
+    conf, staged = tmp_path / "auto-a-b.conf", tmp_path / "auto-a-b.conf.staged"
+    conf.write_text("old")
+    staged.write_text("new")
+    result = subprocess.run(["sh", "-c", nginx_switch_script(str(conf), str(staged), test, reload)],
+                            capture_output=True, text=True)
+    assert (result.returncode == 0) is ok, result.stderr
+    assert conf.read_text() == expected
+    assert not (tmp_path / "auto-a-b.conf.previous").exists()
+
+
+def test_nginx_switch_script_fails_without_a_staged_file(tmp_path):
+    import subprocess
+    from controller.operations import nginx_switch_script
+    conf = tmp_path / "x.conf"
+    conf.write_text("old")
+    result = subprocess.run(["sh", "-c", nginx_switch_script(str(conf), str(tmp_path / "nope"), "true", "true")],
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and conf.read_text() == "old"
+
+
+def test_redis_purge_deletes_exact_keys_of_its_prefix_only():
+    import secrets
+    import subprocess
+    from controller.operations import redis_purge_script
+    prefix = f"auto-t{secrets.token_hex(3)}-e-s-1:"
+    neighbour = f"auto-t{secrets.token_hex(3)}-prod-s-1:sessions"
+    cli = ["redis-cli"]
+    for key in (prefix + "plain", f"{prefix}x {neighbour}", prefix + "quote'd", neighbour):
+        subprocess.run([*cli, "SET", key, "1"], check=True, capture_output=True)
+    subprocess.run(["sh", "-c", redis_purge_script("redis-cli", prefix)], check=True)
+    left = subprocess.run([*cli, "--scan", "--pattern", prefix + "*"], capture_output=True, text=True).stdout
+    assert left.strip() == ""
+    assert subprocess.run([*cli, "GET", neighbour], capture_output=True, text=True).stdout.strip() == "1"
+    subprocess.run([*cli, "DEL", neighbour], capture_output=True)
+
+
+def test_env_values_with_line_breaks_are_refused_in_the_spec():
+    from controller.spec import SpecError, parse_spec
+    text = ("app: shop\nenvironment: prod\ndomain: shop.test\nservices:\n  web:\n    path: /\n"
+            "    source: /r\n    ref: main\n    start: x\n    env:\n      X: |\n        a\n        b\n")
+    with pytest.raises(SpecError, match="env.X: contains a line break"):
+        parse_spec(text, "environment.yml")
