@@ -91,6 +91,12 @@ start() {
   publish_example
   echo '$ deployctl apply examples/shop/environment.yml'
   "$BIN/deployctl" apply examples/shop/environment.yml
+  if ! "$BIN/deployctl" verify shop/demo >/dev/null 2>&1; then
+    # Already deployed, but stopped by `make demo-stop`: bring what the ledger says back.
+    echo
+    echo '$ deployctl repair shop/demo'
+    "$BIN/deployctl" repair shop/demo
+  fi
   echo
   echo "\$ curl http://shop.localhost:$HTTP_PORT/     (through nginx; reads MySQL and Redis)"
   curl -sS --fail --resolve "shop.localhost:$HTTP_PORT:127.0.0.1" "http://shop.localhost:$HTTP_PORT/"
