@@ -104,6 +104,10 @@ class Journal:
         if not folder.exists():
             return
         shutil.rmtree(folder / "spool", ignore_errors=True)
+        # Keep the id (duplicates are still recognised) but not the payload: file contents,
+        # stdin and env can hold credentials.
+        _write_atomic(folder / "accepted", pb.Operation(id=op_id).SerializeToString(), sync=False)
+        (folder / "process.json").unlink(missing_ok=True)
         (folder / "done").touch()
 
     def load(self, op_id: str) -> Entry | None:

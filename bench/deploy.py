@@ -40,7 +40,7 @@ def example_spec(folder: Path, env: str, repo: Path) -> Path:
            "health": "/health", "uses": ["mysql", "redis"]}
     worker = {"source": str(repo), "ref": "main", "root": "worker", "install": INSTALL,
               "start": "node worker.js", "uses": ["redis"]}
-    return _write(folder, f"{env}.yml", {"app": "bench", "environment": env, "domain": "bench.test",
+    return _write(folder, f"{env}.yml", {"app": "bench", "environment": env, "domain": f"{env}.bench.test",
                                          "services": {"web": web, "worker": worker}})
 
 

@@ -117,6 +117,10 @@ class Environments:
 
     async def apply(self, request) -> tuple[Job | None, planner.Plan]:
         spec, plan, options = await self.plan(request)
+        for row in self.db.conn.execute("SELECT key, spec FROM environments WHERE key != ?", (spec.key,)):
+            if json.loads(row["spec"]).get("domain") == spec.domain:
+                raise OrderError(f"{request.spec_name or request.diff_name}: domain {spec.domain} is already "
+                                 f"used by {row['key']}")
         missing = [f"{s.name}: secret {n} is not set (deployctl secret set {spec.key} {n})"
                    for s in spec.services for n in s.secrets if n not in self.ledger.secrets(spec.key)]
         if missing:

@@ -86,11 +86,16 @@ class Deployment:
     port: int = 0
     process: str = ""
     switched: bool = False  # the route (or, for a daemon, the health check) has passed: no way back
+    staged_env: str = ""    # a reused release's next .env, until the switch
     created: list[tuple[str, int, dict, Agent]] = field(default_factory=list)  # new data instances
 
 
 class Runner:
     """Runs one job's procedures: sends operations, records events, keeps the ledger."""
+
+    # Jobs of different environments run at once and share hosts and routers.
+    _port_locks: dict[str, asyncio.Lock] = {}
+    _route_locks: dict[str, asyncio.Lock] = {}
 
     def __init__(self, job: Job, spec: Spec, dispatcher: Dispatcher, registry: Registry,
                  ledger: Ledger) -> None:
@@ -191,7 +196,9 @@ class Runner:
         values.update(dict(service.env))
         stored = self.ledger.secrets(self.env_key)
         values.update({secret: stored[secret] for secret in service.secrets})
-        env_path = f"{release}/.env"
+        # A reused release keeps serving from its .env until the switch: stage the new one beside it.
+        env_path = f"{release}/.env" if d.code_new else f"{release}/.env.deploy-{d.deploy}"
+        d.staged_env = "" if d.code_new else env_path
         try:
             content = ops.env_file(values)
         except ValueError as exc:
@@ -215,6 +222,9 @@ class Runner:
         if live and live.code:
             await self._retire(d, live, previous)
         # After the switch: a failure here is reported, never undone.
+        if d.staged_env:
+            await self.sh(d.host, f"mv -f {shlex.quote(d.staged_env)} {shlex.quote(release + '/.env')}", name,
+                          ".env", check=False)
         await self.sh(d.host, _current_script(d.service_dir, release), name, "current", check=False)
         await self._prune_releases(d)
 
@@ -296,6 +306,10 @@ class Runner:
 
     async def _allocate_port(self, d: Deployment) -> int:
         """A port no instance on that host holds in the ledger, and that is free there now."""
+        async with self._port_locks.setdefault(d.host.id, asyncio.Lock()):
+            return await self._pick_port(d)
+
+    async def _pick_port(self, d: Deployment) -> int:
         taken = self.ledger.ports_in_use(d.host.id)
         candidates = [p for p in PORT_RANGE if p not in taken][:200]
         probe = await self.sh(d.host, _first_free_port_script(candidates), d.service.name, "port", check=False)
@@ -344,8 +358,13 @@ class Runner:
                                 self.routes(override))
 
     async def switch_route(self, service: str, override=None) -> None:
-        """The nginx transaction: stage, swap, `nginx -t`, reload — or put the old file back."""
+        """The nginx transaction: stage, swap, `nginx -t`, reload — or put the old file back.
+        One at a time per router: `nginx -t` must test our file, not another job's."""
         router = self.router(service)
+        async with self._route_locks.setdefault(router.id, asyncio.Lock()):
+            await self._switch_route(router, service, override)
+
+    async def _switch_route(self, router: Agent, service: str, override) -> None:
         conf = self.nginx_path(router)
         staged = f"{conf}.staged-{self.job.id}"
         await self.run_op(router, pb.Operation(write_file=pb.WriteFileSpec(
@@ -405,6 +424,8 @@ class Runner:
                               name, "stop failed instance", check=False)
         if d.port:
             self.ledger.release_port(d.host.id, d.port)
+        if d.staged_env:
+            await self.sh(d.host, f"rm -f {shlex.quote(d.staged_env)}", name, "drop staged .env", check=False)
         if d.code_new:
             self.ledger.set_status(self.env_key, name, "code", d.code, "failed")
         for component, number, names, provider in d.created:

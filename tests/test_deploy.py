@@ -477,3 +477,16 @@ def test_service_logs_follow_live_and_across_a_redeploy(world, tmp_path):
         follower.kill()
         follower.wait()
     assert seen >= {"2"}
+
+
+def test_a_domain_belongs_to_one_environment(world, tmp_path):
+    first, second, repo, cluster = new_env(world), new_env(world), world["repo"], world["cluster"]
+    apply(world, str(write_spec(tmp_path, first, {"web": web_service(repo)})))
+    import yaml
+    path = write_spec(tmp_path, second, {"web": web_service(repo)}, "second.yml")
+    data = yaml.safe_load(path.read_text())
+    data["domain"] = f"{first}.shop.test"
+    path.write_text(yaml.safe_dump(data))
+    result = cluster.deployctl("apply", str(path))
+    assert result.returncode == 1
+    assert f"domain {first}.shop.test is already used by shop/{first}".encode() in result.stderr

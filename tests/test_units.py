@@ -319,3 +319,15 @@ def test_env_values_with_line_breaks_are_refused_in_the_spec():
             "    source: /r\n    ref: main\n    start: x\n    env:\n      X: |\n        a\n        b\n")
     with pytest.raises(SpecError, match="env.X: contains a line break"):
         parse_spec(text, "environment.yml")
+
+
+def test_journal_forgets_the_payload_once_done(tmp_path):
+    from agent.journal import Journal
+    journal = Journal(tmp_path)
+    op = pb.Operation(id="op-1", write_file=pb.WriteFileSpec(path="/x/.env", content=b"DB_PASSWORD=hunter2\n"))
+    assert journal.accept(op)
+    journal.record_result(pb.OperationResult(op_id="op-1", outcome=pb.EXITED))
+    journal.mark_done("op-1")
+    assert b"hunter2" not in b"".join(p.read_bytes() for p in (tmp_path / "operations").rglob("*") if p.is_file())
+    assert not journal.accept(op)                      # still recognised: never run twice
+    assert journal.load("op-1").result.outcome == pb.EXITED
