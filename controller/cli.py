@@ -723,24 +723,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detach", action="store_true")
     p.set_defaults(func=cmd_rollback)
 
-    p = sub.add_parser("verify", help="compare the ledger with reality (exit 0 clean, 2 drift)",
-                       description="Check every component of the environment against the ledger, and list "
-                                   "orphans in our namespaces. One line per finding.",
-                       epilog="example: deployctl verify shop/prod")
-    p.add_argument("env", help="APP/ENVIRONMENT")
-    p.set_defaults(func=cmd_check)
-    p = sub.add_parser("repair", help="converge what verify finds, never deleting data",
-                       description="Restart dead instances, rewrite routes, recreate missing users with their "
-                                   "recorded names; then verify again (exit 0 when nothing is left).",
-                       epilog="example: deployctl repair shop/prod")
-    p.add_argument("env", help="APP/ENVIRONMENT")
-    p.set_defaults(func=cmd_check)
-    p = sub.add_parser("clean", help="remove failed and surplus releases and orphans in our namespaces",
-                       description="Lists what it removes before acting; --dry-run only lists.",
-                       epilog="example: deployctl clean shop/prod --dry-run")
-    p.add_argument("env", help="APP/ENVIRONMENT")
-    p.add_argument("--dry-run", action="store_true")
-    p.set_defaults(func=cmd_check)
+    checks = {
+        "verify": ("compare the ledger with reality (exit 0 clean, 2 drift)",
+                   "Check every component of the environment against the ledger, and list orphans in our "
+                   "namespaces. One line per finding.", ""),
+        "repair": ("converge what verify finds, never deleting data",
+                   "Restart dead instances, rewrite routes, recreate missing users with their recorded names; "
+                   "then verify again (exit 0 when nothing is left).", ""),
+        "clean": ("remove failed and surplus releases and orphans in our namespaces",
+                  "Lists what it removes before acting; --dry-run only lists.", " --dry-run"),
+    }
+    for name, (summary, description, example) in checks.items():
+        p = sub.add_parser(name, help=summary, description=description,
+                           epilog=f"example: deployctl {name} shop/prod{example}")
+        p.add_argument("env", help="APP/ENVIRONMENT")
+        if name == "clean":
+            p.add_argument("--dry-run", action="store_true")
+        p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("destroy", help="remove an environment; data is kept unless --purge-data",
                        description="Stop every process of the environment, remove its nginx route and its "

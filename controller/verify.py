@@ -125,11 +125,14 @@ class Checker:
                     timeout_s=2.0)), service, "health", check=False)
                 facts.health[service] = probe.result.error if probe.result.exit_code else ""
 
-    async def _data_facts(self, facts: Facts) -> None:
+    def _provider(self, capability: str):
         try:
-            mysql = pick_agent(self.runner.registry, capability="mysql")
+            return pick_agent(self.runner.registry, capability=capability)
         except PlacementError:
-            mysql = None
+            return None
+
+    async def _data_facts(self, facts: Facts) -> None:
+        mysql = self._provider("mysql")
         if mysql is not None:
             admin = mysql.settings.get("mysql.admin", "mariadb --batch")
             query = ("SELECT CONCAT('db ', SCHEMA_NAME) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME LIKE 'auto-%'; "
@@ -139,10 +142,7 @@ class Checker:
             for line in _output(op).splitlines():
                 kind, _, name = line.partition(" ")
                 (facts.databases if kind == "db" else facts.mysql_users).add(name)
-        try:
-            redis = pick_agent(self.runner.registry, capability="redis")
-        except PlacementError:
-            redis = None
+        redis = self._provider("redis")
         if redis is not None:
             host = redis.settings.get("redis.host", "127.0.0.1")
             port = redis.settings.get("redis.port", "6379")
