@@ -33,10 +33,12 @@ def write_file_op(op_id: str, path: str, content: bytes, *, mode: int = 0o644,
 
 
 def summary(op: pb.Operation) -> list[str]:
-    """What an operator sees of an operation in listings (never its env or file content)."""
+    """What an operator sees of an operation in listings (never its env, file content, or the
+    credentials of a URL in its command line)."""
+    from .sources import sanitise
     kind = op.WhichOneof("kind")
     if kind == "exec":
-        return list(op.exec.argv)
+        return [sanitise(arg) for arg in op.exec.argv]
     if kind == "write_file":
         return ["write_file", op.write_file.path, oct(op.write_file.mode or 0o644)]
     return [kind or "unknown"]

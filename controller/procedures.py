@@ -301,8 +301,11 @@ class Runner:
             entries = [json.loads(line) for line in
                        (listing.output.folder / "output.log").read_text().splitlines() if line.strip()]
             if not any(e["instance"] == d.process and e["alive"] for e in entries):
+                log_path = shlex.quote(f"{d.service_dir}/logs/{d.code}.log")
+                tail = await self.sh(d.host, f"tail -n {OUTPUT_TAIL_LINES} {log_path}", name, "read log",
+                                     check=False)
                 raise StepFailed(name, "health", f"the daemon did not stay up for {service.healthy_after:g}s",
-                                 _tail(Path(f"{d.service_dir}/logs/{d.code}.log")))
+                                 _tail(tail.output.folder / "output.log"))
 
     async def _allocate_port(self, d: Deployment) -> int:
         """A port no instance on that host holds in the ledger, and that is free there now."""

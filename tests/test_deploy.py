@@ -490,3 +490,13 @@ def test_a_domain_belongs_to_one_environment(world, tmp_path):
     result = cluster.deployctl("apply", str(path))
     assert result.returncode == 1
     assert f"domain {first}.shop.test is already used by shop/{first}".encode() in result.stderr
+
+
+def test_a_daemon_that_dies_fails_its_deploy_with_its_own_output(world, tmp_path):
+    env, repo = new_env(world), world["repo"]
+    dying = {"source": str(repo), "ref": "main", "healthy_after": 1,
+             "start": "sh -c 'sleep 0.5; echo cannot reach the queue >&2; exit 4'"}
+    result = apply(world, str(write_spec(tmp_path, env, {"worker": dying})), ok=False)
+    assert result.returncode == 1
+    assert b"worker: health failed: the daemon did not stay up for 1s" in result.stderr
+    assert b"cannot reach the queue" in result.stderr

@@ -331,3 +331,9 @@ def test_journal_forgets_the_payload_once_done(tmp_path):
     assert b"hunter2" not in b"".join(p.read_bytes() for p in (tmp_path / "operations").rglob("*") if p.is_file())
     assert not journal.accept(op)                      # still recognised: never run twice
     assert journal.load("op-1").result.outcome == pb.EXITED
+
+
+def test_operation_summaries_hide_url_credentials():
+    from controller.operations import exec_op, summary
+    op = exec_op("op-1", ["sh", "-c", "git clone https://deploy:t0ken@git.example/shop.git /x"])
+    assert "t0ken" not in " ".join(summary(op)) and "git.example/shop.git" in summary(op)[2]
