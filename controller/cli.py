@@ -57,6 +57,16 @@ def connect(args: argparse.Namespace) -> tuple[pb_grpc.OperatorStub, str]:
     return pb_grpc.OperatorStub(channel), name
 
 
+def call(args: argparse.Namespace, method: str, request, timeout: float, order: bool = False):
+    """One unary call to the controller: (stub, reply); a gRPC error becomes one line and its exit
+    code (`order`: a refused order is an error in the order, exit 1)."""
+    stub, where = connect(args)
+    try:
+        return stub, getattr(stub, method)(request, timeout=timeout)
+    except grpc.RpcError as exc:
+        raise (_order_error if order else _rpc_error)(exc, where) from None
+
+
 def _rpc_error(exc: grpc.RpcError, where: str) -> CliError:
     if exc.code() in RETRYABLE:
         return CliError(f"cannot reach the controller at {where}: {exc.details()}", EXIT_UNREACHABLE)
@@ -68,11 +78,7 @@ def _rpc_error(exc: grpc.RpcError, where: str) -> CliError:
 # ---------------------------------------------------------------- agents
 
 def cmd_agents(args: argparse.Namespace) -> int:
-    stub, where = connect(args)
-    try:
-        reply = stub.ListAgents(pb.ListAgentsRequest(), timeout=10)
-    except grpc.RpcError as exc:
-        raise _rpc_error(exc, where) from None
+    _, reply = call(args, "ListAgents", pb.ListAgentsRequest(), 10)
     now = time.time()
     if args.json:
         print(json.dumps([_agent_dict(a) for a in reply.agents], indent=2))
@@ -263,11 +269,7 @@ def _parse_env(pairs: list[str]) -> list[tuple[str, str]]:
 # ---------------------------------------------------------------- operations
 
 def cmd_op_show(args: argparse.Namespace) -> int:
-    stub, where = connect(args)
-    try:
-        record = stub.GetOperation(pb.GetOperationRequest(op_id=args.op_id), timeout=10)
-    except grpc.RpcError as exc:
-        raise _rpc_error(exc, where) from None
+    _, record = call(args, "GetOperation", pb.GetOperationRequest(op_id=args.op_id), 10)
     result = record.result if record.HasField("result") else None
     if args.json:
         data = {"id": record.op_id, "agent": record.agent_id, "kind": record.kind,
@@ -340,11 +342,7 @@ def print_plan(plan: dict) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    stub, where = connect(args)
-    try:
-        reply = stub.Plan(_order(args), timeout=120)
-    except grpc.RpcError as exc:
-        raise _order_error(exc, where) from None
+    _, reply = call(args, "Plan", _order(args), 120, order=True)
     plan = json.loads(reply.plan_json)
     if args.json:
         print(json.dumps(plan, indent=2))
@@ -361,11 +359,7 @@ def _order_error(exc: grpc.RpcError, where: str) -> CliError:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    stub, where = connect(args)
-    try:
-        reply = stub.Apply(_order(args), timeout=120)
-    except grpc.RpcError as exc:
-        raise _order_error(exc, where) from None
+    stub, reply = call(args, "Apply", _order(args), 120, order=True)
     plan = json.loads(reply.plan_json)
     if not reply.job_id:
         print(f"{plan['environment']}: nothing to do")
@@ -435,13 +429,9 @@ def _env_service(value: str) -> tuple[str, str]:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     env, service = _env_service(args.target)
-    stub, where = connect(args)
     reload = args.command_name == "reload"
-    try:
-        reply = stub.Rollback(pb.RollbackRequest(environment=env, service=service,
-                                                 to=getattr(args, "to", None) or 0, reload=reload), timeout=30)
-    except grpc.RpcError as exc:
-        raise _order_error(exc, where) from None
+    stub, reply = call(args, "Rollback", pb.RollbackRequest(
+        environment=env, service=service, to=getattr(args, "to", None) or 0, reload=reload), 30, order=True)
     if args.detach:
         print(reply.job_id)
         return EXIT_OK
@@ -458,12 +448,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         answer = input(f"This deletes every database and Redis key of {args.env}. Type {args.env} to confirm: ")
         if answer.strip() != args.env:
             raise CliError("not confirmed; nothing was done", EXIT_USAGE)
-    stub, where = connect(args)
-    try:
-        reply = stub.Check(pb.CheckRequest(environment=args.env, action=args.command_name,
-                                           dry_run=getattr(args, "dry_run", False), purge_data=purge), timeout=30)
-    except grpc.RpcError as exc:
-        raise _order_error(exc, where) from None
+    stub, reply = call(args, "Check", pb.CheckRequest(
+        environment=args.env, action=args.command_name, dry_run=getattr(args, "dry_run", False),
+        purge_data=purge), 30, order=True)
     counts: dict[str, int] = {}
     code = follow_job(stub, reply.job_id, verbose=False, counts=counts)
     if code != EXIT_OK:
@@ -476,11 +463,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    stub, where = connect(args)
-    try:
-        rows = json.loads(stub.ListJobs(pb.EnvRef(environment=args.env or ""), timeout=10).json)
-    except grpc.RpcError as exc:
-        raise _rpc_error(exc, where) from None
+    _, rows = call(args, "ListJobs", pb.EnvRef(environment=args.env or ""), 10)
+    rows = json.loads(rows.json)
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
@@ -492,11 +476,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_job_show(args: argparse.Namespace) -> int:
-    stub, where = connect(args)
-    try:
-        job = json.loads(stub.ShowJob(pb.JobRef(job_id=args.job_id), timeout=10).json)
-    except grpc.RpcError as exc:
-        raise _rpc_error(exc, where) from None
+    _, job = call(args, "ShowJob", pb.JobRef(job_id=args.job_id), 10)
+    job = json.loads(job.json)
     if args.json:
         print(json.dumps(job, indent=2))
         return EXIT_OK
@@ -553,11 +534,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger(args: argparse.Namespace) -> int:
-    stub, where = connect(args)
-    try:
-        data = json.loads(stub.Ledger(pb.EnvRef(environment=args.env, service=args.service or ""), timeout=10).json)
-    except grpc.RpcError as exc:
-        raise _rpc_error(exc, where) from None
+    _, data = call(args, "Ledger", pb.EnvRef(environment=args.env, service=args.service or ""), 10)
+    data = json.loads(data.json)
     if args.json:
         print(json.dumps(data, indent=2))
         return EXIT_OK
@@ -569,11 +547,8 @@ def cmd_ledger(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    stub, where = connect(args)
-    try:
-        rows = json.loads(stub.Status(pb.EnvRef(environment=args.env), timeout=60).json)
-    except grpc.RpcError as exc:
-        raise _rpc_error(exc, where) from None
+    _, rows = call(args, "Status", pb.EnvRef(environment=args.env), 60)
+    rows = json.loads(rows.json)
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
@@ -593,11 +568,7 @@ def cmd_secret_set(args: argparse.Namespace) -> int:
         value = value[:-1]
     if not value:
         raise CliError("no value on standard input (e.g. `deployctl secret set shop/prod KEY < file`)", EXIT_USAGE)
-    stub, where = connect(args)
-    try:
-        stub.SetSecret(pb.SecretRequest(environment=args.env, name=args.name, value=value), timeout=10)
-    except grpc.RpcError as exc:
-        raise _rpc_error(exc, where) from None
+    call(args, "SetSecret", pb.SecretRequest(environment=args.env, name=args.name, value=value), 10)
     print(f"{args.env}: secret {args.name} set")
     return EXIT_OK
 

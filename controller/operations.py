@@ -26,12 +26,6 @@ def exec_op(op_id: str, argv: Sequence[str], *, env: Mapping[str, str] | None = 
         user=user, kill_grace_s=kill_grace_s))
 
 
-def write_file_op(op_id: str, path: str, content: bytes, *, mode: int = 0o644,
-                  owner: str = "") -> pb.Operation:
-    return pb.Operation(id=op_id, write_file=pb.WriteFileSpec(
-        path=path, content=content, mode=mode, owner=owner))
-
-
 def summary(op: pb.Operation) -> list[str]:
     """What an operator sees of an operation in listings (never its env, file content, or the
     credentials of a URL in its command line)."""

@@ -237,7 +237,7 @@ class OperatorService(pb_grpc.OperatorServicer):
                     health = spec.get("services", {}).get(service, {}).get("health", "/")
                     probe = await self.dispatcher.execute(agent.id, pb.Operation(
                         id=operations.new_op_id(), http_probe=pb.HttpProbeSpec(
-                            url=f"http://{agent.settings.get('address', '127.0.0.1')}:{live.code.port}{health}",
+                            url=f"http://{agent.address}:{live.code.port}{health}",
                             attempts=1, timeout_s=2.0)))
                     entry["health"] = "ok" if probe.result.exit_code == 0 else probe.result.error
             elif agent is not None:

@@ -230,23 +230,31 @@ class Runner:
 
     # ---------------------------------------------------------------- data components
 
-    async def _mysql(self, d: Deployment, number: int, new: bool) -> dict[str, str]:
-        app, env, name = self.spec.app, self.spec.environment, d.service.name
+    async def _data_instance(self, d: Deployment, component: str, number: int, new: bool, names: dict,
+                             create) -> tuple[Agent, str]:
+        """The provider and password of a mysql or redis instance; a new one is recorded (so a
+        failure can drop it) and made with `create(password)` on the provider's standard input."""
+        name = d.service.name
         try:
-            provider = pick_agent(self.registry, capability="mysql")
+            provider = pick_agent(self.registry, capability=component)
         except PlacementError as exc:
-            raise StepFailed(name, "mysql", str(exc)) from None
-        database = naming.database_name(app, env, name, number)
-        user = naming.database_user(app, env, name, number)
+            raise StepFailed(name, component, str(exc)) from None
         if new:
             password = secrets.token_urlsafe(24)
-            names = {"database": database, "user": user}
-            self.ledger.add_instance(self.env_key, name, "mysql", number, host=provider.id, names=names)
-            self.ledger.save_password(self.env_key, name, "mysql", number, password)
-            d.created.append(("mysql", number, names, provider))
-            await self.sh(provider, _mysql_admin(provider), name, "mysql",
-                          stdin=ops.mysql_create(database, user, password))
-        password = self.ledger.password(self.env_key, name, "mysql", number) or ""
+            self.ledger.add_instance(self.env_key, name, component, number, host=provider.id, names=names)
+            self.ledger.save_password(self.env_key, name, component, number, password)
+            d.created.append((component, number, names, provider))
+            admin = provider.mysql_admin() if component == "mysql" else redis_admin(provider)
+            await self.sh(provider, admin, name, component, stdin=create(password))
+        return provider, self.ledger.password(self.env_key, name, component, number) or ""
+
+    async def _mysql(self, d: Deployment, number: int, new: bool) -> dict[str, str]:
+        app, env, name = self.spec.app, self.spec.environment, d.service.name
+        database = naming.database_name(app, env, name, number)
+        user = naming.database_user(app, env, name, number)
+        provider, password = await self._data_instance(
+            d, "mysql", number, new, {"database": database, "user": user},
+            lambda pw: ops.mysql_create(database, user, pw))
         host = provider.settings.get("mysql.host", "127.0.0.1")
         port = provider.settings.get("mysql.port", "3306")
         return {"DATABASE_URL": f"mysql://{user}:{password}@{host}:{port}/{database}",
@@ -255,21 +263,11 @@ class Runner:
 
     async def _redis(self, d: Deployment, number: int, new: bool) -> dict[str, str]:
         app, env, name = self.spec.app, self.spec.environment, d.service.name
-        try:
-            provider = pick_agent(self.registry, capability="redis")
-        except PlacementError as exc:
-            raise StepFailed(name, "redis", str(exc)) from None
         user = naming.redis_user(app, env, name, number)
         prefix = naming.redis_prefix(app, env, name, number)
-        if new:
-            password = secrets.token_urlsafe(24)
-            names = {"user": user, "prefix": prefix}
-            self.ledger.add_instance(self.env_key, name, "redis", number, host=provider.id, names=names)
-            self.ledger.save_password(self.env_key, name, "redis", number, password)
-            d.created.append(("redis", number, names, provider))
-            await self.sh(provider, _redis_admin(provider), name, "redis",
-                          stdin=ops.redis_create_user(user, prefix, password))
-        password = self.ledger.password(self.env_key, name, "redis", number) or ""
+        provider, password = await self._data_instance(
+            d, "redis", number, new, {"user": user, "prefix": prefix},
+            lambda pw: ops.redis_create_user(user, prefix, pw))
         host = provider.settings.get("redis.host", "127.0.0.1")
         port = provider.settings.get("redis.port", "6379")
         return {"REDIS_URL": f"redis://{user}:{password}@{host}:{port}", "REDIS_PREFIX": prefix}
@@ -290,7 +288,7 @@ class Runner:
             name=unit, instance=d.process, argv=["sh", "-c", f"exec {service.start}"], cwd=workdir,
             env=env, env_file=env_path, log_path=f"{d.service_dir}/logs/{d.code}.log")), name, "start")
         if service.is_web:
-            address = d.host.settings.get("address", "127.0.0.1")
+            address = d.host.address
             await self.run_op(d.host, pb.Operation(http_probe=pb.HttpProbeSpec(
                 url=f"http://{address}:{d.port}{service.health}", attempts=HEALTH_ATTEMPTS,
                 interval_s=0.5, timeout_s=2.0)), name, "health")
@@ -324,7 +322,7 @@ class Runner:
         return port
 
     async def _route(self, d: Deployment) -> None:
-        address = d.host.settings.get("address", "127.0.0.1")
+        address = d.host.address
         await self.switch_route(d.service.name, {d.service.name: (address, d.port)})
 
     def routes(self, override: dict[str, tuple[str, int]] | None = None) -> list[tuple[str, str, int]]:
@@ -342,7 +340,7 @@ class Runner:
             live = state.get(service.name)
             if live and live.code and live.code.port:
                 host = self.registry.agents.get(live.code.host)
-                out.append((service.path, host.settings.get("address", "127.0.0.1") if host else "127.0.0.1",
+                out.append((service.path, host.address if host else "127.0.0.1",
                             live.code.port))
         return out
 
@@ -433,10 +431,10 @@ class Runner:
             self.ledger.set_status(self.env_key, name, "code", d.code, "failed")
         for component, number, names, provider in d.created:
             if component == "mysql":
-                await self.sh(provider, _mysql_admin(provider), name, "drop new mysql",
+                await self.sh(provider, provider.mysql_admin(), name, "drop new mysql",
                               stdin=ops.mysql_drop(names["database"], names["user"]), check=False)
             else:
-                await self.sh(provider, _redis_admin(provider, expect="1"), name, "drop new redis",
+                await self.sh(provider, redis_admin(provider, expect="1"), name, "drop new redis",
                               stdin=ops.redis_drop_user(names["user"]), check=False)
             self.ledger.set_status(self.env_key, name, component, number, "failed")
 
@@ -470,15 +468,8 @@ def _first_free_port_script(candidates: list[int]) -> str:
             "sys.exit(1)\nEOF")
 
 
-def _mysql_admin(provider: Agent) -> str:
-    return provider.settings.get("mysql.admin", "mariadb --batch")
-
-
-def _redis_admin(provider: Agent, expect: str = "OK") -> str:
+def redis_admin(provider: Agent, expect: str = "OK") -> str:
     """redis-cli exits 0 even when Redis answers an error, so the reply is checked; it is not
     printed, since an ACL error can quote the rule it refused."""
-    host = provider.settings.get("redis.host", "127.0.0.1")
-    port = provider.settings.get("redis.port", "6379")
-    cli = provider.settings.get("redis.admin", f"redis-cli -h {host} -p {port}")
-    return f'reply=$({cli}) || exit 1; [ "$reply" = {expect} ] || {{ echo "redis refused the change" >&2; exit 1; }}'
-
+    return (f'reply=$({provider.redis_cli()}) || exit 1; [ "$reply" = {expect} ] || '
+            '{ echo "redis refused the change" >&2; exit 1; }')

@@ -59,6 +59,21 @@ class Agent:
     settings: dict[str, str] = field(default_factory=dict)
     services_root: str = ""
 
+    @property
+    def address(self) -> str:
+        """How nginx (and probes) reach the services this agent runs."""
+        return self.settings.get("address", "127.0.0.1")
+
+    def mysql_admin(self) -> str:
+        """The MariaDB client command with admin rights on the server this agent provides."""
+        return self.settings.get("mysql.admin", "mariadb --batch")
+
+    def redis_cli(self) -> str:
+        """redis-cli with admin rights on the Redis this agent provides."""
+        host = self.settings.get("redis.host", "127.0.0.1")
+        port = self.settings.get("redis.port", "6379")
+        return self.settings.get("redis.admin", f"redis-cli -h {host} -p {port}")
+
 
 class Registry:
     def __init__(self, db: Database, lost_after: float) -> None:

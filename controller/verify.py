@@ -17,7 +17,7 @@ from protos import deployer_pb2 as pb
 
 from . import naming, operations as ops
 from .planner import Change, ServicePlan
-from .procedures import KEEP_RELEASES, PlacementError, Runner, StepFailed, pick_agent
+from .procedures import KEEP_RELEASES, PlacementError, Runner, StepFailed, redis_admin, pick_agent
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ class Checker:
         for line in _output(listing).splitlines():
             item = json.loads(line)
             facts.processes[(item["name"], item["instance"])] = item["alive"]
-        address = host.settings.get("address", "127.0.0.1")
+        address = host.address
         for service, live in state.items():
             definition = self.spec.service(service) if service in {s.name for s in self.spec.services} else None
             if live.code and live.code.host == host.id and live.code.port and definition and definition.is_web:
@@ -134,7 +134,7 @@ class Checker:
     async def _data_facts(self, facts: Facts) -> None:
         mysql = self._provider("mysql")
         if mysql is not None:
-            admin = mysql.settings.get("mysql.admin", "mariadb --batch")
+            admin = mysql.mysql_admin()
             query = ("SELECT CONCAT('db ', SCHEMA_NAME) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME LIKE 'auto-%'; "
                      "SELECT CONCAT('user ', User) FROM mysql.user WHERE User LIKE 'auto-%';")
             op = await self.runner.sh(mysql, f"{admin} --skip-column-names -e {shlex.quote(query)}", self.env_key,
@@ -144,9 +144,7 @@ class Checker:
                 (facts.databases if kind == "db" else facts.mysql_users).add(name)
         redis = self._provider("redis")
         if redis is not None:
-            host = redis.settings.get("redis.host", "127.0.0.1")
-            port = redis.settings.get("redis.port", "6379")
-            cli = redis.settings.get("redis.admin", f"redis-cli -h {host} -p {port}")
+            cli = redis.redis_cli()
             # Password hashes are cut on the host: they never reach the job folder.
             op = await self.runner.sh(redis, f"{cli} ACL LIST | sed -E 's/ [#>][^ ]*//g'", self.env_key, "inspect redis",
                                       check=False)
@@ -200,10 +198,10 @@ class Checker:
         password = self.ledger.password(self.env_key, f.service, component, live.number) or ""
         provider = self.runner.registry.agents[row["host"]]
         if component == "redis":
-            await self.runner.sh(provider, _redis_admin(provider), f.service, "repair redis",
+            await self.runner.sh(provider, redis_admin(provider), f.service, "repair redis",
                                  stdin=ops.redis_create_user(names["user"], names["prefix"], password))
         else:
-            await self.runner.sh(provider, provider.settings.get("mysql.admin", "mariadb --batch"), f.service,
+            await self.runner.sh(provider, provider.mysql_admin(), f.service,
                                  "repair mysql", stdin=ops.mysql_user(names["database"], names["user"], password))
 
     async def clean(self, facts: Facts, dry_run: bool) -> list[str]:
@@ -284,13 +282,11 @@ async def destroy(runner: Runner, purge_data: bool) -> str:
             if r["component"] not in ("mysql", "redis") or provider is None:
                 continue
             if r["component"] == "mysql":
-                await runner.sh(provider, provider.settings.get("mysql.admin", "mariadb --batch"), r["service"],
+                await runner.sh(provider, provider.mysql_admin(), r["service"],
                                 "drop mysql", stdin=ops.mysql_drop(names["database"], names["user"]))
                 purged.append(names["database"])
             else:
-                host = provider.settings.get("redis.host", "127.0.0.1")
-                port = provider.settings.get("redis.port", "6379")
-                cli = provider.settings.get("redis.admin", f"redis-cli -h {host} -p {port}")
+                cli = provider.redis_cli()
                 await runner.sh(provider, ops.redis_purge_script(cli, names["prefix"]), r["service"], "drop keys")
                 await runner.sh(provider, f"{cli} ACL DELUSER {shlex.quote(names['user'])} >/dev/null",
                                 r["service"], "drop redis user")
@@ -303,9 +299,6 @@ async def destroy(runner: Runner, purge_data: bool) -> str:
     return f"destroyed {env_key}" + (f", purged {len(purged)} data instance(s)" if purged else "") + kept
 
 
-def _redis_admin(provider) -> str:
-    from .procedures import _redis_admin as admin
-    return admin(provider)
 
 
 def findings(env_key, spec, ledger, facts: Facts, claimed, unit, registry) -> list[Finding]:
