@@ -156,7 +156,7 @@ class HttpProbeSpec(_message.Message):
     def __init__(self, url: _Optional[str] = ..., expect_status: _Optional[int] = ..., attempts: _Optional[int] = ..., interval_s: _Optional[float] = ..., timeout_s: _Optional[float] = ..., host_header: _Optional[str] = ...) -> None: ...
 
 class Operation(_message.Message):
-    __slots__ = ("id", "exec", "write_file", "service_start", "service_stop", "service_list", "http_probe")
+    __slots__ = ("id", "exec", "write_file", "service_start", "service_stop", "service_list", "http_probe", "redact")
     ID_FIELD_NUMBER: _ClassVar[int]
     EXEC_FIELD_NUMBER: _ClassVar[int]
     WRITE_FILE_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +164,7 @@ class Operation(_message.Message):
     SERVICE_STOP_FIELD_NUMBER: _ClassVar[int]
     SERVICE_LIST_FIELD_NUMBER: _ClassVar[int]
     HTTP_PROBE_FIELD_NUMBER: _ClassVar[int]
+    REDACT_FIELD_NUMBER: _ClassVar[int]
     id: str
     exec: ExecSpec
     write_file: WriteFileSpec
@@ -171,7 +172,8 @@ class Operation(_message.Message):
     service_stop: ServiceStopSpec
     service_list: ServiceListSpec
     http_probe: HttpProbeSpec
-    def __init__(self, id: _Optional[str] = ..., exec: _Optional[_Union[ExecSpec, _Mapping]] = ..., write_file: _Optional[_Union[WriteFileSpec, _Mapping]] = ..., service_start: _Optional[_Union[ServiceStartSpec, _Mapping]] = ..., service_stop: _Optional[_Union[ServiceStopSpec, _Mapping]] = ..., service_list: _Optional[_Union[ServiceListSpec, _Mapping]] = ..., http_probe: _Optional[_Union[HttpProbeSpec, _Mapping]] = ...) -> None: ...
+    redact: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., exec: _Optional[_Union[ExecSpec, _Mapping]] = ..., write_file: _Optional[_Union[WriteFileSpec, _Mapping]] = ..., service_start: _Optional[_Union[ServiceStartSpec, _Mapping]] = ..., service_stop: _Optional[_Union[ServiceStopSpec, _Mapping]] = ..., service_list: _Optional[_Union[ServiceListSpec, _Mapping]] = ..., http_probe: _Optional[_Union[HttpProbeSpec, _Mapping]] = ..., redact: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class OutputChunk(_message.Message):
     __slots__ = ("op_id", "seq", "offset", "stream", "data")
@@ -348,8 +350,36 @@ class ControllerMessage(_message.Message):
     goodbye: Goodbye
     def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., operation: _Optional[_Union[Operation, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ...) -> None: ...
 
+class RenewRequest(_message.Message):
+    __slots__ = ("csr_pem",)
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    csr_pem: bytes
+    def __init__(self, csr_pem: _Optional[bytes] = ...) -> None: ...
+
+class Certificate(_message.Message):
+    __slots__ = ("certificate_pem", "ca_pem", "roles", "not_after")
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    CA_PEM_FIELD_NUMBER: _ClassVar[int]
+    ROLES_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    certificate_pem: bytes
+    ca_pem: bytes
+    roles: _containers.RepeatedScalarFieldContainer[str]
+    not_after: float
+    def __init__(self, certificate_pem: _Optional[bytes] = ..., ca_pem: _Optional[bytes] = ..., roles: _Optional[_Iterable[str]] = ..., not_after: _Optional[float] = ...) -> None: ...
+
+class EnrollRequest(_message.Message):
+    __slots__ = ("token", "agent_id", "csr_pem")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    agent_id: str
+    csr_pem: bytes
+    def __init__(self, token: _Optional[str] = ..., agent_id: _Optional[str] = ..., csr_pem: _Optional[bytes] = ...) -> None: ...
+
 class AgentInfo(_message.Message):
-    __slots__ = ("id", "roles", "capabilities", "state", "last_seen", "version", "facts", "peer", "running")
+    __slots__ = ("id", "roles", "capabilities", "state", "last_seen", "version", "facts", "peer", "running", "certificate_expires", "revoked")
     ID_FIELD_NUMBER: _ClassVar[int]
     ROLES_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
@@ -359,6 +389,8 @@ class AgentInfo(_message.Message):
     FACTS_FIELD_NUMBER: _ClassVar[int]
     PEER_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_EXPIRES_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
     id: str
     roles: _containers.RepeatedScalarFieldContainer[str]
     capabilities: _containers.RepeatedScalarFieldContainer[str]
@@ -368,7 +400,9 @@ class AgentInfo(_message.Message):
     facts: HostFacts
     peer: str
     running: int
-    def __init__(self, id: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., capabilities: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[AgentState, str]] = ..., last_seen: _Optional[float] = ..., version: _Optional[str] = ..., facts: _Optional[_Union[HostFacts, _Mapping]] = ..., peer: _Optional[str] = ..., running: _Optional[int] = ...) -> None: ...
+    certificate_expires: float
+    revoked: bool
+    def __init__(self, id: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., capabilities: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[AgentState, str]] = ..., last_seen: _Optional[float] = ..., version: _Optional[str] = ..., facts: _Optional[_Union[HostFacts, _Mapping]] = ..., peer: _Optional[str] = ..., running: _Optional[int] = ..., certificate_expires: _Optional[float] = ..., revoked: _Optional[bool] = ...) -> None: ...
 
 class ListAgentsRequest(_message.Message):
     __slots__ = ()
@@ -606,3 +640,37 @@ class SecretRequest(_message.Message):
 class Empty(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class TokenRequest(_message.Message):
+    __slots__ = ("roles", "ttl_s", "agent_id")
+    ROLES_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    roles: _containers.RepeatedScalarFieldContainer[str]
+    ttl_s: float
+    agent_id: str
+    def __init__(self, roles: _Optional[_Iterable[str]] = ..., ttl_s: _Optional[float] = ..., agent_id: _Optional[str] = ...) -> None: ...
+
+class TokenReply(_message.Message):
+    __slots__ = ("token", "expires_at", "token_id")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    expires_at: float
+    token_id: str
+    def __init__(self, token: _Optional[str] = ..., expires_at: _Optional[float] = ..., token_id: _Optional[str] = ...) -> None: ...
+
+class RevokeRequest(_message.Message):
+    __slots__ = ("agent_id",)
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    def __init__(self, agent_id: _Optional[str] = ...) -> None: ...
+
+class RevokeReply(_message.Message):
+    __slots__ = ("certificates", "disconnected")
+    CERTIFICATES_FIELD_NUMBER: _ClassVar[int]
+    DISCONNECTED_FIELD_NUMBER: _ClassVar[int]
+    certificates: int
+    disconnected: bool
+    def __init__(self, certificates: _Optional[int] = ..., disconnected: _Optional[bool] = ...) -> None: ...

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class AgentGatewayStub:
-    """Missing associated documentation comment in .proto file."""
+    """Served on the mutual-TLS agent port: only agents holding a certificate of this CA get here.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -39,13 +40,26 @@ class AgentGatewayStub:
                 request_serializer=protos_dot_deployer__pb2.AgentMessage.SerializeToString,
                 response_deserializer=protos_dot_deployer__pb2.ControllerMessage.FromString,
                 _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/deployer.v1.AgentGateway/Renew',
+                request_serializer=protos_dot_deployer__pb2.RenewRequest.SerializeToString,
+                response_deserializer=protos_dot_deployer__pb2.Certificate.FromString,
+                _registered_method=True)
 
 
 class AgentGatewayServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Served on the mutual-TLS agent port: only agents holding a certificate of this CA get here.
+    """
 
     def Connect(self, request_iterator, context):
         """One long-lived stream per agent. The first message must be a Hello.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Renew(self, request, context):
+        """A fresh certificate for the same identity, before the current one expires.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -59,6 +73,11 @@ def add_AgentGatewayServicer_to_server(servicer, server):
                     request_deserializer=protos_dot_deployer__pb2.AgentMessage.FromString,
                     response_serializer=protos_dot_deployer__pb2.ControllerMessage.SerializeToString,
             ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=protos_dot_deployer__pb2.RenewRequest.FromString,
+                    response_serializer=protos_dot_deployer__pb2.Certificate.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'deployer.v1.AgentGateway', rpc_method_handlers)
@@ -68,7 +87,8 @@ def add_AgentGatewayServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AgentGateway:
-    """Missing associated documentation comment in .proto file."""
+    """Served on the mutual-TLS agent port: only agents holding a certificate of this CA get here.
+    """
 
     @staticmethod
     def Connect(request_iterator,
@@ -87,6 +107,108 @@ class AgentGateway:
             '/deployer.v1.AgentGateway/Connect',
             protos_dot_deployer__pb2.AgentMessage.SerializeToString,
             protos_dot_deployer__pb2.ControllerMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deployer.v1.AgentGateway/Renew',
+            protos_dot_deployer__pb2.RenewRequest.SerializeToString,
+            protos_dot_deployer__pb2.Certificate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class EnrollmentStub:
+    """Served on the enrolment port (TLS, server-authenticated): a token buys one certificate.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Enroll = channel.unary_unary(
+                '/deployer.v1.Enrollment/Enroll',
+                request_serializer=protos_dot_deployer__pb2.EnrollRequest.SerializeToString,
+                response_deserializer=protos_dot_deployer__pb2.Certificate.FromString,
+                _registered_method=True)
+
+
+class EnrollmentServicer:
+    """Served on the enrolment port (TLS, server-authenticated): a token buys one certificate.
+    """
+
+    def Enroll(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_EnrollmentServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Enroll': grpc.unary_unary_rpc_method_handler(
+                    servicer.Enroll,
+                    request_deserializer=protos_dot_deployer__pb2.EnrollRequest.FromString,
+                    response_serializer=protos_dot_deployer__pb2.Certificate.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'deployer.v1.Enrollment', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('deployer.v1.Enrollment', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Enrollment:
+    """Served on the enrolment port (TLS, server-authenticated): a token buys one certificate.
+    """
+
+    @staticmethod
+    def Enroll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deployer.v1.Enrollment/Enroll',
+            protos_dot_deployer__pb2.EnrollRequest.SerializeToString,
+            protos_dot_deployer__pb2.Certificate.FromString,
             options,
             channel_credentials,
             insecure,
@@ -186,6 +308,16 @@ class OperatorStub:
                 '/deployer.v1.Operator/ServiceLogs',
                 request_serializer=protos_dot_deployer__pb2.ServiceLogsRequest.SerializeToString,
                 response_deserializer=protos_dot_deployer__pb2.FollowEvent.FromString,
+                _registered_method=True)
+        self.CreateToken = channel.unary_unary(
+                '/deployer.v1.Operator/CreateToken',
+                request_serializer=protos_dot_deployer__pb2.TokenRequest.SerializeToString,
+                response_deserializer=protos_dot_deployer__pb2.TokenReply.FromString,
+                _registered_method=True)
+        self.RevokeAgent = channel.unary_unary(
+                '/deployer.v1.Operator/RevokeAgent',
+                request_serializer=protos_dot_deployer__pb2.RevokeRequest.SerializeToString,
+                response_deserializer=protos_dot_deployer__pb2.RevokeReply.FromString,
                 _registered_method=True)
 
 
@@ -291,6 +423,19 @@ class OperatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateToken(self, request, context):
+        """Enrolment and revocation of agents.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeAgent(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OperatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -373,6 +518,16 @@ def add_OperatorServicer_to_server(servicer, server):
                     servicer.ServiceLogs,
                     request_deserializer=protos_dot_deployer__pb2.ServiceLogsRequest.FromString,
                     response_serializer=protos_dot_deployer__pb2.FollowEvent.SerializeToString,
+            ),
+            'CreateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateToken,
+                    request_deserializer=protos_dot_deployer__pb2.TokenRequest.FromString,
+                    response_serializer=protos_dot_deployer__pb2.TokenReply.SerializeToString,
+            ),
+            'RevokeAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeAgent,
+                    request_deserializer=protos_dot_deployer__pb2.RevokeRequest.FromString,
+                    response_serializer=protos_dot_deployer__pb2.RevokeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -807,6 +962,60 @@ class Operator:
             '/deployer.v1.Operator/ServiceLogs',
             protos_dot_deployer__pb2.ServiceLogsRequest.SerializeToString,
             protos_dot_deployer__pb2.FollowEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deployer.v1.Operator/CreateToken',
+            protos_dot_deployer__pb2.TokenRequest.SerializeToString,
+            protos_dot_deployer__pb2.TokenReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deployer.v1.Operator/RevokeAgent',
+            protos_dot_deployer__pb2.RevokeRequest.SerializeToString,
+            protos_dot_deployer__pb2.RevokeReply.FromString,
             options,
             channel_credentials,
             insecure,
