@@ -96,6 +96,28 @@ MIGRATIONS = [
         PRIMARY KEY (host, port)
     );
     """,
+    # 3: enrolment tokens (only a hash of the secret part is kept) and issued agent certificates.
+    """
+    CREATE TABLE tokens (
+        id TEXT PRIMARY KEY,
+        secret_sha256 TEXT NOT NULL,
+        roles TEXT NOT NULL,           -- JSON list
+        agent_id TEXT NOT NULL DEFAULT '',  -- '' : any agent id
+        created REAL NOT NULL,
+        expires REAL NOT NULL,
+        used REAL,
+        used_by TEXT
+    );
+    CREATE TABLE certificates (
+        serial TEXT PRIMARY KEY,       -- hex
+        agent_id TEXT NOT NULL,
+        roles TEXT NOT NULL,           -- JSON list
+        issued REAL NOT NULL,
+        not_after REAL NOT NULL,
+        revoked REAL
+    );
+    CREATE INDEX certificates_agent ON certificates (agent_id);
+    """,
 ]
 
 
