@@ -43,6 +43,8 @@ _HINTS = {
 _ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 _PATH_CHARS = re.compile(r"[A-Za-z0-9._~/-]*")
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+MAX_DEPTH = 32         # nesting levels, aliases expanded (a spec needs 5)
+MAX_VALUES = 100_000   # values once aliases are expanded (a spec needs a few hundred)
 
 Key = tuple  # a key path: mapping keys (str) and list indexes (int)
 
@@ -61,7 +63,8 @@ class SpecError(ValueError):
     def __str__(self) -> str:
         where = ":".join(part for part in (self.file, str(self.line) if self.line else None) if part)
         text = ": ".join(part for part in (where, self.key, self.message) if part)
-        return text.replace("\r", "\\r").replace("\n", "\\n")
+        # One line that is safe on a terminal: line breaks and control characters are escaped.
+        return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 @dataclass(frozen=True)
@@ -282,15 +285,32 @@ def _key_text(key: Key) -> str:
     return text
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing deep nesting before its recursive composer overflows the stack."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        if self.depth >= MAX_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels",
+                                              self.peek_event().start_mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
 def _parse_yaml(text: str, filename: str) -> tuple[Any, _Source]:
     source = _Source(filename)
     loader = None
     try:
-        loader = yaml.SafeLoader(text)
+        loader = _Loader(text)
         node = loader.get_single_node()
         if node is None:
             return None, source
         _check_duplicates(node, source, (), set())
+        _check_expansion(node, source)
         source.lines[()] = node.start_mark.line + 1
         return _construct(loader, node, (), source, frozenset()), source
     except yaml.MarkedYAMLError as exc:
@@ -330,11 +350,53 @@ def _check_duplicates(node: yaml.Node, source: _Source, key: Key, seen: set[int]
             _check_duplicates(value_node, source, key + (name,), seen)
 
 
+def _check_expansion(root: yaml.Node, source: _Source) -> None:
+    """Refuse aliases that multiply a document (a "billion laughs") or nest it too deeply once
+    expanded, before anything expands them. Each node is measured once."""
+    measured: dict[int, tuple[int, int]] = {}  # id → (values, depth) of the node expanded
+
+    def refuse(node: yaml.Node, why: str) -> SpecError:
+        return SpecError(f"{why} once its aliases are expanded", source.file, node.start_mark.line + 1)
+
+    def measure(node: yaml.Node, level: int, active: set[int]) -> tuple[int, int]:
+        if id(node) in measured:
+            values, depth = measured[id(node)]
+        elif id(node) in active or isinstance(node, yaml.ScalarNode):
+            values, depth = 1, 1  # a recursive alias is reported by _construct, with its key
+        else:
+            if level > MAX_DEPTH:
+                raise refuse(node, f"the document is nested deeper than {MAX_DEPTH} levels")
+            active.add(id(node))
+            children = node.value if isinstance(node, yaml.SequenceNode) else [n for kv in node.value for n in kv]
+            values, depth = 1, 0
+            for child in children:
+                child_values, child_depth = measure(child, level + 1, active)
+                values, depth = values + child_values, max(depth, child_depth)
+                if values > MAX_VALUES:
+                    raise refuse(node, f"the document has more than {MAX_VALUES} values")
+            active.discard(id(node))
+            depth += 1
+            measured[id(node)] = values, depth
+        if level + depth - 1 > MAX_DEPTH:
+            raise refuse(node, f"the document is nested deeper than {MAX_DEPTH} levels")
+        return values, depth
+
+    measure(root, 1, set())
+
+
 def _construct(loader: yaml.SafeLoader, node: yaml.Node, key: Key, source: _Source,
                parents: frozenset[int]) -> Any:
     if isinstance(node, yaml.ScalarNode):
         source.scalars[key] = node.value
-        return loader.construct_object(node)
+        try:
+            return loader.construct_object(node)
+        except yaml.YAMLError:
+            raise
+        except Exception:
+            # PyYAML lets a bad value of a tag (`2024-02-30`, `!!int ""`, 5000 digits) escape bare.
+            kind = node.tag.rsplit(":", 1)[-1]
+            raise source.error(key, f"invalid YAML: {node.value[:40]!r} is not a valid {kind}; quote it if it "
+                                    "is text", node.start_mark.line + 1) from None
     if id(node) in parents:
         raise source.error(key, "an alias refers to a node that contains it; recursive values are not allowed")
     parents = parents | {id(node)}
