@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,9 +11,10 @@ from pathlib import Path
 import yaml
 
 ROLES = ("computing", "daemons")
-_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")
 _KEYS = {"id", "controller", "roles", "capabilities", "state_dir", "services_root",
-         "heartbeat_interval", "provides", "service_driver"}
+         "heartbeat_interval", "provides", "service_driver", "tls_dir", "enroll_address", "insecure",
+         "write_roots"}
 PROVIDES = ("mysql", "redis", "nginx")
 
 
@@ -28,12 +30,40 @@ class AgentConfig:
     capabilities: tuple[str, ...] = ()
     state_dir: Path = Path("/var/lib/deployer-agent")
     services_root: Path = Path("/srv/services")
+    write_roots: tuple[Path, ...] = ()  # write_file writes only under these; () means services_root
     heartbeat_interval: float = 5.0
     settings: tuple[tuple[str, str], ...] = ()  # flattened `provides`: ("mysql.port", "3306"), …
     service_driver: str = "auto"
+    tls_dir: Path | None = None        # default STATE_DIR/tls: agent.key, agent.crt, ca.crt
+    enroll_address: str = ""           # default: the controller's host, next port
+    insecure: bool = False             # plain link to a loopback controller, no certificate
+
+    @property
+    def tls_folder(self) -> Path:
+        return self.tls_dir or self.state_dir / "tls"
+
+    @property
+    def enrolment_address(self) -> str:
+        if self.enroll_address:
+            return self.enroll_address
+        host, _, port = self.controller.rpartition(":")
+        return f"{host}:{int(port) + 1}"
 
 
-def load(args: argparse.Namespace) -> AgentConfig:
+def is_loopback(address: str) -> bool:
+    """HOST:PORT on a loopback interface, or a Unix socket."""
+    if address.startswith("unix:"):
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load(args: argparse.Namespace, need_roles: bool = True) -> AgentConfig:
     values: dict = {}
     where = "command line"
     if args.config:
@@ -50,19 +80,26 @@ def load(args: argparse.Namespace) -> AgentConfig:
         unknown = sorted(set(values) - _KEYS)
         if unknown:
             raise ConfigError(f"{args.config}: unknown key {unknown[0]!r} (known: {', '.join(sorted(_KEYS))})")
-    for key in ("id", "controller", "state_dir", "services_root", "heartbeat_interval", "service_driver"):
+    for key in ("id", "controller", "state_dir", "services_root", "heartbeat_interval", "service_driver",
+                "tls_dir", "enroll_address"):
         if getattr(args, key, None) is not None:
             values[key] = getattr(args, key)
+    if getattr(args, "insecure", False):
+        values["insecure"] = True
     if args.role:
         values["roles"] = args.role
     if args.capability:
         values["capabilities"] = args.capability
+    if getattr(args, "write_root", None):
+        values["write_roots"] = args.write_root
     for item in getattr(args, "provide", None) or []:
         key, sep, value = item.partition("=")
         section, dot, name = key.partition(".")
         if not (sep and dot and name):
             raise ConfigError(f"--provide {item!r}: expected SERVICE.SETTING=VALUE, e.g. mysql.port=3306")
         values.setdefault("provides", {}).setdefault(section, {})[name] = value
+    if not need_roles and not values.get("roles"):
+        values["roles"] = list(ROLES[:1])  # enrolment: the roles come with the token
     return _validate(values, where)
 
 
@@ -94,6 +131,14 @@ def _validate(values: dict, where: str) -> AgentConfig:
             raise ConfigError(f"{where}: provides.{section}: expected a mapping of settings")
         settings += [(f"{section}.{k}", str(v)) for k, v in sorted(entries.items())]
     capabilities = list(dict.fromkeys([*(str(c) for c in values.get("capabilities") or ()), *sorted(provides)]))
+    insecure = values.get("insecure", False)
+    if not isinstance(insecure, bool):
+        raise ConfigError(f"{where}: insecure must be true or false")
+    if insecure and not is_loopback(controller):
+        raise ConfigError(f"{where}: insecure: a plain link is allowed only to a loopback controller, "
+                          f"not {controller}")
+    if not controller.startswith("unix:") and not controller.rpartition(":")[2].isdigit():
+        raise ConfigError(f"{where}: controller {controller!r} must be HOST:PORT or unix:PATH")
     driver = str(values.get("service_driver") or "auto")
     if driver not in ("auto", "systemd", "supervisor"):
         raise ConfigError(f"{where}: service_driver must be auto, systemd or supervisor")
@@ -102,5 +147,23 @@ def _validate(values: dict, where: str) -> AgentConfig:
         capabilities=tuple(capabilities), settings=tuple(settings),
         state_dir=Path(values.get("state_dir") or "/var/lib/deployer-agent"),
         services_root=Path(values.get("services_root") or "/srv/services"),
-        heartbeat_interval=interval,
+        write_roots=_write_roots(values, where, settings),
+        heartbeat_interval=interval, insecure=insecure,
+        tls_dir=Path(values["tls_dir"]) if values.get("tls_dir") else None,
+        enroll_address=str(values.get("enroll_address") or ""),
     )
+
+
+def _write_roots(values: dict, where: str, settings: list[tuple[str, str]]) -> tuple[Path, ...]:
+    """The folders write_file may write under: as configured, else the services root and the
+    nginx folder this agent provides."""
+    roots = values.get("write_roots")
+    if roots is None:
+        roots = [str(values.get("services_root") or "/srv/services")]
+        roots += [value for key, value in settings if key == "nginx.conf_dir"]
+    if not isinstance(roots, list) or not roots:
+        raise ConfigError(f"{where}: write_roots: expected a list of absolute folders")
+    for root in roots:
+        if not isinstance(root, str) or not root.startswith("/"):
+            raise ConfigError(f"{where}: write_roots: {root!r} is not an absolute folder")
+    return tuple(Path(root) for root in roots)

@@ -15,6 +15,9 @@ MAX_MESSAGE_BYTES = 8 << 20
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
     ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    # gRPC core ends a link on an unanswered ping only after this (60 s by default; it does not
+    # apply keepalive_timeout_ms): without it a silent link goes unnoticed for over a minute.
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -33,8 +36,11 @@ FATAL = frozenset({
     grpc.StatusCode.INVALID_ARGUMENT,
 })
 
-INITIAL_BACKOFF_S = 0.5
-MAX_DOUBLINGS = 6  # windows of 0.5, 1, 2, … 32 s
+# Windows of 1, 2, 4, 8, 16 s. The first (also the one after a goodbye) is quick, and wide enough
+# that a fleet does not come back in one burst; the cap means that however long the controller was
+# away, every agent dials again within 16 s of its return, so a fleet is back within 30 s.
+INITIAL_BACKOFF_S = 1.0
+MAX_DOUBLINGS = 4
 
 
 class FatalLinkError(Exception):

@@ -90,12 +90,46 @@ def cmd_agents(args: argparse.Namespace) -> int:
     for a in reply.agents:
         f = a.facts
         rows.append([
-            a.id, ",".join(a.roles), _AGENT_STATES.get(a.state, "?"), render.age(now - a.last_seen),
+            a.id, ",".join(a.roles), "revoked" if a.revoked else _AGENT_STATES.get(a.state, "?"),
+            render.age(now - a.last_seen),
             f"{f.load1:.2f}/{f.cpus}", f"{render.size(f.mem_available_bytes)} free of {render.size(f.mem_total_bytes)}",
             f"{render.size(f.disk_free_bytes)} free", a.version,
         ])
     sys.stdout.write(render.table(
         ["ID", "ROLES", "STATE", "LAST SEEN", "LOAD/CPUS", "MEMORY", "DISK", "VERSION"], rows))
+    return EXIT_OK
+
+
+def cmd_agents_revoke(args: argparse.Namespace) -> int:
+    _, reply = call(args, "RevokeAgent", pb.RevokeRequest(agent_id=args.agent_id), 10)
+    print(f"revoked {reply.certificates} certificate(s) of {args.agent_id}; "
+          + ("its session was cut off" if reply.disconnected else "it was not connected"))
+    return EXIT_OK
+
+
+def parse_duration(text: str) -> float:
+    """90s, 30m, 1h, 2d, or plain seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise CliError(f"--ttl {text!r}: expected a duration such as 90s, 30m, 1h or 2d", EXIT_USAGE) from None
+    if value <= 0:
+        raise CliError(f"--ttl {text!r}: must be positive", EXIT_USAGE)
+    return value
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    request = pb.TokenRequest(roles=args.role, ttl_s=parse_duration(args.ttl), agent_id=args.agent or "")
+    _, reply = call(args, "CreateToken", request, 10)
+    if args.json:
+        print(json.dumps({"token": reply.token, "token_id": reply.token_id, "expires_at": reply.expires_at}))
+        return EXIT_OK
+    print(reply.token)
+    print(f"single use, valid until {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(reply.expires_at))}; "
+          f"on the agent: deployer-agent enroll --config /etc/deployer/agent.yml --token TOKEN",
+          file=sys.stderr)
     return EXIT_OK
 
 
@@ -105,6 +139,7 @@ def _agent_dict(a: pb.AgentInfo) -> dict:
         "id": a.id, "roles": list(a.roles), "capabilities": list(a.capabilities),
         "state": _AGENT_STATES.get(a.state, "unknown"), "last_seen": a.last_seen,
         "version": a.version, "peer": a.peer, "running": a.running,
+        "certificate_expires": a.certificate_expires or None, "revoked": a.revoked,
         "facts": {"hostname": f.hostname, "cpus": f.cpus, "load": [f.load1, f.load5, f.load15],
                   "mem_total_bytes": f.mem_total_bytes, "mem_available_bytes": f.mem_available_bytes,
                   "disk_free_bytes": f.disk_free_bytes, "disk_total_bytes": f.disk_total_bytes},
@@ -590,6 +625,26 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example: deployctl agents --json | jq '.[].state'")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_agents)
+    agents = p.add_subparsers(dest="agents_command", metavar="SUBCOMMAND")
+    r = agents.add_parser("revoke", help="revoke an agent's certificates and cut it off now",
+                          description="Revoke every certificate of an agent: its session ends at once "
+                                      "and it cannot connect again until enrolled with a new token.",
+                          epilog="example: deployctl agents revoke web-3")
+    r.add_argument("agent_id")
+    r.set_defaults(func=cmd_agents_revoke)
+
+    token = sub.add_parser("token", help="enrolment tokens for new agents").add_subparsers(
+        dest="token_command", metavar="SUBCOMMAND")
+    p = token.add_parser("create", help="a single-use, expiring enrolment token",
+                         description="Make a token that enrols one agent: `deployer-agent enroll --token T` "
+                                     "(or --token on its first start). It is printed once and only its "
+                                     "hash is kept.",
+                         epilog="example: deployctl token create --role computing --ttl 1h")
+    p.add_argument("--role", action="append", required=True, help="computing or daemons (repeatable)")
+    p.add_argument("--ttl", default="1h", help="how long it can be used: 90s, 30m, 1h, 2d (default 1h)")
+    p.add_argument("--agent", help="only this agent id may use it")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_token_create)
 
     p = sub.add_parser("exec", help="run a command on agents, streaming its output",
                        description="Run a command on agents and stream every line as it is produced, "

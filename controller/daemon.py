@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import fcntl
 import os
+import stat
 import signal
 import sys
 import time
@@ -14,16 +15,20 @@ from pathlib import Path
 import grpc
 import structlog
 
+from agent.config import is_loopback
 from agent.system import configure_logging, sd_notify, tune_malloc
 from protos import deployer_pb2_grpc as pb_grpc
 
 from . import __version__
 from .db import Database
 from .dispatcher import Dispatcher
+from .door import AGENT, ENROLLEE, OPERATOR, Door
 from .environments import Environments
 from .ledger import Ledger
-from .gateway import AgentGateway
+from .gateway import AgentGateway, EnrollmentService
 from .operator_service import OperatorService
+from .pki import DEFAULT_AGENT_TTL_S, Authority, Enrolment
+from .vault import VaultError
 from .registry import Registry
 
 log = structlog.get_logger("controller")
@@ -33,6 +38,7 @@ log = structlog.get_logger("controller")
 SERVER_OPTIONS = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.ping_timeout_ms", 10_000),  # what gRPC 1.85 really waits for a ping's answer
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
@@ -50,6 +56,27 @@ class StartupError(Exception):
     """The controller cannot start; the message says why in one line."""
 
 
+def enroll_address(listen: str) -> str:
+    """The enrolment port's default: the agent port's host, the next port number."""
+    host, _, port = listen.rpartition(":")
+    if not port.isdigit():
+        raise StartupError(f"--listen {listen!r} must be HOST:PORT")
+    return f"{host}:{int(port) + 1}"
+
+
+def check_private(store: Path) -> None:
+    """Refuse a store other users can read or enter: it holds the CA key and the ledger."""
+    for path in (store, store / "pki", store / "pki" / "ca.key", store / "pki" / "server.key",
+                 store / "deployer.db", store / "secrets.key"):
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            raise StartupError(f"{path} is open to other users (mode {stat.filemode(mode)}): "
+                               f"run `chmod go= {path}` (the store holds keys and secrets)")
+
+
 def _lock_store(store: Path) -> int:
     fd = os.open(store / "controller.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -63,42 +90,86 @@ def _lock_store(store: Path) -> int:
 
 class Controller:
     def __init__(self, store: Path, socket_path: Path, listen: str, operator_listen: str | None,
-                 lost_after: float) -> None:
+                 lost_after: float, insecure: bool = False, enroll_listen: str | None = None,
+                 tls_names: list[str] = (), agent_cert_ttl: float = DEFAULT_AGENT_TTL_S) -> None:
         self.store = store
         self.socket_path = socket_path
         self.listen = listen
         self.operator_listen = operator_listen
         self.lost_after = lost_after
+        self.insecure = insecure
+        self.enroll_listen = enroll_listen
+        self.tls_names = list(tls_names)
+        self.agent_cert_ttl = agent_cert_ttl
         self.stopping = asyncio.Event()
 
+    def _check_addresses(self) -> None:
+        if self.insecure and not is_loopback(self.listen):
+            raise StartupError(f"--insecure serves agents without TLS, so only on loopback; "
+                               f"{self.listen} is not a loopback address")
+        if self.operator_listen and not is_loopback(self.operator_listen):
+            raise StartupError(f"--operator-listen {self.operator_listen} is not a loopback address: "
+                               "operators have no other credential than reaching it")
+
+    @staticmethod
+    def _bind(server: grpc.aio.Server, address: str, credentials, what: str) -> None:
+        try:
+            bound = (server.add_secure_port(address, credentials) if credentials
+                     else server.add_insecure_port(address))
+        except RuntimeError as exc:
+            raise StartupError(f"cannot listen for {what} on {address}: {exc}") from None
+        if not bound:
+            raise StartupError(f"cannot listen for {what} on {address}")
+
     async def run(self) -> None:
-        self.store.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.store, 0o700)
+        self._check_addresses()
+        self.enroll_listen = self.enroll_listen or enroll_address(self.listen)
+        if self.store.exists():
+            check_private(self.store)
+        self.store.mkdir(mode=0o700, parents=True, exist_ok=True)
         lock = _lock_store(self.store)
-        db = Database(self.store / "deployer.db")
+        try:
+            db = Database(self.store / "deployer.db")
+        except VaultError as exc:
+            raise StartupError(str(exc)) from None
+        authority = Authority(self.store / "pki", self.tls_names)
+        enrolment = Enrolment(db, authority, self.agent_cert_ttl)
         registry = Registry(db, self.lost_after)
         dispatcher = Dispatcher(db, registry, self.store)
         environments = Environments(self.store, dispatcher, registry, Ledger(db))
-        agents = grpc.aio.server(options=SERVER_OPTIONS)
-        pb_grpc.add_AgentGatewayServicer_to_server(AgentGateway(registry, dispatcher), agents)
-        operators = grpc.aio.server(options=SERVER_OPTIONS)
-        pb_grpc.add_OperatorServicer_to_server(OperatorService(registry, dispatcher, environments), operators)
-        try:
-            if not agents.add_insecure_port(self.listen):
-                raise StartupError(f"cannot listen for agents on {self.listen}")
-        except RuntimeError as exc:
-            raise StartupError(f"cannot listen for agents on {self.listen}: {exc}") from None
+        servers = []
+        agents = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[
+            Door(AGENT, enrolment.accepted, certificates=not self.insecure)])
+        pb_grpc.add_AgentGatewayServicer_to_server(AgentGateway(registry, dispatcher, enrolment), agents)
+        if self.insecure:
+            self._bind(agents, self.listen, None, "agents")
+        else:
+            self._bind(agents, self.listen, grpc.ssl_server_credentials(
+                [(authority.server_key_pem, authority.server_chain())],
+                root_certificates=authority.ca_pem, require_client_auth=True), "agents")
+            enroll = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[Door(ENROLLEE)])
+            pb_grpc.add_EnrollmentServicer_to_server(EnrollmentService(enrolment), enroll)
+            self._bind(enroll, self.enroll_listen, grpc.ssl_server_credentials(
+                [(authority.server_key_pem, authority.server_chain())]), "enrolment")
+            servers.append(enroll)
+        servers.append(agents)
+        operators = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[Door(OPERATOR)])
+        pb_grpc.add_OperatorServicer_to_server(
+            OperatorService(registry, dispatcher, environments, enrolment), operators)
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         self.socket_path.unlink(missing_ok=True)  # stale: the store lock proves nobody serves it
-        operators.add_insecure_port(f"unix:{self.socket_path}")
+        self._bind(operators, f"unix:{self.socket_path}", None, "operators")
         if self.operator_listen:
-            operators.add_insecure_port(self.operator_listen)
-        await agents.start()
-        await operators.start()
+            self._bind(operators, self.operator_listen, None, "operators")
+        servers.append(operators)
+        for server in servers:
+            await server.start()
         os.chmod(self.socket_path, 0o600)
         sweeper = asyncio.create_task(registry.sweeper())
         log.info("controller.started", version=__version__, store=str(self.store),
-                 listen=self.listen, socket=str(self.socket_path), pid=os.getpid())
+                 listen=self.listen, tls=not self.insecure,
+                 enroll=None if self.insecure else self.enroll_listen,
+                 socket=str(self.socket_path), pid=os.getpid())
         sd_notify("READY=1")
         sd_notify(f"STATUS=serving agents on {self.listen}")
         await self.stopping.wait()
@@ -107,8 +178,8 @@ class Controller:
         log.info("controller.stopping")
         registry.close_all("the controller is shutting down")
         await asyncio.sleep(0.2)  # let the goodbyes go out
-        await operators.stop(1.0)
-        await agents.stop(2.0)
+        for server in reversed(servers):
+            await server.stop(1.0 if server is operators else 2.0)
         sweeper.cancel()
         dispatcher.close()
         db.close()
@@ -126,7 +197,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--store", type=Path, help="data folder (default $DEPLOYER_STORE or ./store)")
     parser.add_argument("--socket", type=Path, help="operator socket (default STORE/control.sock)")
     parser.add_argument("--listen", default=DEFAULT_LISTEN, help=f"agent gateway address (default {DEFAULT_LISTEN})")
-    parser.add_argument("--operator-listen", help="also serve operators on this TCP address")
+    parser.add_argument("--enroll-listen",
+                        help="enrolment address (TLS, token-authenticated; default: the --listen host, next port)")
+    parser.add_argument("--tls-name", action="append", default=[],
+                        help="an extra DNS name for the controller's certificate (repeatable)")
+    parser.add_argument("--agent-cert-ttl", type=float, default=DEFAULT_AGENT_TTL_S,
+                        help="lifetime of agent certificates in seconds (default 30 days; agents renew "
+                             "after two thirds)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="serve agents without TLS (loopback addresses only; for local trials)")
+    parser.add_argument("--operator-listen", help="also serve operators on this loopback TCP address")
     parser.add_argument("--lost-after", type=float, default=60.0,
                         help="seconds without contact before a disconnected agent is lost (default 60)")
     parser.add_argument("--log-level", default="info")
@@ -143,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level, log_stream)
     store = (args.store or default_store()).resolve()
     controller = Controller(store, (args.socket or store / "control.sock").resolve(), args.listen,
-                            args.operator_listen, args.lost_after)
+                            args.operator_listen, args.lost_after, insecure=args.insecure,
+                            enroll_listen=args.enroll_listen, tls_names=args.tls_name,
+                            agent_cert_ttl=args.agent_cert_ttl)
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()

@@ -11,17 +11,44 @@ import re
 
 import grpc
 import structlog
+from cryptography.hazmat.primitives import serialization
+from google.protobuf.message import DecodeError
 
 from protos import deployer_pb2 as pb
 from protos import deployer_pb2_grpc as pb_grpc
 
 from . import __version__
 from .dispatcher import Dispatcher
+from agent.tls import SERVER_NAME
+
+from .door import CALLER
+from .pki import EnrolmentRefused, Enrolment
 from .registry import Registry, Session
 
 log = structlog.get_logger("controller")
-_AGENT_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_AGENT_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")  # \Z: `$` would let a final newline through
 KNOWN_ROLES = ("computing", "daemons")
+# What an agent says about itself (its hello without held operations, its host facts) is kept and
+# listed to operators; a few KiB in practice, bounded so one agent cannot swell every listing.
+MAX_DESCRIPTION = 16 << 10
+
+
+def valid_agent_id(agent_id: str) -> bool:
+    """Agent ids name hosts in logs and files; the controller's own TLS name is reserved."""
+    return bool(_AGENT_ID.match(agent_id)) and agent_id != SERVER_NAME
+
+
+class ProtocolError(Exception):
+    """The agent sent something that is not the protocol: its session ends with INVALID_ARGUMENT."""
+
+
+async def read_message(context: grpc.aio.ServicerContext):
+    """The agent's next message, or EOF; bytes that are not an AgentMessage raise ProtocolError."""
+    try:
+        return await context.read()
+    except DecodeError:
+        raise ProtocolError("a message that is not a valid AgentMessage (another protocol, or a corrupt "
+                            "stream)") from None
 
 
 def check_hello(message: pb.AgentMessage | object) -> str:
@@ -36,23 +63,86 @@ def check_hello(message: pb.AgentMessage | object) -> str:
     unknown = [r for r in hello.roles if r not in KNOWN_ROLES]
     if unknown:
         return f"unknown role {unknown[0][:40]!r} (known: {', '.join(KNOWN_ROLES)})"
+    described = pb.Hello()
+    described.CopyFrom(hello)
+    del described.held[:]
+    if described.ByteSize() > MAX_DESCRIPTION:
+        return f"the hello describes the agent in {described.ByteSize()} bytes; at most {MAX_DESCRIPTION}"
     return ""
 
 
+def check_identity(hello: pb.Hello, caller) -> str:
+    """Why a hello claims more than the caller's certificate grants, or '' if it does not."""
+    if caller is None:
+        return ""  # a plain loopback link (--insecure): nothing to compare with
+    if hello.agent_id != caller.agent_id:
+        return f"this certificate belongs to agent {caller.agent_id}, not {hello.agent_id}"
+    extra = [r for r in hello.roles if r not in caller.roles]
+    if extra:
+        return f"agent {caller.agent_id} is not enrolled for role {extra[0]} (enrolled: {', '.join(caller.roles)})"
+    return ""
+
+
+def certificate_reply(cert, enrolment: Enrolment, roles) -> pb.Certificate:
+    return pb.Certificate(certificate_pem=cert.public_bytes(serialization.Encoding.PEM),
+                          ca_pem=enrolment.authority.ca_pem, roles=list(roles),
+                          not_after=cert.not_valid_after_utc.timestamp())
+
+
+class EnrollmentService(pb_grpc.EnrollmentServicer):
+    """A single-use token buys one certificate for one agent id."""
+
+    def __init__(self, enrolment: Enrolment) -> None:
+        self.enrolment = enrolment
+
+    async def Enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext):
+        if not valid_agent_id(request.agent_id):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid agent id {request.agent_id[:70]!r}")
+        try:
+            cert, issued = self.enrolment.enroll(request.token, request.agent_id, request.csr_pem)
+        except EnrolmentRefused as exc:
+            log.warning("agent.enrolment_refused", agent_id=request.agent_id, peer=context.peer(),
+                        reason=str(exc))
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        log.info("agent.enrolled", agent_id=request.agent_id, roles=list(issued.roles),
+                 peer=context.peer(), not_after=issued.not_after)
+        return certificate_reply(cert, self.enrolment, issued.roles)
+
+
 class AgentGateway(pb_grpc.AgentGatewayServicer):
-    def __init__(self, registry: Registry, dispatcher: Dispatcher) -> None:
+    def __init__(self, registry: Registry, dispatcher: Dispatcher, enrolment: Enrolment | None = None) -> None:
         self.registry = registry
         self.dispatcher = dispatcher
+        self.enrolment = enrolment
+
+    async def Renew(self, request: pb.RenewRequest, context: grpc.aio.ServicerContext):
+        caller = CALLER.get()
+        if caller is None or self.enrolment is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no certificate to renew on a plain link")
+        try:
+            cert, issued = self.enrolment.renew(caller, request.csr_pem)
+        except EnrolmentRefused as exc:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        log.info("agent.renewed", agent_id=issued.agent_id, not_after=issued.not_after)
+        return certificate_reply(cert, self.enrolment, issued.roles)
 
     async def Connect(self, request_iterator, context: grpc.aio.ServicerContext):
-        first = await context.read()
-        problem = check_hello(first)
+        try:
+            first = await read_message(context)
+            problem = check_hello(first)
+        except ProtocolError as exc:
+            problem = str(exc)
         if problem:
             log.warning("agent.refused", peer=context.peer(), reason=problem)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         hello = first.hello
+        problem = check_identity(hello, CALLER.get())
+        if problem:
+            log.warning("agent.refused", peer=context.peer(), reason=problem)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, problem)
         session = self.registry.attach(hello, context.peer())
         tasks: list[asyncio.Task] = []
+        failure: BaseException | None = None
         try:
             await context.write(pb.ControllerMessage(welcome=pb.Welcome(
                 controller_version=__version__, heartbeat_interval_s=hello.heartbeat_interval_s)))
@@ -64,6 +154,9 @@ class AgentGateway(pb_grpc.AgentGatewayServicer):
             ]
             await asyncio.wait([tasks[0], asyncio.create_task(session.closed.wait())],
                                return_when=asyncio.FIRST_COMPLETED)
+            if tasks[0].done() and not tasks[0].cancelled() and tasks[0].exception() is not None:
+                failure = tasks[0].exception()
+                session.close(str(failure) or repr(failure))
             if session.closed.is_set():
                 await asyncio.wait_for(self._flush(session, context), 2.0)
         except (asyncio.TimeoutError, asyncio.CancelledError):
@@ -73,10 +166,18 @@ class AgentGateway(pb_grpc.AgentGatewayServicer):
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self.registry.detach(session)
+        if session.revoked:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, session.close_reason)
+        if isinstance(failure, ProtocolError):
+            log.warning("agent.protocol_error", agent_id=session.agent_id, reason=str(failure))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(failure))
+        if failure is not None:
+            log.error("agent.session_failed", agent_id=session.agent_id, error=repr(failure))
+            await context.abort(grpc.StatusCode.INTERNAL, "the controller could not handle a message; see its log")
 
     async def _reader(self, session: Session, context) -> None:
         while True:
-            message = await context.read()
+            message = await read_message(context)
             if message is grpc.aio.EOF:
                 session.close("the agent closed the stream")
                 return
@@ -85,6 +186,9 @@ class AgentGateway(pb_grpc.AgentGatewayServicer):
                 self.registry.heard(session)
                 self.dispatcher.on_output(session, message.output)
             elif kind == "heartbeat":
+                if message.heartbeat.facts.ByteSize() > MAX_DESCRIPTION:
+                    raise ProtocolError(f"host facts of {message.heartbeat.facts.ByteSize()} bytes; "
+                                        f"at most {MAX_DESCRIPTION}")
                 self.registry.heard(session, message.heartbeat.facts, message.heartbeat.running)
             elif kind == "accepted":
                 self.registry.heard(session)

@@ -33,6 +33,7 @@ class Session:
     last_message: float = field(default_factory=time.monotonic)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     close_reason: str = ""
+    revoked: bool = False      # closed because the agent's certificate was revoked
 
     def send(self, message: pb.ControllerMessage) -> None:
         self.outbox.put_nowait(message)
@@ -155,6 +156,15 @@ class Registry:
         while True:
             await asyncio.sleep(every)
             self.sweep()
+
+    def cut_off(self, agent_id: str, reason: str) -> bool:
+        """End the agent's session now (its certificate was revoked); True if it had one."""
+        agent = self.agents.get(agent_id)
+        if agent is None or agent.session is None:
+            return False
+        agent.session.revoked = True
+        agent.session.close(reason)
+        return True
 
     def close_all(self, reason: str) -> None:
         for agent in self.agents.values():

@@ -15,6 +15,7 @@ usage() {
     cat <<EOF
 Usage: $PROG --controller HOST:PORT --id ID --role ROLE [--role ROLE]
              [--source DIR] [--prefix DIR] [--python PATH] [--print-config]
+       DEPLOYER_TOKEN=TOKEN $PROG ...   (enrol this agent, first time only)
 
 Install or upgrade the deployer agent on this server (run as root):
   - installs python3-venv with apt-get if it is missing,
@@ -22,6 +23,9 @@ Install or upgrade the deployer agent on this server (run as root):
   - writes $CONFIG (mode 0640) unless it already exists
     (an existing config is never overwritten, even if other values are given),
   - installs $UNIT into $UNIT_DIR,
+  - enrols the agent if it has no certificate yet and DEPLOYER_TOKEN holds a
+    token from \`deployctl token create\` (in the environment, so that it never
+    shows in a process list),
   - if systemd runs this machine: enables the agent and (re)starts it;
     otherwise prints the command that starts it by hand.
 Running it again upgrades the code and restarts the agent (operations in
@@ -155,6 +159,16 @@ else
 fi
 
 install_unit "$UNIT" "$prefix"
+
+if [ -e /var/lib/deployer-agent/tls/agent.crt ]; then
+    :
+elif [ -n "${DEPLOYER_TOKEN:-}" ]; then
+    "$agent_bin" enroll --config "$CONFIG" || die "enrolment failed (see the line above); nothing was started"
+else
+    warn "this agent has no certificate yet: on the controller run"
+    warn "  deployctl token create --role ROLE --ttl 1h"
+    warn "then here: DEPLOYER_TOKEN=TOKEN $agent_bin enroll --config $CONFIG"
+fi
 
 if systemd_is_pid1; then
     if ! start_unit "$UNIT"; then

@@ -43,8 +43,9 @@ or over TCP if --operator-listen is given.
 Options:
   --listen HOST:PORT           where agents connect (default: 127.0.0.1:7710,
                                this machine only; agents on other servers need
-                               an address they can reach, e.g. 0.0.0.0:7710)
-  --operator-listen HOST:PORT  also serve operators over TCP (default: off)
+                               an address they can reach, e.g. 0.0.0.0:7710;
+                               they enrol on the next port, 7711: open both)
+  --operator-listen HOST:PORT  also serve operators over loopback TCP (default: off)
   --source DIR                 deployer source tree to install
                                (default: $(dirname "$DEPLOY_DIR"))
   --prefix DIR                 install location, the venv goes to DIR/.venv

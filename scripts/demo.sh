@@ -60,11 +60,24 @@ publish_example() {
   rm -rf "$work"
 }
 
+# An agent without a certificate enrols on its first start with a single-use token, passed in the
+# environment (never on a command line other users can read).
+enrolment() {
+  if [ -f "$DEMO/agents/$1/tls/agent.crt" ]; then
+    export DEPLOYER_TOKEN=
+  else
+    DEPLOYER_TOKEN=$("$BIN/deployctl" token create --role "$2" --agent "$1" --ttl 10m 2>/dev/null)
+    export DEPLOYER_TOKEN
+    echo "demo: enrolling $1 ($2) with a single-use token"
+  fi
+}
+
 start() {
   mkdir -p "$DEMO"
   if running "$DEMO/controller.pid"; then
     echo "demo: controller already running (pid $(cat "$DEMO/controller.pid"))"
   else
+    chmod 700 "$STORE"   # the controller refuses a store other users can read: it holds its CA key
     start_bg "$DEMO/controller.pid" "$DEMO/controller.out" \
       "$BIN/deployer-controller" --store "$STORE" --listen "$LISTEN" --log-file "$STORE/controller.log"
     wait_until 20 "the controller" "$BIN/deployctl" agents
@@ -72,6 +85,7 @@ start() {
   fi
   start_nginx
   if ! running "$DEMO/computing-1.pid"; then
+    enrolment computing-1 computing
     start_bg "$DEMO/computing-1.pid" "$DEMO/computing-1.log" \
       "$BIN/deployer-agent" --id computing-1 --role computing --controller "$LISTEN" \
       --state-dir "$DEMO/agents/computing-1" --services-root "$DEMO/srv" \
@@ -80,6 +94,7 @@ start() {
       --provide nginx.conf_dir=/etc/nginx/conf.d --provide nginx.listen="$HTTP_PORT"
   fi
   if ! running "$DEMO/daemons-1.pid"; then
+    enrolment daemons-1 daemons
     start_bg "$DEMO/daemons-1.pid" "$DEMO/daemons-1.log" \
       "$BIN/deployer-agent" --id daemons-1 --role daemons --controller "$LISTEN" \
       --state-dir "$DEMO/agents/daemons-1" --services-root "$DEMO/srv"

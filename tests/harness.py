@@ -34,20 +34,40 @@ def wait_for(predicate, timeout: float = 20.0, every: float = 0.05, what: str = 
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def free_port_pair() -> int:
+    """A port whose next port is free too: the agent port and, after it, the enrolment port."""
+    for _ in range(100):
+        port = free_port()
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise AssertionError("no two consecutive free ports")
+
+
 class Controller:
-    def __init__(self, base: Path, lost_after: float = 60.0) -> None:
+    """A controller process; its agent port requires mutual TLS unless `insecure`."""
+
+    def __init__(self, base: Path, lost_after: float = 60.0, insecure: bool = False,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.store = base / "store"
         self.socket = self.store / "control.sock"
-        self.port = free_port()
+        self.port = free_port_pair()
         self.address = f"127.0.0.1:{self.port}"
+        self.enroll_address = f"127.0.0.1:{self.port + 1}"
         self.log = base / "controller.log"
         self.lost_after = lost_after
+        self.insecure = insecure
+        self.extra_args = tuple(extra_args)
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Controller":
         self.proc = subprocess.Popen(
             [PY, "-m", "controller.daemon", "--store", str(self.store), "--listen", self.address,
-             "--log-file", str(self.log), "--lost-after", str(self.lost_after)],
+             "--log-file", str(self.log), "--lost-after", str(self.lost_after),
+             *(["--insecure"] if self.insecure else []), *self.extra_args],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_for(lambda: self._accepting() or self.proc.poll() is not None, what="controller socket")
         if self.proc.poll() is not None:
@@ -62,6 +82,15 @@ class Controller:
                 return True
             except OSError:
                 return False
+
+    def token(self, roles=("computing",), ttl_s: float = 600, agent_id: str = "") -> str:
+        """A fresh enrolment token, straight from the operator socket (no deployctl process)."""
+        import grpc
+        from protos import deployer_pb2 as pb
+        from protos import deployer_pb2_grpc as pb_grpc
+        with grpc.insecure_channel(f"unix:{self.socket}") as channel:
+            return pb_grpc.OperatorStub(channel).CreateToken(
+                pb.TokenRequest(roles=list(roles), ttl_s=ttl_s, agent_id=agent_id), timeout=10).token
 
     def kill9(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -91,9 +120,16 @@ class Controller:
 
 
 class Agent:
+    """An agent process. `token`: enrol with it on first start (passed in the environment, never
+    on the command line); `insecure`: a plain loopback link without certificates."""
+
     def __init__(self, base: Path, agent_id: str, controller: str, roles=("computing",),
-                 heartbeat: float = 1.0, provides: dict[str, str] | None = None) -> None:
+                 heartbeat: float = 1.0, provides: dict[str, str] | None = None,
+                 token: str = "", insecure: bool = False, enroll_address: str = "") -> None:
         self.provides = provides or {}
+        self.token = token
+        self.insecure = insecure
+        self.enroll_address = enroll_address
         self.id = agent_id
         self.controller = controller
         self.roles = roles
@@ -111,7 +147,12 @@ class Agent:
             argv += ["--role", role]
         for key, value in self.provides.items():
             argv += ["--provide", f"{key}={value}"]
-        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL,
+        if self.insecure:
+            argv.append("--insecure")
+        if self.enroll_address:
+            argv += ["--enroll-address", self.enroll_address]
+        env = {**os.environ, "DEPLOYER_TOKEN": self.token}
+        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, env=env,
                                      stderr=open(self.log, "ab"))
         return self
 
@@ -144,9 +185,9 @@ def _stop_services(state_dir: Path) -> None:
 class Cluster:
     """A controller and its agents in one temporary folder; stops everything on close."""
 
-    def __init__(self, base: Path, lost_after: float = 60.0) -> None:
+    def __init__(self, base: Path, lost_after: float = 60.0, insecure: bool = False) -> None:
         self.base = base
-        self.controller = Controller(base, lost_after)
+        self.controller = Controller(base, lost_after, insecure=insecure)
         self.agents: dict[str, Agent] = {}
 
     def env(self) -> dict[str, str]:
@@ -154,7 +195,10 @@ class Cluster:
 
     def add_agent(self, agent_id: str, roles=("computing",), via: str | None = None,
                   provides: dict[str, str] | None = None) -> Agent:
-        agent = Agent(self.base, agent_id, via or self.controller.address, roles, provides=provides).start()
+        insecure = self.controller.insecure
+        token = "" if insecure else self.controller.token(roles, agent_id=agent_id)
+        agent = Agent(self.base, agent_id, via or self.controller.address, roles, provides=provides,
+                      token=token, insecure=insecure, enroll_address=self.controller.enroll_address).start()
         self.agents[agent_id] = agent
         return agent
 

@@ -1,0 +1,255 @@
+"""The controller's own certificate authority, enrolment tokens and the certificates it issued.
+
+Files live in STORE/pki (0700): ca.key and server.key are 0600. Agents get certificates only by
+redeeming a single-use, expiring token (only a hash of its secret is stored) with a CSR; the
+controller keeps every certificate it issued, and accepts an agent's certificate only if it is
+one of them and not revoked: a list of what is allowed, not of what is forbidden.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from agent.tls import (ROLE_URI, SERVER_NAME, Identity, Token, TlsError, fingerprint, identity, parse_token,
+                       write_atomic)
+
+from .db import Database
+
+CA_LIFETIME = datetime.timedelta(days=3650)
+SERVER_LIFETIME = datetime.timedelta(days=397)
+SERVER_RENEW_BEFORE = datetime.timedelta(days=30)
+DEFAULT_AGENT_TTL_S = 30 * 86400.0
+MAX_TOKEN_TTL_S = 7 * 86400.0
+
+
+class EnrolmentRefused(Exception):
+    """The token or request cannot buy a certificate; the message says why in one line."""
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _key_pem(key) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+class Authority:
+    """The CA (made once, kept for ten years) and the controller's server certificate."""
+
+    def __init__(self, folder: Path, names: list[str] = ()) -> None:
+        self.folder = folder
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)
+        self.ca_key, self.ca_cert = self._load_or_create_ca()
+        self.ca_pem = _pem(self.ca_cert)
+        self.fingerprint = fingerprint(self.ca_pem)
+        self.server_key_pem, self.server_cert = self._load_or_create_server([SERVER_NAME, *names])
+
+    def _load_or_create_ca(self):
+        key_path, cert_path = self.folder / "ca.key", self.folder / "ca.crt"
+        if key_path.exists() and cert_path.exists():
+            key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+            return key, x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = ec.generate_private_key(ec.SECP384R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "deployer controller CA"),
+                          x509.NameAttribute(NameOID.SERIAL_NUMBER, secrets.token_hex(8))])
+        now = _now()
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + CA_LIFETIME)
+                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
+                                             key_encipherment=False, data_encipherment=False,
+                                             key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                             encipher_only=False, decipher_only=False), critical=True)
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+                .sign(key, hashes.SHA384()))
+        write_atomic(key_path, _key_pem(key), 0o600)
+        write_atomic(cert_path, _pem(cert), 0o644)
+        return key, cert
+
+    def _load_or_create_server(self, names: list[str]):
+        key_path, cert_path = self.folder / "server.key", self.folder / "server.crt"
+        if key_path.exists() and cert_path.exists():
+            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            have = set(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+                       .value.get_values_for_type(x509.DNSName))
+            fresh = cert.not_valid_after_utc - _now() > SERVER_RENEW_BEFORE
+            if fresh and set(names) <= have and cert.issuer == self.ca_cert.subject:
+                return key_path.read_bytes(), cert
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = _now()
+        cert = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SERVER_NAME)]))
+                .issuer_name(self.ca_cert.subject).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + SERVER_LIFETIME)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.SubjectAlternativeName(
+                    [x509.DNSName(n) for n in dict.fromkeys(names)]), critical=False)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+                .sign(self.ca_key, hashes.SHA384()))
+        key_pem = _key_pem(key)
+        write_atomic(key_path, key_pem, 0o600)
+        write_atomic(cert_path, _pem(cert), 0o644)
+        return key_pem, cert
+
+    def server_chain(self) -> bytes:
+        """The server certificate followed by the CA, so enrolling agents can find the CA."""
+        return _pem(self.server_cert) + self.ca_pem
+
+    def sign(self, csr_pem: bytes, agent_id: str, roles: list[str], ttl_s: float) -> x509.Certificate:
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem)
+        except ValueError:
+            raise EnrolmentRefused("the certificate request is not a PEM CSR") from None
+        if not csr.is_signature_valid:
+            raise EnrolmentRefused("the certificate request's signature is invalid")
+        key = csr.public_key()
+        if not (isinstance(key, ec.EllipticCurvePublicKey) and key.curve.key_size >= 256
+                or isinstance(key, rsa.RSAPublicKey) and key.key_size >= 2048):
+            raise EnrolmentRefused("the certificate request's key is too weak (EC P-256+ or RSA 2048+)")
+        now = _now()
+        not_after = min(now + datetime.timedelta(seconds=ttl_s), self.ca_cert.not_valid_after_utc)
+        return (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, agent_id)]))
+                .issuer_name(self.ca_cert.subject).public_key(key)
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(not_after)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.SubjectAlternativeName(
+                    [x509.UniformResourceIdentifier(ROLE_URI + r) for r in roles]), critical=False)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+                .sign(self.ca_key, hashes.SHA256()))
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass
+class Issued:
+    agent_id: str
+    roles: tuple[str, ...]
+    not_after: float
+    revoked: float | None
+
+
+class Enrolment:
+    """Tokens and certificates: what the controller issued, and what it still accepts."""
+
+    def __init__(self, db: Database, authority: Authority, agent_ttl_s: float = DEFAULT_AGENT_TTL_S) -> None:
+        self.db = db
+        self.authority = authority
+        self.agent_ttl_s = agent_ttl_s
+        self.issued: dict[str, Issued] = {}
+        for row in db.conn.execute("SELECT * FROM certificates"):
+            self.issued[row["serial"]] = Issued(row["agent_id"], tuple(json.loads(row["roles"])),
+                                                row["not_after"], row["revoked"])
+
+    # ---------------------------------------------------------------- tokens
+
+    def create_token(self, roles: list[str], ttl_s: float, agent_id: str = "") -> tuple[Token, float]:
+        if not roles:
+            raise ValueError("a token needs at least one role")
+        if not 0 < ttl_s <= MAX_TOKEN_TTL_S:
+            raise ValueError(f"a token's ttl must be between 1 s and {MAX_TOKEN_TTL_S / 86400:.0f} days")
+        token = Token(secrets.token_hex(6), secrets.token_urlsafe(24), self.authority.fingerprint)
+        created = time.time()
+        self.db.conn.execute(
+            "INSERT INTO tokens (id, secret_sha256, roles, agent_id, created, expires) VALUES (?,?,?,?,?,?)",
+            (token.token_id, _hash(token.secret), json.dumps(sorted(set(roles))), agent_id, created,
+             created + ttl_s))
+        return token, created + ttl_s
+
+    def enroll(self, token_text: str, agent_id: str, csr_pem: bytes) -> tuple[x509.Certificate, Issued]:
+        """Redeem a token for a certificate; the token is spent even if signing then fails."""
+        try:
+            token = parse_token(token_text)
+        except TlsError as exc:
+            raise EnrolmentRefused(str(exc)) from None
+        row = self.db.conn.execute("SELECT * FROM tokens WHERE id = ?", (token.token_id,)).fetchone()
+        if row is None or not hmac.compare_digest(row["secret_sha256"], _hash(token.secret)):
+            raise EnrolmentRefused(f"unknown enrolment token {token.token_id}")
+        if row["used"] is not None:
+            raise EnrolmentRefused(f"enrolment token {token.token_id} was already used "
+                                   f"(by {row['used_by']}): tokens are single-use")
+        if row["expires"] < time.time():
+            raise EnrolmentRefused(f"enrolment token {token.token_id} has expired")
+        if row["agent_id"] and row["agent_id"] != agent_id:
+            raise EnrolmentRefused(f"enrolment token {token.token_id} is for agent {row['agent_id']}, "
+                                   f"not {agent_id}")
+        spent = self.db.conn.execute(
+            "UPDATE tokens SET used = ?, used_by = ? WHERE id = ? AND used IS NULL",
+            (time.time(), agent_id, token.token_id)).rowcount
+        if not spent:
+            raise EnrolmentRefused(f"enrolment token {token.token_id} was already used: tokens are single-use")
+        return self._issue(csr_pem, agent_id, json.loads(row["roles"]))
+
+    def renew(self, ident: Identity, csr_pem: bytes) -> tuple[x509.Certificate, Issued]:
+        issued = self.issued.get(ident.serial)
+        if issued is None or issued.revoked:
+            raise EnrolmentRefused("this certificate is not valid any more")
+        return self._issue(csr_pem, issued.agent_id, list(issued.roles))
+
+    def _issue(self, csr_pem: bytes, agent_id: str, roles: list[str]) -> tuple[x509.Certificate, Issued]:
+        cert = self.authority.sign(csr_pem, agent_id, roles, self.agent_ttl_s)
+        ident = identity(cert)
+        issued = Issued(agent_id, tuple(roles), ident.not_after, None)
+        self.db.conn.execute(
+            "INSERT INTO certificates (serial, agent_id, roles, issued, not_after) VALUES (?,?,?,?,?)",
+            (ident.serial, agent_id, json.dumps(roles), time.time(), ident.not_after))
+        self.issued[ident.serial] = issued
+        return cert, issued
+
+    # ---------------------------------------------------------------- checks and revocation
+
+    def accepted(self, ident: Identity) -> str:
+        """Why a (CA-verified) agent certificate is not accepted, or '' if it is."""
+        issued = self.issued.get(ident.serial)
+        if issued is None:
+            return "this certificate was not issued by this controller"
+        if issued.revoked:
+            return f"the certificate of agent {issued.agent_id} was revoked"
+        if issued.agent_id != ident.agent_id:
+            return "the certificate's identity does not match what was issued"
+        return ""
+
+    def revoke(self, agent_id: str) -> int:
+        now = time.time()
+        count = 0
+        for serial, issued in self.issued.items():
+            if issued.agent_id == agent_id and not issued.revoked:
+                issued.revoked = now
+                count += 1
+        self.db.conn.execute("UPDATE certificates SET revoked = ? WHERE agent_id = ? AND revoked IS NULL",
+                             (now, agent_id))
+        return count
+
+    def expires(self, agent_id: str) -> float:
+        """The furthest expiry among the agent's valid certificates (0: none)."""
+        return max((i.not_after for i in self.issued.values()
+                    if i.agent_id == agent_id and not i.revoked), default=0.0)
+
+    def revoked(self, agent_id: str) -> bool:
+        mine = [i for i in self.issued.values() if i.agent_id == agent_id]
+        return bool(mine) and all(i.revoked for i in mine)

@@ -1,0 +1,335 @@
+"""Who may talk to the controller: enrolment, mutual TLS, revocation, renewal, the one door.
+
+Real controller and agent processes over real gRPC and TLS; raw clients play the intruders.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import os
+import sqlite3
+import subprocess
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from agent import tls
+from controller import door
+from protos import deployer_pb2 as pb
+from protos import deployer_pb2_grpc as pb_grpc
+from tests.harness import PY, ROOT, Agent, Cluster, Controller, wait_for
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("trust"))
+    c.controller.start()
+    c.add_agent("computing-1")
+    c.wait_connected("computing-1")
+    yield c
+    c.close()
+
+
+def _pem_key(key) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def enroll_raw(cluster: Cluster, agent_id: str, token: str) -> tuple[bytes, bytes]:
+    """Enrol like an agent would, in-process: (key, certificate) PEM."""
+    ca = (cluster.controller.store / "pki" / "ca.crt").read_bytes()
+    key, csr = tls.new_key_and_csr(agent_id)
+    with grpc.secure_channel(cluster.controller.enroll_address, grpc.ssl_channel_credentials(ca),
+                             options=[("grpc.ssl_target_name_override", tls.SERVER_NAME)]) as channel:
+        reply = pb_grpc.EnrollmentStub(channel).Enroll(
+            pb.EnrollRequest(token=token, agent_id=agent_id, csr_pem=csr), timeout=10)
+    return key, reply.certificate_pem
+
+
+def connect_raw(cluster: Cluster, key: bytes | None, cert: bytes | None, agent_id: str = "intruder",
+                roles=("computing",)) -> grpc.RpcError | pb.ControllerMessage:
+    """Open Connect with these credentials and send a hello: the first reply or the error."""
+    ca = (cluster.controller.store / "pki" / "ca.crt").read_bytes()
+    credentials = grpc.ssl_channel_credentials(ca, key, cert)
+    hello = pb.AgentMessage(hello=pb.Hello(agent_id=agent_id, roles=list(roles), version="test",
+                                           heartbeat_interval_s=5))
+    with grpc.secure_channel(cluster.controller.address, credentials,
+                             options=[("grpc.ssl_target_name_override", tls.SERVER_NAME)]) as channel:
+        stream = pb_grpc.AgentGatewayStub(channel).Connect(iter([hello]), timeout=10)
+        try:
+            return next(stream)
+        except grpc.RpcError as exc:
+            return exc
+
+
+def connected_events(cluster: Cluster, agent_id: str) -> int:
+    return sum(1 for e in cluster.controller.events("agent.connected") if e["agent_id"] == agent_id)
+
+
+def other_ca_certificate(agent_id: str) -> tuple[bytes, bytes]:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "deployer controller CA")])
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, agent_id)]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(tls.ROLE_URI + "computing")]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    return _pem_key(key), cert.public_bytes(serialization.Encoding.PEM)
+
+
+# ---------------------------------------------------------------- refusals
+
+def test_an_agent_without_a_certificate_reaches_no_method(cluster):
+    before = connected_events(cluster, "intruder")
+    outcome = connect_raw(cluster, None, None)
+    assert isinstance(outcome, grpc.RpcError)
+    # gRPC in Python cannot ask for an optional client certificate, so the refusal happens in the
+    # TLS handshake: no HTTP/2 stream exists, so no method can run.
+    assert outcome.code() == grpc.StatusCode.UNAVAILABLE
+    with grpc.insecure_channel(cluster.controller.address) as channel:
+        with pytest.raises(grpc.RpcError) as plain:
+            pb_grpc.AgentGatewayStub(channel).Renew(pb.RenewRequest(), timeout=5)
+    assert plain.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert connected_events(cluster, "intruder") == before
+
+
+def test_a_certificate_from_another_ca_is_refused(cluster):
+    key, cert = other_ca_certificate("computing-1")
+    outcome = connect_raw(cluster, key, cert, agent_id="computing-1")
+    assert isinstance(outcome, grpc.RpcError)
+    assert outcome.code() == grpc.StatusCode.UNAVAILABLE
+    # The genuine computing-1 kept its session: the impostor replaced nothing.
+    assert cluster.agents_json()["computing-1"]["state"] == "connected"
+
+
+def test_a_reused_expired_or_foreign_token_is_refused(cluster):
+    token = cluster.controller.token(("computing",))
+    enroll_raw(cluster, "reuse-1", token)
+    with pytest.raises(grpc.RpcError) as reused:
+        enroll_raw(cluster, "reuse-2", token)
+    assert reused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "already used" in reused.value.details()
+
+    bound = cluster.controller.token(("computing",), agent_id="web-7")
+    with pytest.raises(grpc.RpcError) as foreign:
+        enroll_raw(cluster, "web-8", bound)
+    assert foreign.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "for agent web-7" in foreign.value.details()
+
+    db = sqlite3.connect(cluster.controller.store / "deployer.db")
+    expired = cluster.controller.token(("computing",))
+    db.execute("UPDATE tokens SET expires = 0 WHERE id = ?", (tls.parse_token(expired).token_id,))
+    db.commit()
+    with pytest.raises(grpc.RpcError) as late:
+        enroll_raw(cluster, "late-1", expired)
+    assert late.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "expired" in late.value.details()
+
+    forged = tls.Token(tls.parse_token(token).token_id, "not-the-secret", tls.parse_token(token).ca_fingerprint)
+    with pytest.raises(grpc.RpcError) as wrong:
+        enroll_raw(cluster, "forged-1", str(forged))
+    assert wrong.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # Only a hash of a token's secret is stored.
+    rows = db.execute("SELECT secret_sha256 FROM tokens").fetchall()
+    assert all(tls.parse_token(token).secret not in r[0] for r in rows)
+
+
+def test_a_certificate_claims_only_its_own_identity_and_roles(cluster):
+    key, cert = enroll_raw(cluster, "honest-1", cluster.controller.token(("daemons",)))
+    outcome = connect_raw(cluster, key, cert, agent_id="computing-1", roles=("daemons",))
+    assert isinstance(outcome, grpc.RpcError) and outcome.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "belongs to agent honest-1" in outcome.details()
+    outcome = connect_raw(cluster, key, cert, agent_id="honest-1", roles=("computing",))
+    assert isinstance(outcome, grpc.RpcError) and outcome.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "not enrolled for role computing" in outcome.details()
+    welcome = connect_raw(cluster, key, cert, agent_id="honest-1", roles=("daemons",))
+    assert not isinstance(welcome, grpc.RpcError), welcome
+    assert welcome.WhichOneof("msg") == "welcome"
+
+
+def test_revocation_cuts_an_agent_off_at_once(cluster, tmp_path):
+    agent = cluster.add_agent("doomed-1")
+    cluster.wait_connected("doomed-1")
+    key, cert = tls.Credentials(agent.state_dir / "tls").load()[:2]
+    result = cluster.deployctl("agents", "revoke", "doomed-1")
+    assert result.returncode == 0, result.stderr
+    assert b"its session was cut off" in result.stdout
+    # The running agent is told UNAUTHENTICATED and stops for good (exit 3), it does not retry.
+    assert agent.proc.wait(20) == 3
+    assert b"revoked" in agent.log.read_bytes()
+    listed = cluster.agents_json()["doomed-1"]
+    assert listed["revoked"] is True and listed["state"] != "connected"
+
+    before = connected_events(cluster, "doomed-1")
+    outcome = connect_raw(cluster, key, cert, agent_id="doomed-1")
+    assert isinstance(outcome, grpc.RpcError) and outcome.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "revoked" in outcome.details()
+    ca = (cluster.controller.store / "pki" / "ca.crt").read_bytes()
+    with grpc.secure_channel(cluster.controller.address, grpc.ssl_channel_credentials(ca, key, cert),
+                             options=[("grpc.ssl_target_name_override", tls.SERVER_NAME)]) as channel:
+        with pytest.raises(grpc.RpcError) as renew:
+            pb_grpc.AgentGatewayStub(channel).Renew(pb.RenewRequest(csr_pem=tls.new_key_and_csr("doomed-1")[1]),
+                                                    timeout=5)
+    assert renew.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert connected_events(cluster, "doomed-1") == before  # the handler never ran
+    assert cluster.controller.events("rpc.unauthenticated")
+
+    unknown = cluster.deployctl("agents", "revoke", "nobody-9")
+    assert unknown.returncode == 2 and b"unknown agent 'nobody-9'" in unknown.stderr
+
+
+def test_an_agent_without_certificate_or_token_says_how_to_enrol(cluster, tmp_path):
+    agent = Agent(tmp_path, "fresh-1", cluster.controller.address)
+    agent.start()
+    assert agent.proc.wait(20) == 2
+    assert b"not enrolled" in agent.log.read_bytes()
+    agent.token = "dpt1.garbage"
+    agent.start()
+    assert agent.proc.wait(20) == 2
+    assert b"malformed enrolment token" in agent.log.read_bytes()
+
+
+def test_enroll_command_pins_the_ca_and_refuses_another_controller(cluster, tmp_path):
+    token = cluster.controller.token(("daemons",))
+    state = tmp_path / "state"
+    args = [PY, "-m", "agent.main", "enroll", "--id", "daemons-9", "--controller", cluster.controller.address,
+            "--state-dir", str(state), "--token", token]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "enrolled as daemons-9 (roles: daemons)" in done.stdout
+    assert (state / "tls" / "ca.crt").read_bytes() == (cluster.controller.store / "pki" / "ca.crt").read_bytes()
+    assert oct((state / "tls" / "agent.key").stat().st_mode & 0o777) == "0o600"
+    # A token naming another CA: the controller at this address is not the one that made it.
+    other = tls.Token("abc", "def", "A" * 43)
+    args[-1] = str(other)
+    args[args.index("--state-dir") + 1] = str(tmp_path / "other")
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "does not present the CA named in the token" in done.stderr
+    assert not (tmp_path / "other" / "tls").exists()
+
+
+def test_token_create_on_the_command_line(cluster):
+    made = cluster.deployctl("token", "create", "--role", "computing", "--ttl", "30m", "--json")
+    assert made.returncode == 0, made.stderr
+    reply = json.loads(made.stdout)
+    assert reply["token"].startswith("dpt1.") and reply["expires_at"] > 0
+    bad = cluster.deployctl("token", "create", "--role", "database")
+    assert bad.returncode == 2 and b"not 'database'" in bad.stderr
+    bad = cluster.deployctl("token", "create", "--role", "computing", "--ttl", "soon")
+    assert bad.returncode == 2 and b"--ttl 'soon'" in bad.stderr
+    # The token is never written to the controller's log.
+    assert reply["token"].split(".")[2] not in cluster.controller.log.read_text()
+
+
+# ---------------------------------------------------------------- renewal
+
+def test_certificates_renew_before_they_expire(tmp_path):
+    c = Cluster(tmp_path)
+    c.controller.extra_args = ("--agent-cert-ttl", "6")
+    c.controller.start()
+    try:
+        c.add_agent("short-1")
+        c.wait_connected("short-1")
+        first = c.agents_json()["short-1"]["certificate_expires"]
+        wait_for(lambda: c.agents_json()["short-1"]["certificate_expires"] > first, 20, every=0.5,
+                 what="a renewed certificate")
+        # Past the first certificate's end, a new link still gets in with the renewed one.
+        wait_for(lambda: __import__("time").time() > first + 1, 15, every=0.5, what="first expiry")
+        c.agents["short-1"].stop()
+        c.agents["short-1"].start()
+        c.wait_connected("short-1")
+        assert c.controller.events("agent.renewed")
+    finally:
+        c.close()
+
+
+# ---------------------------------------------------------------- the store and plain links
+
+def test_the_controller_refuses_a_store_others_can_read(tmp_path):
+    controller = Controller(tmp_path)
+    controller.store.mkdir(mode=0o755)
+    os.chmod(controller.store, 0o755)
+    done = subprocess.run([PY, "-m", "controller.daemon", "--store", str(controller.store),
+                           "--listen", controller.address], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert f"{controller.store} is open to other users (mode drwxr-xr-x)" in done.stderr
+
+
+def test_plain_links_only_on_loopback(tmp_path):
+    done = subprocess.run([PY, "-m", "controller.daemon", "--store", str(tmp_path / "s"),
+                           "--listen", "0.0.0.0:7799", "--insecure"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 2 and "only on loopback" in done.stderr
+    done = subprocess.run([PY, "-m", "agent.main", "--id", "a-1", "--role", "computing", "--controller",
+                           "10.1.2.3:7710", "--insecure", "--state-dir", str(tmp_path / "a")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "only to a loopback controller" in done.stderr
+
+
+def test_an_insecure_loopback_cluster_still_works(tmp_path):
+    c = Cluster(tmp_path, insecure=True)
+    c.controller.start()
+    try:
+        c.add_agent("plain-1")
+        c.wait_connected("plain-1")
+        done = c.deployctl("exec", "--agent", "plain-1", "--", "echo", "hello")
+        assert done.returncode == 0 and b"hello" in done.stdout
+    finally:
+        c.close()
+
+
+# ---------------------------------------------------------------- one door
+
+def _registered_methods() -> set[str]:
+    return {f"/{service.full_name}/{method.name}"
+            for service in pb.DESCRIPTOR.services_by_name.values() for method in service.methods}
+
+
+def test_every_registered_method_is_on_exactly_one_allowlist():
+    methods = _registered_methods()
+    listed = [m for allowed in door.ALLOWED.values() for m in allowed]
+    missing = methods - set(listed)
+    assert not missing, f"methods on no allowlist: {sorted(missing)}"
+    assert not set(listed) - methods, "allowlisted methods that do not exist"
+    assert len(listed) == len(set(listed)), "a method is open to two credential kinds"
+
+
+def test_a_method_off_the_list_is_refused_before_its_handler(tmp_path):
+    """An operator listener that (wrongly) also served the agent gateway would still refuse it."""
+    ran = []
+    refused = asyncio.run(_call_off_the_list(tmp_path, ran))
+    assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "not open to operator credentials" in refused.details()
+    assert ran == []
+
+
+async def _call_off_the_list(tmp_path, ran: list) -> grpc.aio.AioRpcError:
+
+    class Gateway(pb_grpc.AgentGatewayServicer):
+        async def Renew(self, request, context):
+            ran.append("renew")
+            return pb.Certificate()
+
+    server = grpc.aio.server(interceptors=[door.Door(door.OPERATOR)])
+    pb_grpc.add_AgentGatewayServicer_to_server(Gateway(), server)
+    socket_path = tmp_path / "s.sock"
+    server.add_insecure_port(f"unix:{socket_path}")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"unix:{socket_path}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await pb_grpc.AgentGatewayStub(channel).Renew(pb.RenewRequest(), timeout=5)
+    finally:
+        await server.stop(0)
+    return refused.value
