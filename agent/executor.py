@@ -12,20 +12,23 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import posixpath
 import pwd
+import shutil
 import signal
+import stat
 import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import psutil
 
 from protos import deployer_pb2 as pb
 
-from .spool import Spool, SpoolError
+from .redact import Patterns, Redactor
+from .spool import Spool
 
 DEFAULT_GRACE_S = 5.0
 LINGER_S = 2.0  # how long output may still come after the main process has exited
@@ -49,11 +52,12 @@ class Run:
     spool: Spool
     stop_reason: str = ""            # "cancel" or "timeout" once we started stopping it
     stop_detail: str = ""
-    spool_error: str = ""
     eof: asyncio.Event = field(default_factory=asyncio.Event)
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
     fds: dict[int, object] = field(default_factory=dict)  # open pipe fd → pipe
+    # open pipe fd → (stream, its redactor): secrets are replaced before anything is spooled
+    outputs: dict[int, tuple[int, Redactor]] = field(default_factory=dict)
     peak_rss: int = 0
 
 
@@ -62,6 +66,23 @@ def resolve_user(name: str) -> pwd.struct_passwd:
         return pwd.getpwnam(name)
     except KeyError:
         raise StartError(f"unknown user {name!r}") from None
+
+
+def as_user(argv: list[str], user: pwd.struct_passwd | None, path: str) -> list[str]:
+    """`argv` run as `user`, with the user's own groups; unchanged for no user or the agent's own.
+
+    setpriv switches and then executes the command in place (same pid, same process group).
+    Popen(user=...) would switch in Python's child instead, and then Python forks rather than
+    vforks: the child of a fork runs gRPC's fork handlers, which can abort it before it executes.
+    """
+    if user is None or user.pw_uid == os.getuid():
+        return argv
+    if shutil.which(argv[0], path=path) is None:
+        raise StartError(f"command not found: {argv[0]}")
+    setpriv = shutil.which("setpriv", path=BASE_PATH)
+    if setpriv is None:
+        raise StartError("setpriv (util-linux) is needed to run commands as another user")
+    return [setpriv, f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", "--", *argv]
 
 
 def read_env_file(path: str) -> dict[str, str]:
@@ -94,8 +115,9 @@ def build_env(extra, env_file: str, user: pwd.struct_passwd | None) -> dict[str,
 
 
 def spawn(op_id: str, spec: pb.ExecSpec, default_cwd: str, spool: Spool,
-          on_output: Callable[[], None]) -> Run:
-    """Start the command; raise StartError with a one-line reason if it cannot start."""
+          on_output: Callable[[], None], redact: Patterns | None = None) -> Run:
+    """Start the command; raise StartError with a one-line reason if it cannot start.
+    Its stdout and stderr each go through their own redactor of `redact` before the spool."""
     if not spec.argv:
         raise StartError("empty command")
     cwd = spec.cwd or default_cwd
@@ -103,14 +125,12 @@ def spawn(op_id: str, spec: pb.ExecSpec, default_cwd: str, spool: Spool,
         raise StartError(f"working directory {cwd} does not exist")
     user = resolve_user(spec.user) if spec.user else None
     env = build_env(spec.env, spec.env_file, user)
-    kwargs = {}
-    if user is not None and user.pw_uid != os.getuid():
-        kwargs.update(user=user.pw_uid, group=user.pw_gid, extra_groups=[])
+    argv = as_user(list(spec.argv), user, env.get("PATH", BASE_PATH))
     try:
         proc = subprocess.Popen(
-            list(spec.argv), cwd=cwd, env=env, start_new_session=True, close_fds=True,
+            argv, cwd=cwd, env=env, start_new_session=True, close_fds=True,
             stdin=subprocess.PIPE if spec.stdin else subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
     except FileNotFoundError:
         raise StartError(f"command not found: {spec.argv[0]}") from None
@@ -130,6 +150,7 @@ def spawn(op_id: str, spec: pb.ExecSpec, default_cwd: str, spool: Spool,
             pass
         os.set_blocking(fd, False)
         run.fds[fd] = pipe
+        run.outputs[fd] = (stream, (redact or Patterns(())).redactor())
         loop.add_reader(fd, _drain, run, pipe, fd, stream)
     pidfd = os.pidfd_open(proc.pid)
     loop.add_reader(pidfd, _on_exit, run, pidfd)
@@ -152,16 +173,16 @@ def _drain(run: Run, pipe, fd: int, stream: int) -> None:
     except OSError:
         data = b""
     if data:
-        if not run.spool_error:
-            try:
-                run.spool.append(stream, data)
-            except SpoolError as exc:
-                # Keep reading (the command must not block on a full pipe) but drop the output,
-                # and say so in the result.
-                run.spool_error = str(exc)
-        run.on_output()
+        _spool(run, stream, run.outputs[fd][1].feed(data))
         return
     _close_stream(run, pipe, fd)
+
+
+def _spool(run: Run, stream: int, data: bytes) -> None:
+    if not data:
+        return  # all of it held back by the redactor for now
+    run.spool.append(stream, data)  # never raises: a full disk is counted and marked by the spool
+    run.on_output()
 
 
 def _close_stream(run: Run, pipe, fd: int) -> None:
@@ -170,6 +191,8 @@ def _close_stream(run: Run, pipe, fd: int) -> None:
     asyncio.get_running_loop().remove_reader(fd)
     del run.fds[fd]
     pipe.close()
+    stream, redactor = run.outputs.pop(fd)
+    _spool(run, stream, redactor.flush())
     if not run.fds:
         run.eof.set()
 
@@ -300,50 +323,170 @@ def _result(run: Run, status: int, usage) -> pb.OperationResult:
         result.outcome = pb.SIGNALED
     else:
         result.outcome = pb.EXITED
-    if run.spool_error:
-        result.error = (result.error + "; " if result.error else "") + f"output lost: {run.spool_error}"
     return result
 
 
-def write_file(op_id: str, spec: pb.WriteFileSpec) -> pb.OperationResult:
-    """Atomic write: temp file in the same folder, fsync, chmod/chown, rename, fsync the folder."""
+class Refused(Exception):
+    """write_file will not write there; the message is one line naming the path."""
+
+
+class _Symlink(Exception):
+    """A folder on the way is a symbolic link."""
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def write_file(op_id: str, spec: pb.WriteFileSpec, roots=()) -> pb.OperationResult:
+    """Atomic write under one of `roots`: temp file in the same folder, fsync, chown/chmod,
+    rename, fsync the folder.
+
+    The folder is opened one component at a time without following symbolic links, and the file
+    is created and renamed relative to that open folder, so a link swapped in on the way (by a
+    service user who owns a folder below a root) cannot send the write elsewhere. A symbolic link
+    on the way is followed only if where it leads is under a root too. A link in place of the file
+    itself is replaced by the rename, never written through.
+    """
     started = time.monotonic()
     result = pb.OperationResult(op_id=op_id, outcome=pb.EXITED)
-    path = Path(spec.path)
     try:
-        if not path.is_absolute():
-            raise StartError(f"path {spec.path!r} is not absolute")
-        uid = gid = -1
-        if spec.owner:
-            user_name, _, group_name = spec.owner.partition(":")
-            user = resolve_user(user_name)
-            uid, gid = user.pw_uid, user.pw_gid
-            if group_name:
-                import grp
-                try:
-                    gid = grp.getgrnam(group_name).gr_gid
-                except KeyError:
-                    raise StartError(f"unknown group {group_name!r}") from None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{op_id}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        uid, gid = _owner(spec.owner)
+        folder, name = open_parent(spec.path, roots)
         try:
-            os.write(fd, spec.content)
-            os.fchmod(fd, spec.mode or 0o644)
-            if uid != -1:
-                os.fchown(fd, uid, gid)
-            os.fsync(fd)
+            _write_in(folder, name, op_id, spec, uid, gid, roots)
         finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+            os.close(folder)
+    except Refused as exc:
+        result.outcome, result.error = pb.REJECTED, str(exc)
     except StartError as exc:
         result.outcome, result.error = pb.FAILED_TO_START, str(exc)
     except OSError as exc:
         result.outcome, result.error = pb.FAILED_TO_START, f"cannot write {spec.path}: {exc.strerror}"
     result.duration_s = time.monotonic() - started
     return result
+
+
+def _owner(owner: str) -> tuple[int, int]:
+    if not owner:
+        return -1, -1
+    user_name, _, group_name = owner.partition(":")
+    user = resolve_user(user_name)
+    if not group_name:
+        return user.pw_uid, user.pw_gid
+    import grp
+    try:
+        return user.pw_uid, grp.getgrnam(group_name).gr_gid
+    except KeyError:
+        raise StartError(f"unknown group {group_name!r}") from None
+
+
+def open_parent(path: str, roots) -> tuple[int, str]:
+    """An open descriptor of the folder that is to hold `path` (created if missing), and the file's
+    name in it; Refused if `path` is not a file path under one of `roots`."""
+    if not path.startswith("/"):
+        raise Refused(f"refused to write {path!r}: not an absolute path")
+    if ".." in path.split("/"):
+        raise Refused(f"refused to write {path}: '..' in the path")
+    if path.endswith(("/", "/.")):
+        raise Refused(f"refused to write {path}: not a file path")
+    parent, name = posixpath.split(posixpath.normpath(path))
+    found = _root_of(parent, roots)
+    if found is None:
+        raise Refused(f"refused to write {path}: outside the write roots ({', '.join(map(str, roots))})")
+    try:
+        return _open_folder(*found), name
+    except _Symlink:
+        pass
+    real = os.path.realpath(parent)
+    found = _root_of(real, roots)
+    if found is None:
+        raise Refused(f"refused to write {path}: a symbolic link on the way leads to {real}, "
+                      f"outside the write roots")
+    try:
+        return _open_folder(*found), name
+    except _Symlink:
+        raise Refused(f"refused to write {path}: its folder changed while it was checked") from None
+
+
+def _root_of(folder: str, roots) -> tuple[str, str] | None:
+    """(real path of the root, `folder` relative to it) for the deepest root holding `folder`."""
+    best = None
+    for root in roots:
+        for form in {posixpath.normpath(str(root)), os.path.realpath(root)}:
+            if folder == form or folder.startswith(form.rstrip("/") + "/"):
+                if best is None or len(form) > best[2]:
+                    best = (os.path.realpath(root), folder[len(form):].strip("/"), len(form))
+    return best[:2] if best else None
+
+
+def _open_folder(root: str, relative: str) -> int:
+    fd = os.open(root, _DIR_FLAGS)
+    try:
+        for part in filter(None, relative.split("/")):
+            try:
+                child = os.open(part, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+            except FileNotFoundError:
+                try:
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    pass
+                child = _open_child(part, fd)
+            except OSError:
+                child = _open_child(part, fd)
+            os.close(fd)
+            fd = child
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open_child(part: str, fd: int) -> int:
+    """Open a folder entry without following it; a symbolic link raises _Symlink."""
+    try:
+        return os.open(part, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+    except OSError:
+        try:
+            is_link = stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode)
+        except OSError:
+            is_link = False
+        if is_link:
+            raise _Symlink(part) from None
+        raise
+
+
+def _write_in(folder: int, name: str, op_id: str, spec: pb.WriteFileSpec, uid: int, gid: int, roots) -> None:
+    try:
+        current = os.stat(name, dir_fd=folder, follow_symlinks=False)
+    except FileNotFoundError:
+        current = None
+    if current is not None and stat.S_ISLNK(current.st_mode):
+        target = os.path.realpath(posixpath.join(os.readlink(f"/proc/self/fd/{folder}"), name))
+        if _root_of(target, roots) is None:
+            raise Refused(f"refused to write {spec.path}: it is a symbolic link to {target}, "
+                          "outside the write roots")
+    tmp = f".{name}.{op_id}.tmp"
+    try:
+        os.unlink(tmp, dir_fd=folder)  # left by an earlier attempt
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=folder)
+    try:
+        try:
+            data = memoryview(spec.content)
+            while data:
+                data = data[os.write(fd, data):]
+            if uid != -1:
+                os.fchown(fd, uid, gid)  # before the mode: a chown clears set-id bits
+            os.fchmod(fd, spec.mode or 0o644)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, name, src_dir_fd=folder, dst_dir_fd=folder)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=folder)
+        except OSError:
+            pass
+        raise
+    os.fsync(folder)

@@ -21,7 +21,7 @@ import structlog
 
 from protos import deployer_pb2 as pb
 
-from .executor import StartError, build_env, resolve_user
+from .executor import BASE_PATH, StartError, as_user, build_env, resolve_user
 
 log = structlog.get_logger("agent")
 DEFAULT_GRACE_S = 10.0
@@ -70,14 +70,12 @@ class Supervisor:
         if not os.path.isdir(spec.cwd):
             raise StartError(f"working directory {spec.cwd} does not exist")
         Path(spec.log_path).parent.mkdir(parents=True, exist_ok=True)
-        kwargs = {}
-        if user is not None and user.pw_uid != os.getuid():
-            kwargs.update(user=user.pw_uid, group=user.pw_gid, extra_groups=[])
+        argv = as_user(list(spec.argv), user, env.get("PATH", BASE_PATH))
         with open(spec.log_path, "ab") as logfile:
             try:
-                proc = subprocess.Popen(list(spec.argv), cwd=spec.cwd, env=env, stdin=subprocess.DEVNULL,
+                proc = subprocess.Popen(argv, cwd=spec.cwd, env=env, stdin=subprocess.DEVNULL,
                                         stdout=logfile, stderr=logfile, start_new_session=True,
-                                        close_fds=True, **kwargs)
+                                        close_fds=True)
             except FileNotFoundError:
                 raise StartError(f"command not found: {spec.argv[0]}") from None
             except OSError as exc:

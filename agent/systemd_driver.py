@@ -22,18 +22,20 @@ UNIT_DIR = Path("/etc/systemd/system")
 STARTUP_WATCH_S = 0.3
 
 
-def template_unit(env_dir: Path) -> str:
-    """The one template every deployed service uses (`%p` = name, `%i` = instance).
+def template_unit(env_dir: Path, user: str = "") -> str:
+    """The template of one service (`%p` = name, `%i` = instance), run as `user` if given: every
+    process of a service runs as the same user, its environment's.
 
     `$$` hands a literal `$` to the shell: systemd would otherwise substitute the variables
     itself, splitting the command at spaces.
     """
+    run_as = f"User={user}\nGroup={user}\n" if user else ""
     return f"""[Unit]
 Description=%p instance %i (started by the deployer agent)
 
 [Service]
 Type=simple
-EnvironmentFile={env_dir}/%p@%i.env
+{run_as}EnvironmentFile={env_dir}/%p@%i.env
 ExecStart=/bin/sh -c 'cd "$$DEPLOYER_CWD" && exec /bin/sh -c "$$DEPLOYER_COMMAND"'
 KillMode=control-group
 TimeoutStopSec=10
@@ -77,9 +79,9 @@ class SystemdDriver:
         out, _ = await proc.communicate()
         return proc.returncode, out.decode(errors="replace").strip()
 
-    async def _install_template(self, name: str) -> None:
+    async def _install_template(self, name: str, user: str) -> None:
         path = self.unit_dir / f"{name}@.service"
-        content = template_unit(self.env_dir)
+        content = template_unit(self.env_dir, user)
         if not path.exists() or path.read_text() != content:
             path.write_text(content)
             await self._systemctl("daemon-reload")
@@ -87,7 +89,7 @@ class SystemdDriver:
     async def start(self, op_id: str, spec: pb.ServiceStartSpec) -> pb.OperationResult:
         if not os.path.isdir(spec.cwd):
             raise StartError(f"working directory {spec.cwd} does not exist")
-        await self._install_template(spec.name)
+        await self._install_template(spec.name, spec.user)
         env_path = self.env_dir / f"{spec.name}@{spec.instance}.env"
         fd = os.open(env_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:

@@ -7,13 +7,12 @@ import os
 import secrets
 import statistics
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
-from tests.deploy_harness import Nginx, deploy_cluster, example_repo, purge
+from tests.deploy_harness import Nginx, deploy_cluster, example_repo, purge, service_users_base
 from tests.harness import Cluster
 
 INSTALL = "npm ci --omit=dev --no-audit --no-fund --prefer-offline"
@@ -95,7 +94,7 @@ def shell_deploy(base: Path, repo: Path, nginx: Nginx, db: str) -> float:
 
 
 def run(runs: int = 3) -> dict:
-    base = Path(tempfile.mkdtemp(prefix="deployer-bench-deploy-"))
+    base = service_users_base("deployer-bench-deploy-")
     nginx, cluster = deploy_cluster(base)
     repo = example_repo(base)
     envs: list[str] = []

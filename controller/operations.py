@@ -162,6 +162,73 @@ rm -f "$backup"
 """
 
 
+# ---------------------------------------------------------------- builders for least privilege
+# Each environment's services run as its own system user, `auto-<app>-<env>` (its group has the
+# same name). The service folder and `releases/` are root's with the environment's group (0750):
+# the user can enter and read them, other environments' users cannot, and only root rearranges
+# them. What the user must write to is its own: its release folders, `shared/` and `.home/`.
+
+def ensure_unix_user(user: str) -> str:
+    """Create the environment's system user and group, unless the user exists."""
+    return f"""set -e
+u={_sh(user)}
+id -u "$u" >/dev/null 2>&1 && exit 0
+if getent group "$u" >/dev/null; then set -- --gid "$u"; else set -- --user-group; fi
+useradd --system "$@" --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$u" || id -u "$u" >/dev/null
+"""
+
+
+def service_layout(service_dir: str, release: str, user: str) -> str:
+    """Owners and modes of a service folder and of the release about to run. A release that is
+    not the user's yet (just checked out as root, or deployed before users existed) is given to it
+    whole; `-h` changes links themselves, never what they point to."""
+    return f"""set -e
+u={_sh(user)}; d={_sh(service_dir)}; r={_sh(release)}
+mkdir -p "$d/releases" "$d/shared" "$d/logs" "$d/.home"
+chown root:"$u" "$d" "$d/releases" "$d/logs"
+chmod 0750 "$d" "$d/releases" "$d/logs"
+chown -h "$u:$u" "$d/shared" "$d/.home"
+chmod 0750 "$d/shared"
+chmod 0700 "$d/.home"
+if [ -d "$r" ]; then
+  [ "$(stat -c %U:%G "$r")" = "$u:$u" ] || chown -hR "$u:$u" "$r"
+  chmod 0750 "$r"
+  if ! setpriv --reuid="$u" --regid="$u" --init-groups -- test -x "$r"; then
+    echo "$u cannot reach $r: the folders above the services root must be open to other users (o+x)" >&2
+    exit 1
+  fi
+fi
+"""
+
+
+def service_home(service_dir: str) -> str:
+    """HOME of the commands and processes of a service: caches (npm, pip, git) stay its own."""
+    return f"{service_dir}/.home"
+
+
+def remove_unix_user(user: str, services_root: str) -> str:
+    """Remove the environment's user once nothing of it is left on the host: no folder under the
+    services root is its, and its processes (stragglers that left their service's process group)
+    are ended first. Its group goes with it."""
+    return f"""set -u
+u={_sh(user)}; root={_sh(services_root)}
+if id -u "$u" >/dev/null 2>&1; then
+  left=$(find "$root" -mindepth 1 -maxdepth 1 \\( -user "$u" -o -group "$u" \\) -print -quit)
+  if [ -n "$left" ]; then echo "$left still belongs to $u: the user is kept" >&2; exit 1; fi
+  alive() {{ ps -o stat= -u "$u" | grep -qv '^Z'; }}
+  i=0
+  while alive && [ $i -lt 100 ]; do
+    [ $i -eq 0 ] && pkill -TERM -u "$u"
+    [ $i -eq 50 ] && pkill -KILL -u "$u"
+    sleep 0.1; i=$((i + 1))
+  done
+  if alive; then echo "processes of $u do not end: the user is kept" >&2; exit 1; fi
+  userdel "$u" || exit 1
+fi
+if getent group "$u" >/dev/null; then groupdel "$u"; fi
+"""
+
+
 def _sh(value: str) -> str:
     import shlex
     return shlex.quote(value)

@@ -41,6 +41,8 @@ class Finding:
 class Facts:
     releases: dict[str, str] = field(default_factory=dict)     # service → commit, or "missing"
     env_modes: dict[str, str] = field(default_factory=dict)    # service → "600", or "missing"
+    env_owners: dict[str, str] = field(default_factory=dict)   # service → owner of its .env
+    users: dict[str, bool] = field(default_factory=dict)       # host → the environment's user exists there
     processes: dict[tuple[str, str], bool] = field(default_factory=dict)  # (unit, instance) → alive
     health: dict[str, str] = field(default_factory=dict)       # service → "" ok, or why not
     nginx: str | None = None                                   # content, None if missing
@@ -93,6 +95,17 @@ class Checker:
         return facts
 
     async def _code_facts(self, host, state, facts: Facts) -> None:
+        user = self.runner.unix_user
+        probe = await self.runner.sh(
+            host, f"for d in {shlex.quote(host.services_root)}/auto-*; do [ -d \"$d\" ] && echo folder \"$d\"; done\n"
+                  f"id -u {shlex.quote(user)} >/dev/null 2>&1 && echo user yes || echo user no",
+            self.env_key, "inspect code", check=False)
+        for line in _output(probe).splitlines():
+            kind, _, rest = line.partition(" ")
+            if kind == "folder":
+                facts.folders.setdefault(host.id, []).append(rest)
+            elif kind == "user":
+                facts.users[host.id] = rest == "yes"
         lines = []
         for service, live in state.items():
             if not live.code or live.code.host != host.id:
@@ -100,17 +113,24 @@ class Checker:
             release = f"{naming.service_dir(host.services_root, self.spec.app, self.spec.environment, service)}" \
                       f"/releases/{live.code.number}"
             q = shlex.quote(release)
-            lines.append(f"echo release {service} $(git -C {q} rev-parse HEAD 2>/dev/null || echo missing)")
-            lines.append(f"echo env {service} $(stat -c %a {q}/.env 2>/dev/null || echo missing)")
-        lines.append(f"for d in {shlex.quote(host.services_root)}/auto-*; do [ -d \"$d\" ] && echo folder \"$d\"; done; true")
-        probe = await self.runner.sh(host, "\n".join(lines), self.env_key, "inspect code", check=False)
-        for line in _output(probe).splitlines():
-            kind, _, rest = line.partition(" ")
-            if kind == "folder":
-                facts.folders.setdefault(host.id, []).append(rest)
-            elif kind in ("release", "env"):
+            # git refuses a repository of another owner; reading HEAD of a root-owned one is safe
+            lines.append(f"echo release {service} $(git -c safe.directory='*' -C {q} rev-parse HEAD 2>/dev/null"
+                         " || echo missing)")
+            lines.append(f"echo env {service} $(stat -c '%a %U' {q}/.env 2>/dev/null || echo missing)")
+        if lines and facts.users.get(host.id):
+            # As the environment's user: root never runs git in a repository its user owns.
+            probe = await self.runner.sh(host, "\n".join(lines), self.env_key, "inspect releases", check=False,
+                                         user=user)
+            for line in _output(probe).splitlines():
+                kind, _, rest = line.partition(" ")
                 service, _, value = rest.partition(" ")
-                (facts.releases if kind == "release" else facts.env_modes)[service] = value
+                if kind == "release":
+                    facts.releases[service] = value
+                elif kind == "env":
+                    mode, _, owner = value.partition(" ")
+                    facts.env_modes[service] = mode
+                    if owner:
+                        facts.env_owners[service] = owner
         listing = await self.runner.run_op(host, pb.Operation(service_list=pb.ServiceListSpec(name_prefix=naming.PREFIX)),
                                            self.env_key, "list processes", check=False)
         for line in _output(listing).splitlines():
@@ -174,7 +194,9 @@ class Checker:
                 host = self.runner.registry.agents[live.host]
                 path = f"{naming.service_dir(host.services_root, self.spec.app, self.spec.environment, f.service)}" \
                        f"/releases/{live.number}/.env"
-                await self.runner.sh(host, f"chmod 600 {shlex.quote(path)}", f.service, "repair .env")
+                # As its owner: a root chmod would follow a link the user put in its place.
+                await self.runner.sh(host, f"chmod 600 {shlex.quote(path)}", f.service, "repair .env",
+                                     user=self.runner.unix_user)
                 done.append(f"{f.where}: .env mode set to 600")
         restart = sorted({f.service for f in found if f.fix == "restart"})
         for service in restart:
@@ -265,11 +287,15 @@ async def remove_code(runner: Runner, service: str) -> None:
 
 
 async def destroy(runner: Runner, purge_data: bool) -> str:
-    """Stop every process of the environment, remove its route and folders; drop its databases,
-    ACL users and keys only with `purge_data`. The ledger keeps the history; numbers stay used."""
+    """Stop every process of the environment, remove its folders, its Unix user and its route;
+    drop its databases, ACL users and keys only with `purge_data`. The ledger keeps the history;
+    numbers stay used."""
     ledger, env_key = runner.ledger, runner.env_key
     for service in sorted({r["service"] for r in ledger.instances(env_key)}):
         await remove_code(runner, service)
+    for host_id in sorted({r["host"] for r in ledger.instances(env_key) if r["component"] == "code" and r["host"]}):
+        host = runner.registry.agents[host_id]  # connected: remove_code has just used it
+        await runner.sh(host, ops.remove_unix_user(runner.unix_user, host.services_root), env_key, "remove user")
     router = runner.router(env_key)
     conf = runner.nginx_path(router)
     reload = router.settings.get("nginx.reload", "nginx -s reload")
@@ -305,6 +331,7 @@ def findings(env_key, spec, ledger, facts: Facts, claimed, unit, registry) -> li
     """Pure: every difference between the ledger and the facts, one finding each."""
     out: list[Finding] = []
     state = ledger.state(env_key)
+    user = naming.unix_user(spec.app, spec.environment)
     for service, live in sorted(state.items()):
         where = f"{env_key}/{service}"
         code = live.code
@@ -312,6 +339,9 @@ def findings(env_key, spec, ledger, facts: Facts, claimed, unit, registry) -> li
             host = registry.agents.get(code.host)
             if host is None or host.state != "connected":
                 out.append(Finding(where, f"code {code.number}: agent {code.host} is not connected, cannot check", ""))
+            elif facts.users.get(code.host) is False:
+                out.append(Finding(where, f"code {code.number}: Unix user {user} is missing on {code.host}",
+                                   "restart", service, user))
             else:
                 commit = facts.releases.get(service)
                 if commit == "missing":
@@ -320,8 +350,12 @@ def findings(env_key, spec, ledger, facts: Facts, claimed, unit, registry) -> li
                     out.append(Finding(where, f"code {code.number}: release is at {commit[:12]}, not {code.commit[:12]}",
                                        "", service))
                 mode = facts.env_modes.get(service)
+                owner = facts.env_owners.get(service)
                 if mode == "missing" and commit != "missing":
                     out.append(Finding(where, f"code {code.number}: .env is missing", "restart", service))
+                elif owner and owner != user:
+                    out.append(Finding(where, f"code {code.number}: .env belongs to {owner}, not {user}", "restart",
+                                       service))
                 elif mode and mode not in ("600", "missing"):
                     out.append(Finding(where, f"code {code.number}: .env has mode {mode}, not 600", "env-mode", service))
                 row = ledger.instance(env_key, service, "code", code.number)

@@ -8,6 +8,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -88,6 +89,14 @@ def new_commit(repo: Path, note: str) -> str:
     return git(repo, "rev-parse", "HEAD")
 
 
+def service_users_base(prefix: str = "deployer-deploy-") -> Path:
+    """A temporary folder for a deploy cluster that services' own users can pass through (pytest's
+    folders are private to root); only root can list it. The caller removes it."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(base, 0o711)
+    return base
+
+
 def unique_env() -> str:
     return "t" + secrets.token_hex(3)
 
@@ -102,7 +111,14 @@ def redis(*args: str) -> str:
 
 
 def purge(app: str, env: str) -> None:
-    """Remove what a test environment created in MariaDB and Redis (names are ours: auto-*)."""
+    """Remove what a test environment created in MariaDB, Redis and the system's users (names are
+    ours: auto-*). Its processes must have ended."""
+    from controller.naming import unix_user
+    user = unix_user(app, env)
+    if subprocess.run(["id", "-u", user], capture_output=True).returncode == 0:
+        wait_for(lambda: subprocess.run(["pgrep", "-u", user], capture_output=True).returncode == 1, 10,
+                 what=f"the processes of {user} ended")
+        subprocess.run(["userdel", user], check=True, capture_output=True)
     prefix = f"auto-{app}-{env}-"
     for db in mysql(f"SHOW DATABASES LIKE '{prefix}%'").split():
         mysql(f"DROP DATABASE `{db}`")
@@ -143,6 +159,10 @@ def elapsed(start: float) -> float:
 def deploy_cluster(base: Path) -> tuple[Nginx, Cluster]:
     """A private nginx, a controller, `computing-1` (which also provides MySQL, Redis and nginx
     routing on this machine) and `daemons-1`, all connected."""
+    for folder in (base, *base.parents):
+        if not folder.stat().st_mode & 0o001:
+            raise AssertionError(f"{folder} is closed to other users, so services' own users could not reach "
+                                 f"{base}/srv: use service_users_base()")
     nginx = Nginx(base).start()
     cluster = Cluster(base)
     cluster.controller.start()

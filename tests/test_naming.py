@@ -130,3 +130,22 @@ def test_hyphen_splits_collide_nowhere(parts):
     assume(all(naming.name_problem(p) is None for p in parts) and first != second)
     assert naming.database_user(*first, 1) != naming.database_user(*second, 1)
     assert naming.service_dir("/r", *first) != naming.service_dir("/r", *second)
+
+
+LOGIN_NAME = r"[a-z_][a-z0-9_-]*"  # what useradd accepts (NAME_REGEX_SYSTEM on Debian), at most 32
+
+
+def test_a_long_unix_user_keeps_a_readable_prefix_and_a_hash():
+    app, env = "a" * 20, "b" * 20
+    digest = hashlib.sha256(f"{app}/{env}".encode()).hexdigest()[:8]
+    assert naming.unix_user(app, env) == f"auto-{'a' * 18}-{digest}"
+    assert naming.unix_user("shop", "pr-42") == "auto-shop-pr-42"
+
+
+@settings(max_examples=300)
+@given(app=names, env=names)
+def test_every_unix_user_is_a_valid_login_name(app, env):
+    import re
+    user = naming.unix_user(app, env)
+    assert re.fullmatch(LOGIN_NAME, user) and len(user) <= naming.UNIX_USER_MAX
+    assert naming.unix_user(app, env) == user

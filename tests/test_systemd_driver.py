@@ -16,11 +16,13 @@ from protos import deployer_pb2 as pb
 from tests.test_deploy_units import problems, verify
 
 
-def test_template_unit_verifies(tmp_path):
+@pytest.mark.parametrize("user", ["", "auto-shop-prod"])
+def test_template_unit_verifies(tmp_path, user):
     env_dir = tmp_path / "services"
     env_dir.mkdir()
     template = tmp_path / "auto-shop-prod-web@.service"
-    template.write_text(template_unit(env_dir))
+    template.write_text(template_unit(env_dir, user))
+    assert (f"User={user}\nGroup={user}\n" in template.read_text()) == bool(user)
     (env_dir / "auto-shop-prod-web@3-20001.env").write_text('DEPLOYER_CWD="/tmp"\nDEPLOYER_COMMAND="true"\n')
     instance = tmp_path / "auto-shop-prod-web@3-20001.service"
     instance.symlink_to(template)
