@@ -1,4 +1,8 @@
-"""The controller's SQLite database (WAL, one writer): agents and operations; it migrates itself."""
+"""The controller's SQLite database (WAL, one writer): agents and operations; it migrates itself.
+
+Secret values and the payloads of unfinished operations are sealed (see vault.py); the key lives
+beside the database as `secrets.key`.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,24 @@ from pathlib import Path
 
 from protos import deployer_pb2 as pb
 
-# Each entry moves the schema one version up; never edit an entry that has shipped.
+from .vault import Vault
+
+KEY_FILE = "secrets.key"
+
+
+def _seal_at_rest(conn: sqlite3.Connection, vault: Vault) -> None:
+    """Secrets, generated passwords and the payloads of unfinished operations are sealed; an
+    operation remembers its environment, so a resent one carries the same redact list."""
+    conn.execute("ALTER TABLE operations ADD COLUMN environment TEXT")
+    for table, column in (("secrets", "value"), ("credentials", "password")):
+        for rowid, value in conn.execute(f"SELECT rowid, {column} FROM {table}").fetchall():
+            conn.execute(f"UPDATE {table} SET {column}=? WHERE rowid=?", (vault.seal_text(value), rowid))
+    for rowid, spec in conn.execute("SELECT rowid, spec FROM operations WHERE spec IS NOT NULL").fetchall():
+        conn.execute("UPDATE operations SET spec=? WHERE rowid=?", (vault.seal(spec), rowid))
+
+
+# Each entry moves the schema one version up; never edit an entry that has shipped. An entry is
+# SQL, or a function of (connection, vault) for what SQL alone cannot do.
 MIGRATIONS = [
     """
     CREATE TABLE agents (
@@ -118,7 +139,19 @@ MIGRATIONS = [
     );
     CREATE INDEX certificates_agent ON certificates (agent_id);
     """,
+    # 4: the step a deploy is in, written before each step acts, and the process it started, so
+    # recovery after a crash knows whether its route switch may have happened and what to stop;
+    # which job settled an interrupted one (NULL: not yet).
+    """
+    ALTER TABLE deploys ADD COLUMN step TEXT NOT NULL DEFAULT '';
+    ALTER TABLE deploys ADD COLUMN process TEXT NOT NULL DEFAULT '';
+    ALTER TABLE jobs ADD COLUMN recovered_by TEXT;
+    UPDATE jobs SET recovered_by = '' WHERE state = 'interrupted';
+    """,
+    # 5: secret values and operation payloads sealed at rest; operations know their environment.
+    _seal_at_rest,
 ]
+SEALED_VERSION = MIGRATIONS.index(_seal_at_rest) + 1
 
 
 @dataclass
@@ -133,15 +166,16 @@ class OperationRow:
     finished: float | None
     result: pb.OperationResult | None
     folder: str | None
+    environment: str | None = None  # app/environment whose secrets its output is redacted of
 
 
-def _row(r: sqlite3.Row) -> OperationRow:
+def _row(r: sqlite3.Row, vault: Vault) -> OperationRow:
     return OperationRow(
         id=r["id"], agent_id=r["agent_id"], kind=r["kind"], summary=json.loads(r["summary"]),
-        spec=pb.Operation.FromString(r["spec"]) if r["spec"] else None,
+        spec=pb.Operation.FromString(vault.open(r["spec"])) if r["spec"] else None,
         state=r["state"], created=r["created"], finished=r["finished"],
         result=pb.OperationResult.FromString(r["result"]) if r["result"] else None,
-        folder=r["folder"],
+        folder=r["folder"], environment=r["environment"],
     )
 
 
@@ -154,12 +188,29 @@ class Database:
         # loss can only drop the last commits, never corrupt; output is fsynced before any ack.
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.execute("PRAGMA busy_timeout=5000")
-        self._migrate()
-
-    def _migrate(self) -> None:
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            self.conn.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+        self.vault = Vault.for_store(Path(path).parent / KEY_FILE, create=version < SEALED_VERSION)
+        self._migrate(version)
+
+    def _migrate(self, version: int) -> None:
+        for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
+            if not callable(step):
+                self.conn.executescript(f"BEGIN; {step}; PRAGMA user_version = {number}; COMMIT;")
+                continue
+            self.conn.execute("BEGIN")
+            try:
+                step(self.conn, self.vault)
+                self.conn.execute(f"PRAGMA user_version = {number}")
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+        if 0 < version < SEALED_VERSION:
+            # The plaintext the sealing replaced is still in free pages and WAL frames: rebuild
+            # the file and empty the WAL so that no copy of it is left.
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self.conn.execute("VACUUM")
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def close(self) -> None:
         self.conn.close()
@@ -193,13 +244,19 @@ class Database:
 
     # ---------------------------------------------------------------- operations
 
-    def insert_operation(self, op: pb.Operation, agent_id: str, summary: list[str], folder: str) -> float:
+    def insert_operation(self, op: pb.Operation, agent_id: str, summary: list[str], folder: str,
+                         environment: str | None = None) -> float:
+        """Record an operation, its payload sealed; a redact list is never stored (the dispatcher
+        looks it up again whenever it sends the operation)."""
         created = time.time()
+        stored = pb.Operation()
+        stored.CopyFrom(op)
+        stored.ClearField("redact")
         self.conn.execute(
-            "INSERT INTO operations (id, agent_id, kind, summary, spec, state, created, folder) "
-            "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)",
+            "INSERT INTO operations (id, agent_id, kind, summary, spec, state, created, folder, environment) "
+            "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
             (op.id, agent_id, op.WhichOneof("kind"), json.dumps(summary),
-             op.SerializeToString(), created, folder),
+             self.vault.seal(stored.SerializeToString()), created, folder, environment),
         )
         return created
 
@@ -217,7 +274,7 @@ class Database:
 
     def operation(self, op_id: str) -> OperationRow | None:
         r = self.conn.execute("SELECT * FROM operations WHERE id=?", (op_id,)).fetchone()
-        return _row(r) if r else None
+        return _row(r, self.vault) if r else None
 
     def open_operations(self, agent_id: str | None = None) -> list[OperationRow]:
         if agent_id is None:
@@ -226,4 +283,4 @@ class Database:
             rows = self.conn.execute(
                 "SELECT * FROM operations WHERE state != 'finished' AND agent_id=? ORDER BY created",
                 (agent_id,))
-        return [_row(r) for r in rows]
+        return [_row(r, self.vault) for r in rows]

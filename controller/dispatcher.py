@@ -3,6 +3,9 @@
 Delivery is at-least-once and execution exactly-once: every operation without a result is sent
 again each time its agent says hello, and the agent's journal recognises what it already has.
 Output is written to disk before it is acknowledged, so the agent can forget only what is safe.
+
+Every operation leaves with the secret values it could reveal (`redact`, looked up here at each
+send, never stored): the agent replaces them in its output before anything is spooled or sent.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ from pathlib import Path
 
 import structlog
 
+from agent.redact import patterns
 from protos import deployer_pb2 as pb
 
 from . import operations
 from .db import Database
+from .ledger import Ledger
 from .oplog import OutputGap, OutputLog
 from .registry import Registry, Session
 
@@ -42,6 +47,7 @@ class Op:
     cancel_reason: str = ""
     note: str = ""
     acked: int = 0
+    environment: str | None = None  # whose secrets its output is redacted of; None: its agent's
     listeners: set[asyncio.Event] = field(default_factory=set)
 
     def fire(self) -> None:
@@ -56,6 +62,7 @@ class Op:
 class Dispatcher:
     def __init__(self, db: Database, registry: Registry, store: Path) -> None:
         self.db = db
+        self.ledger = Ledger(db)
         self.registry = registry
         self.root = store / "operations"
         self.root.mkdir(parents=True, exist_ok=True)
@@ -73,7 +80,7 @@ class Dispatcher:
         if row is None:
             raise UnknownOperation(op_id)
         op = Op(row.id, row.agent_id, row.state, OutputLog(Path(row.folder) if row.folder else self.root / row.id),
-                row.result)
+                row.result, environment=row.environment)
         op.acked = op.output.received
         self.ops[op_id] = op
         return op
@@ -86,12 +93,16 @@ class Dispatcher:
 
     # ---------------------------------------------------------------- sending
 
-    def submit(self, agent_id: str, operation: pb.Operation, folder: Path | None = None) -> Op:
+    def submit(self, agent_id: str, operation: pb.Operation, folder: Path | None = None,
+               environment: str | None = None) -> Op:
         """Record the operation and send it if its agent is connected; `folder` keeps its output
-        (a job's own folder, or store/operations/<id>)."""
+        (a job's own folder, or store/operations/<id>). Its output is redacted of the secrets of
+        `environment` (app/environment), or without one of every environment on that agent."""
         folder = folder or self.root / operation.id
-        self.db.insert_operation(operation, agent_id, operations.summary(operation), str(folder))
-        op = Op(operation.id, agent_id, "queued", OutputLog(folder))
+        redact = patterns(self.ledger.redact_values(environment, agent_id))
+        summary = [redact.redact_text(part) for part in operations.summary(operation)]
+        self.db.insert_operation(operation, agent_id, summary, str(folder), environment)
+        op = Op(operation.id, agent_id, "queued", OutputLog(folder), environment=environment)
         self.ops[operation.id] = op
         log.info("op.submitted", op_id=operation.id, agent_id=agent_id,
                  kind=operation.WhichOneof("kind"))
@@ -107,9 +118,13 @@ class Dispatcher:
             op.note = f"agent {agent_id} is not connected; waiting for it"
         return op
 
-    async def execute(self, agent_id: str, operation: pb.Operation, folder: Path | None = None) -> Op:
+    async def execute(self, agent_id: str, operation: pb.Operation, folder: Path | None = None,
+                      environment: str | None = None) -> Op:
         """Submit and wait for the result (a lost agent ends it with LOST)."""
-        op = self.submit(agent_id, operation, folder)
+        return await self.wait(self.submit(agent_id, operation, folder, environment))
+
+    async def wait(self, op: Op) -> Op:
+        """Until the operation has its result; the result stays at hand, the open files do not."""
         wake = asyncio.Event()
         op.listeners.add(wake)
         try:
@@ -118,12 +133,14 @@ class Dispatcher:
                 await wake.wait()
         finally:
             op.listeners.discard(wake)
-        # Keep the result at hand for the caller, but not the open files.
         self.release(op)
         return op
 
     def _send(self, session: Session, op: Op, operation: pb.Operation) -> None:
-        session.send(pb.ControllerMessage(operation=operation))
+        wire = pb.Operation()
+        wire.CopyFrom(operation)
+        wire.redact[:] = self.ledger.redact_values(op.environment, op.agent_id)
+        session.send(pb.ControllerMessage(operation=wire))
         if op.state == "queued":
             op.state = "sent"
             self.db.set_state(op.id, "sent")
@@ -152,10 +169,23 @@ class Dispatcher:
 
     # ---------------------------------------------------------------- receiving
 
-    def on_accepted(self, session: Session, accepted: pb.Accepted) -> None:
+    def _own(self, session: Session, op_id: str, message: str) -> Op | None:
+        """The operation if it was given to this session's agent; None (logged) if unknown or another's."""
         try:
-            op = self.get(accepted.op_id)
+            op = self.get(op_id)
         except UnknownOperation:
+            log.warning(f"op.unknown_{message}", op_id=op_id, agent_id=session.agent_id)
+            return None
+        if op.agent_id != session.agent_id:
+            # An agent can only speak for its own operations, never finish or fill another's.
+            log.warning(f"op.foreign_{message}", op_id=op_id, agent_id=session.agent_id, owner=op.agent_id)
+            self.release(op)
+            return None
+        return op
+
+    def on_accepted(self, session: Session, accepted: pb.Accepted) -> None:
+        op = self._own(session, accepted.op_id, "accepted")
+        if op is None:
             return
         if accepted.duplicate:
             log.info("op.duplicate", op_id=op.id, agent_id=session.agent_id)
@@ -163,27 +193,33 @@ class Dispatcher:
             op.state = "running"
             self.db.set_state(op.id, "running")
             op.fire()
+        self.release(op)  # a finished one was opened from disk just for this
 
     def on_output(self, session: Session, chunk: pb.OutputChunk) -> None:
-        try:
-            op = self.get(chunk.op_id)
-        except UnknownOperation:
-            log.warning("op.unknown_output", op_id=chunk.op_id, agent_id=session.agent_id)
+        op = self._own(session, chunk.op_id, "output")
+        if op is None:
             return
         try:
             if op.output.write(chunk):
                 op.fire()
         except OutputGap as exc:
             log.error("op.output_gap", op_id=op.id, error=str(exc))
+        self.release(op)
 
     async def on_result(self, session: Session, result: pb.OperationResult) -> None:
-        try:
-            op = self.get(result.op_id)
-        except UnknownOperation:
-            # Not ours (a store restored from an old backup?): let the agent forget it.
-            log.warning("op.unknown_result", op_id=result.op_id, agent_id=session.agent_id)
+        op = self._own(session, result.op_id, "result")
+        if op is None:
+            # Not its own (a store restored from an old backup?): let the agent forget it.
             session.send(pb.ControllerMessage(ack=pb.Ack(op_id=result.op_id, offset=result.output_bytes, result=True)))
             return
+        if result.outcome not in pb.Outcome.values():
+            # A newer or broken agent: record a failure we can name rather than a number nobody reads.
+            log.warning("op.unknown_outcome", op_id=op.id, agent_id=session.agent_id, outcome=result.outcome)
+            known = pb.OperationResult()
+            known.CopyFrom(result)
+            known.outcome = pb.OUTCOME_UNSPECIFIED
+            known.error = "; ".join(part for part in (f"unknown outcome {result.outcome}", result.error) if part)
+            result = known
         if op.output.received < result.output_bytes:
             log.error("op.output_incomplete", op_id=op.id, received=op.output.received,
                       expected=result.output_bytes)

@@ -3,6 +3,7 @@ it created or reused. Backed by the controller's SQLite database (see db.py for 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ class DeployRow:
 class Ledger:
     def __init__(self, db: Database) -> None:
         self.conn = db.conn
+        self.vault = db.vault  # secrets and passwords are sealed at rest
 
     # ---------------------------------------------------------------- reading
 
@@ -98,16 +100,28 @@ class Ledger:
         r = self.conn.execute(
             "SELECT password FROM credentials WHERE env_key=? AND service=? AND component=? AND number=?",
             (env_key, service, component, number)).fetchone()
-        return r[0] if r else None
+        return self.vault.open_text(r[0]) if r else None
 
     def secrets(self, env_key: str) -> dict[str, str]:
-        return {r[0]: r[1] for r in self.conn.execute(
+        return {r[0]: self.vault.open_text(r[1]) for r in self.conn.execute(
             "SELECT name, value FROM secrets WHERE env_key=?", (env_key,))}
 
-    def all_secret_values(self) -> list[str]:
-        """Every secret value the controller holds (for redaction)."""
-        return [r[0] for r in self.conn.execute(
-            "SELECT value FROM secrets UNION SELECT password FROM credentials")]
+    def redact_values(self, environment: str | None, agent_id: str) -> list[str]:
+        """The secret values an operation could reveal, for its agent to replace in its output:
+        its environment's declared secrets and generated passwords; for an operation of no
+        environment (an ad-hoc command, a status check), those of every environment with an
+        instance on that agent — root there can read their `.env` files anyway."""
+        if environment:
+            keys = [environment]
+        else:
+            keys = [r[0] for r in self.conn.execute(
+                "SELECT DISTINCT env_key FROM instances WHERE host=? AND status != 'removed'", (agent_id,))]
+        values: set[str] = set()
+        for key in keys:
+            values.update(self.secrets(key).values())
+            values.update(self.vault.open_text(r[0]) for r in self.conn.execute(
+                "SELECT password FROM credentials WHERE env_key=?", (key,)))
+        return sorted(values)
 
     def ports_in_use(self, host: str) -> set[int]:
         return {r[0] for r in self.conn.execute("SELECT port FROM ports WHERE host=?", (host,))}
@@ -162,10 +176,11 @@ class Ledger:
 
     def save_password(self, env_key: str, service: str, component: str, number: int, password: str) -> None:
         self.conn.execute("INSERT OR REPLACE INTO credentials VALUES (?, ?, ?, ?, ?)",
-                          (env_key, service, component, number, password))
+                          (env_key, service, component, number, self.vault.seal_text(password)))
 
     def set_secret(self, env_key: str, name: str, value: str) -> None:
-        self.conn.execute("INSERT OR REPLACE INTO secrets VALUES (?, ?, ?)", (env_key, name, value))
+        self.conn.execute("INSERT OR REPLACE INTO secrets VALUES (?, ?, ?)",
+                          (env_key, name, self.vault.seal_text(value)))
 
     def reserve_port(self, host: str, port: int, env_key: str, service: str, instance: int) -> None:
         self.conn.execute("INSERT INTO ports VALUES (?, ?, ?, ?, ?)", (host, port, env_key, service, instance))
@@ -191,6 +206,26 @@ class Ledger:
             "UPDATE deploys SET outcome=?, reason=?, port=COALESCE(?, port), finished=? "
             "WHERE env_key=? AND service=? AND number=?",
             (outcome, reason, port, time.time(), env_key, service, number))
+
+    def set_step(self, env_key: str, service: str, number: int, step: str, *, port: int | None = None,
+                 process: str | None = None) -> None:
+        """Where a deploy is, written before the step acts: after a crash, recovery reads it to
+        know what may have happened (see recovery.py)."""
+        self.conn.execute(
+            "UPDATE deploys SET step=?, port=COALESCE(?, port), process=COALESCE(?, process) "
+            "WHERE env_key=? AND service=? AND number=?",
+            (step, port, process, env_key, service, number))
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """Several ledger writes that a crash must not split (a deploy going live)."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
 
 
 def diagram(rows: list[DeployRow]) -> str:

@@ -17,7 +17,8 @@ from .dispatcher import Dispatcher, UnknownOperation
 from .environments import Environments, OrderError
 from .jobs import read_events
 from .ledger import diagram
-from .gateway import KNOWN_ROLES
+from .gateway import KNOWN_ROLES, valid_agent_id
+from .pki import Enrolment
 from .registry import CONNECTED, LOST, Registry
 
 log = structlog.get_logger("controller")
@@ -61,11 +62,41 @@ def _env_key(context, value: str) -> str:
 
 
 class OperatorService(pb_grpc.OperatorServicer):
-    def __init__(self, registry: Registry, dispatcher: Dispatcher, environments: Environments) -> None:
+    def __init__(self, registry: Registry, dispatcher: Dispatcher, environments: Environments,
+                 enrolment: Enrolment | None = None) -> None:
         self.registry = registry
         self.dispatcher = dispatcher
         self.environments = environments
         self.ledger = environments.ledger
+        self.enrolment = enrolment
+
+    # ---------------------------------------------------------------- enrolment
+
+    async def CreateToken(self, request: pb.TokenRequest, context):
+        roles = list(dict.fromkeys(request.roles))
+        unknown = [r for r in roles if r not in KNOWN_ROLES]
+        if not roles or unknown:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"--role: give one or more of {', '.join(KNOWN_ROLES)}"
+                                + (f" (not {unknown[0]!r})" if unknown else ""))
+        if request.agent_id and not valid_agent_id(request.agent_id):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"--agent: invalid agent id {request.agent_id!r}")
+        try:
+            token, expires = self.enrolment.create_token(roles, request.ttl_s or 3600.0, request.agent_id)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        log.info("token.created", token_id=token.token_id, roles=roles, agent_id=request.agent_id or None,
+                 expires=expires)
+        return pb.TokenReply(token=str(token), expires_at=expires, token_id=token.token_id)
+
+    async def RevokeAgent(self, request: pb.RevokeRequest, context):
+        agent_id = request.agent_id
+        if agent_id not in self.registry.agents and not self.enrolment.expires(agent_id):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown agent {agent_id!r}")
+        count = self.enrolment.revoke(agent_id)
+        cut = self.registry.cut_off(agent_id, f"the certificate of agent {agent_id} was revoked")
+        log.warning("agent.revoked", agent_id=agent_id, certificates=count, disconnected=cut)
+        return pb.RevokeReply(certificates=count, disconnected=cut)
 
     # ---------------------------------------------------------------- orders and jobs
 
@@ -125,7 +156,7 @@ class OperatorService(pb_grpc.OperatorServicer):
                     argv = ["tail", "-n", tail if current is None else "+1"]
                     argv += ["-F", log_path] if request.follow else [log_path]
                     op = self.dispatcher.submit(agent.id, pb.Operation(
-                        id=operations.new_op_id(), exec=pb.ExecSpec(argv=argv)))
+                        id=operations.new_op_id(), exec=pb.ExecSpec(argv=argv)), environment=env_key)
                     op.listeners.add(wake)
                     current, offset = (live.code.host, live.code.number), 0
                 wake.clear()
@@ -263,7 +294,9 @@ class OperatorService(pb_grpc.OperatorServicer):
             reply.agents.append(pb.AgentInfo(
                 id=agent.id, roles=agent.roles, capabilities=agent.capabilities,
                 state=_STATES.get(agent.state, pb.AGENT_DISCONNECTED), last_seen=agent.last_seen,
-                version=agent.version, facts=agent.facts, peer=agent.peer, running=agent.running))
+                version=agent.version, facts=agent.facts, peer=agent.peer, running=agent.running,
+                certificate_expires=self.enrolment.expires(agent.id) if self.enrolment else 0.0,
+                revoked=bool(self.enrolment and self.enrolment.revoked(agent.id))))
         return reply
 
     async def SubmitExec(self, request: pb.SubmitExecRequest, context):

@@ -1,0 +1,125 @@
+"""Secrets sealed in the store, and redact lists that travel with operations but are never stored."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import stat
+
+import pytest
+
+from controller import db as db_mod
+from controller.db import Database
+from controller.dispatcher import Dispatcher
+from controller.ledger import Ledger
+from controller.registry import Registry
+from controller.vault import VaultError
+from protos import deployer_pb2 as pb
+
+SECRET = "declared-secret-Q7vX"
+PASSWORD = "generated-password-9kLm"
+ENV_FILE = f"SESSION_KEY={SECRET}\nDB_PASSWORD={PASSWORD}\n".encode()
+
+
+def store_bytes(folder) -> bytes:
+    """Every byte of the database, its WAL and anything else in the store."""
+    return b"".join(p.read_bytes() for p in folder.rglob("*") if p.is_file())
+
+
+def test_a_new_store_seals_secrets_and_keeps_its_key_private(tmp_path):
+    db = Database(tmp_path / "deployer.db")
+    key = tmp_path / "secrets.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    ledger = Ledger(db)
+    ledger.set_secret("shop/prod", "SESSION_KEY", SECRET)
+    ledger.save_password("shop/prod", "web", "mysql", 1, PASSWORD)
+    db.insert_operation(pb.Operation(id="op-1", write_file=pb.WriteFileSpec(path="/x/.env", content=ENV_FILE)),
+                        "web-1", ["write_file"], str(tmp_path / "ops"), "shop/prod")
+    assert ledger.secrets("shop/prod") == {"SESSION_KEY": SECRET}
+    assert ledger.password("shop/prod", "web", "mysql", 1) == PASSWORD
+    assert db.operation("op-1").spec.write_file.content == ENV_FILE
+    for value in (SECRET, PASSWORD):
+        assert value.encode() not in store_bytes(tmp_path)
+    db.close()
+    again = Database(tmp_path / "deployer.db")           # the same key is used again
+    assert Ledger(again).secrets("shop/prod") == {"SESSION_KEY": SECRET}
+
+
+def _old_store(path, version: int) -> None:
+    """A database as a controller before sealing left it, with plaintext rows."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    for number, script in enumerate(db_mod.MIGRATIONS[:version], start=1):
+        conn.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+    conn.execute("INSERT INTO secrets VALUES ('shop/prod', 'SESSION_KEY', ?)", (SECRET,))
+    conn.execute("INSERT INTO credentials VALUES ('shop/prod', 'web', 'mysql', 1, ?)", (PASSWORD,))
+    op = pb.Operation(id="op-1", write_file=pb.WriteFileSpec(path="/x/.env", content=ENV_FILE))
+    conn.execute("INSERT INTO operations (id, agent_id, kind, summary, spec, state, created) "
+                 "VALUES ('op-1', 'web-1', 'write_file', '[]', ?, 'sent', 0)", (op.SerializeToString(),))
+    conn.close()
+
+
+def test_the_migration_seals_plaintext_rows_and_leaves_no_copy(tmp_path):
+    version = db_mod.SEALED_VERSION - 1
+    assert all(isinstance(m, str) for m in db_mod.MIGRATIONS[:version])
+    _old_store(tmp_path / "deployer.db", version)
+    assert SECRET.encode() in store_bytes(tmp_path)
+    db = Database(tmp_path / "deployer.db")
+    ledger = Ledger(db)
+    assert ledger.secrets("shop/prod") == {"SESSION_KEY": SECRET}
+    assert ledger.password("shop/prod", "web", "mysql", 1) == PASSWORD
+    assert db.open_operations()[0].spec.write_file.content == ENV_FILE
+    for value in (SECRET, PASSWORD):
+        assert value.encode() not in store_bytes(tmp_path)
+
+
+def test_a_sealed_store_without_its_key_says_so(tmp_path):
+    Ledger(Database(tmp_path / "deployer.db")).set_secret("shop/prod", "K", SECRET)
+    (tmp_path / "secrets.key").unlink()
+    with pytest.raises(VaultError, match="secrets.key is missing"):
+        Database(tmp_path / "deployer.db")
+
+
+def test_redact_values_by_environment_or_by_agent(tmp_path):
+    ledger = Ledger(Database(tmp_path / "deployer.db"))
+    for env, host in (("shop/prod", "web-1"), ("shop/dev", "web-2"), ("blog/prod", "web-1")):
+        ledger.set_secret(env, "KEY", f"{env}-secret")
+        ledger.save_password(env, "web", "mysql", 1, f"{env}-password")
+        ledger.add_instance(env, "web", "code", 1, host=host)
+    ledger.add_instance("shop/dev", "web", "mysql", 1, host="db-1")
+    assert ledger.redact_values("shop/prod", "web-2") == ["shop/prod-password", "shop/prod-secret"]
+    assert ledger.redact_values(None, "web-1") == ["blog/prod-password", "blog/prod-secret",
+                                                  "shop/prod-password", "shop/prod-secret"]
+    assert ledger.redact_values(None, "db-1") == ["shop/dev-password", "shop/dev-secret"]
+    ledger.set_status("blog/prod", "web", "code", 1, "removed")
+    assert ledger.redact_values(None, "web-1") == ["shop/prod-password", "shop/prod-secret"]
+
+
+class FakeSession:
+    def __init__(self, agent_id: str) -> None:
+        self.agent_id = agent_id
+        self.sent: list[pb.ControllerMessage] = []
+
+    def send(self, message: pb.ControllerMessage) -> None:
+        self.sent.append(message)
+
+
+def test_the_redact_list_goes_to_the_agent_and_nowhere_else(tmp_path):
+    async def main():
+        db = Database(tmp_path / "deployer.db")
+        dispatcher = Dispatcher(db, Registry(db, 60), tmp_path)
+        Ledger(db).set_secret("shop/prod", "SESSION_KEY", SECRET)
+        op = pb.Operation(id="op-1", exec=pb.ExecSpec(argv=["sh", "-c", f"echo {SECRET}"]))
+        dispatcher.submit("web-1", op, environment="shop/prod")      # not connected: it waits
+        row = db.operation("op-1")
+        assert row.environment == "shop/prod" and not row.spec.redact
+        assert SECRET not in " ".join(row.summary)
+        session = FakeSession("web-1")
+        dispatcher.on_hello(session, pb.Hello(agent_id="web-1"))
+        [message] = session.sent
+        assert list(message.operation.redact) == [SECRET]
+        dispatcher.close()
+        db.close()
+        assert SECRET.encode() not in store_bytes(tmp_path)
+
+    asyncio.run(main())
