@@ -10,7 +10,7 @@ from pathlib import Path
 import structlog
 import yaml
 
-from . import planner, spec as spec_mod, sources
+from . import planner, recovery, spec as spec_mod, sources
 from .dispatcher import Dispatcher
 from .jobs import EnvLock, Job, Locked, new_job_id
 from .ledger import Ledger
@@ -37,14 +37,26 @@ class Environments:
         self._recover()
 
     def _recover(self) -> None:
-        """Jobs that were running when the controller died end as `interrupted`, visibly."""
-        rows = self.db.conn.execute("SELECT id, env_key FROM jobs WHERE state='running'").fetchall()
-        for row in rows:
-            self.db.conn.execute("UPDATE jobs SET state='interrupted', finished=?, summary=? WHERE id=?",
-                                 (time.time(), "the controller stopped while the job ran", row["id"]))
-            self.db.conn.execute("UPDATE deploys SET outcome='failed', reason='interrupted', finished=? "
-                                 "WHERE job_id=? AND outcome='running'", (time.time(), row["id"]))
-            EnvLock(self.store, row["env_key"]).release()
+        """Jobs that were running when the controller died end as `interrupted`, saying where; a
+        recovery job per environment then settles what they left in flight (recovery.py)."""
+        for env_key in recovery.interrupt(self.store, self.db):
+            try:
+                self.recover(env_key)
+            except (OrderError, spec_mod.SpecError) as exc:  # a lock not ours to break, a bad stored spec
+                log.warning("recovery.not_started", environment=env_key, error=str(exc))
+
+    def recover(self, env_key: str) -> Job | None:
+        """Start the job that settles what interrupted jobs left in this environment."""
+        stored = self.stored_spec(env_key)
+        if stored is None:
+            recovery.settle_without_spec(self.db.conn, env_key)
+            return None
+        spec = spec_mod.spec_from_dict(self._as_deployed(env_key, stored))
+
+        def deployed() -> spec_mod.Spec:  # once settled, the route is written from this
+            return spec_mod.spec_from_dict(self._as_deployed(env_key, self.stored_spec(env_key) or stored))
+
+        return self._launch(spec, "recover", None, {}, lambda runner: recovery.settle(runner, deployed))
 
     # ---------------------------------------------------------------- orders
 
@@ -140,6 +152,11 @@ class Environments:
                 body, note: str = "", accept: bool = False) -> Job:
         """Lock the environment, open the job's folder, and run `body(runner)` as the job.
         With `accept`, the spec becomes the environment's stored spec once the lock is held."""
+        if kind != "recover" and recovery.pending(self.db.conn, spec.key):
+            job = self.recover(spec.key)
+            if job is not None:
+                raise OrderError(f"{spec.key}: {job.id} first settles what an interrupted job left in flight "
+                                 f"(deployctl job show {job.id}); order again once it has finished")
         lock = EnvLock(self.store, spec.key)
         job_id = new_job_id()
         try:

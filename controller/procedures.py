@@ -101,14 +101,18 @@ class Runner:
                  ledger: Ledger) -> None:
         self.job, self.spec, self.dispatcher, self.registry, self.ledger = job, spec, dispatcher, registry, ledger
         self.env_key = spec.key
+        self.deploying: dict[str, int] = {}  # service → its deploy in progress, whose step the ledger keeps
 
     # ---------------------------------------------------------------- operations
 
     async def run_op(self, agent: Agent, operation: pb.Operation, service: str, step: str,
                      check: bool = True) -> Op:
         operation.id = ops.new_op_id()
+        if service in self.deploying:  # durably, before the step acts: recovery reads it after a crash
+            self.ledger.set_step(self.env_key, service, self.deploying[service], step)
         self.job.event("step.started", service=service, step=step, agent=agent.id, op=operation.id)
-        op = await self.dispatcher.execute(agent.id, operation, self.job.ops_folder(operation.id))
+        op = await self.dispatcher.execute(agent.id, operation, self.job.ops_folder(operation.id),
+                                           environment=self.env_key)
         result = op.result
         ok = result.outcome == pb.EXITED and result.exit_code == 0
         self.job.event("step.finished", service=service, step=step, op=operation.id, ok=ok,
@@ -121,10 +125,20 @@ class Runner:
         return op
 
     async def sh(self, agent: Agent, script: str, service: str, step: str, *, cwd: str = "",
-                 env_file: str = "", stdin: bytes = b"", timeout: float = 1800, check: bool = True) -> Op:
+                 env_file: str = "", stdin: bytes = b"", timeout: float = 1800, check: bool = True,
+                 user: str = "", env: dict[str, str] | None = None) -> Op:
         operation = pb.Operation(exec=pb.ExecSpec(argv=["sh", "-c", script], cwd=cwd, env_file=env_file,
-                                                  stdin=stdin, timeout_s=timeout))
+                                                  stdin=stdin, timeout_s=timeout, user=user, env=env or {}))
         return await self.run_op(agent, operation, service, step, check)
+
+    @property
+    def unix_user(self) -> str:
+        """The environment's own user on every host: its commands and processes run as it."""
+        return naming.unix_user(self.spec.app, self.spec.environment)
+
+    def service_env(self, d: Deployment) -> dict[str, str]:
+        """Variables of a service's commands and processes besides its `.env`: a HOME of its own."""
+        return {} if "HOME" in dict(d.service.env) else {"HOME": ops.service_home(d.service_dir)}
 
     # ---------------------------------------------------------------- the plan
 
@@ -167,6 +181,7 @@ class Runner:
         self.job.event("deploy.started", service=service.name, deploy=d.deploy, code=d.code,
                        code_new=code.new, mysql=numbers.get("mysql"), redis=numbers.get("redis"),
                        host=host.id, reasons=list(sp.reasons))
+        self.deploying[service.name] = d.deploy
         try:
             await self._deploy(d, sp, live, numbers, mysql, redis)
         except BaseException as exc:
@@ -176,6 +191,8 @@ class Runner:
                 await asyncio.shield(self._undo(d))
                 self.ledger.finish_deploy(self.env_key, service.name, d.deploy, "failed", str(exc))
             raise
+        finally:
+            self.deploying.pop(service.name, None)
 
     async def _deploy(self, d: Deployment, sp: ServicePlan, live, numbers, mysql, redis) -> None:
         service, name = d.service, d.service.name
@@ -186,8 +203,12 @@ class Runner:
             self.ledger.add_instance(self.env_key, name, "code", d.code, host=d.host.id, commit=sp.commit,
                                      fingerprint=code_fingerprint(service),
                                      names={"release": release, "service": service.to_dict()})
+        await self.sh(d.host, ops.ensure_unix_user(self.unix_user), name, "user")
+        if d.code_new:
+            # As root: the source may need root's credentials. The release is then the user's.
             await self.sh(d.host, _checkout_script(d.service_dir, release, service.source, sp.commit),
                           name, "checkout", timeout=600)
+        await self.sh(d.host, ops.service_layout(d.service_dir, release, self.unix_user), name, "permissions")
         values = {}
         if mysql is not None:
             values.update(await self._mysql(d, numbers["mysql"], mysql.new))
@@ -204,14 +225,15 @@ class Runner:
         except ValueError as exc:
             raise StepFailed(name, ".env", str(exc)) from None
         await self.run_op(d.host, pb.Operation(write_file=pb.WriteFileSpec(
-            path=env_path, content=content, mode=0o600)), name, ".env")
+            path=env_path, content=content, mode=0o600, owner=self.unix_user)), name, ".env")
+        as_user = {"user": self.unix_user, "env": self.service_env(d)}
         if d.code_new:
             for step in ("install", "build"):
                 command = getattr(service, step)
                 if command:
-                    await self.sh(d.host, command, name, step, cwd=workdir, env_file=env_path)
+                    await self.sh(d.host, command, name, step, cwd=workdir, env_file=env_path, **as_user)
         if service.migrate and (d.code_new or (mysql is not None and mysql.new)):
-            await self.sh(d.host, service.migrate, name, "migrate", cwd=workdir, env_file=env_path)
+            await self.sh(d.host, service.migrate, name, "migrate", cwd=workdir, env_file=env_path, **as_user)
         await self._start(d, workdir, env_path)
         if service.is_web:
             await self._route(d)
@@ -276,17 +298,19 @@ class Runner:
 
     async def _start(self, d: Deployment, workdir: str, env_path: str) -> None:
         service, name = d.service, d.service.name
-        env = {"RELEASE": str(d.code)}
+        env = {**self.service_env(d), "RELEASE": str(d.code)}
         if service.is_web:
             d.port = await self._allocate_port(d)
             env["PORT"] = str(d.port)
             d.process = f"{d.code}-{d.port}"
         else:
             d.process = f"{d.code}-d{d.deploy}"
+        self.ledger.set_step(self.env_key, name, d.deploy, "start", port=d.port or None, process=d.process)
         unit = naming.unit_base(self.spec.app, self.spec.environment, name)
         await self.run_op(d.host, pb.Operation(service_start=pb.ServiceStartSpec(
             name=unit, instance=d.process, argv=["sh", "-c", f"exec {service.start}"], cwd=workdir,
-            env=env, env_file=env_path, log_path=f"{d.service_dir}/logs/{d.code}.log")), name, "start")
+            env=env, env_file=env_path, user=self.unix_user,
+            log_path=f"{d.service_dir}/logs/{d.code}.log")), name, "start")
         if service.is_web:
             address = d.host.address
             await self.run_op(d.host, pb.Operation(http_probe=pb.HttpProbeSpec(
@@ -376,12 +400,13 @@ class Runner:
 
     def _go_live(self, d: Deployment, numbers: dict[str, int]) -> None:
         name = d.service.name
-        self.ledger.set_status(self.env_key, name, "code", d.code, "live", port=d.port or None)
-        self.ledger.set_names(self.env_key, name, "code", d.code, process=d.process)
-        self.ledger.make_live(self.env_key, name, "code", d.code)
-        for component, number in numbers.items():
-            self.ledger.make_live(self.env_key, name, component, number)
-        self.ledger.finish_deploy(self.env_key, name, d.deploy, "succeeded", port=d.port or None)
+        with self.ledger.transaction():  # all of it or none of it, whatever kills the controller
+            self.ledger.set_status(self.env_key, name, "code", d.code, "live", port=d.port or None)
+            self.ledger.set_names(self.env_key, name, "code", d.code, process=d.process)
+            self.ledger.make_live(self.env_key, name, "code", d.code)
+            for component, number in numbers.items():
+                self.ledger.make_live(self.env_key, name, component, number)
+            self.ledger.finish_deploy(self.env_key, name, d.deploy, "succeeded", port=d.port or None)
         self.job.event("deploy.live", service=name, deploy=d.deploy, code=d.code, port=d.port, host=d.host.id)
 
     def _process_of(self, live) -> str:

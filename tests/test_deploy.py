@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy_harness import deploy_cluster, example_repo, http_get, mysql, new_commit, purge, redis, unique_env
+from tests.deploy_harness import (deploy_cluster, example_repo, http_get, mysql, new_commit, purge, redis,
+                                  service_users_base, unique_env)
 
 pytestmark = pytest.mark.slow
 INSTALL = "npm ci --omit=dev --no-audit --no-fund --prefer-offline"
@@ -33,8 +34,8 @@ def write_spec(folder: Path, env: str, services: dict, name: str = "environment.
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    base = tmp_path_factory.mktemp("deploy")
+def world():
+    base = service_users_base()
     nginx, cluster = deploy_cluster(base)
     repo = example_repo(base)
     envs: list[str] = []
@@ -43,6 +44,8 @@ def world(tmp_path_factory):
     nginx.stop()
     for env in envs:
         purge("shop", env)
+    import shutil
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def new_env(world) -> str:
@@ -207,8 +210,10 @@ def test_failing_install_changes_nothing_and_secrets_stay_secret(world, tmp_path
     job_ids = [r["id"] for r in json.loads(cluster.deployctl("jobs", "--json").stdout)]
     outputs += [cluster.deployctl("logs", job) for job in job_ids]
     import sqlite3
+    from controller.vault import Vault
     db = sqlite3.connect(cluster.controller.store / "deployer.db")
-    passwords = [row[0] for row in db.execute("SELECT password FROM credentials")]
+    vault = Vault.for_store(cluster.controller.store / "secrets.key", create=False)   # sealed at rest
+    passwords = [vault.open_text(row[0]) for row in db.execute("SELECT password FROM credentials")]
     assert passwords
     values = [secret, *passwords]
     haystacks = [o.stdout + o.stderr for o in outputs]
@@ -500,3 +505,69 @@ def test_a_daemon_that_dies_fails_its_deploy_with_its_own_output(world, tmp_path
     assert result.returncode == 1
     assert b"worker: health failed: the daemon did not stay up for 1s" in result.stderr
     assert b"cannot reach the queue" in result.stderr
+
+
+def test_each_environment_runs_as_its_own_user_and_cannot_read_another(world, tmp_path):
+    import os
+    import pwd
+
+    import psutil
+
+    from controller import naming
+    first, second, repo, cluster = new_env(world), new_env(world), world["repo"], world["cluster"]
+    worker = {"source": str(repo), "ref": "main", "root": "worker", "install": INSTALL, "start": "node worker.js",
+              "uses": ["redis"], "healthy_after": 1}
+    apply(world, str(write_spec(tmp_path, first, {"web": web_service(repo)}, "first.yml")))
+    apply(world, str(write_spec(tmp_path, second, {"web": web_service(repo), "worker": worker}, "second.yml")))
+    root = cluster.agents["computing-1"].services_root
+    users = {env: naming.unix_user("shop", env) for env in (first, second)}
+    uids = {env: pwd.getpwnam(user).pw_uid for env, user in users.items()}
+
+    def env_file(env: str):
+        return root / f"auto-shop-{env}-web" / "current" / ".env"
+
+    def cat_as(user: str, path) -> subprocess.CompletedProcess:
+        return subprocess.run(["runuser", "-u", user, "--", "cat", str(path)], capture_output=True, text=True)
+
+    for env, other in ((first, second), (second, first)):
+        info = env_file(env).stat()
+        assert (info.st_uid, oct(info.st_mode & 0o777)) == (uids[env], "0o600")
+        own = cat_as(users[env], env_file(env))
+        assert own.returncode == 0 and "DATABASE_URL=" in own.stdout, own.stderr
+        denied = cat_as(users[other], env_file(env))
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr, denied
+        assert denied.stdout == ""
+    for env in (first, second):
+        for entry in json.loads(cluster.deployctl("status", f"shop/{env}", "--json").stdout):
+            assert entry["process"] == "running", entry
+            process = psutil.Process(entry["pid"])
+            for p in (process, *process.children(recursive=True)):
+                assert p.uids().real == p.uids().effective == uids[env], (entry["service"], p.cmdline())
+    # npm kept its cache in the service's own home, not in a shared one
+    assert (root / f"auto-shop-{second}-web" / ".home" / ".npm").is_dir()
+
+    os.chown(env_file(first), 0, 0)                          # verify notices, repair puts it right
+    key = f"shop/{first}"
+    found = cluster.deployctl("verify", key, timeout=120)
+    assert found.returncode == 2 and f".env belongs to root, not {users[first]}" in found.stdout.decode()
+    repaired = cluster.deployctl("repair", key, timeout=300)
+    assert repaired.returncode == 0, repaired.stdout.decode() + repaired.stderr.decode()
+    assert cluster.deployctl("verify", key, timeout=120).returncode == 0
+    assert env_file(first).stat().st_uid == uids[first] and through_nginx(world, first)[0] == 200
+
+    subprocess.run(["userdel", "--force", users[first]], check=True)    # the user vanishes: made again
+    found = cluster.deployctl("verify", key, timeout=120)
+    assert found.returncode == 2 and f"Unix user {users[first]} is missing" in found.stdout.decode()
+    repaired = cluster.deployctl("repair", key, timeout=300)
+    assert repaired.returncode == 0, repaired.stdout.decode() + repaired.stderr.decode()
+    assert cluster.deployctl("verify", key, timeout=120).returncode == 0
+    uids[first] = pwd.getpwnam(users[first]).pw_uid
+    entry = json.loads(cluster.deployctl("status", key, "--json").stdout)[0]
+    assert psutil.Process(entry["pid"]).uids().real == uids[first]
+    assert env_file(first).stat().st_uid == uids[first] and through_nginx(world, first)[0] == 200
+
+    destroyed = cluster.deployctl("destroy", f"shop/{second}", timeout=300)   # the user goes with the rest
+    assert destroyed.returncode == 0, destroyed.stderr
+    assert subprocess.run(["id", "-u", users[second]], capture_output=True).returncode != 0
+    assert subprocess.run(["getent", "group", users[second]], capture_output=True).returncode != 0
+    assert pwd.getpwnam(users[first]).pw_uid == uids[first]

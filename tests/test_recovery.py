@@ -1,0 +1,296 @@
+"""The controller killed (kill -9) mid-deploy and restarted: each deploy ends with a recorded
+outcome, the ledger says what nginx really routes to, and no step runs twice.
+
+One cluster and one environment for every case: real controller, agent, MariaDB, Redis, nginx,
+git and Node.js. The moment to kill is found from the job's events or from a marker file that a
+spec command (or the router's `nginx -t`) writes, never from a sleep.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+import yaml
+
+from controller import operations as ops
+from controller.recovery import _where, routed_to
+from tests.deploy_harness import (Nginx, example_repo, http_get, mysql, new_commit, purge, service_users_base,
+                                  unique_env)
+from tests.harness import Cluster, wait_for
+
+INSTALL = "npm ci --omit=dev --no-audit --no-fund --prefer-offline"
+
+
+# ---------------------------------------------------------------- pure parts
+
+def test_routed_to_reads_what_the_deployer_writes():
+    conf = ops.nginx_config("shop/prod", "shop.test", "80", [("/", "127.0.0.1", 20001),
+                                                            ("/api", "10.0.0.2", 20002)]).decode()
+    assert routed_to(conf, "/") == ("127.0.0.1", 20001)
+    assert routed_to(conf, "/api") == ("10.0.0.2", 20002)
+    assert routed_to(conf, "/admin") is None
+    assert routed_to("<missing>\n", "/") is None
+
+
+def test_where_a_job_was(tmp_path):
+    events = [{"event": "deploy.started", "service": "web", "deploy": 3},
+              {"event": "step.started", "service": "web", "step": "checkout", "op": "a"},
+              {"event": "step.finished", "service": "web", "step": "checkout", "op": "a"},
+              {"event": "step.started", "service": "web", "step": "install", "op": "b"}]
+    (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    assert _where(tmp_path) == "during step install of service web (deploy 3)"
+    (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events[:3]))
+    assert _where(tmp_path) == "after step checkout of service web (deploy 3)"
+    assert _where(tmp_path / "nothing") == ""
+
+
+def test_interrupt_says_where_each_job_was_and_frees_its_lock(tmp_path):
+    from controller.db import Database
+    from controller.jobs import EnvLock, Job
+    from controller.ledger import Ledger
+    from controller.recovery import interrupt, pending
+    db = Database(tmp_path / "deployer.db")
+    cut = Job(tmp_path, db, "job-cut", "shop/prod", "apply")
+    EnvLock(tmp_path, "shop/prod").acquire("job-cut", "apply")
+    cut.event("deploy.started", service="web", deploy=2)
+    cut.event("step.started", service="web", step="install", op="op-1")
+    Ledger(db).start_deploy("shop/prod", "web", "job-cut", code=2, code_new=True, mysql=None, mysql_new=False,
+                            redis=None, redis_new=False, commit="c0ffee", host="computing-1")
+    done = Job(tmp_path, db, "job-done", "shop/dev", "verify")   # finished, but the database had not heard
+    EnvLock(tmp_path, "shop/dev").acquire("job-done", "verify")
+    done.event("job.finished", state="succeeded", summary="no drift")
+
+    assert interrupt(tmp_path, db) == ["shop/prod"]
+    rows = {r["id"]: dict(r) for r in db.conn.execute("SELECT * FROM jobs")}
+    assert rows["job-cut"]["state"] == "interrupted"
+    assert rows["job-cut"]["summary"] == "the controller restarted during step install of service web (deploy 2)"
+    assert (rows["job-done"]["state"], rows["job-done"]["summary"]) == ("succeeded", "no drift")
+    deploy = db.conn.execute("SELECT outcome, reason FROM deploys").fetchone()
+    assert deploy["outcome"] == "interrupted" and deploy["reason"].endswith("not settled yet")
+    last = json.loads((tmp_path / "jobs" / "job-cut" / "events.jsonl").read_text().splitlines()[-1])
+    assert (last["event"], last["state"]) == ("job.finished", "interrupted")
+    assert json.loads((tmp_path / "jobs" / "job-cut" / "job.json").read_text())["state"] == "interrupted"
+    assert EnvLock(tmp_path, "shop/prod").owner() is None and EnvLock(tmp_path, "shop/dev").owner() is None
+    assert pending(db.conn, "shop/prod") == ["job-cut"] and pending(db.conn, "shop/dev") == []
+    assert interrupt(tmp_path, db) == ["shop/prod"]          # a second start: still to settle, nothing rewritten
+    assert len((tmp_path / "jobs" / "job-cut" / "events.jsonl").read_text().splitlines()) == 3
+
+
+# ---------------------------------------------------------------- a cluster killed at five points
+
+@pytest.fixture(scope="module")
+def world():
+    base = service_users_base("deployer-recovery-")
+    flags = base / "flags"  # commands run as the environment's user: it reads flags and leaves marks here
+    flags.mkdir()
+    os.chmod(flags, 0o777)
+    (base / "installs").touch()
+    os.chmod(base / "installs", 0o666)
+    nginx = Nginx(base).start()
+    cluster = Cluster(base)
+    cluster.controller.start()
+    settings = nginx.settings()
+    # With the flag, the switch stops for 4 s between swapping the file in and reloading nginx.
+    # With `fail-switch`, it then fails too, and the switch script puts the previous file back.
+    settings["nginx.test"] = (f"if [ -f {flags}/slow-switch ]; then touch {flags}/switching; sleep 4; fi; "
+                              f"if [ -f {flags}/fail-switch ]; then touch {flags}/switching; sleep 4; exit 1; fi; "
+                              + settings["nginx.test"])
+    cluster.add_agent("computing-1", ["computing"], provides={
+        **settings, "mysql.host": "127.0.0.1", "mysql.port": "3306", "redis.host": "127.0.0.1", "redis.port": "6379"})
+    cluster.wait_connected("computing-1")
+    env = unique_env()
+    yield {"base": base, "flags": flags, "nginx": nginx, "cluster": cluster, "repo": example_repo(base), "env": env}
+    cluster.close()
+    nginx.stop()
+    purge("shop", env)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def spec_file(world) -> Path:
+    flags, installs = world["flags"], world["base"] / "installs"
+    web = {"path": "/", "source": str(world["repo"]), "ref": "main", "root": "web",
+           # Every install appends its release folder: a step run twice shows as a line seen twice.
+           "install": f'echo "$PWD" >> {installs}; '
+                      f"if [ -f {flags}/slow-install ]; then touch {flags}/installing; sleep 4; fi; {INSTALL}",
+           "build": "npm run build", "migrate": "node migrate.js",
+           "start": f"sh -c 'if [ -f {flags}/slow-start ]; then touch {flags}/starting; sleep 4; fi; "
+                    "exec node server.js'",
+           "health": "/health", "uses": ["mysql", "redis"]}
+    path = world["base"] / "environment.yml"
+    path.write_text(yaml.safe_dump({"app": "shop", "environment": world["env"], "domain": f"{world['env']}.shop.test",
+                                    "services": {"web": web}}, sort_keys=False))
+    return path
+
+
+def jobs(world) -> list[dict]:
+    result = world["cluster"].deployctl("jobs", "--env", f"shop/{world['env']}", "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def ledger(world) -> dict:
+    result = world["cluster"].deployctl("ledger", f"shop/{world['env']}", "web", "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["web"]
+
+
+def events(world, job_id: str) -> list[dict]:
+    path = world["cluster"].controller.store / "jobs" / job_id / "events.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def kill_during(world, *args: str, when) -> tuple[str, dict]:
+    """Apply, kill -9 the controller once `when(job_id)` holds, start it again, and wait for the
+    recovery job it starts; (the killed job's id, the recovery job)."""
+    cluster = world["cluster"]
+    started = cluster.deployctl("apply", str(spec_file(world)), *args, "--detach", timeout=120)
+    assert started.returncode == 0, started.stderr
+    job_id = started.stdout.decode().strip()
+    wait_for(lambda: when(job_id), 180, every=0.02, what=f"the moment to kill {job_id}")
+    cluster.controller.kill9()
+    for flag in world["flags"].iterdir():
+        flag.unlink()
+    cluster.controller.start()
+    killed_at = next(j["created"] for j in jobs(world) if j["id"] == job_id)
+
+    def recovered():
+        mine = [j for j in jobs(world) if j["kind"] == "recover" and j["created"] > killed_at]
+        return mine[-1] if mine and mine[-1]["state"] != "running" else None
+    recovery = wait_for(recovered, 180, every=0.3, what="the recovery job finished")
+    cluster.wait_connected("computing-1")
+    return job_id, recovery
+
+
+def step_started(world, step: str):
+    return lambda job_id: any(e["event"] == "step.started" and e.get("step") == step for e in events(world, job_id))
+
+
+def assert_settled(world, killed: str, recovery: dict, during: str, live_code: int) -> dict:
+    """The killed job is interrupted, saying where; the recovery job succeeded; the ledger has no
+    deploy without an outcome and no instance building; nginx, the ledger and the processes agree;
+    no install ran twice."""
+    cluster, env = world["cluster"], world["env"]
+    assert recovery["state"] == "succeeded", recovery
+    row = next(j for j in jobs(world) if j["id"] == killed)
+    assert row["state"] == "interrupted"
+    assert row["summary"].startswith(f"the controller restarted {during}"), row["summary"]
+    assert row["summary"].endswith(f"settled by {recovery['id']}"), row["summary"]
+    shown = cluster.deployctl("job", "show", killed).stdout.decode()
+    assert "state       interrupted" in shown and f"restarted {during}" in shown, shown
+    assert events(world, killed)[-1]["event"] == "job.finished"
+    assert events(world, killed)[-1]["state"] == "interrupted"
+    assert cluster.deployctl("jobs").returncode == 0
+
+    data = ledger(world)
+    assert {d["outcome"] for d in data["deploys"]} <= {"succeeded", "failed"}, data["deploys"]
+    assert not [i for i in data["instances"] if i["status"] == "building"], data["instances"]
+    live = [i for i in data["instances"] if i["component"] == "code" and i["status"] == "live"]
+    assert [i["number"] for i in live] == [live_code]
+    port = live[0]["port"]
+    conf = (world["nginx"].conf_dir / f"auto-shop-{env}.conf").read_text()
+    assert routed_to(conf, "/") == ("127.0.0.1", port)
+    status, body = http_get(world["nginx"].port, "/", host=f"{env}.shop.test")
+    assert status == 200 and json.loads(body)["release"] == str(live_code), body
+
+    # Only the live process runs; only the live instance holds a port.
+    unit = f"auto-shop-{env}-web"
+    states = [json.loads(p.read_text()) for p in (cluster.agents["computing-1"].state_dir / "services").glob("*.json")]
+    assert [s["instance"] for s in states if s["name"] == unit] == [live[0]["names"]["process"]]
+    db = sqlite3.connect(cluster.controller.store / "deployer.db")
+    assert [r[0] for r in db.execute("SELECT port FROM ports WHERE env_key=?", (f"shop/{env}",))] == [port]
+    db.close()
+
+    installs = (world["base"] / "installs").read_text().splitlines()
+    assert len(installs) == len(set(installs)), collections.Counter(installs).most_common(2)
+    return data
+
+
+@pytest.mark.slow
+def test_controller_killed_mid_deploy_settles_every_deploy(world):
+    cluster, env, repo = world["cluster"], world["env"], world["repo"]
+    flags = world["flags"]
+    first = cluster.deployctl("apply", str(spec_file(world)), timeout=600)      # deploy 1: code 1, mysql 1, redis 1
+    assert first.returncode == 0, first.stdout.decode() + first.stderr.decode()
+
+    # 1. During install, of a deploy that also makes a new database: the install runs on (once),
+    # then the deploy is undone and the database it made, never live, is dropped.
+    new_commit(repo, "v2")
+    (flags / "slow-install").touch()
+    options = world["base"] / "deploy-options.yml"
+    options.write_text("renew: [mysql]\n")
+    killed, recovery = kill_during(world, "--options", str(options), when=lambda _: (flags / "installing").exists())
+    data = assert_settled(world, killed, recovery, "during step install of service web (deploy 2)", live_code=1)
+    assert data["deploys"][-1]["outcome"] == "failed"
+    assert "interrupted during install by a controller restart" in data["deploys"][-1]["reason"]
+    statuses = {(i["component"], i["number"]): i["status"] for i in data["instances"]}
+    assert statuses[("code", 2)] == "failed" and statuses[("mysql", 2)] == "failed"
+    assert statuses[("mysql", 1)] == "live"
+    assert mysql(f"SHOW DATABASES LIKE 'auto-shop-{env}-web-2'").strip() == ""
+    assert mysql(f"SHOW DATABASES LIKE 'auto-shop-{env}-web-1'").strip() == f"auto-shop-{env}-web-1"
+    # The install was re-attached, not re-sent: same operation id, recognised by the agent's journal.
+    install = next(e["op"] for e in events(world, killed) if e["event"] == "step.started" and e["step"] == "install")
+    assert any(e["event"] == "step.finished" and e["op"] == install and e["of_job"] == killed and e["ok"]
+               for e in events(world, recovery["id"]))
+    assert install in {e["op_id"] for e in cluster.controller.events("op.duplicate")}
+    release = cluster.agents["computing-1"].services_root / f"auto-shop-{env}-web" / "releases"
+    assert (world["base"] / "installs").read_text().count(f"{release}/2/web\n") == 1
+
+    # 2. Right after the new instance started, before the switch: it is stopped, the old one serves.
+    new_commit(repo, "v3")
+    (flags / "slow-start").touch()
+    killed, recovery = kill_during(world, when=lambda _: (flags / "starting").exists())
+    data = assert_settled(world, killed, recovery, "during step ", live_code=1)
+    assert data["deploys"][-1]["outcome"] == "failed"
+    assert {(i["number"], i["status"]) for i in data["instances"] if i["component"] == "code"} >= {(3, "failed")}
+
+    # 3. In the middle of a switch that then fails (`nginx -t` refuses): the router's file is the
+    # previous one again, so the deploy is undone and the old instance keeps serving.
+    new_commit(repo, "v4")
+    (flags / "fail-switch").touch()
+    killed, recovery = kill_during(world, when=lambda _: (flags / "switching").exists())
+    data = assert_settled(world, killed, recovery, "during step route of service web (deploy 4)", live_code=1)
+    assert data["deploys"][-1]["outcome"] == "failed"
+    assert any(e["event"] == "route.read" and e["routed_to"] != e["new"] for e in events(world, recovery["id"]))
+
+    # 4. In the middle of the switch (nginx has the new file, the ledger does not know yet): the
+    # router's file says the new instance serves, so it goes live and the old one is retired.
+    new_commit(repo, "v5")
+    (flags / "slow-switch").touch()
+    killed, recovery = kill_during(world, when=lambda _: (flags / "switching").exists())
+    data = assert_settled(world, killed, recovery, "during step route of service web (deploy 5)", live_code=5)
+    assert data["deploys"][-1]["outcome"] == "succeeded"
+    assert any(e["event"] == "route.read" and e["routed_to"] == e["new"] for e in events(world, recovery["id"]))
+
+    # 5. Right after the switch, while the previous process drains: the deploy stands, and what it
+    # had left to do (stop the previous process, free its port, `current`) is done.
+    new_commit(repo, "v6")
+    killed, recovery = kill_during(
+        world, when=lambda job_id: any(e["event"] == "deploy.live" for e in events(world, job_id)))
+    data = assert_settled(world, killed, recovery, "after step route of service web (deploy 6)", live_code=6)
+    assert data["deploys"][-1]["outcome"] == "succeeded"
+    current = cluster.agents["computing-1"].services_root / f"auto-shop-{env}-web" / "current"
+    assert current.resolve().name == "6"
+
+    diagram = cluster.deployctl("ledger", f"shop/{env}", "web").stdout.decode().splitlines()
+    assert [line.split()[:4] for line in diagram[1:]] == [
+        ["1", "(1)", "(1)", "(1)"], ["2", "(2)", "(2)", "|"], ["3", "(3)", "|", "|"], ["4", "(4)", "|", "|"],
+        ["5", "(5)", "|", "|"], ["6", "(6)", "|", "|"]]
+    assert [line.split()[4] for line in diagram[2:5]] == ["failed:"] * 3
+
+    # Afterwards the environment takes orders as usual, and verify finds nothing.
+    new_commit(repo, "v7")
+    again = cluster.deployctl("apply", str(spec_file(world)), timeout=600)
+    assert again.returncode == 0, again.stdout.decode() + again.stderr.decode()
+    verify = cluster.deployctl("verify", f"shop/{env}", timeout=120)
+    assert verify.returncode == 0, verify.stdout.decode() + verify.stderr.decode()
+    assert ledger(world)["deploys"][-1]["outcome"] == "succeeded"
+    installs = (world["base"] / "installs").read_text().splitlines()
+    assert sorted(Path(p).parent.name for p in installs) == ["1", "2", "3", "4", "5", "6", "7"]
