@@ -29,6 +29,10 @@ _OP_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TOMBSTONE_DAYS = 7
 
 
+class JournalError(OSError):
+    """The journal could not record an operation (most often: the disk is full)."""
+
+
 def valid_op_id(op_id: str) -> bool:
     return bool(_OP_ID.match(op_id))
 
@@ -74,14 +78,26 @@ class Journal:
         return self.root / op_id
 
     def accept(self, operation: pb.Operation) -> bool:
-        """Record the operation durably; False if it was already known (never run it again)."""
+        """Record the operation durably; False if it was already known (never run it again).
+
+        Raises JournalError, leaving nothing behind, if it cannot be recorded: then it must not run.
+        """
         folder = self.folder(operation.id)
         try:
             folder.mkdir()
         except FileExistsError:
             if (folder / "accepted").exists():
                 return False
-        _write_atomic(folder / "accepted", operation.SerializeToString(), sync=True)
+        except OSError as exc:
+            raise JournalError(exc.errno, f"cannot record the operation in the journal "
+                                          f"({self.root}): {exc.strerror}") from exc
+        try:
+            (folder / "spool").mkdir(exist_ok=True)
+            _write_atomic(folder / "accepted", operation.SerializeToString(), sync=True)
+        except OSError as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise JournalError(exc.errno, f"cannot record the operation in the journal "
+                                          f"({self.root}): {exc.strerror}") from exc
         return True
 
     def record_process(self, op_id: str, pid: int, create_time: float) -> None:
@@ -105,7 +121,7 @@ class Journal:
             return
         shutil.rmtree(folder / "spool", ignore_errors=True)
         # Keep the id (duplicates are still recognised) but not the payload: file contents,
-        # stdin and env can hold credentials.
+        # stdin and env can hold credentials, and the redact list holds nothing but secrets.
         _write_atomic(folder / "accepted", pb.Operation(id=op_id).SerializeToString(), sync=False)
         (folder / "process.json").unlink(missing_ok=True)
         (folder / "done").touch()

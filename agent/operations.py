@@ -19,7 +19,8 @@ import structlog
 from protos import deployer_pb2 as pb
 
 from . import executor, probe
-from .journal import Entry, Journal, valid_op_id
+from .journal import Entry, Journal, JournalError, valid_op_id
+from .redact import Patterns, patterns
 from .services import Supervisor
 from .spool import Spool
 
@@ -42,9 +43,11 @@ class Held:
 
 
 class Operations:
-    def __init__(self, journal: Journal, services_root: Path, driver: Supervisor) -> None:
+    def __init__(self, journal: Journal, services_root: Path, driver: Supervisor,
+                 write_roots: tuple[Path, ...] = ()) -> None:
         self.journal = journal
         self.services_root = services_root
+        self.write_roots = tuple(write_roots) or (services_root,)
         self.driver = driver
         self.held: dict[str, Held] = {}
         self.on_new: list = []  # callbacks(held) of the live session, to start a pump
@@ -61,8 +64,8 @@ class Operations:
                     op_id=entry.op_id, outcome=pb.INTERRUPTED, output_bytes=held.spool.end,
                     error="the agent stopped while the operation ran; it was not run again",
                 )
-                self.journal.record_result(held.result)
                 log.warning("op.interrupted", op_id=entry.op_id)
+                self._record_result(held.result)
             held.spool.close()
             self.held[entry.op_id] = held
 
@@ -90,7 +93,12 @@ class Operations:
                         entry.result.output_bytes if entry.result else 0)
             self.held[entry.op_id] = held
             return held, True, ""
-        self.journal.accept(operation)
+        try:
+            self.journal.accept(operation)
+        except JournalError as exc:
+            # Not recorded, so not run: the controller gets a clear refusal and may send it again.
+            log.error("op.rejected", op_id=operation.id, error=exc.strerror)
+            return None, False, exc.strerror
         held = Held(operation.id, operation, Spool(self.journal.folder(operation.id) / "spool"))
         self.held[operation.id] = held
         held.task = asyncio.create_task(self._execute(held), name=f"op-{operation.id}")
@@ -101,26 +109,43 @@ class Operations:
         kind = op.WhichOneof("kind")
         started = time.monotonic()
         log.info("op.started", op_id=op.id, kind=kind)
+        redact = patterns(op.redact)
         try:
-            result = await self._run(held, op, kind)
+            result = await self._run(held, op, kind, redact)
         except Exception as exc:  # whatever happens, the controller must get a result
             log.exception("op.crashed", op_id=op.id)
             result = pb.OperationResult(op_id=op.id, outcome=pb.FAILED_TO_START,
                                         error=f"the agent could not run it: {type(exc).__name__}: {exc}")
-        held.spool.close()
+        result.error = redact.redact_text(result.error)
+        held.spool.seal()
+        if note := held.spool.loss_note():
+            result.error = f"{result.error}; {note}" if result.error else note
         result.output_bytes = held.spool.end
         result.duration_s = result.duration_s or time.monotonic() - started
-        self.journal.record_result(result)
+        self._record_result(result)
         held.result, held.run = result, None
         log.info("op.finished", op_id=op.id, outcome=pb.Outcome.Name(result.outcome),
                  exit_code=result.exit_code, signal=result.signal,
-                 duration_s=round(result.duration_s, 3))
+                 duration_s=round(result.duration_s, 3),
+                 **({"output_lost_bytes": held.spool.lost_bytes} if held.spool.lost_bytes else {}))
         held.notify()
 
-    async def _run(self, held: Held, op: pb.Operation, kind: str | None) -> pb.OperationResult:
+    def _record_result(self, result: pb.OperationResult) -> None:
+        try:
+            self.journal.record_result(result)
+        except OSError as exc:
+            # The result is still reported from memory; only an agent restart before the
+            # controller has it would turn it into `interrupted`.
+            log.error("op.result_not_journaled", op_id=result.op_id, error=exc.strerror)
+
+    async def _run(self, held: Held, op: pb.Operation, kind: str | None,
+                   redact: Patterns) -> pb.OperationResult:
+        # service_list prints only names, pids and paths the controller chose (and redacting its
+        # JSON could break it); every result's error is redacted by the caller.
         if kind == "exec":
             try:
-                run = executor.spawn(op.id, op.exec, str(self.services_root), held.spool, held.notify)
+                run = executor.spawn(op.id, op.exec, str(self.services_root), held.spool, held.notify,
+                                     redact)
             except executor.StartError as exc:
                 return pb.OperationResult(op_id=op.id, outcome=pb.FAILED_TO_START, error=str(exc))
             held.run = run
@@ -128,10 +153,14 @@ class Operations:
                 created = psutil.Process(run.proc.pid).create_time()
             except psutil.Error:
                 created = time.time()
-            self.journal.record_process(op.id, run.proc.pid, created)
+            try:
+                self.journal.record_process(op.id, run.proc.pid, created)
+            except OSError as exc:
+                # It runs regardless; only a crashed agent could not end its leftovers.
+                log.warning("op.process_not_journaled", op_id=op.id, error=exc.strerror)
             return await executor.supervise(run, op.exec)
         if kind == "write_file":
-            return await asyncio.to_thread(executor.write_file, op.id, op.write_file)
+            return await asyncio.to_thread(executor.write_file, op.id, op.write_file, self.write_roots)
         if kind in ("service_start", "service_stop"):
             try:
                 if kind == "service_start":
@@ -164,9 +193,16 @@ class Operations:
         if offset > held.acked_offset:
             held.acked_offset = offset
             held.spool.release_below(offset)
-            self.journal.record_ack(op_id, offset)
+            try:
+                self.journal.record_ack(op_id, offset)
+            except OSError:
+                pass  # a hint: without it, more output is resent after a restart, and dropped
         if has_result and held.result is not None:
-            self.journal.mark_done(op_id)
+            try:
+                self.journal.mark_done(op_id)
+            except OSError as exc:
+                # Not marked done: after a restart its result is sent again, and acked again.
+                log.warning("op.done_not_journaled", op_id=op_id, error=exc.strerror)
             held.spool.discard()
             del self.held[op_id]
 
