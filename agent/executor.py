@@ -28,6 +28,7 @@ import psutil
 from protos import deployer_pb2 as pb
 
 from .redact import Patterns, Redactor
+from . import envfile
 from .spool import Spool
 
 DEFAULT_GRACE_S = 5.0
@@ -86,19 +87,12 @@ def as_user(argv: list[str], user: pwd.struct_passwd | None, path: str) -> list[
 
 
 def read_env_file(path: str) -> dict[str, str]:
-    """KEY=VALUE lines (blank lines and # comments skipped), as the controller writes `.env`."""
-    env = {}
+    """The variables of a `.env` the controller wrote (see agent/envfile.py)."""
     try:
         with open(path) as f:
-            for line in f:
-                line = line.rstrip("\n")
-                if not line or line.startswith("#") or "=" not in line:
-                    continue
-                name, value = line.split("=", 1)
-                env[name.strip()] = value
+            return envfile.parse(f.read())
     except OSError as exc:
         raise StartError(f"cannot read environment file {path}: {exc.strerror}") from None
-    return env
 
 
 def build_env(extra, env_file: str, user: pwd.struct_passwd | None) -> dict[str, str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from protos import deployer_pb2 as pb
 
+from . import envfile
 from .executor import StartError, read_env_file
 
 UNIT_DIR = Path("/etc/systemd/system")
@@ -43,21 +44,13 @@ Restart=no
 """
 
 
-def _quote(value: str) -> str:
-    """EnvironmentFile value syntax: double quotes, with backslash and quote escaped."""
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def instance_env(spec: pb.ServiceStartSpec) -> str:
     values = read_env_file(spec.env_file) if spec.env_file else {}
     values.update(spec.env)
-    for name, value in values.items():
-        if "\n" in value:
-            raise StartError(f"the value of {name} contains a newline")
     values["DEPLOYER_CWD"] = spec.cwd
     values["DEPLOYER_COMMAND"] = " ".join(spec.argv[2:]) if spec.argv[:2] == ["sh", "-c"] else \
-        " ".join(_quote(a) for a in spec.argv)
-    return "".join(f"{name}={_quote(value)}\n" for name, value in sorted(values.items()))
+        " ".join(envfile.quote(a) for a in spec.argv)
+    return "".join(f"{name}={envfile.quote(value)}\n" for name, value in sorted(values.items()))
 
 
 def booted() -> bool:

@@ -9,6 +9,7 @@ import secrets
 import time
 from typing import Mapping, Sequence
 
+from agent import envfile
 from protos import deployer_pb2 as pb
 
 
@@ -98,13 +99,8 @@ def redis_purge_script(cli: str, prefix: str) -> str:
 
 
 def env_file(values: dict[str, str]) -> bytes:
-    """`.env` content: KEY=VALUE lines, newlines in values refused (they would split a line)."""
-    lines = []
-    for name, value in sorted(values.items()):
-        if "\n" in value or "\r" in value:
-            raise ValueError(f"the value of {name} contains a newline")
-        lines.append(f"{name}={value}\n")
-    return "".join(lines).encode()
+    """`.env` content: plain values as KEY=VALUE, others (multi-line ones too) double-quoted."""
+    return envfile.render(values)
 
 
 def nginx_config(env_key: str, domain: str, listen: str, routes: list[tuple[str, str, int]]) -> bytes:

@@ -281,9 +281,9 @@ class OperatorService(pb_grpc.OperatorServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{request.environment!r}: expected APP/ENVIRONMENT")
         if not request.name or not request.name.replace("_", "A").isalnum() or not request.name.isupper():
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"secret name {request.name!r}: use A-Z, 0-9 and _")
-        if "\n" in request.value or "\r" in request.value or "\0" in request.value:
+        if "\0" in request.value:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"secret {request.name}: the value has a line break or NUL, which .env cannot hold")
+                                f"secret {request.name}: the value has a NUL byte, which .env cannot hold")
         self.ledger.set_secret(request.environment, request.name, request.value)
         log.info("secret.set", environment=request.environment, name=request.name)
         return pb.Empty()

@@ -33,6 +33,10 @@ echo "db: $DB_PASSWORD"
 echo "url: $DATABASE_URL"
 echo "$DB_PASSWORD" | base64
 echo "redis: $REDIS_URL" >&2
+echo "pem follows:"
+echo "$PEM_KEY"
+echo "pem done"
+printf %s "$PEM_KEY" | base64
 """
 
 
@@ -40,7 +44,7 @@ def spec(folder: Path, env: str, repo: Path, build: str, name: str) -> Path:
     web = {"path": "/", "source": str(repo), "ref": "main", "root": "web", "install": INSTALL,
            "build": build, "migrate": "node migrate.js",
            "start": "sh -c 'echo \"starting with $SHOP_TOKEN\"; exec node server.js'",
-           "health": "/health", "uses": ["mysql", "redis"], "secrets": ["SHOP_TOKEN", "LONG_KEY"]}
+           "health": "/health", "uses": ["mysql", "redis"], "secrets": ["SHOP_TOKEN", "LONG_KEY", "PEM_KEY"]}
     path = folder / name
     path.write_text(yaml.safe_dump({"app": "shop", "environment": env, "domain": f"{env}.shop.test",
                                     "services": {"web": web}}, sort_keys=False))
@@ -84,8 +88,10 @@ def test_echoed_secrets_show_as_stars_and_are_nowhere_raw(world, tmp_path):
     world["envs"].append(env)
     token = "tok-" + secrets.token_urlsafe(18) + "/+="
     long_key = "lk-" + secrets.token_hex(60)                # 123 bytes: its base64 wraps
+    pem_lines = [base64.b64encode(secrets.token_bytes(48)).decode() for _ in range(3)]
+    pem_key = "-----BEGIN TEST KEY-----\n" + "\n".join(pem_lines) + "\n-----END TEST KEY-----"
     outputs: list[subprocess.CompletedProcess] = []
-    for name, value in (("SHOP_TOKEN", token), ("LONG_KEY", long_key)):
+    for name, value in (("SHOP_TOKEN", token), ("LONG_KEY", long_key), ("PEM_KEY", pem_key)):
         outputs.append(subprocess.run([sys.executable, "-m", "controller.cli", "secret", "set", f"shop/{env}", name],
                                       input=value.encode(), capture_output=True, env=cluster.env(), cwd=ROOT))
         assert outputs[-1].returncode == 0, outputs[-1].stderr
@@ -111,6 +117,8 @@ def test_echoed_secrets_show_as_stars_and_are_nowhere_raw(world, tmp_path):
                      b"redis: redis://", b":***@"):
         assert expected in good_log, good_log.decode()
     assert b"url: mysql://" in good_log and b":***@127.0.0.1:3306/" in good_log
+    # A multi-line secret reaches the command whole (through .env) and leaves as stars.
+    assert b"pem follows:\n***\npem done\n" in good_log, good_log.decode()
 
     store = cluster.controller.store
     job_output = b"".join(p.read_bytes() for p in (store / "jobs" / jobs[0]).rglob("output.log"))
@@ -120,6 +128,7 @@ def test_echoed_secrets_show_as_stars_and_are_nowhere_raw(world, tmp_path):
     assert b"starting with ***" in service_log.stdout, service_log.stdout + service_log.stderr
     env_file = next((base / "srv").glob(f"auto-shop-{env}-web/releases/1/.env"))
     assert token.encode() in env_file.read_bytes()          # the service itself has the value
+    assert all(line.encode() in env_file.read_bytes() for line in pem_lines)
     adhoc = cluster.deployctl("exec", "--agent", "computing-1", "--", "cat", str(env_file))
     assert adhoc.returncode == 0, adhoc.stderr
     assert b"SHOP_TOKEN=***" in adhoc.stdout and b"DB_PASSWORD=***" in adhoc.stdout
@@ -135,7 +144,7 @@ def test_echoed_secrets_show_as_stars_and_are_nowhere_raw(world, tmp_path):
         passwords = [vault.open_text(row[0]) for row in
                      db.execute("SELECT password FROM credentials WHERE env_key=?", (f"shop/{env}",))]
     assert len(passwords) == 2                               # mysql 1 and redis 1
-    needles = [n for value in (token, long_key, *passwords) for n in encodings(value)]
+    needles = [n for value in (token, long_key, pem_key, *pem_lines, *passwords) for n in encodings(value)]
     haystacks = {f"cli output {i}": o.stdout + o.stderr for i, o in enumerate(outputs)}
     logs = [cluster.controller.log, *(agent.log for agent in cluster.agents.values())]
     for path in files_under(store, *logs, *state_dirs):

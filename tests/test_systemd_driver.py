@@ -38,7 +38,7 @@ def test_instance_environment_is_quoted_for_systemd(tmp_path):
                                argv=["sh", "-c", "exec node server.js"], cwd="/srv/x/releases/3/web",
                                env={"PORT": "20001"}, env_file=str(env_file))
     lines = instance_env(spec).splitlines()
-    assert 'DATABASE_URL="mysql://u:p\\"q\\\\r$x@h:3306/d"' in lines
+    assert 'DATABASE_URL="mysql://u:p\\"q\\\\r\\$x@h:3306/d"' in lines
     assert 'DEPLOYER_COMMAND="exec node server.js"' in lines
     assert 'DEPLOYER_CWD="/srv/x/releases/3/web"' in lines
     assert 'PORT="20001"' in lines

@@ -1,0 +1,40 @@
+"""The .env format: what the controller writes is what the agent (and systemd) read back."""
+
+from __future__ import annotations
+
+from hypothesis import given, strategies as st
+
+from agent import envfile
+from agent.executor import read_env_file
+from controller import operations
+
+NAMES = st.from_regex(r"[A-Z][A-Z0-9_]{0,12}", fullmatch=True)
+VALUES = st.text(st.characters(exclude_characters="\0", exclude_categories=("Cs",)), max_size=60)
+
+
+@given(st.dictionaries(NAMES, VALUES, max_size=6))
+def test_every_value_survives_the_round_trip(values):
+    assert envfile.parse(envfile.render(values).decode()) == values
+
+
+def test_plain_values_stay_readable_and_others_are_quoted():
+    text = envfile.render({"PORT": "8080", "URL": "mysql://u:p@h/db", "PEM": "-----BEGIN-----\nAAA=\n-----END-----",
+                           "ODD": 'say "hi" $HOME `x` \\ ', "EMPTY": ""}).decode()
+    assert "PORT=8080\n" in text and "URL=mysql://u:p@h/db\n" in text and "EMPTY=\n" in text
+    assert 'PEM="-----BEGIN-----\nAAA=\n-----END-----"\n' in text            # systemd/dotenv syntax
+    assert 'ODD="say \\"hi\\" \\$HOME \\`x\\` \\\\ "\n' in text
+
+
+def test_comments_blank_lines_and_hand_written_values(tmp_path):
+    path = tmp_path / ".env"
+    path.write_text('# written by hand\n\nA=1\nB="two\nlines"\nC=x=y\nnot a variable\n')
+    assert read_env_file(str(path)) == {"A": "1", "B": "two\nlines", "C": "x=y"}
+
+
+def test_a_nul_byte_cannot_be_written():
+    try:
+        operations.env_file({"K": "a\0b"})
+    except ValueError as exc:
+        assert "K" in str(exc)
+    else:
+        raise AssertionError("a NUL byte was accepted")
