@@ -12,6 +12,9 @@ STORE=$ROOT/store
 LISTEN=${DEPLOYER_DEMO_LISTEN:-127.0.0.1:7710}
 HTTP_PORT=${DEPLOYER_DEMO_HTTP_PORT:-80}
 REPO=$DEMO/repos/shop.git
+# Services run as their environment's own Unix user, which must be able to reach their folder:
+# the standard root, not a folder inside this checkout (which may sit in a private home).
+SRV=${DEPLOYER_DEMO_SERVICES_ROOT:-/srv/services}
 export DEPLOYER_SOCKET=$STORE/control.sock
 
 running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
@@ -88,7 +91,7 @@ start() {
     enrolment computing-1 computing
     start_bg "$DEMO/computing-1.pid" "$DEMO/computing-1.log" \
       "$BIN/deployer-agent" --id computing-1 --role computing --controller "$LISTEN" \
-      --state-dir "$DEMO/agents/computing-1" --services-root "$DEMO/srv" \
+      --state-dir "$DEMO/agents/computing-1" --services-root "$SRV" \
       --provide mysql.host=127.0.0.1 --provide mysql.port=3306 \
       --provide redis.host=127.0.0.1 --provide redis.port=6379 \
       --provide nginx.conf_dir=/etc/nginx/conf.d --provide nginx.listen="$HTTP_PORT"
@@ -97,7 +100,7 @@ start() {
     enrolment daemons-1 daemons
     start_bg "$DEMO/daemons-1.pid" "$DEMO/daemons-1.log" \
       "$BIN/deployer-agent" --id daemons-1 --role daemons --controller "$LISTEN" \
-      --state-dir "$DEMO/agents/daemons-1" --services-root "$DEMO/srv"
+      --state-dir "$DEMO/agents/daemons-1" --services-root "$SRV"
   fi
   wait_until 30 "both agents to connect" agents_connected
   echo
@@ -129,7 +132,7 @@ Try:
   .venv/bin/deployctl plan examples/shop/environment.yml     # nothing to do
   .venv/bin/deployctl exec --role daemons -- uptime
   make demo-stop
-Logs: store/controller.log, .demo/computing-1.log, .demo/daemons-1.log, .demo/srv/*/logs/
+Logs: store/controller.log, .demo/computing-1.log, .demo/daemons-1.log, $SRV/*/logs/
 MSG
 }
 
