@@ -184,8 +184,8 @@ def _ready(config: config_mod.AgentConfig, token: str) -> str:
     credentials = tls.Credentials(config.tls_folder)
     if not credentials.exists():
         if not token:
-            return (f"not enrolled (no certificate in {config.tls_folder}): run `deployer-agent enroll "
-                    "--token TOKEN` with a token from `deployctl token create`, or pass --token")
+            return (f"not enrolled (no certificate in {config.tls_folder}): run `DEPLOYER_TOKEN=TOKEN "
+                    "deployer-agent enroll` with a token from `deployctl token create`")
         ident = enroll(config, token)
         log.info("agent.enrolled", agent_id=ident.agent_id, roles=list(ident.roles), not_after=ident.not_after)
         return ""
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_mod.load(args, need_roles=not enrolling)
         if enrolling:
             if not token:
-                raise tls.TlsError("enroll needs --token TOKEN (or $DEPLOYER_TOKEN)")
+                raise tls.TlsError("enroll needs a token: DEPLOYER_TOKEN=TOKEN (or --token TOKEN)")
             ident = enroll(config, token)
             print(f"enrolled as {ident.agent_id} (roles: {', '.join(ident.roles)}); certificate valid "
                   f"until {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(ident.not_after))}; "

@@ -85,7 +85,8 @@ class Token:
 
 def parse_token(text: str) -> Token:
     parts = text.strip().split(".")
-    if len(parts) != 4 or parts[0] != TOKEN_PREFIX or not all(parts[1:]):
+    if (len(text) > 200 or len(parts) != 4 or parts[0] != TOKEN_PREFIX or not all(parts[1:])
+            or not all(c in "0123456789abcdef" for c in parts[1])):
         raise TlsError("malformed enrolment token (expected dpt1.ID.SECRET.CA-FINGERPRINT from "
                        "`deployctl token create`)")
     return Token(parts[1], parts[2], parts[3])

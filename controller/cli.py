@@ -128,7 +128,7 @@ def cmd_token_create(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(reply.token)
     print(f"single use, valid until {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(reply.expires_at))}; "
-          f"on the agent: deployer-agent enroll --config /etc/deployer/agent.yml --token TOKEN",
+          f"on the agent: DEPLOYER_TOKEN=TOKEN deployer-agent enroll --config /etc/deployer/agent.yml",
           file=sys.stderr)
     return EXIT_OK
 
@@ -636,8 +636,10 @@ def build_parser() -> argparse.ArgumentParser:
     token = sub.add_parser("token", help="enrolment tokens for new agents").add_subparsers(
         dest="token_command", metavar="SUBCOMMAND")
     p = token.add_parser("create", help="a single-use, expiring enrolment token",
-                         description="Make a token that enrols one agent: `deployer-agent enroll --token T` "
-                                     "(or --token on its first start). It is printed once and only its "
+                         description="Make a token that enrols one agent: `DEPLOYER_TOKEN=T deployer-agent "
+                                     "enroll` (or in its environment on its first start). An open token "
+                                     "cannot take an id that is enrolled; one made with --agent replaces "
+                                     "that agent's certificates. It is printed once and only its "
                                      "hash is kept.",
                          epilog="example: deployctl token create --role computing --ttl 1h")
     p.add_argument("--role", action="append", required=True, help="computing or daemons (repeatable)")

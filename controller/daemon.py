@@ -27,7 +27,7 @@ from .environments import Environments
 from .ledger import Ledger
 from .gateway import AgentGateway, EnrollmentService
 from .operator_service import OperatorService
-from .pki import DEFAULT_AGENT_TTL_S, Authority, Enrolment
+from .pki import DEFAULT_AGENT_TTL_S, Authority, Enrolment, PkiError
 from .vault import VaultError
 from .registry import Registry
 
@@ -44,6 +44,12 @@ SERVER_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_receive_message_length", 8 << 20),
     ("grpc.max_send_message_length", 8 << 20),
+]
+# The enrolment port answers anyone: small messages, few streams at a time.
+ENROLL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 10),
+    ("grpc.max_send_message_length", 64 << 10),
+    ("grpc.max_concurrent_streams", 16),
 ]
 DEFAULT_LISTEN = "127.0.0.1:7710"
 
@@ -132,8 +138,11 @@ class Controller:
             db = Database(self.store / "deployer.db")
         except VaultError as exc:
             raise StartupError(str(exc)) from None
-        authority = Authority(self.store / "pki", self.tls_names)
-        enrolment = Enrolment(db, authority, self.agent_cert_ttl)
+        try:
+            authority = Authority(self.store / "pki", self.tls_names)
+            enrolment = Enrolment(db, authority, self.agent_cert_ttl)
+        except PkiError as exc:
+            raise StartupError(str(exc)) from None
         registry = Registry(db, self.lost_after)
         dispatcher = Dispatcher(db, registry, self.store)
         environments = Environments(self.store, dispatcher, registry, Ledger(db))
@@ -147,7 +156,7 @@ class Controller:
             self._bind(agents, self.listen, grpc.ssl_server_credentials(
                 [(authority.server_key_pem, authority.server_chain())],
                 root_certificates=authority.ca_pem, require_client_auth=True), "agents")
-            enroll = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[Door(ENROLLEE)])
+            enroll = grpc.aio.server(options=ENROLL_OPTIONS, interceptors=[Door(ENROLLEE)])
             pb_grpc.add_EnrollmentServicer_to_server(EnrollmentService(enrolment), enroll)
             self._bind(enroll, self.enroll_listen, grpc.ssl_server_credentials(
                 [(authority.server_key_pem, authority.server_chain())]), "enrolment")

@@ -26,6 +26,7 @@ from .pki import EnrolmentRefused, Enrolment
 from .registry import Registry, Session
 
 log = structlog.get_logger("controller")
+HELLO_TIMEOUT_S = 10.0
 _AGENT_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")  # \Z: `$` would let a final newline through
 KNOWN_ROLES = ("computing", "daemons")
 # What an agent says about itself (its hello without held operations, its host facts) is kept and
@@ -35,7 +36,7 @@ MAX_DESCRIPTION = 16 << 10
 
 def valid_agent_id(agent_id: str) -> bool:
     """Agent ids name hosts in logs and files; the controller's own TLS name is reserved."""
-    return bool(_AGENT_ID.match(agent_id)) and agent_id != SERVER_NAME
+    return bool(_AGENT_ID.match(agent_id)) and agent_id.rstrip(".") != SERVER_NAME and not agent_id.endswith(".")
 
 
 class ProtocolError(Exception):
@@ -102,7 +103,7 @@ class EnrollmentService(pb_grpc.EnrollmentServicer):
             cert, issued = self.enrolment.enroll(request.token, request.agent_id, request.csr_pem)
         except EnrolmentRefused as exc:
             log.warning("agent.enrolment_refused", agent_id=request.agent_id, peer=context.peer(),
-                        reason=str(exc))
+                        reason=str(exc)[:300])
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
         log.info("agent.enrolled", agent_id=request.agent_id, roles=list(issued.roles),
                  peer=context.peer(), not_after=issued.not_after)
@@ -128,18 +129,27 @@ class AgentGateway(pb_grpc.AgentGatewayServicer):
 
     async def Connect(self, request_iterator, context: grpc.aio.ServicerContext):
         try:
-            first = await read_message(context)
+            first = await asyncio.wait_for(read_message(context), HELLO_TIMEOUT_S)
             problem = check_hello(first)
         except ProtocolError as exc:
             problem = str(exc)
+        except asyncio.TimeoutError:
+            problem = f"no hello within {HELLO_TIMEOUT_S:g} s"
         if problem:
             log.warning("agent.refused", peer=context.peer(), reason=problem)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         hello = first.hello
-        problem = check_identity(hello, CALLER.get())
+        caller = CALLER.get()
+        problem = check_identity(hello, caller)
         if problem:
             log.warning("agent.refused", peer=context.peer(), reason=problem)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, problem)
+        # Checked again, with no await before attaching: a revocation while the stream waited for
+        # its hello must hold.
+        refused = caller and self.enrolment and self.enrolment.accepted(caller)
+        if refused:
+            log.warning("rpc.unauthenticated", peer=context.peer(), reason=refused)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, refused)
         session = self.registry.attach(hello, context.peer())
         tasks: list[asyncio.Task] = []
         failure: BaseException | None = None

@@ -35,6 +35,10 @@ DEFAULT_AGENT_TTL_S = 30 * 86400.0
 MAX_TOKEN_TTL_S = 7 * 86400.0
 
 
+class PkiError(Exception):
+    """The CA on disk cannot be used; the message says why in one line."""
+
+
 class EnrolmentRefused(Exception):
     """The token or request cannot buy a certificate; the message says why in one line."""
 
@@ -69,6 +73,11 @@ class Authority:
         if key_path.exists() and cert_path.exists():
             key = serialization.load_pem_private_key(key_path.read_bytes(), None)
             return key, x509.load_pem_x509_certificate(cert_path.read_bytes())
+        if key_path.exists() or cert_path.exists():
+            # Never make a new CA over half of the old one: every agent would be locked out.
+            missing = cert_path if key_path.exists() else key_path
+            raise PkiError(f"{missing} is missing while the rest of the CA is there: restore it from a "
+                           "backup (a new CA would mean enrolling every agent again)")
         key = ec.generate_private_key(ec.SECP384R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "deployer controller CA"),
                           x509.NameAttribute(NameOID.SERIAL_NUMBER, secrets.token_hex(8))])
@@ -158,6 +167,8 @@ class Enrolment:
     """Tokens and certificates: what the controller issued, and what it still accepts."""
 
     def __init__(self, db: Database, authority: Authority, agent_ttl_s: float = DEFAULT_AGENT_TTL_S) -> None:
+        if not 1 <= agent_ttl_s <= 825 * 86400:
+            raise PkiError(f"--agent-cert-ttl {agent_ttl_s:g}: between 1 s and 825 days")
         self.db = db
         self.authority = authority
         self.agent_ttl_s = agent_ttl_s
@@ -198,11 +209,17 @@ class Enrolment:
         if row["agent_id"] and row["agent_id"] != agent_id:
             raise EnrolmentRefused(f"enrolment token {token.token_id} is for agent {row['agent_id']}, "
                                    f"not {agent_id}")
+        if not row["agent_id"] and self.expires(agent_id) > time.time():
+            # An open token must not buy the identity of an agent that already has one.
+            raise EnrolmentRefused(f"agent {agent_id} is already enrolled: revoke it first, or replace it "
+                                   f"with a token made for it (deployctl token create --agent {agent_id})")
         spent = self.db.conn.execute(
             "UPDATE tokens SET used = ?, used_by = ? WHERE id = ? AND used IS NULL",
             (time.time(), agent_id, token.token_id)).rowcount
         if not spent:
             raise EnrolmentRefused(f"enrolment token {token.token_id} was already used: tokens are single-use")
+        if row["agent_id"]:
+            self.revoke(agent_id)  # a token made for this id replaces whatever it held before
         return self._issue(csr_pem, agent_id, json.loads(row["roles"]))
 
     def renew(self, ident: Identity, csr_pem: bytes) -> tuple[x509.Certificate, Issued]:
@@ -212,7 +229,12 @@ class Enrolment:
         return self._issue(csr_pem, issued.agent_id, list(issued.roles))
 
     def _issue(self, csr_pem: bytes, agent_id: str, roles: list[str]) -> tuple[x509.Certificate, Issued]:
-        cert = self.authority.sign(csr_pem, agent_id, roles, self.agent_ttl_s)
+        try:
+            cert = self.authority.sign(csr_pem, agent_id, roles, self.agent_ttl_s)
+        except EnrolmentRefused:
+            raise
+        except Exception as exc:  # an odd CSR must not surface as an internal error
+            raise EnrolmentRefused(f"cannot sign this certificate request: {type(exc).__name__}") from None
         ident = identity(cert)
         issued = Issued(agent_id, tuple(roles), ident.not_after, None)
         self.db.conn.execute(
@@ -242,6 +264,9 @@ class Enrolment:
                 issued.revoked = now
                 count += 1
         self.db.conn.execute("UPDATE certificates SET revoked = ? WHERE agent_id = ? AND revoked IS NULL",
+                             (now, agent_id))
+        # Tokens made for that agent and not yet used are spent too: revoked means revoked.
+        self.db.conn.execute("UPDATE tokens SET used = ?, used_by = 'revoked' WHERE agent_id = ? AND used IS NULL",
                              (now, agent_id))
         return count
 

@@ -11,6 +11,8 @@ import json
 import os
 import sqlite3
 import subprocess
+import threading
+import time
 
 import grpc
 import pytest
@@ -144,6 +146,53 @@ def test_a_reused_expired_or_foreign_token_is_refused(cluster):
     assert all(tls.parse_token(token).secret not in r[0] for r in rows)
 
 
+def test_an_open_token_cannot_take_an_enrolled_identity(cluster):
+    """Else its holder would get computing-1's operations (and secrets) by posing as it."""
+    with pytest.raises(grpc.RpcError) as taken:
+        enroll_raw(cluster, "computing-1", cluster.controller.token(("computing",)))
+    assert taken.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "computing-1 is already enrolled" in taken.value.details()
+    assert cluster.agents_json()["computing-1"]["state"] == "connected"
+    # A token made for an id replaces that agent's certificates (a reinstalled host).
+    first_key, first_cert = enroll_raw(cluster, "rebuilt-1", cluster.controller.token(("daemons",)))
+    key, cert = enroll_raw(cluster, "rebuilt-1", cluster.controller.token(("daemons",), agent_id="rebuilt-1"))
+    old = connect_raw(cluster, first_key, first_cert, agent_id="rebuilt-1", roles=("daemons",))
+    assert isinstance(old, grpc.RpcError) and old.code() == grpc.StatusCode.UNAUTHENTICATED
+    new = connect_raw(cluster, key, cert, agent_id="rebuilt-1", roles=("daemons",))
+    assert not isinstance(new, grpc.RpcError), new
+
+
+def test_a_stream_waiting_to_say_hello_is_checked_again_after_a_revocation(cluster):
+    key, cert = enroll_raw(cluster, "lurker-1", cluster.controller.token(("daemons",)))
+    ca = (cluster.controller.store / "pki" / "ca.crt").read_bytes()
+    go = threading.Event()
+
+    def messages():
+        go.wait(20)
+        yield pb.AgentMessage(hello=pb.Hello(agent_id="lurker-1", roles=["daemons"], version="test",
+                                             heartbeat_interval_s=5))
+
+    with grpc.secure_channel(cluster.controller.address, grpc.ssl_channel_credentials(ca, key, cert),
+                             options=[("grpc.ssl_target_name_override", tls.SERVER_NAME)]) as channel:
+        stream = pb_grpc.AgentGatewayStub(channel).Connect(messages(), timeout=20)
+        wait_for(lambda: channel_ready(channel), 10, what="the stream to open")
+        time.sleep(0.5)  # the call has passed the door and waits for its hello
+        assert cluster.deployctl("agents", "revoke", "lurker-1").returncode == 0
+        go.set()
+        with pytest.raises(grpc.RpcError) as refused:
+            next(stream)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert connected_events(cluster, "lurker-1") == 0
+
+
+def channel_ready(channel: grpc.Channel) -> bool:
+    try:
+        grpc.channel_ready_future(channel).result(timeout=1)
+        return True
+    except grpc.FutureTimeoutError:
+        return False
+
+
 def test_a_certificate_claims_only_its_own_identity_and_roles(cluster):
     key, cert = enroll_raw(cluster, "honest-1", cluster.controller.token(("daemons",)))
     outcome = connect_raw(cluster, key, cert, agent_id="computing-1", roles=("daemons",))
@@ -264,6 +313,20 @@ def test_the_controller_refuses_a_store_others_can_read(tmp_path):
                            "--listen", controller.address], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert done.returncode == 2
     assert f"{controller.store} is open to other users (mode drwxr-xr-x)" in done.stderr
+
+
+def test_half_a_ca_or_a_bad_lifetime_stops_the_controller(tmp_path):
+    controller = Controller(tmp_path).start()
+    controller.stop()
+    (controller.store / "pki" / "ca.crt").unlink()
+    done = subprocess.run([PY, "-m", "controller.daemon", "--store", str(controller.store),
+                           "--listen", controller.address], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "ca.crt is missing while the rest of the CA is there" in done.stderr
+    assert (controller.store / "pki" / "ca.key").exists()     # the old key was not replaced
+    done = subprocess.run([PY, "-m", "controller.daemon", "--store", str(tmp_path / "other"),
+                           "--listen", controller.address, "--agent-cert-ttl", "-5"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "--agent-cert-ttl -5" in done.stderr
 
 
 def test_plain_links_only_on_loopback(tmp_path):
