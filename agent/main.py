@@ -59,7 +59,7 @@ class Agent:
         """Ask for a fresh certificate once two thirds of the current one's life have passed."""
         while True:
             ident = self.credentials.identity()
-            await asyncio.sleep(max(0.0, tls.renew_at(ident) - time.time()))
+            await asyncio.sleep(max(1.0, tls.renew_at(ident) - time.time()))  # never a tight loop
             key_pem, csr_pem = tls.new_key_and_csr(self.config.id)
             try:
                 reply = await pb_grpc.AgentGatewayStub(channel).Renew(pb.RenewRequest(csr_pem=csr_pem), timeout=30)

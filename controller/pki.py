@@ -139,11 +139,14 @@ class Authority:
             raise EnrolmentRefused("the certificate request's key is too weak (EC P-256+ or RSA 2048+)")
         now = _now()
         not_after = min(now + datetime.timedelta(seconds=ttl_s), self.ca_cert.not_valid_after_utc)
+        # Backdated for clocks that lag a little, but by a small part of its life only: the agent
+        # renews after two thirds of not_before..not_after.
+        backdate = datetime.timedelta(seconds=min(300.0, ttl_s / 10))
         return (x509.CertificateBuilder()
                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, agent_id)]))
                 .issuer_name(self.ca_cert.subject).public_key(key)
                 .serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(not_after)
+                .not_valid_before(now - backdate).not_valid_after(not_after)
                 .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                 .add_extension(x509.SubjectAlternativeName(
                     [x509.UniformResourceIdentifier(ROLE_URI + r) for r in roles]), critical=False)
@@ -226,6 +229,16 @@ class Enrolment:
         issued = self.issued.get(ident.serial)
         if issued is None or issued.revoked:
             raise EnrolmentRefused("this certificate is not valid any more")
+        # At most three valid certificates per agent: the one its live link was opened with, the
+        # newest one (on its disk, in case the agent dies before saving the next) and the new one.
+        now = time.time()
+        mine = {serial: other for serial, other in self.issued.items()
+                if other.agent_id == issued.agent_id and not other.revoked}
+        keep = {ident.serial, max(mine, key=lambda serial: mine[serial].not_after)}
+        for serial, other in mine.items():
+            if serial not in keep:
+                other.revoked = now
+                self.db.conn.execute("UPDATE certificates SET revoked = ? WHERE serial = ?", (now, serial))
         return self._issue(csr_pem, issued.agent_id, list(issued.roles))
 
     def _issue(self, csr_pem: bytes, agent_id: str, roles: list[str]) -> tuple[x509.Certificate, Issued]:

@@ -299,6 +299,12 @@ def test_certificates_renew_before_they_expire(tmp_path):
         c.agents["short-1"].start()
         c.wait_connected("short-1")
         assert c.controller.events("agent.renewed")
+        # Renewals happen once per two thirds of a lifetime, not in a loop, and retire old
+        # certificates: at most the link's, the newest and the new one stay valid.
+        db = sqlite3.connect(c.controller.store / "deployer.db")
+        issued = db.execute("SELECT COUNT(*) FROM certificates WHERE agent_id = 'short-1'").fetchone()[0]
+        valid = db.execute("SELECT COUNT(*) FROM certificates WHERE agent_id = 'short-1' AND revoked IS NULL")
+        assert 2 <= issued <= 8 and valid.fetchone()[0] <= 3
     finally:
         c.close()
 
