@@ -112,10 +112,13 @@ class Credentials:
         self.ca_path = folder / "ca.crt"
 
     def exists(self) -> bool:
+        if self.folder.is_dir():
+            self._finish_save()
         return self.key_path.exists() and self.cert_path.exists() and self.ca_path.exists()
 
     def load(self) -> tuple[bytes, bytes, bytes]:
-        """(key, certificate, CA) as PEM."""
+        """(key, certificate, CA) as PEM; a save cut short by a crash is finished first."""
+        self._finish_save()
         try:
             return self.key_path.read_bytes(), self.cert_path.read_bytes(), self.ca_path.read_bytes()
         except OSError as exc:
@@ -125,12 +128,24 @@ class Credentials:
         return identity(x509.load_pem_x509_certificate(self.load()[1]))
 
     def save(self, key_pem: bytes, cert_pem: bytes, ca_pem: bytes) -> None:
-        """Write all three atomically (each by rename), the key first and private."""
+        """Replace the pair (and the CA) so that a crash never leaves a key beside another key's
+        certificate: every new file is written and synced under a `.next` name first, then they
+        are renamed into place; `load` finishes renames a crash interrupted."""
         self.folder.mkdir(parents=True, exist_ok=True)
         os.chmod(self.folder, 0o700)
-        for path, data, mode in ((self.key_path, key_pem, 0o600), (self.ca_path, ca_pem, 0o644),
-                                 (self.cert_path, cert_pem, 0o644)):
-            write_atomic(path, data, mode)
+        staged = [(self.key_path, key_pem, 0o600), (self.ca_path, ca_pem, 0o644), (self.cert_path, cert_pem, 0o644)]
+        for path, data, mode in staged:
+            write_atomic(_next(path), data, mode)
+        self._finish_save()
+
+    def _finish_save(self) -> None:
+        for path in (self.key_path, self.ca_path, self.cert_path):
+            if _next(path).exists():
+                os.replace(_next(path), path)
+
+
+def _next(path: Path) -> Path:
+    return path.with_name(f"{path.name}.next")
 
 
 def write_atomic(path: Path, data: bytes, mode: int) -> None:

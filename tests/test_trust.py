@@ -402,3 +402,20 @@ async def _call_off_the_list(tmp_path, ran: list) -> grpc.aio.AioRpcError:
     finally:
         await server.stop(0)
     return refused.value
+
+
+def test_a_renewal_cut_short_by_a_crash_leaves_a_usable_pair(tmp_path):
+    """The key is renamed into place but the process dies before the certificate is: the next
+    start finishes the save instead of pairing the new key with the old certificate."""
+    credentials = tls.Credentials(tmp_path / "tls")
+    old_key, _ = tls.new_key_and_csr("a-1")
+    credentials.save(old_key, b"old certificate", b"ca")
+    new_key, _ = tls.new_key_and_csr("a-1")
+    for path, data, mode in ((credentials.key_path, new_key, 0o600), (credentials.ca_path, b"ca", 0o644),
+                             (credentials.cert_path, b"new certificate", 0o644)):
+        tls.write_atomic(path.with_name(path.name + ".next"), data, mode)
+    os.replace(credentials.key_path.with_name("agent.key.next"), credentials.key_path)   # then the crash
+    key, cert, ca = credentials.load()
+    assert (key, cert, ca) == (new_key, b"new certificate", b"ca")
+    assert not list((tmp_path / "tls").glob("*.next"))
+    assert oct(credentials.key_path.stat().st_mode & 0o777) == "0o600"
