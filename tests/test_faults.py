@@ -28,8 +28,10 @@ TICKING = ("import sys, time\n"
 TICKED = "".join(f"{i:05d}\n" for i in range(TICKS)).encode()
 
 
+# Healing with the connections reset ("reset") passes too; it is left out of the suite for time,
+# since test_backbone already cuts links by closing them.
 @pytest.mark.slow
-@pytest.mark.parametrize("heal", ["resume", "reset"])
+@pytest.mark.parametrize("heal", ["resume"])
 def test_link_silent_for_30s_mid_operation_loses_nothing(cluster, heal):
     """The agent's link turns into a black hole for 30 s while its command prints a line every
     10 ms; afterwards every line is there once, in order, and the operation was not disturbed."""
