@@ -26,6 +26,17 @@ from .spool import Spool
 
 log = structlog.get_logger("agent")
 
+MAX_ERROR_CHARS = 2000  # a result's error is one line for an operator, not a second output channel
+
+
+def bounded(error: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """`error` cut to about `limit` characters, keeping its start and its end, which is where a
+    command or systemctl says what went wrong."""
+    if len(error) <= limit:
+        return error
+    keep = limit // 2
+    return f"{error[:keep]} … ({len(error) - 2 * keep} characters left out) … {error[-keep:]}"
+
 
 @dataclass
 class Held:
@@ -116,7 +127,7 @@ class Operations:
             log.exception("op.crashed", op_id=op.id)
             result = pb.OperationResult(op_id=op.id, outcome=pb.FAILED_TO_START,
                                         error=f"the agent could not run it: {type(exc).__name__}: {exc}")
-        result.error = redact.redact_text(result.error)
+        result.error = bounded(redact.redact_text(result.error))  # cut only once redacted
         held.spool.seal()
         if note := held.spool.loss_note():
             result.error = f"{result.error}; {note}" if result.error else note

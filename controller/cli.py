@@ -93,7 +93,7 @@ def cmd_agents(args: argparse.Namespace) -> int:
             a.id, ",".join(a.roles), "revoked" if a.revoked else _AGENT_STATES.get(a.state, "?"),
             render.age(now - a.last_seen),
             f"{f.load1:.2f}/{f.cpus}", f"{render.size(f.mem_available_bytes)} free of {render.size(f.mem_total_bytes)}",
-            f"{render.size(f.disk_free_bytes)} free", a.version,
+            f"{render.size(f.disk_free_bytes)} free", render.printable(a.version, 24),
         ])
     sys.stdout.write(render.table(
         ["ID", "ROLES", "STATE", "LAST SEEN", "LOAD/CPUS", "MEMORY", "DISK", "VERSION"], rows))
@@ -155,6 +155,10 @@ def describe(result: pb.OperationResult) -> tuple[bool, str]:
     outcome = result.outcome
     if outcome == pb.EXITED and result.exit_code == 0 and not result.error:
         return True, f"ok ({usage})"
+    if outcome == pb.EXITED and result.exit_code == 0:
+        # The command succeeded but not all of its output was kept: not a success for whoever
+        # reads that output (a dump piped to a file), so it counts as failed, and says why.
+        return False, f"exit 0 ({usage}), but {result.error}"
     if outcome == pb.EXITED:
         detail = f"exit {result.exit_code}"
         return False, f"failed: {detail} ({usage})" + (f"; {result.error}" if result.error else "")
@@ -434,6 +438,8 @@ def _follow_job(stub: pb_grpc.OperatorStub, job_id: str, verbose: bool, counts: 
         elif name == "step.finished":
             mark = "ok" if e["ok"] else e["outcome"] + (f" {e['exit_code']}" if e["outcome"] == "exited" else "")
             print(f"  {e['service']}: {e['step']:<16} {mark:<10} {render.duration(e['duration_s'])}", flush=True)
+            if e["ok"] and e.get("error"):  # it succeeded, with something to say (lost output)
+                print(f"    {e['error']}", flush=True)
         elif name == "step.failed":
             print(f"error: {e['error']}", file=sys.stderr)
             if e.get("tail"):

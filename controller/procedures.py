@@ -117,7 +117,8 @@ class Runner:
         ok = result.outcome == pb.EXITED and result.exit_code == 0
         self.job.event("step.finished", service=service, step=step, op=operation.id, ok=ok,
                        duration_s=round(result.duration_s, 3),
-                       outcome=pb.Outcome.Name(result.outcome).lower(), exit_code=result.exit_code)
+                       outcome=pb.Outcome.Name(result.outcome).lower(), exit_code=result.exit_code,
+                       **({"error": result.error} if result.error else {}))  # e.g. output incomplete
         if check and not ok:
             detail = result.error or (f"exit {result.exit_code}" if result.outcome == pb.EXITED
                                       else pb.Outcome.Name(result.outcome).lower())

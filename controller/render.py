@@ -33,10 +33,17 @@ def duration(seconds: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
+def printable(text: str, limit: int | None = None) -> str:
+    """`text` safe for a terminal cell: what agents report is theirs to choose, so control
+    characters (escape sequences, line breaks) show as `?`, and a `limit` cuts it with `…`."""
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text if limit is None or len(text) <= limit else text[:limit - 1] + "…"
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()
-             for row in [headers, *rows]]
+    rows = [[printable(str(c)) for c in row] for row in [headers, *rows]]
+    widths = [max(len(c) for c in col) for col in zip(*rows)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -126,11 +126,26 @@ def test_sizes_ages_and_tables():
     assert render.size(512) == "512 B" and render.size(3 << 30) == "3.0 GiB"
     assert render.age(0.5) == "now" and render.age(90) == "90s ago" and render.age(600) == "10m ago"
     assert render.table(["A", "BB"], [["x", "y"]]) == "A  BB\nx  y\n"
+    # What an agent reports cannot move the cursor, break a row or stretch a column.
+    assert render.table(["V"], [["1.0\x1b[2J\nroot"]]) == "V\n1.0?[2J?root\n"
+    assert render.printable("0.1.0-" + "x" * 100, 24) == "0.1.0-" + "x" * 17 + "…"
+    assert render.printable("0.1.0", 24) == "0.1.0"
+
+
+def test_errors_are_bounded_keeping_start_and_end():
+    from agent.operations import bounded
+    assert bounded("short") == "short"
+    long = "systemctl start x: " + "y" * 5000 + " the cause"
+    cut = bounded(long)
+    assert len(cut) < 2100 and cut.startswith("systemctl start x: ") and cut.endswith(" the cause")
+    assert f"({len(long) - 2000} characters left out)" in cut
 
 
 @pytest.mark.parametrize("result, ok, line", [
     (pb.OperationResult(outcome=pb.EXITED, duration_s=0.5), True, "ok (500ms"),
     (pb.OperationResult(outcome=pb.EXITED, exit_code=3), False, "failed: exit 3"),
+    (pb.OperationResult(outcome=pb.EXITED, error="output incomplete: 5 bytes could not be kept"), False,
+     "exit 0 (0ms, rss 0 B, cpu 0ms), but output incomplete: 5 bytes"),
     (pb.OperationResult(outcome=pb.SIGNALED, signal=9), False, "failed: killed by signal SIGKILL"),
     (pb.OperationResult(outcome=pb.TIMED_OUT, error="timed out after 1s"), False, "timed out after 1s"),
     (pb.OperationResult(outcome=pb.FAILED_TO_START, error="command not found: x"), False,
