@@ -127,9 +127,35 @@ def cmd_token_create(args: argparse.Namespace) -> int:
         print(json.dumps({"token": reply.token, "token_id": reply.token_id, "expires_at": reply.expires_at}))
         return EXIT_OK
     print(reply.token)
-    print(f"single use, valid until {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(reply.expires_at))}; "
+    print(f"token {reply.token_id}: single use, valid until "
+          f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(reply.expires_at))}; "
           f"on the agent: DEPLOYER_TOKEN=TOKEN deployer-agent enroll --config /etc/deployer/agent.yml",
           file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    _, reply = call(args, "ListTokens", pb.ListTokensRequest(all=args.all), 10)
+    tokens = json.loads(reply.json)
+    if args.json:
+        print(json.dumps(tokens, indent=2))
+        return EXIT_OK
+    if not tokens:
+        print("no token was ever made" if args.all else
+              "no token can be used now (--all shows used, expired and revoked ones)")
+        return EXIT_OK
+    now = time.time()
+    when = lambda t: time.strftime("%Y-%m-%d %H:%M", time.gmtime(t))  # noqa: E731
+    rows = [[t["id"], ",".join(t["roles"]), t["agent_id"] or "any", when(t["created"]),
+             when(t["expires"]) + (f" (in {render.span(t['expires'] - now)})" if t["state"] == "open" else ""),
+             t["state"] + (f" by {t['used_by']}" if t["used_by"] else "")] for t in tokens]
+    sys.stdout.write(render.table(["ID", "ROLES", "AGENT", "CREATED (UTC)", "EXPIRES (UTC)", "STATE"], rows))
+    return EXIT_OK
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    call(args, "RevokeToken", pb.TokenRef(token_id=args.token_id), 10)
+    print(f"token {args.token_id} revoked: it enrols nothing")
     return EXIT_OK
 
 
@@ -653,6 +679,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agent", help="only this agent id may use it")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_token_create)
+    p = token.add_parser("list", help="the tokens that can still enrol an agent",
+                         description="List enrolment tokens by id (never their secret part): by default "
+                                     "those that can still be used; --all adds used, expired and revoked ones.",
+                         epilog="example: deployctl token list --all")
+    p.add_argument("--all", action="store_true", help="also used, expired and revoked tokens")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_token_list)
+    p = token.add_parser("revoke", help="make an unused token worthless",
+                         description="Spend a token nobody has used, so it enrols nothing. A token that "
+                                     "was used already made an agent: revoke that agent instead.",
+                         epilog="example: deployctl token revoke 3f2a9c41d0e7")
+    p.add_argument("token_id", help="the id `token create` and `token list` show")
+    p.set_defaults(func=cmd_token_revoke)
 
     p = sub.add_parser("exec", help="run a command on agents, streaming its output",
                        description="Run a command on agents and stream every line as it is produced, "

@@ -36,7 +36,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     OPERATOR: frozenset(f"/deployer.v1.Operator/{name}" for name in (
         "ListAgents", "SubmitExec", "Follow", "CancelOperations", "GetOperation",
         "Plan", "Apply", "FollowJob", "ListJobs", "ShowJob", "Ledger", "Status", "SetSecret",
-        "Rollback", "Check", "ServiceLogs", "CreateToken", "RevokeAgent",
+        "Rollback", "Check", "ServiceLogs", "CreateToken", "ListTokens", "RevokeToken", "RevokeAgent",
     )),
 }
 

@@ -89,6 +89,19 @@ class OperatorService(pb_grpc.OperatorServicer):
                  expires=expires)
         return pb.TokenReply(token=str(token), expires_at=expires, token_id=token.token_id)
 
+    async def ListTokens(self, request: pb.ListTokensRequest, context):
+        return pb.JsonReply(json=json.dumps(self.enrolment.tokens(every=request.all)))
+
+    async def RevokeToken(self, request: pb.TokenRef, context):
+        try:
+            self.enrolment.revoke_token(request.token_id)
+        except LookupError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, exc.args[0])
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        log.warning("token.revoked", token_id=request.token_id)
+        return pb.Empty()
+
     async def RevokeAgent(self, request: pb.RevokeRequest, context):
         agent_id = request.agent_id
         if agent_id not in self.registry.agents and not self.enrolment.expires(agent_id):

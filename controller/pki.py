@@ -154,6 +154,10 @@ class Authority:
                 .sign(self.ca_key, hashes.SHA256()))
 
 
+# What `used_by` holds for a token spent by a revocation: never an agent id, which has no brackets.
+REVOKED_TOKEN = "(revoked)"
+
+
 def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
@@ -195,6 +199,34 @@ class Enrolment:
              created + ttl_s))
         return token, created + ttl_s
 
+    def tokens(self, every: bool = False) -> list[dict]:
+        """What an operator may know of the tokens: never the secret part, nor its hash. Without
+        `every`, only those that can still be used."""
+        now = time.time()
+        listed = []
+        for row in self.db.conn.execute("SELECT * FROM tokens ORDER BY created"):
+            state = ("revoked" if row["used_by"] == REVOKED_TOKEN else "used" if row["used"] is not None
+                     else "expired" if row["expires"] < now else "open")
+            if every or state == "open":
+                listed.append({"id": row["id"], "roles": json.loads(row["roles"]),
+                               "agent_id": row["agent_id"], "created": row["created"],
+                               "expires": row["expires"], "state": state, "used": row["used"],
+                               "used_by": row["used_by"] if state == "used" else None})
+        return listed
+
+    def revoke_token(self, token_id: str) -> None:
+        """Spend a token nobody has used yet, so that it enrols nothing."""
+        row = self.db.conn.execute("SELECT used, used_by FROM tokens WHERE id = ?", (token_id,)).fetchone()
+        if row is None:
+            raise LookupError(f"unknown enrolment token {token_id!r}")
+        if row["used_by"] == REVOKED_TOKEN:
+            return  # already so: revoking twice is not an error
+        spent = self.db.conn.execute("UPDATE tokens SET used = ?, used_by = ? WHERE id = ? AND used IS NULL",
+                                     (time.time(), REVOKED_TOKEN, token_id)).rowcount
+        if not spent:
+            raise ValueError(f"enrolment token {token_id} was already used by agent {row['used_by']}: "
+                             f"revoke the agent instead (deployctl agents revoke {row['used_by']})")
+
     def enroll(self, token_text: str, agent_id: str, csr_pem: bytes) -> tuple[x509.Certificate, Issued]:
         """Redeem a token for a certificate; the token is spent even if signing then fails."""
         try:
@@ -204,6 +236,8 @@ class Enrolment:
         row = self.db.conn.execute("SELECT * FROM tokens WHERE id = ?", (token.token_id,)).fetchone()
         if row is None or not hmac.compare_digest(row["secret_sha256"], _hash(token.secret)):
             raise EnrolmentRefused(f"unknown enrolment token {token.token_id}")
+        if row["used_by"] == REVOKED_TOKEN:
+            raise EnrolmentRefused(f"enrolment token {token.token_id} was revoked")
         if row["used"] is not None:
             raise EnrolmentRefused(f"enrolment token {token.token_id} was already used "
                                    f"(by {row['used_by']}): tokens are single-use")
@@ -279,8 +313,8 @@ class Enrolment:
         self.db.conn.execute("UPDATE certificates SET revoked = ? WHERE agent_id = ? AND revoked IS NULL",
                              (now, agent_id))
         # Tokens made for that agent and not yet used are spent too: revoked means revoked.
-        self.db.conn.execute("UPDATE tokens SET used = ?, used_by = 'revoked' WHERE agent_id = ? AND used IS NULL",
-                             (now, agent_id))
+        self.db.conn.execute("UPDATE tokens SET used = ?, used_by = ? WHERE agent_id = ? AND used IS NULL",
+                             (now, REVOKED_TOKEN, agent_id))
         return count
 
     def expires(self, agent_id: str) -> float:

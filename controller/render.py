@@ -16,13 +16,16 @@ def size(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def age(seconds: float) -> str:
-    if seconds < 2:
-        return "now"
+def span(seconds: float) -> str:
+    """A rough length of time for a person: 90s, 45m, 30h, 12d."""
     for limit, unit in ((120, "s"), (7200, "m"), (172800, "h")):
         if seconds < limit:
-            return f"{int(seconds // {'s': 1, 'm': 60, 'h': 3600}[unit])}{unit} ago"
-    return f"{int(seconds // 86400)}d ago"
+            return f"{int(seconds // {'s': 1, 'm': 60, 'h': 3600}[unit])}{unit}"
+    return f"{int(seconds // 86400)}d"
+
+
+def age(seconds: float) -> str:
+    return "now" if seconds < 2 else f"{span(seconds)} ago"
 
 
 def duration(seconds: float) -> str:

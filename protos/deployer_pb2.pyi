@@ -661,6 +661,18 @@ class TokenReply(_message.Message):
     token_id: str
     def __init__(self, token: _Optional[str] = ..., expires_at: _Optional[float] = ..., token_id: _Optional[str] = ...) -> None: ...
 
+class TokenRef(_message.Message):
+    __slots__ = ("token_id",)
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    token_id: str
+    def __init__(self, token_id: _Optional[str] = ...) -> None: ...
+
+class ListTokensRequest(_message.Message):
+    __slots__ = ("all",)
+    ALL_FIELD_NUMBER: _ClassVar[int]
+    all: bool
+    def __init__(self, all: _Optional[bool] = ...) -> None: ...
+
 class RevokeRequest(_message.Message):
     __slots__ = ("agent_id",)
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]

@@ -314,6 +314,16 @@ class OperatorStub:
                 request_serializer=protos_dot_deployer__pb2.TokenRequest.SerializeToString,
                 response_deserializer=protos_dot_deployer__pb2.TokenReply.FromString,
                 _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/deployer.v1.Operator/ListTokens',
+                request_serializer=protos_dot_deployer__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=protos_dot_deployer__pb2.JsonReply.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/deployer.v1.Operator/RevokeToken',
+                request_serializer=protos_dot_deployer__pb2.TokenRef.SerializeToString,
+                response_deserializer=protos_dot_deployer__pb2.Empty.FromString,
+                _registered_method=True)
         self.RevokeAgent = channel.unary_unary(
                 '/deployer.v1.Operator/RevokeAgent',
                 request_serializer=protos_dot_deployer__pb2.RevokeRequest.SerializeToString,
@@ -430,6 +440,19 @@ class OperatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTokens(self, request, context):
+        """never the secret part, nor its hash
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RevokeAgent(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -523,6 +546,16 @@ def add_OperatorServicer_to_server(servicer, server):
                     servicer.CreateToken,
                     request_deserializer=protos_dot_deployer__pb2.TokenRequest.FromString,
                     response_serializer=protos_dot_deployer__pb2.TokenReply.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=protos_dot_deployer__pb2.ListTokensRequest.FromString,
+                    response_serializer=protos_dot_deployer__pb2.JsonReply.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=protos_dot_deployer__pb2.TokenRef.FromString,
+                    response_serializer=protos_dot_deployer__pb2.Empty.SerializeToString,
             ),
             'RevokeAgent': grpc.unary_unary_rpc_method_handler(
                     servicer.RevokeAgent,
@@ -989,6 +1022,60 @@ class Operator:
             '/deployer.v1.Operator/CreateToken',
             protos_dot_deployer__pb2.TokenRequest.SerializeToString,
             protos_dot_deployer__pb2.TokenReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deployer.v1.Operator/ListTokens',
+            protos_dot_deployer__pb2.ListTokensRequest.SerializeToString,
+            protos_dot_deployer__pb2.JsonReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deployer.v1.Operator/RevokeToken',
+            protos_dot_deployer__pb2.TokenRef.SerializeToString,
+            protos_dot_deployer__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

@@ -281,6 +281,46 @@ def test_token_create_on_the_command_line(cluster):
     assert reply["token"].split(".")[2] not in cluster.controller.log.read_text()
 
 
+def test_tokens_are_listed_without_secrets_and_revoked_before_use(cluster):
+    made = [json.loads(cluster.deployctl("token", "create", "--role", "daemons", *extra, "--json").stdout)
+            for extra in ((), ("--agent", "web-9"))]
+    open_token, bound_token = (m["token"] for m in made)
+    enroll_raw(cluster, "lister-1", cluster.controller.token(("computing",)))  # one used token besides
+
+    listed = cluster.deployctl("token", "list")
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[0]: line for line in listed.stdout.decode().splitlines()[1:]}
+    assert set(rows) >= {m["token_id"] for m in made}
+    assert "web-9" in rows[made[1]["token_id"]] and "open" in rows[made[0]["token_id"]]
+    assert all(m["token"].split(".")[2] not in listed.stdout.decode() for m in made)
+
+    revoked = cluster.deployctl("token", "revoke", made[0]["token_id"])
+    assert revoked.returncode == 0 and b"revoked" in revoked.stdout, revoked.stderr
+    assert cluster.deployctl("token", "revoke", made[0]["token_id"]).returncode == 0  # twice is fine
+    with pytest.raises(grpc.RpcError) as refused:
+        enroll_raw(cluster, "late-9", open_token)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert f"enrolment token {made[0]['token_id']} was revoked" in refused.value.details()
+
+    # Used, revoked and expired tokens are gone from the default list and shown with --all.
+    default = json.loads(cluster.deployctl("token", "list", "--json").stdout)
+    assert made[0]["token_id"] not in {t["id"] for t in default}
+    every = {t["id"]: t for t in json.loads(cluster.deployctl("token", "list", "--all", "--json").stdout)}
+    assert every[made[0]["token_id"]]["state"] == "revoked"
+    assert every[made[1]["token_id"]]["state"] == "open" and every[made[1]["token_id"]]["agent_id"] == "web-9"
+    assert {t["state"] for t in every.values()} >= {"used", "revoked", "open"}
+    assert not any("secret" in key for t in every.values() for key in t)
+
+    # A used token made an agent: it is that agent that is revoked, and the CLI says so.
+    used = next(t for t in every.values() if t["used_by"] == "lister-1")
+    refused = cluster.deployctl("token", "revoke", used["id"])
+    assert refused.returncode == 1 and b"deployctl agents revoke lister-1" in refused.stderr
+    unknown = cluster.deployctl("token", "revoke", "0123456789ab")
+    assert unknown.returncode == 2 and unknown.stderr.strip().count(b"\n") == 0
+    assert b"unknown enrolment token" in unknown.stderr
+    assert bound_token.split(".")[2] not in cluster.controller.log.read_text()
+
+
 # ---------------------------------------------------------------- renewal
 
 def test_certificates_renew_before_they_expire(tmp_path):

@@ -125,6 +125,7 @@ def test_prefixer_holds_partial_lines_until_complete():
 def test_sizes_ages_and_tables():
     assert render.size(512) == "512 B" and render.size(3 << 30) == "3.0 GiB"
     assert render.age(0.5) == "now" and render.age(90) == "90s ago" and render.age(600) == "10m ago"
+    assert render.age(3 * 86400) == "3d ago" and render.span(50 * 3600) == "2d" and render.span(7199) == "119m"
     assert render.table(["A", "BB"], [["x", "y"]]) == "A  BB\nx  y\n"
     # What an agent reports cannot move the cursor, break a row or stretch a column.
     assert render.table(["V"], [["1.0\x1b[2J\nroot"]]) == "V\n1.0?[2J?root\n"
