@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 
 import grpc
 import structlog
@@ -162,6 +163,8 @@ class AgentGateway(pb_grpc.AgentGatewayServicer):
                 asyncio.create_task(self._writer(session, context)),
                 asyncio.create_task(self.dispatcher.acknowledge(session)),
             ]
+            if caller is not None:
+                tasks.append(asyncio.create_task(self._end_at_expiry(session, caller.not_after)))
             await asyncio.wait([tasks[0], asyncio.create_task(session.closed.wait())],
                                return_when=asyncio.FIRST_COMPLETED)
             if tasks[0].done() and not tasks[0].cancelled() and tasks[0].exception() is not None:
@@ -184,6 +187,17 @@ class AgentGateway(pb_grpc.AgentGatewayServicer):
         if failure is not None:
             log.error("agent.session_failed", agent_id=session.agent_id, error=repr(failure))
             await context.abort(grpc.StatusCode.INTERNAL, "the controller could not handle a message; see its log")
+
+    @staticmethod
+    async def _end_at_expiry(session: Session, not_after: float) -> None:
+        """A link lives no longer than the certificate it was opened with: TLS checks it only at
+        the handshake, so at its end the agent is told to dial again, with its renewed one (an
+        agent that could not renew then stays out)."""
+        await asyncio.sleep(max(0.0, not_after - time.time()))
+        reason = "the certificate this link was opened with has expired: dial again with the renewed one"
+        log.info("agent.certificate_expired", agent_id=session.agent_id)
+        session.send(pb.ControllerMessage(goodbye=pb.Goodbye(reason=reason)))
+        session.close(reason)
 
     async def _reader(self, session: Session, context) -> None:
         while True:

@@ -333,7 +333,15 @@ def test_certificates_renew_before_they_expire(tmp_path):
         first = c.agents_json()["short-1"]["certificate_expires"]
         wait_for(lambda: c.agents_json()["short-1"]["certificate_expires"] > first, 20, every=0.5,
                  what="a renewed certificate")
-        # Past the first certificate's end, a new link still gets in with the renewed one.
+        # At the end of the certificate a link was opened with, the controller ends that link and
+        # the agent dials again at once with its renewed certificate: no link outlives its own.
+        wait_for(lambda: c.controller.events("agent.certificate_expired"), 15, every=0.5,
+                 what="the first link ended at its certificate's expiry")
+        assert __import__("time").time() >= first
+        wait_for(lambda: len(c.controller.events("agent.connected")) >= 2, 15, every=0.5,
+                 what="a new link with the renewed certificate")
+        c.wait_connected("short-1")
+        # Past the first certificate's end, a restarted agent still gets in with the renewed one.
         wait_for(lambda: __import__("time").time() > first + 1, 15, every=0.5, what="first expiry")
         c.agents["short-1"].stop()
         c.agents["short-1"].start()
