@@ -23,7 +23,7 @@ from .dispatcher import Dispatcher
 from agent.tls import SERVER_NAME
 
 from .door import CALLER
-from .pki import EnrolmentRefused, Enrolment
+from .pki import EnrolmentRefused, Enrolment, RenewedTooSoon
 from .registry import Registry, Session
 
 log = structlog.get_logger("controller")
@@ -123,6 +123,8 @@ class AgentGateway(pb_grpc.AgentGatewayServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no certificate to renew on a plain link")
         try:
             cert, issued = self.enrolment.renew(caller, request.csr_pem)
+        except RenewedTooSoon as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except EnrolmentRefused as exc:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
         log.info("agent.renewed", agent_id=issued.agent_id, not_after=issued.not_after)

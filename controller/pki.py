@@ -43,6 +43,10 @@ class EnrolmentRefused(Exception):
     """The token or request cannot buy a certificate; the message says why in one line."""
 
 
+class RenewedTooSoon(EnrolmentRefused):
+    """An agent asked for certificates faster than any renewal schedule would."""
+
+
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
@@ -168,6 +172,7 @@ class Issued:
     roles: tuple[str, ...]
     not_after: float
     revoked: float | None
+    issued_at: float = 0.0
 
 
 class Enrolment:
@@ -182,7 +187,7 @@ class Enrolment:
         self.issued: dict[str, Issued] = {}
         for row in db.conn.execute("SELECT * FROM certificates"):
             self.issued[row["serial"]] = Issued(row["agent_id"], tuple(json.loads(row["roles"])),
-                                                row["not_after"], row["revoked"])
+                                                row["not_after"], row["revoked"], row["issued"])
 
     # ---------------------------------------------------------------- tokens
 
@@ -268,6 +273,15 @@ class Enrolment:
         now = time.time()
         mine = {serial: other for serial, other in self.issued.items()
                 if other.agent_id == issued.agent_id and not other.revoked}
+        # An agent renews after two thirds of a lifetime; one asking again within a tenth of it
+        # (at most 10 minutes) is looping or hostile, and each answer would be a signature and a
+        # row. A tenth, so an agent that lost its newest certificate in a crash still renews
+        # well before the one it holds expires.
+        last = max((other.issued_at for other in mine.values()), default=0.0)
+        wait = last + min(self.agent_ttl_s / 10, 600.0) - now
+        if wait > 0:
+            raise RenewedTooSoon(f"agent {issued.agent_id} got a certificate {now - last:.0f} s ago; "
+                                 f"ask again in {wait:.0f} s")
         keep = {ident.serial, max(mine, key=lambda serial: mine[serial].not_after)}
         for serial, other in mine.items():
             if serial not in keep:
@@ -283,10 +297,10 @@ class Enrolment:
         except Exception as exc:  # an odd CSR must not surface as an internal error
             raise EnrolmentRefused(f"cannot sign this certificate request: {type(exc).__name__}") from None
         ident = identity(cert)
-        issued = Issued(agent_id, tuple(roles), ident.not_after, None)
+        issued = Issued(agent_id, tuple(roles), ident.not_after, None, time.time())
         self.db.conn.execute(
             "INSERT INTO certificates (serial, agent_id, roles, issued, not_after) VALUES (?,?,?,?,?)",
-            (ident.serial, agent_id, json.dumps(roles), time.time(), ident.not_after))
+            (ident.serial, agent_id, json.dumps(roles), issued.issued_at, ident.not_after))
         self.issued[ident.serial] = issued
         return cert, issued
 

@@ -9,6 +9,7 @@ import asyncio
 import datetime
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import threading
@@ -355,6 +356,23 @@ def test_certificates_renew_before_they_expire(tmp_path):
         assert 2 <= issued <= 8 and valid.fetchone()[0] <= 3
     finally:
         c.close()
+
+
+def test_an_agent_cannot_renew_in_a_loop(cluster):
+    """Each renewal is a signature and a row: one right after the last is refused, and says when."""
+    key, cert = enroll_raw(cluster, "eager-1", cluster.controller.token(("computing",)))
+    ca = (cluster.controller.store / "pki" / "ca.crt").read_bytes()
+    with grpc.secure_channel(cluster.controller.address, grpc.ssl_channel_credentials(ca, key, cert),
+                             options=[("grpc.ssl_target_name_override", tls.SERVER_NAME)]) as channel:
+        for _ in range(3):
+            _, csr = tls.new_key_and_csr("eager-1")
+            with pytest.raises(grpc.RpcError) as refused:
+                pb_grpc.AgentGatewayStub(channel).Renew(pb.RenewRequest(csr_pem=csr), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert re.fullmatch(r"agent eager-1 got a certificate \d+ s ago; ask again in \d+ s",
+                                refused.value.details())
+    db = sqlite3.connect(cluster.controller.store / "deployer.db")
+    assert db.execute("SELECT COUNT(*) FROM certificates WHERE agent_id = 'eager-1'").fetchone()[0] == 1
 
 
 # ---------------------------------------------------------------- the store and plain links
