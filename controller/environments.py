@@ -138,6 +138,12 @@ class Environments:
         if missing:
             raise OrderError(missing[0])
         if plan.empty:
+            # "Nothing to do" is only true with nothing in flight: a job holding the environment,
+            # or work an interrupted one left unsettled, could still change what is live.
+            self._settle_first(spec.key)
+            if EnvLock(self.store, spec.key).owner() is not None:
+                raise OrderError(f"{spec.key} is locked by {EnvLock(self.store, spec.key).describe()}: "
+                                 "order again once it has finished")
             self._accept(spec)
             return None, plan
         files = {Path(request.spec_name).name or "environment.yml": request.spec_text or ""}
@@ -148,15 +154,20 @@ class Environments:
         job = self._launch(spec, "apply", plan, files, lambda runner: runner.apply(plan), accept=True)
         return job, plan
 
+    def _settle_first(self, env_key: str) -> None:
+        """Refuse an order while an interrupted job's work is unsettled, and start settling it."""
+        if recovery.pending(self.db.conn, env_key):
+            job = self.recover(env_key)
+            if job is not None:
+                raise OrderError(f"{env_key}: {job.id} first settles what an interrupted job left in flight "
+                                 f"(deployctl job show {job.id}); order again once it has finished")
+
     def _launch(self, spec: spec_mod.Spec, kind: str, plan: planner.Plan | None, files: dict[str, str],
                 body, note: str = "", accept: bool = False) -> Job:
         """Lock the environment, open the job's folder, and run `body(runner)` as the job.
         With `accept`, the spec becomes the environment's stored spec once the lock is held."""
-        if kind != "recover" and recovery.pending(self.db.conn, spec.key):
-            job = self.recover(spec.key)
-            if job is not None:
-                raise OrderError(f"{spec.key}: {job.id} first settles what an interrupted job left in flight "
-                                 f"(deployctl job show {job.id}); order again once it has finished")
+        if kind != "recover":
+            self._settle_first(spec.key)
         lock = EnvLock(self.store, spec.key)
         job_id = new_job_id()
         try:

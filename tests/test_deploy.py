@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import threading
 import time
@@ -109,6 +110,19 @@ def test_the_four_deploys_of_the_notes(world, tmp_path):
     again = apply(world, str(spec))
     assert b"nothing to do" in again.stdout
     assert cluster.deployctl("ledger", f"shop/{env}", "web").stdout == ledger.stdout
+
+    # While a job holds the environment, "nothing to do" would be a guess: the order is refused.
+    lock = cluster.controller.store / "locks" / f"shop--{env}"
+    lock.mkdir(parents=True)
+    (lock / "owner.json").write_text(json.dumps({"job": "job-held", "since": 0, "reason": "verify"}))
+    try:
+        held = cluster.deployctl("apply", str(spec))
+        assert held.returncode != 0 and b"nothing to do" not in held.stdout
+        assert f"shop/{env} is locked by job job-held".encode() in held.stderr
+        assert held.stderr.strip().count(b"\n") == 0
+    finally:
+        shutil.rmtree(lock)
+    assert b"nothing to do" in apply(world, str(spec)).stdout
 
 
 def test_zero_downtime_redeploy_and_failed_health_check(world, tmp_path):
