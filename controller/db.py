@@ -150,6 +150,14 @@ MIGRATIONS = [
     """,
     # 5: secret values and operation payloads sealed at rest; operations know their environment.
     _seal_at_rest,
+    # 6: values a secret had before it was set again (sealed), still redacted: kept releases'
+    # .env files and logs may hold them.
+    """
+    CREATE TABLE retired_secrets (
+        env_key TEXT NOT NULL, name TEXT NOT NULL, value TEXT NOT NULL, retired REAL NOT NULL
+    );
+    CREATE INDEX retired_secrets_env ON retired_secrets (env_key, name);
+    """,
 ]
 SEALED_VERSION = MIGRATIONS.index(_seal_at_rest) + 1
 

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from .db import Database
 
 COMPONENTS = ("code", "mysql", "redis")
+# A secret set again keeps being redacted in its former values: the last this many of them
+# (kept releases' .env files, and logs, may still hold them).
+RETIRED_KEPT = 10
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,8 @@ class Ledger:
         for key in keys:
             values.update(self.secrets(key).values())
             values.update(self.vault.open_text(r[0]) for r in self.conn.execute(
+                "SELECT value FROM retired_secrets WHERE env_key=?", (key,)))
+            values.update(self.vault.open_text(r[0]) for r in self.conn.execute(
                 "SELECT password FROM credentials WHERE env_key=?", (key,)))
         return sorted(values)
 
@@ -179,8 +184,19 @@ class Ledger:
                           (env_key, service, component, number, self.vault.seal_text(password)))
 
     def set_secret(self, env_key: str, name: str, value: str) -> None:
-        self.conn.execute("INSERT OR REPLACE INTO secrets VALUES (?, ?, ?)",
-                          (env_key, name, self.vault.seal_text(value)))
+        """Set a secret; the value it replaces stays redacted (its last RETIRED_KEPT values do)."""
+        with self.transaction():
+            old = self.conn.execute("SELECT value FROM secrets WHERE env_key=? AND name=?",
+                                    (env_key, name)).fetchone()
+            if old is not None and self.vault.open_text(old[0]) != value:
+                self.conn.execute("INSERT INTO retired_secrets VALUES (?, ?, ?, ?)",
+                                  (env_key, name, old[0], time.time()))
+                self.conn.execute(
+                    "DELETE FROM retired_secrets WHERE env_key=? AND name=? AND rowid NOT IN (SELECT rowid FROM "
+                    "retired_secrets WHERE env_key=? AND name=? ORDER BY retired DESC, rowid DESC LIMIT ?)",
+                    (env_key, name, env_key, name, RETIRED_KEPT))
+            self.conn.execute("INSERT OR REPLACE INTO secrets VALUES (?, ?, ?)",
+                              (env_key, name, self.vault.seal_text(value)))
 
     def reserve_port(self, host: str, port: int, env_key: str, service: str, instance: int) -> None:
         self.conn.execute("INSERT INTO ports VALUES (?, ?, ?, ?, ?)", (host, port, env_key, service, instance))

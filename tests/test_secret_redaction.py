@@ -152,3 +152,12 @@ def test_echoed_secrets_show_as_stars_and_are_nowhere_raw(world, tmp_path):
     assert str(store / "deployer.db") in haystacks and str(store / "deployer.db-wal") in haystacks
     leaks = [(where, needle) for where, data in haystacks.items() for needle in needles if needle in data]
     assert not leaks, leaks[:5]
+
+    # Rotated: release 1's .env still holds the former value, which stays redacted.
+    rotated = subprocess.run([sys.executable, "-m", "controller.cli", "secret", "set", f"shop/{env}", "SHOP_TOKEN"],
+                             input=b"tok-rotated-" + secrets.token_hex(12).encode(), capture_output=True,
+                             env=cluster.env(), cwd=ROOT)
+    assert rotated.returncode == 0, rotated.stderr
+    after = cluster.deployctl("exec", "--agent", "computing-1", "--", "cat", str(env_file))
+    assert after.returncode == 0 and b"SHOP_TOKEN=***" in after.stdout, after.stdout + after.stderr
+    assert not [n for n in encodings(token) if n in after.stdout + after.stderr]

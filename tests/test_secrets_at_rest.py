@@ -11,7 +11,7 @@ import pytest
 from controller import db as db_mod
 from controller.db import Database
 from controller.dispatcher import Dispatcher
-from controller.ledger import Ledger
+from controller.ledger import RETIRED_KEPT, Ledger
 from controller.registry import Registry
 from controller.vault import VaultError
 from protos import deployer_pb2 as pb
@@ -93,6 +93,21 @@ def test_redact_values_by_environment_or_by_agent(tmp_path):
     assert ledger.redact_values(None, "db-1") == ["shop/dev-password", "shop/dev-secret"]
     ledger.set_status("blog/prod", "web", "code", 1, "removed")
     assert ledger.redact_values(None, "web-1") == ["shop/prod-password", "shop/prod-secret"]
+
+
+def test_a_secret_set_again_stays_redacted_in_its_former_values(tmp_path):
+    db = Database(tmp_path / "deployer.db")
+    ledger = Ledger(db)
+    for n in range(13):
+        ledger.set_secret("shop/prod", "KEY", f"value-{n:02d}")
+    ledger.set_secret("shop/prod", "KEY", "value-12")               # the same value: nothing retired
+    ledger.set_secret("shop/dev", "KEY", "dev-value")
+    assert ledger.secrets("shop/prod") == {"KEY": "value-12"}
+    kept = [f"value-{n:02d}" for n in range(13 - 1 - RETIRED_KEPT, 13)]  # the last ten former, and now
+    assert ledger.redact_values("shop/prod", "web-1") == kept
+    assert ledger.redact_values("shop/dev", "web-1") == ["dev-value"]
+    for n in range(13):                                              # sealed, like the current one
+        assert f"value-{n:02d}".encode() not in store_bytes(tmp_path)
 
 
 class FakeSession:
