@@ -54,6 +54,33 @@ ENROLL_OPTIONS = [
 DEFAULT_LISTEN = "127.0.0.1:7710"
 
 
+def server_credentials(authority: Authority, clients: bool) -> grpc.ServerCredentials:
+    """TLS for a port, with the server certificate looked at again before every handshake (gRPC
+    asks on each new connection): a renewed one is served from the next connection on. `clients`:
+    require an agent certificate from this CA."""
+
+    def configuration() -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration(
+            [(authority.server_key_pem, authority.server_chain())],
+            root_certificates=authority.ca_pem if clients else None)
+
+    served = [authority.server_generation]
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        try:
+            generation = authority.refresh_server()
+        except Exception:  # never break a handshake: the current certificate serves on
+            log.exception("pki.server_renewal_failed")
+            return None
+        if generation == served[0]:
+            return None
+        served[0] = generation
+        log.info("pki.server_certificate_renewed", not_after=authority.server_cert.not_valid_after_utc.isoformat())
+        return configuration()
+
+    return grpc.dynamic_ssl_server_credentials(configuration(), fetch, require_client_authentication=clients)
+
+
 def default_store() -> Path:
     return Path(os.environ.get("DEPLOYER_STORE") or Path.cwd() / "store")
 
@@ -153,13 +180,10 @@ class Controller:
         if self.insecure:
             self._bind(agents, self.listen, None, "agents")
         else:
-            self._bind(agents, self.listen, grpc.ssl_server_credentials(
-                [(authority.server_key_pem, authority.server_chain())],
-                root_certificates=authority.ca_pem, require_client_auth=True), "agents")
+            self._bind(agents, self.listen, server_credentials(authority, clients=True), "agents")
             enroll = grpc.aio.server(options=ENROLL_OPTIONS, interceptors=[Door(ENROLLEE)])
             pb_grpc.add_EnrollmentServicer_to_server(EnrollmentService(enrolment), enroll)
-            self._bind(enroll, self.enroll_listen, grpc.ssl_server_credentials(
-                [(authority.server_key_pem, authority.server_chain())]), "enrolment")
+            self._bind(enroll, self.enroll_listen, server_credentials(authority, clients=False), "enrolment")
             servers.append(enroll)
         servers.append(agents)
         operators = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[Door(OPERATOR)])

@@ -70,7 +70,9 @@ class Authority:
         self.ca_key, self.ca_cert = self._load_or_create_ca()
         self.ca_pem = _pem(self.ca_cert)
         self.fingerprint = fingerprint(self.ca_pem)
-        self.server_key_pem, self.server_cert = self._load_or_create_server([SERVER_NAME, *names])
+        self.server_names = [SERVER_NAME, *names]
+        self.server_key_pem, self.server_cert = self._load_or_create_server(self.server_names)
+        self.server_generation = 0  # grows with each renewal of the server certificate
 
     def _load_or_create_ca(self):
         key_path, cert_path = self.folder / "ca.key", self.folder / "ca.crt"
@@ -125,6 +127,14 @@ class Authority:
         write_atomic(key_path, key_pem, 0o600)
         write_atomic(cert_path, _pem(cert), 0o644)
         return key_pem, cert
+
+    def refresh_server(self) -> int:
+        """Renew the server certificate once it is within SERVER_RENEW_BEFORE of its end, so a
+        controller that runs for more than a year never presents an expired one; the generation."""
+        if self.server_cert.not_valid_after_utc - _now() <= SERVER_RENEW_BEFORE:
+            self.server_key_pem, self.server_cert = self._load_or_create_server(self.server_names)
+            self.server_generation += 1
+        return self.server_generation
 
     def server_chain(self) -> bytes:
         """The server certificate followed by the CA, so enrolling agents can find the CA."""

@@ -10,10 +10,14 @@ import datetime
 import json
 import os
 import re
+import socket
 import sqlite3
+import ssl
 import subprocess
 import threading
 import time
+from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
@@ -373,6 +377,49 @@ def test_an_agent_cannot_renew_in_a_loop(cluster):
                                 refused.value.details())
     db = sqlite3.connect(cluster.controller.store / "deployer.db")
     assert db.execute("SELECT COUNT(*) FROM certificates WHERE agent_id = 'eager-1'").fetchone()[0] == 1
+
+
+def _served_serial(port: int, ca_pem: bytes, client: tuple[Path, Path] | None = None) -> int:
+    """The serial of the certificate a TLS port presents to a new connection (ALPN h2, like gRPC)."""
+    context = ssl.create_default_context(cadata=ca_pem.decode())
+    context.set_alpn_protocols(["h2"])
+    if client:
+        context.load_cert_chain(*client)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname=tls.SERVER_NAME) as conn:
+            return x509.load_der_x509_certificate(conn.getpeercert(binary_form=True)).serial_number
+
+
+def test_a_running_controller_renews_its_own_certificate(tmp_path, monkeypatch):
+    """Renewed on the first connection once it is due, without a restart; both ports serve the
+    new one. (That the agent port still refuses a client without a certificate is proved on a
+    real controller by test_an_agent_without_a_certificate_reaches_no_method.)"""
+    from controller import pki
+    from controller.daemon import server_credentials
+    monkeypatch.setattr(pki, "SERVER_LIFETIME", datetime.timedelta(seconds=4))
+    monkeypatch.setattr(pki, "SERVER_RENEW_BEFORE", datetime.timedelta(seconds=2))
+    authority = pki.Authority(tmp_path / "pki")
+    key_pem, csr = tls.new_key_and_csr("web-1")
+    cert = authority.sign(csr, "web-1", ["computing"], 3600)
+    (tmp_path / "a.key").write_bytes(key_pem)
+    (tmp_path / "a.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    client = (tmp_path / "a.crt", tmp_path / "a.key")
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    agents = server.add_secure_port("127.0.0.1:0", server_credentials(authority, clients=True))
+    enroll = server.add_secure_port("127.0.0.1:0", server_credentials(authority, clients=False))
+    server.start()
+    try:
+        first = authority.server_cert.serial_number
+        assert _served_serial(agents, authority.ca_pem, client) == first
+        assert _served_serial(enroll, authority.ca_pem) == first
+        time.sleep(2.2)                            # now within SERVER_RENEW_BEFORE of its end
+        renewed = _served_serial(agents, authority.ca_pem, client)
+        assert renewed != first and renewed == authority.server_cert.serial_number
+        assert _served_serial(enroll, authority.ca_pem) == renewed
+        on_disk = x509.load_pem_x509_certificate((tmp_path / "pki" / "server.crt").read_bytes())
+        assert on_disk.serial_number == renewed
+    finally:
+        server.stop(0)
 
 
 # ---------------------------------------------------------------- the store and plain links
