@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,9 @@ def world():
     settings["nginx.test"] = (f"if [ -f {flags}/slow-switch ]; then touch {flags}/switching; sleep 4; fi; "
                               f"if [ -f {flags}/fail-switch ]; then touch {flags}/switching; sleep 4; exit 1; fi; "
                               + settings["nginx.test"])
+    # With `slow-reload`, a reload (as a destroy's last step does) stops for 4 s first.
+    settings["nginx.reload"] = (f"if [ -f {flags}/slow-reload ]; then touch {flags}/reloading; sleep 4; fi; "
+                                + settings["nginx.reload"])
     cluster.add_agent("computing-1", ["computing"], provides={
         **settings, "mysql.host": "127.0.0.1", "mysql.port": "3306", "redis.host": "127.0.0.1", "redis.port": "6379"})
     cluster.wait_connected("computing-1")
@@ -112,8 +116,8 @@ def world():
     shutil.rmtree(base, ignore_errors=True)
 
 
-def spec_file(world) -> Path:
-    flags, installs = world["flags"], world["base"] / "installs"
+def spec_file(world, env: str | None = None) -> Path:
+    flags, installs, env = world["flags"], world["base"] / "installs", env or world["env"]
     web = {"path": "/", "source": str(world["repo"]), "ref": "main", "root": "web",
            # Every install appends its release folder: a step run twice shows as a line seen twice.
            "install": f'echo "$PWD" >> {installs}; '
@@ -122,8 +126,8 @@ def spec_file(world) -> Path:
            "start": f"sh -c 'if [ -f {flags}/slow-start ]; then touch {flags}/starting; sleep 4; fi; "
                     "exec node server.js'",
            "health": "/health", "uses": ["mysql", "redis"]}
-    path = world["base"] / "environment.yml"
-    path.write_text(yaml.safe_dump({"app": "shop", "environment": world["env"], "domain": f"{world['env']}.shop.test",
+    path = world["base"] / f"environment-{env}.yml"
+    path.write_text(yaml.safe_dump({"app": "shop", "environment": env, "domain": f"{env}.shop.test",
                                     "services": {"web": web}}, sort_keys=False))
     return path
 
@@ -294,3 +298,53 @@ def test_controller_killed_mid_deploy_settles_every_deploy(world):
     assert ledger(world)["deploys"][-1]["outcome"] == "succeeded"
     installs = (world["base"] / "installs").read_text().splitlines()
     assert sorted(Path(p).parent.name for p in installs) == ["1", "2", "3", "4", "5", "6", "7"]
+
+
+@pytest.mark.slow
+def test_controller_killed_mid_destroy_then_destroyed_again_leaves_nothing(world):
+    """A destroy cut short by the controller's death ends `interrupted`, saying where; the
+    environment still takes orders, and destroying it again removes everything."""
+    cluster, flags, env = world["cluster"], world["flags"], unique_env()
+    key = f"shop/{env}"
+    try:
+        made = cluster.deployctl("apply", str(spec_file(world, env)), timeout=600)
+        assert made.returncode == 0, made.stdout.decode() + made.stderr.decode()
+        folder = cluster.agents["computing-1"].services_root / f"auto-shop-{env}-web"
+        conf = world["nginx"].conf_dir / f"auto-shop-{env}.conf"
+        assert folder.exists() and conf.exists()
+
+        (flags / "slow-reload").touch()
+        cli = cluster.deployctl_bg("destroy", key, "--purge-data", "--yes")
+        wait_for((flags / "reloading").exists, 120, every=0.05, what="the destroy at its last step")
+        cluster.controller.kill9()
+        for flag in flags.iterdir():
+            flag.unlink()
+        cli.kill()
+        cli.communicate()
+        cluster.controller.start()
+        cluster.wait_connected("computing-1")
+
+        def settled():
+            mine = json.loads(cluster.deployctl("jobs", "--env", key, "--json").stdout)
+            return mine if any(j["kind"] == "recover" and j["state"] != "running" for j in mine) else None
+        mine = {j["kind"]: j for j in wait_for(settled, 180, every=0.3, what="the recovery job finished")}
+        assert mine["recover"]["state"] == "succeeded", mine["recover"]
+        assert mine["destroy"]["state"] == "interrupted"
+        assert mine["destroy"]["summary"].startswith(f"the controller restarted during step remove route of {key}")
+        assert not folder.exists()                 # what the destroy had done stays done
+
+        again = cluster.deployctl("destroy", key, "--purge-data", "--yes", timeout=300)
+        assert again.returncode == 0, again.stdout.decode() + again.stderr.decode()
+        assert not folder.exists() and not conf.exists()
+        assert subprocess.run(["id", "-u", f"auto-shop-{env}"], capture_output=True).returncode != 0
+        assert mysql(f"SHOW DATABASES LIKE 'auto-shop-{env}-%'").strip() == ""
+        units = [json.loads(p.read_text())["name"]
+                 for p in (cluster.agents["computing-1"].state_dir / "services").glob("*.json")]
+        assert f"auto-shop-{env}-web" not in units
+        data = json.loads(cluster.deployctl("ledger", key, "web", "--json").stdout)["web"]
+        assert {i["status"] for i in data["instances"]} == {"removed"}, data["instances"]
+        db = sqlite3.connect(cluster.controller.store / "deployer.db")
+        assert db.execute("SELECT COUNT(*) FROM ports WHERE env_key=?", (key,)).fetchone()[0] == 0
+        db.close()
+    finally:
+        purge("shop", env)
