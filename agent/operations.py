@@ -20,22 +20,11 @@ from protos import deployer_pb2 as pb
 
 from . import executor, probe
 from .journal import Entry, Journal, JournalError, valid_op_id
-from .redact import Patterns, patterns
+from .redact import Patterns, bounded, patterns
 from .services import Supervisor
 from .spool import Spool
 
 log = structlog.get_logger("agent")
-
-MAX_ERROR_CHARS = 2000  # a result's error is one line for an operator, not a second output channel
-
-
-def bounded(error: str, limit: int = MAX_ERROR_CHARS) -> str:
-    """`error` cut to about `limit` characters, keeping its start and its end, which is where a
-    command or systemctl says what went wrong."""
-    if len(error) <= limit:
-        return error
-    keep = limit // 2
-    return f"{error[:keep]} … ({len(error) - 2 * keep} characters left out) … {error[-keep:]}"
 
 
 @dataclass

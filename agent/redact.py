@@ -150,6 +150,18 @@ class Patterns:
             node = child
 
 
+MAX_ERROR_CHARS = 2000  # a result's error is one line for an operator, not a second output channel
+
+
+def bounded(error: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """`error` cut to about `limit` characters, keeping its start and its end, which is where a
+    command or systemctl says what went wrong. Cut only once redacted: a cut could halve a secret."""
+    if len(error) <= limit:
+        return error
+    keep = limit // 2
+    return f"{error[:keep]} … ({len(error) - 2 * keep} characters left out) … {error[-keep:]}"
+
+
 @functools.lru_cache(maxsize=16)
 def _compiled(values: tuple[str, ...]) -> Patterns:
     return Patterns(values)

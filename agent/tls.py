@@ -8,11 +8,13 @@ SHA-256 fingerprint of the controller's CA, and the CA is pinned only if it matc
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import hashlib
 import os
 import socket
 import ssl
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,14 +152,20 @@ def _next(path: Path) -> Path:
 
 def write_atomic(path: Path, data: bytes, mode: int) -> None:
     """Replace `path` by a file with `data`, created with `mode`, synced before the rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    # A name of its own: two writers of the same file never share (and steal) a temporary file.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            os.fchmod(fd, mode)
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def renew_at(ident: Identity) -> float:

@@ -9,6 +9,7 @@ import os
 import stat
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -59,26 +60,29 @@ def server_credentials(authority: Authority, clients: bool) -> grpc.ServerCreden
     asks on each new connection): a renewed one is served from the next connection on. `clients`:
     require an agent certificate from this CA."""
 
-    def configuration() -> grpc.ServerCertificateConfiguration:
-        return grpc.ssl_server_certificate_configuration(
-            [(authority.server_key_pem, authority.server_chain())],
-            root_certificates=authority.ca_pem if clients else None)
+    def configuration() -> tuple[int, grpc.ServerCertificateConfiguration]:
+        generation, key_pem, chain = authority.server_identity()
+        return generation, grpc.ssl_server_certificate_configuration(
+            [(key_pem, chain)], root_certificates=authority.ca_pem if clients else None)
 
-    served = [authority.server_generation]
+    served, initial = configuration()
+    lock = threading.Lock()  # gRPC calls `fetch` from its own threads, maybe several at once
 
     def fetch() -> grpc.ServerCertificateConfiguration | None:
+        nonlocal served
         try:
             generation = authority.refresh_server()
-        except Exception:  # never break a handshake: the current certificate serves on
-            log.exception("pki.server_renewal_failed")
+        except Exception as exc:  # never break a handshake: the current certificate serves on
+            log.error("pki.server_renewal_failed", error=f"{type(exc).__name__}: {exc}", retry_in_s=60)
             return None
-        if generation == served[0]:
-            return None
-        served[0] = generation
+        with lock:
+            if generation == served:
+                return None
+            served, fresh = configuration()
         log.info("pki.server_certificate_renewed", not_after=authority.server_cert.not_valid_after_utc.isoformat())
-        return configuration()
+        return fresh
 
-    return grpc.dynamic_ssl_server_credentials(configuration(), fetch, require_client_authentication=clients)
+    return grpc.dynamic_ssl_server_credentials(initial, fetch, require_client_authentication=clients)
 
 
 def default_store() -> Path:

@@ -151,12 +151,14 @@ MIGRATIONS = [
     # 5: secret values and operation payloads sealed at rest; operations know their environment.
     _seal_at_rest,
     # 6: values a secret had before it was set again (sealed), still redacted: kept releases'
-    # .env files and logs may hold them.
+    # .env files and logs may hold them. Tokens spent by a revocation say so with a marker no
+    # agent id can equal.
     """
     CREATE TABLE retired_secrets (
         env_key TEXT NOT NULL, name TEXT NOT NULL, value TEXT NOT NULL, retired REAL NOT NULL
     );
     CREATE INDEX retired_secrets_env ON retired_secrets (env_key, name);
+    UPDATE tokens SET used_by = '(revoked)' WHERE used_by = 'revoked';
     """,
 ]
 SEALED_VERSION = MIGRATIONS.index(_seal_at_rest) + 1

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import structlog
 
-from agent.redact import patterns
+from agent.redact import MAX_ERROR_CHARS, bounded, patterns
 from protos import deployer_pb2 as pb
 
 from . import operations
@@ -220,6 +220,9 @@ class Dispatcher:
             known.outcome = pb.OUTCOME_UNSPECIFIED
             known.error = "; ".join(part for part in (f"unknown outcome {result.outcome}", result.error) if part)
             result = known
+        if len(result.error) > 2 * MAX_ERROR_CHARS:
+            # The agent keeps errors short; one that does not is not let swell the store.
+            result.error = bounded(result.error, 2 * MAX_ERROR_CHARS)
         if op.output.received < result.output_bytes:
             log.error("op.output_incomplete", op_id=op.id, received=op.output.received,
                       expected=result.output_bytes)

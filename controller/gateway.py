@@ -195,7 +195,10 @@ class AgentGateway(pb_grpc.AgentGatewayServicer):
         """A link lives no longer than the certificate it was opened with: TLS checks it only at
         the handshake, so at its end the agent is told to dial again, with its renewed one (an
         agent that could not renew then stays out)."""
-        await asyncio.sleep(max(0.0, not_after - time.time()))
+        # Against the wall clock, looked at least hourly: asyncio's clock stops while a machine
+        # is suspended, the certificate's end does not.
+        while (left := not_after - time.time()) > 0:
+            await asyncio.sleep(min(left, 3600.0))
         reason = "the certificate this link was opened with has expired: dial again with the renewed one"
         log.info("agent.certificate_expired", agent_id=session.agent_id)
         session.send(pb.ControllerMessage(goodbye=pb.Goodbye(reason=reason)))

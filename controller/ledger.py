@@ -234,7 +234,18 @@ class Ledger:
 
     @contextlib.contextmanager
     def transaction(self):
-        """Several ledger writes that a crash must not split (a deploy going live)."""
+        """Several ledger writes that a crash must not split (a deploy going live). Inside
+        another transaction it is a savepoint of it."""
+        if self.conn.in_transaction:
+            self.conn.execute("SAVEPOINT ledger")
+            try:
+                yield
+            except BaseException:
+                self.conn.execute("ROLLBACK TO ledger")
+                self.conn.execute("RELEASE ledger")
+                raise
+            self.conn.execute("RELEASE ledger")
+            return
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield

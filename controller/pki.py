@@ -14,6 +14,7 @@ import hmac
 import json
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,8 +72,22 @@ class Authority:
         self.ca_pem = _pem(self.ca_cert)
         self.fingerprint = fingerprint(self.ca_pem)
         self.server_names = [SERVER_NAME, *names]
-        self.server_key_pem, self.server_cert = self._load_or_create_server(self.server_names)
-        self.server_generation = 0  # grows with each renewal of the server certificate
+        # (generation, key PEM, certificate): replaced whole, so a reader never pairs a key with
+        # another certificate; gRPC asks for it from its own threads, hence the lock for renewal.
+        key_pem, cert = self._load_or_create_server(self.server_names)
+        self._server = (0, key_pem, cert)
+        self._server_lock = threading.Lock()
+        self._next_try = 0.0  # after a failed renewal, not before this (time.monotonic())
+
+    @property
+    def server_cert(self) -> x509.Certificate:
+        return self._server[2]
+
+    def server_identity(self) -> tuple[int, bytes, bytes]:
+        """(generation, key PEM, certificate chain) of one same server certificate; the
+        generation grows with each renewal."""
+        generation, key_pem, cert = self._server
+        return generation, key_pem, _pem(cert) + self.ca_pem
 
     def _load_or_create_ca(self):
         key_path, cert_path = self.folder / "ca.key", self.folder / "ca.crt"
@@ -109,8 +124,15 @@ class Authority:
             have = set(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
                        .value.get_values_for_type(x509.DNSName))
             fresh = cert.not_valid_after_utc - _now() > SERVER_RENEW_BEFORE
-            if fresh and set(names) <= have and cert.issuer == self.ca_cert.subject:
-                return key_path.read_bytes(), cert
+            key_pem = key_path.read_bytes()
+            # A crash between writing the key and the certificate leaves a pair that does not
+            # match: make a new one rather than serve nothing.
+            matches = (serialization.load_pem_private_key(key_pem, None).public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+                == cert.public_key().public_bytes(serialization.Encoding.DER,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+            if fresh and matches and set(names) <= have and cert.issuer == self.ca_cert.subject:
+                return key_pem, cert
         key = ec.generate_private_key(ec.SECP256R1())
         now = _now()
         cert = (x509.CertificateBuilder()
@@ -128,17 +150,25 @@ class Authority:
         write_atomic(cert_path, _pem(cert), 0o644)
         return key_pem, cert
 
+    def _due(self) -> bool:
+        return self._server[2].not_valid_after_utc - _now() <= SERVER_RENEW_BEFORE
+
     def refresh_server(self) -> int:
         """Renew the server certificate once it is within SERVER_RENEW_BEFORE of its end, so a
-        controller that runs for more than a year never presents an expired one; the generation."""
-        if self.server_cert.not_valid_after_utc - _now() <= SERVER_RENEW_BEFORE:
-            self.server_key_pem, self.server_cert = self._load_or_create_server(self.server_names)
-            self.server_generation += 1
-        return self.server_generation
-
-    def server_chain(self) -> bytes:
-        """The server certificate followed by the CA, so enrolling agents can find the CA."""
-        return _pem(self.server_cert) + self.ca_pem
+        controller that runs for more than a year never presents an expired one; the generation.
+        Safe from any thread; a failed renewal is tried again a minute later, not at every
+        handshake, and the current certificate serves meanwhile."""
+        if not self._due() or time.monotonic() < self._next_try:
+            return self._server[0]
+        with self._server_lock:
+            if self._due() and time.monotonic() >= self._next_try:   # not renewed meanwhile
+                try:
+                    key_pem, cert = self._load_or_create_server(self.server_names)
+                except Exception:
+                    self._next_try = time.monotonic() + 60
+                    raise
+                self._server = (self._server[0] + 1, key_pem, cert)
+            return self._server[0]
 
     def sign(self, csr_pem: bytes, agent_id: str, roles: list[str], ttl_s: float) -> x509.Certificate:
         try:

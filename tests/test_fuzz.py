@@ -868,6 +868,20 @@ def test_an_agent_that_drops_its_stream_is_disconnected_and_keeps_its_operations
     gateway.check_serving()
 
 
+def test_an_error_far_longer_than_an_agent_sends_is_cut_on_arrival(gateway):
+    """A real agent keeps a result's error to about 2000 characters; a hostile one sending 1 MB
+    does not get it into the store whole."""
+    stream = gateway.connect("wordy-1")
+    (op_id,) = gateway.submit("wordy-1", stream, 1)
+    error = "start " + "e" * (1 << 20) + " end"
+    stream.send(pb.AgentMessage(result=pb.OperationResult(op_id=op_id, outcome=pb.EXITED, exit_code=1, error=error)))
+    stream.sync()
+    kept = gateway.operation(op_id).result.error
+    assert 3000 < len(kept) < 4200 and kept.startswith("start ") and kept.endswith(" end")
+    assert "characters left out" in kept
+    assert stream.end() == (grpc.StatusCode.OK, "")
+
+
 def test_late_messages_about_finished_operations_leave_no_file_open(gateway):
     stream = gateway.connect("late-1")
     op_ids = gateway.submit("late-1", stream, 30)

@@ -138,3 +138,15 @@ def test_the_redact_list_goes_to_the_agent_and_nowhere_else(tmp_path):
         assert SECRET.encode() not in store_bytes(tmp_path)
 
     asyncio.run(main())
+
+
+def test_ledger_transactions_nest(tmp_path):
+    ledger = Ledger(Database(tmp_path / "deployer.db"))
+    with ledger.transaction():
+        ledger.set_secret("shop/prod", "A", "value-a")          # its own transaction, nested
+        with pytest.raises(RuntimeError):
+            with ledger.transaction():
+                ledger.set_secret("shop/prod", "B", "value-b")
+                raise RuntimeError("undo only the inner one")
+    assert ledger.secrets("shop/prod") == {"A": "value-a"}
+    assert not ledger.conn.in_transaction

@@ -16,7 +16,6 @@ import ssl
 import subprocess
 import threading
 import time
-from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -391,9 +390,10 @@ def _served_serial(port: int, ca_pem: bytes, client: tuple[Path, Path] | None = 
 
 
 def test_a_running_controller_renews_its_own_certificate(tmp_path, monkeypatch):
-    """Renewed on the first connection once it is due, without a restart; both ports serve the
-    new one. (That the agent port still refuses a client without a certificate is proved on a
-    real controller by test_an_agent_without_a_certificate_reaches_no_method.)"""
+    """Renewed on the first connection once it is due, without a restart, on the asyncio server
+    the controller runs; both ports serve the new one. (That the agent port still refuses a
+    client without a certificate is proved on a real controller by
+    test_an_agent_without_a_certificate_reaches_no_method.)"""
     from controller import pki
     from controller.daemon import server_credentials
     monkeypatch.setattr(pki, "SERVER_LIFETIME", datetime.timedelta(seconds=4))
@@ -404,22 +404,80 @@ def test_a_running_controller_renews_its_own_certificate(tmp_path, monkeypatch):
     (tmp_path / "a.key").write_bytes(key_pem)
     (tmp_path / "a.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     client = (tmp_path / "a.crt", tmp_path / "a.key")
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    agents = server.add_secure_port("127.0.0.1:0", server_credentials(authority, clients=True))
-    enroll = server.add_secure_port("127.0.0.1:0", server_credentials(authority, clients=False))
-    server.start()
-    try:
-        first = authority.server_cert.serial_number
-        assert _served_serial(agents, authority.ca_pem, client) == first
-        assert _served_serial(enroll, authority.ca_pem) == first
-        time.sleep(2.2)                            # now within SERVER_RENEW_BEFORE of its end
-        renewed = _served_serial(agents, authority.ca_pem, client)
-        assert renewed != first and renewed == authority.server_cert.serial_number
-        assert _served_serial(enroll, authority.ca_pem) == renewed
+
+    async def scenario():
+        server = grpc.aio.server()
+        agents = server.add_secure_port("127.0.0.1:0", server_credentials(authority, clients=True))
+        enroll = server.add_secure_port("127.0.0.1:0", server_credentials(authority, clients=False))
+        await server.start()
+        serial = lambda *args: asyncio.to_thread(_served_serial, *args)  # noqa: E731
+        try:
+            first = authority.server_cert.serial_number
+            assert await serial(agents, authority.ca_pem, client) == first
+            assert await serial(enroll, authority.ca_pem) == first
+            await asyncio.sleep(2.2)               # now within SERVER_RENEW_BEFORE of its end
+            served = await asyncio.gather(*(serial(agents, authority.ca_pem, client) for _ in range(4)),
+                                          serial(enroll, authority.ca_pem))
+            renewed = authority.server_cert.serial_number
+            assert renewed != first and set(served) == {renewed}
+            on_disk = x509.load_pem_x509_certificate((tmp_path / "pki" / "server.crt").read_bytes())
+            assert on_disk.serial_number == renewed
+        finally:
+            await server.stop(0)
+    asyncio.run(scenario())
+
+
+def _public(key_pem: bytes) -> bytes:
+    key = serialization.load_pem_private_key(key_pem, None)
+    return key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def test_renewals_from_many_threads_leave_one_matching_pair(tmp_path, monkeypatch):
+    """gRPC asks from its own threads, several handshakes at once: one renewal happens, and the
+    key and certificate on disk and in memory belong together."""
+    from controller import pki
+    monkeypatch.setattr(pki, "SERVER_LIFETIME", datetime.timedelta(seconds=3600))
+    monkeypatch.setattr(pki, "SERVER_RENEW_BEFORE", datetime.timedelta(seconds=7200))  # always due
+    authority = pki.Authority(tmp_path / "pki")
+    for round_ in range(1, 6):
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(6)
+
+        def renew():
+            barrier.wait()
+            try:
+                authority.refresh_server()
+            except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+                errors.append(exc)
+        threads = [threading.Thread(target=renew) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        generation, key_pem, chain = authority.server_identity()
+        assert generation >= round_
+        cert = x509.load_pem_x509_certificate(chain)
+        assert _public(key_pem) == cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
         on_disk = x509.load_pem_x509_certificate((tmp_path / "pki" / "server.crt").read_bytes())
-        assert on_disk.serial_number == renewed
-    finally:
-        server.stop(0)
+        assert _public((tmp_path / "pki" / "server.key").read_bytes()) == on_disk.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert not list((tmp_path / "pki").glob(".*.tmp"))
+
+
+def test_a_server_key_that_does_not_match_its_certificate_is_replaced(tmp_path):
+    """A crash between writing the key and the certificate must not leave a controller that can
+    serve no TLS at all."""
+    from controller import pki
+    first = pki.Authority(tmp_path / "pki")
+    other, _ = tls.new_key_and_csr("x")
+    (tmp_path / "pki" / "server.key").write_bytes(other)
+    again = pki.Authority(tmp_path / "pki")
+    assert again.server_cert.serial_number != first.server_cert.serial_number
+    _, key_pem, chain = again.server_identity()
+    assert _public(key_pem) == x509.load_pem_x509_certificate(chain).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 # ---------------------------------------------------------------- the store and plain links

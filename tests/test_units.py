@@ -134,7 +134,7 @@ def test_sizes_ages_and_tables():
 
 
 def test_errors_are_bounded_keeping_start_and_end():
-    from agent.operations import bounded
+    from agent.redact import bounded
     assert bounded("short") == "short"
     long = "systemctl start x: " + "y" * 5000 + " the cause"
     cut = bounded(long)
