@@ -151,7 +151,7 @@ async def settle(runner: Runner, deployed_spec: Callable[[], Spec]) -> str:
     if not jobs:
         return "nothing to settle"
     runner.job.event("job.note", note=f"settling what {', '.join(jobs)} left in flight")
-    reattached = await _reattach(runner, jobs)
+    await _reattach(runner, jobs)
     marks = ",".join("?" * len(jobs))
     rows = conn.execute(f"SELECT * FROM deploys WHERE env_key=? AND job_id IN ({marks}) ORDER BY service, number",
                         (env_key, *jobs)).fetchall()
@@ -168,8 +168,7 @@ async def settle(runner: Runner, deployed_spec: Callable[[], Spec]) -> str:
             route_read = read
             # A switch that did not end cleanly (its agent died in it) may have left nginx running
             # something other than its file: reload what the ledger now says.
-            rewrite |= any(r.service == row["service"] and r.step == "route" and r.result.outcome != pb.EXITED
-                           for r in reattached)
+            rewrite |= _switch_cut(runner, jobs, row["service"])
     rows = conn.execute(f"SELECT * FROM deploys WHERE env_key=? AND job_id IN ({marks}) ORDER BY service, number",
                         (env_key, *jobs)).fetchall()  # as settled
     for service in sorted({r["service"] for r in rows}):
@@ -189,15 +188,9 @@ async def settle(runner: Runner, deployed_spec: Callable[[], Spec]) -> str:
     return f"settled {', '.join(jobs)}: " + ("; ".join(lines) if lines else "nothing was left in flight")
 
 
-class _Reattached:
-    def __init__(self, service: str, step: str, result: pb.OperationResult) -> None:
-        self.service, self.step, self.result = service, step, result
-
-
-async def _reattach(runner: Runner, jobs: list[str]) -> list[_Reattached]:
+async def _reattach(runner: Runner, jobs: list[str]) -> None:
     """Wait for the operations the interrupted jobs had sent. They are sent again (same id) when
     their agent says hello, and the agent's journal runs each at most once: none is re-issued."""
-    out = []
     for job_id in jobs:
         folder = runner.job.folder.parent / job_id
         started = {e["op"]: e for e in read_events(folder)[0] if e["event"] == "step.started"}
@@ -214,8 +207,20 @@ async def _reattach(runner: Runner, jobs: list[str]) -> list[_Reattached]:
             runner.job.event("step.finished", service=service, step=step, op=row.id, ok=ok, of_job=job_id,
                              duration_s=round(result.duration_s, 3), outcome=pb.Outcome.Name(result.outcome).lower(),
                              exit_code=result.exit_code)
-            out.append(_Reattached(service, step, result))
-    return out
+
+
+def _switch_cut(runner: Runner, jobs: list[str], service: str) -> bool:
+    """Whether a route switch of `service` sent by these jobs did not end cleanly, as recorded
+    (not as this recovery saw it: an earlier one that failed may have been the one to hear that
+    its router was lost)."""
+    for job_id in jobs:
+        events, _ = read_events(runner.job.folder.parent / job_id)
+        for e in events:
+            if e["event"] == "step.started" and e.get("service") == service and e.get("step") == "route":
+                row = runner.dispatcher.db.operation(e["op"])
+                if row is None or row.result is None or row.result.outcome != pb.EXITED:
+                    return True
+    return False
 
 
 async def _wait(dispatcher, op_id: str):

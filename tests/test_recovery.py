@@ -348,3 +348,73 @@ def test_controller_killed_mid_destroy_then_destroyed_again_leaves_nothing(world
         db.close()
     finally:
         purge("shop", env)
+
+
+@pytest.mark.slow
+def test_a_switch_whose_router_is_lost_stays_unsettled_until_the_router_returns(world):
+    """Killed mid-switch, and the router's agent gone too: recovery cannot tell where nginx
+    routes, so it does not guess; the deploy stays interrupted and every order is refused,
+    naming the recovery job, until the router is back and a recovery settles it."""
+    cluster, flags, env = world["cluster"], world["flags"], unique_env()
+    key, agent = f"shop/{env}", cluster.agents["computing-1"]
+    spec = spec_file(world, env)
+
+    def recoveries() -> list[dict]:
+        mine = json.loads(cluster.deployctl("jobs", "--env", key, "--json").stdout)
+        return sorted((j for j in mine if j["kind"] == "recover"), key=lambda j: j["created"])
+
+    def settled_recovery(count: int) -> dict | None:
+        mine = recoveries()
+        return mine[-1] if len(mine) >= count and mine[-1]["state"] != "running" else None
+
+    try:
+        made = cluster.deployctl("apply", str(spec), timeout=600)
+        assert made.returncode == 0, made.stdout.decode() + made.stderr.decode()
+        new_commit(world["repo"], f"lost-router-{env}")
+        (flags / "slow-switch").touch()
+        started = cluster.deployctl("apply", str(spec), "--detach", timeout=120)
+        assert started.returncode == 0, started.stderr
+        wait_for((flags / "switching").exists, 180, every=0.02, what="the switch under way")
+        cluster.controller.kill9()
+        agent.kill9()
+        for flag in flags.iterdir():
+            flag.unlink()
+        cluster.controller.lost_after = 3.0
+        cluster.controller.start()
+
+        first = wait_for(lambda: settled_recovery(1), 120, every=0.3, what="a recovery without its router")
+        assert first["state"] == "failed", first
+        assert "no router could say where nginx routes" in first["summary"], first["summary"]
+        deploys = json.loads(cluster.deployctl("ledger", key, "web", "--json").stdout)["web"]["deploys"]
+        assert deploys[-1]["outcome"] == "interrupted"
+        refused = cluster.deployctl("apply", str(spec), timeout=120)
+        assert refused.returncode != 0 and b"first settles what an interrupted job left in flight" in refused.stderr
+        assert refused.stderr.strip().count(b"\n") == 0, refused.stderr
+
+        agent.start()                                            # the router is back
+        cluster.wait_connected("computing-1")
+        wait_for(lambda: settled_recovery(2), 120, every=0.3, what="the recovery the refused order started")
+        again = cluster.deployctl("apply", str(spec), timeout=120)   # starts the recovery that can settle it
+        assert again.returncode != 0 and b"first settles" in again.stderr
+        last = wait_for(lambda: settled_recovery(3), 180, every=0.3, what="a recovery with its router")
+        assert last["state"] == "succeeded", cluster.deployctl("job", "show", last["id"]).stdout.decode()
+        data = json.loads(cluster.deployctl("ledger", key, "web", "--json").stdout)["web"]
+        assert {d["outcome"] for d in data["deploys"]} <= {"succeeded", "failed"}, data["deploys"]
+        live = [i for i in data["instances"] if i["component"] == "code" and i["status"] == "live"]
+        assert len(live) == 1
+        conf = (world["nginx"].conf_dir / f"auto-shop-{env}.conf").read_text()
+        assert routed_to(conf, "/") == ("127.0.0.1", live[0]["port"])
+        status, body = http_get(world["nginx"].port, "/", host=f"{env}.shop.test")
+        # The switch's script died with its agent between swapping the file and reloading: the
+        # file said the new instance, nginx still ran the old one (now stopped). Recovery reloads.
+        assert status == 200 and json.loads(body)["release"] == str(live[0]["number"]), body
+        done = cluster.deployctl("apply", str(spec), timeout=600)      # and it takes orders again
+        assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
+    finally:
+        cluster.controller.lost_after = 60.0
+        if agent.proc.poll() is not None:
+            agent.start()
+        # Once no recovery holds the environment (a refused order starts one): destroy it.
+        wait_for(lambda: cluster.deployctl("destroy", key, "--purge-data", "--yes", timeout=300).returncode == 0,
+                 180, every=1, what=f"{key} destroyed")
+        purge("shop", env)
