@@ -348,7 +348,19 @@ class Runner:
 
     async def _route(self, d: Deployment) -> None:
         address = d.host.address
-        await self.switch_route(d.service.name, {d.service.name: (address, d.port)})
+        try:
+            await self.switch_route(d.service.name, {d.service.name: (address, d.port)})
+        except StepFailed:
+            # The switch script puts the previous file back itself when nginx refuses, but not
+            # if it died in the middle (its agent was killed): the file would name the new
+            # instance, which is about to be stopped, and the next reload of nginx, for any
+            # environment, would route there. Write the route the ledger holds, then fail.
+            try:
+                await self.switch_route(d.service.name)
+            except StepFailed as exc:
+                self.job.event("job.note", note=f"{d.service.name}: the previous route could not be written "
+                                                f"back ({exc}); deployctl verify shows it, repair writes it")
+            raise
 
     def routes(self, override: dict[str, tuple[str, int]] | None = None) -> list[tuple[str, str, int]]:
         """(path, host address, port) of every web service: the live ones from the ledger, with

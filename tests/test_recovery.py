@@ -1,9 +1,11 @@
 """The controller killed (kill -9) mid-deploy and restarted: each deploy ends with a recorded
-outcome, the ledger says what nginx really routes to, and no step runs twice.
+outcome, the ledger says what nginx really routes to, and no step runs twice. Also killed
+mid-destroy, and with its router lost; and the router's agent killed mid-switch.
 
-One cluster and one environment for every case: real controller, agent, MariaDB, Redis, nginx,
-git and Node.js. The moment to kill is found from the job's events or from a marker file that a
-spec command (or the router's `nginx -t`) writes, never from a sleep.
+One cluster for every case: real controller, agent, MariaDB, Redis, nginx, git and Node.js; one
+environment for the five kill points, one of its own for each other case. The moment to kill is
+found from the job's events or from a marker file that a spec command (or the router's
+`nginx -t` or reload) writes, never from a sleep.
 """
 
 from __future__ import annotations
@@ -415,6 +417,49 @@ def test_a_switch_whose_router_is_lost_stays_unsettled_until_the_router_returns(
         if agent.proc.poll() is not None:
             agent.start()
         # Once no recovery holds the environment (a refused order starts one): destroy it.
+        wait_for(lambda: cluster.deployctl("destroy", key, "--purge-data", "--yes", timeout=300).returncode == 0,
+                 180, every=1, what=f"{key} destroyed")
+        purge("shop", env)
+
+
+@pytest.mark.slow
+def test_a_router_killed_mid_switch_leaves_the_previous_route_in_place(world):
+    """The router's agent dies between the switch swapping the file in and reloading nginx: the
+    deploy fails, and the file names the instance that still serves, so that the next reload
+    of nginx (any environment's) does not route to the stopped new one."""
+    cluster, flags, env = world["cluster"], world["flags"], unique_env()
+    key, agent = f"shop/{env}", cluster.agents["computing-1"]
+    spec = spec_file(world, env)
+    try:
+        made = cluster.deployctl("apply", str(spec), timeout=600)
+        assert made.returncode == 0, made.stdout.decode() + made.stderr.decode()
+        new_commit(world["repo"], f"killed-router-{env}")
+        (flags / "slow-switch").touch()
+        cli = cluster.deployctl_bg("apply", str(spec))
+        wait_for((flags / "switching").exists, 180, every=0.02, what="the switch under way")
+        agent.kill9()
+        for flag in flags.iterdir():
+            flag.unlink()
+        agent.start()
+        out, err = cli.communicate(timeout=300)
+        assert cli.returncode == 1, out.decode() + err.decode()
+        assert b"route" in err, err
+
+        data = json.loads(cluster.deployctl("ledger", key, "web", "--json").stdout)["web"]
+        assert data["deploys"][-1]["outcome"] == "failed"
+        live = [i for i in data["instances"] if i["component"] == "code" and i["status"] == "live"]
+        assert [i["number"] for i in live] == [1]
+        conf = (world["nginx"].conf_dir / f"auto-shop-{env}.conf").read_text()
+        assert routed_to(conf, "/") == ("127.0.0.1", live[0]["port"])
+        subprocess.run(world["nginx"].settings()["nginx.reload"].split(), check=True)   # anyone's reload
+        status, body = http_get(world["nginx"].port, "/", host=f"{env}.shop.test")
+        assert status == 200 and json.loads(body)["release"] == "1", body
+        verify = cluster.deployctl("verify", key, timeout=120)
+        assert verify.returncode == 0, verify.stdout.decode() + verify.stderr.decode()
+    finally:
+        if agent.proc.poll() is not None:
+            agent.start()
+        cluster.wait_connected("computing-1")
         wait_for(lambda: cluster.deployctl("destroy", key, "--purge-data", "--yes", timeout=300).returncode == 0,
                  180, every=1, what=f"{key} destroyed")
         purge("shop", env)
