@@ -417,9 +417,11 @@ def test_a_switch_whose_router_is_lost_stays_unsettled_until_the_router_returns(
         if agent.proc.poll() is not None:
             agent.start()
         # Once no recovery holds the environment (a refused order starts one): destroy it.
-        wait_for(lambda: cluster.deployctl("destroy", key, "--purge-data", "--yes", timeout=300).returncode == 0,
-                 180, every=1, what=f"{key} destroyed")
-        purge("shop", env)
+        try:
+            wait_for(lambda: cluster.deployctl("destroy", key, "--purge-data", "--yes", timeout=300).returncode == 0,
+                     180, every=1, what=f"{key} destroyed")
+        finally:
+            purge("shop", env)
 
 
 @pytest.mark.slow
@@ -460,6 +462,8 @@ def test_a_router_killed_mid_switch_leaves_the_previous_route_in_place(world):
         if agent.proc.poll() is not None:
             agent.start()
         cluster.wait_connected("computing-1")
-        wait_for(lambda: cluster.deployctl("destroy", key, "--purge-data", "--yes", timeout=300).returncode == 0,
-                 180, every=1, what=f"{key} destroyed")
-        purge("shop", env)
+        try:
+            wait_for(lambda: cluster.deployctl("destroy", key, "--purge-data", "--yes", timeout=300).returncode == 0,
+                     180, every=1, what=f"{key} destroyed")
+        finally:
+            purge("shop", env)
