@@ -40,9 +40,10 @@ OUTPUT_TAIL_LINES = 15
 class StepFailed(Exception):
     """A step of a procedure failed; the message is one line, the tail the operation's output."""
 
-    def __init__(self, service: str, step: str, message: str, tail: str = "") -> None:
+    def __init__(self, service: str, step: str, message: str, tail: str = "", exited: bool = False) -> None:
         super().__init__(f"{service}: {step} failed: {message}")
         self.service, self.step, self.tail = service, step, tail
+        self.exited = exited  # its command ran to its end (and said no), rather than being cut off
 
 
 class PlacementError(Exception):
@@ -122,7 +123,8 @@ class Runner:
         if check and not ok:
             detail = result.error or (f"exit {result.exit_code}" if result.outcome == pb.EXITED
                                       else pb.Outcome.Name(result.outcome).lower())
-            raise StepFailed(service, step, detail, _tail(op.output.folder / "output.log"))
+            raise StepFailed(service, step, detail, _tail(op.output.folder / "output.log"),
+                             exited=result.outcome == pb.EXITED)
         return op
 
     async def sh(self, agent: Agent, script: str, service: str, step: str, *, cwd: str = "",
@@ -350,11 +352,13 @@ class Runner:
         address = d.host.address
         try:
             await self.switch_route(d.service.name, {d.service.name: (address, d.port)})
-        except StepFailed:
+        except StepFailed as failed:
             # The switch script puts the previous file back itself when nginx refuses, but not
             # if it died in the middle (its agent was killed): the file would name the new
             # instance, which is about to be stopped, and the next reload of nginx, for any
             # environment, would route there. Write the route the ledger holds, then fail.
+            if failed.exited:
+                raise
             try:
                 await self.switch_route(d.service.name)
             except StepFailed as exc:
