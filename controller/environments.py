@@ -243,14 +243,7 @@ class Environments:
     def _as_deployed(self, env_key: str, stored: dict) -> dict:
         """The stored spec with each service's definition as its live code instance was deployed
         (after a failed apply the stored spec is ahead of what runs)."""
-        services = dict(stored["services"])
-        for service, live in self.ledger.state(env_key).items():
-            if live.code is not None:
-                row = self.ledger.instance(env_key, service, "code", live.code.number)
-                recorded = json.loads(row["names"]).get("service") if row else None
-                if recorded:
-                    services[service] = recorded
-        return {**stored, "services": services}
+        return self.ledger.as_deployed(env_key, stored)
 
     async def check(self, request) -> Job:
         """verify, repair or clean one environment, as a job."""

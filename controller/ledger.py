@@ -109,6 +109,19 @@ class Ledger:
         return {r[0]: self.vault.open_text(r[1]) for r in self.conn.execute(
             "SELECT name, value FROM secrets WHERE env_key=?", (env_key,))}
 
+    def as_deployed(self, env_key: str, spec: dict) -> dict:
+        """`spec` (a spec as a dict) with each service's definition as its live code instance was
+        deployed, services that are live but no longer in it included: the environment as it
+        runs, which is ahead of or behind a spec being applied."""
+        services = dict(spec["services"])
+        for service, live in self.state(env_key).items():
+            if live.code is not None:
+                row = self.instance(env_key, service, "code", live.code.number)
+                recorded = json.loads(row["names"]).get("service") if row else None
+                if recorded:
+                    services[service] = recorded
+        return {**spec, "services": services}
+
     def redact_values(self, environment: str | None, agent_id: str) -> list[str]:
         """The secret values an operation could reveal, for its agent to replace in its output:
         its environment's declared secrets and generated passwords; for an operation of no

@@ -11,6 +11,7 @@ created, marks them failed in the ledger, and leaves the live instance serving.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import secrets
 import shlex
@@ -27,7 +28,7 @@ from .jobs import Job
 from .ledger import Ledger
 from .planner import Plan, ServicePlan
 from .registry import CONNECTED, Agent, Registry
-from .spec import Service, Spec, code_fingerprint
+from .spec import Service, Spec, code_fingerprint, spec_from_dict
 
 log = structlog.get_logger("controller")
 KEEP_RELEASES = 5
@@ -37,13 +38,17 @@ HEALTH_ATTEMPTS = 60
 OUTPUT_TAIL_LINES = 15
 
 
+# Outcomes of an operation that was under way and did not end on its own.
+CUT_OFF = (pb.SIGNALED, pb.TIMED_OUT, pb.CANCELLED, pb.INTERRUPTED, pb.LOST)
+
+
 class StepFailed(Exception):
     """A step of a procedure failed; the message is one line, the tail the operation's output."""
 
-    def __init__(self, service: str, step: str, message: str, tail: str = "", exited: bool = False) -> None:
+    def __init__(self, service: str, step: str, message: str, tail: str = "", cut: bool = False) -> None:
         super().__init__(f"{service}: {step} failed: {message}")
         self.service, self.step, self.tail = service, step, tail
-        self.exited = exited  # its command ran to its end (and said no), rather than being cut off
+        self.cut = cut  # its operation was under way and did not end on its own (killed, lost…)
 
 
 class PlacementError(Exception):
@@ -124,7 +129,7 @@ class Runner:
             detail = result.error or (f"exit {result.exit_code}" if result.outcome == pb.EXITED
                                       else pb.Outcome.Name(result.outcome).lower())
             raise StepFailed(service, step, detail, _tail(op.output.folder / "output.log"),
-                             exited=result.outcome == pb.EXITED)
+                             cut=result.outcome in CUT_OFF)
         return op
 
     async def sh(self, agent: Agent, script: str, service: str, step: str, *, cwd: str = "",
@@ -357,10 +362,13 @@ class Runner:
             # if it died in the middle (its agent was killed): the file would name the new
             # instance, which is about to be stopped, and the next reload of nginx, for any
             # environment, would route there. Write the route the ledger holds, then fail.
-            if failed.exited:
+            if not failed.cut:  # nginx said no, and the script has put the previous file back
                 raise
+            previous = copy.copy(self)  # the route as it was: the live instances as deployed
+            previous.spec = spec_from_dict(self.ledger.as_deployed(self.env_key, self.spec.to_dict()))
+            previous.deploying = {}
             try:
-                await self.switch_route(d.service.name)
+                await previous.switch_route(d.service.name)
             except StepFailed as exc:
                 self.job.event("job.note", note=f"{d.service.name}: the previous route could not be written "
                                                 f"back ({exc}); deployctl verify shows it, repair writes it")

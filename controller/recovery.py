@@ -156,19 +156,25 @@ async def settle(runner: Runner, deployed_spec: Callable[[], Spec]) -> str:
     rows = conn.execute(f"SELECT * FROM deploys WHERE env_key=? AND job_id IN ({marks}) ORDER BY service, number",
                         (env_key, *jobs)).fetchall()
     unsettled = [r for r in rows if r["outcome"] in UNSETTLED]
-    await _agents_back(runner, _needed(runner, rows, unsettled))
+    # A switch that did not end cleanly (its agent died in it) may have left nginx running
+    # something other than its file, even if an earlier recovery settled its deploy and then
+    # failed: nginx is reloaded from what the ledger says, whatever else is left to do.
+    cut = [r for r in rows if _switch_cut(runner, jobs, r["service"])]
+    await _agents_back(runner, _needed(runner, rows, unsettled, routers=bool(cut)))
     lines: list[str] = []
     route_read: str | None = None
-    rewrite = False
     for row in unsettled:
         line, read = await _settle_deploy(runner, row)
         lines.append(line)
         runner.job.event("job.note", note=line)
         if read is not None:
             route_read = read
-            # A switch that did not end cleanly (its agent died in it) may have left nginx running
-            # something other than its file: reload what the ledger now says.
-            rewrite |= _switch_cut(runner, jobs, row["service"])
+    if cut and route_read is None:
+        route_read = await _read_route(runner, cut[0]["service"], cut[0]["number"])
+    if route_read is not None:
+        # Before converging: nginx must route to the live instances before the others stop.
+        if await _reaffirm_route(runner, deployed_spec(), route_read, force=bool(cut)):
+            lines.append("nginx: the route was written again from the ledger")
     rows = conn.execute(f"SELECT * FROM deploys WHERE env_key=? AND job_id IN ({marks}) ORDER BY service, number",
                         (env_key, *jobs)).fetchall()  # as settled
     for service in sorted({r["service"] for r in rows}):
@@ -179,9 +185,6 @@ async def settle(runner: Runner, deployed_spec: Callable[[], Spec]) -> str:
                           (env_key,)).fetchall():
         runner.ledger.set_status(env_key, r["service"], r["component"], r["number"], "failed")
         lines.append(f"{r['service']}: {r['component']} {r['number']} was still building: failed")
-    if route_read is not None:
-        if await _reaffirm_route(runner, deployed_spec(), route_read, rewrite):
-            lines.append("nginx: the route was written again from the ledger")
     for job_id in jobs:
         conn.execute("UPDATE jobs SET recovered_by=?, summary=summary || ? WHERE id=?",
                      (runner.job.id, f"; settled by {runner.job.id}", job_id))
@@ -227,9 +230,9 @@ async def _wait(dispatcher, op_id: str):
     return await dispatcher.wait(dispatcher.get(op_id))
 
 
-def _needed(runner: Runner, rows, unsettled) -> set[str]:
+def _needed(runner: Runner, rows, unsettled, routers: bool = False) -> set[str]:
     """The agents settling needs: hosts of the deploys and of what they made; routers if a route
-    switch was cut."""
+    switch was cut (`routers`) or a deploy was in its route step."""
     ledger, env_key = runner.ledger, runner.env_key
     needed = {r["host"] for r in rows if r["host"]}
     for r in unsettled:
@@ -241,7 +244,7 @@ def _needed(runner: Runner, rows, unsettled) -> set[str]:
     for live in ledger.state(env_key).values():
         if live.code:
             needed.add(live.code.host)
-    if any(r["step"] == "route" for r in unsettled):
+    if routers or any(r["step"] == "route" for r in unsettled):
         needed |= {a.id for a in runner.registry.agents.values() if "nginx" in a.capabilities}
     return needed
 
