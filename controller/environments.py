@@ -52,11 +52,7 @@ class Environments:
             recovery.settle_without_spec(self.db.conn, env_key)
             return None
         spec = spec_mod.spec_from_dict(self._as_deployed(env_key, stored))
-
-        def deployed() -> spec_mod.Spec:  # once settled, the route is written from this
-            return spec_mod.spec_from_dict(self._as_deployed(env_key, self.stored_spec(env_key) or stored))
-
-        return self._launch(spec, "recover", None, {}, lambda runner: recovery.settle(runner, deployed))
+        return self._launch(spec, "recover", None, {}, recovery.settle)
 
     # ---------------------------------------------------------------- orders
 
@@ -141,9 +137,9 @@ class Environments:
             # "Nothing to do" is only true with nothing in flight: a job holding the environment,
             # or work an interrupted one left unsettled, could still change what is live.
             self._settle_first(spec.key)
-            if EnvLock(self.store, spec.key).owner() is not None:
-                raise OrderError(f"{spec.key} is locked by {EnvLock(self.store, spec.key).describe()}: "
-                                 "order again once it has finished")
+            lock = EnvLock(self.store, spec.key)
+            if lock.owner() is not None:
+                raise OrderError(f"{spec.key} is locked by {lock.describe()}: order again once it has finished")
             self._accept(spec)
             return None, plan
         files = {Path(request.spec_name).name or "environment.yml": request.spec_text or ""}

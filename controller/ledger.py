@@ -115,12 +115,14 @@ class Ledger:
         runs, which is ahead of or behind a spec being applied."""
         services = dict(spec["services"])
         for service, live in self.state(env_key).items():
-            if live.code is not None:
-                row = self.instance(env_key, service, "code", live.code.number)
-                recorded = json.loads(row["names"]).get("service") if row else None
-                if recorded:
-                    services[service] = recorded
+            if live.code is not None and (recorded := self.definition(env_key, service, live.code.number)):
+                services[service] = recorded
         return {**spec, "services": services}
+
+    def definition(self, env_key: str, service: str, code: int | None) -> dict | None:
+        """The service as code instance `code` was deployed (recorded with the instance)."""
+        row = self.instance(env_key, service, "code", code) if code is not None else None
+        return json.loads(row["names"]).get("service") if row else None
 
     def redact_values(self, environment: str | None, agent_id: str) -> list[str]:
         """The secret values an operation could reveal, for its agent to replace in its output:
@@ -249,23 +251,16 @@ class Ledger:
     def transaction(self):
         """Several ledger writes that a crash must not split (a deploy going live). Inside
         another transaction it is a savepoint of it."""
-        if self.conn.in_transaction:
-            self.conn.execute("SAVEPOINT ledger")
-            try:
-                yield
-            except BaseException:
-                self.conn.execute("ROLLBACK TO ledger")
-                self.conn.execute("RELEASE ledger")
-                raise
-            self.conn.execute("RELEASE ledger")
-            return
-        self.conn.execute("BEGIN IMMEDIATE")
+        nested = self.conn.in_transaction
+        self.conn.execute("SAVEPOINT ledger" if nested else "BEGIN IMMEDIATE")
         try:
             yield
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            self.conn.execute("ROLLBACK TO ledger" if nested else "ROLLBACK")
+            if nested:
+                self.conn.execute("RELEASE ledger")
             raise
-        self.conn.execute("COMMIT")
+        self.conn.execute("RELEASE ledger" if nested else "COMMIT")
 
 
 def diagram(rows: list[DeployRow]) -> str:

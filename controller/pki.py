@@ -48,6 +48,15 @@ class RenewedTooSoon(EnrolmentRefused):
     """An agent asked for certificates faster than any renewal schedule would."""
 
 
+def _due(server_cert: x509.Certificate) -> bool:
+    """The server certificate is within SERVER_RENEW_BEFORE of its end."""
+    return server_cert.not_valid_after_utc - _now() <= SERVER_RENEW_BEFORE
+
+
+def _spki(public_key) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
@@ -123,15 +132,11 @@ class Authority:
             cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
             have = set(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
                        .value.get_values_for_type(x509.DNSName))
-            fresh = cert.not_valid_after_utc - _now() > SERVER_RENEW_BEFORE
             key_pem = key_path.read_bytes()
             # A crash between writing the key and the certificate leaves a pair that does not
             # match: make a new one rather than serve nothing.
-            matches = (serialization.load_pem_private_key(key_pem, None).public_key().public_bytes(
-                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-                == cert.public_key().public_bytes(serialization.Encoding.DER,
-                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
-            if fresh and matches and set(names) <= have and cert.issuer == self.ca_cert.subject:
+            matches = _spki(serialization.load_pem_private_key(key_pem, None).public_key()) == _spki(cert.public_key())
+            if not _due(cert) and matches and set(names) <= have and cert.issuer == self.ca_cert.subject:
                 return key_pem, cert
         key = ec.generate_private_key(ec.SECP256R1())
         now = _now()
@@ -150,18 +155,15 @@ class Authority:
         write_atomic(cert_path, _pem(cert), 0o644)
         return key_pem, cert
 
-    def _due(self) -> bool:
-        return self._server[2].not_valid_after_utc - _now() <= SERVER_RENEW_BEFORE
-
     def refresh_server(self) -> int:
         """Renew the server certificate once it is within SERVER_RENEW_BEFORE of its end, so a
         controller that runs for more than a year never presents an expired one; the generation.
         Safe from any thread; a failed renewal is tried again a minute later, not at every
         handshake, and the current certificate serves meanwhile."""
-        if not self._due() or time.monotonic() < self._next_try:
+        if not _due(self.server_cert) or time.monotonic() < self._next_try:
             return self._server[0]
         with self._server_lock:
-            if self._due() and time.monotonic() >= self._next_try:   # not renewed meanwhile
+            if _due(self.server_cert) and time.monotonic() >= self._next_try:   # not renewed meanwhile
                 try:
                     key_pem, cert = self._load_or_create_server(self.server_names)
                 except Exception:

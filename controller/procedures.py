@@ -364,15 +364,20 @@ class Runner:
             # environment, would route there. Write the route the ledger holds, then fail.
             if not failed.cut:  # nginx said no, and the script has put the previous file back
                 raise
-            previous = copy.copy(self)  # the route as it was: the live instances as deployed
-            previous.spec = spec_from_dict(self.ledger.as_deployed(self.env_key, self.spec.to_dict()))
-            previous.deploying = {}
             try:
-                await previous.switch_route(d.service.name)
+                await self.as_deployed().switch_route(d.service.name)  # the route as it was
             except StepFailed as exc:
                 self.job.event("job.note", note=f"{d.service.name}: the previous route could not be written "
                                                 f"back ({exc}); deployctl verify shows it, repair writes it")
             raise
+
+    def as_deployed(self) -> "Runner":
+        """This runner with the environment as its live instances were deployed, for writing the
+        route the ledger holds (the spec being applied may be ahead of it, or behind)."""
+        runner = copy.copy(self)
+        runner.spec = spec_from_dict(self.ledger.as_deployed(self.env_key, self.spec.to_dict()))
+        runner.deploying = {}
+        return runner
 
     def routes(self, override: dict[str, tuple[str, int]] | None = None) -> list[tuple[str, str, int]]:
         """(path, host address, port) of every web service: the live ones from the ledger, with

@@ -20,13 +20,11 @@ An environment with work left to settle takes no other order until a recovery jo
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import re
 import shlex
 import time
 from pathlib import Path
-from typing import Callable
 
 import structlog
 
@@ -37,7 +35,7 @@ from .db import Database
 from .jobs import EnvLock, read_events
 from .procedures import DRAIN_S, Deployment, Runner, StepFailed, _current_script
 from .registry import CONNECTED, DISCONNECTED
-from .spec import Service, Spec
+from .spec import Service
 
 log = structlog.get_logger("controller")
 UNSETTLED = ("running", "interrupted")
@@ -143,9 +141,8 @@ def _close_folder(folder: Path, row, summary: str) -> None:
 
 # ---------------------------------------------------------------- the recovery job
 
-async def settle(runner: Runner, deployed_spec: Callable[[], Spec]) -> str:
-    """Settle what this environment's interrupted jobs left in flight (see the module's doc).
-    `deployed_spec()` gives the environment as the ledger says it runs, for the route."""
+async def settle(runner: Runner) -> str:
+    """Settle what this environment's interrupted jobs left in flight (see the module's doc)."""
     conn, env_key = runner.ledger.conn, runner.env_key
     jobs = pending(conn, env_key)
     if not jobs:
@@ -159,7 +156,8 @@ async def settle(runner: Runner, deployed_spec: Callable[[], Spec]) -> str:
     # A switch that did not end cleanly (its agent died in it) may have left nginx running
     # something other than its file, even if an earlier recovery settled its deploy and then
     # failed: nginx is reloaded from what the ledger says, whatever else is left to do.
-    cut = [r for r in rows if _switch_cut(runner, jobs, r["service"])]
+    cut_services = _cut_switches(runner, jobs)
+    cut = [r for r in rows if r["service"] in cut_services]
     await _agents_back(runner, _needed(runner, rows, unsettled, routers=bool(cut)))
     lines: list[str] = []
     route_read: str | None = None
@@ -173,7 +171,7 @@ async def settle(runner: Runner, deployed_spec: Callable[[], Spec]) -> str:
         route_read = await _read_route(runner, cut[0]["service"], cut[0]["number"])
     if route_read is not None:
         # Before converging: nginx must route to the live instances before the others stop.
-        if await _reaffirm_route(runner, deployed_spec(), route_read, force=bool(cut)):
+        if await _reaffirm_route(runner, route_read, force=bool(cut)):
             lines.append("nginx: the route was written again from the ledger")
     rows = conn.execute(f"SELECT * FROM deploys WHERE env_key=? AND job_id IN ({marks}) ORDER BY service, number",
                         (env_key, *jobs)).fetchall()  # as settled
@@ -212,18 +210,18 @@ async def _reattach(runner: Runner, jobs: list[str]) -> None:
                              exit_code=result.exit_code)
 
 
-def _switch_cut(runner: Runner, jobs: list[str], service: str) -> bool:
-    """Whether a route switch of `service` sent by these jobs did not end cleanly, as recorded
-    (not as this recovery saw it: an earlier one that failed may have been the one to hear that
-    its router was lost)."""
+def _cut_switches(runner: Runner, jobs: list[str]) -> set[str]:
+    """The services whose route switch, sent by these jobs, did not end cleanly, as recorded (not
+    as this recovery saw it: an earlier one that failed may have been the one to hear that its
+    router was lost)."""
+    cut = set()
     for job_id in jobs:
-        events, _ = read_events(runner.job.folder.parent / job_id)
-        for e in events:
-            if e["event"] == "step.started" and e.get("service") == service and e.get("step") == "route":
+        for e in read_events(runner.job.folder.parent / job_id)[0]:
+            if e["event"] == "step.started" and e.get("step") == "route":
                 row = runner.dispatcher.db.operation(e["op"])
                 if row is None or row.result is None or row.result.outcome != pb.EXITED:
-                    return True
-    return False
+                    cut.add(e["service"])
+    return cut
 
 
 async def _wait(dispatcher, op_id: str):
@@ -265,8 +263,7 @@ async def _agents_back(runner: Runner, needed: set[str]) -> None:
 
 def _definition(runner: Runner, service: str, code: int | None) -> dict:
     """The service as its code instance was deployed (recorded with the instance)."""
-    row = runner.ledger.instance(runner.env_key, service, "code", code) if code is not None else None
-    recorded = json.loads(row["names"]).get("service") if row else None
+    recorded = runner.ledger.definition(runner.env_key, service, code)
     if recorded is not None:
         return recorded
     try:
@@ -393,11 +390,10 @@ async def _converge(runner: Runner, service: str, rows) -> list[str]:
     return lines
 
 
-async def _reaffirm_route(runner: Runner, spec: Spec, read: str, force: bool) -> bool:
+async def _reaffirm_route(runner: Runner, read: str, force: bool) -> bool:
     """Write the route again if the file is not what the ledger now says (or its switch was cut
     in the middle); True if it was written."""
-    fresh = copy.copy(runner)
-    fresh.spec, fresh.deploying = spec, {}
+    fresh = runner.as_deployed()
     router = fresh.router(runner.env_key)
     if not force and fresh.nginx_content(router).decode() == read:
         return False
