@@ -69,7 +69,11 @@ class Controller:
              "--log-file", str(self.log), "--lost-after", str(self.lost_after),
              *(["--insecure"] if self.insecure else []), *self.extra_args],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_for(lambda: self._accepting() or self.proc.poll() is not None, what="controller socket")
+        try:
+            wait_for(lambda: self._accepting() or self.proc.poll() is not None, what="controller socket")
+        except AssertionError:
+            self.stop()  # a controller that never served is not left running
+            raise
         if self.proc.poll() is not None:
             raise AssertionError(f"controller exited: {self.proc.stderr.read().decode()}")
         return self
@@ -237,10 +241,13 @@ class Cluster:
         return sorted(p.name for p in (self.controller.store / "operations").iterdir())
 
     def close(self) -> None:
-        for agent in self.agents.values():
-            agent.stop()
-            agent.stop_services()
-        self.controller.stop()
+        """Everything stops, even when stopping one of them fails."""
+        import contextlib
+        with contextlib.ExitStack() as each:
+            each.callback(self.controller.stop)
+            for agent in self.agents.values():
+                each.callback(agent.stop_services)
+                each.callback(agent.stop)
 
 
 class CuttableProxy:
