@@ -131,6 +131,8 @@ class AgentGateway(pb_grpc.AgentGatewayServicer):
         return certificate_reply(cert, self.enrolment, issued.roles)
 
     async def Connect(self, request_iterator, context: grpc.aio.ServicerContext):
+        caller_id = CALLER.get().agent_id if CALLER.get() else ""
+        log.info("agent.stream_opened", peer=context.peer(), agent_id=caller_id)  # past the door, before hello
         try:
             first = await asyncio.wait_for(read_message(context), HELLO_TIMEOUT_S)
             problem = check_hello(first)
