@@ -133,6 +133,14 @@ def purge(app: str, env: str) -> None:
         redis("DEL", *keys)
 
 
+def purge_each(app: str, envs: list[str]) -> None:
+    """Purge each environment in a clean-up of its own, so one that fails leaves the others
+    purged all the same (their processes must have ended)."""
+    with contextlib.ExitStack() as each:
+        for env in envs:
+            each.callback(purge, app, env)
+
+
 def http_get(port: int, path: str = "/", host: str = "", timeout: float = 5.0) -> tuple[int, bytes]:
     import http.client
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)

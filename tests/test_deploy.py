@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy_harness import (deploy_cluster, example_repo, http_get, mysql, new_commit, purge, redis,
+from tests.deploy_harness import (deploy_cluster, example_repo, http_get, mysql, new_commit, purge_each, redis,
                                   service_users_base, unique_env)
 from tests.load import Load
 
@@ -44,17 +44,10 @@ def world():
         base = service_users_base()
         cleanup.callback(shutil.rmtree, base, ignore_errors=True)
         envs: list[str] = []
-        cleanup.callback(purge_all, envs)
+        cleanup.callback(purge_each, "shop", envs)
         nginx, cluster = deploy_cluster(base, cleanup)
         repo = example_repo(base)
         yield {"base": base, "nginx": nginx, "cluster": cluster, "repo": repo, "envs": envs}
-
-
-def purge_all(envs: list[str]) -> None:
-    """Purge each environment in a clean-up of its own (processes are gone by now)."""
-    with contextlib.ExitStack() as each:
-        for env in envs:
-            each.callback(purge, "shop", env)
 
 
 def new_env(world) -> str:

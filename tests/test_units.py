@@ -320,13 +320,16 @@ def test_redis_purge_deletes_exact_keys_of_its_prefix_only():
     prefix = f"auto-t{secrets.token_hex(3)}-e-s-1:"
     neighbour = f"auto-t{secrets.token_hex(3)}-prod-s-1:sessions"
     cli = ["redis-cli"]
-    for key in (prefix + "plain", f"{prefix}x {neighbour}", prefix + "quote'd", neighbour):
-        subprocess.run([*cli, "SET", key, "1"], check=True, capture_output=True)
-    subprocess.run(["sh", "-c", redis_purge_script("redis-cli", prefix)], check=True)
-    left = subprocess.run([*cli, "--scan", "--pattern", prefix + "*"], capture_output=True, text=True).stdout
-    assert left.strip() == ""
-    assert subprocess.run([*cli, "GET", neighbour], capture_output=True, text=True).stdout.strip() == "1"
-    subprocess.run([*cli, "DEL", neighbour], capture_output=True)
+    keys = (prefix + "plain", f"{prefix}x {neighbour}", prefix + "quote'd", neighbour)
+    try:
+        for key in keys:
+            subprocess.run([*cli, "SET", key, "1"], check=True, capture_output=True)
+        subprocess.run(["sh", "-c", redis_purge_script("redis-cli", prefix)], check=True)
+        left = subprocess.run([*cli, "--scan", "--pattern", prefix + "*"], capture_output=True, text=True).stdout
+        assert left.strip() == ""
+        assert subprocess.run([*cli, "GET", neighbour], capture_output=True, text=True).stdout.strip() == "1"
+    finally:
+        subprocess.run([*cli, "DEL", *keys], capture_output=True)
 
 
 def test_env_values_with_line_breaks_are_refused_in_the_spec():
