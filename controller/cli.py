@@ -736,7 +736,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="deployctl", description="Operate the deployer: agents, commands across the fleet.",
         epilog="exit codes: 0 ok, 1 failed, 2 bad usage, 3 controller unreachable, 4 credential refused, "
                "130 interrupted",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False)  # or `--token SECRET` would be taken for --token-file, on the command line
     parser.add_argument("--socket", help="controller socket (default $DEPLOYER_SOCKET or store/control.sock)")
     parser.add_argument("--controller", help="controller operator address HOST:PORT instead of the socket")
     parser.add_argument("--token-file", help="with --controller: file holding the operator token (mode 0600; "
