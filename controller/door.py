@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextvars
 import inspect
+import time
 from functools import lru_cache
 from typing import Callable
 
@@ -29,6 +30,7 @@ log = structlog.get_logger("controller")
 
 AGENT, ENROLLEE, OPERATOR = "agent", "enrollee", "operator"
 OPERATOR_SERVICE = "/deployer.v1.Operator/"
+RECHECK_S = 1.0
 
 ALLOWED: dict[str, frozenset[str]] = {
     AGENT: frozenset({
@@ -83,7 +85,10 @@ class Door(grpc.aio.ServerInterceptor):
                             f"{method} is not open to {self.kind} credentials")
         if self.kind == OPERATOR:
             name = method.removeprefix(OPERATOR_SERVICE)
-            return _guarded(handler, lambda context: self._check_operator(context, name))
+            guarded = _guarded(handler, lambda context: self._check_operator(context, name))
+            if self.tokens is not None and guarded.unary_stream is not None:
+                guarded = guarded._replace(unary_stream=self._rechecked(guarded.unary_stream, name))
+            return guarded
         if self.kind != AGENT:
             return handler
         return _guarded(handler, self._check)
@@ -108,6 +113,19 @@ class Door(grpc.aio.ServerInterceptor):
             log.info("operator.call", method=method, token_id=principal.token_id, label=principal.label,
                      peer=context.peer())
         OPERATOR_CALLER.set(principal)
+
+    def _rechecked(self, behavior, method: str):
+        """A stream (following output, a job, a service's log) may outlive its token: before
+        each item, at most once a second, the token is checked again, so a revoked or expired
+        one gets nothing more."""
+        async def stream(request, context):
+            checked = time.monotonic()
+            async for item in behavior(request, context):
+                if time.monotonic() - checked >= RECHECK_S:
+                    await self._check_operator(context, method)
+                    checked = time.monotonic()
+                yield item
+        return stream
 
     async def _check(self, context: grpc.aio.ServicerContext) -> None:
         if not self.certificates:

@@ -198,6 +198,46 @@ def test_the_door_checks_the_token_and_its_role_before_any_handler(tmp_path, sto
         assert asyncio.run(_calls(tmp_path, tokens, metadata)) == (codes, ran), metadata
 
 
+class Streamer(pb_grpc.OperatorServicer):
+    async def Follow(self, request, context):
+        for n in range(40):
+            yield pb.FollowEvent(output=pb.OutputChunk(op_id="op", offset=n, data=b"x"))
+            await asyncio.sleep(0.1)
+
+
+async def _follow_and_revoke(tmp_path, tokens: access.OperatorTokens, token: access.OperatorToken):
+    server = grpc.aio.server(interceptors=[door.Door(door.OPERATOR, tokens=tokens)])
+    pb_grpc.add_OperatorServicer_to_server(Streamer(), server)
+    path = tmp_path / "stream.sock"
+    server.add_insecure_port(f"unix:{path}")
+    await server.start()
+    received = 0
+    try:
+        async with grpc.aio.insecure_channel(f"unix:{path}") as channel:
+            call = pb_grpc.OperatorStub(channel).Follow(
+                pb.FollowRequest(), metadata=(("authorization", f"Bearer {token}"),), timeout=10)
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                async for _ in call:
+                    received += 1
+                    if received == 3:
+                        tokens.revoke(token.token_id)
+    finally:
+        await server.stop(0)
+    return ended.value, received
+
+
+def test_a_stream_ends_soon_after_its_token_is_revoked(tmp_path):
+    db = Database(tmp_path / "deployer.db")
+    try:
+        tokens = access.OperatorTokens(db.conn, "FINGERPRINT")
+        token, _ = tokens.create(Role.READ, 60, "", access.SOCKET)
+        ended, received = asyncio.run(_follow_and_revoke(tmp_path, tokens, token))
+    finally:
+        db.close()
+    assert ended.code() == grpc.StatusCode.UNAUTHENTICATED and "was revoked" in ended.details()
+    assert received <= 3 + door.RECHECK_S / 0.1 + 2   # not the 40 the stream had to give
+
+
 # ---------------------------------------------------------------- how deployctl reads a token
 
 def test_deployctl_reads_the_token_from_a_private_file_or_the_environment(tmp_path):
