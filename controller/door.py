@@ -93,7 +93,7 @@ class Door(grpc.aio.ServerInterceptor):
             return handler
         return _guarded(handler, self._check)
 
-    async def _check_operator(self, context: grpc.aio.ServicerContext, method: str) -> None:
+    async def _check_operator(self, context: grpc.aio.ServicerContext, method: str, again: bool = False) -> None:
         if self.tokens is None:
             OPERATOR_CALLER.set(access.SOCKET)
             return
@@ -109,7 +109,7 @@ class Door(grpc.aio.ServerInterceptor):
             log.warning("rpc.refused", kind=self.kind, method=method, token_id=principal.token_id,
                         reason=str(exc))
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
-        if method in access.NEEDS_OPERATE:
+        if method in access.NEEDS_OPERATE and not again:
             log.info("operator.call", method=method, token_id=principal.token_id, label=principal.label,
                      peer=context.peer())
         OPERATOR_CALLER.set(principal)
@@ -122,7 +122,7 @@ class Door(grpc.aio.ServerInterceptor):
             checked = time.monotonic()
             async for item in behavior(request, context):
                 if time.monotonic() - checked >= RECHECK_S:
-                    await self._check_operator(context, method)
+                    await self._check_operator(context, method, again=True)
                     checked = time.monotonic()
                 yield item
         return stream
