@@ -1,4 +1,5 @@
-"""deployer-controller: serve agents (gateway) and operators (Unix socket) from one store."""
+"""deployer-controller: serve agents (gateway) and operators (Unix socket, and TCP with TLS and
+operator tokens) from one store."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from agent.system import configure_logging, sd_notify, tune_malloc
 from protos import deployer_pb2_grpc as pb_grpc
 
 from . import __version__
+from .access import OperatorTokens
 from .db import Database
 from .dispatcher import Dispatcher
 from .door import AGENT, ENROLLEE, OPERATOR, Door
@@ -144,9 +146,6 @@ class Controller:
         if self.insecure and not is_loopback(self.listen):
             raise StartupError(f"--insecure serves agents without TLS, so only on loopback; "
                                f"{self.listen} is not a loopback address")
-        if self.operator_listen and not is_loopback(self.operator_listen):
-            raise StartupError(f"--operator-listen {self.operator_listen} is not a loopback address: "
-                               "operators have no other credential than reaching it")
 
     @staticmethod
     def _bind(server: grpc.aio.Server, address: str, credentials, what: str) -> None:
@@ -190,15 +189,22 @@ class Controller:
             self._bind(enroll, self.enroll_listen, server_credentials(authority, clients=False), "enrolment")
             servers.append(enroll)
         servers.append(agents)
+        operator_tokens = OperatorTokens(db.conn, authority.fingerprint)
+        service = OperatorService(registry, dispatcher, environments, enrolment, operator_tokens)
         operators = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[Door(OPERATOR)])
-        pb_grpc.add_OperatorServicer_to_server(
-            OperatorService(registry, dispatcher, environments, enrolment), operators)
+        pb_grpc.add_OperatorServicer_to_server(service, operators)
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         self.socket_path.unlink(missing_ok=True)  # stale: the store lock proves nobody serves it
         self._bind(operators, f"unix:{self.socket_path}", None, "operators")
-        if self.operator_listen:
-            self._bind(operators, self.operator_listen, None, "operators")
         servers.append(operators)
+        if self.operator_listen:
+            # A server of its own: a door admits one kind of credential, and here it is a token
+            # on every call, over TLS with our server certificate (never plain, even on loopback:
+            # the token would travel in clear to whoever listens on the host).
+            remote = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[Door(OPERATOR, tokens=operator_tokens)])
+            pb_grpc.add_OperatorServicer_to_server(service, remote)
+            self._bind(remote, self.operator_listen, server_credentials(authority, clients=False), "operators")
+            servers.append(remote)
         for server in servers:
             await server.start()
         os.chmod(self.socket_path, 0o600)
@@ -206,7 +212,7 @@ class Controller:
         log.info("controller.started", version=__version__, store=str(self.store),
                  listen=self.listen, tls=not self.insecure,
                  enroll=None if self.insecure else self.enroll_listen,
-                 socket=str(self.socket_path), pid=os.getpid())
+                 socket=str(self.socket_path), operator_listen=self.operator_listen, pid=os.getpid())
         sd_notify("READY=1")
         sd_notify(f"STATUS=serving agents on {self.listen}")
         await self.stopping.wait()
@@ -243,7 +249,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "after two thirds)")
     parser.add_argument("--insecure", action="store_true",
                         help="serve agents without TLS (loopback addresses only; for local trials)")
-    parser.add_argument("--operator-listen", help="also serve operators on this loopback TCP address")
+    parser.add_argument("--operator-listen",
+                        help="also serve operators on this TCP address (TLS; every call needs an operator "
+                             "token: deployctl operator-token create)")
     parser.add_argument("--lost-after", type=float, default=60.0,
                         help="seconds without contact before a disconnected agent is lost (default 60)")
     parser.add_argument("--log-level", default="info")

@@ -160,6 +160,21 @@ MIGRATIONS = [
     CREATE INDEX retired_secrets_env ON retired_secrets (env_key, name);
     UPDATE tokens SET used_by = '(revoked)' WHERE used_by = 'revoked';
     """,
+    # 7: operator tokens for the TCP operator listener (only a hash of the secret is kept);
+    # created_by: the token that made it ('' : the Unix socket), so a revocation takes its spares.
+    """
+    CREATE TABLE operator_tokens (
+        id TEXT PRIMARY KEY,
+        secret_sha256 TEXT NOT NULL,
+        role TEXT NOT NULL,            -- read, operate
+        label TEXT NOT NULL DEFAULT '',
+        created REAL NOT NULL,
+        expires REAL NOT NULL,
+        revoked REAL,
+        created_by TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX operator_tokens_made_by ON operator_tokens (created_by);
+    """,
 ]
 SEALED_VERSION = MIGRATIONS.index(_seal_at_rest) + 1
 

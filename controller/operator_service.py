@@ -1,4 +1,5 @@
-"""The operator service: what `deployctl` calls, over the controller's Unix socket."""
+"""The operator service: what `deployctl` calls, over the controller's Unix socket or its TCP
+operator listener (the door has authenticated the caller before any method here runs)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from protos import deployer_pb2_grpc as pb_grpc
 
 import json
 
-from . import naming, operations
+from . import access, naming, operations
+from .door import OPERATOR_CALLER
 from .dispatcher import Dispatcher, UnknownOperation
 from .environments import Environments, OrderError
 from .jobs import read_events
@@ -63,12 +65,45 @@ def _env_key(context, value: str) -> str:
 
 class OperatorService(pb_grpc.OperatorServicer):
     def __init__(self, registry: Registry, dispatcher: Dispatcher, environments: Environments,
-                 enrolment: Enrolment | None = None) -> None:
+                 enrolment: Enrolment | None = None, operator_tokens: access.OperatorTokens | None = None) -> None:
         self.registry = registry
         self.dispatcher = dispatcher
         self.environments = environments
         self.ledger = environments.ledger
         self.enrolment = enrolment
+        self.operator_tokens = operator_tokens
+
+    # ---------------------------------------------------------------- operator credentials
+
+    async def CreateOperatorToken(self, request: pb.OperatorTokenRequest, context):
+        roles = [r.value for r in access.Role]
+        if request.role not in roles:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"--role: one of {', '.join(roles)}" + (f" (not {request.role!r})" if request.role else ""))
+        by = OPERATOR_CALLER.get() or access.SOCKET
+        try:
+            token, expires = self.operator_tokens.create(
+                access.Role(request.role), request.ttl_s or access.DEFAULT_TTL_S, request.label, by)
+        except access.NotPermitted as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        log.info("operator_token.created", token_id=token.token_id, role=request.role, label=request.label,
+                 expires=expires, by=by.token_id or "socket")
+        return pb.TokenReply(token=str(token), expires_at=expires, token_id=token.token_id)
+
+    async def ListOperatorTokens(self, request: pb.ListTokensRequest, context):
+        return pb.JsonReply(json=json.dumps(self.operator_tokens.listed(every=request.all)))
+
+    async def RevokeOperatorToken(self, request: pb.TokenRef, context):
+        try:
+            revoked = self.operator_tokens.revoke(request.token_id)
+        except LookupError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, exc.args[0])
+        by = OPERATOR_CALLER.get() or access.SOCKET
+        log.warning("operator_token.revoked", token_id=request.token_id, revoked=revoked,
+                    by=by.token_id or "socket")
+        return pb.OperatorTokenRevokeReply(revoked=revoked)
 
     # ---------------------------------------------------------------- enrolment
 

@@ -686,3 +686,19 @@ class RevokeReply(_message.Message):
     certificates: int
     disconnected: bool
     def __init__(self, certificates: _Optional[int] = ..., disconnected: _Optional[bool] = ...) -> None: ...
+
+class OperatorTokenRequest(_message.Message):
+    __slots__ = ("role", "ttl_s", "label")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    ttl_s: float
+    label: str
+    def __init__(self, role: _Optional[str] = ..., ttl_s: _Optional[float] = ..., label: _Optional[str] = ...) -> None: ...
+
+class OperatorTokenRevokeReply(_message.Message):
+    __slots__ = ("revoked",)
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    revoked: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, revoked: _Optional[_Iterable[str]] = ...) -> None: ...
