@@ -3,6 +3,9 @@
 Delivery is at-least-once and execution exactly-once: every operation without a result is sent
 again each time its agent says hello, and the agent's journal recognises what it already has.
 Output is written to disk before it is acknowledged, so the agent can forget only what is safe.
+Output the disk does not take (it is full) is never acknowledged: the agent is asked to send it
+again from the last durable offset, once a second until the disk has room, and the operation's
+result is taken only once its output is whole.
 
 Every operation leaves with the secret values it could reveal (`redact`, looked up here at each
 send, never stored): the agent replaces them in its output before anything is spooled or sent.
@@ -24,7 +27,7 @@ from protos import deployer_pb2 as pb
 from . import operations
 from .db import Database
 from .ledger import Ledger
-from .oplog import OutputGap, OutputLog
+from .oplog import OutputGap, OutputLog, OutputRefused
 from .registry import Registry, Session
 
 log = structlog.get_logger("controller")
@@ -47,6 +50,7 @@ class Op:
     cancel_reason: str = ""
     note: str = ""
     acked: int = 0
+    refused: str = ""  # why the disk did not take its output, while the agent is to send it again
     environment: str | None = None  # whose secrets its output is redacted of; None: its agent's
     listeners: set[asyncio.Event] = field(default_factory=set)
 
@@ -201,10 +205,30 @@ class Dispatcher:
             return
         try:
             if op.output.write(chunk):
+                if op.refused:
+                    self._kept_again(op)
                 op.fire()
+        except OutputRefused as exc:
+            self._refused(session, op, exc)
         except OutputGap as exc:
-            log.error("op.output_gap", op_id=op.id, error=str(exc))
+            if not op.refused:  # if it is, this was sent before the agent heard it: expected
+                log.error("op.output_gap", op_id=op.id, error=str(exc))
         self.release(op)
+
+    def _refused(self, session: Session, op: Op, exc: OSError) -> None:
+        """The disk did not take the output: ask the agent, which still has it, to send it again."""
+        if not op.refused:
+            op.refused = f"the controller cannot write the output in {op.output.folder}: {exc.strerror}"
+            log.error("op.output_refused", op_id=op.id, agent_id=op.agent_id, error=exc.strerror,
+                      kept_bytes=op.output.received,
+                      then="the agent keeps the rest and sends it again until the disk takes it")
+            op.note = f"{op.refused}; the agent keeps the output and sends it again once there is room"
+            op.fire()
+        session.send(pb.ControllerMessage(ack=pb.Ack(op_id=op.id, offset=op.output.synced, resend=True)))
+
+    def _kept_again(self, op: Op) -> None:
+        log.warning("op.output_kept_again", op_id=op.id, agent_id=op.agent_id, kept_bytes=op.output.received)
+        op.refused, op.note = "", ""
 
     async def on_result(self, session: Session, result: pb.OperationResult) -> None:
         op = self._own(session, result.op_id, "result")
@@ -223,10 +247,16 @@ class Dispatcher:
         if len(result.error) > 2 * MAX_ERROR_CHARS:
             # The agent keeps errors short; one that does not is not let swell the store.
             result.error = bounded(result.error, 2 * MAX_ERROR_CHARS)
+        if op.refused and op.output.received < result.output_bytes:
+            return  # the agent sends it again after the output it is resending
         if op.output.received < result.output_bytes:
             log.error("op.output_incomplete", op_id=op.id, received=op.output.received,
                       expected=result.output_bytes)
-        synced = await asyncio.to_thread(op.output.sync)
+        try:
+            synced = await asyncio.to_thread(op.output.sync)
+        except OutputRefused as exc:
+            self._refused(session, op, exc)
+            return
         self._record(op, result)
         session.send(pb.ControllerMessage(ack=pb.Ack(op_id=op.id, offset=synced, result=True)))
 
@@ -256,6 +286,9 @@ class Dispatcher:
             for op in pending:
                 try:
                     synced = await asyncio.to_thread(op.output.sync)
+                except OutputRefused as exc:
+                    self._refused(session, op, exc)
+                    continue
                 except (OSError, ValueError):
                     continue  # finished and closed meanwhile: its result carried the last ack
                 op.acked = synced
