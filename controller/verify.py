@@ -51,6 +51,8 @@ class Facts:
     databases: set[str] = field(default_factory=set)
     mysql_users: set[str] = field(default_factory=set)
     redis_users: dict[str, str] = field(default_factory=dict)  # user → its key patterns
+    redis_scripting: set[str] = field(default_factory=set)     # auto-* users still allowed scripts
+    redis_default_open: bool = False  # the shared Redis lets anyone in as `default` without a password
     nginx_files: list[str] = field(default_factory=list)      # auto-*.conf in the router's folder
 
 
@@ -168,14 +170,14 @@ class Checker:
             # Password hashes are cut on the host: they never reach the job folder.
             op = await self.runner.sh(redis, f"{cli} ACL LIST | sed -E 's/ [#>][^ ]*//g'", self.env_key, "inspect redis",
                                       check=False)
-            for line in _output(op).splitlines():
-                parts = line.split()
-                if len(parts) >= 2 and parts[0] == "user" and parts[1].startswith("auto-"):
-                    facts.redis_users[parts[1]] = " ".join(p for p in parts[2:] if p.startswith("~"))
+            read_acl_list(_output(op), facts)
 
     def findings(self, facts: Facts) -> list[Finding]:
         return findings(self.env_key, self.spec, self.ledger, facts, self.claimed,
                         self.unit, self.runner.registry)
+
+    def warnings(self, facts: Facts) -> list[str]:
+        return warnings(facts)
 
     # ---------------------------------------------------------------- repair and clean
 
@@ -384,6 +386,9 @@ def findings(env_key, spec, ledger, facts: Facts, claimed, unit, registry) -> li
             elif patterns != f"~{names['prefix']}*":
                 out.append(Finding(where, f"redis {live.redis.number}: ACL user {names['user']} allows {patterns or 'no keys'}",
                                    "redis-user", service, names["user"]))
+            elif names["user"] in facts.redis_scripting:
+                out.append(Finding(where, f"redis {live.redis.number}: ACL user {names['user']} may run scripts, "
+                                   "which can hold the shared server", "redis-user", service, names["user"]))
     if facts.nginx is None and any(s.is_web for s in spec.services):
         out.append(Finding(env_key, "nginx file is missing", "route"))
     elif facts.nginx is not None and facts.nginx != facts.nginx_expected:
@@ -409,6 +414,40 @@ def findings(env_key, spec, ledger, facts: Facts, claimed, unit, registry) -> li
         out.append(Finding("mysql", f"orphan database {name}", "", target=name))
     for name in sorted(n for n in set(facts.redis_users) - claimed["redis"] if n.startswith(own)):
         out.append(Finding("redis", f"orphan ACL user {name}", "", target=name))
+    return out
+
+
+def read_acl_list(text: str, facts: Facts) -> None:
+    """The Redis facts in `ACL LIST`'s output (password hashes already cut on the host)."""
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "user" and parts[1].startswith("auto-"):
+            facts.redis_users[parts[1]] = " ".join(p for p in parts[2:] if p.startswith("~"))
+            if scripting_allowed(parts[2:]):
+                facts.redis_scripting.add(parts[1])
+        elif parts[:2] == ["user", "default"]:
+            facts.redis_default_open = "on" in parts and "nopass" in parts
+
+
+def scripting_allowed(rules: list[str]) -> bool:
+    """Whether an ACL LIST rule lets its user run Lua scripts or functions (Redis expands
+    categories into commands there, so the commands themselves are looked for)."""
+    allowed = False
+    for rule in rules:
+        if rule in ("+@all", "allcommands", "+@scripting") or rule.split("|")[0] in ("+eval", "+evalsha", "+fcall"):
+            allowed = True
+        elif rule in ("-@all", "nocommands", "-@scripting"):
+            allowed = False
+    return allowed
+
+
+def warnings(facts: Facts) -> list[str]:
+    """What is wrong on a shared server without being drift of this environment: reported, and
+    never a reason for verify to fail (it is the server's set-up, not the deploy's)."""
+    out = []
+    if facts.redis_default_open:
+        out.append("redis: the default user needs no password: any tenant can log in as it and bypass "
+                   "the ACL namespaces (see deploy/redis-acl.md)")
     return out
 
 

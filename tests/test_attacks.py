@@ -25,6 +25,169 @@ from __future__ import annotations
 
 # ---------------------------------------------------------------- 6. shared Redis stays available
 
+import socket
+import subprocess
+
+from controller import operations
+from tests.harness import free_port
+
+# The ACL rule users were made with before scripts were refused: the attack's baseline.
+_ACL_WITH_SCRIPTS = ("ACL SETUSER {user} reset on >{password} ~{prefix}* resetchannels -@all "
+                     "+@connection +@read +@write +@keyspace +@transaction +@scripting -@dangerous "
+                     "-select -move -scan -randomkey -dbsize -function -script|flush -script|kill "
+                     "-script|debug -client|tracking -client|caching -client|getredir\n")
+_RUNAWAY = "while true do end"
+
+
+class _PrivateRedis:
+    """A redis-server of the test's own (never the shared one: a runaway script would freeze every
+    test on it), on a free port; its `default` user is the admin. A script counts as busy after
+    100 ms instead of 5 s, so the freeze shows at once."""
+
+    def __init__(self, folder) -> None:
+        self.port = free_port()
+        folder.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(folder), "--busy-reply-threshold", "100",
+             "--enable-debug-command", "yes"],  # so that it is the ACL that refuses DEBUG
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: self.admin("PING") == b"PONG", what="the private redis-server")
+
+    def admin(self, *args: str, stdin: bytes = b"") -> bytes:
+        done = subprocess.run(["redis-cli", "-p", str(self.port), *args], input=stdin,
+                              capture_output=True, timeout=10)
+        return done.stdout.strip()
+
+    def user(self, rule: bytes) -> None:
+        assert self.admin(stdin=rule) == b"OK", rule
+
+    def shutdown(self) -> None:
+        if self.proc.poll() is None:
+            # SHUTDOWN NOSAVE is the only way out of a script that has written (Redis 7.0).
+            self.admin("SHUTDOWN", "NOSAVE")
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _redis_call(port: int, user: str, password: str, *args: str, timeout: float = 1.0) -> bytes:
+    """One command as `user` on a fresh connection: its reply's first line (+OK, -NOPERM …), or
+    raises socket.timeout when the server does not answer within `timeout`."""
+    def resp(*words: str) -> bytes:
+        return b"".join([f"*{len(words)}\r\n".encode()]
+                        + [f"${len(w.encode())}\r\n".encode() + w.encode() + b"\r\n" for w in words])
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+        conn.sendall(resp("AUTH", user, password) + resp(*args))
+        reader = conn.makefile("rb")
+        auth = reader.readline()
+        assert auth == b"+OK\r\n", auth
+        return reader.readline().rstrip(b"\r\n")
+
+
+def _tenant(name: str) -> tuple[str, str, str]:
+    return f"auto-{name}-prod-web-1", f"auto-{name}-prod-web-1:", f"pw-{name}-0123456789abcdef"
+
+
+def test_a_tenants_runaway_script_is_refused_and_the_neighbour_keeps_its_answers(tmp_path):
+    redis = _PrivateRedis(tmp_path / "redis")
+    runaway = None
+    try:
+        (user, prefix, password), neighbour = _tenant("evil"), _tenant("shop")
+        redis.user(operations.redis_create_user(user, prefix, password))
+        redis.user(operations.redis_create_user(*neighbour))
+        refused = [_redis_call(redis.port, user, password, "EVAL", _RUNAWAY, "0"),
+                   _redis_call(redis.port, user, password, "EVAL", f"redis.call('SET', KEYS[1], 1) {_RUNAWAY}",
+                               "1", prefix + "k"),
+                   _redis_call(redis.port, user, password, "FUNCTION", "LOAD",
+                               f"#!lua name=evil\nredis.register_function('spin', function() {_RUNAWAY} end)"),
+                   _redis_call(redis.port, user, password, "FCALL", "spin", "0")]
+        assert all(reply.startswith(b"-NOPERM") for reply in refused), refused
+        for harmful in (["KEYS", "*"], ["DEBUG", "SLEEP", "2"], ["CLIENT", "PAUSE", "2000"], ["MONITOR"],
+                        ["WAIT", "1", "0"], ["SORT", prefix + "k"], ["LCS", prefix + "a", prefix + "b"],
+                        ["SCRIPT", "KILL"]):
+            assert _redis_call(redis.port, user, password, *harmful).startswith(b"-NOPERM"), harmful
+        started = time.monotonic()
+        assert _redis_call(redis.port, neighbour[0], neighbour[2], "PING") == b"+PONG"
+        assert time.monotonic() - started < 1.0
+        # The tenant's ordinary commands still work.
+        assert _redis_call(redis.port, user, password, "SET", prefix + "k", "v") == b"+OK"
+
+        # Without the defence: the rule users had before lets the script run, and it holds the
+        # server for everyone; neither the tenant nor the admin can stop it, only SHUTDOWN NOSAVE.
+        old_user, old_prefix, old_password = _tenant("old")
+        redis.user(_ACL_WITH_SCRIPTS.format(user=old_user, prefix=old_prefix, password=old_password).encode())
+        runaway = socket.create_connection(("127.0.0.1", redis.port), timeout=5)
+        runaway.sendall(f"AUTH {old_user} {old_password}\r\n".encode())
+        assert runaway.makefile("rb").readline() == b"+OK\r\n"
+        script = f"redis.call('SET', KEYS[1], 1) {_RUNAWAY}"
+        runaway.sendall(b"*4\r\n$4\r\nEVAL\r\n$%d\r\n%s\r\n$1\r\n1\r\n$%d\r\n%s\r\n"
+                        % (len(script), script.encode(), len(old_prefix) + 1, (old_prefix + "k").encode()))
+        time.sleep(0.3)
+        busy = _redis_call(redis.port, neighbour[0], neighbour[2], "PING")
+        assert busy.startswith(b"-BUSY"), busy
+        assert _redis_call(redis.port, old_user, old_password, "SCRIPT", "KILL").startswith(b"-NOPERM")
+        assert redis.admin("SCRIPT", "KILL").startswith(b"UNKILLABLE")
+        redis.shutdown()
+        assert redis.proc.returncode is not None
+    finally:
+        if runaway is not None:
+            runaway.close()
+        redis.shutdown()
+
+
+def test_verify_warns_of_a_shared_redis_whose_default_user_needs_no_password(tmp_path):
+    """Read from a real server's ACL LIST, as verify gathers it: an open `default` user is a
+    warning (verify still passes: it is the server's set-up, not drift), and a tenant user made
+    with the old rule, which still allows scripts, is a finding repair fixes."""
+    from controller import verify
+    redis = _PrivateRedis(tmp_path / "redis")
+    try:
+        redis.user(operations.redis_create_user(*_tenant("shop")))
+        old_user, old_prefix, old_password = _tenant("old")
+        redis.user(_ACL_WITH_SCRIPTS.format(user=old_user, prefix=old_prefix, password=old_password).encode())
+        inspect = f"redis-cli -p {redis.port} ACL LIST | sed -E 's/ [#>][^ ]*//g'"  # as verify runs it
+
+        def gathered() -> verify.Facts:
+            facts = verify.Facts()
+            verify.read_acl_list(subprocess.run(["sh", "-c", inspect], capture_output=True, text=True,
+                                                check=True).stdout, facts)
+            return facts
+        facts = gathered()
+        assert facts.redis_users == {"auto-shop-prod-web-1": "~auto-shop-prod-web-1:*",
+                                     old_user: f"~{old_prefix}*"}
+        assert facts.redis_scripting == {old_user}
+        assert verify.warnings(facts) == [
+            "redis: the default user needs no password: any tenant can log in as it and bypass the ACL "
+            "namespaces (see deploy/redis-acl.md)"]
+
+        # Closed as deploy/redis-acl.md says: no warning any more.
+        assert redis.admin(stdin=b"ACL SETUSER admin on >admin-password ~* &* +@all\n") == b"OK"
+        assert redis.admin(stdin=b"ACL SETUSER default off\n") == b"OK"
+        inspect = f"redis-cli -p {redis.port} --user admin --pass admin-password --no-auth-warning ACL LIST " \
+                  "| sed -E 's/ [#>][^ ]*//g'"
+        assert gathered().redis_default_open is False and verify.warnings(gathered()) == []
+    finally:
+        redis.shutdown()
+
+
+def test_a_warning_is_shown_but_does_not_make_verify_fail(capsys):
+    import json as json_mod
+    from types import SimpleNamespace
+    from controller import cli
+
+    class Stub:
+        def FollowJob(self, ref):
+            events = [{"event": "warning", "line": "redis: the default user needs no password: …"},
+                      {"event": "job.finished", "state": "succeeded", "summary": "no drift"}]
+            return [SimpleNamespace(json=json_mod.dumps(e)) for e in events]
+    counts: dict = {}
+    assert cli.follow_job(Stub(), "job-1", verbose=False, counts=counts) == cli.EXIT_OK
+    assert counts == {}  # so `deployctl verify` exits 0, and `make demo` passes
+    assert "warning: redis: the default user needs no password" in capsys.readouterr().err
+
 
 # ---------------------------------------------------------------- 7. acknowledged output is kept
 
