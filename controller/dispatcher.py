@@ -8,7 +8,8 @@ again from the last durable offset, once a second until the disk has room, and t
 result is taken only once its output is whole.
 
 Every operation leaves with the secret values it could reveal (`redact`, looked up here at each
-send, never stored): the agent replaces them in its output before anything is spooled or sent.
+send from its scope, never stored; see knowledge.py): the agent replaces them in its output before
+anything is spooled or sent.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from protos import deployer_pb2 as pb
 
 from . import operations
 from .db import Database
+from .knowledge import Scope
 from .ledger import Ledger
 from .oplog import OutputGap, OutputLog, OutputRefused
 from .registry import Registry, Session
@@ -51,7 +53,7 @@ class Op:
     note: str = ""
     acked: int = 0
     refused: str = ""  # why the disk did not take its output, while the agent is to send it again
-    environment: str | None = None  # whose secrets its output is redacted of; None: its agent's
+    scope: Scope = field(default_factory=Scope.agent)  # which secrets it is sent with
     listeners: set[asyncio.Event] = field(default_factory=set)
 
     def fire(self) -> None:
@@ -84,7 +86,7 @@ class Dispatcher:
         if row is None:
             raise UnknownOperation(op_id)
         op = Op(row.id, row.agent_id, row.state, OutputLog(Path(row.folder) if row.folder else self.root / row.id),
-                row.result, environment=row.environment)
+                row.result, scope=Scope.decode(row.environment))
         op.acked = op.output.received
         self.ops[op_id] = op
         return op
@@ -98,15 +100,17 @@ class Dispatcher:
     # ---------------------------------------------------------------- sending
 
     def submit(self, agent_id: str, operation: pb.Operation, folder: Path | None = None,
-               environment: str | None = None) -> Op:
+               environment: str | None = None, scope: Scope | None = None) -> Op:
         """Record the operation and send it if its agent is connected; `folder` keeps its output
-        (a job's own folder, or store/operations/<id>). Its output is redacted of the secrets of
-        `environment` (app/environment), or without one of every environment on that agent."""
+        (a job's own folder, or store/operations/<id>). Its `scope` says which secrets it is sent
+        with; without one, those of `environment` (app/environment) as a tenant operation, or
+        without that an operator's on its agent."""
         folder = folder or self.root / operation.id
-        redact = patterns(self.ledger.redact_values(environment, agent_id))
+        scope = scope or (Scope.tenant(environment) if environment else Scope.agent())
+        redact = patterns(self.ledger.redact_values(scope, agent_id))
         summary = [redact.redact_text(part) for part in operations.summary(operation)]
-        self.db.insert_operation(operation, agent_id, summary, str(folder), environment)
-        op = Op(operation.id, agent_id, "queued", OutputLog(folder), environment=environment)
+        self.db.insert_operation(operation, agent_id, summary, str(folder), scope.encode())
+        op = Op(operation.id, agent_id, "queued", OutputLog(folder), scope=scope)
         self.ops[operation.id] = op
         log.info("op.submitted", op_id=operation.id, agent_id=agent_id,
                  kind=operation.WhichOneof("kind"))
@@ -123,9 +127,9 @@ class Dispatcher:
         return op
 
     async def execute(self, agent_id: str, operation: pb.Operation, folder: Path | None = None,
-                      environment: str | None = None) -> Op:
+                      environment: str | None = None, scope: Scope | None = None) -> Op:
         """Submit and wait for the result (a lost agent ends it with LOST)."""
-        return await self.wait(self.submit(agent_id, operation, folder, environment))
+        return await self.wait(self.submit(agent_id, operation, folder, environment, scope))
 
     async def wait(self, op: Op) -> Op:
         """Until the operation has its result; the result stays at hand, the open files do not."""
@@ -143,7 +147,7 @@ class Dispatcher:
     def _send(self, session: Session, op: Op, operation: pb.Operation) -> None:
         wire = pb.Operation()
         wire.CopyFrom(operation)
-        wire.redact[:] = self.ledger.redact_values(op.environment, op.agent_id)
+        wire.redact[:] = self.ledger.redact_values(op.scope, op.agent_id)
         session.send(pb.ControllerMessage(operation=wire))
         if op.state == "queued":
             op.state = "sent"

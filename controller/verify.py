@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from protos import deployer_pb2 as pb
 
 from . import naming, operations as ops
+from .knowledge import Scope
 from .planner import Change, ServicePlan
 from .procedures import KEEP_RELEASES, PlacementError, Runner, StepFailed, redis_admin, pick_agent
 
@@ -85,12 +86,12 @@ class Checker:
         router = self.runner.router(self.env_key)
         conf = self.runner.nginx_path(router)
         cat = await self.runner.sh(router, f"cat {shlex.quote(conf)} 2>/dev/null || echo '<missing>'",
-                                   self.env_key, "read route", check=False)
+                                   self.env_key, "read route", check=False, scope=Scope.route(self.env_key))
         text = _output(cat)
         facts.nginx = None if text == "<missing>\n" else text
         folder = shlex.quote(conf.rsplit("/", 1)[0])
         listing = await self.runner.sh(router, f"cd {folder} && ls -1 auto-*.conf 2>/dev/null; true",
-                                       self.env_key, "list routes", check=False)
+                                       self.env_key, "list routes", check=False, scope=Scope.route(self.env_key))
         facts.nginx_files = _output(listing).split()
         facts.nginx_expected = self.runner.nginx_content(router).decode()
         await self._data_facts(facts)
@@ -160,7 +161,7 @@ class Checker:
             query = ("SELECT CONCAT('db ', SCHEMA_NAME) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME LIKE 'auto-%'; "
                      "SELECT CONCAT('user ', User) FROM mysql.user WHERE User LIKE 'auto-%';")
             op = await self.runner.sh(mysql, f"{admin} --skip-column-names -e {shlex.quote(query)}", self.env_key,
-                                      "inspect mysql", check=False)
+                                      "inspect mysql", check=False, scope=Scope.data(self.env_key))
             for line in _output(op).splitlines():
                 kind, _, name = line.partition(" ")
                 (facts.databases if kind == "db" else facts.mysql_users).add(name)
@@ -169,7 +170,7 @@ class Checker:
             cli = redis.redis_cli()
             # Password hashes are cut on the host: they never reach the job folder.
             op = await self.runner.sh(redis, f"{cli} ACL LIST | sed -E 's/ [#>][^ ]*//g'", self.env_key, "inspect redis",
-                                      check=False)
+                                      check=False, scope=Scope.data(self.env_key))
             read_acl_list(_output(op), facts)
 
     def findings(self, facts: Facts) -> list[Finding]:
@@ -221,12 +222,14 @@ class Checker:
         names = json.loads(row["names"])
         password = self.ledger.password(self.env_key, f.service, component, live.number) or ""
         provider = self.runner.registry.agents[row["host"]]
+        sets = Scope.data(self.env_key, (f.service, component, live.number))
         if component == "redis":
             await self.runner.sh(provider, redis_admin(provider), f.service, "repair redis",
-                                 stdin=ops.redis_create_user(names["user"], names["prefix"], password))
+                                 stdin=ops.redis_create_user(names["user"], names["prefix"], password), scope=sets)
         else:
             await self.runner.sh(provider, provider.mysql_admin(), f.service,
-                                 "repair mysql", stdin=ops.mysql_user(names["database"], names["user"], password))
+                                 "repair mysql", stdin=ops.mysql_user(names["database"], names["user"], password),
+                                 scope=sets)
 
     async def clean(self, facts: Facts, dry_run: bool) -> list[str]:
         """Orphan folders inside the services roots, failed releases, releases beyond the kept number."""
@@ -301,7 +304,8 @@ async def destroy(runner: Runner, purge_data: bool) -> str:
     router = runner.router(env_key)
     conf = runner.nginx_path(router)
     reload = router.settings.get("nginx.reload", "nginx -s reload")
-    await runner.sh(router, f"rm -f -- {shlex.quote(conf)} && {reload}", env_key, "remove route")
+    await runner.sh(router, f"rm -f -- {shlex.quote(conf)} && {reload}", env_key, "remove route",
+                    scope=Scope.route(env_key))
     purged = []
     if purge_data:
         for r in ledger.instances(env_key):
@@ -311,13 +315,15 @@ async def destroy(runner: Runner, purge_data: bool) -> str:
                 continue
             if r["component"] == "mysql":
                 await runner.sh(provider, provider.mysql_admin(), r["service"],
-                                "drop mysql", stdin=ops.mysql_drop(names["database"], names["user"]))
+                                "drop mysql", stdin=ops.mysql_drop(names["database"], names["user"]),
+                                scope=Scope.data(env_key))
                 purged.append(names["database"])
             else:
                 cli = provider.redis_cli()
-                await runner.sh(provider, ops.redis_purge_script(cli, names["prefix"]), r["service"], "drop keys")
+                await runner.sh(provider, ops.redis_purge_script(cli, names["prefix"]), r["service"], "drop keys",
+                                scope=Scope.data(env_key))
                 await runner.sh(provider, f"{cli} ACL DELUSER {shlex.quote(names['user'])} >/dev/null",
-                                r["service"], "drop redis user")
+                                r["service"], "drop redis user", scope=Scope.data(env_key))
                 purged.append(names["prefix"])
     if purge_data:
         for r in ledger.instances(env_key):

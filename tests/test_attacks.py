@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import time
 
 from controller import operations
-from tests.harness import free_port
+from tests.harness import free_port, wait_for
 
 # The ACL rule users were made with before scripts were refused: the attack's baseline.
 _ACL_WITH_SCRIPTS = ("ACL SETUSER {user} reset on >{password} ~{prefix}* resetchannels -@all "
@@ -267,5 +268,220 @@ def test_output_the_controllers_full_disk_refused_is_sent_again_and_whole(tmp_pa
 
 # ---------------------------------------------------------------- 8. least knowledge
 
+import asyncio
+import subprocess
+import sys
+
+import pytest
+
+from controller import knowledge, operations
+from controller.db import Database
+from controller.dispatcher import Dispatcher
+from controller.jobs import Job
+from controller.knowledge import EnvFacts, Kind, Scope
+from controller.procedures import Deployment, Runner
+from controller.registry import Registry
+from controller.spec import spec_from_dict
+from protos import deployer_pb2 as pb
+from tests.harness import ROOT, Cluster, wait_for
+
+SHOP = EnvFacts(secrets=frozenset({"shop-token", "shop-token-before"}),
+                passwords={("web", "mysql", 1): "shop-mysql-1", ("web", "redis", 2): "shop-redis-2"},
+                hosts={("web", "code", 3): "web-1", ("web", "mysql", 1): "db-1", ("web", "redis", 2): "db-2"})
+BLOG = EnvFacts(secrets=frozenset({"blog-token"}), passwords={("api", "redis", 1): "blog-redis-1"},
+                hosts={("api", "code", 1): "web-2", ("api", "redis", 1): "db-1"})
+FACTS = {"shop/prod": SHOP, "blog/prod": BLOG}
+
+
+@pytest.mark.parametrize("scope, agent, expected", [
+    (Scope.tenant("shop/prod"), "web-1",
+     ["shop-mysql-1", "shop-redis-2", "shop-token", "shop-token-before"]),
+    (Scope.route("shop/prod"), "router-1", []),
+    (Scope.data("shop/prod", ("web", "redis", 2)), "db-2", ["shop-redis-2"]),
+    (Scope.data("shop/prod"), "db-1", []),                     # a drop or an inspection sets none
+    (Scope.agent(), "web-1", ["shop-mysql-1", "shop-redis-2", "shop-token", "shop-token-before"]),
+    (Scope.agent(), "db-1", ["blog-redis-1", "shop-mysql-1"]),  # data only: its passwords, no secret
+    (Scope.agent(), "web-3", []),
+], ids=["tenant", "route", "data-create", "data-drop", "agent-code", "agent-data", "agent-empty"])
+def test_an_operation_carries_only_the_secrets_its_kind_may_reveal(scope, agent, expected):
+    relevant = {k: v for k, v in FACTS.items() if agent in v.hosts.values()} if scope.kind is Kind.AGENT else FACTS
+    assert knowledge.values(scope, agent, relevant) == expected
+
+
+@pytest.mark.parametrize("scope", [Scope.tenant("shop/prod"), Scope.route("shop/prod"), Scope.agent(),
+                                   Scope.data("shop/prod"), Scope.data("shop/prod", ("web", "redis", 2),
+                                                                       ("web", "mysql", 1))])
+def test_a_scope_is_kept_with_its_operation_and_read_back_the_same(scope):
+    assert Scope.decode(scope.encode()) == scope
+    assert Scope.decode("shop/prod") == Scope.tenant("shop/prod")  # rows from before kinds
+    assert Scope.decode(None) == Scope.agent()
+
+
+class _Wire:
+    """A controller's dispatcher and a job's runner in-process, with agents whose sessions record
+    every operation as it leaves (with its redact list) and answer it at once with success."""
+
+    def __init__(self, base) -> None:
+        self.db = Database(base / "deployer.db")
+        self.registry = Registry(self.db, 60)
+        self.dispatcher = Dispatcher(self.db, self.registry, base)
+        self.ledger = self.dispatcher.ledger
+        self.sent: list[tuple[str, pb.Operation]] = []
+        self.base = base
+
+    def connect(self, agent_id: str, **settings: str) -> None:
+        capabilities = sorted({key.split(".")[0] for key in settings})
+        session = self.registry.attach(pb.Hello(agent_id=agent_id, roles=["computing"], capabilities=capabilities,
+                                                settings=settings, services_root=str(self.base / "srv")), "test")
+        original = session.send
+
+        def send(message: pb.ControllerMessage) -> None:
+            original(message)
+            if message.WhichOneof("msg") == "operation":
+                self.sent.append((agent_id, message.operation))
+                asyncio.get_running_loop().create_task(self.dispatcher.on_result(session, pb.OperationResult(
+                    op_id=message.operation.id, outcome=pb.EXITED)))
+        session.send = send
+
+    def runner(self, spec: dict) -> Runner:
+        job = Job(self.base, self.db, f"job-{len(self.sent)}-{id(spec)}", f"{spec['app']}/{spec['environment']}", "apply")
+        return Runner(job, spec_from_dict(spec), self.dispatcher, self.registry, self.ledger)
+
+    def carried(self) -> list[tuple[str, list[str]]]:
+        out = [(agent, sorted(op.redact)) for agent, op in self.sent]
+        self.sent.clear()
+        return out
+
+
+def _shop_spec() -> dict:
+    return {"version": 1, "app": "shop", "environment": "prod", "domain": "shop.test",
+            "services": {"web": {"path": "/", "source": "/nowhere.git", "ref": "main", "start": "node server.js",
+                                 "health": "/health", "uses": ["redis"], "secrets": ["SHOP_TOKEN"]}}}
+
+
+def test_each_kind_of_operation_leaves_with_exactly_its_secrets(tmp_path):
+    """Through the real procedures and dispatcher, captured as the operations leave for the agent."""
+    async def scenario() -> None:
+        wire = _Wire(tmp_path)
+        wire.connect("web-1")
+        wire.connect("router-1", **{"nginx.conf_dir": str(tmp_path / "nginx")})
+        wire.connect("db-1", **{"redis.port": "6379"})
+        ledger = wire.ledger
+        ledger.set_secret("shop/prod", "SHOP_TOKEN", "shop-token-value")
+        ledger.set_secret("blog/prod", "BLOG_TOKEN", "blog-token-value")
+        ledger.add_instance("blog/prod", "api", "code", 1, host="web-1", status="live")
+        ledger.add_instance("blog/prod", "api", "redis", 1, host="db-1", status="live")
+        ledger.save_password("blog/prod", "api", "redis", 1, "blog-redis-password")
+        ledger.add_instance("shop/prod", "web", "code", 1, host="web-1", port=20001, status="live")
+        runner = wire.runner(_shop_spec())
+        d = Deployment(runner.spec.service("web"), wire.registry.agents["web-1"], str(tmp_path / "srv/x"))
+
+        # data: creating the Redis user carries the password it sets, and nothing else.
+        values = await runner._redis(d, 1, True)
+        password = ledger.password("shop/prod", "web", "redis", 1)
+        assert values["REDIS_URL"].endswith(f":{password}@127.0.0.1:6379")
+        assert wire.carried() == [("db-1", [password])]
+        # tenant: a step that runs the environment's code carries its secrets and passwords.
+        await runner.sh(d.host, "npm ci", "web", "install")
+        assert wire.carried() == [("web-1", sorted(["shop-token-value", password]))]
+        # route: writing and switching the route carries none.
+        await runner.switch_route("web")
+        assert wire.carried() == [("router-1", []), ("router-1", [])]
+        # agent: an operator's exec carries the secrets of environments whose code is there, and
+        # of those with only data there, the passwords of that data.
+        await wire.dispatcher.execute("db-1", operations.exec_op(operations.new_op_id(), ["true"]))
+        assert wire.carried() == [("db-1", sorted(["blog-redis-password", password]))]
+        await wire.dispatcher.execute("web-1", operations.exec_op(operations.new_op_id(), ["true"]))
+        assert wire.carried() == [("web-1", sorted(["blog-token-value", "blog-redis-password",
+                                                     "shop-token-value", password]))]
+        # Sent again after a controller restart, an operation keeps its kind: the store keeps the
+        # scope, never the list.
+        route = pb.Operation(id=operations.new_op_id(), write_file=pb.WriteFileSpec(path="/x", content=b"x"))
+        tenant = operations.exec_op(operations.new_op_id(), ["true"])
+        wire.dispatcher.submit("router-2", route, scope=Scope.route("shop/prod"))
+        wire.dispatcher.submit("router-2", tenant, environment="shop/prod")
+        assert b"shop-token-value" not in (tmp_path / "deployer.db").read_bytes()
+        wire.dispatcher.close()
+        wire.dispatcher = Dispatcher(wire.db, wire.registry, tmp_path)
+        wire.connect("router-2")
+        wire.dispatcher.on_hello(wire.registry.session("router-2"), pb.Hello(agent_id="router-2"))
+        assert wire.carried() == [("router-2", []), ("router-2", sorted(["shop-token-value", password]))]
+        wire.dispatcher.close()
+
+    asyncio.run(scenario())
+
+
+
+def _journal(agent) -> list[pb.Operation]:
+    """The operations an agent holds in its journal with their payload (finished ones are cut
+    down to their id once the controller has their result)."""
+    out = []
+    for accepted in (agent.state_dir / "operations").glob("*/accepted"):
+        operation = pb.Operation()
+        try:
+            operation.ParseFromString(accepted.read_bytes())
+        except Exception:  # noqa: BLE001 (being replaced at this instant: read it next time)
+            continue
+        if operation.WhichOneof("kind"):
+            out.append(operation)
+    return out
+
+
+def test_a_route_switch_reaches_the_router_without_any_secret(tmp_path):
+    """A real deploy, held while nginx reloads: the route switch the router holds in its journal
+    carries no secret, while an operator's exec on the same agent, where the code is, carries the
+    environment's secret and passwords."""
+    import secrets as secrets_mod
+    import shutil
+    import sqlite3
+
+    from controller.vault import Vault
+    from tests.deploy_harness import Nginx, example_repo, purge, service_users_base, unique_env
+    from tests.test_deploy import web_service, write_spec
+
+    base = service_users_base("deployer-knowledge-")
+    gate = base / "gate"
+    nginx = Nginx(base).start()
+    cluster = Cluster(base)
+    env = unique_env()
+    try:
+        cluster.controller.start()
+        held = f"sh -c 'while [ ! -e {gate} ]; do sleep 0.05; done; {nginx.base_cmd} -s reload'"
+        agent = cluster.add_agent("computing-1", ["computing"], provides={
+            **nginx.settings(), "nginx.reload": held, "mysql.host": "127.0.0.1", "mysql.port": "3306",
+            "redis.host": "127.0.0.1", "redis.port": "6379"})
+        cluster.wait_connected("computing-1")
+        token = "tok-" + secrets_mod.token_urlsafe(18)
+        set_secret = subprocess.run([sys.executable, "-m", "controller.cli", "secret", "set", f"shop/{env}",
+                                     "SHOP_TOKEN"], input=token.encode(), capture_output=True, env=cluster.env(),
+                                    cwd=ROOT)
+        assert set_secret.returncode == 0, set_secret.stderr
+        spec = write_spec(tmp_path, env, {"web": web_service(example_repo(base), secrets=["SHOP_TOKEN"])})
+        apply = cluster.deployctl_bg("apply", str(spec))
+
+        def switching() -> list[pb.Operation]:
+            return [op for op in _journal(agent) if "nginx rejected the new configuration" in "".join(op.exec.argv)]
+        switch = wait_for(switching, timeout=600, every=0.2, what="the route switch held by its reload")[0]
+        adhoc = cluster.deployctl_bg("exec", "--agent", "computing-1", "--", "sh", "-c",
+                                     f"while [ ! -e {gate} ]; do sleep 0.05; done")
+        operator = wait_for(lambda: [op for op in _journal(agent) if op.exec.argv[:1] == ["sh"]
+                                     and op.exec.argv[-1].startswith("while [ ! -e")], what="the exec held")[0]
+        vault = Vault.for_store(cluster.controller.store / "secrets.key", create=False)
+        with sqlite3.connect(f"file:{cluster.controller.store / 'deployer.db'}?mode=ro", uri=True) as db:
+            passwords = [vault.open_text(row[0]) for row in
+                         db.execute("SELECT password FROM credentials WHERE env_key=?", (f"shop/{env}",))]
+        assert len(passwords) == 2  # mysql 1 and redis 1
+        assert list(switch.redact) == []
+        assert sorted(operator.redact) == sorted([token, *passwords])
+        gate.touch()
+        out, err = apply.communicate(timeout=120)
+        assert apply.returncode == 0, out.decode() + err.decode()
+        assert adhoc.wait(60) == 0
+    finally:
+        gate.touch()
+        cluster.close()
+        nginx.stop()
+        purge("shop", env)
+        shutil.rmtree(base, ignore_errors=True)
 
 # ---------------------------------------------------------------- 9. one owner per port
