@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,17 +214,17 @@ class Dispatcher:
                     self._kept_again(op)
                 op.fire()
         except OutputRefused as exc:
-            self._refused(session, op, exc)
+            self._refused(session, op, exc.strerror)
         except OutputGap as exc:
             if not op.refused:  # if it is, this was sent before the agent heard it: expected
                 log.error("op.output_gap", op_id=op.id, error=str(exc))
         self.release(op)
 
-    def _refused(self, session: Session, op: Op, exc: OSError) -> None:
+    def _refused(self, session: Session, op: Op, error: str) -> None:
         """The disk did not take the output: ask the agent, which still has it, to send it again."""
         if not op.refused:
-            op.refused = f"the controller cannot write the output in {op.output.folder}: {exc.strerror}"
-            log.error("op.output_refused", op_id=op.id, agent_id=op.agent_id, error=exc.strerror,
+            op.refused = f"the controller cannot write the output in {op.output.folder}: {error}"
+            log.error("op.output_refused", op_id=op.id, agent_id=op.agent_id, error=error,
                       kept_bytes=op.output.received,
                       then="the agent keeps the rest and sends it again until the disk takes it")
             op.note = f"{op.refused}; the agent keeps the output and sends it again once there is room"
@@ -259,9 +260,15 @@ class Dispatcher:
         try:
             synced = await asyncio.to_thread(op.output.sync)
         except OutputRefused as exc:
-            self._refused(session, op, exc)
+            self._refused(session, op, exc.strerror)
             return
-        self._record(op, result)
+        try:
+            self._record(op, result)
+        except (sqlite3.OperationalError, OSError) as exc:
+            # The disk is full for the result too: the agent keeps it and sends it again, as it
+            # does output, rather than the session ending over it.
+            self._refused(session, op, getattr(exc, "strerror", None) or str(exc))
+            return
         session.send(pb.ControllerMessage(ack=pb.Ack(op_id=op.id, offset=synced, result=True)))
 
     def _record(self, op: Op, result: pb.OperationResult) -> None:
@@ -291,7 +298,7 @@ class Dispatcher:
                 try:
                     synced = await asyncio.to_thread(op.output.sync)
                 except OutputRefused as exc:
-                    self._refused(session, op, exc)
+                    self._refused(session, op, exc.strerror)
                     continue
                 except (OSError, ValueError):
                     continue  # finished and closed meanwhile: its result carried the last ack

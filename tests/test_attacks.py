@@ -266,6 +266,48 @@ def test_output_the_controllers_full_disk_refused_is_sent_again_and_whole(tmp_pa
         disk.unmount()
 
 
+
+def test_a_result_the_full_disk_refused_is_asked_for_again(tmp_path, monkeypatch):
+    """In-process: the store cannot record a result (its database is full) — the agent is asked
+    to send it again instead of the session ending, and the result is taken when it comes back."""
+    import asyncio
+    import sqlite3
+
+    from controller.db import Database
+    from controller.dispatcher import Dispatcher
+    from controller.registry import Registry
+    from protos import deployer_pb2 as pb
+
+    async def scenario() -> None:
+        db = Database(tmp_path / "deployer.db")
+        registry = Registry(db, 60)
+        dispatcher = Dispatcher(db, registry, tmp_path)
+        session = registry.attach(pb.Hello(agent_id="web-1", roles=["computing"]), "test")
+        op = dispatcher.submit("web-1", pb.Operation(id="op-20260101T000000-00000001",
+                                                     exec=pb.ExecSpec(argv=["echo", "hi"])))
+        dispatcher.on_output(session, pb.OutputChunk(op_id=op.id, offset=0, stream=pb.STDOUT, data=b"hi\n"))
+        result = pb.OperationResult(op_id=op.id, outcome=pb.EXITED, output_bytes=3)
+        full = sqlite3.OperationalError("database or disk is full")
+        monkeypatch.setattr(db, "finish", lambda *a: (_ for _ in ()).throw(full))
+        await dispatcher.on_result(session, result)
+        acks = [m.ack for m in drain(session) if m.WhichOneof("msg") == "ack"]
+        assert [(a.offset, a.resend, a.result) for a in acks] == [(3, True, False)]  # the output is safe: only the result again
+        assert not op.finished and "database or disk is full" in op.note
+        monkeypatch.undo()
+        await dispatcher.on_result(session, result)
+        acks = [m.ack for m in drain(session) if m.WhichOneof("msg") == "ack"]
+        assert [(a.offset, a.resend, a.result) for a in acks] == [(3, False, True)]
+        assert op.finished and db.operation(op.id).state == "finished"
+        dispatcher.close()
+
+    def drain(session) -> list:
+        out = []
+        while not session.outbox.empty():
+            out.append(session.outbox.get_nowait())
+        return out
+
+    asyncio.run(scenario())
+
 # ---------------------------------------------------------------- 8. least knowledge
 
 import asyncio
