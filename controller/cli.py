@@ -565,6 +565,8 @@ def _follow_job(stub: pb_grpc.OperatorStub, job_id: str, verbose: bool, counts: 
             key = "left" if e.get("after_repair") else "found"
             counts[key] = counts.get(key, 0) + 1
             print(("still: " if e.get("after_repair") else "") + e["line"], flush=True)
+        elif name == "warning":  # said, but not counted: verify's exit code is about drift
+            print(f"warning: {e['line']}", file=sys.stderr, flush=True)
         elif name in ("repaired", "clean.planned"):
             print(e["line"], flush=True)
         elif name == "deploy.live":

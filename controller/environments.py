@@ -261,6 +261,8 @@ class Environments:
             found = checker.findings(facts)
             for finding in found:
                 runner.job.event("finding", line=finding.line(), fix=finding.fix)
+            for warning in checker.warnings(facts):
+                runner.job.event("warning", line=warning)
             if request.action == "verify":
                 return f"{len(found)} finding(s)" if found else "no drift"
             if request.action == "clean":

@@ -74,10 +74,13 @@ def mysql_drop(database: str, user: str) -> bytes:
 
 def redis_create_user(user: str, prefix: str, password: str) -> bytes:
     """An ACL user confined to `prefix*` keys: data commands only. Commands that reveal or touch
-    other tenants' keys (SCAN, RANDOMKEY, DBSIZE, SELECT, flushes…) are refused too."""
+    other tenants' keys (SCAN, RANDOMKEY, DBSIZE, SELECT, flushes…) are refused too, and so is
+    whatever can hold the whole server (decision 019): scripts and functions (Redis 7.0 cannot
+    kill one that has written), @dangerous (KEYS, SORT, DEBUG, MONITOR, CLIENT PAUSE…), WAIT,
+    and LCS (quadratic in its strings)."""
     return (f"ACL SETUSER {user} reset on >{password} ~{prefix}* resetchannels -@all "
-            "+@connection +@read +@write +@keyspace +@transaction +@scripting -@dangerous -select "
-            "-move -scan -randomkey -dbsize -function -script|flush -script|kill -script|debug "
+            "+@connection +@read +@write +@keyspace +@transaction -@scripting -@dangerous -select "
+            "-move -scan -randomkey -dbsize -wait -lcs "
             "-client|tracking -client|caching -client|getredir\n").encode()
 
 

@@ -25,6 +25,7 @@ from protos import deployer_pb2 as pb
 from . import naming, operations as ops
 from .dispatcher import Dispatcher, Op
 from .jobs import Job
+from .knowledge import Scope
 from .ledger import Ledger
 from .planner import Plan, ServicePlan
 from .registry import CONNECTED, Agent, Registry
@@ -112,13 +113,13 @@ class Runner:
     # ---------------------------------------------------------------- operations
 
     async def run_op(self, agent: Agent, operation: pb.Operation, service: str, step: str,
-                     check: bool = True) -> Op:
+                     check: bool = True, scope: Scope | None = None) -> Op:
         operation.id = ops.new_op_id()
         if service in self.deploying:  # durably, before the step acts: recovery reads it after a crash
             self.ledger.set_step(self.env_key, service, self.deploying[service], step)
         self.job.event("step.started", service=service, step=step, agent=agent.id, op=operation.id)
         op = await self.dispatcher.execute(agent.id, operation, self.job.ops_folder(operation.id),
-                                           environment=self.env_key)
+                                           scope=scope or Scope.tenant(self.env_key))
         result = op.result
         ok = result.outcome == pb.EXITED and result.exit_code == 0
         self.job.event("step.finished", service=service, step=step, op=operation.id, ok=ok,
@@ -134,10 +135,10 @@ class Runner:
 
     async def sh(self, agent: Agent, script: str, service: str, step: str, *, cwd: str = "",
                  env_file: str = "", stdin: bytes = b"", timeout: float = 1800, check: bool = True,
-                 user: str = "", env: dict[str, str] | None = None) -> Op:
+                 user: str = "", env: dict[str, str] | None = None, scope: Scope | None = None) -> Op:
         operation = pb.Operation(exec=pb.ExecSpec(argv=["sh", "-c", script], cwd=cwd, env_file=env_file,
                                                   stdin=stdin, timeout_s=timeout, user=user, env=env or {}))
-        return await self.run_op(agent, operation, service, step, check)
+        return await self.run_op(agent, operation, service, step, check, scope)
 
     @property
     def unix_user(self) -> str:
@@ -275,7 +276,8 @@ class Runner:
             self.ledger.save_password(self.env_key, name, component, number, password)
             d.created.append((component, number, names, provider))
             admin = provider.mysql_admin() if component == "mysql" else redis_admin(provider)
-            await self.sh(provider, admin, name, component, stdin=create(password))
+            await self.sh(provider, admin, name, component, stdin=create(password),
+                          scope=Scope.data(self.env_key, (name, component, number)))
         return provider, self.ledger.password(self.env_key, name, component, number) or ""
 
     async def _mysql(self, d: Deployment, number: int, new: bool) -> dict[str, str]:
@@ -423,10 +425,12 @@ class Runner:
         conf = self.nginx_path(router)
         staged = f"{conf}.staged-{self.job.id}"
         await self.run_op(router, pb.Operation(write_file=pb.WriteFileSpec(
-            path=staged, content=self.nginx_content(router, override), mode=0o644)), service, "route")
+            path=staged, content=self.nginx_content(router, override), mode=0o644)), service, "route",
+            scope=Scope.route(self.env_key))
         await self.sh(router, ops.nginx_switch_script(
             conf, staged, router.settings.get("nginx.test", "nginx -t"),
-            router.settings.get("nginx.reload", "nginx -s reload")), service, "route")
+            router.settings.get("nginx.reload", "nginx -s reload")), service, "route",
+            scope=Scope.route(self.env_key))
 
     def _go_live(self, d: Deployment, numbers: dict[str, int]) -> None:
         name = d.service.name
@@ -487,10 +491,12 @@ class Runner:
         for component, number, names, provider in d.created:
             if component == "mysql":
                 await self.sh(provider, provider.mysql_admin(), name, "drop new mysql",
-                              stdin=ops.mysql_drop(names["database"], names["user"]), check=False)
+                              stdin=ops.mysql_drop(names["database"], names["user"]), check=False,
+                              scope=Scope.data(self.env_key))
             else:
                 await self.sh(provider, redis_admin(provider, expect="1"), name, "drop new redis",
-                              stdin=ops.redis_drop_user(names["user"]), check=False)
+                              stdin=ops.redis_drop_user(names["user"]), check=False,
+                              scope=Scope.data(self.env_key))
             self.ledger.set_status(self.env_key, name, component, number, "failed")
 
 

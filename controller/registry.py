@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 from dataclasses import dataclass, field
 
@@ -59,6 +60,7 @@ class Agent:
     running: int = 0
     settings: dict[str, str] = field(default_factory=dict)
     services_root: str = ""
+    facts_unsaved: bool = False  # the last facts could not be written (said once in the log)
 
     @property
     def address(self) -> str:
@@ -129,7 +131,15 @@ class Registry:
         agent.last_seen = time.time()
         if facts is not None:
             agent.facts = facts
-            self.db.touch_agent(agent.id, agent.last_seen, facts)
+            try:
+                self.db.touch_agent(agent.id, agent.last_seen, facts)
+                agent.facts_unsaved = False
+            except sqlite3.OperationalError as exc:
+                # A full disk: the facts are kept in memory; ending the session over them would
+                # only stop the output that is waiting for room.
+                if not agent.facts_unsaved:
+                    log.warning("agent.facts_not_saved", agent_id=agent.id, error=str(exc))
+                agent.facts_unsaved = True
         if running is not None:
             agent.running = running
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from protos import deployer_pb2 as pb
 
 from . import naming, operations as ops
+from .knowledge import Scope
 from .planner import Change, ServicePlan
 from .procedures import KEEP_RELEASES, PlacementError, Runner, StepFailed, redis_admin, pick_agent
 
@@ -51,6 +52,8 @@ class Facts:
     databases: set[str] = field(default_factory=set)
     mysql_users: set[str] = field(default_factory=set)
     redis_users: dict[str, str] = field(default_factory=dict)  # user → its key patterns
+    redis_scripting: set[str] = field(default_factory=set)     # auto-* users still allowed scripts
+    redis_default_open: bool = False  # the shared Redis lets anyone in as `default` without a password
     nginx_files: list[str] = field(default_factory=list)      # auto-*.conf in the router's folder
 
 
@@ -83,12 +86,12 @@ class Checker:
         router = self.runner.router(self.env_key)
         conf = self.runner.nginx_path(router)
         cat = await self.runner.sh(router, f"cat {shlex.quote(conf)} 2>/dev/null || echo '<missing>'",
-                                   self.env_key, "read route", check=False)
+                                   self.env_key, "read route", check=False, scope=Scope.route(self.env_key))
         text = _output(cat)
         facts.nginx = None if text == "<missing>\n" else text
         folder = shlex.quote(conf.rsplit("/", 1)[0])
         listing = await self.runner.sh(router, f"cd {folder} && ls -1 auto-*.conf 2>/dev/null; true",
-                                       self.env_key, "list routes", check=False)
+                                       self.env_key, "list routes", check=False, scope=Scope.route(self.env_key))
         facts.nginx_files = _output(listing).split()
         facts.nginx_expected = self.runner.nginx_content(router).decode()
         await self._data_facts(facts)
@@ -158,7 +161,7 @@ class Checker:
             query = ("SELECT CONCAT('db ', SCHEMA_NAME) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME LIKE 'auto-%'; "
                      "SELECT CONCAT('user ', User) FROM mysql.user WHERE User LIKE 'auto-%';")
             op = await self.runner.sh(mysql, f"{admin} --skip-column-names -e {shlex.quote(query)}", self.env_key,
-                                      "inspect mysql", check=False)
+                                      "inspect mysql", check=False, scope=Scope.data(self.env_key))
             for line in _output(op).splitlines():
                 kind, _, name = line.partition(" ")
                 (facts.databases if kind == "db" else facts.mysql_users).add(name)
@@ -167,15 +170,15 @@ class Checker:
             cli = redis.redis_cli()
             # Password hashes are cut on the host: they never reach the job folder.
             op = await self.runner.sh(redis, f"{cli} ACL LIST | sed -E 's/ [#>][^ ]*//g'", self.env_key, "inspect redis",
-                                      check=False)
-            for line in _output(op).splitlines():
-                parts = line.split()
-                if len(parts) >= 2 and parts[0] == "user" and parts[1].startswith("auto-"):
-                    facts.redis_users[parts[1]] = " ".join(p for p in parts[2:] if p.startswith("~"))
+                                      check=False, scope=Scope.data(self.env_key))
+            read_acl_list(_output(op), facts)
 
     def findings(self, facts: Facts) -> list[Finding]:
         return findings(self.env_key, self.spec, self.ledger, facts, self.claimed,
                         self.unit, self.runner.registry)
+
+    def warnings(self, facts: Facts) -> list[str]:
+        return warnings(facts)
 
     # ---------------------------------------------------------------- repair and clean
 
@@ -219,12 +222,14 @@ class Checker:
         names = json.loads(row["names"])
         password = self.ledger.password(self.env_key, f.service, component, live.number) or ""
         provider = self.runner.registry.agents[row["host"]]
+        sets = Scope.data(self.env_key, (f.service, component, live.number))
         if component == "redis":
             await self.runner.sh(provider, redis_admin(provider), f.service, "repair redis",
-                                 stdin=ops.redis_create_user(names["user"], names["prefix"], password))
+                                 stdin=ops.redis_create_user(names["user"], names["prefix"], password), scope=sets)
         else:
             await self.runner.sh(provider, provider.mysql_admin(), f.service,
-                                 "repair mysql", stdin=ops.mysql_user(names["database"], names["user"], password))
+                                 "repair mysql", stdin=ops.mysql_user(names["database"], names["user"], password),
+                                 scope=sets)
 
     async def clean(self, facts: Facts, dry_run: bool) -> list[str]:
         """Orphan folders inside the services roots, failed releases, releases beyond the kept number."""
@@ -299,7 +304,8 @@ async def destroy(runner: Runner, purge_data: bool) -> str:
     router = runner.router(env_key)
     conf = runner.nginx_path(router)
     reload = router.settings.get("nginx.reload", "nginx -s reload")
-    await runner.sh(router, f"rm -f -- {shlex.quote(conf)} && {reload}", env_key, "remove route")
+    await runner.sh(router, f"rm -f -- {shlex.quote(conf)} && {reload}", env_key, "remove route",
+                    scope=Scope.route(env_key))
     purged = []
     if purge_data:
         for r in ledger.instances(env_key):
@@ -309,13 +315,15 @@ async def destroy(runner: Runner, purge_data: bool) -> str:
                 continue
             if r["component"] == "mysql":
                 await runner.sh(provider, provider.mysql_admin(), r["service"],
-                                "drop mysql", stdin=ops.mysql_drop(names["database"], names["user"]))
+                                "drop mysql", stdin=ops.mysql_drop(names["database"], names["user"]),
+                                scope=Scope.data(env_key))
                 purged.append(names["database"])
             else:
                 cli = provider.redis_cli()
-                await runner.sh(provider, ops.redis_purge_script(cli, names["prefix"]), r["service"], "drop keys")
+                await runner.sh(provider, ops.redis_purge_script(cli, names["prefix"]), r["service"], "drop keys",
+                                scope=Scope.data(env_key))
                 await runner.sh(provider, f"{cli} ACL DELUSER {shlex.quote(names['user'])} >/dev/null",
-                                r["service"], "drop redis user")
+                                r["service"], "drop redis user", scope=Scope.data(env_key))
                 purged.append(names["prefix"])
     if purge_data:
         for r in ledger.instances(env_key):
@@ -384,6 +392,9 @@ def findings(env_key, spec, ledger, facts: Facts, claimed, unit, registry) -> li
             elif patterns != f"~{names['prefix']}*":
                 out.append(Finding(where, f"redis {live.redis.number}: ACL user {names['user']} allows {patterns or 'no keys'}",
                                    "redis-user", service, names["user"]))
+            elif names["user"] in facts.redis_scripting:
+                out.append(Finding(where, f"redis {live.redis.number}: ACL user {names['user']} may run scripts, "
+                                   "which can hold the shared server", "redis-user", service, names["user"]))
     if facts.nginx is None and any(s.is_web for s in spec.services):
         out.append(Finding(env_key, "nginx file is missing", "route"))
     elif facts.nginx is not None and facts.nginx != facts.nginx_expected:
@@ -409,6 +420,40 @@ def findings(env_key, spec, ledger, facts: Facts, claimed, unit, registry) -> li
         out.append(Finding("mysql", f"orphan database {name}", "", target=name))
     for name in sorted(n for n in set(facts.redis_users) - claimed["redis"] if n.startswith(own)):
         out.append(Finding("redis", f"orphan ACL user {name}", "", target=name))
+    return out
+
+
+def read_acl_list(text: str, facts: Facts) -> None:
+    """The Redis facts in `ACL LIST`'s output (password hashes already cut on the host)."""
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "user" and parts[1].startswith("auto-"):
+            facts.redis_users[parts[1]] = " ".join(p for p in parts[2:] if p.startswith("~"))
+            if scripting_allowed(parts[2:]):
+                facts.redis_scripting.add(parts[1])
+        elif parts[:2] == ["user", "default"]:
+            facts.redis_default_open = "on" in parts and "nopass" in parts
+
+
+def scripting_allowed(rules: list[str]) -> bool:
+    """Whether an ACL LIST rule lets its user run Lua scripts or functions (Redis expands
+    categories into commands there, so the commands themselves are looked for)."""
+    allowed = False
+    for rule in rules:
+        if rule in ("+@all", "allcommands", "+@scripting") or rule.split("|")[0] in ("+eval", "+evalsha", "+fcall"):
+            allowed = True
+        elif rule in ("-@all", "nocommands", "-@scripting"):
+            allowed = False
+    return allowed
+
+
+def warnings(facts: Facts) -> list[str]:
+    """What is wrong on a shared server without being drift of this environment: reported, and
+    never a reason for verify to fail (it is the server's set-up, not the deploy's)."""
+    out = []
+    if facts.redis_default_open:
+        out.append("redis: the default user needs no password: any tenant can log in as it and bypass "
+                   "the ACL namespaces (see deploy/redis-acl.md)")
     return out
 
 

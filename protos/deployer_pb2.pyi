@@ -321,14 +321,16 @@ class Cancel(_message.Message):
     def __init__(self, op_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("op_id", "offset", "result")
+    __slots__ = ("op_id", "offset", "result", "resend")
     OP_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    RESEND_FIELD_NUMBER: _ClassVar[int]
     op_id: str
     offset: int
     result: bool
-    def __init__(self, op_id: _Optional[str] = ..., offset: _Optional[int] = ..., result: _Optional[bool] = ...) -> None: ...
+    resend: bool
+    def __init__(self, op_id: _Optional[str] = ..., offset: _Optional[int] = ..., result: _Optional[bool] = ..., resend: _Optional[bool] = ...) -> None: ...
 
 class Goodbye(_message.Message):
     __slots__ = ("reason",)
