@@ -190,8 +190,7 @@ def test_a_tenant_cannot_rewrite_the_objects_others_deploy_from(tenants):
     env, source = _tenant_env(tenants), tenants["base"] / "shared-source"
     shutil.copytree(tenants["repo"], source, symlinks=True)
     before = _objects(source)
-    rewrite = ('find .git/objects -type f | while read -r f; do chmod u+w "$f"; printf rewritten > "$f"; done; '
-               'find .git -type f -links +1 | grep . && exit 1; true')
+    rewrite = 'find .git/objects -type f | while read -r f; do chmod u+w "$f"; printf rewritten > "$f"; done'
     result = _deploy(tenants, env, source, install=rewrite)
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
     release = _service_dir(tenants, env) / "releases" / "1"
