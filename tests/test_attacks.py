@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pwd
 import shutil
 import subprocess
 from pathlib import Path
@@ -154,6 +155,29 @@ def test_a_env_linked_to_another_environments_gives_nothing_away(tenants):
     assert not [p for p in box.iterdir() if secret in p.read_text()]
     link = _service_dir(tenants, thief) / "releases" / "1" / ".env"
     assert link.is_symlink() and secret in link.read_text()    # what a root reader following links got
+
+
+def test_a_env_made_a_link_to_a_folder_gets_nothing_moved_into_it(tenants):
+    """A redeploy of a release on disk (reload, rollback) stages its next .env beside the live one
+    and moves it into place after the switch; a tenant that made `.env` a link to a folder had
+    root's `mv -f` put the file inside that folder."""
+    env = _tenant_env(tenants)
+    done = _deploy(tenants, env, tenants["repo"])
+    assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
+    target = tenants["base"] / f"root-only-{env}"            # a folder of root's, closed to the tenant
+    target.mkdir(mode=0o755)
+    user = naming.unix_user(TENANT_APP, env)
+    release = _service_dir(tenants, env) / "releases" / "1"
+    planted = subprocess.run(["runuser", "-u", user, "--", "sh", "-c",
+                              f"cd {release} && ln -sfn {target} .env.new && mv -T .env.new .env"],
+                             capture_output=True, text=True)
+    assert planted.returncode == 0, planted.stderr
+    reloaded = tenants["cluster"].deployctl("reload", f"{TENANT_APP}/{env}/job", timeout=300)
+    assert reloaded.returncode == 0, reloaded.stdout.decode() + reloaded.stderr.decode()
+    assert list(target.iterdir()) == []
+    info = (release / ".env").lstat()
+    assert (info.st_mode & 0o170000) == 0o100000 and info.st_uid == pwd.getpwnam(user).pw_uid
+    assert not list(release.glob(".env.deploy-*"))
 
 
 def _objects(repo: Path) -> dict[str, tuple[str, int, int]]:
