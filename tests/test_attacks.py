@@ -157,6 +157,22 @@ def test_a_env_linked_to_another_environments_gives_nothing_away(tenants):
     assert link.is_symlink() and secret in link.read_text()    # what a root reader following links got
 
 
+def test_mv_without_t_moves_into_the_folder_a_link_points_to(tmp_path):
+    """Without the defence: `mv -f` onto a link to a folder moves the file into that folder."""
+    target, release = tmp_path / "target", tmp_path / "release"
+    target.mkdir()
+    release.mkdir()
+    for flags, expected in (("-f", ["staged"]), ("-fT", [])):
+        for leftover in target.iterdir():
+            leftover.unlink()
+        (release / "staged").write_text("A=1\n")
+        (release / ".env").unlink(missing_ok=True)
+        (release / ".env").symlink_to(target)
+        subprocess.run(["mv", flags, str(release / "staged"), str(release / ".env")], check=True)
+        assert [p.name for p in target.iterdir()] == expected
+        assert (release / ".env").is_symlink() == bool(expected)
+
+
 def test_a_env_made_a_link_to_a_folder_gets_nothing_moved_into_it(tenants):
     """A redeploy of a release on disk (reload, rollback) stages its next .env beside the live one
     and moves it into place after the switch; a tenant that made `.env` a link to a folder had

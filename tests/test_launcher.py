@@ -82,6 +82,33 @@ def test_an_env_file_is_checked_before_it_is_read(tmp_path, make, why):
     assert why in str(caught.value) and str(path) in str(caught.value) and "\n" not in str(caught.value)
 
 
+def test_commands_for_another_user_start_through_setpriv_and_the_launcher_from_root_folder():
+    nobody = pwd.getpwnam("nobody")
+    launch = executor.prepare(["sh", "-c", "exec node server.js"], nobody, "/srv/x/releases/3/web",
+                              "/srv/x/releases/3/.env", {"PORT": "20001", "LD_PRELOAD": "/op.so"})
+    try:
+        if os.getuid() == nobody.pw_uid:
+            pytest.skip("runs as nobody")
+        setpriv, python = shutil.which("setpriv", path=executor.BASE_PATH), executor.launcher_python()
+        assert launch.argv == [
+            setpriv, f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--init-groups", "--",
+            python, "-I", "-S", "-B", executor.LAUNCHER, f"--status-fd={launch.child_status}",
+            "--cwd=/srv/x/releases/3/web", "--env-file=/srv/x/releases/3/.env", "--keep=LD_PRELOAD,PORT",
+            "--", "sh", "-c", "exec node server.js"]
+        assert launch.cwd == "/" and launch.pass_fds == (launch.child_status,)
+        assert launch.env["DEPLOYER_CARRIED_LD_PRELOAD"] == "/op.so" and "LD_PRELOAD" not in launch.env
+        assert launch.env["HOME"] == nobody.pw_dir and launch.env["PORT"] == "20001"
+    finally:
+        launch.close()
+
+
+def test_root_commands_without_an_env_file_start_as_they_are(tmp_path):
+    launch = executor.prepare(["true"], None, str(tmp_path), "", {"A": "1"})
+    assert (launch.argv, launch.cwd, launch.pass_fds, launch.env["A"]) == (["true"], str(tmp_path), (), "1")
+    with pytest.raises(executor.StartError, match="working directory /nonexistent does not exist"):
+        executor.prepare(["true"], None, "/nonexistent", "", {})
+
+
 @needs_root
 def test_root_reads_no_env_file_of_another_owner(tmp_path):
     path = tmp_path / ".env"
