@@ -72,7 +72,9 @@ def resolve_user(name: str) -> pwd.struct_passwd:
 
 
 LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launcher.py")
-LAUNCH_WAIT_S = 10.0
+# spawn() waits in the event loop, so briefly; the launcher also says why on stderr, so a late
+# failure still shows in the output (exit 127).
+LAUNCH_WAIT_S = 2.0
 
 
 @dataclass

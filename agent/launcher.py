@@ -159,8 +159,7 @@ def main(argv: list[str]) -> int:
     except LaunchError as exc:
         message = str(exc).replace("\n", " ")[:1000]
         _report(status, message.encode(errors="replace") + b"\n")
-        if status < 0:
-            print(message, file=sys.stderr)
+        print(message, file=sys.stderr)  # for a reader that stopped waiting, and a service's log
         return LAUNCH_FAILED
 
 

@@ -26,6 +26,7 @@ from .executor import StartError, prepare, resolve_user, started
 log = structlog.get_logger("agent")
 DEFAULT_GRACE_S = 10.0
 STARTUP_WATCH_S = 0.3  # a process that dies this fast did not start
+SERVICE_LAUNCH_WAIT_S = 10.0
 
 
 def _key(name: str, instance: str) -> str:
@@ -79,7 +80,7 @@ class Supervisor:
             except OSError as exc:
                 launch.close()
                 raise StartError(f"cannot start {launch.argv[0]}: {exc.strerror}") from None
-        started(launch, proc)
+        await asyncio.to_thread(started, launch, proc, SERVICE_LAUNCH_WAIT_S)  # a slow launcher blocks no one
         self.children[key] = proc
         state = {"name": spec.name, "instance": spec.instance, "pid": proc.pid,
                  "create_time": psutil.Process(proc.pid).create_time(), "argv": list(spec.argv),
