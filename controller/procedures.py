@@ -254,8 +254,10 @@ class Runner:
             await self._retire(d, live, previous)
         # After the switch: a failure here is reported, never undone.
         if d.staged_env:
-            await self.sh(d.host, f"mv -f {shlex.quote(d.staged_env)} {shlex.quote(release + '/.env')}", name,
-                          ".env", check=False)
+            # As its user, in its own folder; -T: a `.env` the tenant made a link to a folder is
+            # replaced, never moved into.
+            await self.sh(d.host, f"mv -fT {shlex.quote(d.staged_env)} {shlex.quote(release + '/.env')}", name,
+                          ".env", check=False, **as_user)
         await self.sh(d.host, _current_script(d.service_dir, release), name, "current", check=False)
         await self._prune_releases(d)
 
@@ -485,7 +487,8 @@ class Runner:
         if d.port:
             self.ledger.release_port(d.host.id, d.port)
         if d.staged_env:
-            await self.sh(d.host, f"rm -f {shlex.quote(d.staged_env)}", name, "drop staged .env", check=False)
+            await self.sh(d.host, f"rm -f {shlex.quote(d.staged_env)}", name, "drop staged .env", check=False,
+                          user=self.unix_user)
         if d.code_new:
             self.ledger.set_status(self.env_key, name, "code", d.code, "failed")
         for component, number, names, provider in d.created:
@@ -503,9 +506,13 @@ class Runner:
 # ---------------------------------------------------------------- scripts (pure)
 
 def _checkout_script(service_dir: str, release: str, source: str, commit: str) -> str:
+    """A clone that shares nothing with its source. A local clone would hard-link the source's
+    objects (or, before git 2.38.1, follow links in them), and the release is then given to the
+    environment's user: those very files would become the tenant's, who could rewrite what every
+    other environment deploys from. `--no-local` fetches through git's own transport instead."""
     q = shlex.quote
     return (f"set -e; mkdir -p {q(service_dir)}/releases {q(service_dir)}/shared {q(service_dir)}/logs; "
-            f"rm -rf {q(release)}; git clone --quiet --no-checkout {q(source)} {q(release)}; "
+            f"rm -rf {q(release)}; git clone --quiet --no-local --no-checkout {q(source)} {q(release)}; "
             f"git -C {q(release)} checkout --quiet --detach {q(commit)}")
 
 
