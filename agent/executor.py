@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
+import hashlib
 import os
 import posixpath
 import pwd
@@ -20,6 +22,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -72,6 +75,55 @@ def resolve_user(name: str) -> pwd.struct_passwd:
 
 
 LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launcher.py")
+# Where a root agent publishes the launcher for every user to read: the agent's own folder may
+# be closed to them (a checkout in a private home). Named by content, so versions never mix.
+PUBLIC_DIR = "/run/deployer"
+
+
+@functools.lru_cache(maxsize=1)
+def launcher_script() -> str:
+    """The launcher's path, readable by every user: a root-owned copy (with the envfile module it
+    loads from beside itself) under PUBLIC_DIR when run as root, else the file itself."""
+    if os.geteuid() != 0:
+        return LAUNCHER
+    here = os.path.dirname(LAUNCHER)
+    files = {name: open(os.path.join(here, name), "rb").read() for name in ("launcher.py", "envfile.py")}
+    digest = hashlib.sha256(b"\0".join(files[name] for name in sorted(files))).hexdigest()[:16]
+    folder = os.path.join(PUBLIC_DIR, f"launcher-{digest}")
+    try:
+        os.makedirs(PUBLIC_DIR, mode=0o755, exist_ok=True)
+        info = os.lstat(PUBLIC_DIR)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != 0 or info.st_mode & 0o022:
+            raise OSError(f"{PUBLIC_DIR} is not a folder only root can change")
+        if not _published(folder, files):
+            staging = tempfile.mkdtemp(prefix=".launcher-", dir=PUBLIC_DIR)
+            for name, data in files.items():
+                with open(os.path.join(staging, name), "xb") as out:
+                    out.write(data)
+                os.chmod(os.path.join(staging, name), 0o644)
+            os.chmod(staging, 0o755)
+            try:
+                os.rename(staging, folder)
+            except OSError:  # another agent of this host published it meanwhile
+                shutil.rmtree(staging, ignore_errors=True)
+            if not _published(folder, files):
+                raise OSError(f"{folder} does not hold this agent's launcher")
+    except OSError as exc:
+        raise StartError(f"cannot publish the launcher under {PUBLIC_DIR}: {exc}") from None
+    return os.path.join(folder, "launcher.py")
+
+
+def _published(folder: str, files: dict[str, bytes]) -> bool:
+    for name, data in files.items():
+        path = os.path.join(folder, name)
+        try:
+            info = os.lstat(path)
+            with open(path, "rb") as f:
+                if not stat.S_ISREG(info.st_mode) or info.st_uid != 0 or info.st_mode & 0o022 or f.read() != data:
+                    return False
+        except OSError:
+            return False
+    return True
 # spawn() waits in the event loop, so briefly; the launcher also says why on stderr, so a late
 # failure still shows in the output (exit 127).
 LAUNCH_WAIT_S = 2.0
@@ -140,8 +192,9 @@ def prepare(argv: list[str], user: pwd.struct_passwd | None, cwd: str, env_file:
     setpriv = shutil.which("setpriv", path=BASE_PATH)
     if switching and setpriv is None:
         raise StartError("setpriv (util-linux) is needed to run commands as another user")
+    script = launcher_script()
     status, child_status = os.pipe2(os.O_CLOEXEC)
-    command = [launcher_python(), "-I", "-S", "-B", LAUNCHER, f"--status-fd={child_status}", f"--cwd={cwd}",
+    command = [launcher_python(), "-I", "-S", "-B", script, f"--status-fd={child_status}", f"--cwd={cwd}",
                f"--env-file={env_file}", f"--keep={','.join(sorted(extra))}", "--", *argv]
     if switching:
         command = [setpriv, f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", "--", *command]
@@ -176,7 +229,7 @@ def started(launch: Launch, proc: subprocess.Popen, wait_s: float = LAUNCH_WAIT_
         code = None
     if data.startswith(launcher.READY):
         raise StartError(data[len(launcher.READY):].decode(errors="replace").strip())
-    raise StartError(f"the launcher did not run (exit {code}): {LAUNCHER} and {launcher_python()} "
+    raise StartError(f"the launcher did not run (exit {code}): {launcher_script()} and {launcher_python()} "
                      "must be open to every user")
 
 

@@ -20,13 +20,13 @@ from pathlib import Path
 from protos import deployer_pb2 as pb
 
 from . import envfile
-from .executor import LAUNCHER, StartError, launcher_python
+from .executor import StartError, launcher_python, launcher_script
 
 UNIT_DIR = Path("/etc/systemd/system")
 STARTUP_WATCH_S = 0.3
 
 
-def template_unit(env_dir: Path, user: str = "", python: str = "", launcher: str = LAUNCHER) -> str:
+def template_unit(env_dir: Path, user: str = "", python: str = "", launcher: str = "") -> str:
     """The template of one service (`%p` = name, `%i` = instance), run as `user` if given: every
     process of a service runs as the same user, its environment's.
 
@@ -35,6 +35,7 @@ def template_unit(env_dir: Path, user: str = "", python: str = "", launcher: str
     """
     run_as = f"User={user}\nGroup={user}\n" if user else ""
     python = python or launcher_python()
+    launcher = launcher or launcher_script()
     return f"""[Unit]
 Description=%p instance %i (started by the deployer agent)
 

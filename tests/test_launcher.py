@@ -92,7 +92,7 @@ def test_commands_for_another_user_start_through_setpriv_and_the_launcher_from_r
         setpriv, python = shutil.which("setpriv", path=executor.BASE_PATH), executor.launcher_python()
         assert launch.argv == [
             setpriv, f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--init-groups", "--",
-            python, "-I", "-S", "-B", executor.LAUNCHER, f"--status-fd={launch.child_status}",
+            python, "-I", "-S", "-B", executor.launcher_script(), f"--status-fd={launch.child_status}",
             "--cwd=/srv/x/releases/3/web", "--env-file=/srv/x/releases/3/.env", "--keep=LD_PRELOAD,PORT",
             "--", "sh", "-c", "exec node server.js"]
         assert launch.cwd == "/" and launch.pass_fds == (launch.child_status,)
@@ -248,3 +248,20 @@ def test_the_supervisor_starts_services_through_the_launcher(tenant, tmp_path):
     assert env_of(tenant["home"])["A"] == "service"
     assert str(refused) == f"refused {env_file}: it is a symbolic link"
     assert supervisor.list("auto-lx-t-web") == []
+
+
+def test_the_launcher_is_published_where_every_user_can_read_it():
+    """The agent's own folder may be closed to other users (a checkout in a private home): a
+    root agent runs a root-owned copy, named by its content, that every user can read."""
+    import subprocess
+    script = executor.launcher_script()
+    folder = os.path.dirname(script)
+    assert folder.startswith(executor.PUBLIC_DIR + "/launcher-")
+    for name in ("launcher.py", "envfile.py"):
+        info = os.lstat(os.path.join(folder, name))
+        assert info.st_uid == 0 and info.st_mode & 0o777 == 0o644
+        source = os.path.join(os.path.dirname(executor.LAUNCHER), name)
+        assert open(os.path.join(folder, name), "rb").read() == open(source, "rb").read()
+    assert os.lstat(folder).st_uid == 0 and os.lstat(folder).st_mode & 0o777 == 0o755
+    read = subprocess.run(["runuser", "-u", "nobody", "--", "cat", script], capture_output=True)
+    assert read.returncode == 0, read.stderr
