@@ -37,6 +37,7 @@ ALLOWED: dict[str, frozenset[str]] = {
         "ListAgents", "SubmitExec", "Follow", "CancelOperations", "GetOperation",
         "Plan", "Apply", "FollowJob", "ListJobs", "ShowJob", "Ledger", "Status", "SetSecret",
         "Rollback", "Check", "ServiceLogs", "CreateToken", "ListTokens", "RevokeToken", "RevokeAgent",
+        "GrantAgent",
     )),
 }
 

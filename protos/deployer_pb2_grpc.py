@@ -329,6 +329,11 @@ class OperatorStub:
                 request_serializer=protos_dot_deployer__pb2.RevokeRequest.SerializeToString,
                 response_deserializer=protos_dot_deployer__pb2.RevokeReply.FromString,
                 _registered_method=True)
+        self.GrantAgent = channel.unary_unary(
+                '/deployer.v1.Operator/GrantAgent',
+                request_serializer=protos_dot_deployer__pb2.GrantRequest.SerializeToString,
+                response_deserializer=protos_dot_deployer__pb2.GrantReply.FromString,
+                _registered_method=True)
 
 
 class OperatorServicer:
@@ -459,6 +464,12 @@ class OperatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GrantAgent(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OperatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -561,6 +572,11 @@ def add_OperatorServicer_to_server(servicer, server):
                     servicer.RevokeAgent,
                     request_deserializer=protos_dot_deployer__pb2.RevokeRequest.FromString,
                     response_serializer=protos_dot_deployer__pb2.RevokeReply.SerializeToString,
+            ),
+            'GrantAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.GrantAgent,
+                    request_deserializer=protos_dot_deployer__pb2.GrantRequest.FromString,
+                    response_serializer=protos_dot_deployer__pb2.GrantReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1103,6 +1119,33 @@ class Operator:
             '/deployer.v1.Operator/RevokeAgent',
             protos_dot_deployer__pb2.RevokeRequest.SerializeToString,
             protos_dot_deployer__pb2.RevokeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GrantAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deployer.v1.Operator/GrantAgent',
+            protos_dot_deployer__pb2.GrantRequest.SerializeToString,
+            protos_dot_deployer__pb2.GrantReply.FromString,
             options,
             channel_credentials,
             insecure,
