@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from agent.provides import PROVIDES, valid_host
+from agent.provides import CHECKS, PROVIDES, check_setting, valid_host
 from protos import deployer_pb2 as pb
 
 from .db import Database
@@ -80,7 +80,12 @@ class Agent:
     def regrant(self, provides: list[str], address: str, claimed_settings: dict[str, str]) -> None:
         self.granted, self.granted_address = sorted(provides), address
         self.capabilities = [c for c in self.claimed if c in PROVIDES and c in self.granted]
-        self.settings = {k: v for k, v in claimed_settings.items() if k.partition(".")[0] in self.capabilities}
+        # Only well-formed settings (checked again: a row saved before the gateway checked them
+        # may be read back), and never an address of its own choosing. Not narrowed to what is
+        # granted: a grant decides what new work the agent is chosen for, and what it already
+        # holds (a database placed there before an ungrant) is still reached the way it says.
+        self.settings = {k: v for k, v in claimed_settings.items()
+                         if k != "address" and k in CHECKS and not check_setting(k, v)}
 
     def mysql_admin(self) -> str:
         """The MariaDB client command with admin rights on the server this agent provides."""

