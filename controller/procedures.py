@@ -67,7 +67,10 @@ def pick_agent(registry: Registry, *, role: str | None = None, capability: str |
         raise PlacementError(f"agent {prefer} (which runs this service) is {registry.agents[prefer].state}")
     if not connected:
         what = " and ".join(x for x in (f"role {role}" if role else "", f"capability {capability}" if capability else "") if x)
-        raise PlacementError(f"no connected agent has {what}")
+        asking = sorted(a.id for a in registry.agents.values() if capability in a.ignored()) if capability else []
+        hint = (f" ({asking[0]} is configured for it but not granted it: deployctl agents grant {asking[0]} "
+                f"--provides {capability})") if asking else ""
+        raise PlacementError(f"no connected agent has {what}{hint}")
     return sorted(connected, key=lambda a: a.id)[0]
 
 

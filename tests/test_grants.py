@@ -197,7 +197,8 @@ def test_claims_count_only_once_granted_and_the_old_path_took_them(tmp_path):
     assert agent.capabilities == [] and "address" not in agent.settings and agent.address == "192.0.2.8"
     assert agent.ignored() == ["mysql", "nginx", "redis"]
     for capability in ("mysql", "nginx", "redis"):
-        with pytest.raises(PlacementError):
+        with pytest.raises(PlacementError, match=f"a-rogue-1 is configured for it but not granted it: "
+                                                 f"deployctl agents grant a-rogue-1 --provides {capability}"):
             pick_agent(registry, capability=capability)
 
     registry.grant("a-rogue-1", ["mysql"], "")
