@@ -61,9 +61,10 @@ class Agent:
     session: Session | None = None
     since: float = field(default_factory=time.monotonic)  # when the state last changed
     running: int = 0
-    settings: dict[str, str] = field(default_factory=dict)   # only those of what it may provide
+    settings: dict[str, str] = field(default_factory=dict)   # its well-formed settings, no address
     services_root: str = ""
     claimed: list[str] = field(default_factory=list)          # capabilities its hello names
+    stated: dict[str, str] = field(default_factory=dict)      # settings as its hello gave them
     granted: list[str] = field(default_factory=list)          # what the operator granted
     granted_address: str = ""
 
@@ -77,14 +78,14 @@ class Agent:
         """What it claims to provide and was not granted."""
         return [c for c in self.claimed if c in PROVIDES and c not in self.granted]
 
-    def regrant(self, provides: list[str], address: str, claimed_settings: dict[str, str]) -> None:
+    def regrant(self, provides: list[str], address: str) -> None:
         self.granted, self.granted_address = sorted(provides), address
         self.capabilities = [c for c in self.claimed if c in PROVIDES and c in self.granted]
         # Only well-formed settings (checked again: a row saved before the gateway checked them
         # may be read back), and never an address of its own choosing. Not narrowed to what is
         # granted: a grant decides what new work the agent is chosen for, and what it already
         # holds (a database placed there before an ungrant) is still reached the way it says.
-        self.settings = {k: v for k, v in claimed_settings.items()
+        self.settings = {k: v for k, v in self.stated.items()
                          if k != "address" and k in CHECKS and not check_setting(k, v)}
 
     def mysql_admin(self) -> str:
@@ -105,7 +106,6 @@ class Registry:
         self.agents: dict[str, Agent] = {}
         self.on_disconnected: list = []   # callbacks(agent_id)
         self.on_lost: list = []           # callbacks(agent_id)
-        self.claimed_settings: dict[str, dict[str, str]] = {}
         grants = db.grants()
         for row in db.agents():
             # Known from before a restart: expected back, lost if they don't come.
@@ -113,9 +113,8 @@ class Registry:
                 id=row["id"], roles=json.loads(row["roles"]), capabilities=[], version=row["version"],
                 facts=pb.HostFacts.FromString(row["facts"] or b""), last_seen=row["last_seen"],
                 peer=row["peer"] or "", services_root=row["services_root"] or "",
-                claimed=json.loads(row["capabilities"]))
-            self.claimed_settings[agent.id] = json.loads(row["settings"] or "{}")
-            agent.regrant(*grants.get(agent.id, ([], "")), self.claimed_settings[agent.id])
+                claimed=json.loads(row["capabilities"]), stated=json.loads(row["settings"] or "{}"))
+            agent.regrant(*grants.get(agent.id, ([], "")))
 
     def grant(self, agent_id: str, provides: list[str], address: str) -> None:
         """Record what an agent may provide and its address, and apply it at once, connected or
@@ -123,7 +122,7 @@ class Registry:
         self.db.save_grant(agent_id, provides, address)
         agent = self.agents.get(agent_id)
         if agent is not None:
-            agent.regrant(provides, address, self.claimed_settings.get(agent_id, {}))
+            agent.regrant(provides, address)
 
     def attach(self, hello: pb.Hello, peer: str) -> Session:
         agent = self.agents.get(hello.agent_id)
@@ -137,9 +136,9 @@ class Registry:
             version=hello.version, facts=hello.facts, last_seen=time.time(), peer=peer,
             state=CONNECTED, session=session,
             running=sum(1 for h in hello.held if h.state == pb.HELD_RUNNING),
-            services_root=hello.services_root, claimed=list(dict.fromkeys(hello.capabilities)))
-        self.claimed_settings[agent.id] = dict(hello.settings)
-        agent.regrant(*self.db.grant(agent.id), self.claimed_settings[agent.id])
+            services_root=hello.services_root, claimed=list(dict.fromkeys(hello.capabilities)),
+            stated=dict(hello.settings))
+        agent.regrant(*self.db.grant(agent.id))
         self.db.save_agent(hello, peer)
         log.info("agent.connected", agent_id=hello.agent_id, peer=peer, roles=list(hello.roles),
                  version=hello.version, held=len(hello.held), provides=agent.capabilities,
