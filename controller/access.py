@@ -34,7 +34,7 @@ NEEDS_READ = frozenset({
 })
 NEEDS_OPERATE = frozenset({
     "SubmitExec", "CancelOperations", "Plan", "Apply", "SetSecret", "Rollback", "Check",
-    "CreateToken", "RevokeToken", "RevokeAgent", "CreateOperatorToken", "RevokeOperatorToken",
+    "CreateToken", "RevokeToken", "RevokeAgent", "GrantAgent", "CreateOperatorToken", "RevokeOperatorToken",
 })
 METHODS = NEEDS_READ | NEEDS_OPERATE
 

@@ -104,13 +104,48 @@ def cmd_agents(args: argparse.Namespace) -> int:
     for a in reply.agents:
         f = a.facts
         rows.append([
-            a.id, ",".join(a.roles), "revoked" if a.revoked else _AGENT_STATES.get(a.state, "?"),
+            a.id, ",".join(a.roles), ",".join(a.capabilities) or "-", render.printable(a.address, 40),
+            "revoked" if a.revoked else _AGENT_STATES.get(a.state, "?"),
             render.age(now - a.last_seen),
             f"{f.load1:.2f}/{f.cpus}", f"{render.size(f.mem_available_bytes)} free of {render.size(f.mem_total_bytes)}",
             f"{render.size(f.disk_free_bytes)} free", render.printable(a.version, 24),
         ])
     sys.stdout.write(render.table(
-        ["ID", "ROLES", "STATE", "LAST SEEN", "LOAD/CPUS", "MEMORY", "DISK", "VERSION"], rows))
+        ["ID", "ROLES", "PROVIDES", "ADDRESS", "STATE", "LAST SEEN", "LOAD/CPUS", "MEMORY", "DISK", "VERSION"], rows))
+    for a in reply.agents:
+        asked = _not_granted(a)
+        if asked:
+            print(f"{a.id} is configured to provide {','.join(asked)}, not granted (it is not used for it): "
+                  f"deployctl agents grant {a.id} --provides {','.join(asked)}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _not_granted(a: pb.AgentInfo) -> list[str]:
+    return [c for c in a.claimed if c in ("mysql", "redis", "nginx") and c not in a.granted]
+
+
+def _provides_list(values: list[str] | None) -> list[str]:
+    """--provides mysql,redis --provides nginx → [mysql, redis, nginx]."""
+    return [name.strip() for value in values or [] for name in value.split(",") if name.strip()]
+
+
+def cmd_agents_grant(args: argparse.Namespace) -> int:
+    provides = _provides_list(args.provides)
+    ungrant = args.agents_command == "ungrant"
+    if ungrant and not (provides or args.address):
+        raise CliError("say what to take away: --provides NAME[,NAME…] and/or --address", EXIT_USAGE)
+    if not ungrant and not (provides or args.address):
+        raise CliError("say what to grant: --provides NAME[,NAME…] and/or --address HOST", EXIT_USAGE)
+    request = pb.GrantRequest(agent_id=args.agent_id, provides=provides, ungrant=ungrant,
+                              address="" if ungrant else args.address or "",
+                              clear_address=bool(ungrant and args.address))
+    _, reply = call(args, "GrantAgent", request, 10)
+    if args.json:
+        print(json.dumps({"agent_id": args.agent_id, "granted": list(reply.granted), "address": reply.address,
+                          "address_granted": reply.address_granted, "not_granted": list(reply.not_granted)}))
+        return EXIT_OK
+    address = reply.address + ("" if reply.address_granted else " (the address its link comes from)")
+    print(f"{args.agent_id} may provide: {', '.join(reply.granted) or 'nothing'}; address {address}")
     return EXIT_OK
 
 
@@ -135,7 +170,8 @@ def parse_duration(text: str) -> float:
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
-    request = pb.TokenRequest(roles=args.role, ttl_s=parse_duration(args.ttl), agent_id=args.agent or "")
+    request = pb.TokenRequest(roles=args.role, ttl_s=parse_duration(args.ttl), agent_id=args.agent or "",
+                              provides=_provides_list(args.provides), address=args.address or "")
     _, reply = call(args, "CreateToken", request, 10)
     if args.json:
         print(json.dumps({"token": reply.token, "token_id": reply.token_id, "expires_at": reply.expires_at}))
@@ -160,10 +196,12 @@ def cmd_token_list(args: argparse.Namespace) -> int:
         return EXIT_OK
     now = time.time()
     when = lambda t: time.strftime("%Y-%m-%d %H:%M", time.gmtime(t))  # noqa: E731
-    rows = [[t["id"], ",".join(t["roles"]), t["agent_id"] or "any", when(t["created"]),
+    rows = [[t["id"], ",".join(t["roles"]), ",".join(t.get("provides", [])) or "-", t["agent_id"] or "any",
+             when(t["created"]),
              when(t["expires"]) + (f" (in {render.span(t['expires'] - now)})" if t["state"] == "open" else ""),
              t["state"] + (f" by {t['used_by']}" if t["used_by"] else "")] for t in tokens]
-    sys.stdout.write(render.table(["ID", "ROLES", "AGENT", "CREATED (UTC)", "EXPIRES (UTC)", "STATE"], rows))
+    sys.stdout.write(render.table(["ID", "ROLES", "PROVIDES", "AGENT", "CREATED (UTC)", "EXPIRES (UTC)", "STATE"],
+                                  rows))
     return EXIT_OK
 
 
@@ -255,6 +293,8 @@ def _agent_dict(a: pb.AgentInfo) -> dict:
         "state": _AGENT_STATES.get(a.state, "unknown"), "last_seen": a.last_seen,
         "version": a.version, "peer": a.peer, "running": a.running,
         "certificate_expires": a.certificate_expires or None, "revoked": a.revoked,
+        "granted": list(a.granted), "claimed": list(a.claimed), "address": a.address,
+        "address_granted": a.address_granted,
         "facts": {"hostname": f.hostname, "cpus": f.cpus, "load": [f.load1, f.load5, f.load15],
                   "mem_total_bytes": f.mem_total_bytes, "mem_available_bytes": f.mem_available_bytes,
                   "disk_free_bytes": f.disk_free_bytes, "disk_total_bytes": f.disk_total_bytes},
@@ -761,6 +801,27 @@ def build_parser() -> argparse.ArgumentParser:
                           epilog="example: deployctl agents revoke web-3")
     r.add_argument("agent_id")
     r.set_defaults(func=cmd_agents_revoke)
+    r = agents.add_parser("grant", help="let an agent provide mysql, redis or nginx, or set its address",
+                          description="Grant an agent what it may provide to deploys (its hello only says "
+                                      "what it is configured for: an agent is used for a service only "
+                                      "when both agree), and the address other hosts reach it at (by "
+                                      "default, the address its link comes from). Takes effect at once.",
+                          epilog="example: deployctl agents grant db-1 --provides mysql,redis --address 10.0.0.7")
+    r.add_argument("agent_id")
+    r.add_argument("--provides", action="append", help="mysql, redis, nginx (comma-separated, repeatable)")
+    r.add_argument("--address", help="IP address or host name other hosts use to reach its services")
+    r.add_argument("--json", action="store_true", help="machine-readable output")
+    r.set_defaults(func=cmd_agents_grant)
+    r = agents.add_parser("ungrant", help="take away what an agent may provide, or its granted address",
+                          description="Take capabilities away from an agent (it is no longer chosen for "
+                                      "them; what it already runs stays), or with --address go back to "
+                                      "the address its link comes from.",
+                          epilog="example: deployctl agents ungrant web-2 --provides nginx")
+    r.add_argument("agent_id")
+    r.add_argument("--provides", action="append", help="mysql, redis, nginx (comma-separated, repeatable)")
+    r.add_argument("--address", action="store_true", help="forget the granted address")
+    r.add_argument("--json", action="store_true", help="machine-readable output")
+    r.set_defaults(func=cmd_agents_grant)
 
     token = sub.add_parser("token", help="enrolment tokens for new agents").add_subparsers(
         dest="token_command", metavar="SUBCOMMAND")
@@ -770,10 +831,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      "cannot take an id that is enrolled; one made with --agent replaces "
                                      "that agent's certificates. It is printed once and only its "
                                      "hash is kept.",
-                         epilog="example: deployctl token create --role computing --ttl 1h")
+                         epilog="example: deployctl token create --role computing --provides nginx --ttl 1h")
     p.add_argument("--role", action="append", required=True, help="computing or daemons (repeatable)")
     p.add_argument("--ttl", default="1h", help="how long it can be used: 90s, 30m, 1h, 2d (default 1h)")
     p.add_argument("--agent", help="only this agent id may use it")
+    p.add_argument("--provides", action="append",
+                   help="grant the agent mysql, redis, nginx (comma-separated, repeatable; "
+                        "later: deployctl agents grant)")
+    p.add_argument("--address", help="grant the address other hosts reach it at (default: its link's)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_token_create)
     p = token.add_parser("list", help="the tokens that can still enrol an agent",

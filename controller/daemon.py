@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import fcntl
 import os
+import socket
 import stat
 import signal
 import sys
@@ -47,12 +49,16 @@ SERVER_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_receive_message_length", 8 << 20),
     ("grpc.max_send_message_length", 8 << 20),
+    # gRPC sets SO_REUSEPORT by default: a second controller could then bind the same port and
+    # the kernel would share the agents' connections between the two. One owner per port.
+    ("grpc.so_reuseport", 0),
 ]
 # The enrolment port answers anyone: small messages, few streams at a time.
 ENROLL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 10),
     ("grpc.max_send_message_length", 64 << 10),
     ("grpc.max_concurrent_streams", 16),
+    ("grpc.so_reuseport", 0),
 ]
 DEFAULT_LISTEN = "127.0.0.1:7710"
 
@@ -116,6 +122,54 @@ def check_private(store: Path) -> None:
                                f"run `chmod go= {path}` (the store holds keys and secrets)")
 
 
+def port_taken(address: str) -> str:
+    """The first address HOST:PORT resolves to that something already listens on, or ''.
+
+    gRPC binds every address a name resolves to and succeeds if one of them could be bound:
+    `localhost:7710` would quietly serve on ::1 alone while another controller holds 127.0.0.1.
+    """
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not port.isdigit() or int(port) == 0:
+        return ""
+    try:
+        resolved = socket.getaddrinfo(host or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return ""  # gRPC's own bind says it
+    for family, kind, proto, _, sockaddr in resolved:
+        with socket.socket(family, kind, proto) as probe:
+            # As gRPC does, so that connections in TIME_WAIT do not count; without SO_REUSEPORT,
+            # so that any listener counts.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return f"[{sockaddr[0]}]:{port}" if family == socket.AF_INET6 else f"{sockaddr[0]}:{port}"
+    return ""
+
+
+def claim_socket(path: Path) -> None:
+    """Take the operator socket's path, removing a socket only if nobody serves it any more (a
+    controller that was killed): another controller may use another store with the same --socket."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise StartupError(f"--socket {path} exists and is not a socket: remove it or choose another path")
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            path.unlink(missing_ok=True)
+            return
+        except OSError as exc:
+            raise StartupError(f"the operator socket {path} cannot be checked ({exc.strerror}): "
+                               "is another controller serving it?") from None
+    raise StartupError(f"the operator socket {path} is served by another process (another controller?)")
+
+
 def _lock_store(store: Path) -> int:
     fd = os.open(store / "controller.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -149,11 +203,17 @@ class Controller:
 
     @staticmethod
     def _bind(server: grpc.aio.Server, address: str, credentials, what: str) -> None:
+        if not address.startswith("unix:"):
+            taken = port_taken(address)
+            if taken:
+                raise StartupError(f"cannot listen for {what} on {address}: {taken} is already taken "
+                                   "(another controller?)")
         try:
             bound = (server.add_secure_port(address, credentials) if credentials
                      else server.add_insecure_port(address))
-        except RuntimeError as exc:
-            raise StartupError(f"cannot listen for {what} on {address}: {exc}") from None
+        except RuntimeError:
+            raise StartupError(f"cannot listen for {what} on {address}: the address is taken or "
+                               "not this host's") from None
         if not bound:
             raise StartupError(f"cannot listen for {what} on {address}")
 
@@ -194,7 +254,7 @@ class Controller:
         operators = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[Door(OPERATOR)])
         pb_grpc.add_OperatorServicer_to_server(service, operators)
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
-        self.socket_path.unlink(missing_ok=True)  # stale: the store lock proves nobody serves it
+        claim_socket(self.socket_path)
         self._bind(operators, f"unix:{self.socket_path}", None, "operators")
         servers.append(operators)
         if self.operator_listen:

@@ -68,7 +68,10 @@ def pick_agent(registry: Registry, *, role: str | None = None, capability: str |
         raise PlacementError(f"agent {prefer} (which runs this service) is {registry.agents[prefer].state}")
     if not connected:
         what = " and ".join(x for x in (f"role {role}" if role else "", f"capability {capability}" if capability else "") if x)
-        raise PlacementError(f"no connected agent has {what}")
+        asking = sorted(a.id for a in registry.agents.values() if capability in a.ignored()) if capability else []
+        hint = (f" ({asking[0]} is configured for it but not granted it: deployctl agents grant {asking[0]} "
+                f"--provides {capability})") if asking else ""
+        raise PlacementError(f"no connected agent has {what}{hint}")
     return sorted(connected, key=lambda a: a.id)[0]
 
 
@@ -291,7 +294,7 @@ class Runner:
             lambda pw: ops.mysql_create(database, user, pw))
         host = provider.settings.get("mysql.host", "127.0.0.1")
         port = provider.settings.get("mysql.port", "3306")
-        return {"DATABASE_URL": f"mysql://{user}:{password}@{host}:{port}/{database}",
+        return {"DATABASE_URL": f"mysql://{user}:{password}@{ops.url_host(host)}:{port}/{database}",
                 "DB_HOST": host, "DB_PORT": port, "DB_NAME": database, "DB_USER": user,
                 "DB_PASSWORD": password}
 
@@ -304,7 +307,7 @@ class Runner:
             lambda pw: ops.redis_create_user(user, prefix, pw))
         host = provider.settings.get("redis.host", "127.0.0.1")
         port = provider.settings.get("redis.port", "6379")
-        return {"REDIS_URL": f"redis://{user}:{password}@{host}:{port}", "REDIS_PREFIX": prefix}
+        return {"REDIS_URL": f"redis://{user}:{password}@{ops.url_host(host)}:{port}", "REDIS_PREFIX": prefix}
 
     # ---------------------------------------------------------------- processes and routes
 
@@ -326,7 +329,7 @@ class Runner:
         if service.is_web:
             address = d.host.address
             await self.run_op(d.host, pb.Operation(http_probe=pb.HttpProbeSpec(
-                url=f"http://{address}:{d.port}{service.health}", attempts=HEALTH_ATTEMPTS,
+                url=f"http://{ops.url_host(address)}:{d.port}{service.health}", attempts=HEALTH_ATTEMPTS,
                 interval_s=0.5, timeout_s=2.0)), name, "health")
         else:
             await asyncio.sleep(service.healthy_after)
@@ -413,8 +416,11 @@ class Runner:
         return f"{conf_dir}/{naming.nginx_file(self.spec.app, self.spec.environment)}"
 
     def nginx_content(self, router: Agent, override=None) -> bytes:
-        return ops.nginx_config(self.env_key, self.spec.domain, router.settings.get("nginx.listen", "80"),
-                                self.routes(override))
+        try:
+            return ops.nginx_config(self.env_key, self.spec.domain, router.settings.get("nginx.listen", "80"),
+                                    self.routes(override))
+        except ops.RouteValueError as exc:
+            raise StepFailed(self.env_key, "route", f"not written on {router.id}: {exc}") from None
 
     async def switch_route(self, service: str, override=None) -> None:
         """The nginx transaction: stage, swap, `nginx -t`, reload — or put the old file back.

@@ -144,7 +144,7 @@ class Checker:
             definition = self.spec.service(service) if service in {s.name for s in self.spec.services} else None
             if live.code and live.code.host == host.id and live.code.port and definition and definition.is_web:
                 probe = await self.runner.run_op(host, pb.Operation(http_probe=pb.HttpProbeSpec(
-                    url=f"http://{address}:{live.code.port}{definition.health}", attempts=2, interval_s=0.5,
+                    url=f"http://{ops.url_host(address)}:{live.code.port}{definition.health}", attempts=2, interval_s=0.5,
                     timeout_s=2.0)), service, "health", check=False)
                 facts.health[service] = probe.result.error if probe.result.exit_code else ""
 

@@ -344,6 +344,11 @@ class OperatorStub:
                 request_serializer=protos_dot_deployer__pb2.TokenRef.SerializeToString,
                 response_deserializer=protos_dot_deployer__pb2.OperatorTokenRevokeReply.FromString,
                 _registered_method=True)
+        self.GrantAgent = channel.unary_unary(
+                '/deployer.v1.Operator/GrantAgent',
+                request_serializer=protos_dot_deployer__pb2.GrantRequest.SerializeToString,
+                response_deserializer=protos_dot_deployer__pb2.GrantReply.FromString,
+                _registered_method=True)
 
 
 class OperatorServicer:
@@ -494,6 +499,12 @@ class OperatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GrantAgent(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OperatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -611,6 +622,11 @@ def add_OperatorServicer_to_server(servicer, server):
                     servicer.RevokeOperatorToken,
                     request_deserializer=protos_dot_deployer__pb2.TokenRef.FromString,
                     response_serializer=protos_dot_deployer__pb2.OperatorTokenRevokeReply.SerializeToString,
+            ),
+            'GrantAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.GrantAgent,
+                    request_deserializer=protos_dot_deployer__pb2.GrantRequest.FromString,
+                    response_serializer=protos_dot_deployer__pb2.GrantReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1234,6 +1250,33 @@ class Operator:
             '/deployer.v1.Operator/RevokeOperatorToken',
             protos_dot_deployer__pb2.TokenRef.SerializeToString,
             protos_dot_deployer__pb2.OperatorTokenRevokeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GrantAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deployer.v1.Operator/GrantAgent',
+            protos_dot_deployer__pb2.GrantRequest.SerializeToString,
+            protos_dot_deployer__pb2.GrantReply.FromString,
             options,
             channel_credentials,
             insecure,

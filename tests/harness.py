@@ -87,14 +87,27 @@ class Controller:
             except OSError:
                 return False
 
-    def token(self, roles=("computing",), ttl_s: float = 600, agent_id: str = "") -> str:
-        """A fresh enrolment token, straight from the operator socket (no deployctl process)."""
+    def token(self, roles=("computing",), ttl_s: float = 600, agent_id: str = "", provides=(),
+              address: str = "") -> str:
+        """A fresh enrolment token, straight from the operator socket (no deployctl process);
+        `provides` and `address` are what it grants the agent it enrols."""
         import grpc
         from protos import deployer_pb2 as pb
         from protos import deployer_pb2_grpc as pb_grpc
         with grpc.insecure_channel(f"unix:{self.socket}") as channel:
             return pb_grpc.OperatorStub(channel).CreateToken(
-                pb.TokenRequest(roles=list(roles), ttl_s=ttl_s, agent_id=agent_id), timeout=10).token
+                pb.TokenRequest(roles=list(roles), ttl_s=ttl_s, agent_id=agent_id, provides=list(provides),
+                                address=address), timeout=10).token
+
+    def grant(self, agent_id: str, provides=(), address: str = "", ungrant: bool = False):
+        """What `deployctl agents grant` (or `ungrant`) does, straight from the operator socket."""
+        import grpc
+        from protos import deployer_pb2 as pb
+        from protos import deployer_pb2_grpc as pb_grpc
+        with grpc.insecure_channel(f"unix:{self.socket}") as channel:
+            return pb_grpc.OperatorStub(channel).GrantAgent(
+                pb.GrantRequest(agent_id=agent_id, provides=list(provides), address=address, ungrant=ungrant),
+                timeout=10)
 
     def kill9(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -199,11 +212,17 @@ class Cluster:
 
     def add_agent(self, agent_id: str, roles=("computing",), via: str | None = None,
                   provides: dict[str, str] | None = None) -> Agent:
+        """An agent configured with `provides` settings and granted what they are for, as an
+        operator would: in its enrolment token, or (a plain link has no token) once it is there."""
         insecure = self.controller.insecure
-        token = "" if insecure else self.controller.token(roles, agent_id=agent_id)
+        granted = sorted({key.partition(".")[0] for key in provides or {}})
+        token = "" if insecure else self.controller.token(roles, agent_id=agent_id, provides=granted)
         agent = Agent(self.base, agent_id, via or self.controller.address, roles, provides=provides,
                       token=token, insecure=insecure, enroll_address=self.controller.enroll_address).start()
         self.agents[agent_id] = agent
+        if insecure and granted:
+            self.wait_connected(agent_id)
+            self.controller.grant(agent_id, granted)
         return agent
 
     def deployctl(self, *args: str, timeout: float = 60, stdout=subprocess.PIPE) -> subprocess.CompletedProcess:

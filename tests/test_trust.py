@@ -59,12 +59,12 @@ def enroll_raw(cluster: Cluster, agent_id: str, token: str) -> tuple[bytes, byte
 
 
 def connect_raw(cluster: Cluster, key: bytes | None, cert: bytes | None, agent_id: str = "intruder",
-                roles=("computing",)) -> grpc.RpcError | pb.ControllerMessage:
+                roles=("computing",), **hello_fields) -> grpc.RpcError | pb.ControllerMessage:
     """Open Connect with these credentials and send a hello: the first reply or the error."""
     ca = (cluster.controller.store / "pki" / "ca.crt").read_bytes()
     credentials = grpc.ssl_channel_credentials(ca, key, cert)
     hello = pb.AgentMessage(hello=pb.Hello(agent_id=agent_id, roles=list(roles), version="test",
-                                           heartbeat_interval_s=5))
+                                           heartbeat_interval_s=5, **hello_fields))
     with grpc.secure_channel(cluster.controller.address, credentials,
                              options=[("grpc.ssl_target_name_override", tls.SERVER_NAME)]) as channel:
         stream = pb_grpc.AgentGatewayStub(channel).Connect(iter([hello]), timeout=10)
@@ -326,6 +326,49 @@ def test_tokens_are_listed_without_secrets_and_revoked_before_use(cluster):
     assert unknown.returncode == 2 and unknown.stderr.strip().count(b"\n") == 0
     assert b"unknown enrolment token" in unknown.stderr
     assert bound_token.split(".")[2] not in cluster.controller.log.read_text()
+
+
+def test_grants_come_with_the_token_and_change_without_enrolling_again(cluster):
+    made = cluster.deployctl("token", "create", "--role", "daemons", "--provides", "redis,nginx",
+                             "--address", "10.0.0.9", "--json")
+    assert made.returncode == 0, made.stderr
+    token = json.loads(made.stdout)
+    listed = {t["id"]: t for t in json.loads(cluster.deployctl("token", "list", "--json").stdout)}
+    assert listed[token["token_id"]]["provides"] == ["nginx", "redis"]
+    key, cert = enroll_raw(cluster, "granted-1", token["token"])
+    welcome = connect_raw(cluster, key, cert, agent_id="granted-1", roles=("daemons",),
+                          capabilities=["mysql", "nginx", "redis"],
+                          settings={"mysql.port": "3306", "nginx.listen": "80", "address": "10.6.6.6"})
+    assert not isinstance(welcome, grpc.RpcError), welcome
+    agent = cluster.agents_json()["granted-1"]
+    assert agent["granted"] == ["nginx", "redis"] and agent["capabilities"] == ["nginx", "redis"]
+    assert agent["address"] == "10.0.0.9" and agent["address_granted"]       # granted, not its hello's
+    table = cluster.deployctl("agents")
+    row = next(line for line in table.stdout.decode().splitlines() if line.startswith("granted-1 "))
+    assert "nginx,redis" in row and "10.0.0.9" in row
+    assert b"granted-1 is configured to provide mysql, not granted" in table.stderr
+    assert b"deployctl agents grant granted-1 --provides mysql" in table.stderr
+
+    done = cluster.deployctl("agents", "grant", "granted-1", "--provides", "mysql")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().strip() == "granted-1 may provide: mysql, nginx, redis; address 10.0.0.9"
+    done = cluster.deployctl("agents", "ungrant", "granted-1", "--provides", "nginx", "--address")
+    assert done.returncode == 0, done.stderr
+    assert b"may provide: mysql, redis; address 127.0.0.1 (the address its link comes from)" in done.stdout
+    agent = cluster.agents_json()["granted-1"]
+    assert agent["capabilities"] == ["mysql", "redis"] and not agent["address_granted"]
+
+    for args, message in [
+        (("agents", "grant", "granted-1", "--provides", "ftp"), b"unknown capability 'ftp'"),
+        (("agents", "grant", "granted-1", "--address", "10.0.0.1; }"), b"expected an IP address or a host name"),
+        (("agents", "grant", "nobody-7", "--provides", "mysql"), b"unknown agent 'nobody-7'"),
+        (("agents", "grant", "granted-1"), b"say what to grant"),
+        (("token", "create", "--role", "daemons", "--provides", "mysql,ftp"), b"unknown capability 'ftp'"),
+        (("token", "create", "--role", "daemons", "--address", "a b"), b"--address 'a b'"),
+    ]:
+        refused = cluster.deployctl(*args)
+        assert refused.returncode == 2 and message in refused.stderr, (args, refused.stderr)
+        assert refused.stderr.strip().count(b"\n") == 0
 
 
 # ---------------------------------------------------------------- renewal
