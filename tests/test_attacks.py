@@ -954,6 +954,7 @@ class _Wire:
 
     def connect(self, agent_id: str, **settings: str) -> None:
         capabilities = sorted({key.split(".")[0] for key in settings})
+        self.registry.grant(agent_id, capabilities, "")  # as the operator would, at enrolment
         session = self.registry.attach(pb.Hello(agent_id=agent_id, roles=["computing"], capabilities=capabilities,
                                                 settings=settings, services_root=str(self.base / "srv")), "test")
         original = session.send
