@@ -28,7 +28,7 @@ import psutil
 from protos import deployer_pb2 as pb
 
 from .redact import Patterns, Redactor
-from . import envfile
+from . import envfile, limits
 from .spool import Spool
 
 DEFAULT_GRACE_S = 5.0
@@ -60,6 +60,7 @@ class Run:
     # open pipe fd → (stream, its redactor): secrets are replaced before anything is spooled
     outputs: dict[int, tuple[int, Redactor]] = field(default_factory=dict)
     peak_rss: int = 0
+    leaf: limits.Leaf | None = None  # its place in its environment's limits
 
 
 def resolve_user(name: str) -> pwd.struct_passwd:
@@ -84,6 +85,15 @@ def as_user(argv: list[str], user: pwd.struct_passwd | None, path: str) -> list[
     if setpriv is None:
         raise StartError("setpriv (util-linux) is needed to run commands as another user")
     return [setpriv, f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", "--", *argv]
+
+
+def limits_confine(name: str, spec: pb.Limits, argv: list[str],
+                   user: pwd.struct_passwd | None) -> limits.Confined:
+    """`argv` made to start inside its environment's limits, under the process tree's `name`."""
+    try:
+        return limits.confine(spec, name, argv, *((user.pw_uid, user.pw_gid) if user else (-1, -1)))
+    except limits.LimitError as exc:
+        raise StartError(str(exc)) from None
 
 
 def read_env_file(path: str) -> dict[str, str]:
@@ -120,6 +130,11 @@ def spawn(op_id: str, spec: pb.ExecSpec, default_cwd: str, spool: Spool,
     user = resolve_user(spec.user) if spec.user else None
     env = build_env(spec.env, spec.env_file, user)
     argv = as_user(list(spec.argv), user, env.get("PATH", BASE_PATH))
+    leaf = None
+    if spec.HasField("limits"):  # joined before the command executes: see agent/limits.py
+        confined = limits_confine(op_id, spec.limits, argv, user)
+        argv, leaf = confined.argv, confined.leaf
+        env.update(confined.env)
     try:
         proc = subprocess.Popen(
             argv, cwd=cwd, env=env, start_new_session=True, close_fds=True,
@@ -132,7 +147,7 @@ def spawn(op_id: str, spec: pb.ExecSpec, default_cwd: str, spool: Spool,
         raise StartError(f"permission denied: {spec.argv[0]}") from None
     except OSError as exc:
         raise StartError(f"cannot start {spec.argv[0]}: {exc.strerror}") from None
-    run = Run(op_id, proc, time.monotonic(), on_output, spool)
+    run = Run(op_id, proc, time.monotonic(), on_output, spool, leaf=leaf)
     if spec.stdin:
         threading.Thread(target=_feed, args=(proc.stdin, bytes(spec.stdin)), daemon=True).start()
     loop = asyncio.get_running_loop()
@@ -239,7 +254,10 @@ async def supervise(run: Run, spec: pb.ExecSpec) -> pb.OperationResult:
     _pid, status, usage = os.wait4(run.proc.pid, 0)
     run.proc.returncode = os.waitstatus_to_exitcode(status)
     run.spool.close()
-    return _result(run, status, usage)
+    result = _result(run, status, usage)
+    if run.leaf is not None:  # "out of memory" rather than a bare signal 9; leftovers killed
+        await asyncio.to_thread(limits.finish, run.leaf, result)
+    return result
 
 
 async def _first(*events: asyncio.Event) -> None:
