@@ -266,6 +266,29 @@ def test_a_service_over_its_memory_limit_is_killed_and_reported_while_its_neighb
 
 
 
+def test_a_tenant_cannot_take_every_connection_of_mariadb():
+    """Its user has MAX_USER_CONNECTIONS: connections beyond it are refused, others still connect."""
+    name = f"auto-lim-{_secrets.token_hex(3)}-web-1"
+    password = _secrets.token_urlsafe(16)
+    _subprocess.run(["mariadb"], input=_ops.mysql_create(name, name, password, 3), check=True, capture_output=True)
+    hogs: list[_subprocess.Popen] = []
+    try:
+        client = ["mariadb", "--protocol=tcp", "-h127.0.0.1", f"-u{name}", name]
+        env = {**_os.environ, "MYSQL_PWD": password}  # not in argv, which every user can read
+        hogs = [_subprocess.Popen([*client, "-e", "SELECT SLEEP(20)"], env=env, stdout=_subprocess.DEVNULL,
+                                  stderr=_subprocess.DEVNULL) for _ in range(3)]
+        _dh.wait_for(lambda: _dh.mysql(f"SELECT COUNT(*) FROM information_schema.PROCESSLIST "
+                                       f"WHERE USER = '{name}'").strip() == "3", 10, what="three connections")
+        refused = _subprocess.run([*client, "-e", "SELECT 1"], env=env, capture_output=True, text=True)
+        assert refused.returncode != 0 and "max_user_connections" in refused.stderr, refused.stderr
+        assert _dh.mysql("SELECT 1").strip() == "1"  # everyone else still gets in
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+        _subprocess.run(["mariadb"], input=_ops.mysql_drop(name, name), capture_output=True)
+
+
 # ---------------------------------------------------------------- 6. shared Redis stays available
 
 
