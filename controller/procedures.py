@@ -215,7 +215,7 @@ class Runner:
         if d.code_new:
             # The instance keeps its own definition, so a rollback restores its commands and env.
             self.ledger.add_instance(self.env_key, name, "code", d.code, host=d.host.id, commit=sp.commit,
-                                     fingerprint=code_fingerprint(service),
+                                     fingerprint=code_fingerprint(service, self.spec.limits),
                                      names={"release": release, "service": service.to_dict()})
         await self.sh(d.host, ops.ensure_unix_user(self.unix_user), name, "user")
         if d.code_new:

@@ -196,12 +196,17 @@ class Options:
         return out
 
 
-def code_fingerprint(service: Service) -> str:
-    """Everything that defines a code instance except the ref (the planner adds the resolved commit)."""
+def code_fingerprint(service: Service, limits: Limits | None = None) -> str:
+    """Everything that defines a code instance except the ref (the planner adds the resolved commit).
+
+    The environment's limits count too, so changing them restarts its processes under the new
+    ones; the defaults leave the fingerprint as it was before limits existed."""
     defining = {"source": service.source, "root": service.root, "install": service.install,
                 "build": service.build, "migrate": service.migrate, "start": service.start,
                 "health": service.health, "env": dict(service.env), "secrets": list(service.secrets),
                 "path": service.path, "healthy_after": float(service.healthy_after)}
+    if limits is not None and limits.to_dict():
+        defining["limits"] = limits.to_dict()
     canonical = json.dumps(defining, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 

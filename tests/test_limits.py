@@ -305,3 +305,17 @@ def test_status_shows_each_hosts_use_against_its_limits():
         "daemons-1    - of 512.0 MiB         -         - (max 1 CPU)      - of 512   30",
     ]
     assert render.limits_table([{"service": "web", "host": ""}]) == ""
+
+
+def test_changed_limits_restart_the_environment_under_the_new_ones():
+    from controller.ledger import LiveInstance, ServiceState
+    from controller.planner import plan
+    from controller.spec import Service, Spec, code_fingerprint
+    web = Service("web", path="/", source="/repo", ref="main", start="node server.js", health="/")
+    commit = "1" * 40
+    deployed = {"web": ServiceState("web", code=LiveInstance(1, commit, code_fingerprint(web)))}
+    spec = Spec(1, "shop", "prod", "shop.test", (web,))
+    assert code_fingerprint(web, Limits()) == code_fingerprint(web)   # as before limits existed
+    assert plan(spec, deployed, {"web": commit}).empty
+    tighter = plan(Spec(1, "shop", "prod", "shop.test", (web,), Limits(memory=256 << 20)), deployed, {"web": commit})
+    assert [(s.service, s.change("code").new) for s in tighter.services] == [("web", True)]
