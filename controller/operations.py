@@ -74,6 +74,11 @@ def _max_conn(n: int) -> str:
     return f" WITH MAX_USER_CONNECTIONS {int(n)}" if n else ""
 
 
+def mysql_limit(user: str, max_connections: int) -> bytes:
+    """The connection limit of an existing user, as the spec has it now (0: none)."""
+    return f"ALTER USER IF EXISTS {_sql_string(user)}@'%' WITH MAX_USER_CONNECTIONS {int(max_connections)};\n".encode()
+
+
 def mysql_drop(database: str, user: str) -> bytes:
     return (f"DROP DATABASE IF EXISTS {_sql_ident(database)};\n"
             f"DROP USER IF EXISTS {_sql_string(user)}@'%';\n").encode()

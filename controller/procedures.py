@@ -291,6 +291,9 @@ class Runner:
         provider, password = await self._data_instance(
             d, "mysql", number, new, {"database": database, "user": user},
             lambda pw: ops.mysql_create(database, user, pw, self.spec.limits.mysql_connections))
+        if not new:  # a reused user gets the limit the spec has now
+            await self.sh(provider, provider.mysql_admin(), name, "mysql limits",
+                          stdin=ops.mysql_limit(user, self.spec.limits.mysql_connections))
         host = provider.settings.get("mysql.host", "127.0.0.1")
         port = provider.settings.get("mysql.port", "3306")
         return {"DATABASE_URL": f"mysql://{user}:{password}@{host}:{port}/{database}",

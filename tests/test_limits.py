@@ -282,6 +282,7 @@ def test_environment_users_of_mariadb_get_a_connection_limit():
     assert b"IDENTIFIED BY 'pw' WITH MAX_USER_CONNECTIONS 30;\n" in ops.mysql_create("db", "u", "pw", 30)
     assert b"IF NOT EXISTS 'u'@'%' IDENTIFIED BY 'pw' WITH MAX_USER_CONNECTIONS 5;\n" in ops.mysql_user("db", "u", "pw", 5)
     assert b"MAX_USER_CONNECTIONS" not in ops.mysql_create("db", "u", "pw")
+    assert ops.mysql_limit("it's", 30) == b"ALTER USER IF EXISTS 'it''s'@'%' WITH MAX_USER_CONNECTIONS 30;\n"
 
 
 def test_the_limits_sent_with_tenant_operations():
