@@ -162,7 +162,7 @@ class SystemdDriver:
         for path in sorted(self.env_dir.glob(f"{prefix}*@*.env")):
             name, _, instance = path.stem.partition("@")
             unit = f"{name}@{instance}.service"
-            show = subprocess.run(["systemctl", "show", unit, "-p", "ActiveState,MainPID,MemoryCurrent,CPUUsageNSec,Result"],
+            show = subprocess.run(["systemctl", "show", unit, "-p", "ActiveState,MainPID,MemoryCurrent,CPUUsageNSec,Result,ExecMainStatus"],
                                   capture_output=True, text=True).stdout
             props = dict(line.split("=", 1) for line in show.splitlines() if "=" in line)
             entry = {"name": name, "instance": instance, "pid": int(props.get("MainPID") or 0),
@@ -171,10 +171,14 @@ class SystemdDriver:
                 entry["rss_bytes"] = int(props["MemoryCurrent"])
             if props.get("CPUUsageNSec", "").isdigit():
                 entry["cpu_s"] = int(props["CPUUsageNSec"]) / 1e9
+            use = slice_use(group) if group else {}
+            if use:
+                entry["limits_use"] = use
             if props.get("Result") == "oom-kill":
-                entry["error"] = "killed by the kernel: out of memory"
-            if group:
-                entry["limits_use"] = slice_use(group)
+                entry["error"] = limits.oom_message(use.get("memory_max_bytes", 0))
+            elif props.get("Result") == "signal" and props.get("ExecMainStatus") == "9":
+                # On cgroup v1 systemd cannot tell the kernel's out-of-memory kill from another.
+                entry["error"] = "killed by signal 9"
             out.append(entry)
         return out
 
