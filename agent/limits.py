@@ -1,5 +1,6 @@
-"""Limits per environment without systemd: every process of an environment runs in that
-environment's cgroup (memory, CPU, process count) and sees a /tmp of the environment's own.
+"""Limits per environment: every process of an environment runs in that environment's cgroup
+(memory, CPU, process count) and sees a /tmp of the environment's own. Where systemd is PID 1 it
+owns the cgroup tree, and the group is the environment's slice (ScopeLeaf, agent/systemd_driver.py).
 
 The invariant: a tenant's command never runs outside its group, not even for an instant. The
 process joins the group itself, as root, before it executes anything of the tenant's (a small
@@ -139,7 +140,7 @@ def launcher(procs_files: list[str], argv: list[str], tmp_dir: str = "") -> list
     return ["/bin/sh", "-c", " && ".join(steps), "deployer-limits", *argv]
 
 
-def oom_kills(layout: Layout, text: str) -> int:
+def oom_kills(text: str) -> int:
     """The `oom_kill` count of memory.oom_control (v1) or memory.events (v2)."""
     for line in text.splitlines():
         name, _, value = line.partition(" ")
@@ -198,7 +199,7 @@ class Leaf:
     def oom_kills(self) -> int:
         memory = self.dirs()["memory" if self.layout.version == 1 else ""]
         name = "memory.oom_control" if self.layout.version == 1 else "memory.events"
-        return oom_kills(self.layout, _read(f"{memory}/{name}"))
+        return oom_kills(_read(f"{memory}/{name}"))
 
     def pids(self) -> list[int]:
         found: set[int] = set()
@@ -424,7 +425,7 @@ def parse_usage(layout: Layout, files: dict[tuple[str, str], str]) -> dict:
         out["memory_bytes"] = number("", "memory.current")
         out["memory_peak_bytes"] = number("", "memory.peak")
         out["memory_max_bytes"] = number("", "memory.max") or 0
-        out["oom_kills"] = oom_kills(layout, files.get(("", "memory.events"), ""))
+        out["oom_kills"] = oom_kills(files.get(("", "memory.events"), ""))
         quota, _, period = files.get(("", "cpu.max"), "").strip().partition(" ")
         out["cpu_max"] = int(quota) / int(period) if quota.isdigit() and period.strip().isdigit() else 0
         stat = dict(line.split(" ", 1) for line in files.get(("", "cpu.stat"), "").splitlines() if " " in line)

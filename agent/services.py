@@ -74,7 +74,7 @@ class Supervisor:
         argv = as_user(list(spec.argv), user, env.get("PATH", BASE_PATH))
         confined = None
         if spec.HasField("limits"):
-            _leaf(spec.limits.group, key).release()  # of an earlier process under this key: its counts
+            _release(spec.limits.group, key)  # of an earlier process under this key, and its counts
             confined = limits_confine(key, spec.limits, argv, user)
             argv = confined.argv
             env.update(confined.env)
@@ -125,7 +125,7 @@ class Supervisor:
         killed = self.alive(state)
         _killpg(pgid, signal.SIGKILL)
         if state.get("limits"):  # what left the process group is still in the group's leaf
-            await asyncio.to_thread(_leaf(state["limits"]["group"], key).release)
+            await asyncio.to_thread(_release, state["limits"]["group"], key)
         self._state_path(key).unlink(missing_ok=True)
         log.info("service.stopped", service=key, pid=pgid, killed=killed)
         return pb.OperationResult(op_id=op_id, outcome=pb.EXITED,
@@ -148,8 +148,8 @@ class Supervisor:
                     entry["cpu_s"] = sum(sum(p.cpu_times()[:2]) for p in tree)
                 except psutil.Error:
                     pass
-            elif _oom(state):
-                entry["error"] = _oom(state)
+            elif why := _oom(state):
+                entry["error"] = why
             if use:
                 entry["limits_use"] = use
             out.append(entry)
@@ -161,6 +161,13 @@ def _leaf(group: str, key: str) -> limits.Leaf:
     if layout is None:
         raise StartError("no cgroup hierarchy with memory, cpu and pids is mounted")
     return limits.Leaf(layout, group, key)
+
+
+def _release(group: str, key: str) -> None:
+    try:
+        _leaf(group, key).release()
+    except (StartError, limits.LimitError):
+        pass  # nothing was made there: confining the next process reports why
 
 
 def _oom(state: dict) -> str:

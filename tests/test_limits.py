@@ -195,10 +195,9 @@ def test_the_launcher_runs_for_real(tmp_path):
 # ---------------------------------------------------------------- use and kills
 
 def test_out_of_memory_kills_are_read_from_either_version():
-    v1 = limits.parse_mounts(V1_MOUNTS)
-    assert limits.oom_kills(v1, "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n") == 2
-    assert limits.oom_kills(v1, "low 0\nhigh 0\nmax 5\noom 1\noom_kill 1\noom_group_kill 0\n") == 1
-    assert limits.oom_kills(v1, "") == 0
+    assert limits.oom_kills("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n") == 2              # v1
+    assert limits.oom_kills("low 0\nhigh 0\nmax 5\noom 1\noom_kill 1\noom_group_kill 0\n") == 1  # v2
+    assert limits.oom_kills("") == 0
     assert limits.oom_message(64 << 20) == "killed by the kernel: out of memory (limit 64 MiB)"
     assert limits.oom_message(2 << 30) == "killed by the kernel: out of memory (limit 2 GiB)"
 
