@@ -5,6 +5,8 @@ Real processes in real cgroups are in tests/test_attacks.py (section 5)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from agent import limits
@@ -319,3 +321,24 @@ def test_changed_limits_restart_the_environment_under_the_new_ones():
     assert plan(spec, deployed, {"web": commit}).empty
     tighter = plan(Spec(1, "shop", "prod", "shop.test", (web,), Limits(memory=256 << 20)), deployed, {"web": commit})
     assert [(s.service, s.change("code").new) for s in tighter.services] == [("web", True)]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or limits.detect() is None, reason="needs root and cgroups")
+def test_destroy_removes_the_environments_groups_and_tmp_with_its_user(tmp_path):
+    import glob
+    import secrets
+    import subprocess
+    user = f"auto-lim-{secrets.token_hex(3)}"
+    subprocess.run(["sh", "-c", ops.ensure_unix_user(user)], check=True)
+    try:
+        limits.prepare(pb.Limits(group=user, memory_bytes=64 << 20, processes=64), "op-t-1")
+        (tmp_path / ".tmp" / user).mkdir(parents=True)
+        done = subprocess.run(["sh", "-c", ops.remove_unix_user(user, str(tmp_path))], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert glob.glob(f"/sys/fs/cgroup/**/deployer/{user}", recursive=True) == []
+        assert not (tmp_path / ".tmp" / user).exists()
+    finally:
+        from tests.deploy_harness import remove_limits_group
+        remove_limits_group(user)
+        subprocess.run(["userdel", user], capture_output=True)
+        subprocess.run(["groupdel", user], capture_output=True)
