@@ -126,14 +126,19 @@ def limit_values(layout: Layout, limits: pb.Limits) -> list[tuple[str, str, str]
     ]
 
 
-def launcher(procs_files: list[str], argv: list[str], tmp_dir: str = "") -> list[str]:
+SHARED_TMP = ("/tmp", "/var/tmp")  # world-writable folders every tenant would otherwise share
+
+
+def launcher(procs_files: list[str], argv: list[str], tmp_dir: str = "",
+             over: tuple[str, ...] = SHARED_TMP) -> list[str]:
     """`argv` started by a root `sh` that first moves itself into the leaf (each of
     `procs_files`), then, with `tmp_dir`, into a mount namespace of its own where `tmp_dir` is
-    /tmp. `argv` (the user switch and the command) executes in place: same pid, same session."""
+    mounted over each folder of `over`. `argv` (the user switch and the command) executes in
+    place: same pid, same session."""
     q = shlex.quote
     steps = [f"echo 0 > {q(path)}" for path in procs_files]
-    if tmp_dir:
-        inner = 'mount --bind "$0" /tmp && exec "$@"'
+    if tmp_dir and over:
+        inner = " && ".join([*(f'mount --bind "$0" {q(folder)}' for folder in over), 'exec "$@"'])
         steps.append(f"exec unshare --mount --propagation private -- /bin/sh -c {q(inner)} {q(tmp_dir)} \"$@\"")
     else:
         steps.append('exec "$@"')
@@ -275,15 +280,15 @@ def confine(limits: pb.Limits, leaf: str, argv: list[str], uid: int = -1, gid: i
     else:
         prepared = prepare(limits, leaf, layout)
     env: dict[str, str] = {}
-    mount = ""
+    tmp, over = "", ()
     if limits.tmp_dir:
         tmp = private_tmp(limits.tmp_dir, limits.group, uid, gid)
         env["TMPDIR"] = tmp
-        # A services root under /tmp (test clusters) would vanish behind the mount, and with it the
-        # release the command runs from: there TMPDIR alone points the command at its own folder.
-        if not _under(tmp, "/tmp"):
-            mount = tmp
-    return Confined(launcher(prepared.procs_files(), argv, mount), env, prepared)
+        # A services root under /tmp (test clusters) would vanish behind a mount over /tmp, and with
+        # it the release the command runs from: that folder is left shared, and TMPDIR still points
+        # the command at its own.
+        over = tuple(folder for folder in SHARED_TMP if not _under(tmp, folder))
+    return Confined(launcher(prepared.procs_files(), argv, tmp, over), env, prepared)
 
 
 def systemd_booted() -> bool:

@@ -76,9 +76,10 @@ def _remove_user(name: str) -> None:
 
 @_pytest.fixture
 def tenant_agent():
-    """An agent's operations in this process, over a services root outside /tmp (so a private /tmp
-    can be mounted), and a fresh environment user; every process and group removed at the end."""
-    base = _Path(_tempfile.mkdtemp(prefix="deployer-limits-", dir="/var/tmp"))
+    """An agent's operations in this process, over a services root outside /tmp and /var/tmp (so a
+    private /tmp can be mounted over both), and a fresh environment user; every process and group
+    removed at the end."""
+    base = _Path(_tempfile.mkdtemp(prefix="deployer-limits-", dir="/run"))
     _os.chmod(base, 0o711)
     srv = base / "srv"
     srv.mkdir(mode=0o711)
@@ -174,8 +175,8 @@ def test_a_tenant_sees_a_tmp_of_its_own(tenant_agent):
     planted = f"planted-{_secrets.token_hex(4)}"
 
     async def plant():
-        held = await _exec(agent, f"echo bait > /tmp/{planted} && ls /tmp && echo TMPDIR=$TMPDIR",
-                           _limits_of(agent))
+        held = await _exec(agent, f"echo bait > /tmp/{planted} && ls /tmp && echo TMPDIR=$TMPDIR && "
+                                  f"touch /var/tmp/{planted}.var 2>/dev/null; true", _limits_of(agent))
         await held.task
         return held
 
@@ -185,6 +186,7 @@ def test_a_tenant_sees_a_tmp_of_its_own(tenant_agent):
     private = agent["srv"] / ".tmp" / agent["user"]
     assert (private / planted).read_text() == "bait\n"                # but in the environment's own
     assert f"TMPDIR={private}" in _output(held)
+    assert not _os.path.exists(f"/var/tmp/{planted}.var") and (private / f"{planted}.var").exists()
     info = private.stat()
     assert oct(info.st_mode & 0o777) == "0o700" and info.st_uid != 0
 

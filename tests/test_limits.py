@@ -183,7 +183,9 @@ def test_the_launcher_joins_the_group_before_it_executes_the_user_switch():
 def test_the_launcher_mounts_the_private_tmp_in_a_namespace_of_its_own():
     out = limits.launcher(["/g/cgroup.procs"], ["true"], "/srv/.tmp/auto-shop-prod")
     assert out[2] == ("echo 0 > /g/cgroup.procs && exec unshare --mount --propagation private -- /bin/sh -c "
-                      "'mount --bind \"$0\" /tmp && exec \"$@\"' /srv/.tmp/auto-shop-prod \"$@\"")
+                      "'mount --bind \"$0\" /tmp && mount --bind \"$0\" /var/tmp && exec \"$@\"' "
+                      "/srv/.tmp/auto-shop-prod \"$@\"")
+    assert limits.launcher([], ["true"], "/tmp/x/.tmp/auto-shop-prod", over=())[2] == 'exec "$@"'
 
 
 def test_the_launcher_runs_for_real(tmp_path):
