@@ -34,6 +34,7 @@ from protos import deployer_pb2 as pb
 
 from . import launcher
 from .redact import Patterns, Redactor
+from . import limits
 from .spool import Spool
 
 DEFAULT_GRACE_S = 5.0
@@ -65,6 +66,7 @@ class Run:
     # open pipe fd → (stream, its redactor): secrets are replaced before anything is spooled
     outputs: dict[int, tuple[int, Redactor]] = field(default_factory=dict)
     peak_rss: int = 0
+    leaf: limits.Leaf | None = None  # its place in its environment's limits
 
 
 def resolve_user(name: str) -> pwd.struct_passwd:
@@ -78,6 +80,21 @@ LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launcher.py
 # Where a root agent publishes the launcher for every user to read: the agent's own folder may
 # be closed to them (a checkout in a private home). Named by content, so versions never mix.
 PUBLIC_DIR = "/run/deployer"
+
+
+def limits_confine(name: str, spec: pb.Limits, argv: list[str],
+                   user: pwd.struct_passwd | None) -> limits.Confined:
+    """`argv` made to start inside its environment's limits, under the process tree's `name`."""
+    try:
+        return limits.confine(spec, name, argv, *((user.pw_uid, user.pw_gid) if user else (-1, -1)))
+    except limits.LimitError as exc:
+        raise StartError(str(exc)) from None
+
+
+def confine_env(launch: "Launch", confined: limits.Confined) -> dict[str, str]:
+    """The variables the limits add (TMPDIR), carried past the privileged steps to the launcher
+    like the operation's own when the command goes through it."""
+    return carried(confined.env) if launch.status >= 0 else dict(confined.env)
 
 
 @functools.lru_cache(maxsize=1)
@@ -241,6 +258,15 @@ def spawn(op_id: str, spec: pb.ExecSpec, default_cwd: str, spool: Spool,
         raise StartError("empty command")
     user = resolve_user(spec.user) if spec.user else None
     launch = prepare(list(spec.argv), user, spec.cwd or default_cwd, spec.env_file, spec.env)
+    leaf = None
+    if spec.HasField("limits"):  # joined before the command executes: see agent/limits.py
+        try:
+            confined = limits_confine(op_id, spec.limits, launch.argv, user)
+        except StartError:
+            launch.close()
+            raise
+        launch.argv, leaf = confined.argv, confined.leaf
+        launch.env.update(confine_env(launch, confined))
     try:
         proc = subprocess.Popen(
             launch.argv, cwd=launch.cwd, env=launch.env, start_new_session=True, close_fds=True,
@@ -263,7 +289,7 @@ def spawn(op_id: str, spec: pb.ExecSpec, default_cwd: str, spool: Spool,
             if pipe is not None:
                 pipe.close()
         raise
-    run = Run(op_id, proc, time.monotonic(), on_output, spool)
+    run = Run(op_id, proc, time.monotonic(), on_output, spool, leaf=leaf)
     if spec.stdin:
         threading.Thread(target=_feed, args=(proc.stdin, bytes(spec.stdin)), daemon=True).start()
     loop = asyncio.get_running_loop()
@@ -370,7 +396,10 @@ async def supervise(run: Run, spec: pb.ExecSpec) -> pb.OperationResult:
     _pid, status, usage = os.wait4(run.proc.pid, 0)
     run.proc.returncode = os.waitstatus_to_exitcode(status)
     run.spool.close()
-    return _result(run, status, usage)
+    result = _result(run, status, usage)
+    if run.leaf is not None:  # "out of memory" rather than a bare signal 9; leftovers killed
+        await asyncio.to_thread(limits.finish, run.leaf, result)
+    return result
 
 
 async def _first(*events: asyncio.Event) -> None:

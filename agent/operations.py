@@ -169,7 +169,8 @@ class Operations:
             except executor.StartError as exc:
                 return pb.OperationResult(op_id=op.id, outcome=pb.FAILED_TO_START, error=str(exc))
         if kind == "service_list":
-            entries = await asyncio.to_thread(self.driver.list, op.service_list.name_prefix)
+            entries = await asyncio.to_thread(self.driver.list, op.service_list.name_prefix,
+                                              op.service_list.group)
             lines = [json.dumps(e) + "\n" for e in entries]
             if lines:
                 held.spool.append(pb.STDOUT, "".join(lines).encode())

@@ -21,7 +21,8 @@ import structlog
 
 from protos import deployer_pb2 as pb
 
-from .executor import StartError, prepare, resolve_user, started
+from . import limits
+from .executor import StartError, confine_env, limits_confine, prepare, resolve_user, started
 
 log = structlog.get_logger("agent")
 DEFAULT_GRACE_S = 10.0
@@ -69,6 +70,16 @@ class Supervisor:
         user = resolve_user(spec.user) if spec.user else None
         Path(spec.log_path).parent.mkdir(parents=True, exist_ok=True)
         launch = prepare(list(spec.argv), user, spec.cwd, spec.env_file, spec.env)
+        confined = None
+        if spec.HasField("limits"):
+            _release(spec.limits.group, key)  # of an earlier process under this key, and its counts
+            try:
+                confined = limits_confine(key, spec.limits, launch.argv, user)
+            except StartError:
+                launch.close()
+                raise
+            launch.argv = confined.argv
+            launch.env.update(confine_env(launch, confined))
         with open(spec.log_path, "ab") as logfile:
             try:
                 proc = subprocess.Popen(launch.argv, cwd=launch.cwd, env=launch.env, stdin=subprocess.DEVNULL,
@@ -85,13 +96,15 @@ class Supervisor:
         state = {"name": spec.name, "instance": spec.instance, "pid": proc.pid,
                  "create_time": psutil.Process(proc.pid).create_time(), "argv": list(spec.argv),
                  "cwd": spec.cwd, "log_path": spec.log_path, "started_at": time.time()}
+        if confined is not None:
+            state["limits"] = {"group": spec.limits.group, "memory_bytes": spec.limits.memory_bytes}
         self._state_path(key).write_text(json.dumps(state))
         asyncio.get_running_loop().create_task(self._reap(key, proc))
         await asyncio.sleep(STARTUP_WATCH_S)
         if proc.poll() is not None:
+            why = _oom(state) or f"exited at once with code {proc.returncode}"
             return pb.OperationResult(op_id=op_id, outcome=pb.FAILED_TO_START,
-                                      error=f"{key} exited at once with code {proc.returncode} "
-                                            f"(see {spec.log_path})")
+                                      error=f"{key} {why} (see {spec.log_path})")
         log.info("service.started", service=key, pid=proc.pid)
         return pb.OperationResult(op_id=op_id, outcome=pb.EXITED)
 
@@ -116,13 +129,16 @@ class Supervisor:
             await asyncio.sleep(0.1)
         killed = self.alive(state)
         _killpg(pgid, signal.SIGKILL)
+        if state.get("limits"):  # what left the process group is still in the group's leaf
+            await asyncio.to_thread(_release, state["limits"]["group"], key)
         self._state_path(key).unlink(missing_ok=True)
         log.info("service.stopped", service=key, pid=pgid, killed=killed)
         return pb.OperationResult(op_id=op_id, outcome=pb.EXITED,
                                   error="did not stop on SIGTERM: killed" if killed else "")
 
-    def list(self, prefix: str) -> list[dict]:
+    def list(self, prefix: str, group: str = "") -> list[dict]:
         out = []
+        use = _group_use(group)
         for path in sorted(self.folder.glob("*.json")):
             state = self._load(path.stem)
             if state is None or not state.get("name", "").startswith(prefix):
@@ -137,8 +153,47 @@ class Supervisor:
                     entry["cpu_s"] = sum(sum(p.cpu_times()[:2]) for p in tree)
                 except psutil.Error:
                     pass
+            elif why := _oom(state):
+                entry["error"] = why
+            if use:
+                entry["limits_use"] = use
             out.append(entry)
         return out
+
+
+def _leaf(group: str, key: str) -> limits.Leaf:
+    layout = limits.detect()
+    if layout is None:
+        raise StartError("no cgroup hierarchy with memory, cpu and pids is mounted")
+    return limits.Leaf(layout, group, key)
+
+
+def _release(group: str, key: str) -> None:
+    try:
+        _leaf(group, key).release()
+    except (StartError, limits.LimitError):
+        pass  # nothing was made there: confining the next process reports why
+
+
+def _oom(state: dict) -> str:
+    """Why a service of limited memory died, if the kernel killed it for memory; else ""."""
+    confined = state.get("limits")
+    if not confined:
+        return ""
+    try:
+        killed = _leaf(confined["group"], _key(state["name"], state["instance"])).oom_kills()
+    except (StartError, limits.LimitError):
+        return ""
+    return limits.oom_message(confined.get("memory_bytes", 0)) if killed else ""
+
+
+def _group_use(group: str) -> dict:
+    if not group:
+        return {}
+    try:
+        return limits.usage(group)
+    except limits.LimitError:
+        return {}
 
 
 def _killpg(pgid: int, sig: int) -> None:

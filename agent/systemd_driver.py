@@ -19,16 +19,18 @@ from pathlib import Path
 
 from protos import deployer_pb2 as pb
 
-from . import envfile
+from . import envfile, limits
 from .executor import StartError, launcher_python, launcher_script
 
 UNIT_DIR = Path("/etc/systemd/system")
 STARTUP_WATCH_S = 0.3
 
 
-def template_unit(env_dir: Path, user: str = "", python: str = "", launcher: str = "") -> str:
+def template_unit(env_dir: Path, user: str = "", slice_name: str = "", python: str = "",
+                  launcher: str = "") -> str:
     """The template of one service (`%p` = name, `%i` = instance), run as `user` if given: every
-    process of a service runs as the same user, its environment's.
+    process of a service runs as the same user, its environment's, in its environment's slice
+    (its limits) with a /tmp of its own and no way to gain privileges.
 
     `${NAME}` hands the variable to the launcher as exactly one argument, spaces and all; `$$`
     keeps a literal `$` for the shell.
@@ -36,6 +38,8 @@ def template_unit(env_dir: Path, user: str = "", python: str = "", launcher: str
     run_as = f"User={user}\nGroup={user}\n" if user else ""
     python = python or launcher_python()
     launcher = launcher or launcher_script()
+    if slice_name:
+        run_as += f"Slice={slice_name}\n" + HARDENING
     return f"""[Unit]
 Description=%p instance %i (started by the deployer agent)
 
@@ -54,6 +58,47 @@ def _word(path: str) -> str:
     """A path as one word of a unit's command line: `%` is a specifier there."""
     path = path.replace("%", "%%")
     return envfile.quote(path) if any(c.isspace() or c in "\"'\\;$" for c in path) else path
+
+
+# What a tenant's process never needs; ProtectSystem=full leaves the services root writable.
+HARDENING = """PrivateTmp=yes
+NoNewPrivileges=yes
+ProtectSystem=full
+ProtectHome=yes
+PrivateDevices=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectControlGroups=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+"""
+
+
+def slice_name(group: str) -> str:
+    """systemd reads `-` in a slice name as nesting: auto-shop-prod.slice sits in auto-shop.slice
+    in auto.slice, which carry no limits of their own."""
+    limits.check_names(group)
+    return f"{group}.slice"
+
+
+def slice_unit(spec: pb.Limits) -> str:
+    """The environment's slice: its limits, for every unit and scope placed in it."""
+    lines = ["[Unit]", f"Description=limits of {spec.group} (written by the deployer agent)", "",
+             "[Slice]"]
+    if spec.memory_bytes:
+        lines += [f"MemoryMax={spec.memory_bytes}", "MemorySwapMax=0"]
+    if spec.cpu > 0:
+        lines += [f"CPUQuota={round(spec.cpu * 100)}%", f"CPUWeight={max(1, min(10000, round(100 * spec.cpu)))}"]
+    if spec.processes:
+        lines.append(f"TasksMax={spec.processes}")
+    return "\n".join(lines) + "\n"
+
+
+def scope_argv(spec: pb.Limits, unit: str, argv: list[str]) -> list[str]:
+    """A command of the environment run in its slice (a transient scope: same pid, same session).
+    A scope cannot have a private /tmp of its own: agent/limits.py adds its launcher for that."""
+    return ["systemd-run", "--scope", "--quiet", "--collect", f"--slice={slice_name(spec.group)}",
+            f"--unit={unit}", "--", *argv]
 
 
 def instance_env(spec: pb.ServiceStartSpec) -> str:
@@ -87,17 +132,24 @@ class SystemdDriver:
         out, _ = await proc.communicate()
         return proc.returncode, out.decode(errors="replace").strip()
 
-    async def _install_template(self, name: str, user: str) -> None:
-        path = self.unit_dir / f"{name}@.service"
-        content = template_unit(self.env_dir, user)
-        if not path.exists() or path.read_text() != content:
-            path.write_text(content)
+    async def _install_template(self, name: str, user: str, spec: pb.Limits | None = None) -> None:
+        files = {self.unit_dir / f"{name}@.service":
+                 template_unit(self.env_dir, user, slice_name(spec.group) if spec else "")}
+        if spec is not None:
+            files[self.unit_dir / slice_name(spec.group)] = slice_unit(spec)
+        changed = False
+        for path, content in files.items():
+            if not path.exists() or path.read_text() != content:
+                path.write_text(content)
+                changed = True
+        if changed:
             await self._systemctl("daemon-reload")
 
     async def start(self, op_id: str, spec: pb.ServiceStartSpec) -> pb.OperationResult:
         if not os.path.isdir(spec.cwd):
             raise StartError(f"working directory {spec.cwd} does not exist")
-        await self._install_template(spec.name, spec.user)
+        await self._install_template(spec.name, spec.user,
+                                     spec.limits if spec.HasField("limits") else None)
         env_path = self.env_dir / f"{spec.name}@{spec.instance}.env"
         fd = os.open(env_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -119,14 +171,14 @@ class SystemdDriver:
         (self.env_dir / f"{spec.name}@{spec.instance}.env").unlink(missing_ok=True)
         return pb.OperationResult(op_id=op_id, outcome=pb.EXITED, error="" if code == 0 else out)
 
-    def list(self, prefix: str) -> list[dict]:
+    def list(self, prefix: str, group: str = "") -> list[dict]:
         """Known instances, from their environment files; liveness from systemd."""
         import subprocess
         out = []
         for path in sorted(self.env_dir.glob(f"{prefix}*@*.env")):
             name, _, instance = path.stem.partition("@")
             unit = f"{name}@{instance}.service"
-            show = subprocess.run(["systemctl", "show", unit, "-p", "ActiveState,MainPID,MemoryCurrent,CPUUsageNSec"],
+            show = subprocess.run(["systemctl", "show", unit, "-p", "ActiveState,MainPID,MemoryCurrent,CPUUsageNSec,Result,ExecMainStatus"],
                                   capture_output=True, text=True).stdout
             props = dict(line.split("=", 1) for line in show.splitlines() if "=" in line)
             entry = {"name": name, "instance": instance, "pid": int(props.get("MainPID") or 0),
@@ -135,5 +187,38 @@ class SystemdDriver:
                 entry["rss_bytes"] = int(props["MemoryCurrent"])
             if props.get("CPUUsageNSec", "").isdigit():
                 entry["cpu_s"] = int(props["CPUUsageNSec"]) / 1e9
+            use = slice_use(group) if group else {}
+            if use:
+                entry["limits_use"] = use
+            if props.get("Result") == "oom-kill":
+                entry["error"] = limits.oom_message(use.get("memory_max_bytes", 0))
+            elif props.get("Result") == "signal" and props.get("ExecMainStatus") == "9":
+                # On cgroup v1 systemd cannot tell the kernel's out-of-memory kill from another.
+                entry["error"] = "killed by signal 9"
             out.append(entry)
         return out
+
+
+def slice_use(group: str) -> dict:
+    """The environment's slice against its limits, as systemd accounts it."""
+    import subprocess
+    show = subprocess.run(["systemctl", "show", slice_name(group), "-p",
+                           "MemoryCurrent,MemoryPeak,MemoryMax,CPUUsageNSec,CPUQuotaPerSecUSec,TasksCurrent,TasksMax"],
+                          capture_output=True, text=True).stdout
+    return parse_slice_use(dict(line.split("=", 1) for line in show.splitlines() if "=" in line))
+
+
+def parse_slice_use(props: dict[str, str]) -> dict:
+    """Pure: `systemctl show` properties of a slice in the form agent/limits.py reports."""
+    def number(name: str) -> int | None:
+        value = props.get(name, "")
+        return int(value) if value.isdigit() and int(value) < 1 << 63 else None
+
+    quota = props.get("CPUQuotaPerSecUSec", "")
+    seconds = float(quota[:-1]) if quota.endswith("s") and quota[:-1].replace(".", "").isdigit() else \
+        float(quota[:-2]) / 1000 if quota.endswith("ms") and quota[:-2].replace(".", "").isdigit() else 0
+    out = {"memory_bytes": number("MemoryCurrent"), "memory_peak_bytes": number("MemoryPeak"),
+           "memory_max_bytes": number("MemoryMax") or 0, "cpu_max": seconds,
+           "cpu_s": number("CPUUsageNSec") / 1e9 if number("CPUUsageNSec") is not None else None,
+           "processes": number("TasksCurrent"), "processes_max": number("TasksMax") or 0}
+    return {k: v for k, v in out.items() if v is not None}

@@ -752,11 +752,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_OK
     table = []
     for r in rows:
+        process = f"{r['process']}: {r['error']}" if r.get("error") else r["process"]  # e.g. out of memory
         table.append([r["service"], str(r["code"] or "-"), r["commit"][:10], r["host"], str(r["port"] or "-"),
-                      r["process"], r.get("health", "-"),
+                      process, r.get("health", "-"),
                       render.size(r["rss_bytes"]) if r.get("rss_bytes") else "-",
                       render.duration(r["cpu_s"]) if r.get("cpu_s") is not None else "-"])
     sys.stdout.write(render.table(["SERVICE", "CODE", "COMMIT", "HOST", "PORT", "PROCESS", "HEALTH", "RSS", "CPU"], table))
+    limits = render.limits_table(rows)
+    if limits:
+        sys.stdout.write(f"\nlimits of {args.env} (per host, all its services there together)\n{limits}")
     return EXIT_OK if all(r["process"] == "running" for r in rows) else EXIT_FAILED
 
 
@@ -934,7 +938,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ledger)
 
-    p = sub.add_parser("status", help="live instance, host, port, health, RSS and CPU of each service",
+    p = sub.add_parser("status", help="live instance, host, port, health, RSS and CPU of each service, "
+                                      "and the environment's use of its limits",
                        epilog="example: deployctl status shop/prod")
     p.add_argument("env", help="APP/ENVIRONMENT")
     p.add_argument("--json", action="store_true")

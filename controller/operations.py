@@ -52,21 +52,33 @@ def _sql_string(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
-def mysql_create(database: str, user: str, password: str) -> bytes:
-    """SQL creating a database and a user that can use that database and nothing else."""
+def mysql_create(database: str, user: str, password: str, max_connections: int = 0) -> bytes:
+    """SQL creating a database and a user that can use that database and nothing else (and, with
+    `max_connections`, at most that many connections at once)."""
     return (
         f"CREATE DATABASE {_sql_ident(database)} CHARACTER SET utf8mb4;\n"
-        f"CREATE USER {_sql_string(user)}@'%' IDENTIFIED BY {_sql_string(password)};\n"
+        f"CREATE USER {_sql_string(user)}@'%' IDENTIFIED BY {_sql_string(password)}{_max_conn(max_connections)};\n"
         f"GRANT ALL PRIVILEGES ON {_sql_ident(database)}.* TO {_sql_string(user)}@'%';\n"
     ).encode()
 
 
-def mysql_user(database: str, user: str, password: str) -> bytes:
+def mysql_user(database: str, user: str, password: str, max_connections: int = 0) -> bytes:
     """Recreate a missing user with its recorded password and grants (the data is not touched)."""
     return (
-        f"CREATE USER IF NOT EXISTS {_sql_string(user)}@'%' IDENTIFIED BY {_sql_string(password)};\n"
+        f"CREATE USER IF NOT EXISTS {_sql_string(user)}@'%' IDENTIFIED BY {_sql_string(password)}"
+        f"{_max_conn(max_connections)};\n"
         f"GRANT ALL PRIVILEGES ON {_sql_ident(database)}.* TO {_sql_string(user)}@'%';\n"
     ).encode()
+
+
+def _max_conn(n: int) -> str:
+    # One tenant must not take every connection of the shared server.
+    return f" WITH MAX_USER_CONNECTIONS {int(n)}" if n else ""
+
+
+def mysql_limit(user: str, max_connections: int) -> bytes:
+    """The connection limit of an existing user, as the spec has it now (0: none)."""
+    return f"ALTER USER IF EXISTS {_sql_string(user)}@'%' WITH MAX_USER_CONNECTIONS {int(max_connections)};\n".encode()
 
 
 def mysql_drop(database: str, user: str) -> bytes:
@@ -248,10 +260,24 @@ if id -u "$u" >/dev/null 2>&1; then
     sleep 0.1; i=$((i + 1))
   done
   if alive; then echo "processes of $u do not end: the user is kept" >&2; exit 1; fi
+  # Its limits (agent/limits.py) and its /tmp go with it; a group still in use stays, harmlessly.
+  for g in /sys/fs/cgroup/*/deployer/"$u" /sys/fs/cgroup/deployer/"$u"; do
+    [ -d "$g" ] && find "$g" -depth -mindepth 1 -type d -exec rmdir {{}} + 2>/dev/null; rmdir "$g" 2>/dev/null
+  done
+  rm -rf -- "$root/.tmp/$u"
   userdel "$u" || exit 1
 fi
 if getent group "$u" >/dev/null; then groupdel "$u"; fi
 """
+
+
+# ---------------------------------------------------------------- builders for limits per environment
+
+def limits(memory: int, cpu: float, processes: int, group: str, services_root: str) -> pb.Limits:
+    """What bounds every process of the environment whose user (and group) is `group` on a host:
+    the agent puts each one in that group before it executes, with `/tmp` of its own."""
+    return pb.Limits(group=group, memory_bytes=memory, cpu=cpu, processes=processes,
+                     tmp_dir=f"{services_root.rstrip('/')}/.tmp/{group}")
 
 
 def _sh(value: str) -> str:

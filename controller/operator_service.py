@@ -18,6 +18,7 @@ from .door import OPERATOR_CALLER
 from .dispatcher import Dispatcher, UnknownOperation
 from .environments import Environments, OrderError
 from .jobs import read_events
+from .spec import Limits, spec_from_dict
 from .ledger import diagram
 from .gateway import KNOWN_ROLES, valid_agent_id
 from agent.provides import check_provides, url_host, valid_host
@@ -327,6 +328,8 @@ class OperatorService(pb_grpc.OperatorServicer):
         if not state:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"nothing deployed for {env_key}")
         app, env = env_key.split("/", 1)
+        stored = self.environments.stored_spec(env_key)
+        limits = spec_from_dict(stored).limits if stored else Limits()
         out = []
         for service, live in sorted(state.items()):
             entry = {"service": service, "code": live.code.number if live.code else None,
@@ -338,7 +341,8 @@ class OperatorService(pb_grpc.OperatorServicer):
             if live.code and agent is not None and agent.state == "connected":
                 unit = naming.unit_base(app, env, service)
                 op = await self.dispatcher.execute(agent.id, pb.Operation(
-                    id=operations.new_op_id(), service_list=pb.ServiceListSpec(name_prefix=unit)))
+                    id=operations.new_op_id(), service_list=pb.ServiceListSpec(
+                        name_prefix=unit, group=naming.unix_user(app, env))))
                 row = self.ledger.instance(env_key, service, "code", live.code.number)
                 process = json.loads(row["names"]).get("process") if row else None
                 for line in (op.output.folder / "output.log").read_text().splitlines():
@@ -347,6 +351,10 @@ class OperatorService(pb_grpc.OperatorServicer):
                         entry.update(process="running" if item["alive"] else "dead",
                                      pid=item.get("pid"), rss_bytes=item.get("rss_bytes"),
                                      cpu_s=item.get("cpu_s"))
+                        if item.get("error"):  # why it died: "killed by the kernel: out of memory …"
+                            entry["error"] = item["error"]
+                    if "limits_use" in item:  # the environment's group on that host, the same for each
+                        entry["use"] = item["limits_use"]
                 if live.code.port and entry["process"] == "running":
                     spec = self.environments.stored_spec(env_key) or {}
                     health = spec.get("services", {}).get(service, {}).get("health", "/")
@@ -357,6 +365,8 @@ class OperatorService(pb_grpc.OperatorServicer):
                     entry["health"] = "ok" if probe.result.exit_code == 0 else probe.result.error
             elif agent is not None:
                 entry["process"] = f"agent {agent.id} is {agent.state}"
+            entry["limits"] = {"memory_bytes": limits.memory, "cpu": limits.cpu, "processes": limits.processes,
+                               "mysql_connections": limits.mysql_connections}
             out.append(entry)
         return pb.JsonReply(json=json.dumps(out))
 

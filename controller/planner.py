@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from .ledger import ServiceState
-from .spec import Options, Spec, code_fingerprint
+from .spec import Limits, Options, Spec, code_fingerprint
 
 DATA_COMPONENTS = ("mysql", "redis")
 
@@ -67,7 +67,7 @@ def plan(spec: Spec, state: Mapping[str, ServiceState], commits: Mapping[str, st
         if service.name not in selected:
             continue
         planned = _plan_service(service, state.get(service.name), commits[service.name],
-                                set(options.renew.get(service.name, ())))
+                                set(options.renew.get(service.name, ())), spec.limits)
         if planned is not None:
             services.append(planned)
     notes = []
@@ -81,8 +81,9 @@ def plan(spec: Spec, state: Mapping[str, ServiceState], commits: Mapping[str, st
     return Plan(spec.key, tuple(services), tuple(notes))
 
 
-def _plan_service(service, current: ServiceState | None, commit: str, renew: set[str]) -> ServicePlan | None:
-    fingerprint = code_fingerprint(service)
+def _plan_service(service, current: ServiceState | None, commit: str, renew: set[str],
+                  limits: Limits | None = None) -> ServicePlan | None:
+    fingerprint = code_fingerprint(service, limits)
     if current is None or current.code is None:
         # No code is live (first deploy, or after a destroy that kept the data): data instances
         # still live are used again, not replaced.

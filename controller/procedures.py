@@ -140,13 +140,19 @@ class Runner:
                  env_file: str = "", stdin: bytes = b"", timeout: float = 1800, check: bool = True,
                  user: str = "", env: dict[str, str] | None = None, scope: Scope | None = None) -> Op:
         operation = pb.Operation(exec=pb.ExecSpec(argv=["sh", "-c", script], cwd=cwd, env_file=env_file,
-                                                  stdin=stdin, timeout_s=timeout, user=user, env=env or {}))
+                                                  stdin=stdin, timeout_s=timeout, user=user, env=env or {},
+                                                  limits=self.limits(agent) if user == self.unix_user else None))
         return await self.run_op(agent, operation, service, step, check, scope)
 
     @property
     def unix_user(self) -> str:
         """The environment's own user on every host: its commands and processes run as it."""
         return naming.unix_user(self.spec.app, self.spec.environment)
+
+    def limits(self, host: Agent) -> pb.Limits:
+        """The environment's limits on `host`, for everything that runs there as its user."""
+        lim = self.spec.limits
+        return ops.limits(lim.memory, lim.cpu, lim.processes, self.unix_user, host.services_root)
 
     def service_env(self, d: Deployment) -> dict[str, str]:
         """Variables of a service's commands and processes besides its `.env`: a HOME of its own."""
@@ -213,7 +219,7 @@ class Runner:
         if d.code_new:
             # The instance keeps its own definition, so a rollback restores its commands and env.
             self.ledger.add_instance(self.env_key, name, "code", d.code, host=d.host.id, commit=sp.commit,
-                                     fingerprint=code_fingerprint(service),
+                                     fingerprint=code_fingerprint(service, self.spec.limits),
                                      names={"release": release, "service": service.to_dict()})
         await self.sh(d.host, ops.ensure_unix_user(self.unix_user), name, "user")
         if d.code_new:
@@ -291,7 +297,10 @@ class Runner:
         user = naming.database_user(app, env, name, number)
         provider, password = await self._data_instance(
             d, "mysql", number, new, {"database": database, "user": user},
-            lambda pw: ops.mysql_create(database, user, pw))
+            lambda pw: ops.mysql_create(database, user, pw, self.spec.limits.mysql_connections))
+        if not new:  # a reused user gets the limit the spec has now
+            await self.sh(provider, provider.mysql_admin(), name, "mysql limits",
+                          stdin=ops.mysql_limit(user, self.spec.limits.mysql_connections))
         host = provider.settings.get("mysql.host", "127.0.0.1")
         port = provider.settings.get("mysql.port", "3306")
         return {"DATABASE_URL": f"mysql://{user}:{password}@{ops.url_host(host)}:{port}/{database}",
@@ -325,7 +334,7 @@ class Runner:
         await self.run_op(d.host, pb.Operation(service_start=pb.ServiceStartSpec(
             name=unit, instance=d.process, argv=["sh", "-c", f"exec {service.start}"], cwd=workdir,
             env=env, env_file=env_path, user=self.unix_user,
-            log_path=f"{d.service_dir}/logs/{d.code}.log")), name, "start")
+            log_path=f"{d.service_dir}/logs/{d.code}.log", limits=self.limits(d.host))), name, "start")
         if service.is_web:
             address = d.host.address
             await self.run_op(d.host, pb.Operation(http_probe=pb.HttpProbeSpec(

@@ -50,6 +50,35 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def limits_table(rows: Sequence[dict]) -> str:
+    """Each host's use of the environment's limits, from `deployctl status` rows: once per host,
+    since all of the environment's services on a host share its limits there. What the host
+    applies wins over the spec's figures (a spec changed since the last deploy)."""
+    seen: dict[str, list[str]] = {}
+    for r in rows:
+        if not r.get("host") or r["host"] in seen or "limits" not in r:
+            continue
+        use, spec = r.get("use") or {}, r["limits"]
+        memory_max = use.get("memory_max_bytes") or spec.get("memory_bytes", 0)
+        processes_max = use.get("processes_max") or spec.get("processes", 0)
+        cpu_max = use.get("cpu_max") or spec.get("cpu", 0)
+        seen[r["host"]] = [
+            r["host"],
+            f"{_of(use.get('memory_bytes'), size)} of {size(memory_max) if memory_max else 'no limit'}",
+            _of(use.get("memory_peak_bytes"), size),
+            f"{_of(use.get('cpu_s'), duration)} (max {cpu_max:g} CPU)" if cpu_max else _of(use.get("cpu_s"), duration),
+            f"{_of(use.get('processes'), str)} of {processes_max or 'no limit'}",
+            str(spec.get("mysql_connections", "-")),
+        ]
+    if not seen:
+        return ""
+    return table(["HOST", "MEMORY", "PEAK", "CPU", "PROCESSES", "MYSQL CONNECTIONS"], list(seen.values()))
+
+
+def _of(value, form) -> str:
+    return "-" if value is None else form(value)
+
+
 def prefix_for(agent_id: str, width: int, colour_index: int | None) -> bytes:
     label = f"{agent_id.ljust(width)} |"
     if colour_index is not None:

@@ -24,12 +24,13 @@ RESERVED_ENV = ("PORT", "DATABASE_URL", "DB_HOST", "DB_PORT", "DB_NAME", "DB_USE
 DEFAULT_HEALTH = "/"
 DEFAULT_HEALTHY_AFTER = 5.0
 
-TOP_KEYS = ("version", "app", "environment", "domain", "services")
+TOP_KEYS = ("version", "app", "environment", "domain", "limits", "services")
 TOP_REQUIRED = ("app", "environment", "domain", "services")
 SERVICE_KEYS = ("path", "source", "ref", "root", "install", "build", "migrate", "start", "health",
                 "healthy_after", "env", "secrets", "uses")
 SERVICE_REQUIRED = ("source", "ref", "start")
 OPTION_KEYS = ("services", "renew", "refs")
+LIMIT_KEYS = ("memory", "cpu", "processes", "mysql_connections")
 
 _HINTS = {
     "app": "the app's name, like shop",
@@ -117,12 +118,45 @@ class Service:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What bounds the environment on each host it runs on (all its services' processes there
+    together, install to service), and each of its MariaDB users."""
+
+    memory: int = 512 << 20        # bytes, swap included
+    cpu: float = 1.0               # CPUs' worth of time, and the weight under contention
+    processes: int = 512           # processes and threads
+    mysql_connections: int = 30    # at once, per MariaDB user of the environment
+
+    def to_dict(self) -> dict:
+        """Only what differs from the defaults, memory as it is best read (512M, 1G)."""
+        out: dict[str, Any] = {}
+        default = Limits()
+        if self.memory != default.memory:
+            out["memory"] = memory_text(self.memory)
+        if self.cpu != default.cpu:
+            out["cpu"] = _plain_number(self.cpu)
+        if self.processes != default.processes:
+            out["processes"] = self.processes
+        if self.mysql_connections != default.mysql_connections:
+            out["mysql_connections"] = self.mysql_connections
+        return out
+
+
+def memory_text(n: int) -> str | int:
+    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return n
+
+
+@dataclass(frozen=True)
 class Spec:
     version: int
     app: str
     environment: str
     domain: str
     services: tuple[Service, ...]
+    limits: Limits = Limits()
 
     @property
     def key(self) -> str:
@@ -135,8 +169,12 @@ class Spec:
         raise KeyError(f"no service {name!r} in {self.key}")
 
     def to_dict(self) -> dict:
-        return {"version": self.version, "app": self.app, "environment": self.environment,
-                "domain": self.domain, "services": {s.name: s.to_dict() for s in self.services}}
+        out = {"version": self.version, "app": self.app, "environment": self.environment,
+               "domain": self.domain}
+        if self.limits.to_dict():
+            out["limits"] = self.limits.to_dict()
+        out["services"] = {s.name: s.to_dict() for s in self.services}
+        return out
 
 
 @dataclass(frozen=True)
@@ -158,12 +196,17 @@ class Options:
         return out
 
 
-def code_fingerprint(service: Service) -> str:
-    """Everything that defines a code instance except the ref (the planner adds the resolved commit)."""
+def code_fingerprint(service: Service, limits: Limits | None = None) -> str:
+    """Everything that defines a code instance except the ref (the planner adds the resolved commit).
+
+    The environment's limits count too, so changing them restarts its processes under the new
+    ones; the defaults leave the fingerprint as it was before limits existed."""
     defining = {"source": service.source, "root": service.root, "install": service.install,
                 "build": service.build, "migrate": service.migrate, "start": service.start,
                 "health": service.health, "env": dict(service.env), "secrets": list(service.secrets),
                 "path": service.path, "healthy_after": float(service.healthy_after)}
+    if limits is not None and limits.to_dict():
+        defining["limits"] = limits.to_dict()
     canonical = json.dumps(defining, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -436,7 +479,60 @@ def _spec(data: Any, source: _Source) -> Spec:
     environment = _name(source, ("environment",), data["environment"])
     domain = _domain(source, ("domain",), data["domain"])
     services = _services(source, data["services"])
-    return Spec(VERSION, app, environment, domain, services)
+    limits = _limits(source, ("limits",), data.get("limits"))
+    return Spec(VERSION, app, environment, domain, services, limits)
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
+MEMORY_MIN, MEMORY_MAX = 16 << 20, 1 << 40
+CPU_MIN, CPU_MAX = 0.01, 1024.0
+PROCESSES_MIN, PROCESSES_MAX = 8, 4_194_304
+MYSQL_CONNECTIONS_MAX = 100_000
+
+
+def _limits(source: _Source, key: Key, value: Any) -> Limits:
+    if value is None:
+        return Limits()
+    _mapping(source, key, value)
+    _known_keys(source, key, value, LIMIT_KEYS)
+    default = Limits()
+    return Limits(
+        memory=_memory(source, key + ("memory",), value["memory"]) if "memory" in value else default.memory,
+        cpu=_cpu(source, key + ("cpu",), value["cpu"]) if "cpu" in value else default.cpu,
+        processes=_count(source, key + ("processes",), value.get("processes"), default.processes,
+                         PROCESSES_MIN, PROCESSES_MAX, "processes"),
+        mysql_connections=_count(source, key + ("mysql_connections",), value.get("mysql_connections"),
+                                 default.mysql_connections, 1, MYSQL_CONNECTIONS_MAX, "connections"))
+
+
+def _memory(source: _Source, key: Key, value: Any) -> int:
+    shown = source.text(key, value) if value is not None else "null"
+    found = _SIZE.fullmatch(shown.strip()) if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+    if found is None:
+        raise source.error(key, f"{shown!r} is not a size; write bytes or a number with K, M, G or T "
+                                "(powers of 1024), like 512M or 2G")
+    number = float(found[1]) * (1 << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[found[2].upper()])
+    if not MEMORY_MIN <= number <= MEMORY_MAX:
+        raise source.error(key, f"{shown} is out of range: between 16M and 1T")
+    return int(number) // 4096 * 4096  # the kernel counts in pages
+
+
+def _cpu(source: _Source, key: Key, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not CPU_MIN <= value <= CPU_MAX:
+        shown = source.text(key, value) if value is not None else "null"
+        raise source.error(key, f"must be a number of CPUs between {CPU_MIN:g} and {CPU_MAX:g}, like 0.5 or 2, "
+                                f"not {shown!r}")
+    return float(value)
+
+
+def _count(source: _Source, key: Key, value: Any, default: int, low: int, high: int, what: str) -> int:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        shown = source.text(key, value) if value is not None else "null"
+        raise source.error(key, f"must be a whole number of {what} between {low} and {high}, not {shown!r}")
+    return value
 
 
 def _services(source: _Source, raw: Any) -> tuple[Service, ...]:

@@ -228,7 +228,8 @@ class Checker:
                                  stdin=ops.redis_create_user(names["user"], names["prefix"], password), scope=sets)
         else:
             await self.runner.sh(provider, provider.mysql_admin(), f.service,
-                                 "repair mysql", stdin=ops.mysql_user(names["database"], names["user"], password),
+                                 "repair mysql", stdin=ops.mysql_user(names["database"], names["user"], password,
+                                                      self.runner.spec.limits.mysql_connections),
                                  scope=sets)
 
     async def clean(self, facts: Facts, dry_run: bool) -> list[str]:

@@ -58,7 +58,7 @@ AGENT_DISCONNECTED: AgentState
 AGENT_LOST: AgentState
 
 class ExecSpec(_message.Message):
-    __slots__ = ("argv", "env", "cwd", "stdin", "timeout_s", "user", "kill_grace_s", "env_file")
+    __slots__ = ("argv", "env", "cwd", "stdin", "timeout_s", "user", "kill_grace_s", "env_file", "limits")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,7 @@ class ExecSpec(_message.Message):
     USER_FIELD_NUMBER: _ClassVar[int]
     KILL_GRACE_S_FIELD_NUMBER: _ClassVar[int]
     ENV_FILE_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     argv: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.ScalarMap[str, str]
     cwd: str
@@ -82,7 +83,22 @@ class ExecSpec(_message.Message):
     user: str
     kill_grace_s: float
     env_file: str
-    def __init__(self, argv: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., cwd: _Optional[str] = ..., stdin: _Optional[bytes] = ..., timeout_s: _Optional[float] = ..., user: _Optional[str] = ..., kill_grace_s: _Optional[float] = ..., env_file: _Optional[str] = ...) -> None: ...
+    limits: Limits
+    def __init__(self, argv: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., cwd: _Optional[str] = ..., stdin: _Optional[bytes] = ..., timeout_s: _Optional[float] = ..., user: _Optional[str] = ..., kill_grace_s: _Optional[float] = ..., env_file: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+
+class Limits(_message.Message):
+    __slots__ = ("group", "memory_bytes", "cpu", "processes", "tmp_dir")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CPU_FIELD_NUMBER: _ClassVar[int]
+    PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    TMP_DIR_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    memory_bytes: int
+    cpu: float
+    processes: int
+    tmp_dir: str
+    def __init__(self, group: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., cpu: _Optional[float] = ..., processes: _Optional[int] = ..., tmp_dir: _Optional[str] = ...) -> None: ...
 
 class WriteFileSpec(_message.Message):
     __slots__ = ("path", "content", "mode", "owner")
@@ -97,7 +113,7 @@ class WriteFileSpec(_message.Message):
     def __init__(self, path: _Optional[str] = ..., content: _Optional[bytes] = ..., mode: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class ServiceStartSpec(_message.Message):
-    __slots__ = ("name", "instance", "argv", "cwd", "env", "env_file", "user", "log_path")
+    __slots__ = ("name", "instance", "argv", "cwd", "env", "env_file", "user", "log_path", "limits")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +129,7 @@ class ServiceStartSpec(_message.Message):
     ENV_FILE_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
     LOG_PATH_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     name: str
     instance: str
     argv: _containers.RepeatedScalarFieldContainer[str]
@@ -121,7 +138,8 @@ class ServiceStartSpec(_message.Message):
     env_file: str
     user: str
     log_path: str
-    def __init__(self, name: _Optional[str] = ..., instance: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., env_file: _Optional[str] = ..., user: _Optional[str] = ..., log_path: _Optional[str] = ...) -> None: ...
+    limits: Limits
+    def __init__(self, name: _Optional[str] = ..., instance: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., env_file: _Optional[str] = ..., user: _Optional[str] = ..., log_path: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
 
 class ServiceStopSpec(_message.Message):
     __slots__ = ("name", "instance", "grace_s")
@@ -134,10 +152,12 @@ class ServiceStopSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., instance: _Optional[str] = ..., grace_s: _Optional[float] = ...) -> None: ...
 
 class ServiceListSpec(_message.Message):
-    __slots__ = ("name_prefix",)
+    __slots__ = ("name_prefix", "group")
     NAME_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     name_prefix: str
-    def __init__(self, name_prefix: _Optional[str] = ...) -> None: ...
+    group: str
+    def __init__(self, name_prefix: _Optional[str] = ..., group: _Optional[str] = ...) -> None: ...
 
 class HttpProbeSpec(_message.Message):
     __slots__ = ("url", "expect_status", "attempts", "interval_s", "timeout_s", "host_header")

@@ -120,6 +120,7 @@ def purge(app: str, env: str) -> None:
         wait_for(lambda: subprocess.run(["pgrep", "-u", user], capture_output=True).returncode == 1, 10,
                  what=f"the processes of {user} ended")
         subprocess.run(["userdel", user], check=True, capture_output=True)
+    remove_limits_group(user)
     prefix = f"auto-{app}-{env}-"
     for db in mysql(f"SHOW DATABASES LIKE '{prefix}%'").split():
         mysql(f"DROP DATABASE `{db}`")
@@ -139,6 +140,16 @@ def purge_each(app: str, envs: list[str]) -> None:
     with contextlib.ExitStack() as each:
         for env in envs:
             each.callback(purge, app, env)
+
+
+def remove_limits_group(group: str) -> None:
+    """The environment's cgroups (agent/limits.py), leaves first; their processes must have ended."""
+    import glob
+    for folder in glob.glob(f"/sys/fs/cgroup/*/deployer/{group}") + glob.glob(f"/sys/fs/cgroup/deployer/{group}"):
+        for leaf in sorted(Path(folder).iterdir(), reverse=True):
+            if leaf.is_dir():
+                leaf.rmdir()
+        Path(folder).rmdir()
 
 
 def http_get(port: int, path: str = "/", host: str = "", timeout: float = 5.0) -> tuple[int, bytes]:

@@ -123,7 +123,7 @@ BAD_SPECS = [
      "shop.yml:19: invalid YAML: expected a single document in the stream, but found another document "
      "(column 1)"),
     ("unknown-top-level-key", "domain: shop.localhost\n", "domain: shop.localhost\nowner: me\n",
-     "shop.yml:4: owner: unknown key 'owner'; known keys: version, app, environment, domain, services"),
+     "shop.yml:4: owner: unknown key 'owner'; known keys: version, app, environment, domain, limits, services"),
     ("unknown-service-key", "    path: /", "    pth: /",
      "shop.yml:6: services.web.pth: unknown key 'pth' (did you mean 'path'?); known keys: path, source, ref, "
      "root, install, build, migrate, start, health, healthy_after, env, secrets, uses"),
@@ -542,7 +542,7 @@ def test_empty_diff_changes_nothing(stored, shop):
                          "but got '<stream end>' (column 1)"),
     ("- web\n", "environment-diff.yml:1: a diff must be a mapping (a partial spec), not a list"),
     ("owner: me\n", "environment-diff.yml:1: owner: unknown key 'owner'; known keys: version, app, environment, "
-                    "domain, services"),
+                    "domain, limits, services"),
 ])
 def test_bad_diffs_name_the_diff_file_and_line(stored, diff, expected):
     with pytest.raises(SpecError) as err:
