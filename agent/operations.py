@@ -176,8 +176,17 @@ class Operations:
                 held.spool.append(pb.STDOUT, "".join(lines).encode())
             return pb.OperationResult(op_id=op.id, outcome=pb.EXITED)
         if kind == "http_probe":
-            return await probe.probe(op.id, op.http_probe)
+            spec = op.http_probe
+            owner = (lambda: self.main_pid(spec.service_name, spec.service_instance)) if spec.service_name else None
+            return await probe.probe(op.id, spec, owner)
         return pb.OperationResult(op_id=op.id, outcome=pb.REJECTED, error="unknown operation kind")
+
+    def main_pid(self, name: str, instance: str) -> int:
+        """The main process of a running service instance, 0 if it does not run."""
+        for entry in self.driver.list(name):
+            if entry.get("name") == name and entry.get("instance") == instance and entry.get("alive"):
+                return int(entry.get("pid") or 0)
+        return 0
 
     def cancel(self, op_id: str, reason: str) -> bool:
         held = self.held.get(op_id)

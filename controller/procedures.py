@@ -339,7 +339,7 @@ class Runner:
             address = d.host.address
             await self.run_op(d.host, pb.Operation(http_probe=pb.HttpProbeSpec(
                 url=f"http://{ops.url_host(address)}:{d.port}{service.health}", attempts=HEALTH_ATTEMPTS,
-                interval_s=0.5, timeout_s=2.0)), name, "health")
+                interval_s=0.5, timeout_s=2.0, service_name=unit, service_instance=d.process)), name, "health")
         else:
             await asyncio.sleep(service.healthy_after)
             listing = await self.run_op(d.host, pb.Operation(service_list=pb.ServiceListSpec(name_prefix=unit)),

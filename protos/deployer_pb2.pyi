@@ -160,20 +160,24 @@ class ServiceListSpec(_message.Message):
     def __init__(self, name_prefix: _Optional[str] = ..., group: _Optional[str] = ...) -> None: ...
 
 class HttpProbeSpec(_message.Message):
-    __slots__ = ("url", "expect_status", "attempts", "interval_s", "timeout_s", "host_header")
+    __slots__ = ("url", "expect_status", "attempts", "interval_s", "timeout_s", "host_header", "service_name", "service_instance")
     URL_FIELD_NUMBER: _ClassVar[int]
     EXPECT_STATUS_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     HOST_HEADER_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_NAME_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     url: str
     expect_status: int
     attempts: int
     interval_s: float
     timeout_s: float
     host_header: str
-    def __init__(self, url: _Optional[str] = ..., expect_status: _Optional[int] = ..., attempts: _Optional[int] = ..., interval_s: _Optional[float] = ..., timeout_s: _Optional[float] = ..., host_header: _Optional[str] = ...) -> None: ...
+    service_name: str
+    service_instance: str
+    def __init__(self, url: _Optional[str] = ..., expect_status: _Optional[int] = ..., attempts: _Optional[int] = ..., interval_s: _Optional[float] = ..., timeout_s: _Optional[float] = ..., host_header: _Optional[str] = ..., service_name: _Optional[str] = ..., service_instance: _Optional[str] = ...) -> None: ...
 
 class Operation(_message.Message):
     __slots__ = ("id", "exec", "write_file", "service_start", "service_stop", "service_list", "http_probe", "redact")

@@ -427,3 +427,40 @@ def test_install_controller_rejects_privileged_port() -> None:
     result = run_script("install-controller.sh", "--listen", "0.0.0.0:443")
     assert result.returncode == 2
     assert "below 1024" in result.stderr
+
+
+def test_a_health_probe_is_not_fooled_by_another_process_on_the_port():
+    """The port a new instance was given can be taken by someone else before it listens (another
+    controller's service, any program): that process answering 200 must not pass for the instance."""
+    import asyncio
+    import http.server
+    import threading
+
+    from agent import probe
+    from protos import deployer_pb2 as pb
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), type("Ok", (http.server.BaseHTTPRequestHandler,), {
+        "do_GET": lambda self: (self.send_response(200), self.send_header("Content-Length", "0"), self.end_headers()),
+        "log_message": lambda self, *a: None}))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_port
+        spec = pb.HttpProbeSpec(url=f"http://127.0.0.1:{port}/health", attempts=3, interval_s=0.01,
+                                service_name="auto-a-b-web", service_instance="3-20001")
+        import subprocess
+        with subprocess.Popen(["sleep", "30"]) as other:          # "the instance": not the listener
+            try:
+                refused = asyncio.run(probe.probe("op-1", spec, lambda: other.pid))
+            finally:
+                other.kill()
+        assert refused.exit_code == 1
+        assert f"answered, but port {port} is held by another process (pid" in refused.error
+        import os
+        passed = asyncio.run(probe.probe("op-2", spec, lambda: os.getpid()))   # the listener's own tree
+        assert passed.exit_code == 0, passed.error
+        gone = asyncio.run(probe.probe("op-3", spec, lambda: 0))               # the instance does not run
+        assert gone.exit_code == 1 and "the instance is not running" in gone.error
+        plain = asyncio.run(probe.probe("op-4", pb.HttpProbeSpec(url=spec.url, attempts=1)))
+        assert plain.exit_code == 0                                             # no instance named: as before
+    finally:
+        server.shutdown()
+        server.server_close()
