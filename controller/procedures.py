@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import random
 import secrets
 import shlex
 from dataclasses import dataclass, field
@@ -360,7 +361,10 @@ class Runner:
 
     async def _pick_port(self, d: Deployment) -> int:
         taken = self.ledger.ports_in_use(d.host.id)
-        candidates = [p for p in PORT_RANGE if p not in taken][:200]
+        # In random order, not the lowest first: a second controller on the same host (or any
+        # program) picking at the same moment would otherwise pick the very same port.
+        free = [p for p in PORT_RANGE if p not in taken]
+        candidates = random.sample(free, min(200, len(free)))
         probe = await self.sh(d.host, _first_free_port_script(candidates), d.service.name, "port", check=False)
         chosen = (probe.output.folder / "output.log").read_text().strip()
         if probe.result.exit_code != 0 or not chosen.isdigit():
