@@ -50,10 +50,12 @@ def _sql_string(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
-def mysql_create(database: str, user: str, password: str) -> bytes:
-    """SQL creating a database and a user that can use that database and nothing else."""
+def mysql_create(database: str, user: str, password: str, mark: str = "") -> bytes:
+    """SQL creating a database and a user that can use that database and nothing else; the
+    database carries `mark` as its comment, the proof that it is ours (see ownership.py)."""
+    comment = f" COMMENT {_sql_string(mark)}" if mark else ""
     return (
-        f"CREATE DATABASE {_sql_ident(database)} CHARACTER SET utf8mb4;\n"
+        f"CREATE DATABASE {_sql_ident(database)} CHARACTER SET utf8mb4{comment};\n"
         f"CREATE USER {_sql_string(user)}@'%' IDENTIFIED BY {_sql_string(password)};\n"
         f"GRANT ALL PRIVILEGES ON {_sql_ident(database)}.* TO {_sql_string(user)}@'%';\n"
     ).encode()
@@ -103,13 +105,14 @@ def env_file(values: dict[str, str]) -> bytes:
     return envfile.render(values)
 
 
-def nginx_config(env_key: str, domain: str, listen: str, routes: list[tuple[str, str, int]]) -> bytes:
+def nginx_config(env_key: str, domain: str, listen: str, routes: list[tuple[str, str, int]],
+                 owner_line: str = "") -> bytes:
     """The environment's nginx file: one location per web service (path, host, port).
 
     A service mounted at /api sees /api/x as /x (its health path is checked the same way, on
     its own port) and learns its mount point from X-Forwarded-Prefix.
     """
-    out = [f"# {env_key}: written by the deployer; edits are overwritten\n",
+    out = [f"# {env_key}: written by the deployer; edits are overwritten\n", owner_line,
            "server {\n", f"    listen {listen};\n", f"    server_name {domain};\n"]
     for path, host, port in sorted(routes):
         prefix = path.rstrip("/")
@@ -164,12 +167,12 @@ rm -f "$backup"
 # the user can enter and read them, other environments' users cannot, and only root rearranges
 # them. What the user must write to is its own: its release folders, `shared/` and `.home/`.
 
-def ensure_unix_user(user: str) -> str:
+def ensure_unix_user(user: str, comment: str = "") -> str:
     """Create the environment's system user and group, unless the user exists."""
     return f"""set -e
-u={_sh(user)}
+u={_sh(user)}; set -- --comment {_sh(comment)}
 id -u "$u" >/dev/null 2>&1 && exit 0
-if getent group "$u" >/dev/null; then set -- --gid "$u"; else set -- --user-group; fi
+if getent group "$u" >/dev/null; then set -- "$@" --gid "$u"; else set -- "$@" --user-group; fi
 useradd --system "$@" --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$u" || id -u "$u" >/dev/null
 """
 
