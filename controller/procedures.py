@@ -209,15 +209,15 @@ class Runner:
         if d.code_new:
             self._add_code_instance(d, sp)
         owner = self.ledger.owner
-        legacy = self._deployed_on(d.host.id)
-        refused = await self._guarded(d.host, ownership.unix_user_guard(self.unix_user, owner, legacy)
-                                      + ops.ensure_unix_user(self.unix_user, ownership.owner_mark(owner)), name, "user")
-        if refused:
-            raise StepFailed(name, "user", refused)
+        # The folder first: refused, it leaves nothing behind, not even a new user.
         refused = await self._guarded(d.host, ownership.claim_service_folder(
             d.service_dir, owner, self._deployed_on(d.host.id, name)), name, "folder")
         if refused:
             raise StepFailed(name, "folder", refused)
+        refused = await self._guarded(d.host, ownership.unix_user_guard(self.unix_user, owner, self._deployed_on(d.host.id))
+                                      + ops.ensure_unix_user(self.unix_user, ownership.owner_mark(owner)), name, "user")
+        if refused:
+            raise StepFailed(name, "user", refused)
         if d.code_new:
             await self._checkout(d, sp)
         release = f"{d.service_dir}/releases/{d.code}"
