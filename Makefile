@@ -23,7 +23,7 @@ demo-stop:
 	@scripts/demo.sh stop
 
 test: system $(STAMP)
-	@$(PY) -m pytest -q tests; rc=$$?; \
+	@$(PY) -m pytest -q -rs tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # The fuzz tests with thousands of examples each instead of the suite's few (see tests/conftest.py).

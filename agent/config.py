@@ -10,12 +10,13 @@ from pathlib import Path
 
 import yaml
 
+from .provides import PROVIDES, check_setting
+
 ROLES = ("computing", "daemons")
 _ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")
 _KEYS = {"id", "controller", "roles", "capabilities", "state_dir", "services_root",
          "heartbeat_interval", "provides", "service_driver", "tls_dir", "enroll_address", "insecure",
          "write_roots"}
-PROVIDES = ("mysql", "redis", "nginx")
 
 
 class ConfigError(ValueError):
@@ -130,6 +131,11 @@ def _validate(values: dict, where: str) -> AgentConfig:
         if not isinstance(entries, dict):
             raise ConfigError(f"{where}: provides.{section}: expected a mapping of settings")
         settings += [(f"{section}.{k}", str(v)) for k, v in sorted(entries.items())]
+    for key, value in settings:
+        # The controller refuses a hello with a malformed setting; say so here, at start.
+        problem = check_setting(key, value)
+        if problem:
+            raise ConfigError(f"{where}: provides.{key}: {value[:80]!r}: {problem}")
     capabilities = list(dict.fromkeys([*(str(c) for c in values.get("capabilities") or ()), *sorted(provides)]))
     insecure = values.get("insecure", False)
     if not isinstance(insecure, bool):

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
+import hashlib
 import os
 import posixpath
 import pwd
+import select
 import shutil
 import signal
 import stat
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,8 +32,8 @@ import psutil
 
 from protos import deployer_pb2 as pb
 
+from . import launcher
 from .redact import Patterns, Redactor
-from . import envfile
 from .spool import Spool
 
 DEFAULT_GRACE_S = 5.0
@@ -69,43 +74,163 @@ def resolve_user(name: str) -> pwd.struct_passwd:
         raise StartError(f"unknown user {name!r}") from None
 
 
-def as_user(argv: list[str], user: pwd.struct_passwd | None, path: str) -> list[str]:
-    """`argv` run as `user`, with the user's own groups; unchanged for no user or the agent's own.
-
-    setpriv switches and then executes the command in place (same pid, same process group).
-    Popen(user=...) would switch in Python's child instead, and then Python forks rather than
-    vforks: the child of a fork runs gRPC's fork handlers, which can abort it before it executes.
-    """
-    if user is None or user.pw_uid == os.getuid():
-        return argv
-    if shutil.which(argv[0], path=path) is None:
-        raise StartError(f"command not found: {argv[0]}")
-    setpriv = shutil.which("setpriv", path=BASE_PATH)
-    if setpriv is None:
-        raise StartError("setpriv (util-linux) is needed to run commands as another user")
-    return [setpriv, f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", "--", *argv]
+LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launcher.py")
+# Where a root agent publishes the launcher for every user to read: the agent's own folder may
+# be closed to them (a checkout in a private home). Named by content, so versions never mix.
+PUBLIC_DIR = "/run/deployer"
 
 
-def read_env_file(path: str) -> dict[str, str]:
-    """The variables of a `.env` the controller wrote (see agent/envfile.py)."""
+@functools.lru_cache(maxsize=1)
+def launcher_script() -> str:
+    """The launcher's path, readable by every user: a root-owned copy (with the envfile module it
+    loads from beside itself) under PUBLIC_DIR when run as root, else the file itself."""
+    if os.geteuid() != 0:
+        return LAUNCHER
+    here = os.path.dirname(LAUNCHER)
+    files = {name: open(os.path.join(here, name), "rb").read() for name in ("launcher.py", "envfile.py")}
+    digest = hashlib.sha256(b"\0".join(files[name] for name in sorted(files))).hexdigest()[:16]
+    folder = os.path.join(PUBLIC_DIR, f"launcher-{digest}")
     try:
-        with open(path) as f:
-            return envfile.parse(f.read())
+        os.makedirs(PUBLIC_DIR, mode=0o755, exist_ok=True)
+        info = os.lstat(PUBLIC_DIR)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != 0 or info.st_mode & 0o022:
+            raise OSError(f"{PUBLIC_DIR} is not a folder only root can change")
+        if not _published(folder, files):
+            staging = tempfile.mkdtemp(prefix=".launcher-", dir=PUBLIC_DIR)
+            for name, data in files.items():
+                with open(os.path.join(staging, name), "xb") as out:
+                    out.write(data)
+                os.chmod(os.path.join(staging, name), 0o644)
+            os.chmod(staging, 0o755)
+            try:
+                os.rename(staging, folder)
+            except OSError:  # another agent of this host published it meanwhile
+                shutil.rmtree(staging, ignore_errors=True)
+            if not _published(folder, files):
+                raise OSError(f"{folder} does not hold this agent's launcher")
     except OSError as exc:
-        raise StartError(f"cannot read environment file {path}: {exc.strerror}") from None
+        raise StartError(f"cannot publish the launcher under {PUBLIC_DIR}: {exc}") from None
+    return os.path.join(folder, "launcher.py")
 
 
-def build_env(extra, env_file: str, user: pwd.struct_passwd | None) -> dict[str, str]:
+def _published(folder: str, files: dict[str, bytes]) -> bool:
+    for name, data in files.items():
+        path = os.path.join(folder, name)
+        try:
+            info = os.lstat(path)
+            with open(path, "rb") as f:
+                if not stat.S_ISREG(info.st_mode) or info.st_uid != 0 or info.st_mode & 0o022 or f.read() != data:
+                    return False
+        except OSError:
+            return False
+    return True
+# spawn() waits in the event loop, so briefly; the launcher also says why on stderr, so a late
+# failure still shows in the output (exit 127).
+LAUNCH_WAIT_S = 2.0
+
+
+@dataclass
+class Launch:
+    """How one command is started. A command for another user, or one that reads a `.env`, goes
+    through the launcher (agent/launcher.py): the agent switches user first, with an environment
+    it made itself, and the launcher reads the `.env`, enters the working folder and executes."""
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    status: int = -1        # our end of the launcher's status pipe
+    child_status: int = -1  # the launcher's end
+
+    @property
+    def pass_fds(self) -> tuple[int, ...]:
+        return (self.child_status,) if self.child_status >= 0 else ()
+
+    def close(self) -> None:
+        for fd in (self.status, self.child_status):
+            if fd >= 0:
+                os.close(fd)
+        self.status = self.child_status = -1
+
+
+def base_env(user: pwd.struct_passwd | None) -> dict[str, str]:
     """A small, predictable environment: the agent's own variables never leak into commands."""
     env = {"PATH": BASE_PATH, "LANG": "C.UTF-8"}
     if user is not None:
         env.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name)
     else:
         env["HOME"] = os.environ.get("HOME", "/root")
-    if env_file:
-        env.update(read_env_file(env_file))
-    env.update(extra)
     return env
+
+
+def carried(env: dict[str, str]) -> dict[str, str]:
+    """`env` as a privileged process may see it: the loader's variables (and the like) renamed,
+    so that only the launcher, once it runs as the user, gives them their names back."""
+    return {(launcher.CARRIED + name if launcher.unsafe(name) else name): value for name, value in env.items()}
+
+
+def launcher_python() -> str:
+    """An interpreter every user can run: the system's python3 (the agent's own may sit in a
+    folder only root can enter, such as a virtualenv under /root)."""
+    return shutil.which("python3", path=BASE_PATH) or sys.executable
+
+
+def prepare(argv: list[str], user: pwd.struct_passwd | None, cwd: str, env_file: str,
+            extra) -> Launch:
+    """The command line, environment and folder to start `argv` with, as `user` if given.
+
+    setpriv switches user and then executes the launcher in place (same pid, same process group).
+    Popen(user=...) would switch in Python's child instead, and then Python forks rather than
+    vforks: the child of a fork runs gRPC's fork handlers, which can abort it before it executes.
+    """
+    extra = dict(extra)
+    env = {**base_env(user), **extra}
+    switching = user is not None and user.pw_uid != os.getuid()
+    if not switching and not env_file:
+        if not os.path.isdir(cwd):
+            raise StartError(f"working directory {cwd} does not exist")
+        return Launch(argv, env, cwd)
+    setpriv = shutil.which("setpriv", path=BASE_PATH)
+    if switching and setpriv is None:
+        raise StartError("setpriv (util-linux) is needed to run commands as another user")
+    script = launcher_script()
+    status, child_status = os.pipe2(os.O_CLOEXEC)
+    command = [launcher_python(), "-I", "-S", "-B", script, f"--status-fd={child_status}", f"--cwd={cwd}",
+               f"--env-file={env_file}", f"--keep={','.join(sorted(extra))}", "--", *argv]
+    if switching:
+        command = [setpriv, f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", "--", *command]
+        env = carried(env)
+    return Launch(command, env, "/", status, child_status)
+
+
+def started(launch: Launch, proc: subprocess.Popen, wait_s: float = LAUNCH_WAIT_S) -> None:
+    """Wait until the launcher has executed the command; StartError with its reason if it could
+    not (the process has then ended and been reaped). A launcher slower than `wait_s` is taken as
+    started: the command's own timeout still holds."""
+    if launch.status < 0:
+        return
+    os.close(launch.child_status)
+    launch.child_status = -1
+    data, deadline = b"", time.monotonic() + wait_s
+    try:
+        while (remaining := deadline - time.monotonic()) > 0:
+            if not select.select([launch.status], [], [], remaining)[0]:
+                return
+            chunk = os.read(launch.status, 4096)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        launch.close()
+    if data == launcher.READY:
+        return
+    try:
+        code = proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        code = None
+    if data.startswith(launcher.READY):
+        raise StartError(data[len(launcher.READY):].decode(errors="replace").strip())
+    raise StartError(f"the launcher did not run (exit {code}): {launcher_script()} and {launcher_python()} "
+                     "must be open to every user")
 
 
 def spawn(op_id: str, spec: pb.ExecSpec, default_cwd: str, spool: Spool,
@@ -114,24 +239,30 @@ def spawn(op_id: str, spec: pb.ExecSpec, default_cwd: str, spool: Spool,
     Its stdout and stderr each go through their own redactor of `redact` before the spool."""
     if not spec.argv:
         raise StartError("empty command")
-    cwd = spec.cwd or default_cwd
-    if not os.path.isdir(cwd):
-        raise StartError(f"working directory {cwd} does not exist")
     user = resolve_user(spec.user) if spec.user else None
-    env = build_env(spec.env, spec.env_file, user)
-    argv = as_user(list(spec.argv), user, env.get("PATH", BASE_PATH))
+    launch = prepare(list(spec.argv), user, spec.cwd or default_cwd, spec.env_file, spec.env)
     try:
         proc = subprocess.Popen(
-            argv, cwd=cwd, env=env, start_new_session=True, close_fds=True,
-            stdin=subprocess.PIPE if spec.stdin else subprocess.DEVNULL,
+            launch.argv, cwd=launch.cwd, env=launch.env, start_new_session=True, close_fds=True,
+            pass_fds=launch.pass_fds, stdin=subprocess.PIPE if spec.stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
     except FileNotFoundError:
-        raise StartError(f"command not found: {spec.argv[0]}") from None
+        launch.close()
+        raise StartError(f"command not found: {launch.argv[0]}") from None
     except PermissionError:
-        raise StartError(f"permission denied: {spec.argv[0]}") from None
+        launch.close()
+        raise StartError(f"permission denied: {launch.argv[0]}") from None
     except OSError as exc:
-        raise StartError(f"cannot start {spec.argv[0]}: {exc.strerror}") from None
+        launch.close()
+        raise StartError(f"cannot start {launch.argv[0]}: {exc.strerror}") from None
+    try:
+        started(launch, proc)
+    except StartError:
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        raise
     run = Run(op_id, proc, time.monotonic(), on_output, spool)
     if spec.stdin:
         threading.Thread(target=_feed, args=(proc.stdin, bytes(spec.stdin)), daemon=True).start()

@@ -21,11 +21,12 @@ import structlog
 
 from protos import deployer_pb2 as pb
 
-from .executor import BASE_PATH, StartError, as_user, build_env, resolve_user
+from .executor import StartError, prepare, resolve_user, started
 
 log = structlog.get_logger("agent")
 DEFAULT_GRACE_S = 10.0
 STARTUP_WATCH_S = 0.3  # a process that dies this fast did not start
+SERVICE_LAUNCH_WAIT_S = 10.0
 
 
 def _key(name: str, instance: str) -> str:
@@ -66,20 +67,20 @@ class Supervisor:
             return pb.OperationResult(op_id=op_id, outcome=pb.EXITED,
                                       error=f"{key} already running (pid {previous['pid']})")
         user = resolve_user(spec.user) if spec.user else None
-        env = build_env(spec.env, spec.env_file, user)
-        if not os.path.isdir(spec.cwd):
-            raise StartError(f"working directory {spec.cwd} does not exist")
         Path(spec.log_path).parent.mkdir(parents=True, exist_ok=True)
-        argv = as_user(list(spec.argv), user, env.get("PATH", BASE_PATH))
+        launch = prepare(list(spec.argv), user, spec.cwd, spec.env_file, spec.env)
         with open(spec.log_path, "ab") as logfile:
             try:
-                proc = subprocess.Popen(argv, cwd=spec.cwd, env=env, stdin=subprocess.DEVNULL,
+                proc = subprocess.Popen(launch.argv, cwd=launch.cwd, env=launch.env, stdin=subprocess.DEVNULL,
                                         stdout=logfile, stderr=logfile, start_new_session=True,
-                                        close_fds=True)
+                                        close_fds=True, pass_fds=launch.pass_fds)
             except FileNotFoundError:
-                raise StartError(f"command not found: {spec.argv[0]}") from None
+                launch.close()
+                raise StartError(f"command not found: {launch.argv[0]}") from None
             except OSError as exc:
-                raise StartError(f"cannot start {spec.argv[0]}: {exc.strerror}") from None
+                launch.close()
+                raise StartError(f"cannot start {launch.argv[0]}: {exc.strerror}") from None
+        await asyncio.to_thread(started, launch, proc, SERVICE_LAUNCH_WAIT_S)  # a slow launcher blocks no one
         self.children[key] = proc
         state = {"name": spec.name, "instance": spec.instance, "pid": proc.pid,
                  "create_time": psutil.Process(proc.pid).create_time(), "argv": list(spec.argv),

@@ -23,6 +23,9 @@ from .operations import Held, Operations
 log = structlog.get_logger("agent")
 OUTBOX_MESSAGES = 8  # bounds what is in memory on its way out (≤ 8 chunks of ≤ 1 MiB)
 CHUNK_BYTES = 1 << 20
+# A controller whose disk is full asks for output again: sending it at once would only stream the
+# spool into a disk that has no room yet.
+RESEND_AFTER_S = 1.0
 
 
 class SessionEnded(Exception):
@@ -81,6 +84,8 @@ class Session:
                 await self._on_operation(message.operation)
             elif kind == "ack":
                 self.ops.ack(message.ack.op_id, message.ack.offset, message.ack.result)
+                if message.ack.resend:
+                    self._resend(message.ack.op_id, message.ack.offset)
             elif kind == "cancel":
                 self.ops.cancel(message.cancel.op_id, message.cancel.reason)
             elif kind == "goodbye":
@@ -102,9 +107,22 @@ class Session:
         if pump is None or pump.done():
             self.pumps[held.op_id] = asyncio.create_task(self._pump(held))
 
-    async def _pump(self, held: Held) -> None:
+    def _resend(self, op_id: str, offset: int) -> None:
+        """The controller could not keep the output after `offset`: send it again from there."""
+        held = self.ops.held.get(op_id)
+        if held is None:
+            return
+        log.info("op.resend_requested", op_id=op_id, offset=offset)
+        pump = self.pumps.get(op_id)
+        if pump is not None:
+            pump.cancel()  # what it queued already is dropped by the controller
+        self.pumps[op_id] = asyncio.create_task(self._pump(held, max(offset, held.acked_offset), RESEND_AFTER_S))
+
+    async def _pump(self, held: Held, start: int | None = None, pause: float = 0.0) -> None:
         """Send the operation's output from what the controller has confirmed, then its result."""
-        cursor = held.acked_offset
+        cursor = held.acked_offset if start is None else start
+        if pause:
+            await asyncio.sleep(pause)
         while True:
             held.wake.clear()
             records = held.spool.read(cursor, CHUNK_BYTES)

@@ -3,9 +3,12 @@ of a template unit `auto-<app>-<env>-<service>@.service`, so systemd supervises 
 logs in the journal, and it survives any restart of the agent.
 
 The template is the same for every service of the deployer; what differs per process (working
-folder, command, environment) is in a per-instance environment file under the agent's state
-folder (0600), read by systemd itself. The instance name is the driver's process key
-(`<code instance>-<port>`), since a code instance can run twice during a blue/green restart.
+folder, command, the operation's variables, where its `.env` is) is in a per-instance environment
+file under the agent's state folder (0600), the agent's own, read by systemd itself. The release's
+`.env` is never an `EnvironmentFile=`: systemd would read it as root, following links. The
+launcher (agent/launcher.py) reads it, already as the service's user, and enters the working
+folder as that user. The instance name is the driver's process key (`<code instance>-<port>`),
+since a code instance can run twice during a blue/green restart.
 """
 
 from __future__ import annotations
@@ -17,37 +20,49 @@ from pathlib import Path
 from protos import deployer_pb2 as pb
 
 from . import envfile
-from .executor import StartError, read_env_file
+from .executor import StartError, launcher_python, launcher_script
 
 UNIT_DIR = Path("/etc/systemd/system")
 STARTUP_WATCH_S = 0.3
 
 
-def template_unit(env_dir: Path, user: str = "") -> str:
+def template_unit(env_dir: Path, user: str = "", python: str = "", launcher: str = "") -> str:
     """The template of one service (`%p` = name, `%i` = instance), run as `user` if given: every
     process of a service runs as the same user, its environment's.
 
-    `$$` hands a literal `$` to the shell: systemd would otherwise substitute the variables
-    itself, splitting the command at spaces.
+    `${NAME}` hands the variable to the launcher as exactly one argument, spaces and all; `$$`
+    keeps a literal `$` for the shell.
     """
     run_as = f"User={user}\nGroup={user}\n" if user else ""
+    python = python or launcher_python()
+    launcher = launcher or launcher_script()
     return f"""[Unit]
 Description=%p instance %i (started by the deployer agent)
 
 [Service]
 Type=simple
 {run_as}EnvironmentFile={env_dir}/%p@%i.env
-ExecStart=/bin/sh -c 'cd "$$DEPLOYER_CWD" && exec /bin/sh -c "$$DEPLOYER_COMMAND"'
+ExecStart={_word(python)} -I -S -B {_word(launcher)} --cwd=${{DEPLOYER_CWD}} --env-file=${{DEPLOYER_ENV_FILE}} \\
+  --keep=${{DEPLOYER_KEEP}} -- /bin/sh -c ${{DEPLOYER_COMMAND}}
 KillMode=control-group
 TimeoutStopSec=10
 Restart=no
 """
 
 
+def _word(path: str) -> str:
+    """A path as one word of a unit's command line: `%` is a specifier there."""
+    path = path.replace("%", "%%")
+    return envfile.quote(path) if any(c.isspace() or c in "\"'\\;$" for c in path) else path
+
+
 def instance_env(spec: pb.ServiceStartSpec) -> str:
-    values = read_env_file(spec.env_file) if spec.env_file else {}
-    values.update(spec.env)
+    """The agent's own file for one instance: the operation's variables (they win over the
+    `.env`) and what the launcher needs; nothing of the release is read here."""
+    values = dict(spec.env)
     values["DEPLOYER_CWD"] = spec.cwd
+    values["DEPLOYER_ENV_FILE"] = spec.env_file
+    values["DEPLOYER_KEEP"] = ",".join(sorted(spec.env))
     values["DEPLOYER_COMMAND"] = " ".join(spec.argv[2:]) if spec.argv[:2] == ["sh", "-c"] else \
         " ".join(envfile.quote(a) for a in spec.argv)
     return "".join(f"{name}={envfile.quote(value)}\n" for name, value in sorted(values.items()))

@@ -173,9 +173,11 @@ def renew_at(ident: Identity) -> float:
     return ident.not_before + (ident.not_after - ident.not_before) * 2 / 3
 
 
-def fetch_ca(host: str, port: int, expected_fingerprint: str, timeout: float = 10.0) -> bytes:
-    """The controller's CA, taken from the chain its enrolment port presents, if and only if its
-    fingerprint is the one in the token (the chain itself is not trusted)."""
+def fetch_ca(host: str, port: int, expected_fingerprint: str, timeout: float = 10.0,
+             port_name: str = "the enrolment port") -> bytes:
+    """The controller's CA, taken from the chain its enrolment port (or another TLS port of it)
+    presents, if and only if its fingerprint is the one in the token (the chain itself is not
+    trusted)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
@@ -186,7 +188,7 @@ def fetch_ca(host: str, port: int, expected_fingerprint: str, timeout: float = 1
             chain_of = getattr(conn, "get_unverified_chain", None) or conn._sslobj.get_unverified_chain
             chain = [c.public_bytes() for c in chain_of() or []]
     except (OSError, ssl.SSLError) as exc:
-        raise TlsError(f"cannot reach the enrolment port {host}:{port}: {exc}") from None
+        raise TlsError(f"cannot reach {port_name} {host}:{port}: {exc}") from None
     for pem in chain:
         pem_bytes = pem.encode() if isinstance(pem, str) else pem
         if fingerprint(pem_bytes) == expected_fingerprint:

@@ -1,7 +1,9 @@
-"""deployctl: the operator's command line. It talks to the controller over its Unix socket.
+"""deployctl: the operator's command line. It talks to the controller over its Unix socket, or
+over TCP (TLS) with an operator token.
 
 Exit codes: 0 success; 1 an operation or agent failed; 2 bad usage or input; 3 the controller
-cannot be reached; 130 interrupted (Ctrl-C; the operations were cancelled).
+cannot be reached; 4 the controller refused the credential (none, unknown, revoked, expired, or
+a role that does not cover the command); 130 interrupted (Ctrl-C; the operations were cancelled).
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from agent.system import tune_malloc
 from protos import deployer_pb2 as pb
 from protos import deployer_pb2_grpc as pb_grpc
 
-from . import __version__, render
+from . import __version__, operator_channel, render
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_REFUSED = 4  # the controller refused the operator's credential or its role
 EXIT_CHANGES = 2  # `plan`: there is something to do
 _AGENT_STATES = {pb.AGENT_CONNECTED: "connected", pb.AGENT_DISCONNECTED: "disconnected",
                  pb.AGENT_LOST: "lost"}
@@ -53,8 +56,15 @@ def controller_target(args: argparse.Namespace) -> tuple[str, str]:
 
 def connect(args: argparse.Namespace) -> tuple[pb_grpc.OperatorStub, str]:
     target, name = controller_target(args)
-    channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 8 << 20)])
-    return pb_grpc.OperatorStub(channel), name
+    options = [("grpc.max_receive_message_length", 8 << 20)]
+    if target.startswith("unix:"):
+        return pb_grpc.OperatorStub(grpc.insecure_channel(target, options=options)), name
+    try:
+        token = operator_channel.read_token(getattr(args, "token_file", None))
+        ca_pem = operator_channel.read_ca(target, getattr(args, "ca_file", None), token)
+    except operator_channel.ChannelError as exc:
+        raise CliError(str(exc), EXIT_UNREACHABLE if exc.unreachable else EXIT_USAGE) from None
+    return pb_grpc.OperatorStub(operator_channel.secure_channel(target, token, ca_pem, options)), name
 
 
 def call(args: argparse.Namespace, method: str, request, timeout: float, order: bool = False):
@@ -70,6 +80,10 @@ def call(args: argparse.Namespace, method: str, request, timeout: float, order: 
 def _rpc_error(exc: grpc.RpcError, where: str) -> CliError:
     if exc.code() in RETRYABLE:
         return CliError(f"cannot reach the controller at {where}: {exc.details()}", EXIT_UNREACHABLE)
+    if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+        return CliError(f"the controller refused the credential ({exc.details()})", EXIT_REFUSED)
+    if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
+        return CliError(f"not permitted: {exc.details()}", EXIT_REFUSED)
     return CliError(exc.details() or exc.code().name, EXIT_USAGE
                     if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
                     else EXIT_FAILED)
@@ -90,13 +104,48 @@ def cmd_agents(args: argparse.Namespace) -> int:
     for a in reply.agents:
         f = a.facts
         rows.append([
-            a.id, ",".join(a.roles), "revoked" if a.revoked else _AGENT_STATES.get(a.state, "?"),
+            a.id, ",".join(a.roles), ",".join(a.capabilities) or "-", render.printable(a.address, 40),
+            "revoked" if a.revoked else _AGENT_STATES.get(a.state, "?"),
             render.age(now - a.last_seen),
             f"{f.load1:.2f}/{f.cpus}", f"{render.size(f.mem_available_bytes)} free of {render.size(f.mem_total_bytes)}",
             f"{render.size(f.disk_free_bytes)} free", render.printable(a.version, 24),
         ])
     sys.stdout.write(render.table(
-        ["ID", "ROLES", "STATE", "LAST SEEN", "LOAD/CPUS", "MEMORY", "DISK", "VERSION"], rows))
+        ["ID", "ROLES", "PROVIDES", "ADDRESS", "STATE", "LAST SEEN", "LOAD/CPUS", "MEMORY", "DISK", "VERSION"], rows))
+    for a in reply.agents:
+        asked = _not_granted(a)
+        if asked:
+            print(f"{a.id} is configured to provide {','.join(asked)}, not granted (it is not used for it): "
+                  f"deployctl agents grant {a.id} --provides {','.join(asked)}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _not_granted(a: pb.AgentInfo) -> list[str]:
+    return [c for c in a.claimed if c in ("mysql", "redis", "nginx") and c not in a.granted]
+
+
+def _provides_list(values: list[str] | None) -> list[str]:
+    """--provides mysql,redis --provides nginx → [mysql, redis, nginx]."""
+    return [name.strip() for value in values or [] for name in value.split(",") if name.strip()]
+
+
+def cmd_agents_grant(args: argparse.Namespace) -> int:
+    provides = _provides_list(args.provides)
+    ungrant = args.agents_command == "ungrant"
+    if ungrant and not (provides or args.address):
+        raise CliError("say what to take away: --provides NAME[,NAME…] and/or --address", EXIT_USAGE)
+    if not ungrant and not (provides or args.address):
+        raise CliError("say what to grant: --provides NAME[,NAME…] and/or --address HOST", EXIT_USAGE)
+    request = pb.GrantRequest(agent_id=args.agent_id, provides=provides, ungrant=ungrant,
+                              address="" if ungrant else args.address or "",
+                              clear_address=bool(ungrant and args.address))
+    _, reply = call(args, "GrantAgent", request, 10)
+    if args.json:
+        print(json.dumps({"agent_id": args.agent_id, "granted": list(reply.granted), "address": reply.address,
+                          "address_granted": reply.address_granted, "not_granted": list(reply.not_granted)}))
+        return EXIT_OK
+    address = reply.address + ("" if reply.address_granted else " (the address its link comes from)")
+    print(f"{args.agent_id} may provide: {', '.join(reply.granted) or 'nothing'}; address {address}")
     return EXIT_OK
 
 
@@ -121,7 +170,8 @@ def parse_duration(text: str) -> float:
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
-    request = pb.TokenRequest(roles=args.role, ttl_s=parse_duration(args.ttl), agent_id=args.agent or "")
+    request = pb.TokenRequest(roles=args.role, ttl_s=parse_duration(args.ttl), agent_id=args.agent or "",
+                              provides=_provides_list(args.provides), address=args.address or "")
     _, reply = call(args, "CreateToken", request, 10)
     if args.json:
         print(json.dumps({"token": reply.token, "token_id": reply.token_id, "expires_at": reply.expires_at}))
@@ -146,10 +196,12 @@ def cmd_token_list(args: argparse.Namespace) -> int:
         return EXIT_OK
     now = time.time()
     when = lambda t: time.strftime("%Y-%m-%d %H:%M", time.gmtime(t))  # noqa: E731
-    rows = [[t["id"], ",".join(t["roles"]), t["agent_id"] or "any", when(t["created"]),
+    rows = [[t["id"], ",".join(t["roles"]), ",".join(t.get("provides", [])) or "-", t["agent_id"] or "any",
+             when(t["created"]),
              when(t["expires"]) + (f" (in {render.span(t['expires'] - now)})" if t["state"] == "open" else ""),
              t["state"] + (f" by {t['used_by']}" if t["used_by"] else "")] for t in tokens]
-    sys.stdout.write(render.table(["ID", "ROLES", "AGENT", "CREATED (UTC)", "EXPIRES (UTC)", "STATE"], rows))
+    sys.stdout.write(render.table(["ID", "ROLES", "PROVIDES", "AGENT", "CREATED (UTC)", "EXPIRES (UTC)", "STATE"],
+                                  rows))
     return EXIT_OK
 
 
@@ -159,6 +211,81 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------- operator tokens
+
+def cmd_operator_token_create(args: argparse.Namespace) -> int:
+    ttl = parse_duration(args.ttl) if args.ttl else 0.0
+    request = pb.OperatorTokenRequest(role=args.role, ttl_s=ttl, label=args.label or "")
+    _, reply = call(args, "CreateOperatorToken", request, 10)
+    if args.json:
+        print(json.dumps({"token": reply.token, "token_id": reply.token_id, "expires_at": reply.expires_at}))
+        return EXIT_OK
+    print(reply.token)
+    print(f"operator token {reply.token_id} ({args.role}): valid until "
+          f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(reply.expires_at))}; it is shown only "
+          f"now. Use: DEPLOYER_OPERATOR_TOKEN=TOKEN deployctl --controller HOST:PORT …, or --token-file "
+          f"FILE (mode 0600)", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_operator_token_list(args: argparse.Namespace) -> int:
+    _, reply = call(args, "ListOperatorTokens", pb.ListTokensRequest(all=args.all), 10)
+    tokens = json.loads(reply.json)
+    if args.json:
+        print(json.dumps(tokens, indent=2))
+        return EXIT_OK
+    if not tokens:
+        print("no operator token was ever made" if args.all else
+              "no operator token is valid now (--all shows expired and revoked ones)")
+        return EXIT_OK
+    when = lambda t: time.strftime("%Y-%m-%d %H:%M", time.gmtime(t))  # noqa: E731
+    rows = [[t["id"], t["role"], render.printable(t["label"], 32) or "-", t["created_by"],
+             when(t["created"]), when(t["expires"]), t["state"]] for t in tokens]
+    sys.stdout.write(render.table(["ID", "ROLE", "LABEL", "MADE BY", "CREATED (UTC)", "EXPIRES (UTC)", "STATE"],
+                                  rows))
+    return EXIT_OK
+
+
+def cmd_operator_token_revoke(args: argparse.Namespace) -> int:
+    _, reply = call(args, "RevokeOperatorToken", pb.TokenRef(token_id=args.token_id), 10)
+    others = [t for t in reply.revoked if t != args.token_id]
+    print(f"operator token {args.token_id} revoked" + (f", and the tokens it made: {', '.join(others)}"
+                                                       if others else ""))
+    return EXIT_OK
+
+
+def add_operator_token_parser(sub) -> None:
+    token = sub.add_parser("operator-token", help="credentials for operators on the TCP operator listener",
+                           description="Operator tokens let deployctl (or a script) reach the controller "
+                                       "over TCP (--operator-listen). Role read: look (agents, jobs, "
+                                       "ledger, status, logs); role operate: change anything. Over TCP, "
+                                       "only an operate token may manage them.").add_subparsers(
+        dest="operator_token_command", metavar="SUBCOMMAND")
+    p = token.add_parser("create", help="a new operator token, printed once",
+                         description="Make an operator token. It is printed once; only a hash of it is "
+                                     "kept. A token made with another token expires no later than it "
+                                     "and is revoked with it.",
+                         epilog="example: deployctl operator-token create --role read --ttl 30d --label ci")
+    p.add_argument("--role", required=True, choices=["read", "operate"], help="read or operate")
+    p.add_argument("--ttl", help="how long it is valid: 12h, 30d… (default 30d, at most 366d)")
+    p.add_argument("--label", help="who or what holds it, shown by `operator-token list`")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_operator_token_create)
+    p = token.add_parser("list", help="operator tokens, never their secret",
+                         description="List operator tokens by id: by default the valid ones; --all adds "
+                                     "expired and revoked ones.",
+                         epilog="example: deployctl operator-token list --all")
+    p.add_argument("--all", action="store_true", help="also expired and revoked tokens")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_operator_token_list)
+    p = token.add_parser("revoke", help="revoke an operator token at once, and the tokens it made",
+                         description="Revoke an operator token: its next call is refused. Tokens made "
+                                     "with it are revoked too.",
+                         epilog="example: deployctl operator-token revoke 3f2a9c41d0e7")
+    p.add_argument("token_id", help="the id `operator-token create` and `operator-token list` show")
+    p.set_defaults(func=cmd_operator_token_revoke)
+
+
 def _agent_dict(a: pb.AgentInfo) -> dict:
     f = a.facts
     return {
@@ -166,6 +293,8 @@ def _agent_dict(a: pb.AgentInfo) -> dict:
         "state": _AGENT_STATES.get(a.state, "unknown"), "last_seen": a.last_seen,
         "version": a.version, "peer": a.peer, "running": a.running,
         "certificate_expires": a.certificate_expires or None, "revoked": a.revoked,
+        "granted": list(a.granted), "claimed": list(a.claimed), "address": a.address,
+        "address_granted": a.address_granted,
         "facts": {"hostname": f.hostname, "cpus": f.cpus, "load": [f.load1, f.load5, f.load15],
                   "mem_total_bytes": f.mem_total_bytes, "mem_available_bytes": f.mem_available_bytes,
                   "disk_free_bytes": f.disk_free_bytes, "disk_total_bytes": f.disk_total_bytes},
@@ -476,6 +605,8 @@ def _follow_job(stub: pb_grpc.OperatorStub, job_id: str, verbose: bool, counts: 
             key = "left" if e.get("after_repair") else "found"
             counts[key] = counts.get(key, 0) + 1
             print(("still: " if e.get("after_repair") else "") + e["line"], flush=True)
+        elif name == "warning":  # said, but not counted: verify's exit code is about drift
+            print(f"warning: {e['line']}", file=sys.stderr, flush=True)
         elif name in ("repaired", "clean.planned"):
             print(e["line"], flush=True)
         elif name == "deploy.live":
@@ -645,10 +776,16 @@ def cmd_secret_set(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deployctl", description="Operate the deployer: agents, commands across the fleet.",
-        epilog="exit codes: 0 ok, 1 failed, 2 bad usage, 3 controller unreachable, 130 interrupted",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog="exit codes: 0 ok, 1 failed, 2 bad usage, 3 controller unreachable, 4 credential refused, "
+               "130 interrupted",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False)  # or `--token SECRET` would be taken for --token-file, on the command line
     parser.add_argument("--socket", help="controller socket (default $DEPLOYER_SOCKET or store/control.sock)")
     parser.add_argument("--controller", help="controller operator address HOST:PORT instead of the socket")
+    parser.add_argument("--token-file", help="with --controller: file holding the operator token (mode 0600; "
+                                             "default $DEPLOYER_OPERATOR_TOKEN)")
+    parser.add_argument("--ca-file", help="with --controller: the controller's CA (STORE/pki/ca.crt; default "
+                                          "$DEPLOYER_CA, else the CA the token names)")
     parser.add_argument("--version", action="version", version=f"deployctl {__version__}")
     sub = parser.add_subparsers(dest="command_name", metavar="COMMAND")
 
@@ -664,6 +801,27 @@ def build_parser() -> argparse.ArgumentParser:
                           epilog="example: deployctl agents revoke web-3")
     r.add_argument("agent_id")
     r.set_defaults(func=cmd_agents_revoke)
+    r = agents.add_parser("grant", help="let an agent provide mysql, redis or nginx, or set its address",
+                          description="Grant an agent what it may provide to deploys (its hello only says "
+                                      "what it is configured for: an agent is used for a service only "
+                                      "when both agree), and the address other hosts reach it at (by "
+                                      "default, the address its link comes from). Takes effect at once.",
+                          epilog="example: deployctl agents grant db-1 --provides mysql,redis --address 10.0.0.7")
+    r.add_argument("agent_id")
+    r.add_argument("--provides", action="append", help="mysql, redis, nginx (comma-separated, repeatable)")
+    r.add_argument("--address", help="IP address or host name other hosts use to reach its services")
+    r.add_argument("--json", action="store_true", help="machine-readable output")
+    r.set_defaults(func=cmd_agents_grant)
+    r = agents.add_parser("ungrant", help="take away what an agent may provide, or its granted address",
+                          description="Take capabilities away from an agent (it is no longer chosen for "
+                                      "them; what it already runs stays), or with --address go back to "
+                                      "the address its link comes from.",
+                          epilog="example: deployctl agents ungrant web-2 --provides nginx")
+    r.add_argument("agent_id")
+    r.add_argument("--provides", action="append", help="mysql, redis, nginx (comma-separated, repeatable)")
+    r.add_argument("--address", action="store_true", help="forget the granted address")
+    r.add_argument("--json", action="store_true", help="machine-readable output")
+    r.set_defaults(func=cmd_agents_grant)
 
     token = sub.add_parser("token", help="enrolment tokens for new agents").add_subparsers(
         dest="token_command", metavar="SUBCOMMAND")
@@ -673,10 +831,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      "cannot take an id that is enrolled; one made with --agent replaces "
                                      "that agent's certificates. It is printed once and only its "
                                      "hash is kept.",
-                         epilog="example: deployctl token create --role computing --ttl 1h")
+                         epilog="example: deployctl token create --role computing --provides nginx --ttl 1h")
     p.add_argument("--role", action="append", required=True, help="computing or daemons (repeatable)")
     p.add_argument("--ttl", default="1h", help="how long it can be used: 90s, 30m, 1h, 2d (default 1h)")
     p.add_argument("--agent", help="only this agent id may use it")
+    p.add_argument("--provides", action="append",
+                   help="grant the agent mysql, redis, nginx (comma-separated, repeatable; "
+                        "later: deployctl agents grant)")
+    p.add_argument("--address", help="grant the address other hosts reach it at (default: its link's)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_token_create)
     p = token.add_parser("list", help="the tokens that can still enrol an agent",
@@ -823,6 +985,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--purge-data", action="store_true", help="also drop databases, ACL users and keys")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p.set_defaults(func=cmd_check)
+
+    add_operator_token_parser(sub)
 
     secret = sub.add_parser("secret", help="set secret values").add_subparsers(dest="secret_command", metavar="SUBCOMMAND")
     p = secret.add_parser("set", help="set a secret from standard input",

@@ -1,11 +1,14 @@
-"""deployer-controller: serve agents (gateway) and operators (Unix socket) from one store."""
+"""deployer-controller: serve agents (gateway) and operators (Unix socket, and TCP with TLS and
+operator tokens) from one store."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import fcntl
 import os
+import socket
 import stat
 import signal
 import sys
@@ -21,6 +24,7 @@ from agent.system import configure_logging, sd_notify, tune_malloc
 from protos import deployer_pb2_grpc as pb_grpc
 
 from . import __version__
+from .access import OperatorTokens
 from .db import Database
 from .dispatcher import Dispatcher
 from .door import AGENT, ENROLLEE, OPERATOR, Door
@@ -46,12 +50,16 @@ SERVER_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_receive_message_length", 8 << 20),
     ("grpc.max_send_message_length", 8 << 20),
+    # gRPC sets SO_REUSEPORT by default: a second controller could then bind the same port and
+    # the kernel would share the agents' connections between the two. One owner per port.
+    ("grpc.so_reuseport", 0),
 ]
 # The enrolment port answers anyone: small messages, few streams at a time.
 ENROLL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 10),
     ("grpc.max_send_message_length", 64 << 10),
     ("grpc.max_concurrent_streams", 16),
+    ("grpc.so_reuseport", 0),
 ]
 DEFAULT_LISTEN = "127.0.0.1:7710"
 
@@ -115,6 +123,54 @@ def check_private(store: Path) -> None:
                                f"run `chmod go= {path}` (the store holds keys and secrets)")
 
 
+def port_taken(address: str) -> str:
+    """The first address HOST:PORT resolves to that something already listens on, or ''.
+
+    gRPC binds every address a name resolves to and succeeds if one of them could be bound:
+    `localhost:7710` would quietly serve on ::1 alone while another controller holds 127.0.0.1.
+    """
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not port.isdigit() or int(port) == 0:
+        return ""
+    try:
+        resolved = socket.getaddrinfo(host or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return ""  # gRPC's own bind says it
+    for family, kind, proto, _, sockaddr in resolved:
+        with socket.socket(family, kind, proto) as probe:
+            # As gRPC does, so that connections in TIME_WAIT do not count; without SO_REUSEPORT,
+            # so that any listener counts.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return f"[{sockaddr[0]}]:{port}" if family == socket.AF_INET6 else f"{sockaddr[0]}:{port}"
+    return ""
+
+
+def claim_socket(path: Path) -> None:
+    """Take the operator socket's path, removing a socket only if nobody serves it any more (a
+    controller that was killed): another controller may use another store with the same --socket."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise StartupError(f"--socket {path} exists and is not a socket: remove it or choose another path")
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            path.unlink(missing_ok=True)
+            return
+        except OSError as exc:
+            raise StartupError(f"the operator socket {path} cannot be checked ({exc.strerror}): "
+                               "is another controller serving it?") from None
+    raise StartupError(f"the operator socket {path} is served by another process (another controller?)")
+
+
 def _lock_store(store: Path) -> int:
     fd = os.open(store / "controller.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -145,17 +201,20 @@ class Controller:
         if self.insecure and not is_loopback(self.listen):
             raise StartupError(f"--insecure serves agents without TLS, so only on loopback; "
                                f"{self.listen} is not a loopback address")
-        if self.operator_listen and not is_loopback(self.operator_listen):
-            raise StartupError(f"--operator-listen {self.operator_listen} is not a loopback address: "
-                               "operators have no other credential than reaching it")
 
     @staticmethod
     def _bind(server: grpc.aio.Server, address: str, credentials, what: str) -> None:
+        if not address.startswith("unix:"):
+            taken = port_taken(address)
+            if taken:
+                raise StartupError(f"cannot listen for {what} on {address}: {taken} is already taken "
+                                   "(another controller?)")
         try:
             bound = (server.add_secure_port(address, credentials) if credentials
                      else server.add_insecure_port(address))
-        except RuntimeError as exc:
-            raise StartupError(f"cannot listen for {what} on {address}: {exc}") from None
+        except RuntimeError:
+            raise StartupError(f"cannot listen for {what} on {address}: the address is taken or "
+                               "not this host's") from None
         if not bound:
             raise StartupError(f"cannot listen for {what} on {address}")
 
@@ -192,15 +251,22 @@ class Controller:
             self._bind(enroll, self.enroll_listen, server_credentials(authority, clients=False), "enrolment")
             servers.append(enroll)
         servers.append(agents)
+        operator_tokens = OperatorTokens(db.conn, authority.fingerprint)
+        service = OperatorService(registry, dispatcher, environments, enrolment, operator_tokens)
         operators = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[Door(OPERATOR)])
-        pb_grpc.add_OperatorServicer_to_server(
-            OperatorService(registry, dispatcher, environments, enrolment), operators)
+        pb_grpc.add_OperatorServicer_to_server(service, operators)
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
-        self.socket_path.unlink(missing_ok=True)  # stale: the store lock proves nobody serves it
+        claim_socket(self.socket_path)
         self._bind(operators, f"unix:{self.socket_path}", None, "operators")
-        if self.operator_listen:
-            self._bind(operators, self.operator_listen, None, "operators")
         servers.append(operators)
+        if self.operator_listen:
+            # A server of its own: a door admits one kind of credential, and here it is a token
+            # on every call, over TLS with our server certificate (never plain, even on loopback:
+            # the token would travel in clear to whoever listens on the host).
+            remote = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[Door(OPERATOR, tokens=operator_tokens)])
+            pb_grpc.add_OperatorServicer_to_server(service, remote)
+            self._bind(remote, self.operator_listen, server_credentials(authority, clients=False), "operators")
+            servers.append(remote)
         for server in servers:
             await server.start()
         os.chmod(self.socket_path, 0o600)
@@ -208,7 +274,7 @@ class Controller:
         log.info("controller.started", version=__version__, store=str(self.store),
                  listen=self.listen, tls=not self.insecure,
                  enroll=None if self.insecure else self.enroll_listen,
-                 socket=str(self.socket_path), pid=os.getpid())
+                 socket=str(self.socket_path), operator_listen=self.operator_listen, pid=os.getpid())
         sd_notify("READY=1")
         sd_notify(f"STATUS=serving agents on {self.listen}")
         await self.stopping.wait()
@@ -245,7 +311,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "after two thirds)")
     parser.add_argument("--insecure", action="store_true",
                         help="serve agents without TLS (loopback addresses only; for local trials)")
-    parser.add_argument("--operator-listen", help="also serve operators on this loopback TCP address")
+    parser.add_argument("--operator-listen",
+                        help="also serve operators on this TCP address (TLS; every call needs an operator "
+                             "token: deployctl operator-token create)")
     parser.add_argument("--lost-after", type=float, default=60.0,
                         help="seconds without contact before a disconnected agent is lost (default 60)")
     parser.add_argument("--log-level", default="info")

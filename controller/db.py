@@ -160,6 +160,34 @@ MIGRATIONS = [
     CREATE INDEX retired_secrets_env ON retired_secrets (env_key, name);
     UPDATE tokens SET used_by = '(revoked)' WHERE used_by = 'revoked';
     """,
+    # 7: operator tokens for the TCP operator listener (only a hash of the secret is kept);
+    # created_by: the token that made it ('' : the Unix socket), so a revocation takes its spares.
+    """
+    CREATE TABLE operator_tokens (
+        id TEXT PRIMARY KEY,
+        secret_sha256 TEXT NOT NULL,
+        role TEXT NOT NULL,            -- read, operate
+        label TEXT NOT NULL DEFAULT '',
+        created REAL NOT NULL,
+        expires REAL NOT NULL,
+        revoked REAL,
+        created_by TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX operator_tokens_made_by ON operator_tokens (created_by);
+    """,
+    # 8: what each agent may provide and the address other hosts reach it at, as the operator
+    # granted them (a hello only says what the agent is configured for); a token carries the
+    # grant it makes at enrolment. No row: nothing granted, the address is the link's peer.
+    """
+    CREATE TABLE grants (
+        agent_id TEXT PRIMARY KEY,
+        provides TEXT NOT NULL DEFAULT '[]',   -- JSON list: mysql, redis, nginx
+        address TEXT NOT NULL DEFAULT '',      -- '' : the peer address of its link
+        updated REAL NOT NULL
+    );
+    ALTER TABLE tokens ADD COLUMN provides TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE tokens ADD COLUMN address TEXT NOT NULL DEFAULT '';
+    """,
 ]
 SEALED_VERSION = MIGRATIONS.index(_seal_at_rest) + 1
 
@@ -251,6 +279,22 @@ class Database:
 
     def agents(self) -> list[sqlite3.Row]:
         return self.conn.execute("SELECT * FROM agents ORDER BY id").fetchall()
+
+    def grants(self) -> dict[str, tuple[list[str], str]]:
+        """agent id → (capabilities granted, address granted or '')."""
+        return {row["agent_id"]: (json.loads(row["provides"]), row["address"])
+                for row in self.conn.execute("SELECT * FROM grants")}
+
+    def grant(self, agent_id: str) -> tuple[list[str], str]:
+        row = self.conn.execute("SELECT * FROM grants WHERE agent_id = ?", (agent_id,)).fetchone()
+        return (json.loads(row["provides"]), row["address"]) if row else ([], "")
+
+    def save_grant(self, agent_id: str, provides: list[str], address: str) -> None:
+        self.conn.execute(
+            """INSERT INTO grants (agent_id, provides, address, updated) VALUES (?, ?, ?, ?)
+               ON CONFLICT (agent_id) DO UPDATE SET provides=excluded.provides, address=excluded.address,
+                 updated=excluded.updated""",
+            (agent_id, json.dumps(sorted(set(provides))), address, time.time()))
 
     # ---------------------------------------------------------------- operations
 

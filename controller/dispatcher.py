@@ -3,15 +3,20 @@
 Delivery is at-least-once and execution exactly-once: every operation without a result is sent
 again each time its agent says hello, and the agent's journal recognises what it already has.
 Output is written to disk before it is acknowledged, so the agent can forget only what is safe.
+Output the disk does not take (it is full) is never acknowledged: the agent is asked to send it
+again from the last durable offset, once a second until the disk has room, and the operation's
+result is taken only once its output is whole.
 
 Every operation leaves with the secret values it could reveal (`redact`, looked up here at each
-send, never stored): the agent replaces them in its output before anything is spooled or sent.
+send from its scope, never stored; see knowledge.py): the agent replaces them in its output before
+anything is spooled or sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +28,9 @@ from protos import deployer_pb2 as pb
 
 from . import operations
 from .db import Database
+from .knowledge import Scope
 from .ledger import Ledger
-from .oplog import OutputGap, OutputLog
+from .oplog import OutputGap, OutputLog, OutputRefused
 from .registry import Registry, Session
 
 log = structlog.get_logger("controller")
@@ -47,7 +53,8 @@ class Op:
     cancel_reason: str = ""
     note: str = ""
     acked: int = 0
-    environment: str | None = None  # whose secrets its output is redacted of; None: its agent's
+    refused: str = ""  # why the disk did not take its output, while the agent is to send it again
+    scope: Scope = field(default_factory=Scope.agent)  # which secrets it is sent with
     listeners: set[asyncio.Event] = field(default_factory=set)
 
     def fire(self) -> None:
@@ -80,7 +87,7 @@ class Dispatcher:
         if row is None:
             raise UnknownOperation(op_id)
         op = Op(row.id, row.agent_id, row.state, OutputLog(Path(row.folder) if row.folder else self.root / row.id),
-                row.result, environment=row.environment)
+                row.result, scope=Scope.decode(row.environment))
         op.acked = op.output.received
         self.ops[op_id] = op
         return op
@@ -94,15 +101,17 @@ class Dispatcher:
     # ---------------------------------------------------------------- sending
 
     def submit(self, agent_id: str, operation: pb.Operation, folder: Path | None = None,
-               environment: str | None = None) -> Op:
+               environment: str | None = None, scope: Scope | None = None) -> Op:
         """Record the operation and send it if its agent is connected; `folder` keeps its output
-        (a job's own folder, or store/operations/<id>). Its output is redacted of the secrets of
-        `environment` (app/environment), or without one of every environment on that agent."""
+        (a job's own folder, or store/operations/<id>). Its `scope` says which secrets it is sent
+        with; without one, those of `environment` (app/environment) as a tenant operation, or
+        without that an operator's on its agent."""
         folder = folder or self.root / operation.id
-        redact = patterns(self.ledger.redact_values(environment, agent_id))
+        scope = scope or (Scope.tenant(environment) if environment else Scope.agent())
+        redact = patterns(self.ledger.redact_values(scope, agent_id))
         summary = [redact.redact_text(part) for part in operations.summary(operation)]
-        self.db.insert_operation(operation, agent_id, summary, str(folder), environment)
-        op = Op(operation.id, agent_id, "queued", OutputLog(folder), environment=environment)
+        self.db.insert_operation(operation, agent_id, summary, str(folder), scope.encode())
+        op = Op(operation.id, agent_id, "queued", OutputLog(folder), scope=scope)
         self.ops[operation.id] = op
         log.info("op.submitted", op_id=operation.id, agent_id=agent_id,
                  kind=operation.WhichOneof("kind"))
@@ -119,9 +128,9 @@ class Dispatcher:
         return op
 
     async def execute(self, agent_id: str, operation: pb.Operation, folder: Path | None = None,
-                      environment: str | None = None) -> Op:
+                      environment: str | None = None, scope: Scope | None = None) -> Op:
         """Submit and wait for the result (a lost agent ends it with LOST)."""
-        return await self.wait(self.submit(agent_id, operation, folder, environment))
+        return await self.wait(self.submit(agent_id, operation, folder, environment, scope))
 
     async def wait(self, op: Op) -> Op:
         """Until the operation has its result; the result stays at hand, the open files do not."""
@@ -139,7 +148,7 @@ class Dispatcher:
     def _send(self, session: Session, op: Op, operation: pb.Operation) -> None:
         wire = pb.Operation()
         wire.CopyFrom(operation)
-        wire.redact[:] = self.ledger.redact_values(op.environment, op.agent_id)
+        wire.redact[:] = self.ledger.redact_values(op.scope, op.agent_id)
         session.send(pb.ControllerMessage(operation=wire))
         if op.state == "queued":
             op.state = "sent"
@@ -201,10 +210,30 @@ class Dispatcher:
             return
         try:
             if op.output.write(chunk):
+                if op.refused:
+                    self._kept_again(op)
                 op.fire()
+        except OutputRefused as exc:
+            self._refused(session, op, exc.strerror)
         except OutputGap as exc:
-            log.error("op.output_gap", op_id=op.id, error=str(exc))
+            if not op.refused:  # if it is, this was sent before the agent heard it: expected
+                log.error("op.output_gap", op_id=op.id, error=str(exc))
         self.release(op)
+
+    def _refused(self, session: Session, op: Op, error: str) -> None:
+        """The disk did not take the output: ask the agent, which still has it, to send it again."""
+        if not op.refused:
+            op.refused = f"the controller cannot write the output in {op.output.folder}: {error}"
+            log.error("op.output_refused", op_id=op.id, agent_id=op.agent_id, error=error,
+                      kept_bytes=op.output.received,
+                      then="the agent keeps the rest and sends it again until the disk takes it")
+            op.note = f"{op.refused}; the agent keeps the output and sends it again once there is room"
+            op.fire()
+        session.send(pb.ControllerMessage(ack=pb.Ack(op_id=op.id, offset=op.output.synced, resend=True)))
+
+    def _kept_again(self, op: Op) -> None:
+        log.warning("op.output_kept_again", op_id=op.id, agent_id=op.agent_id, kept_bytes=op.output.received)
+        op.refused, op.note = "", ""
 
     async def on_result(self, session: Session, result: pb.OperationResult) -> None:
         op = self._own(session, result.op_id, "result")
@@ -223,11 +252,23 @@ class Dispatcher:
         if len(result.error) > 2 * MAX_ERROR_CHARS:
             # The agent keeps errors short; one that does not is not let swell the store.
             result.error = bounded(result.error, 2 * MAX_ERROR_CHARS)
+        if op.refused and op.output.received < result.output_bytes:
+            return  # the agent sends it again after the output it is resending
         if op.output.received < result.output_bytes:
             log.error("op.output_incomplete", op_id=op.id, received=op.output.received,
                       expected=result.output_bytes)
-        synced = await asyncio.to_thread(op.output.sync)
-        self._record(op, result)
+        try:
+            synced = await asyncio.to_thread(op.output.sync)
+        except OutputRefused as exc:
+            self._refused(session, op, exc.strerror)
+            return
+        try:
+            self._record(op, result)
+        except (sqlite3.OperationalError, OSError) as exc:
+            # The disk is full for the result too: the agent keeps it and sends it again, as it
+            # does output, rather than the session ending over it.
+            self._refused(session, op, getattr(exc, "strerror", None) or str(exc))
+            return
         session.send(pb.ControllerMessage(ack=pb.Ack(op_id=op.id, offset=synced, result=True)))
 
     def _record(self, op: Op, result: pb.OperationResult) -> None:
@@ -256,6 +297,9 @@ class Dispatcher:
             for op in pending:
                 try:
                     synced = await asyncio.to_thread(op.output.sync)
+                except OutputRefused as exc:
+                    self._refused(session, op, exc.strerror)
+                    continue
                 except (OSError, ValueError):
                     continue  # finished and closed meanwhile: its result carried the last ack
                 op.acked = synced

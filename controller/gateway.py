@@ -20,6 +20,7 @@ from protos import deployer_pb2_grpc as pb_grpc
 
 from . import __version__
 from .dispatcher import Dispatcher
+from agent.provides import CHECKS, check_setting
 from agent.tls import SERVER_NAME
 
 from .door import CALLER
@@ -70,6 +71,21 @@ def check_hello(message: pb.AgentMessage | object) -> str:
     del described.held[:]
     if described.ByteSize() > MAX_DESCRIPTION:
         return f"the hello describes the agent in {described.ByteSize()} bytes; at most {MAX_DESCRIPTION}"
+    return check_settings(hello.settings)
+
+
+# Settings under these names are ours to read, so they are checked; others mean nothing here.
+_SECTIONS = {key.partition(".")[0] for key in CHECKS}
+
+
+def check_settings(settings) -> str:
+    """Why a hello's settings are not acceptable, or '': a malformed value is refused whether or
+    not the agent may provide that service, so no text of it is ever kept."""
+    for key in sorted(settings):
+        if key.partition(".")[0] in _SECTIONS:
+            problem = check_setting(key, settings[key])
+            if problem:
+                return f"setting {key[:40]!r} = {settings[key][:60]!r}: {problem}"
     return ""
 
 
@@ -131,6 +147,8 @@ class AgentGateway(pb_grpc.AgentGatewayServicer):
         return certificate_reply(cert, self.enrolment, issued.roles)
 
     async def Connect(self, request_iterator, context: grpc.aio.ServicerContext):
+        caller_id = CALLER.get().agent_id if CALLER.get() else ""
+        log.info("agent.stream_opened", peer=context.peer(), agent_id=caller_id)  # past the door, before hello
         try:
             first = await asyncio.wait_for(read_message(context), HELLO_TIMEOUT_S)
             problem = check_hello(first)

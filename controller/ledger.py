@@ -8,7 +8,9 @@ import json
 import time
 from dataclasses import dataclass
 
+from . import knowledge
 from .db import Database
+from .knowledge import EnvFacts, Scope
 
 COMPONENTS = ("code", "mysql", "redis")
 # A secret set again keeps being redacted in its former values: the last this many of them
@@ -125,24 +127,28 @@ class Ledger:
         row = self.instance(env_key, service, "code", code) if code is not None else None
         return json.loads(row["names"]).get("service") if row else None
 
-    def redact_values(self, environment: str | None, agent_id: str) -> list[str]:
+    def redact_values(self, scope: Scope | str | None, agent_id: str) -> list[str]:
         """The secret values an operation could reveal, for its agent to replace in its output:
-        its environment's declared secrets and generated passwords; for an operation of no
-        environment (an ad-hoc command, a status check), those of every environment with an
-        instance on that agent — root there can read their `.env` files anyway."""
-        if environment:
-            keys = [environment]
-        else:
+        decided by the operation's kind (controller/knowledge.py), from what the ledger holds.
+        A bare app/environment is a tenant operation, None one of no environment."""
+        if not isinstance(scope, Scope):
+            scope = Scope.decode(scope)
+        keys = knowledge.environments_needed(scope)
+        if keys is None:
             keys = [r[0] for r in self.conn.execute(
                 "SELECT DISTINCT env_key FROM instances WHERE host=? AND status != 'removed'", (agent_id,))]
-        values: set[str] = set()
-        for key in keys:
-            values.update(self.secrets(key).values())
-            values.update(self.vault.open_text(r[0]) for r in self.conn.execute(
-                "SELECT value FROM retired_secrets WHERE env_key=?", (key,)))
-            values.update(self.vault.open_text(r[0]) for r in self.conn.execute(
-                "SELECT password FROM credentials WHERE env_key=?", (key,)))
-        return sorted(values)
+        return knowledge.values(scope, agent_id, {key: self._knowledge_facts(key) for key in keys})
+
+    def _knowledge_facts(self, key: str) -> EnvFacts:
+        secrets = set(self.secrets(key).values())
+        secrets.update(self.vault.open_text(r[0]) for r in self.conn.execute(
+            "SELECT value FROM retired_secrets WHERE env_key=?", (key,)))
+        passwords = {(r[0], r[1], r[2]): self.vault.open_text(r[3]) for r in self.conn.execute(
+            "SELECT service, component, number, password FROM credentials WHERE env_key=?", (key,))}
+        hosts = {(r[0], r[1], r[2]): r[3] for r in self.conn.execute(
+            "SELECT service, component, number, host FROM instances WHERE env_key=? AND status != 'removed'",
+            (key,))}
+        return EnvFacts(frozenset(secrets), passwords, hosts)
 
     def ports_in_use(self, host: str) -> set[int]:
         return {r[0] for r in self.conn.execute("SELECT port FROM ports WHERE host=?", (host,))}

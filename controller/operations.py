@@ -5,11 +5,13 @@ Only the dispatcher sends operations; procedures compose these builders.
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from typing import Mapping, Sequence
 
 from agent import envfile
+from agent.provides import check_setting, url_host, valid_host
 from protos import deployer_pb2 as pb
 
 
@@ -76,10 +78,13 @@ def mysql_drop(database: str, user: str) -> bytes:
 
 def redis_create_user(user: str, prefix: str, password: str) -> bytes:
     """An ACL user confined to `prefix*` keys: data commands only. Commands that reveal or touch
-    other tenants' keys (SCAN, RANDOMKEY, DBSIZE, SELECT, flushes…) are refused too."""
+    other tenants' keys (SCAN, RANDOMKEY, DBSIZE, SELECT, flushes…) are refused too, and so is
+    whatever can hold the whole server (decision 019): scripts and functions (Redis 7.0 cannot
+    kill one that has written), @dangerous (KEYS, SORT, DEBUG, MONITOR, CLIENT PAUSE…), WAIT,
+    and LCS (quadratic in its strings)."""
     return (f"ACL SETUSER {user} reset on >{password} ~{prefix}* resetchannels -@all "
-            "+@connection +@read +@write +@keyspace +@transaction +@scripting -@dangerous -select "
-            "-move -scan -randomkey -dbsize -function -script|flush -script|kill -script|debug "
+            "+@connection +@read +@write +@keyspace +@transaction -@scripting -@dangerous -select "
+            "-move -scan -randomkey -dbsize -wait -lcs "
             "-client|tracking -client|caching -client|getredir\n").encode()
 
 
@@ -112,6 +117,7 @@ def nginx_config(env_key: str, domain: str, listen: str, routes: list[tuple[str,
     A service mounted at /api sees /api/x as /x (its health path is checked the same way, on
     its own port) and learns its mount point from X-Forwarded-Prefix.
     """
+    _check_route_values(domain, listen, routes)
     out = [f"# {env_key}: written by the deployer; edits are overwritten\n", owner_line,
            "server {\n", f"    listen {listen};\n", f"    server_name {domain};\n"]
     for path, host, port in sorted(routes):
@@ -120,7 +126,7 @@ def nginx_config(env_key: str, domain: str, listen: str, routes: list[tuple[str,
             out.append(f"    location = {prefix} {{ return 301 {prefix}/$is_args$args; }}\n")
         out += [
             f"    location {prefix}/ {{\n",
-            f"        proxy_pass http://{host}:{port}/;\n",
+            f"        proxy_pass http://{url_host(host)}:{port}/;\n",
             "        proxy_http_version 1.1;\n",
             "        proxy_set_header Connection \"\";\n",
             "        proxy_set_header Host $host;\n",
@@ -131,6 +137,29 @@ def nginx_config(env_key: str, domain: str, listen: str, routes: list[tuple[str,
         ]
     out.append("}\n")
     return "".join(out).encode()
+
+
+class RouteValueError(ValueError):
+    """A value that would be written into an nginx file is not what its place allows."""
+
+
+_ROUTE_PATH = re.compile(r"/[A-Za-z0-9._~/-]*\Z")
+
+
+def _check_route_values(domain: str, listen: str, routes: list[tuple[str, str, int]]) -> None:
+    """Checked here again, whatever checked them before: a value with a space, a brace or a `;`
+    could add directives to a file nginx loads for every environment on the router."""
+    if not valid_host(domain) or ":" in domain:
+        raise RouteValueError(f"server name {domain[:80]!r} is not a host name")
+    if check_setting("nginx.listen", listen):
+        raise RouteValueError(f"listen {listen[:80]!r} is not PORT or HOST:PORT")
+    for path, host, port in routes:
+        if not _ROUTE_PATH.match(path) or ".." in path or "//" in path:
+            raise RouteValueError(f"route path {path[:80]!r} is not a plain absolute path")
+        if not valid_host(host):
+            raise RouteValueError(f"route host {host[:80]!r} is not an IP address or a host name")
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise RouteValueError(f"route port {str(port)[:20]!r} is not a port number")
 
 
 def nginx_switch_script(conf: str, staged: str, test: str, reload: str) -> str:

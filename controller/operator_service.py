@@ -1,4 +1,5 @@
-"""The operator service: what `deployctl` calls, over the controller's Unix socket."""
+"""The operator service: what `deployctl` calls, over the controller's Unix socket or its TCP
+operator listener (the door has authenticated the caller before any method here runs)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ from protos import deployer_pb2_grpc as pb_grpc
 
 import json
 
-from . import naming, operations
+from . import access, naming, operations
+from .door import OPERATOR_CALLER
 from .dispatcher import Dispatcher, UnknownOperation
 from .environments import Environments, OrderError
 from .jobs import read_events
 from .ledger import diagram
 from .gateway import KNOWN_ROLES, valid_agent_id
+from agent.provides import check_provides, url_host, valid_host
 from .pki import Enrolment
 from .registry import CONNECTED, LOST, Registry
 
@@ -55,6 +58,16 @@ def resolve_targets(registry: Registry, target: pb.Target) -> tuple[list[str], l
     return chosen, errors
 
 
+def _grant_problem(provides, address: str) -> str:
+    """Why a grant cannot be made, in one line for the operator, or ''."""
+    problem = check_provides(provides)
+    if problem:
+        return f"--provides: {problem}"
+    if address and not valid_host(address):
+        return f"--address {address[:80]!r}: expected an IP address or a host name (RFC 1123)"
+    return ""
+
+
 def _env_key(context, value: str) -> str:
     if value.count("/") != 1 or not all(value.split("/")):
         return ""
@@ -63,12 +76,45 @@ def _env_key(context, value: str) -> str:
 
 class OperatorService(pb_grpc.OperatorServicer):
     def __init__(self, registry: Registry, dispatcher: Dispatcher, environments: Environments,
-                 enrolment: Enrolment | None = None) -> None:
+                 enrolment: Enrolment | None = None, operator_tokens: access.OperatorTokens | None = None) -> None:
         self.registry = registry
         self.dispatcher = dispatcher
         self.environments = environments
         self.ledger = environments.ledger
         self.enrolment = enrolment
+        self.operator_tokens = operator_tokens
+
+    # ---------------------------------------------------------------- operator credentials
+
+    async def CreateOperatorToken(self, request: pb.OperatorTokenRequest, context):
+        roles = [r.value for r in access.Role]
+        if request.role not in roles:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"--role: one of {', '.join(roles)}" + (f" (not {request.role!r})" if request.role else ""))
+        by = OPERATOR_CALLER.get() or access.SOCKET
+        try:
+            token, expires = self.operator_tokens.create(
+                access.Role(request.role), request.ttl_s or access.DEFAULT_TTL_S, request.label, by)
+        except access.NotPermitted as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        log.info("operator_token.created", token_id=token.token_id, role=request.role, label=request.label,
+                 expires=expires, by=by.token_id or "socket")
+        return pb.TokenReply(token=str(token), expires_at=expires, token_id=token.token_id)
+
+    async def ListOperatorTokens(self, request: pb.ListTokensRequest, context):
+        return pb.JsonReply(json=json.dumps(self.operator_tokens.listed(every=request.all)))
+
+    async def RevokeOperatorToken(self, request: pb.TokenRef, context):
+        try:
+            revoked = self.operator_tokens.revoke(request.token_id)
+        except LookupError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, exc.args[0])
+        by = OPERATOR_CALLER.get() or access.SOCKET
+        log.warning("operator_token.revoked", token_id=request.token_id, revoked=revoked,
+                    by=by.token_id or "socket")
+        return pb.OperatorTokenRevokeReply(revoked=revoked)
 
     # ---------------------------------------------------------------- enrolment
 
@@ -81,12 +127,16 @@ class OperatorService(pb_grpc.OperatorServicer):
                                 + (f" (not {unknown[0]!r})" if unknown else ""))
         if request.agent_id and not valid_agent_id(request.agent_id):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"--agent: invalid agent id {request.agent_id!r}")
+        problem = _grant_problem(request.provides, request.address)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         try:
-            token, expires = self.enrolment.create_token(roles, request.ttl_s or 3600.0, request.agent_id)
+            token, expires = self.enrolment.create_token(roles, request.ttl_s or 3600.0, request.agent_id,
+                                                         list(request.provides), request.address)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         log.info("token.created", token_id=token.token_id, roles=roles, agent_id=request.agent_id or None,
-                 expires=expires)
+                 expires=expires, provides=sorted(set(request.provides)), address=request.address or None)
         return pb.TokenReply(token=str(token), expires_at=expires, token_id=token.token_id)
 
     async def ListTokens(self, request: pb.ListTokensRequest, context):
@@ -110,6 +160,27 @@ class OperatorService(pb_grpc.OperatorServicer):
         cut = self.registry.cut_off(agent_id, f"the certificate of agent {agent_id} was revoked")
         log.warning("agent.revoked", agent_id=agent_id, certificates=count, disconnected=cut)
         return pb.RevokeReply(certificates=count, disconnected=cut)
+
+    async def GrantAgent(self, request: pb.GrantRequest, context):
+        agent_id = request.agent_id
+        known = agent_id in self.registry.agents or (self.enrolment and self.enrolment.expires(agent_id))
+        if not known:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown agent {agent_id!r}")
+        problem = _grant_problem(request.provides, "" if request.ungrant else request.address)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        provides, address = self.registry.db.grant(agent_id)
+        if request.ungrant:
+            provides = [p for p in provides if p not in request.provides]
+            address = "" if request.clear_address else address
+        else:
+            provides = sorted({*provides, *request.provides})
+            address = request.address or address
+        self.registry.grant(agent_id, provides, address)
+        log.warning("agent.granted", agent_id=agent_id, provides=provides, address=address or None)
+        agent = self.registry.agents.get(agent_id)
+        return pb.GrantReply(granted=provides, address=agent.address if agent else address,
+                             address_granted=bool(address), not_granted=agent.ignored() if agent else [])
 
     # ---------------------------------------------------------------- orders and jobs
 
@@ -281,7 +352,7 @@ class OperatorService(pb_grpc.OperatorServicer):
                     health = spec.get("services", {}).get(service, {}).get("health", "/")
                     probe = await self.dispatcher.execute(agent.id, pb.Operation(
                         id=operations.new_op_id(), http_probe=pb.HttpProbeSpec(
-                            url=f"http://{agent.address}:{live.code.port}{health}",
+                            url=f"http://{url_host(agent.address)}:{live.code.port}{health}",
                             attempts=1, timeout_s=2.0)))
                     entry["health"] = "ok" if probe.result.exit_code == 0 else probe.result.error
             elif agent is not None:
@@ -309,7 +380,9 @@ class OperatorService(pb_grpc.OperatorServicer):
                 state=_STATES.get(agent.state, pb.AGENT_DISCONNECTED), last_seen=agent.last_seen,
                 version=agent.version, facts=agent.facts, peer=agent.peer, running=agent.running,
                 certificate_expires=self.enrolment.expires(agent.id) if self.enrolment else 0.0,
-                revoked=bool(self.enrolment and self.enrolment.revoked(agent.id))))
+                revoked=bool(self.enrolment and self.enrolment.revoked(agent.id)),
+                granted=agent.granted, address=agent.address, address_granted=bool(agent.granted_address),
+                claimed=agent.claimed))
         return reply
 
     async def SubmitExec(self, request: pb.SubmitExecRequest, context):

@@ -233,7 +233,10 @@ class Enrolment:
 
     # ---------------------------------------------------------------- tokens
 
-    def create_token(self, roles: list[str], ttl_s: float, agent_id: str = "") -> tuple[Token, float]:
+    def create_token(self, roles: list[str], ttl_s: float, agent_id: str = "", provides: list[str] = (),
+                     address: str = "") -> tuple[Token, float]:
+        """A token that enrols one agent with these roles (in its certificate) and grants it what
+        it may provide and its address (kept here, and changeable without enrolling again)."""
         if not roles:
             raise ValueError("a token needs at least one role")
         if not 0 < ttl_s <= MAX_TOKEN_TTL_S:
@@ -241,9 +244,10 @@ class Enrolment:
         token = Token(secrets.token_hex(6), secrets.token_urlsafe(24), self.authority.fingerprint)
         created = time.time()
         self.db.conn.execute(
-            "INSERT INTO tokens (id, secret_sha256, roles, agent_id, created, expires) VALUES (?,?,?,?,?,?)",
+            "INSERT INTO tokens (id, secret_sha256, roles, agent_id, created, expires, provides, address) "
+            "VALUES (?,?,?,?,?,?,?,?)",
             (token.token_id, _hash(token.secret), json.dumps(sorted(set(roles))), agent_id, created,
-             created + ttl_s))
+             created + ttl_s, json.dumps(sorted(set(provides))), address))
         return token, created + ttl_s
 
     def tokens(self, every: bool = False) -> list[dict]:
@@ -256,6 +260,7 @@ class Enrolment:
                      else "expired" if row["expires"] < now else "open")
             if every or state == "open":
                 listed.append({"id": row["id"], "roles": json.loads(row["roles"]),
+                               "provides": json.loads(row["provides"]), "address": row["address"],
                                "agent_id": row["agent_id"], "created": row["created"],
                                "expires": row["expires"], "state": state, "used": row["used"],
                                "used_by": row["used_by"] if state == "used" else None})
@@ -304,7 +309,11 @@ class Enrolment:
             raise EnrolmentRefused(f"enrolment token {token.token_id} was already used: tokens are single-use")
         if row["agent_id"]:
             self.revoke(agent_id)  # a token made for this id replaces whatever it held before
-        return self._issue(csr_pem, agent_id, json.loads(row["roles"]))
+        issued = self._issue(csr_pem, agent_id, json.loads(row["roles"]))
+        # What the token grants replaces any earlier grant of this id: the operator who made it
+        # said what this host provides.
+        self.db.save_grant(agent_id, json.loads(row["provides"]), row["address"])
+        return issued
 
     def renew(self, ident: Identity, csr_pem: bytes) -> tuple[x509.Certificate, Issued]:
         issued = self.issued.get(ident.serial)

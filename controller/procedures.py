@@ -25,6 +25,7 @@ from protos import deployer_pb2 as pb
 from . import naming, operations as ops, ownership
 from .dispatcher import Dispatcher, Op
 from .jobs import Job
+from .knowledge import Scope
 from .ledger import Ledger
 from .planner import Plan, ServicePlan
 from .registry import CONNECTED, Agent, Registry
@@ -69,7 +70,10 @@ def pick_agent(registry: Registry, *, role: str | None = None, capability: str |
         raise PlacementError(f"agent {prefer} (which runs this service) is {registry.agents[prefer].state}")
     if not connected:
         what = " and ".join(x for x in (f"role {role}" if role else "", f"capability {capability}" if capability else "") if x)
-        raise PlacementError(f"no connected agent has {what}")
+        asking = sorted(a.id for a in registry.agents.values() if capability in a.ignored()) if capability else []
+        hint = (f" ({asking[0]} is configured for it but not granted it: deployctl agents grant {asking[0]} "
+                f"--provides {capability})") if asking else ""
+        raise PlacementError(f"no connected agent has {what}{hint}")
     return sorted(connected, key=lambda a: a.id)[0]
 
 
@@ -114,13 +118,13 @@ class Runner:
     # ---------------------------------------------------------------- operations
 
     async def run_op(self, agent: Agent, operation: pb.Operation, service: str, step: str,
-                     check: bool = True) -> Op:
+                     check: bool = True, scope: Scope | None = None) -> Op:
         operation.id = ops.new_op_id()
         if service in self.deploying:  # durably, before the step acts: recovery reads it after a crash
             self.ledger.set_step(self.env_key, service, self.deploying[service], step)
         self.job.event("step.started", service=service, step=step, agent=agent.id, op=operation.id)
         op = await self.dispatcher.execute(agent.id, operation, self.job.ops_folder(operation.id),
-                                           environment=self.env_key)
+                                           scope=scope or Scope.tenant(self.env_key))
         result = op.result
         ok = result.outcome == pb.EXITED and result.exit_code == 0
         self.job.event("step.finished", service=service, step=step, op=operation.id, ok=ok,
@@ -136,10 +140,10 @@ class Runner:
 
     async def sh(self, agent: Agent, script: str, service: str, step: str, *, cwd: str = "",
                  env_file: str = "", stdin: bytes = b"", timeout: float = 1800, check: bool = True,
-                 user: str = "", env: dict[str, str] | None = None) -> Op:
+                 user: str = "", env: dict[str, str] | None = None, scope: Scope | None = None) -> Op:
         operation = pb.Operation(exec=pb.ExecSpec(argv=["sh", "-c", script], cwd=cwd, env_file=env_file,
                                                   stdin=stdin, timeout_s=timeout, user=user, env=env or {}))
-        return await self.run_op(agent, operation, service, step, check)
+        return await self.run_op(agent, operation, service, step, check, scope)
 
     @property
     def unix_user(self) -> str:
@@ -259,8 +263,10 @@ class Runner:
             await self._retire(d, live, previous)
         # After the switch: a failure here is reported, never undone.
         if d.staged_env:
-            await self.sh(d.host, f"mv -f {shlex.quote(d.staged_env)} {shlex.quote(release + '/.env')}", name,
-                          ".env", check=False)
+            # As its user, in its own folder; -T: a `.env` the tenant made a link to a folder is
+            # replaced, never moved into.
+            await self.sh(d.host, f"mv -fT {shlex.quote(d.staged_env)} {shlex.quote(release + '/.env')}", name,
+                          ".env", check=False, **as_user)
         await self.sh(d.host, _current_script(d.service_dir, release), name, "current", check=False)
         await self._prune_releases(d)
 
@@ -348,7 +354,8 @@ class Runner:
             self.ledger.save_password(self.env_key, name, component, number, password)
             d.created.append((component, number, names, provider))
             taken = await self._guarded(provider, guard(provider, names), name, component,
-                                        stdin=create(names, password))
+                                        stdin=create(names, password),
+                                        scope=Scope.data(self.env_key, (name, component, number)))
             if not taken:
                 return provider, password, names
             d.created.pop()
@@ -369,7 +376,7 @@ class Runner:
         database, user = names["database"], names["user"]
         host = provider.settings.get("mysql.host", "127.0.0.1")
         port = provider.settings.get("mysql.port", "3306")
-        return {"DATABASE_URL": f"mysql://{user}:{password}@{host}:{port}/{database}",
+        return {"DATABASE_URL": f"mysql://{user}:{password}@{ops.url_host(host)}:{port}/{database}",
                 "DB_HOST": host, "DB_PORT": port, "DB_NAME": database, "DB_USER": user,
                 "DB_PASSWORD": password}
 
@@ -385,7 +392,7 @@ class Runner:
             lambda names, pw: ops.redis_create_user(names["user"], names["prefix"], pw))
         host = provider.settings.get("redis.host", "127.0.0.1")
         port = provider.settings.get("redis.port", "6379")
-        return {"REDIS_URL": f"redis://{names['user']}:{password}@{host}:{port}", "REDIS_PREFIX": names["prefix"]}
+        return {"REDIS_URL": f"redis://{names['user']}:{password}@{ops.url_host(host)}:{port}", "REDIS_PREFIX": names["prefix"]}
 
     # ---------------------------------------------------------------- processes and routes
 
@@ -407,7 +414,7 @@ class Runner:
         if service.is_web:
             address = d.host.address
             await self.run_op(d.host, pb.Operation(http_probe=pb.HttpProbeSpec(
-                url=f"http://{address}:{d.port}{service.health}", attempts=HEALTH_ATTEMPTS,
+                url=f"http://{ops.url_host(address)}:{d.port}{service.health}", attempts=HEALTH_ATTEMPTS,
                 interval_s=0.5, timeout_s=2.0)), name, "health")
         else:
             await asyncio.sleep(service.healthy_after)
@@ -495,8 +502,11 @@ class Runner:
 
     def nginx_content(self, router: Agent, override=None) -> bytes:
         owner = ownership.route_owner_line(self.ledger.owner) if self.ledger.owner else ""
-        return ops.nginx_config(self.env_key, self.spec.domain, router.settings.get("nginx.listen", "80"),
-                                self.routes(override), owner)
+        try:
+            return ops.nginx_config(self.env_key, self.spec.domain, router.settings.get("nginx.listen", "80"),
+                                    self.routes(override), owner)
+        except ops.RouteValueError as exc:
+            raise StepFailed(self.env_key, "route", f"not written on {router.id}: {exc}") from None
 
     async def switch_route(self, service: str, override=None) -> None:
         """The nginx transaction: stage, swap, `nginx -t`, reload — or put the old file back.
@@ -509,12 +519,14 @@ class Runner:
         conf = self.nginx_path(router)
         staged = f"{conf}.staged-{self.job.id}"
         await self.run_op(router, pb.Operation(write_file=pb.WriteFileSpec(
-            path=staged, content=self.nginx_content(router, override), mode=0o644)), service, "route")
+            path=staged, content=self.nginx_content(router, override), mode=0o644)), service, "route",
+            scope=Scope.route(self.env_key))
         switch = ops.nginx_switch_script(conf, staged, router.settings.get("nginx.test", "nginx -t"),
                                          router.settings.get("nginx.reload", "nginx -s reload"))
         refused = await self._guarded(router, ownership.route_guard(
             conf, self.ledger.owner, self.env_key, bool(self.ledger.state(self.env_key)), switch,
-            refused=f"rm -f {shlex.quote(staged)}"), service, "route")
+            refused=f"rm -f {shlex.quote(staged)}"), service, "route",
+            scope=Scope.route(self.env_key))
         if refused:
             raise StepFailed(service, "route", refused)
 
@@ -571,7 +583,8 @@ class Runner:
         if d.port:
             self.ledger.release_port(d.host.id, d.port)
         if d.staged_env:
-            await self.sh(d.host, f"rm -f {shlex.quote(d.staged_env)}", name, "drop staged .env", check=False)
+            await self.sh(d.host, f"rm -f {shlex.quote(d.staged_env)}", name, "drop staged .env", check=False,
+                          user=self.unix_user)
         if d.code_new:
             self.ledger.set_status(self.env_key, name, "code", d.code, "failed")
         for component, number, names, provider in d.created:
@@ -585,11 +598,12 @@ class Runner:
         password = self.ledger.password(self.env_key, service, component, number) or ""
         if component == "mysql":
             op = await self.sh(provider, provider.mysql_admin(), service, step, check=check,
-                               stdin=ownership.mysql_drop_owned(names["database"], names.get("mark", ""),
+                               scope=Scope.data(self.env_key), stdin=ownership.mysql_drop_owned(names["database"], names.get("mark", ""),
                                                                 names["user"], password))
         else:
             op = await self.sh(provider, ownership.redis_drop_owned(provider.redis_cli(), names["user"]), service,
-                               step, check=check, stdin=ownership.redis_drop_stdin(password))
+                               step, check=check, stdin=ownership.redis_drop_stdin(password),
+                               scope=Scope.data(self.env_key))
         for line in _tail(op.output.folder / "output.log").splitlines():
             if "left untouched" in line:
                 self.job.event("job.note", note=f"{service}: {line.strip()}")
@@ -598,9 +612,13 @@ class Runner:
 # ---------------------------------------------------------------- scripts (pure)
 
 def _checkout_script(service_dir: str, release: str, source: str, commit: str) -> str:
+    """A clone that shares nothing with its source. A local clone would hard-link the source's
+    objects (or, before git 2.38.1, follow links in them), and the release is then given to the
+    environment's user: those very files would become the tenant's, who could rewrite what every
+    other environment deploys from. `--no-local` fetches through git's own transport instead."""
     q = shlex.quote
     return (f"set -e; mkdir -p {q(service_dir)}/releases {q(service_dir)}/shared {q(service_dir)}/logs; "
-            f"rm -rf {q(release)}; git clone --quiet --no-checkout {q(source)} {q(release)}; "
+            f"rm -rf {q(release)}; git clone --quiet --no-local --no-checkout {q(source)} {q(release)}; "
             f"git -C {q(release)} checkout --quiet --detach {q(commit)}")
 
 

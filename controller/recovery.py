@@ -33,6 +33,7 @@ from protos import deployer_pb2 as pb
 from . import naming
 from .db import Database
 from .jobs import EnvLock, read_events
+from .knowledge import Scope
 from .procedures import DRAIN_S, Deployment, Runner, StepFailed, _current_script
 from .registry import CONNECTED, DISCONNECTED
 from .spec import Service
@@ -326,7 +327,7 @@ async def _read_route(runner: Runner, service: str, number: int) -> str:
         router = None
     if router is not None:
         op = await runner.sh(router, f"cat {shlex.quote(runner.nginx_path(router))} 2>/dev/null || echo '<missing>'",
-                             service, "read route", check=False)
+                             service, "read route", check=False, scope=Scope.route(runner.env_key))
         if op.result.outcome == pb.EXITED and op.result.exit_code == 0:
             return (op.output.folder / "output.log").read_text(errors="replace")
     raise StepFailed(service, "recover", f"deploy {number} was switching its route when the controller stopped, "

@@ -2,17 +2,22 @@
 
 Disconnected is not lost: an agent whose link dropped keeps its operations and is expected back.
 It becomes lost only after `lost_after` seconds without contact.
+
+What an agent provides is what it claims in its hello *and* the operator granted; its address is
+the granted one, else the peer address of its link, never what its hello says.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 from dataclasses import dataclass, field
 
 import structlog
 
+from agent.provides import CHECKS, PROVIDES, check_setting, valid_host
 from protos import deployer_pb2 as pb
 
 from .db import Database
@@ -57,13 +62,33 @@ class Agent:
     session: Session | None = None
     since: float = field(default_factory=time.monotonic)  # when the state last changed
     running: int = 0
-    settings: dict[str, str] = field(default_factory=dict)
+    settings: dict[str, str] = field(default_factory=dict)   # its well-formed settings, no address
     services_root: str = ""
+    facts_unsaved: bool = False  # the last facts could not be written (said once in the log)
+    claimed: list[str] = field(default_factory=list)          # capabilities its hello names
+    stated: dict[str, str] = field(default_factory=dict)      # settings as its hello gave them
+    granted: list[str] = field(default_factory=list)          # what the operator granted
+    granted_address: str = ""
 
     @property
     def address(self) -> str:
-        """How nginx (and probes) reach the services this agent runs."""
-        return self.settings.get("address", "127.0.0.1")
+        """How nginx (and probes) reach the services this agent runs: granted, else the address
+        its link comes from."""
+        return self.granted_address or peer_host(self.peer)
+
+    def ignored(self) -> list[str]:
+        """What it claims to provide and was not granted."""
+        return [c for c in self.claimed if c in PROVIDES and c not in self.granted]
+
+    def regrant(self, provides: list[str], address: str) -> None:
+        self.granted, self.granted_address = sorted(provides), address
+        self.capabilities = [c for c in self.claimed if c in PROVIDES and c in self.granted]
+        # Only well-formed settings (checked again: a row saved before the gateway checked them
+        # may be read back), and never an address of its own choosing. Not narrowed to what is
+        # granted: a grant decides what new work the agent is chosen for, and what it already
+        # holds (a database placed there before an ungrant) is still reached the way it says.
+        self.settings = {k: v for k, v in self.stated.items()
+                         if k != "address" and k in CHECKS and not check_setting(k, v)}
 
     def mysql_admin(self) -> str:
         """The MariaDB client command with admin rights on the server this agent provides."""
@@ -83,14 +108,23 @@ class Registry:
         self.agents: dict[str, Agent] = {}
         self.on_disconnected: list = []   # callbacks(agent_id)
         self.on_lost: list = []           # callbacks(agent_id)
+        grants = db.grants()
         for row in db.agents():
             # Known from before a restart: expected back, lost if they don't come.
-            self.agents[row["id"]] = Agent(
-                id=row["id"], roles=json.loads(row["roles"]),
-                capabilities=json.loads(row["capabilities"]), version=row["version"],
+            agent = self.agents[row["id"]] = Agent(
+                id=row["id"], roles=json.loads(row["roles"]), capabilities=[], version=row["version"],
                 facts=pb.HostFacts.FromString(row["facts"] or b""), last_seen=row["last_seen"],
-                peer=row["peer"] or "", settings=json.loads(row["settings"] or "{}"),
-                services_root=row["services_root"] or "")
+                peer=row["peer"] or "", services_root=row["services_root"] or "",
+                claimed=json.loads(row["capabilities"]), stated=json.loads(row["settings"] or "{}"))
+            agent.regrant(*grants.get(agent.id, ([], "")))
+
+    def grant(self, agent_id: str, provides: list[str], address: str) -> None:
+        """Record what an agent may provide and its address, and apply it at once, connected or
+        not: the next placement sees it, no reconnect needed."""
+        self.db.save_grant(agent_id, provides, address)
+        agent = self.agents.get(agent_id)
+        if agent is not None:
+            agent.regrant(provides, address)
 
     def attach(self, hello: pb.Hello, peer: str) -> Session:
         agent = self.agents.get(hello.agent_id)
@@ -99,15 +133,23 @@ class Registry:
             log.warning("agent.session_replaced", agent_id=hello.agent_id, old_peer=agent.peer, peer=peer)
             agent.session.close("replaced by a newer session of the same agent")
         session = Session(hello.agent_id, peer, float(hello.heartbeat_interval_s or 5))
-        self.agents[hello.agent_id] = Agent(
-            id=hello.agent_id, roles=list(hello.roles), capabilities=list(hello.capabilities),
+        agent = self.agents[hello.agent_id] = Agent(
+            id=hello.agent_id, roles=list(hello.roles), capabilities=[],
             version=hello.version, facts=hello.facts, last_seen=time.time(), peer=peer,
             state=CONNECTED, session=session,
             running=sum(1 for h in hello.held if h.state == pb.HELD_RUNNING),
-            settings=dict(hello.settings), services_root=hello.services_root)
+            services_root=hello.services_root, claimed=list(dict.fromkeys(hello.capabilities)),
+            stated=dict(hello.settings))
+        agent.regrant(*self.db.grant(agent.id))
         self.db.save_agent(hello, peer)
         log.info("agent.connected", agent_id=hello.agent_id, peer=peer, roles=list(hello.roles),
-                 version=hello.version, held=len(hello.held))
+                 version=hello.version, held=len(hello.held), provides=agent.capabilities,
+                 address=agent.address)
+        if agent.ignored() or "address" in hello.settings:
+            # Not refused: the operator may grant it later (`deployctl agents grant`), and the
+            # agent serves its roles meanwhile; but none of it is used until then.
+            log.warning("agent.claims_ignored", agent_id=agent.id, not_granted=agent.ignored(),
+                        address_claimed="address" in hello.settings, address=agent.address)
         return session
 
     def detach(self, session: Session) -> None:
@@ -129,7 +171,15 @@ class Registry:
         agent.last_seen = time.time()
         if facts is not None:
             agent.facts = facts
-            self.db.touch_agent(agent.id, agent.last_seen, facts)
+            try:
+                self.db.touch_agent(agent.id, agent.last_seen, facts)
+                agent.facts_unsaved = False
+            except sqlite3.OperationalError as exc:
+                # A full disk: the facts are kept in memory; ending the session over them would
+                # only stop the output that is waiting for room.
+                if not agent.facts_unsaved:
+                    log.warning("agent.facts_not_saved", agent_id=agent.id, error=str(exc))
+                agent.facts_unsaved = True
         if running is not None:
             agent.running = running
 
@@ -171,3 +221,13 @@ class Registry:
             if agent.session:
                 agent.session.send(pb.ControllerMessage(goodbye=pb.Goodbye(reason=reason)))
                 agent.session.close(reason)
+
+
+def peer_host(peer: str) -> str:
+    """The IP address in a gRPC peer string (`ipv4:10.0.0.5:41234`, `ipv6:[::1]:41234`); an agent
+    on a Unix socket, or a peer not known, is on this host."""
+    kind, _, rest = peer.partition(":")
+    host = rest.rpartition(":")[0].strip("[]") if kind in ("ipv4", "ipv6") else ""
+    if host.lower().startswith("::ffff:") and "." in host:
+        host = host[7:]  # an IPv4 client of a dual-stack socket
+    return host if host and valid_host(host) and "%" not in host else "127.0.0.1"

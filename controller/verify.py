@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from protos import deployer_pb2 as pb
 
 from . import naming, operations as ops, ownership
+from .knowledge import Scope
 from .planner import Change, ServicePlan
 from .procedures import KEEP_RELEASES, PlacementError, Runner, StepFailed, redis_admin, pick_agent
 
@@ -53,6 +54,8 @@ class Facts:
     database_marks: dict[str, str] = field(default_factory=dict)  # database → its comment
     mysql_users: set[str] = field(default_factory=set)
     redis_users: dict[str, str] = field(default_factory=dict)  # user → its key patterns
+    redis_scripting: set[str] = field(default_factory=set)     # auto-* users still allowed scripts
+    redis_default_open: bool = False  # the shared Redis lets anyone in as `default` without a password
     nginx_files: list[str] = field(default_factory=list)      # auto-*.conf in the router's folder
     nginx_marks: dict[str, str] = field(default_factory=dict)  # auto-*.conf → its owner line
 
@@ -86,13 +89,13 @@ class Checker:
         router = self.runner.router(self.env_key)
         conf = self.runner.nginx_path(router)
         cat = await self.runner.sh(router, f"cat {shlex.quote(conf)} 2>/dev/null || echo '<missing>'",
-                                   self.env_key, "read route", check=False)
+                                   self.env_key, "read route", check=False, scope=Scope.route(self.env_key))
         text = _output(cat)
         facts.nginx = None if text == "<missing>\n" else text
         folder = shlex.quote(conf.rsplit("/", 1)[0])
         listing = await self.runner.sh(router, f"cd {folder} && for f in auto-*.conf; do [ -f \"$f\" ] && "
                                                "echo \"$f $(sed -n 2p \"$f\" | head -c 200)\"; done; true",
-                                       self.env_key, "list routes", check=False)
+                                       self.env_key, "list routes", check=False, scope=Scope.route(self.env_key))
         for line in _output(listing).splitlines():
             name, _, mark = line.partition(" ")
             if name:
@@ -151,7 +154,7 @@ class Checker:
             definition = self.spec.service(service) if service in {s.name for s in self.spec.services} else None
             if live.code and live.code.host == host.id and live.code.port and definition and definition.is_web:
                 probe = await self.runner.run_op(host, pb.Operation(http_probe=pb.HttpProbeSpec(
-                    url=f"http://{address}:{live.code.port}{definition.health}", attempts=2, interval_s=0.5,
+                    url=f"http://{ops.url_host(address)}:{live.code.port}{definition.health}", attempts=2, interval_s=0.5,
                     timeout_s=2.0)), service, "health", check=False)
                 facts.health[service] = probe.result.error if probe.result.exit_code else ""
 
@@ -169,7 +172,7 @@ class Checker:
                      "WHERE SCHEMA_NAME LIKE 'auto-%'; "
                      "SELECT CONCAT('user ', User) FROM mysql.user WHERE User LIKE 'auto-%';")
             op = await self.runner.sh(mysql, f"{admin} --skip-column-names -e {shlex.quote(query)}", self.env_key,
-                                      "inspect mysql", check=False)
+                                      "inspect mysql", check=False, scope=Scope.data(self.env_key))
             for line in _output(op).splitlines():
                 kind, _, rest = line.partition(" ")
                 name, _, comment = rest.partition(" ")
@@ -181,15 +184,15 @@ class Checker:
             cli = redis.redis_cli()
             # Password hashes are cut on the host: they never reach the job folder.
             op = await self.runner.sh(redis, f"{cli} ACL LIST | sed -E 's/ [#>][^ ]*//g'", self.env_key, "inspect redis",
-                                      check=False)
-            for line in _output(op).splitlines():
-                parts = line.split()
-                if len(parts) >= 2 and parts[0] == "user" and parts[1].startswith("auto-"):
-                    facts.redis_users[parts[1]] = " ".join(p for p in parts[2:] if p.startswith("~"))
+                                      check=False, scope=Scope.data(self.env_key))
+            read_acl_list(_output(op), facts)
 
     def findings(self, facts: Facts) -> list[Finding]:
         return findings(self.env_key, self.spec, self.ledger, facts, self.claimed,
                         self.unit, self.runner.registry)
+
+    def warnings(self, facts: Facts) -> list[str]:
+        return warnings(facts)
 
     def foreign(self, facts: Facts) -> list[str]:
         return foreign(self.spec, self.ledger.owner, facts, self.claimed)
@@ -236,12 +239,14 @@ class Checker:
         names = json.loads(row["names"])
         password = self.ledger.password(self.env_key, f.service, component, live.number) or ""
         provider = self.runner.registry.agents[row["host"]]
+        sets = Scope.data(self.env_key, (f.service, component, live.number))
         if component == "redis":
             await self.runner.sh(provider, redis_admin(provider), f.service, "repair redis",
-                                 stdin=ops.redis_create_user(names["user"], names["prefix"], password))
+                                 stdin=ops.redis_create_user(names["user"], names["prefix"], password), scope=sets)
         else:
             await self.runner.sh(provider, provider.mysql_admin(), f.service,
-                                 "repair mysql", stdin=ops.mysql_user(names["database"], names["user"], password))
+                                 "repair mysql", stdin=ops.mysql_user(names["database"], names["user"], password),
+                                 scope=sets)
 
     async def clean(self, facts: Facts, dry_run: bool) -> list[str]:
         """Orphan folders inside the services roots, failed releases, releases beyond the kept number."""
@@ -334,7 +339,7 @@ async def destroy(runner: Runner, purge_data: bool) -> str:
     reload = router.settings.get("nginx.reload", "nginx -s reload")
     op = await runner.sh(router, ownership.route_guard(conf, ledger.owner, env_key, routed,
                                                        f"rm -f -- {shlex.quote(conf)} && {reload}"),
-                         env_key, "remove route", check=False)
+                         env_key, "remove route", check=False, scope=Scope.route(env_key))
     if op.result.exit_code == ownership.TAKEN:
         runner.job.event("job.note", note=f"nginx file {conf} is not this deployer's: left untouched")
     elif op.result.exit_code != 0:
@@ -352,7 +357,8 @@ async def destroy(runner: Runner, purge_data: bool) -> str:
                 purged.append(names["database"])
             else:
                 cli = provider.redis_cli()
-                await runner.sh(provider, ops.redis_purge_script(cli, names["prefix"]), r["service"], "drop keys")
+                await runner.sh(provider, ops.redis_purge_script(cli, names["prefix"]), r["service"], "drop keys",
+                                scope=Scope.data(env_key))
                 await runner.drop_owned(provider, "redis", r["number"], names, r["service"], "drop redis user",
                                         check=True)
                 purged.append(names["prefix"])
@@ -423,6 +429,9 @@ def findings(env_key, spec, ledger, facts: Facts, claimed, unit, registry) -> li
             elif patterns != f"~{names['prefix']}*":
                 out.append(Finding(where, f"redis {live.redis.number}: ACL user {names['user']} allows {patterns or 'no keys'}",
                                    "redis-user", service, names["user"]))
+            elif names["user"] in facts.redis_scripting:
+                out.append(Finding(where, f"redis {live.redis.number}: ACL user {names['user']} may run scripts, "
+                                   "which can hold the shared server", "redis-user", service, names["user"]))
     if facts.nginx is None and any(s.is_web for s in spec.services):
         out.append(Finding(env_key, "nginx file is missing", "route"))
     elif facts.nginx is not None and facts.nginx != facts.nginx_expected:
@@ -483,6 +492,40 @@ def foreign(spec, owner: str, facts: Facts, claimed) -> list[str]:
         out.append(f"mysql: user {name} is unknown to the ledger: left alone")
     for name in sorted(n for n in set(facts.redis_users) - claimed["redis"] if n.startswith(own)):
         out.append(f"redis: ACL user {name} is unknown to the ledger: left alone")
+    return out
+
+
+def read_acl_list(text: str, facts: Facts) -> None:
+    """The Redis facts in `ACL LIST`'s output (password hashes already cut on the host)."""
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "user" and parts[1].startswith("auto-"):
+            facts.redis_users[parts[1]] = " ".join(p for p in parts[2:] if p.startswith("~"))
+            if scripting_allowed(parts[2:]):
+                facts.redis_scripting.add(parts[1])
+        elif parts[:2] == ["user", "default"]:
+            facts.redis_default_open = "on" in parts and "nopass" in parts
+
+
+def scripting_allowed(rules: list[str]) -> bool:
+    """Whether an ACL LIST rule lets its user run Lua scripts or functions (Redis expands
+    categories into commands there, so the commands themselves are looked for)."""
+    allowed = False
+    for rule in rules:
+        if rule in ("+@all", "allcommands", "+@scripting") or rule.split("|")[0] in ("+eval", "+evalsha", "+fcall"):
+            allowed = True
+        elif rule in ("-@all", "nocommands", "-@scripting"):
+            allowed = False
+    return allowed
+
+
+def warnings(facts: Facts) -> list[str]:
+    """What is wrong on a shared server without being drift of this environment: reported, and
+    never a reason for verify to fail (it is the server's set-up, not the deploy's)."""
+    out = []
+    if facts.redis_default_open:
+        out.append("redis: the default user needs no password: any tenant can log in as it and bypass "
+                   "the ACL namespaces (see deploy/redis-acl.md)")
     return out
 
 

@@ -38,14 +38,16 @@ Running it again upgrades the code and restarts the controller.
 Operators talk to the controller on the Unix socket $SOCKET (mode
 0600), so deployctl runs as root or as the $SERVICE_USER user, e.g.
   sudo -u $SERVICE_USER PREFIX/.venv/bin/deployctl --socket $SOCKET ...
-or over TCP if --operator-listen is given.
+or over TCP (TLS, with a token from deployctl operator-token create) if
+--operator-listen is given.
 
 Options:
   --listen HOST:PORT           where agents connect (default: 127.0.0.1:7710,
                                this machine only; agents on other servers need
                                an address they can reach, e.g. 0.0.0.0:7710;
                                they enrol on the next port, 7711: open both)
-  --operator-listen HOST:PORT  also serve operators over loopback TCP (default: off)
+  --operator-listen HOST:PORT  also serve operators over TCP, TLS and operator
+                               tokens only (default: off)
   --source DIR                 deployer source tree to install
                                (default: $(dirname "$DEPLOY_DIR"))
   --prefix DIR                 install location, the venv goes to DIR/.venv

@@ -321,14 +321,16 @@ class Cancel(_message.Message):
     def __init__(self, op_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("op_id", "offset", "result")
+    __slots__ = ("op_id", "offset", "result", "resend")
     OP_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    RESEND_FIELD_NUMBER: _ClassVar[int]
     op_id: str
     offset: int
     result: bool
-    def __init__(self, op_id: _Optional[str] = ..., offset: _Optional[int] = ..., result: _Optional[bool] = ...) -> None: ...
+    resend: bool
+    def __init__(self, op_id: _Optional[str] = ..., offset: _Optional[int] = ..., result: _Optional[bool] = ..., resend: _Optional[bool] = ...) -> None: ...
 
 class Goodbye(_message.Message):
     __slots__ = ("reason",)
@@ -379,7 +381,7 @@ class EnrollRequest(_message.Message):
     def __init__(self, token: _Optional[str] = ..., agent_id: _Optional[str] = ..., csr_pem: _Optional[bytes] = ...) -> None: ...
 
 class AgentInfo(_message.Message):
-    __slots__ = ("id", "roles", "capabilities", "state", "last_seen", "version", "facts", "peer", "running", "certificate_expires", "revoked")
+    __slots__ = ("id", "roles", "capabilities", "state", "last_seen", "version", "facts", "peer", "running", "certificate_expires", "revoked", "granted", "address", "address_granted", "claimed")
     ID_FIELD_NUMBER: _ClassVar[int]
     ROLES_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
@@ -391,6 +393,10 @@ class AgentInfo(_message.Message):
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_EXPIRES_FIELD_NUMBER: _ClassVar[int]
     REVOKED_FIELD_NUMBER: _ClassVar[int]
+    GRANTED_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_GRANTED_FIELD_NUMBER: _ClassVar[int]
+    CLAIMED_FIELD_NUMBER: _ClassVar[int]
     id: str
     roles: _containers.RepeatedScalarFieldContainer[str]
     capabilities: _containers.RepeatedScalarFieldContainer[str]
@@ -402,7 +408,11 @@ class AgentInfo(_message.Message):
     running: int
     certificate_expires: float
     revoked: bool
-    def __init__(self, id: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., capabilities: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[AgentState, str]] = ..., last_seen: _Optional[float] = ..., version: _Optional[str] = ..., facts: _Optional[_Union[HostFacts, _Mapping]] = ..., peer: _Optional[str] = ..., running: _Optional[int] = ..., certificate_expires: _Optional[float] = ..., revoked: _Optional[bool] = ...) -> None: ...
+    granted: _containers.RepeatedScalarFieldContainer[str]
+    address: str
+    address_granted: bool
+    claimed: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., capabilities: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[AgentState, str]] = ..., last_seen: _Optional[float] = ..., version: _Optional[str] = ..., facts: _Optional[_Union[HostFacts, _Mapping]] = ..., peer: _Optional[str] = ..., running: _Optional[int] = ..., certificate_expires: _Optional[float] = ..., revoked: _Optional[bool] = ..., granted: _Optional[_Iterable[str]] = ..., address: _Optional[str] = ..., address_granted: _Optional[bool] = ..., claimed: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListAgentsRequest(_message.Message):
     __slots__ = ()
@@ -642,14 +652,18 @@ class Empty(_message.Message):
     def __init__(self) -> None: ...
 
 class TokenRequest(_message.Message):
-    __slots__ = ("roles", "ttl_s", "agent_id")
+    __slots__ = ("roles", "ttl_s", "agent_id", "provides", "address")
     ROLES_FIELD_NUMBER: _ClassVar[int]
     TTL_S_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PROVIDES_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
     roles: _containers.RepeatedScalarFieldContainer[str]
     ttl_s: float
     agent_id: str
-    def __init__(self, roles: _Optional[_Iterable[str]] = ..., ttl_s: _Optional[float] = ..., agent_id: _Optional[str] = ...) -> None: ...
+    provides: _containers.RepeatedScalarFieldContainer[str]
+    address: str
+    def __init__(self, roles: _Optional[_Iterable[str]] = ..., ttl_s: _Optional[float] = ..., agent_id: _Optional[str] = ..., provides: _Optional[_Iterable[str]] = ..., address: _Optional[str] = ...) -> None: ...
 
 class TokenReply(_message.Message):
     __slots__ = ("token", "expires_at", "token_id")
@@ -686,3 +700,45 @@ class RevokeReply(_message.Message):
     certificates: int
     disconnected: bool
     def __init__(self, certificates: _Optional[int] = ..., disconnected: _Optional[bool] = ...) -> None: ...
+
+class OperatorTokenRequest(_message.Message):
+    __slots__ = ("role", "ttl_s", "label")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    ttl_s: float
+    label: str
+    def __init__(self, role: _Optional[str] = ..., ttl_s: _Optional[float] = ..., label: _Optional[str] = ...) -> None: ...
+
+class OperatorTokenRevokeReply(_message.Message):
+    __slots__ = ("revoked",)
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    revoked: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, revoked: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GrantRequest(_message.Message):
+    __slots__ = ("agent_id", "provides", "address", "ungrant", "clear_address")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PROVIDES_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    UNGRANT_FIELD_NUMBER: _ClassVar[int]
+    CLEAR_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    provides: _containers.RepeatedScalarFieldContainer[str]
+    address: str
+    ungrant: bool
+    clear_address: bool
+    def __init__(self, agent_id: _Optional[str] = ..., provides: _Optional[_Iterable[str]] = ..., address: _Optional[str] = ..., ungrant: _Optional[bool] = ..., clear_address: _Optional[bool] = ...) -> None: ...
+
+class GrantReply(_message.Message):
+    __slots__ = ("granted", "address", "address_granted", "not_granted")
+    GRANTED_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_GRANTED_FIELD_NUMBER: _ClassVar[int]
+    NOT_GRANTED_FIELD_NUMBER: _ClassVar[int]
+    granted: _containers.RepeatedScalarFieldContainer[str]
+    address: str
+    address_granted: bool
+    not_granted: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, granted: _Optional[_Iterable[str]] = ..., address: _Optional[str] = ..., address_granted: _Optional[bool] = ..., not_granted: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -329,6 +329,26 @@ class OperatorStub:
                 request_serializer=protos_dot_deployer__pb2.RevokeRequest.SerializeToString,
                 response_deserializer=protos_dot_deployer__pb2.RevokeReply.FromString,
                 _registered_method=True)
+        self.CreateOperatorToken = channel.unary_unary(
+                '/deployer.v1.Operator/CreateOperatorToken',
+                request_serializer=protos_dot_deployer__pb2.OperatorTokenRequest.SerializeToString,
+                response_deserializer=protos_dot_deployer__pb2.TokenReply.FromString,
+                _registered_method=True)
+        self.ListOperatorTokens = channel.unary_unary(
+                '/deployer.v1.Operator/ListOperatorTokens',
+                request_serializer=protos_dot_deployer__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=protos_dot_deployer__pb2.JsonReply.FromString,
+                _registered_method=True)
+        self.RevokeOperatorToken = channel.unary_unary(
+                '/deployer.v1.Operator/RevokeOperatorToken',
+                request_serializer=protos_dot_deployer__pb2.TokenRef.SerializeToString,
+                response_deserializer=protos_dot_deployer__pb2.OperatorTokenRevokeReply.FromString,
+                _registered_method=True)
+        self.GrantAgent = channel.unary_unary(
+                '/deployer.v1.Operator/GrantAgent',
+                request_serializer=protos_dot_deployer__pb2.GrantRequest.SerializeToString,
+                response_deserializer=protos_dot_deployer__pb2.GrantReply.FromString,
+                _registered_method=True)
 
 
 class OperatorServicer:
@@ -459,6 +479,32 @@ class OperatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateOperatorToken(self, request, context):
+        """Credentials of operators on the TCP operator listener (the Unix socket needs none).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOperatorTokens(self, request, context):
+        """never the secret part
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeOperatorToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GrantAgent(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OperatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -561,6 +607,26 @@ def add_OperatorServicer_to_server(servicer, server):
                     servicer.RevokeAgent,
                     request_deserializer=protos_dot_deployer__pb2.RevokeRequest.FromString,
                     response_serializer=protos_dot_deployer__pb2.RevokeReply.SerializeToString,
+            ),
+            'CreateOperatorToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateOperatorToken,
+                    request_deserializer=protos_dot_deployer__pb2.OperatorTokenRequest.FromString,
+                    response_serializer=protos_dot_deployer__pb2.TokenReply.SerializeToString,
+            ),
+            'ListOperatorTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOperatorTokens,
+                    request_deserializer=protos_dot_deployer__pb2.ListTokensRequest.FromString,
+                    response_serializer=protos_dot_deployer__pb2.JsonReply.SerializeToString,
+            ),
+            'RevokeOperatorToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeOperatorToken,
+                    request_deserializer=protos_dot_deployer__pb2.TokenRef.FromString,
+                    response_serializer=protos_dot_deployer__pb2.OperatorTokenRevokeReply.SerializeToString,
+            ),
+            'GrantAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.GrantAgent,
+                    request_deserializer=protos_dot_deployer__pb2.GrantRequest.FromString,
+                    response_serializer=protos_dot_deployer__pb2.GrantReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1103,6 +1169,114 @@ class Operator:
             '/deployer.v1.Operator/RevokeAgent',
             protos_dot_deployer__pb2.RevokeRequest.SerializeToString,
             protos_dot_deployer__pb2.RevokeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateOperatorToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deployer.v1.Operator/CreateOperatorToken',
+            protos_dot_deployer__pb2.OperatorTokenRequest.SerializeToString,
+            protos_dot_deployer__pb2.TokenReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOperatorTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deployer.v1.Operator/ListOperatorTokens',
+            protos_dot_deployer__pb2.ListTokensRequest.SerializeToString,
+            protos_dot_deployer__pb2.JsonReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeOperatorToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deployer.v1.Operator/RevokeOperatorToken',
+            protos_dot_deployer__pb2.TokenRef.SerializeToString,
+            protos_dot_deployer__pb2.OperatorTokenRevokeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GrantAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deployer.v1.Operator/GrantAgent',
+            protos_dot_deployer__pb2.GrantRequest.SerializeToString,
+            protos_dot_deployer__pb2.GrantReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -130,11 +130,13 @@ publish_example() {
 
 # An agent without a certificate enrols on its first start with a single-use token, passed in the
 # environment (never on a command line other users can read).
+# The token also grants what the agent provides ($3): its hello alone would not be believed.
 enrolment() {
   if [ -f "$DEMO/agents/$1/tls/agent.crt" ]; then
     export DEPLOYER_TOKEN=
   else
-    DEPLOYER_TOKEN=$("$BIN/deployctl" token create --role "$2" --agent "$1" --ttl 10m 2>/dev/null)
+    DEPLOYER_TOKEN=$("$BIN/deployctl" token create --role "$2" --agent "$1" --ttl 10m \
+      ${3:+--provides "$3"} 2>/dev/null)
     export DEPLOYER_TOKEN
     echo "demo: enrolling $1 ($2) with a single-use token"
   fi
@@ -154,7 +156,7 @@ start() {
   fi
   start_nginx
   if ! running "$DEMO/computing-1.pid"; then
-    enrolment computing-1 computing
+    enrolment computing-1 computing mysql,redis,nginx
     start_bg "$DEMO/computing-1.pid" "$DEMO/computing-1.log" \
       "$BIN/deployer-agent" --id computing-1 --role computing --controller "$LISTEN" \
       --state-dir "$DEMO/agents/computing-1" --services-root "$SRV" \
@@ -169,6 +171,8 @@ start() {
       --state-dir "$DEMO/agents/daemons-1" --services-root "$SRV"
   fi
   wait_until 30 "both agents to connect" agents_connected
+  # A demo enrolled before grants existed has none: grant what computing-1 provides (idempotent).
+  "$BIN/deployctl" agents grant computing-1 --provides mysql,redis,nginx >/dev/null
   echo
   "$BIN/deployctl" agents
   echo

@@ -3,6 +3,7 @@ everything a test environment created in MariaDB and Redis."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -132,6 +133,14 @@ def purge(app: str, env: str) -> None:
         redis("DEL", *keys)
 
 
+def purge_each(app: str, envs: list[str]) -> None:
+    """Purge each environment in a clean-up of its own, so one that fails leaves the others
+    purged all the same (their processes must have ended)."""
+    with contextlib.ExitStack() as each:
+        for env in envs:
+            each.callback(purge, app, env)
+
+
 def http_get(port: int, path: str = "/", host: str = "", timeout: float = 5.0) -> tuple[int, bytes]:
     import http.client
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
@@ -156,19 +165,30 @@ def elapsed(start: float) -> float:
     return time.monotonic() - start
 
 
-def deploy_cluster(base: Path) -> tuple[Nginx, Cluster]:
+def deploy_cluster(base: Path, cleanup: contextlib.ExitStack | None = None) -> tuple[Nginx, Cluster]:
     """A private nginx, a controller, `computing-1` (which also provides MySQL, Redis and nginx
-    routing on this machine) and `daemons-1`, all connected."""
+    routing on this machine) and `daemons-1`, all connected.
+
+    What it starts is stopped by `cleanup` when given (registered as soon as it runs), and in any
+    case if the set-up itself fails half-way."""
     for folder in (base, *base.parents):
         if not folder.stat().st_mode & 0o001:
             raise AssertionError(f"{folder} is closed to other users, so services' own users could not reach "
                                  f"{base}/srv: use service_users_base()")
-    nginx = Nginx(base).start()
-    cluster = Cluster(base)
-    cluster.controller.start()
-    provides = {**nginx.settings(), "mysql.host": "127.0.0.1", "mysql.port": "3306",
-                "redis.host": "127.0.0.1", "redis.port": "6379"}
-    cluster.add_agent("computing-1", ["computing"], provides=provides)
-    cluster.add_agent("daemons-1", ["daemons"])
-    cluster.wait_connected("computing-1", "daemons-1")
+    with contextlib.ExitStack() as started:
+        nginx = Nginx(base)
+        started.callback(nginx.stop)
+        nginx.start()
+        cluster = Cluster(base)
+        started.callback(cluster.close)
+        cluster.controller.start()
+        provides = {**nginx.settings(), "mysql.host": "127.0.0.1", "mysql.port": "3306",
+                    "redis.host": "127.0.0.1", "redis.port": "6379"}
+        cluster.add_agent("computing-1", ["computing"], provides=provides)
+        cluster.add_agent("daemons-1", ["daemons"])
+        cluster.wait_connected("computing-1", "daemons-1")
+        if cleanup is not None:
+            cleanup.push(started.pop_all())
+        else:
+            started.pop_all()
     return nginx, cluster

@@ -69,7 +69,11 @@ class Controller:
              "--log-file", str(self.log), "--lost-after", str(self.lost_after),
              *(["--insecure"] if self.insecure else []), *self.extra_args],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_for(lambda: self._accepting() or self.proc.poll() is not None, what="controller socket")
+        try:
+            wait_for(lambda: self._accepting() or self.proc.poll() is not None, what="controller socket")
+        except AssertionError:
+            self.stop()  # a controller that never served is not left running
+            raise
         if self.proc.poll() is not None:
             raise AssertionError(f"controller exited: {self.proc.stderr.read().decode()}")
         return self
@@ -83,14 +87,27 @@ class Controller:
             except OSError:
                 return False
 
-    def token(self, roles=("computing",), ttl_s: float = 600, agent_id: str = "") -> str:
-        """A fresh enrolment token, straight from the operator socket (no deployctl process)."""
+    def token(self, roles=("computing",), ttl_s: float = 600, agent_id: str = "", provides=(),
+              address: str = "") -> str:
+        """A fresh enrolment token, straight from the operator socket (no deployctl process);
+        `provides` and `address` are what it grants the agent it enrols."""
         import grpc
         from protos import deployer_pb2 as pb
         from protos import deployer_pb2_grpc as pb_grpc
         with grpc.insecure_channel(f"unix:{self.socket}") as channel:
             return pb_grpc.OperatorStub(channel).CreateToken(
-                pb.TokenRequest(roles=list(roles), ttl_s=ttl_s, agent_id=agent_id), timeout=10).token
+                pb.TokenRequest(roles=list(roles), ttl_s=ttl_s, agent_id=agent_id, provides=list(provides),
+                                address=address), timeout=10).token
+
+    def grant(self, agent_id: str, provides=(), address: str = "", ungrant: bool = False):
+        """What `deployctl agents grant` (or `ungrant`) does, straight from the operator socket."""
+        import grpc
+        from protos import deployer_pb2 as pb
+        from protos import deployer_pb2_grpc as pb_grpc
+        with grpc.insecure_channel(f"unix:{self.socket}") as channel:
+            return pb_grpc.OperatorStub(channel).GrantAgent(
+                pb.GrantRequest(agent_id=agent_id, provides=list(provides), address=address, ungrant=ungrant),
+                timeout=10)
 
     def kill9(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -195,11 +212,17 @@ class Cluster:
 
     def add_agent(self, agent_id: str, roles=("computing",), via: str | None = None,
                   provides: dict[str, str] | None = None) -> Agent:
+        """An agent configured with `provides` settings and granted what they are for, as an
+        operator would: in its enrolment token, or (a plain link has no token) once it is there."""
         insecure = self.controller.insecure
-        token = "" if insecure else self.controller.token(roles, agent_id=agent_id)
+        granted = sorted({key.partition(".")[0] for key in provides or {}})
+        token = "" if insecure else self.controller.token(roles, agent_id=agent_id, provides=granted)
         agent = Agent(self.base, agent_id, via or self.controller.address, roles, provides=provides,
                       token=token, insecure=insecure, enroll_address=self.controller.enroll_address).start()
         self.agents[agent_id] = agent
+        if insecure and granted:
+            self.wait_connected(agent_id)
+            self.controller.grant(agent_id, granted)
         return agent
 
     def deployctl(self, *args: str, timeout: float = 60, stdout=subprocess.PIPE) -> subprocess.CompletedProcess:
@@ -237,10 +260,13 @@ class Cluster:
         return sorted(p.name for p in (self.controller.store / "operations").iterdir())
 
     def close(self) -> None:
-        for agent in self.agents.values():
-            agent.stop()
-            agent.stop_services()
-        self.controller.stop()
+        """Everything stops, even when stopping one of them fails."""
+        import contextlib
+        with contextlib.ExitStack() as each:
+            each.callback(self.controller.stop)
+            for agent in self.agents.values():
+                each.callback(agent.stop_services)
+                each.callback(agent.stop)
 
 
 class CuttableProxy:

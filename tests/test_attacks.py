@@ -184,12 +184,591 @@ def test_a_service_folder_or_unix_user_not_ours_is_refused_with_one_line(owned_w
 
 
 # ---------------------------------------------------------------- 2. tenant code without root
+# A hostile tenant's own install step plants what root used to pick up: an LD_PRELOAD library in its
+# .env, a .env linked to another environment's, rewritten objects of its checkout. Deploys are real
+# (controller, agents, git, gcc); the services are daemons, so no nginx route is involved.
+
+import hashlib
+import os
+import pwd
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from controller import naming
+from controller.procedures import _checkout_script
+from tests.deploy_harness import deploy_cluster, git, purge, service_users_base, unique_env
+
+TENANT_APP = "tenant"
+EVIL_C = r"""
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+/* Runs in every process that loads it: leaves a file saying as whom. */
+__attribute__((constructor)) static void mark(void) {
+    const char *dir = getenv("MARKER_DIR");
+    char comm[64] = "", path[4096];
+    if (!dir) return;
+    int c = open("/proc/self/comm", O_RDONLY);
+    if (c >= 0) { ssize_t n = read(c, comm, sizeof comm - 1); if (n > 0) comm[n - 1] = 0; close(c); }
+    snprintf(path, sizeof path, "%s/uid-%d-euid-%d-pid-%d-%s", dir, (int)getuid(), (int)geteuid(), (int)getpid(), comm);
+    int fd = open(path, O_WRONLY | O_CREAT | O_EXCL, 0644);
+    if (fd >= 0) close(fd);
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def tenants():
+    """A controller, its agents and a hostile tenant's repository; every environment a test
+    made is destroyed and purged afterwards, whatever happened."""
+    base = service_users_base("deployer-tenant-")
+    envs: list[str] = []
+    cluster = nginx = None
+    try:
+        nginx, cluster = deploy_cluster(base)
+        repo = base / "hostile-repo"
+        repo.mkdir()
+        (repo / "evil.c").write_text(EVIL_C)
+        git(repo, "init", "-q", "-b", "main")
+        git(repo, "add", "-A")
+        git(repo, "commit", "-q", "-m", "hostile")
+        yield {"base": base, "cluster": cluster, "repo": repo, "envs": envs}
+    finally:
+        for env in envs:
+            if cluster is not None:
+                cluster.deployctl("destroy", f"{TENANT_APP}/{env}", timeout=300)
+        if cluster is not None:
+            cluster.close()
+        if nginx is not None:
+            nginx.stop()
+        for env in envs:
+            purge(TENANT_APP, env)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _tenant_env(tenants) -> str:
+    env = unique_env()
+    tenants["envs"].append(env)
+    return env
+
+
+def _drop_box(tenants, name: str) -> Path:
+    """A folder anyone may create files in (root then, the tenant now), read by the test."""
+    box = tenants["base"] / name
+    box.mkdir()
+    os.chmod(box, 0o1777)
+    return box
+
+
+def _deploy(tenants, name: str, source: Path, **service) -> subprocess.CompletedProcess:
+    spec = {"app": TENANT_APP, "environment": name, "domain": f"{name}.tenant.test",
+            "services": {"job": {"source": str(source), "ref": "main", "start": "sleep 600",
+                                 "healthy_after": 1, **service}}}
+    path = tenants["base"] / f"{name}.yml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return tenants["cluster"].deployctl("apply", str(path), timeout=600)
+
+
+def _service_dir(tenants, env: str) -> Path:
+    return Path(naming.service_dir(str(tenants["base"] / "srv"), TENANT_APP, env, "job"))
+
+
+def _markers(box: Path) -> list[tuple[str, int]]:
+    return [(p.name, p.lstat().st_uid) for p in box.iterdir()]
+
+
+def test_an_ld_preload_in_a_root_run_environment_does_load(tmp_path):
+    """Without the defence: a privileged process started with the tenant's LD_PRELOAD runs the
+    library as uid 0 (in a throwaway `true`, leaving only a file in a temporary folder)."""
+    library = tmp_path / "evil.so"
+    source = tmp_path / "evil.c"
+    source.write_text(EVIL_C)
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+    box = tmp_path / "markers"
+    box.mkdir()
+    subprocess.run(["true"], env={"PATH": "/usr/bin:/bin", "LD_PRELOAD": str(library), "MARKER_DIR": str(box)},
+                   check=True)
+    assert [name for name, uid in _markers(box) if name.startswith(f"uid-{os.getuid()}-")], _markers(box)
+
+
+def test_a_tenants_ld_preload_never_runs_as_root(tenants):
+    env = _tenant_env(tenants)
+    box = _drop_box(tenants, f"markers-{env}")
+    plant = ('gcc -shared -fPIC -o "$PWD/evil.so" evil.c && '
+             f'printf "LD_PRELOAD=%s\\nMARKER_DIR=%s\\n" "$PWD/evil.so" {box} >> .env')
+    result = _deploy(tenants, env, tenants["repo"], install=plant, build="/bin/true", migrate="/bin/echo migrated")
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+    uid = int(subprocess.run(["id", "-u", naming.unix_user(TENANT_APP, env)], capture_output=True, text=True,
+                             check=True).stdout)
+    markers = _markers(box)
+    assert not [m for m in markers if m[1] == 0 or "uid-0-" in m[0] or "euid-0-" in m[0]], markers
+    # The library did load, as the tenant, in build, migrate and the service itself.
+    assert {"true", "echo", "sleep"} <= {name.rsplit("-", 1)[1] for name, owner in markers if owner == uid}, markers
+
+
+def test_a_env_linked_to_another_environments_gives_nothing_away(tenants):
+    victim, thief = _tenant_env(tenants), _tenant_env(tenants)
+    secret = f"victim-{os.urandom(6).hex()}"
+    done = _deploy(tenants, victim, tenants["repo"], env={"VICTIM_TOKEN": secret})
+    assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
+    foreign = _service_dir(tenants, victim) / "releases" / "1" / ".env"
+    assert secret in foreign.read_text()
+    box = _drop_box(tenants, f"dumps-{thief}")
+    result = _deploy(tenants, thief, tenants["repo"], install=f"ln -sfn {foreign} .env",
+                     build=f'env > {box}/build-$$', start=f'sh -c "env > {box}/start-$$; exec sleep 600"')
+    output = result.stdout.decode() + result.stderr.decode()
+    assert result.returncode != 0 and "it is a symbolic link" in output, output
+    assert not [p for p in box.iterdir() if secret in p.read_text()]
+    link = _service_dir(tenants, thief) / "releases" / "1" / ".env"
+    assert link.is_symlink() and secret in link.read_text()    # what a root reader following links got
+
+
+def test_mv_without_t_moves_into_the_folder_a_link_points_to(tmp_path):
+    """Without the defence: `mv -f` onto a link to a folder moves the file into that folder."""
+    target, release = tmp_path / "target", tmp_path / "release"
+    target.mkdir()
+    release.mkdir()
+    for flags, expected in (("-f", ["staged"]), ("-fT", [])):
+        for leftover in target.iterdir():
+            leftover.unlink()
+        (release / "staged").write_text("A=1\n")
+        (release / ".env").unlink(missing_ok=True)
+        (release / ".env").symlink_to(target)
+        subprocess.run(["mv", flags, str(release / "staged"), str(release / ".env")], check=True)
+        assert [p.name for p in target.iterdir()] == expected
+        assert (release / ".env").is_symlink() == bool(expected)
+
+
+def test_a_env_made_a_link_to_a_folder_gets_nothing_moved_into_it(tenants):
+    """A redeploy of a release on disk (reload, rollback) stages its next .env beside the live one
+    and moves it into place after the switch; a tenant that made `.env` a link to a folder had
+    root's `mv -f` put the file inside that folder."""
+    env = _tenant_env(tenants)
+    done = _deploy(tenants, env, tenants["repo"])
+    assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
+    target = tenants["base"] / f"root-only-{env}"            # a folder of root's, closed to the tenant
+    target.mkdir(mode=0o755)
+    user = naming.unix_user(TENANT_APP, env)
+    release = _service_dir(tenants, env) / "releases" / "1"
+    planted = subprocess.run(["runuser", "-u", user, "--", "sh", "-c",
+                              f"cd {release} && ln -sfn {target} .env.new && mv -T .env.new .env"],
+                             capture_output=True, text=True)
+    assert planted.returncode == 0, planted.stderr
+    reloaded = tenants["cluster"].deployctl("reload", f"{TENANT_APP}/{env}/job", timeout=300)
+    assert reloaded.returncode == 0, reloaded.stdout.decode() + reloaded.stderr.decode()
+    assert list(target.iterdir()) == []
+    info = (release / ".env").lstat()
+    assert (info.st_mode & 0o170000) == 0o100000 and info.st_uid == pwd.getpwnam(user).pw_uid
+    assert not list(release.glob(".env.deploy-*"))
+
+
+def _objects(repo: Path) -> dict[str, tuple[str, int, int]]:
+    """Every file and folder under .git/objects: (content hash, owner, group)."""
+    out = {}
+    for path in sorted((repo / ".git" / "objects").rglob("*")):
+        info = path.lstat()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "folder"
+        out[str(path.relative_to(repo))] = (digest, info.st_uid, info.st_gid)
+    return out
+
+
+def test_a_plain_local_clone_shares_the_sources_objects_and_ours_does_not(tmp_path):
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "a").write_text("a\n")
+    git(source, "init", "-q", "-b", "main")
+    git(source, "add", "-A")
+    git(source, "commit", "-q", "-m", "a")
+    commit = git(source, "rev-parse", "HEAD")
+    inodes = {p.stat().st_ino for p in (source / ".git" / "objects").rglob("*") if p.is_file()}
+    plain = tmp_path / "plain"
+    subprocess.run(["git", "clone", "-q", "--no-checkout", str(source), str(plain)], check=True)
+    assert inodes & {p.stat().st_ino for p in (plain / ".git" / "objects").rglob("*") if p.is_file()}
+    release = tmp_path / "svc" / "releases" / "1"
+    done = subprocess.run(["sh", "-c", _checkout_script(str(tmp_path / "svc"), str(release), str(source), commit)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not inodes & {p.stat().st_ino for p in (release / ".git" / "objects").rglob("*") if p.is_file()}
+    assert (release / "a").read_text() == "a\n"
+
+
+def test_a_tenant_cannot_rewrite_the_objects_others_deploy_from(tenants):
+    env, source = _tenant_env(tenants), tenants["base"] / "shared-source"
+    shutil.copytree(tenants["repo"], source, symlinks=True)
+    before = _objects(source)
+    rewrite = 'find .git/objects -type f | while read -r f; do chmod u+w "$f"; printf rewritten > "$f"; done'
+    result = _deploy(tenants, env, source, install=rewrite)
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+    release = _service_dir(tenants, env) / "releases" / "1"
+    assert {p.read_bytes() for p in (release / ".git" / "objects").rglob("*") if p.is_file()} == {b"rewritten"}
+    assert _objects(source) == before                      # same bytes, still root's
+    assert all(uid == 0 and gid == 0 for _, uid, gid in before.values())
+    assert subprocess.run(["git", "-C", str(source), "fsck", "--strict"], capture_output=True).returncode == 0
 
 
 # ---------------------------------------------------------------- 3. agents prove what they provide
+import queue
+import shutil
+import sqlite3
+import threading
+from pathlib import Path
+
+import grpc
+import yaml
+
+from agent import tls
+from controller import naming
+from protos import deployer_pb2 as pb
+from protos import deployer_pb2_grpc as pb_grpc
+from tests.deploy_harness import deploy_cluster, example_repo, purge, service_users_base, unique_env, wait_http_ok
+from tests.harness import wait_for
+
+ROGUE = "a-rogue-1"  # sorts before every genuine agent: the one picked first when it matched
+# Passes `nginx -t` once inside a proxy_pass, and adds a server that answers for everyone.
+BREAKOUT = ("127.0.0.1:1/; } } server { listen 80; location / { return 200 owned; } } "
+            "server { location /x { proxy_pass http://127.0.0.1")
+
+
+class RogueLink:
+    """An agent stream with a genuine certificate and a hostile hello; keeps all it is sent."""
+
+    def __init__(self, controller, key: bytes, cert: bytes, settings: dict[str, str]) -> None:
+        ca = (controller.store / "pki" / "ca.crt").read_bytes()
+        self.channel = grpc.secure_channel(
+            controller.address, grpc.ssl_channel_credentials(ca, key, cert),
+            options=[("grpc.ssl_target_name_override", tls.SERVER_NAME)])
+        self.outgoing: queue.Queue = queue.Queue()
+        self.outgoing.put(pb.AgentMessage(hello=pb.Hello(
+            agent_id=ROGUE, roles=["daemons"], capabilities=["mysql", "nginx", "redis"], version="rogue",
+            heartbeat_interval_s=3600, settings=settings)))  # no heartbeats needed while the test runs
+        self.received: list = []
+        self.status = None
+        self.done = threading.Event()
+        self.call = pb_grpc.AgentGatewayStub(self.channel).Connect(iter(self.outgoing.get, None), timeout=900)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for message in self.call:
+                self.received.append(message)
+        except grpc.RpcError as exc:
+            self.status = (exc.code(), exc.details() or "")
+        self.done.set()
+
+    def welcomed(self) -> bool:
+        return any(m.WhichOneof("msg") == "welcome" for m in self.received)
+
+    def close(self) -> None:
+        self.outgoing.put(None)
+        self.call.cancel()
+        self.channel.close()
+
+
+def _enrol_rogue(controller) -> tuple[bytes, bytes]:
+    """Enrolled as an operator would enrol a daemons host: a token for the role, nothing granted."""
+    ca = (controller.store / "pki" / "ca.crt").read_bytes()
+    key, csr = tls.new_key_and_csr(ROGUE)
+    with grpc.secure_channel(controller.enroll_address, grpc.ssl_channel_credentials(ca),
+                               options=[("grpc.ssl_target_name_override", tls.SERVER_NAME)]) as channel:
+        reply = pb_grpc.EnrollmentStub(channel).Enroll(pb.EnrollRequest(
+            token=controller.token(("daemons",), agent_id=ROGUE), agent_id=ROGUE, csr_pem=csr), timeout=10)
+    return key, reply.certificate_pem
+
+
+def test_a_rogue_agent_gets_no_work_no_password_and_no_line_in_nginx():
+    """An agent enrolled for daemons claims mysql, redis and nginx, with settings of its own. Its
+    nginx syntax is refused at the hello; its well-formed claims are ignored: a real deploy with
+    it connected sends it nothing, and the router's real nginx file holds nothing it said.
+    (tests/test_grants.py shows the same hello picked, and its address passing nginx -t, without
+    the checks.)"""
+    base = service_users_base("deployer-attack3-")
+    nginx, cluster = deploy_cluster(base)
+    env, rogue = unique_env(), None
+    try:
+        key, cert = _enrol_rogue(cluster.controller)
+        for hostile in ({"address": BREAKOUT}, {"nginx.listen": "80; include /etc/shadow"},
+                        {"mysql.host": "db.example\n"}, {"redis.port": "6379 ; FLUSHALL"}):
+            refused = RogueLink(cluster.controller, key, cert, hostile)
+            assert refused.done.wait(20), "the hostile hello was not answered"
+            code, details = refused.status
+            refused.close()
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("setting ")
+            assert "\n" not in details and not refused.welcomed()
+        assert ROGUE not in cluster.agents_json()  # nothing of it was recorded
+
+        rogue_conf = base / "rogue-nginx"
+        rogue = RogueLink(cluster.controller, key, cert, {
+            "address": "10.66.66.66", "mysql.host": "10.66.66.66", "mysql.port": "3306",
+            "redis.host": "10.66.66.66", "redis.port": "6379", "nginx.conf_dir": str(rogue_conf),
+            "nginx.listen": "6666", "nginx.test": "true", "nginx.reload": "true"})
+        wait_for(rogue.welcomed, 20, what="the rogue's welcome (it is a genuine daemons agent)")
+        listed = cluster.agents_json()[ROGUE]
+        assert listed["state"] == "connected" and listed["capabilities"] == [] and listed["granted"] == []
+        assert set(listed["claimed"]) == {"mysql", "nginx", "redis"}
+        assert listed["address"] == "127.0.0.1" and not listed["address_granted"]  # its link's, not its word
+        assert any(e["agent_id"] == ROGUE for e in cluster.controller.events("agent.claims_ignored"))
+
+        repo = example_repo(base)
+        spec = base / "environment.yml"
+        spec.write_text(yaml.safe_dump({"app": "shop", "environment": env, "domain": f"{env}.shop.test",
+                                          "services": {"web": {
+                                              "path": "/", "source": str(repo), "ref": "main", "root": "web",
+                                              "install": "npm ci --omit=dev --no-audit --no-fund --prefer-offline",
+                                              "build": "npm run build", "migrate": "node migrate.js",
+                                              "start": "node server.js", "health": "/health",
+                                              "uses": ["mysql", "redis"]}}}))
+        done = cluster.deployctl("apply", str(spec), timeout=600)
+        assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
+        wait_http_ok(nginx.port, "/", f"{env}.shop.test")
+
+        # No operation reached it, by its stream or in the controller's records.
+        assert rogue.status is None, rogue.status
+        assert [m.WhichOneof("msg") for m in rogue.received] == ["welcome"]
+        db = sqlite3.connect(cluster.controller.store / "deployer.db")
+        assert db.execute("SELECT COUNT(*) FROM operations WHERE agent_id = ?", (ROGUE,)).fetchone()[0] == 0
+        hosts = {row[0] for row in db.execute("SELECT host FROM instances WHERE env_key = ?", (f"shop/{env}",))}
+        assert hosts == {"computing-1"}
+        # The passwords made for the deploy went to the genuine providers, never to it.
+        service = naming.service_dir(str(base / "srv"), "shop", env, "web")
+        dotenv = next(Path(service).glob("releases/*/.env")).read_text()
+        passwords = [line.split("=", 1)[1] for line in dotenv.splitlines() if line.startswith("DB_PASSWORD=")]
+        assert passwords and len(passwords[0]) >= 20
+        assert all(passwords[0].encode() not in m.SerializeToString() for m in rogue.received)
+        assert "10.66.66.66" not in dotenv
+        # The router's real nginx file: routes to the web service's host as the link shows it, and
+        # holds no text the rogue sent; the rogue's own nginx folder was never written.
+        conf = (nginx.conf_dir / naming.nginx_file("shop", env)).read_text()
+        assert "proxy_pass http://127.0.0.1:" in conf and f"listen {nginx.port};" in conf
+        assert all(text not in conf for text in ("10.66.66.66", "6666", "owned", "rogue"))
+        assert conf.count("server {") == 1
+        assert not rogue_conf.exists()
+    finally:
+        if rogue is not None:
+            rogue.close()
+        cluster.close()
+        nginx.stop()
+        purge("shop", env)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- 4. operators authenticate
+#
+# A local user of the controller host who is not root (or any tenant process there) reaches the
+# TCP operator port. Without a credential it gets UNAUTHENTICATED; with a read token it can look
+# but not change; only an operate token enrols agents or runs commands, until it is revoked. The
+# attack without the defence (an unauthenticated caller reaching SubmitExec through a door with
+# no token check) is shown in tests/test_operator_access.py, not by a flag that would turn the
+# check off here.
+
+import json
+import os
+import pwd
+import secrets
+import shutil
+import site
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.harness import ROOT, Cluster, free_port
+
+# The user cannot run the test's interpreter (it may live under /root, which only root may enter):
+# it runs the system's Python of the same version with the same packages, read-only.
+_OP_PYTHON = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
+_OP_RAW_ATTACK = """
+import json, os, socket, sys
+import grpc
+from protos import deployer_pb2 as pb, deployer_pb2_grpc as pb_grpc
+address, ca_file, socket_path = sys.argv[1:4]
+out = {"uid": os.getuid(), "euid": os.geteuid()}
+def codes(channel):
+    stub, found = pb_grpc.OperatorStub(channel), {}
+    for name, call, request in (
+            ("CreateToken", stub.CreateToken, pb.TokenRequest(roles=["computing"], ttl_s=600)),
+            ("SubmitExec", stub.SubmitExec, pb.SubmitExecRequest(
+                target=pb.Target(all=True), exec=pb.ExecSpec(argv=["id"])))):
+        try:
+            call(request, timeout=10)
+            found[name] = "OK"
+        except grpc.RpcError as exc:
+            found[name] = exc.code().name
+    return found
+tls = grpc.ssl_channel_credentials(open(ca_file, "rb").read())
+out["tls"] = codes(grpc.secure_channel(address, tls, options=[
+    ("grpc.ssl_target_name_override", "deployer-controller")]))
+out["plain"] = codes(grpc.insecure_channel(address))
+try:
+    socket.socket(socket.AF_UNIX).connect(socket_path)
+    out["socket"] = "connected"
+except OSError as exc:
+    out["socket"] = type(exc).__name__
+print(json.dumps(out))
+"""
+
+
+class _OpLocalUser:
+    """A throwaway Unix user (not root, no groups) with a private home, running deployctl."""
+
+    def __init__(self) -> None:
+        self.name = f"dtest-op-{secrets.token_hex(4)}"
+        subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
+                            "--shell", "/usr/sbin/nologin", self.name], check=True, capture_output=True)
+        entry = pwd.getpwnam(self.name)
+        self.uid, self.gid = entry.pw_uid, entry.pw_gid
+        self.home = Path(tempfile.mkdtemp(prefix="dtest-op-home-"))
+        shutil.chown(self.home, self.uid, self.gid)
+
+    def write_private(self, name: str, text: str) -> Path:
+        path = self.home / name
+        path.write_text(text)
+        shutil.chown(path, self.uid, self.gid)
+        path.chmod(0o600)
+        return path
+
+    def run(self, argv: list[str], **env: str) -> subprocess.CompletedProcess:
+        path = ":".join([*site.getsitepackages(), str(ROOT)])
+        return subprocess.run(
+            [_OP_PYTHON, *argv], cwd=self.home, user=self.uid, group=self.gid, extra_groups=[],
+            env={"PATH": "/usr/bin:/bin", "HOME": str(self.home), "PYTHONPATH": path,
+                 "PYTHONDONTWRITEBYTECODE": "1", "NO_COLOR": "1", **env},
+            capture_output=True, text=True, timeout=60)
+
+    def deployctl(self, address: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+        return self.run(["-m", "controller.cli", "--controller", address, *args], **env)
+
+    def remove(self) -> None:
+        subprocess.run(["userdel", self.name], capture_output=True)
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def op_setup(tmp_path_factory):
+    """A controller serving operators on loopback TCP, one connected agent, a local user."""
+    if os.geteuid() != 0:
+        pytest.skip("creates a Unix user")
+    if not Path(_OP_PYTHON).exists():
+        pytest.skip(f"{_OP_PYTHON} is needed to run a process as another user")
+    base = tmp_path_factory.mktemp("operators")
+    cluster = Cluster(base)
+    address = f"127.0.0.1:{free_port()}"
+    cluster.controller.extra_args = ("--operator-listen", address)
+    user = None
+    try:
+        cluster.controller.start()
+        cluster.add_agent("op-web-1")
+        cluster.wait_connected("op-web-1")
+        user = _OpLocalUser()
+        ca = Path(user.home / "ca.crt")
+        ca.write_bytes((cluster.controller.store / "pki" / "ca.crt").read_bytes())  # public
+        ca.chmod(0o644)
+        yield cluster, user, address, str(ca)
+    finally:
+        if user is not None:
+            user.remove()
+        cluster.close()
+
+
+def _op_harm(cluster) -> tuple[int, list[str]]:
+    """(enrolment tokens ever made, operations ever sent): what an attacker would have added."""
+    listed = cluster.deployctl("token", "list", "--all", "--json")
+    assert listed.returncode == 0, listed.stderr
+    folder = cluster.controller.store / "operations"
+    return len(json.loads(listed.stdout)), sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def _op_token(cluster, role: str) -> str:
+    made = cluster.deployctl("operator-token", "create", "--role", role, "--label", f"test {role}")
+    assert made.returncode == 0, made.stderr
+    return made.stdout.decode().strip()
+
+
+def _op_one_line(done, code: int, *words: str) -> None:
+    assert done.returncode == code, (done.returncode, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("deployctl: "), done.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_a_local_user_without_credentials_cannot_enrol_or_run_commands(op_setup):
+    cluster, user, address, ca = op_setup
+    marker = cluster.base / "op-pwned-anonymous"
+    before = _op_harm(cluster)
+
+    raw = user.run(["-c", _OP_RAW_ATTACK, address, ca, str(cluster.controller.socket)])
+    assert raw.returncode == 0, raw.stderr
+    seen = json.loads(raw.stdout)
+    assert seen["uid"] != 0 and seen["euid"] != 0
+    assert seen["tls"] == {"CreateToken": "UNAUTHENTICATED", "SubmitExec": "UNAUTHENTICATED"}
+    assert seen["plain"] == {"CreateToken": "UNAVAILABLE", "SubmitExec": "UNAVAILABLE"}   # TLS only
+    assert seen["socket"] == "PermissionError"                        # the 0600 socket in a 0700 store
+
+    for args in (("token", "create", "--role", "computing"),
+                 ("exec", "--agent", "op-web-1", "--", "touch", str(marker))):
+        _op_one_line(user.deployctl(address, *args), 2, "needs an operator token")
+        _op_one_line(user.deployctl(address, *args, DEPLOYER_CA=ca), 4,
+                     "the controller refused the credential (no operator token")
+        forged = "dpo1.0123456789ab.guessed-secret.x"
+        _op_one_line(user.deployctl(address, *args, DEPLOYER_CA=ca, DEPLOYER_OPERATOR_TOKEN=forged), 4,
+                     "the controller refused the credential (unknown operator token")
+    assert _op_harm(cluster) == before and not marker.exists()
+    assert cluster.controller.events("rpc.unauthenticated")
+
+
+def test_a_read_credential_looks_but_changes_nothing(op_setup):
+    cluster, user, address, ca = op_setup
+    token = _op_token(cluster, "read")
+    marker = cluster.base / "op-pwned-reader"
+    before = _op_harm(cluster)
+
+    # The token alone is enough: deployctl pins the CA whose fingerprint it carries.
+    agents = user.deployctl(address, "agents", "--json", DEPLOYER_OPERATOR_TOKEN=token)
+    assert agents.returncode == 0, agents.stderr
+    assert [a["id"] for a in json.loads(agents.stdout)] == ["op-web-1"]
+    for args, method in ((("token", "create", "--role", "computing"), "CreateToken"),
+                         (("exec", "--agent", "op-web-1", "--", "touch", str(marker)), "SubmitExec"),
+                         (("operator-token", "create", "--role", "operate"), "CreateOperatorToken"),
+                         (("agents", "revoke", "op-web-1"), "RevokeAgent")):
+        _op_one_line(user.deployctl(address, *args, DEPLOYER_OPERATOR_TOKEN=token), 4,
+                     "not permitted", f"{method} needs the operate role")
+    assert _op_harm(cluster) == before and not marker.exists()
+    assert cluster.agents_json()["op-web-1"]["state"] == "connected"
+
+
+def test_an_operate_credential_works_until_it_is_revoked(op_setup):
+    cluster, user, address, ca = op_setup
+    token = _op_token(cluster, "operate")
+    loose = user.write_private("loose-token", token)
+    loose.chmod(0o644)
+    _op_one_line(user.deployctl(address, "--token-file", str(loose), "agents"), 2, "open to other users")
+    token_file = user.write_private("token", token)
+    marker = cluster.base / "op-by-operator"
+    tokens_before, _ = _op_harm(cluster)
+
+    done = user.deployctl(address, "--token-file", str(token_file), "--ca-file", ca,
+                          "exec", "--agent", "op-web-1", "--", "touch", str(marker))
+    assert done.returncode == 0, done.stderr
+    assert marker.exists()
+    made = user.deployctl(address, "--token-file", str(token_file), "token", "create", "--role", "computing")
+    assert made.returncode == 0 and made.stdout.startswith("dpt1."), made.stderr
+    assert _op_harm(cluster)[0] == tokens_before + 1
+    assert [e["method"] for e in cluster.controller.events("operator.call")][-2:] == ["SubmitExec", "CreateToken"]
+
+    token_id = token.split(".")[1]
+    assert cluster.deployctl("operator-token", "revoke", token_id).returncode == 0
+    again = cluster.base / "op-after-revocation"
+    _op_one_line(user.deployctl(address, "--token-file", str(token_file), "exec", "--agent", "op-web-1",
+                                "--", "touch", str(again)), 4, f"operator token {token_id} was revoked")
+    assert not again.exists()
 
 
 # ---------------------------------------------------------------- 5. limits per environment
@@ -197,11 +776,560 @@ def test_a_service_folder_or_unix_user_not_ours_is_refused_with_one_line(owned_w
 
 # ---------------------------------------------------------------- 6. shared Redis stays available
 
+import socket
+import subprocess
+import time
+
+from controller import operations
+from tests.harness import free_port, wait_for
+
+# The ACL rule users were made with before scripts were refused: the attack's baseline.
+_ACL_WITH_SCRIPTS = ("ACL SETUSER {user} reset on >{password} ~{prefix}* resetchannels -@all "
+                     "+@connection +@read +@write +@keyspace +@transaction +@scripting -@dangerous "
+                     "-select -move -scan -randomkey -dbsize -function -script|flush -script|kill "
+                     "-script|debug -client|tracking -client|caching -client|getredir\n")
+_RUNAWAY = "while true do end"
+
+
+class _PrivateRedis:
+    """A redis-server of the test's own (never the shared one: a runaway script would freeze every
+    test on it), on a free port; its `default` user is the admin. A script counts as busy after
+    100 ms instead of 5 s, so the freeze shows at once."""
+
+    def __init__(self, folder) -> None:
+        self.port = free_port()
+        folder.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(folder), "--busy-reply-threshold", "100",
+             "--enable-debug-command", "yes"],  # so that it is the ACL that refuses DEBUG
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: self.admin("PING") == b"PONG", what="the private redis-server")
+
+    def admin(self, *args: str, stdin: bytes = b"") -> bytes:
+        done = subprocess.run(["redis-cli", "-p", str(self.port), *args], input=stdin,
+                              capture_output=True, timeout=10)
+        return done.stdout.strip()
+
+    def user(self, rule: bytes) -> None:
+        assert self.admin(stdin=rule) == b"OK", rule
+
+    def shutdown(self) -> None:
+        if self.proc.poll() is None:
+            # SHUTDOWN NOSAVE is the only way out of a script that has written (Redis 7.0).
+            self.admin("SHUTDOWN", "NOSAVE")
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:  # `default` was turned off: no admin left to ask
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _redis_call(port: int, user: str, password: str, *args: str, timeout: float = 1.0) -> bytes:
+    """One command as `user` on a fresh connection: its reply's first line (+OK, -NOPERM …), or
+    raises socket.timeout when the server does not answer within `timeout`."""
+    def resp(*words: str) -> bytes:
+        return b"".join([f"*{len(words)}\r\n".encode()]
+                        + [f"${len(w.encode())}\r\n".encode() + w.encode() + b"\r\n" for w in words])
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+        conn.sendall(resp("AUTH", user, password) + resp(*args))
+        reader = conn.makefile("rb")
+        auth = reader.readline()
+        assert auth == b"+OK\r\n", auth
+        return reader.readline().rstrip(b"\r\n")
+
+
+def _tenant(name: str) -> tuple[str, str, str]:
+    return f"auto-{name}-prod-web-1", f"auto-{name}-prod-web-1:", f"pw-{name}-0123456789abcdef"
+
+
+def test_a_tenants_runaway_script_is_refused_and_the_neighbour_keeps_its_answers(tmp_path):
+    redis = _PrivateRedis(tmp_path / "redis")
+    runaway = None
+    try:
+        (user, prefix, password), neighbour = _tenant("evil"), _tenant("shop")
+        redis.user(operations.redis_create_user(user, prefix, password))
+        redis.user(operations.redis_create_user(*neighbour))
+        refused = [_redis_call(redis.port, user, password, "EVAL", _RUNAWAY, "0"),
+                   _redis_call(redis.port, user, password, "EVAL", f"redis.call('SET', KEYS[1], 1) {_RUNAWAY}",
+                               "1", prefix + "k"),
+                   _redis_call(redis.port, user, password, "FUNCTION", "LOAD",
+                               f"#!lua name=evil\nredis.register_function('spin', function() {_RUNAWAY} end)"),
+                   _redis_call(redis.port, user, password, "FCALL", "spin", "0")]
+        assert all(reply.startswith(b"-NOPERM") for reply in refused), refused
+        for harmful in (["KEYS", "*"], ["DEBUG", "SLEEP", "2"], ["CLIENT", "PAUSE", "2000"], ["MONITOR"],
+                        ["WAIT", "1", "0"], ["SORT", prefix + "k"], ["LCS", prefix + "a", prefix + "b"],
+                        ["SCRIPT", "KILL"]):
+            assert _redis_call(redis.port, user, password, *harmful).startswith(b"-NOPERM"), harmful
+        started = time.monotonic()
+        assert _redis_call(redis.port, neighbour[0], neighbour[2], "PING") == b"+PONG"
+        assert time.monotonic() - started < 1.0
+        # The tenant's ordinary commands still work.
+        assert _redis_call(redis.port, user, password, "SET", prefix + "k", "v") == b"+OK"
+
+        # Without the defence: the rule users had before lets the script run, and it holds the
+        # server for everyone; neither the tenant nor the admin can stop it, only SHUTDOWN NOSAVE.
+        old_user, old_prefix, old_password = _tenant("old")
+        redis.user(_ACL_WITH_SCRIPTS.format(user=old_user, prefix=old_prefix, password=old_password).encode())
+        runaway = socket.create_connection(("127.0.0.1", redis.port), timeout=5)
+        runaway.sendall(f"AUTH {old_user} {old_password}\r\n".encode())
+        assert runaway.makefile("rb").readline() == b"+OK\r\n"
+        script = f"redis.call('SET', KEYS[1], 1) {_RUNAWAY}"
+        runaway.sendall(b"*4\r\n$4\r\nEVAL\r\n$%d\r\n%s\r\n$1\r\n1\r\n$%d\r\n%s\r\n"
+                        % (len(script), script.encode(), len(old_prefix) + 1, (old_prefix + "k").encode()))
+        time.sleep(0.3)
+        busy = _redis_call(redis.port, neighbour[0], neighbour[2], "PING")
+        assert busy.startswith(b"-BUSY"), busy
+        assert _redis_call(redis.port, old_user, old_password, "SCRIPT", "KILL").startswith(b"-NOPERM")
+        assert redis.admin("SCRIPT", "KILL").startswith(b"UNKILLABLE")
+        redis.shutdown()
+        assert redis.proc.returncode is not None
+    finally:
+        if runaway is not None:
+            runaway.close()
+        redis.shutdown()
+
+
+def test_verify_warns_of_a_shared_redis_whose_default_user_needs_no_password(tmp_path):
+    """Read from a real server's ACL LIST, as verify gathers it: an open `default` user is a
+    warning (verify still passes: it is the server's set-up, not drift), and a tenant user made
+    with the old rule, which still allows scripts, is a finding repair fixes."""
+    from controller import verify
+    redis = _PrivateRedis(tmp_path / "redis")
+    try:
+        redis.user(operations.redis_create_user(*_tenant("shop")))
+        old_user, old_prefix, old_password = _tenant("old")
+        redis.user(_ACL_WITH_SCRIPTS.format(user=old_user, prefix=old_prefix, password=old_password).encode())
+        inspect = f"redis-cli -p {redis.port} ACL LIST | sed -E 's/ [#>][^ ]*//g'"  # as verify runs it
+
+        def gathered() -> verify.Facts:
+            facts = verify.Facts()
+            verify.read_acl_list(subprocess.run(["sh", "-c", inspect], capture_output=True, text=True,
+                                                check=True).stdout, facts)
+            return facts
+        facts = gathered()
+        assert facts.redis_users == {"auto-shop-prod-web-1": "~auto-shop-prod-web-1:*",
+                                     old_user: f"~{old_prefix}*"}
+        assert facts.redis_scripting == {old_user}
+        assert verify.warnings(facts) == [
+            "redis: the default user needs no password: any tenant can log in as it and bypass the ACL "
+            "namespaces (see deploy/redis-acl.md)"]
+
+        # Closed as deploy/redis-acl.md says: no warning any more.
+        assert redis.admin(stdin=b"ACL SETUSER admin on >admin-password ~* &* +@all\n") == b"OK"
+        assert redis.admin(stdin=b"ACL SETUSER default off\n") == b"OK"
+        inspect = f"redis-cli -p {redis.port} --user admin --pass admin-password --no-auth-warning ACL LIST " \
+                  "| sed -E 's/ [#>][^ ]*//g'"
+        assert gathered().redis_default_open is False and verify.warnings(gathered()) == []
+        assert redis.admin("--user", "admin", "--pass", "admin-password", "--no-auth-warning",
+                           stdin=b"ACL SETUSER default on\n") == b"OK"  # so that it can be shut down
+    finally:
+        redis.shutdown()
+
+
+def test_a_warning_is_shown_but_does_not_make_verify_fail(capsys):
+    import json as json_mod
+    from types import SimpleNamespace
+    from controller import cli
+
+    class Stub:
+        def FollowJob(self, ref):
+            events = [{"event": "warning", "line": "redis: the default user needs no password: …"},
+                      {"event": "job.finished", "state": "succeeded", "summary": "no drift"}]
+            return [SimpleNamespace(json=json_mod.dumps(e)) for e in events]
+    counts: dict = {}
+    assert cli.follow_job(Stub(), "job-1", verbose=False, counts=counts) == cli.EXIT_OK
+    assert counts == {}  # so `deployctl verify` exits 0, and `make demo` passes
+    assert "warning: redis: the default user needs no password" in capsys.readouterr().err
+
 
 # ---------------------------------------------------------------- 7. acknowledged output is kept
 
+import time
+
+import pytest
+
+from tests.fault_harness import Tmpfs, can_mount_tmpfs
+from tests.harness import Cluster, wait_for
+
+# Prints a part, waits for a file, prints the next part, and so on: the test fills the controller's
+# disk between parts. Lines are numbered, so a lost or shifted byte shows.
+_PARTS = ("import os, sys, time\n"
+          "def part(n, lines):\n"
+          "    sys.stdout.write(''.join(f'{n}:{i:06d} ' + 'o' * 90 + '\\n' for i in range(lines)))\n"
+          "    sys.stdout.flush()\n"
+          "def wait(path):\n"
+          "    while not os.path.exists(path): time.sleep(0.02)\n"
+          "part(1, 2000)\n"
+          "wait(sys.argv[1]); part(2, 20000)\n"
+          "open(sys.argv[2], 'w').close()\n"
+          "wait(sys.argv[3]); part(3, 2000)\n")
+
+
+def _parts(*sizes: tuple[int, int]) -> bytes:
+    return "".join(f"{n}:{i:06d} " + "o" * 90 + "\n" for n, lines in sizes for i in range(lines)).encode()
+
+
+def test_output_the_controllers_full_disk_refused_is_sent_again_and_whole(tmp_path):
+    """The controller's whole store is a small disk that fills while a command prints 2 MB: the
+    bytes its disk does not take are never acknowledged, the agent keeps them and sends them again
+    once there is room, and the output is whole, byte for byte. (Before, the controller ignored a
+    short write: it acknowledged bytes it never wrote, and every later offset was shifted.)"""
+    if not can_mount_tmpfs(tmp_path):
+        pytest.skip("needs root to mount a small tmpfs")
+    disk = Tmpfs(tmp_path / "store", "16m").mount()
+    cluster = Cluster(tmp_path)
+    try:
+        cluster.controller.start()
+        cluster.add_agent("computing-1")
+        cluster.wait_connected("computing-1")
+        go, printed, go2 = tmp_path / "go", tmp_path / "printed", tmp_path / "go2"
+        cli = cluster.deployctl_bg("exec", "--agent", "computing-1", "--", "python3", "-c", _PARTS,
+                                   str(go), str(printed), str(go2))
+        first = _parts((1, 2000))
+        op_id = wait_for(lambda: [o for o in cluster.op_ids()
+                                   if len(cluster.output(o)) >= len(first)], what="part 1 received")[0]
+        disk.fill()
+        go.touch()
+        wait_for(lambda: cluster.controller.events("op.output_refused"), what="the controller refusing")
+        wait_for(printed.exists, what="part 2 printed")
+        time.sleep(3)  # a few rounds of the agent sending again into a disk still full
+        held = len(cluster.output(op_id))
+        assert len(first) <= held < len(first) + len(_parts((2, 20000)))
+        (disk.path / "filler").unlink()
+        go2.touch()
+        record = cluster.wait_finished(op_id, timeout=60)
+        assert record["result"]["outcome"] == "exited" and record["result"]["exit_code"] == 0, record
+        assert record["result"]["error"] == ""
+        expected = _parts((1, 2000), (2, 20000), (3, 2000))
+        assert cluster.output(op_id) == expected
+        out, err = cli.communicate(timeout=60)
+        assert cli.returncode == 0, err
+        assert out.replace(b"computing-1 | ", b"") == expected
+        assert b"computing-1: the controller cannot write the output in " in err, err
+        refused = cluster.controller.events("op.output_refused")
+        assert len(refused) == 1 and refused[0]["error"] == "No space left on device", refused
+        assert cluster.controller.events("op.output_kept_again")
+        assert not cluster.controller.events("op.output_gap")
+        assert not cluster.controller.events("op.output_incomplete")
+        print(f"held {held} of {len(expected)} bytes while the disk was full; sessions: "
+              f"{len(cluster.controller.events('agent.connected'))}")
+    finally:
+        cluster.close()
+        disk.unmount()
+
+
+
+def test_a_result_the_full_disk_refused_is_asked_for_again(tmp_path, monkeypatch):
+    """In-process: the store cannot record a result (its database is full) — the agent is asked
+    to send it again instead of the session ending, and the result is taken when it comes back."""
+    import asyncio
+    import sqlite3
+
+    from controller.db import Database
+    from controller.dispatcher import Dispatcher
+    from controller.registry import Registry
+    from protos import deployer_pb2 as pb
+
+    async def scenario() -> None:
+        db = Database(tmp_path / "deployer.db")
+        registry = Registry(db, 60)
+        dispatcher = Dispatcher(db, registry, tmp_path)
+        session = registry.attach(pb.Hello(agent_id="web-1", roles=["computing"]), "test")
+        op = dispatcher.submit("web-1", pb.Operation(id="op-20260101T000000-00000001",
+                                                     exec=pb.ExecSpec(argv=["echo", "hi"])))
+        dispatcher.on_output(session, pb.OutputChunk(op_id=op.id, offset=0, stream=pb.STDOUT, data=b"hi\n"))
+        result = pb.OperationResult(op_id=op.id, outcome=pb.EXITED, output_bytes=3)
+        full = sqlite3.OperationalError("database or disk is full")
+        monkeypatch.setattr(db, "finish", lambda *a: (_ for _ in ()).throw(full))
+        await dispatcher.on_result(session, result)
+        acks = [m.ack for m in drain(session) if m.WhichOneof("msg") == "ack"]
+        assert [(a.offset, a.resend, a.result) for a in acks] == [(3, True, False)]  # the output is safe: only the result again
+        assert not op.finished and "database or disk is full" in op.note
+        monkeypatch.undo()
+        await dispatcher.on_result(session, result)
+        acks = [m.ack for m in drain(session) if m.WhichOneof("msg") == "ack"]
+        assert [(a.offset, a.resend, a.result) for a in acks] == [(3, False, True)]
+        assert op.finished and db.operation(op.id).state == "finished"
+        dispatcher.close()
+
+    def drain(session) -> list:
+        out = []
+        while not session.outbox.empty():
+            out.append(session.outbox.get_nowait())
+        return out
+
+    asyncio.run(scenario())
 
 # ---------------------------------------------------------------- 8. least knowledge
 
+import asyncio
+import subprocess
+import sys
+
+import pytest
+
+from controller import knowledge, operations
+from controller.db import Database
+from controller.dispatcher import Dispatcher
+from controller.jobs import Job
+from controller.knowledge import EnvFacts, Kind, Scope
+from controller.procedures import Deployment, Runner
+from controller.registry import Registry
+from controller.spec import spec_from_dict
+from protos import deployer_pb2 as pb
+from tests.harness import ROOT, Cluster, wait_for
+
+SHOP = EnvFacts(secrets=frozenset({"shop-token", "shop-token-before"}),
+                passwords={("web", "mysql", 1): "shop-mysql-1", ("web", "redis", 2): "shop-redis-2"},
+                hosts={("web", "code", 3): "web-1", ("web", "mysql", 1): "db-1", ("web", "redis", 2): "db-2"})
+BLOG = EnvFacts(secrets=frozenset({"blog-token"}), passwords={("api", "redis", 1): "blog-redis-1"},
+                hosts={("api", "code", 1): "web-2", ("api", "redis", 1): "db-1"})
+FACTS = {"shop/prod": SHOP, "blog/prod": BLOG}
+
+
+@pytest.mark.parametrize("scope, agent, expected", [
+    (Scope.tenant("shop/prod"), "web-1",
+     ["shop-mysql-1", "shop-redis-2", "shop-token", "shop-token-before"]),
+    (Scope.route("shop/prod"), "router-1", []),
+    (Scope.data("shop/prod", ("web", "redis", 2)), "db-2", ["shop-redis-2"]),
+    (Scope.data("shop/prod"), "db-1", []),                     # a drop or an inspection sets none
+    (Scope.agent(), "web-1", ["shop-mysql-1", "shop-redis-2", "shop-token", "shop-token-before"]),
+    (Scope.agent(), "db-1", ["blog-redis-1", "shop-mysql-1"]),  # data only: its passwords, no secret
+    (Scope.agent(), "web-3", []),
+], ids=["tenant", "route", "data-create", "data-drop", "agent-code", "agent-data", "agent-empty"])
+def test_an_operation_carries_only_the_secrets_its_kind_may_reveal(scope, agent, expected):
+    relevant = {k: v for k, v in FACTS.items() if agent in v.hosts.values()} if scope.kind is Kind.AGENT else FACTS
+    assert knowledge.values(scope, agent, relevant) == expected
+
+
+@pytest.mark.parametrize("scope", [Scope.tenant("shop/prod"), Scope.route("shop/prod"), Scope.agent(),
+                                   Scope.data("shop/prod"), Scope.data("shop/prod", ("web", "redis", 2),
+                                                                       ("web", "mysql", 1))])
+def test_a_scope_is_kept_with_its_operation_and_read_back_the_same(scope):
+    assert Scope.decode(scope.encode()) == scope
+    assert Scope.decode("shop/prod") == Scope.tenant("shop/prod")  # rows from before kinds
+    assert Scope.decode(None) == Scope.agent()
+
+
+class _Wire:
+    """A controller's dispatcher and a job's runner in-process, with agents whose sessions record
+    every operation as it leaves (with its redact list) and answer it at once with success."""
+
+    def __init__(self, base) -> None:
+        self.db = Database(base / "deployer.db")
+        self.registry = Registry(self.db, 60)
+        self.dispatcher = Dispatcher(self.db, self.registry, base)
+        self.ledger = self.dispatcher.ledger
+        self.sent: list[tuple[str, pb.Operation]] = []
+        self.base = base
+
+    def connect(self, agent_id: str, **settings: str) -> None:
+        capabilities = sorted({key.split(".")[0] for key in settings})
+        session = self.registry.attach(pb.Hello(agent_id=agent_id, roles=["computing"], capabilities=capabilities,
+                                                settings=settings, services_root=str(self.base / "srv")), "test")
+        original = session.send
+
+        def send(message: pb.ControllerMessage) -> None:
+            original(message)
+            if message.WhichOneof("msg") == "operation":
+                self.sent.append((agent_id, message.operation))
+                asyncio.get_running_loop().create_task(self.dispatcher.on_result(session, pb.OperationResult(
+                    op_id=message.operation.id, outcome=pb.EXITED)))
+        session.send = send
+
+    def runner(self, spec: dict) -> Runner:
+        job = Job(self.base, self.db, f"job-{len(self.sent)}-{id(spec)}", f"{spec['app']}/{spec['environment']}", "apply")
+        return Runner(job, spec_from_dict(spec), self.dispatcher, self.registry, self.ledger)
+
+    def carried(self) -> list[tuple[str, list[str]]]:
+        out = [(agent, sorted(op.redact)) for agent, op in self.sent]
+        self.sent.clear()
+        return out
+
+
+def _shop_spec() -> dict:
+    return {"version": 1, "app": "shop", "environment": "prod", "domain": "shop.test",
+            "services": {"web": {"path": "/", "source": "/nowhere.git", "ref": "main", "start": "node server.js",
+                                 "health": "/health", "uses": ["redis"], "secrets": ["SHOP_TOKEN"]}}}
+
+
+def test_each_kind_of_operation_leaves_with_exactly_its_secrets(tmp_path):
+    """Through the real procedures and dispatcher, captured as the operations leave for the agent."""
+    async def scenario() -> None:
+        wire = _Wire(tmp_path)
+        wire.connect("web-1")
+        wire.connect("router-1", **{"nginx.conf_dir": str(tmp_path / "nginx")})
+        wire.connect("db-1", **{"redis.port": "6379"})
+        ledger = wire.ledger
+        ledger.set_secret("shop/prod", "SHOP_TOKEN", "shop-token-value")
+        ledger.set_secret("blog/prod", "BLOG_TOKEN", "blog-token-value")
+        ledger.add_instance("blog/prod", "api", "code", 1, host="web-1", status="live")
+        ledger.add_instance("blog/prod", "api", "redis", 1, host="db-1", status="live")
+        ledger.save_password("blog/prod", "api", "redis", 1, "blog-redis-password")
+        ledger.add_instance("shop/prod", "web", "code", 1, host="web-1", port=20001, status="live")
+        runner = wire.runner(_shop_spec())
+        d = Deployment(runner.spec.service("web"), wire.registry.agents["web-1"], str(tmp_path / "srv/x"))
+
+        # data: creating the Redis user carries the password it sets, and nothing else.
+        values = await runner._redis(d, 1, True)
+        password = ledger.password("shop/prod", "web", "redis", 1)
+        assert values["REDIS_URL"].endswith(f":{password}@127.0.0.1:6379")
+        assert wire.carried() == [("db-1", [password])]
+        # tenant: a step that runs the environment's code carries its secrets and passwords.
+        await runner.sh(d.host, "npm ci", "web", "install")
+        assert wire.carried() == [("web-1", sorted(["shop-token-value", password]))]
+        # route: writing and switching the route carries none.
+        await runner.switch_route("web")
+        assert wire.carried() == [("router-1", []), ("router-1", [])]
+        # agent: an operator's exec carries the secrets of environments whose code is there, and
+        # of those with only data there, the passwords of that data.
+        await wire.dispatcher.execute("db-1", operations.exec_op(operations.new_op_id(), ["true"]))
+        assert wire.carried() == [("db-1", sorted(["blog-redis-password", password]))]
+        await wire.dispatcher.execute("web-1", operations.exec_op(operations.new_op_id(), ["true"]))
+        assert wire.carried() == [("web-1", sorted(["blog-token-value", "blog-redis-password",
+                                                     "shop-token-value", password]))]
+        # Sent again after a controller restart, an operation keeps its kind: the store keeps the
+        # scope, never the list.
+        route = pb.Operation(id=operations.new_op_id(), write_file=pb.WriteFileSpec(path="/x", content=b"x"))
+        tenant = operations.exec_op(operations.new_op_id(), ["true"])
+        wire.dispatcher.submit("router-2", route, scope=Scope.route("shop/prod"))
+        wire.dispatcher.submit("router-2", tenant, environment="shop/prod")
+        assert b"shop-token-value" not in (tmp_path / "deployer.db").read_bytes()
+        wire.dispatcher.close()
+        wire.dispatcher = Dispatcher(wire.db, wire.registry, tmp_path)
+        wire.connect("router-2")
+        wire.dispatcher.on_hello(wire.registry.session("router-2"), pb.Hello(agent_id="router-2"))
+        assert wire.carried() == [("router-2", []), ("router-2", sorted(["shop-token-value", password]))]
+        wire.dispatcher.close()
+
+    asyncio.run(scenario())
+
+
+
+def _journal(agent) -> list[pb.Operation]:
+    """The operations an agent holds in its journal with their payload (finished ones are cut
+    down to their id once the controller has their result)."""
+    out = []
+    for accepted in (agent.state_dir / "operations").glob("*/accepted"):
+        operation = pb.Operation()
+        try:
+            operation.ParseFromString(accepted.read_bytes())
+        except Exception:  # noqa: BLE001 (being replaced at this instant: read it next time)
+            continue
+        if operation.WhichOneof("kind"):
+            out.append(operation)
+    return out
+
+
+def test_a_route_switch_reaches_the_router_without_any_secret(tmp_path):
+    """A real deploy, held while nginx reloads: the route switch the router holds in its journal
+    carries no secret, while an operator's exec on the same agent, where the code is, carries the
+    environment's secret and passwords."""
+    import secrets as secrets_mod
+    import shutil
+    import sqlite3
+
+    from controller.vault import Vault
+    from tests.deploy_harness import Nginx, example_repo, purge, service_users_base, unique_env
+    from tests.test_deploy import web_service, write_spec
+
+    base = service_users_base("deployer-knowledge-")
+    gate = base / "gate"
+    nginx = Nginx(base).start()
+    cluster = Cluster(base)
+    env = unique_env()
+    try:
+        cluster.controller.start()
+        held = f"sh -c 'while [ ! -e {gate} ]; do sleep 0.05; done; {nginx.base_cmd} -s reload'"
+        agent = cluster.add_agent("computing-1", ["computing"], provides={
+            **nginx.settings(), "nginx.reload": held, "mysql.host": "127.0.0.1", "mysql.port": "3306",
+            "redis.host": "127.0.0.1", "redis.port": "6379"})
+        cluster.wait_connected("computing-1")
+        token = "tok-" + secrets_mod.token_urlsafe(18)
+        set_secret = subprocess.run([sys.executable, "-m", "controller.cli", "secret", "set", f"shop/{env}",
+                                     "SHOP_TOKEN"], input=token.encode(), capture_output=True, env=cluster.env(),
+                                    cwd=ROOT)
+        assert set_secret.returncode == 0, set_secret.stderr
+        spec = write_spec(tmp_path, env, {"web": web_service(example_repo(base), secrets=["SHOP_TOKEN"])})
+        apply = cluster.deployctl_bg("apply", str(spec))
+
+        def switching() -> list[pb.Operation]:
+            return [op for op in _journal(agent) if "nginx rejected the new configuration" in "".join(op.exec.argv)]
+        switch = wait_for(switching, timeout=600, every=0.2, what="the route switch held by its reload")[0]
+        adhoc = cluster.deployctl_bg("exec", "--agent", "computing-1", "--", "sh", "-c",
+                                     f"while [ ! -e {gate} ]; do sleep 0.05; done")
+        operator = wait_for(lambda: [op for op in _journal(agent) if op.exec.argv[:1] == ["sh"]
+                                     and op.exec.argv[-1].startswith("while [ ! -e")], what="the exec held")[0]
+        vault = Vault.for_store(cluster.controller.store / "secrets.key", create=False)
+        with sqlite3.connect(f"file:{cluster.controller.store / 'deployer.db'}?mode=ro", uri=True) as db:
+            passwords = [vault.open_text(row[0]) for row in
+                         db.execute("SELECT password FROM credentials WHERE env_key=?", (f"shop/{env}",))]
+        assert len(passwords) == 2  # mysql 1 and redis 1
+        assert list(switch.redact) == []
+        assert sorted(operator.redact) == sorted([token, *passwords])
+        gate.touch()
+        out, err = apply.communicate(timeout=120)
+        assert apply.returncode == 0, out.decode() + err.decode()
+        assert adhoc.wait(60) == 0
+    finally:
+        gate.touch()
+        cluster.close()
+        nginx.stop()
+        purge("shop", env)
+        shutil.rmtree(base, ignore_errors=True)
 
 # ---------------------------------------------------------------- 9. one owner per port
+import subprocess
+
+from tests.harness import PY, ROOT, Cluster, free_port, free_port_pair, wait_for
+
+
+def test_a_second_controller_on_a_taken_port_exits_and_the_first_keeps_its_agents(tmp_path):
+    """Before, gRPC's SO_REUSEPORT let the second bind the agent port too, and the kernel shared
+    the agents' connections between two CAs (tests/test_grants.py shows the bind succeeding
+    without the option)."""
+    operator_port = free_port()
+    (tmp_path / "first").mkdir()
+    first = Cluster(tmp_path / "first")
+    first.controller.extra_args = ("--operator-listen", f"127.0.0.1:{operator_port}")
+    try:
+        first.controller.start()
+        for agent_id in ("computing-1", "computing-2"):
+            first.add_agent(agent_id)
+        first.wait_connected("computing-1", "computing-2")
+        connected = len(first.controller.events("agent.connected"))
+        c = first.controller
+        attempts = [
+            (["--listen", c.address], f"agents on {c.address}"),
+            (["--listen", f"127.0.0.1:{free_port_pair()}", "--enroll-listen", c.enroll_address],
+             f"enrolment on {c.enroll_address}"),
+            (["--listen", f"127.0.0.1:{free_port_pair()}", "--operator-listen", f"127.0.0.1:{operator_port}"],
+             f"operators on 127.0.0.1:{operator_port}"),
+            (["--listen", f"localhost:{c.port}"], f"127.0.0.1:{c.port} is already taken"),
+            (["--listen", f"127.0.0.1:{free_port_pair()}", "--socket", str(c.socket)],
+             f"the operator socket {c.socket} is served by another process"),
+        ]
+        for number, (args, named) in enumerate(attempts):
+            second = tmp_path / f"second-{number}"
+            second.mkdir()
+            done = subprocess.run([PY, "-m", "controller.daemon", "--store", str(second / "store"),
+                                     "--log-file", str(second / "controller.log"), *args],
+                                    cwd=ROOT, capture_output=True, text=True, timeout=60)
+            assert done.returncode == 2, done.stderr
+            lines = done.stderr.strip().splitlines()
+            assert len(lines) == 1 and named in lines[0], done.stderr
+            assert "taken" in lines[0] or "served by another process" in lines[0]
+
+        # The first still serves: its socket answers, its agents are connected and run work, and an
+        # agent that dials again lands on it.
+        assert c.socket.exists() and c.proc.poll() is None
+        first.wait_connected("computing-1", "computing-2")
+        first.agents["computing-2"].stop()
+        first.agents["computing-2"].start()
+        wait_for(lambda: len(c.events("agent.connected")) > connected, 30, what="computing-2 back on the first")
+        first.wait_connected("computing-1", "computing-2")
+        done = first.deployctl("exec", "--all", "--", "echo", "still-here")
+        assert done.returncode == 0 and done.stdout.count(b"still-here") == 2, done.stderr
+    finally:
+        first.close()

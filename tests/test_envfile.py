@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, strategies as st
 
 from agent import envfile
-from agent.executor import read_env_file
+from agent.launcher import read_env_file
 from controller import operations
 
 NAMES = st.from_regex(r"[A-Z][A-Z0-9_]{0,12}", fullmatch=True)

@@ -90,7 +90,7 @@ def test_redact_values_by_environment_or_by_agent(tmp_path):
     assert ledger.redact_values("shop/prod", "web-2") == ["shop/prod-password", "shop/prod-secret"]
     assert ledger.redact_values(None, "web-1") == ["blog/prod-password", "blog/prod-secret",
                                                   "shop/prod-password", "shop/prod-secret"]
-    assert ledger.redact_values(None, "db-1") == ["shop/dev-password", "shop/dev-secret"]
+    assert ledger.redact_values(None, "db-1") == ["shop/dev-password"]  # data there, not code
     ledger.set_status("blog/prod", "web", "code", 1, "removed")
     assert ledger.redact_values(None, "web-1") == ["shop/prod-password", "shop/prod-secret"]
 

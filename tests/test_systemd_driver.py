@@ -31,17 +31,26 @@ def test_template_unit_verifies(tmp_path, user):
     assert problems(result, instance) == []
 
 
-def test_instance_environment_is_quoted_for_systemd(tmp_path):
+def test_instance_environment_is_quoted_for_systemd_and_never_reads_the_release(tmp_path):
     env_file = tmp_path / ".env"
     env_file.write_text('DATABASE_URL=mysql://u:p"q\\r$x@h:3306/d\nNODE_ENV=production\n')
     spec = pb.ServiceStartSpec(name="auto-shop-prod-web", instance="3-20001",
                                argv=["sh", "-c", "exec node server.js"], cwd="/srv/x/releases/3/web",
-                               env={"PORT": "20001"}, env_file=str(env_file))
+                               env={"PORT": "20001", "ODD": 'a "b" $c'}, env_file=str(env_file))
     lines = instance_env(spec).splitlines()
-    assert 'DATABASE_URL="mysql://u:p\\"q\\\\r\\$x@h:3306/d"' in lines
     assert 'DEPLOYER_COMMAND="exec node server.js"' in lines
     assert 'DEPLOYER_CWD="/srv/x/releases/3/web"' in lines
-    assert 'PORT="20001"' in lines
+    assert f'DEPLOYER_ENV_FILE="{env_file}"' in lines and 'DEPLOYER_KEEP="ODD,PORT"' in lines
+    assert 'PORT="20001"' in lines and 'ODD="a \\"b\\" \\$c"' in lines
+    # The launcher reads the .env as the service's user; the root-read file never holds it.
+    assert not any("DATABASE_URL" in line or "NODE_ENV" in line for line in lines)
+
+
+def test_the_unit_starts_the_launcher_and_never_names_the_release_env(tmp_path):
+    unit = template_unit(tmp_path, "auto-shop-prod", python="/usr/bin/python3", launcher="/opt/d/agent/launcher.py")
+    assert unit.count("EnvironmentFile=") == 1 and f"EnvironmentFile={tmp_path}/%p@%i.env" in unit
+    assert "ExecStart=/usr/bin/python3 -I -S -B /opt/d/agent/launcher.py --cwd=${DEPLOYER_CWD} " in unit
+    assert "-- /bin/sh -c ${DEPLOYER_COMMAND}" in unit and "WorkingDirectory" not in unit
 
 
 def test_driver_choice(tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import errno
+import os
 import random
 from pathlib import Path
 
@@ -95,6 +97,95 @@ def test_output_log_ignores_index_entries_past_its_data(tmp_path):
     log = OutputLog(tmp_path)
     log.write(chunk(3, b"d", pb.STDOUT))
     assert log.read(0) == [(0, pb.STDOUT, b"abcd")]
+
+
+class SmallDisk:
+    """`os` for an OutputLog whose disk has `room` bytes left: a write beyond it is short, then
+    refused; `fsync_fails` makes the next fsync fail as a full disk can (delayed allocation)."""
+
+    def __init__(self, room: int) -> None:
+        self.room, self.fsync_fails = room, False
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def _take(self, data: bytes) -> bytes:
+        if not self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        taken = data[:self.room]
+        self.room -= len(taken)
+        return taken
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> int:
+        return os.pwrite(fd, self._take(data), offset)
+
+    def write(self, fd: int, data: bytes) -> int:
+        return os.write(fd, self._take(data))
+
+    def fsync(self, fd: int) -> None:
+        if self.fsync_fails:
+            self.fsync_fails = False
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        os.fsync(fd)
+
+
+def test_output_log_keeps_only_what_a_short_write_took(tmp_path, monkeypatch):
+    from controller import oplog
+    disk = SmallDisk(room=4 + 10)  # the index line "0 1\n", then 10 bytes of output
+    monkeypatch.setattr(oplog, "os", disk)
+    log = OutputLog(tmp_path)
+    with pytest.raises(oplog.OutputRefused, match="No space left on device"):
+        log.write(chunk(0, b"0123456789abcdef"))
+    assert log.received == 10 and log.sync() == 10  # only what is on disk can be acknowledged
+    with pytest.raises(OutputGap):
+        log.write(chunk(16, b"ghij"))  # sent before the agent heard it should send again
+    with pytest.raises(oplog.OutputRefused):
+        log.write(chunk(0, b"0123456789abcdef"))  # resent while the disk is still full
+    assert log.received == 10
+    disk.room = 1 << 20
+    assert log.write(chunk(0, b"0123456789abcdef")) == 6  # resent once there is room
+    assert log.write(chunk(16, b"ghij", pb.STDERR)) == 4
+    assert log.sync() == 20
+    assert (tmp_path / "output.log").read_bytes() == b"0123456789abcdefghij"
+    assert log.read(0) == [(0, pb.STDOUT, b"0123456789abcdef"), (16, pb.STDERR, b"ghij")]
+    log.close()
+    assert OutputLog(tmp_path).read(0) == [(0, pb.STDOUT, b"0123456789abcdef"), (16, pb.STDERR, b"ghij")]
+
+
+def test_output_log_takes_back_what_a_failed_fsync_may_have_lost(tmp_path, monkeypatch):
+    from controller import oplog
+    disk = SmallDisk(room=1 << 20)
+    monkeypatch.setattr(oplog, "os", disk)
+    log = OutputLog(tmp_path)
+    log.write(chunk(0, b"kept "))
+    assert log.sync() == 5
+    log.write(chunk(5, b"maybe ", pb.STDERR))
+    log.write(chunk(11, b"lost"))
+    disk.fsync_fails = True
+    with pytest.raises(oplog.OutputRefused):
+        log.sync()
+    assert log.received == log.synced == 5
+    assert log.read(0) == [(0, pb.STDOUT, b"kept ")]
+    assert log.write(chunk(5, b"maybe ", pb.STDERR)) == 6 and log.write(chunk(11, b"lost")) == 4
+    assert log.sync() == 15
+    log.close()
+    again = OutputLog(tmp_path)
+    assert again.read(0) == [(0, pb.STDOUT, b"kept "), (5, pb.STDERR, b"maybe "), (11, pb.STDOUT, b"lost")]
+
+
+def test_output_log_never_tears_its_index(tmp_path, monkeypatch):
+    from controller import oplog
+    disk = SmallDisk(room=4 + 3 + 2)  # "0 1\n", "abc", then only 2 bytes of the line "3 2\n"
+    monkeypatch.setattr(oplog, "os", disk)
+    log = OutputLog(tmp_path)
+    log.write(chunk(0, b"abc"))
+    with pytest.raises(oplog.OutputRefused):
+        log.write(chunk(3, b"err", pb.STDERR))
+    assert (tmp_path / "streams.idx").read_text() == "0 1\n" and log.received == 3
+    disk.room = 1 << 20
+    assert log.write(chunk(3, b"err", pb.STDERR)) == 3
+    log.close()
+    assert OutputLog(tmp_path).read(0) == [(0, pb.STDOUT, b"abc"), (3, pb.STDERR, b"err")]
 
 
 # ---------------------------------------------------------------- rendering
@@ -320,13 +411,16 @@ def test_redis_purge_deletes_exact_keys_of_its_prefix_only():
     prefix = f"auto-t{secrets.token_hex(3)}-e-s-1:"
     neighbour = f"auto-t{secrets.token_hex(3)}-prod-s-1:sessions"
     cli = ["redis-cli"]
-    for key in (prefix + "plain", f"{prefix}x {neighbour}", prefix + "quote'd", neighbour):
-        subprocess.run([*cli, "SET", key, "1"], check=True, capture_output=True)
-    subprocess.run(["sh", "-c", redis_purge_script("redis-cli", prefix)], check=True)
-    left = subprocess.run([*cli, "--scan", "--pattern", prefix + "*"], capture_output=True, text=True).stdout
-    assert left.strip() == ""
-    assert subprocess.run([*cli, "GET", neighbour], capture_output=True, text=True).stdout.strip() == "1"
-    subprocess.run([*cli, "DEL", neighbour], capture_output=True)
+    keys = (prefix + "plain", f"{prefix}x {neighbour}", prefix + "quote'd", neighbour)
+    try:
+        for key in keys:
+            subprocess.run([*cli, "SET", key, "1"], check=True, capture_output=True)
+        subprocess.run(["sh", "-c", redis_purge_script("redis-cli", prefix)], check=True)
+        left = subprocess.run([*cli, "--scan", "--pattern", prefix + "*"], capture_output=True, text=True).stdout
+        assert left.strip() == ""
+        assert subprocess.run([*cli, "GET", neighbour], capture_output=True, text=True).stdout.strip() == "1"
+    finally:
+        subprocess.run([*cli, "DEL", *keys], capture_output=True)
 
 
 def test_env_values_with_line_breaks_are_refused_in_the_spec():
