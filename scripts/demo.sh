@@ -16,6 +16,8 @@ REPO=$DEMO/repos/shop.git
 # the standard root, not a folder inside this checkout (which may sit in a private home).
 SRV=${DEPLOYER_DEMO_SERVICES_ROOT:-/srv/services}
 export DEPLOYER_SOCKET=$STORE/control.sock
+# This checkout's code, whichever checkout the virtualenv was installed from.
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 
 running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
