@@ -71,11 +71,6 @@ def mysql_user(database: str, user: str, password: str) -> bytes:
     ).encode()
 
 
-def mysql_drop(database: str, user: str) -> bytes:
-    return (f"DROP DATABASE IF EXISTS {_sql_ident(database)};\n"
-            f"DROP USER IF EXISTS {_sql_string(user)}@'%';\n").encode()
-
-
 def redis_create_user(user: str, prefix: str, password: str) -> bytes:
     """An ACL user confined to `prefix*` keys: data commands only. Commands that reveal or touch
     other tenants' keys (SCAN, RANDOMKEY, DBSIZE, SELECT, flushes…) are refused too, and so is
@@ -86,10 +81,6 @@ def redis_create_user(user: str, prefix: str, password: str) -> bytes:
             "+@connection +@read +@write +@keyspace +@transaction -@scripting -@dangerous -select "
             "-move -scan -randomkey -dbsize -wait -lcs "
             "-client|tracking -client|caching -client|getredir\n").encode()
-
-
-def redis_drop_user(user: str) -> bytes:
-    return f"ACL DELUSER {user}\n".encode()
 
 
 # Deletes every key under a prefix on the server itself, in SCAN batches (KEYS would block the
