@@ -118,6 +118,19 @@ if [ -n "$existing" ]; then echo "Redis ACL user {user} exists and is not this d
 """
 
 
+def redis_reset_owned(cli: str, user: str) -> str:
+    """A prefix for the script that sends `ACL SETUSER … reset` to repair a user the ledger holds:
+    its standard input starts with the SHA-256 of the recorded password; an existing user without
+    it is someone else's, and is left untouched (TAKEN)."""
+    return f"""set -u
+read -r want || exit 1
+existing=$({cli} ACL GETUSER {_sh(user)} </dev/null) || exit 1
+if [ -n "$existing" ] && ! printf '%s\\n' "$existing" | grep -qxF -- "$want"; then
+  echo "Redis ACL user {user} exists with another password: not this deployer's, left untouched" >&2; exit {TAKEN}
+fi
+"""
+
+
 def redis_drop_owned(cli: str, user: str) -> str:
     """Delete the ACL user only if one of its passwords is the recorded one, whose SHA-256 comes
     on standard input (never in argv, where every user of the host can read it)."""

@@ -241,8 +241,12 @@ class Checker:
         provider = self.runner.registry.agents[row["host"]]
         sets = Scope.data(self.env_key, (f.service, component, live.number))
         if component == "redis":
-            await self.runner.sh(provider, redis_admin(provider), f.service, "repair redis",
-                                 stdin=ops.redis_create_user(names["user"], names["prefix"], password), scope=sets)
+            refused = await self.runner._guarded(
+                provider, ownership.redis_reset_owned(provider.redis_cli(), names["user"]) + redis_admin(provider),
+                f.service, "repair redis", scope=sets,
+                stdin=ownership.redis_drop_stdin(password) + ops.redis_create_user(names["user"], names["prefix"], password))
+            if refused:
+                raise StepFailed(f.service, "repair redis", refused)
         else:
             await self.runner.sh(provider, provider.mysql_admin(), f.service,
                                  "repair mysql", stdin=ops.mysql_user(names["database"], names["user"], password),

@@ -199,3 +199,27 @@ def test_foreign_things_are_reported_not_judged():
         "mysql: user auto-shop-x-web-1 is unknown to the ledger: left alone",
         "redis: ACL user auto-shop-x-web-1 is unknown to the ledger: left alone",
     ]
+
+
+def test_repair_resets_a_redis_user_only_if_its_password_is_the_recorded_one(names):
+    from controller import operations as ops
+    from controller.procedures import redis_admin
+
+    class Provider:
+        def redis_cli(self):
+            return "redis-cli"
+
+    user = names["user"]
+    reset = ownership.redis_reset_owned("redis-cli", user) + redis_admin(Provider())
+
+    def stdin(password: str) -> bytes:
+        return ownership.redis_drop_stdin(password) + ops.redis_create_user(user, user + ":", password)
+
+    assert sh(reset, stdin("pw-one-123456")).returncode == 0  # missing: made again
+    redis("ACL", "SETUSER", user, "~elsewhere:*")              # its pattern drifted: reset it
+    assert sh(reset, stdin("pw-one-123456")).returncode == 0
+    assert f"~{user}:*" in redis("ACL", "GETUSER", user)
+    before = redis("ACL", "GETUSER", user)
+    taken = sh(reset, stdin("pw-two-123456"))                  # someone else's now: left alone
+    assert taken.returncode == ownership.TAKEN and b"left untouched" in taken.stderr
+    assert redis("ACL", "GETUSER", user) == before
