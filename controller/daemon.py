@@ -32,6 +32,7 @@ from .environments import Environments
 from .ledger import Ledger
 from .gateway import AgentGateway, EnrollmentService
 from .operator_service import OperatorService
+from .ownership import owner_id
 from .pki import DEFAULT_AGENT_TTL_S, Authority, Enrolment, PkiError
 from .vault import VaultError
 from .registry import Registry
@@ -235,7 +236,8 @@ class Controller:
             raise StartupError(str(exc)) from None
         registry = Registry(db, self.lost_after)
         dispatcher = Dispatcher(db, registry, self.store)
-        environments = Environments(self.store, dispatcher, registry, Ledger(db))
+        environments = Environments(self.store, dispatcher, registry,
+                                    Ledger(db, owner=owner_id(authority.fingerprint)))
         servers = []
         agents = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[
             Door(AGENT, enrolment.accepted, certificates=not self.insecure)])

@@ -263,6 +263,8 @@ class Environments:
                 runner.job.event("finding", line=finding.line(), fix=finding.fix)
             for warning in checker.warnings(facts):
                 runner.job.event("warning", line=warning)
+            for line in checker.foreign(facts):  # not drift: reported, never acted on
+                runner.job.event("job.note", note=line)
             if request.action == "verify":
                 return f"{len(found)} finding(s)" if found else "no drift"
             if request.action == "clean":

@@ -59,9 +59,10 @@ class DeployRow:
 
 
 class Ledger:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, owner: str = "") -> None:
         self.conn = db.conn
         self.vault = db.vault  # secrets and passwords are sealed at rest
+        self.owner = owner     # this controller's mark on what it creates (see ownership.py)
 
     # ---------------------------------------------------------------- reading
 
@@ -162,6 +163,23 @@ class Ledger:
         return self.conn.execute(
             "SELECT last FROM counters WHERE env_key=? AND service=? AND component=?",
             (env_key, service, counter)).fetchone()[0]
+
+    def move_past(self, env_key: str, service: str, deploy: int, component: str, number: int,
+                  reason: str) -> int:
+        """Instance `number` found its name taken on the server by something this deployer did not
+        make: the number stays used (status `taken`, with the reason), and the deploy goes on with
+        the next one. Returns it."""
+        if component not in COMPONENTS:
+            raise ValueError(f"unknown component {component!r}")
+        with self.transaction():
+            self.set_status(env_key, service, component, number, "taken")
+            self.set_names(env_key, service, component, number, taken=reason)
+            self.conn.execute("DELETE FROM credentials WHERE env_key=? AND service=? AND component=? AND number=?",
+                              (env_key, service, component, number))
+            following = self.next_number(env_key, service, component)
+            self.conn.execute(f"UPDATE deploys SET {component}=? WHERE env_key=? AND service=? AND number=?",
+                              (following, env_key, service, deploy))
+        return following
 
     def add_instance(self, env_key: str, service: str, component: str, number: int, *,
                      host: str = "", port: int = 0, commit: str = "", fingerprint: str = "",

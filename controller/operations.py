@@ -52,11 +52,13 @@ def _sql_string(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
-def mysql_create(database: str, user: str, password: str, max_connections: int = 0) -> bytes:
+def mysql_create(database: str, user: str, password: str, max_connections: int = 0, mark: str = "") -> bytes:
     """SQL creating a database and a user that can use that database and nothing else (and, with
-    `max_connections`, at most that many connections at once)."""
+    `max_connections`, at most that many connections at once); the database carries `mark` as
+    its comment, the proof that it is ours (see ownership.py)."""
+    comment = f" COMMENT {_sql_string(mark)}" if mark else ""
     return (
-        f"CREATE DATABASE {_sql_ident(database)} CHARACTER SET utf8mb4;\n"
+        f"CREATE DATABASE {_sql_ident(database)} CHARACTER SET utf8mb4{comment};\n"
         f"CREATE USER {_sql_string(user)}@'%' IDENTIFIED BY {_sql_string(password)}{_max_conn(max_connections)};\n"
         f"GRANT ALL PRIVILEGES ON {_sql_ident(database)}.* TO {_sql_string(user)}@'%';\n"
     ).encode()
@@ -81,11 +83,6 @@ def mysql_limit(user: str, max_connections: int) -> bytes:
     return f"ALTER USER IF EXISTS {_sql_string(user)}@'%' WITH MAX_USER_CONNECTIONS {int(max_connections)};\n".encode()
 
 
-def mysql_drop(database: str, user: str) -> bytes:
-    return (f"DROP DATABASE IF EXISTS {_sql_ident(database)};\n"
-            f"DROP USER IF EXISTS {_sql_string(user)}@'%';\n").encode()
-
-
 def redis_create_user(user: str, prefix: str, password: str) -> bytes:
     """An ACL user confined to `prefix*` keys: data commands only. Commands that reveal or touch
     other tenants' keys (SCAN, RANDOMKEY, DBSIZE, SELECT, flushes…) are refused too, and so is
@@ -96,10 +93,6 @@ def redis_create_user(user: str, prefix: str, password: str) -> bytes:
             "+@connection +@read +@write +@keyspace +@transaction -@scripting -@dangerous -select "
             "-move -scan -randomkey -dbsize -wait -lcs "
             "-client|tracking -client|caching -client|getredir\n").encode()
-
-
-def redis_drop_user(user: str) -> bytes:
-    return f"ACL DELUSER {user}\n".encode()
 
 
 # Deletes every key under a prefix on the server itself, in SCAN batches (KEYS would block the
@@ -120,14 +113,15 @@ def env_file(values: dict[str, str]) -> bytes:
     return envfile.render(values)
 
 
-def nginx_config(env_key: str, domain: str, listen: str, routes: list[tuple[str, str, int]]) -> bytes:
+def nginx_config(env_key: str, domain: str, listen: str, routes: list[tuple[str, str, int]],
+                 owner_line: str = "") -> bytes:
     """The environment's nginx file: one location per web service (path, host, port).
 
     A service mounted at /api sees /api/x as /x (its health path is checked the same way, on
     its own port) and learns its mount point from X-Forwarded-Prefix.
     """
     _check_route_values(domain, listen, routes)
-    out = [f"# {env_key}: written by the deployer; edits are overwritten\n",
+    out = [f"# {env_key}: written by the deployer; edits are overwritten\n", owner_line,
            "server {\n", f"    listen {listen};\n", f"    server_name {domain};\n"]
     for path, host, port in sorted(routes):
         prefix = path.rstrip("/")
@@ -205,12 +199,12 @@ rm -f "$backup"
 # the user can enter and read them, other environments' users cannot, and only root rearranges
 # them. What the user must write to is its own: its release folders, `shared/` and `.home/`.
 
-def ensure_unix_user(user: str) -> str:
+def ensure_unix_user(user: str, comment: str = "") -> str:
     """Create the environment's system user and group, unless the user exists."""
     return f"""set -e
-u={_sh(user)}
+u={_sh(user)}; set -- --comment {_sh(comment)}
 id -u "$u" >/dev/null 2>&1 && exit 0
-if getent group "$u" >/dev/null; then set -- --gid "$u"; else set -- --user-group; fi
+if getent group "$u" >/dev/null; then set -- "$@" --gid "$u"; else set -- "$@" --user-group; fi
 useradd --system "$@" --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$u" || id -u "$u" >/dev/null
 """
 

@@ -23,7 +23,7 @@ import structlog
 
 from protos import deployer_pb2 as pb
 
-from . import naming, operations as ops
+from . import naming, operations as ops, ownership
 from .dispatcher import Dispatcher, Op
 from .jobs import Job
 from .knowledge import Scope
@@ -37,6 +37,8 @@ KEEP_RELEASES = 5
 DRAIN_S = 2.0
 PORT_RANGE = range(20000, 30000)
 HEALTH_ATTEMPTS = 60
+# How many taken names (a leftover, another controller's) a deploy moves past before it gives up.
+TAKEN_NAMES_MAX = 5
 OUTPUT_TAIL_LINES = 15
 
 
@@ -215,24 +217,28 @@ class Runner:
 
     async def _deploy(self, d: Deployment, sp: ServicePlan, live, numbers, mysql, redis) -> None:
         service, name = d.service, d.service.name
+        if d.code_new:
+            self._add_code_instance(d, sp)
+        owner = self.ledger.owner
+        # The folder first: refused, it leaves nothing behind, not even a new user.
+        refused = await self._guarded(d.host, ownership.claim_service_folder(
+            d.service_dir, owner, self._deployed_on(d.host.id, name)), name, "folder")
+        if refused:
+            raise StepFailed(name, "folder", refused)
+        refused = await self._guarded(d.host, ownership.unix_user_guard(self.unix_user, owner, self._deployed_on(d.host.id))
+                                      + ops.ensure_unix_user(self.unix_user, ownership.owner_mark(owner)), name, "user")
+        if refused:
+            raise StepFailed(name, "user", refused)
+        if d.code_new:
+            await self._checkout(d, sp)
         release = f"{d.service_dir}/releases/{d.code}"
         workdir = f"{release}/{service.root}" if service.root else release
-        if d.code_new:
-            # The instance keeps its own definition, so a rollback restores its commands and env.
-            self.ledger.add_instance(self.env_key, name, "code", d.code, host=d.host.id, commit=sp.commit,
-                                     fingerprint=code_fingerprint(service, self.spec.limits),
-                                     names={"release": release, "service": service.to_dict()})
-        await self.sh(d.host, ops.ensure_unix_user(self.unix_user), name, "user")
-        if d.code_new:
-            # As root: the source may need root's credentials. The release is then the user's.
-            await self.sh(d.host, _checkout_script(d.service_dir, release, service.source, sp.commit),
-                          name, "checkout", timeout=600)
         await self.sh(d.host, ops.service_layout(d.service_dir, release, self.unix_user), name, "permissions")
         values = {}
         if mysql is not None:
-            values.update(await self._mysql(d, numbers["mysql"], mysql.new))
+            values.update(await self._mysql(d, numbers, mysql.new))
         if redis is not None:
-            values.update(await self._redis(d, numbers["redis"], redis.new))
+            values.update(await self._redis(d, numbers, redis.new))
         values.update(dict(service.env))
         stored = self.ledger.secrets(self.env_key)
         values.update({secret: stored[secret] for secret in service.secrets})
@@ -271,34 +277,111 @@ class Runner:
         await self.sh(d.host, _current_script(d.service_dir, release), name, "current", check=False)
         await self._prune_releases(d)
 
+    # ---------------------------------------------------------------- ownership
+
+    def _deployed_on(self, host_id: str, service: str | None = None) -> bool:
+        """The ledger holds a code instance (of `service`) that ran on that host: what is there
+        under our names was made by us, if before objects carried a mark."""
+        return any(r["component"] == "code" and r["host"] == host_id and r["status"] in ("live", "standby")
+                   for r in self.ledger.instances(self.env_key, service))
+
+    async def _guarded(self, agent: Agent, script: str, service: str, step: str, **kw) -> str:
+        """Run a guarded create; "" when it did its work, the line naming what it found taken
+        (and left untouched) when it exits TAKEN. Any other failure raises StepFailed."""
+        op = await self.sh(agent, script, service, step, check=False, **kw)
+        result = op.result
+        if result.outcome == pb.EXITED and result.exit_code == 0:
+            return ""
+        tail = _tail(op.output.folder / "output.log")
+        if result.outcome == pb.EXITED and result.exit_code == ownership.TAKEN:
+            found = [line.strip() for line in tail.splitlines() if "left untouched" in line]
+            return "; ".join(found) or f"{step}: the name is taken by something this deployer did not make"
+        detail = result.error or (f"exit {result.exit_code}" if result.outcome == pb.EXITED
+                                  else pb.Outcome.Name(result.outcome).lower())
+        raise StepFailed(service, step, detail, tail, cut=result.outcome in CUT_OFF)
+
+    def _move_past(self, d: Deployment, component: str, number: int, taken: str) -> int:
+        """Number `number` is taken on the server: keep it used and go on with the next one."""
+        following = self.ledger.move_past(self.env_key, d.service.name, d.deploy, component, number, taken)
+        self.job.event("job.note", note=f"{d.service.name}: {taken}; {component} {number} stays used, "
+                                        f"{component} {following} is next")
+        return following
+
+    def _give_up(self, d: Deployment, component: str, first: int, last: int) -> StepFailed:
+        return StepFailed(d.service.name, component,
+                          f"the names of {component} {first} to {last} are all taken by things this deployer did "
+                          f"not make (see the job's notes); they were left untouched: an operator decides what "
+                          f"they are, then applies again")
+
+    def _add_code_instance(self, d: Deployment, sp: ServicePlan) -> None:
+        # The instance keeps its own definition, so a rollback restores its commands and env.
+        self.ledger.add_instance(self.env_key, d.service.name, "code", d.code, host=d.host.id, commit=sp.commit,
+                                 fingerprint=code_fingerprint(d.service, self.spec.limits),
+                                 names={"release": f"{d.service_dir}/releases/{d.code}",
+                                        "service": d.service.to_dict()})
+
+    async def _checkout(self, d: Deployment, sp: ServicePlan) -> None:
+        """As root: the source may need root's credentials. The release is then the user's. A
+        release folder that exists already is not ours to remove: its number is moved past."""
+        first = d.code
+        for _ in range(TAKEN_NAMES_MAX):
+            release = f"{d.service_dir}/releases/{d.code}"
+            script = ownership.release_absent(release) + _checkout_script(
+                d.service_dir, release, d.service.source, sp.commit)
+            taken = await self._guarded(d.host, script, d.service.name, "checkout", timeout=600)
+            if not taken:
+                return
+            d.code = self._move_past(d, "code", d.code, taken)
+            self._add_code_instance(d, sp)
+        raise self._give_up(d, "code", first, d.code - 1)
+
     # ---------------------------------------------------------------- data components
 
-    async def _data_instance(self, d: Deployment, component: str, number: int, new: bool, names: dict,
-                             create) -> tuple[Agent, str]:
-        """The provider and password of a mysql or redis instance; a new one is recorded (so a
-        failure can drop it) and made with `create(password)` on the provider's standard input."""
+    async def _data_instance(self, d: Deployment, component: str, numbers: dict[str, int], new: bool,
+                             names_of, guard, create) -> tuple[Agent, str, dict]:
+        """The provider, password and names of a mysql or redis instance. A new one is recorded
+        first (so a failure can drop it), then made by `guard(provider, names)`, which reads
+        `create(names, password)` on its standard input and touches nothing if a name is taken;
+        a taken number is moved past."""
         name = d.service.name
         try:
             provider = pick_agent(self.registry, capability=component)
         except PlacementError as exc:
             raise StepFailed(name, component, str(exc)) from None
-        if new:
+        number = numbers[component]
+        if not new:
+            row = self.ledger.instance(self.env_key, name, component, number)
+            names = json.loads(row["names"]) if row else names_of(number)
+            return provider, self.ledger.password(self.env_key, name, component, number) or "", names
+        first = number
+        for _ in range(TAKEN_NAMES_MAX):
+            names = names_of(number)
             password = secrets.token_urlsafe(24)
             self.ledger.add_instance(self.env_key, name, component, number, host=provider.id, names=names)
             self.ledger.save_password(self.env_key, name, component, number, password)
             d.created.append((component, number, names, provider))
-            admin = provider.mysql_admin() if component == "mysql" else redis_admin(provider)
-            await self.sh(provider, admin, name, component, stdin=create(password),
-                          scope=Scope.data(self.env_key, (name, component, number)))
-        return provider, self.ledger.password(self.env_key, name, component, number) or ""
+            taken = await self._guarded(provider, guard(provider, names), name, component,
+                                        stdin=create(names, password),
+                                        scope=Scope.data(self.env_key, (name, component, number)))
+            if not taken:
+                return provider, password, names
+            d.created.pop()
+            number = numbers[component] = self._move_past(d, component, number, taken)
+        raise self._give_up(d, component, first, number - 1)
 
-    async def _mysql(self, d: Deployment, number: int, new: bool) -> dict[str, str]:
+    async def _mysql(self, d: Deployment, numbers: dict[str, int], new: bool) -> dict[str, str]:
         app, env, name = self.spec.app, self.spec.environment, d.service.name
-        database = naming.database_name(app, env, name, number)
-        user = naming.database_user(app, env, name, number)
-        provider, password = await self._data_instance(
-            d, "mysql", number, new, {"database": database, "user": user},
-            lambda pw: ops.mysql_create(database, user, pw, self.spec.limits.mysql_connections))
+
+        def names_of(n: int) -> dict:
+            return {"database": naming.database_name(app, env, name, n), "user": naming.database_user(app, env, name, n),
+                    "mark": ownership.instance_mark(self.ledger.owner, secrets.token_hex(6))}
+
+        provider, password, names = await self._data_instance(
+            d, "mysql", numbers, new, names_of,
+            lambda p, names: ownership.mysql_create_guarded(p.mysql_admin(), names["database"], names["user"]),
+            lambda names, pw: ops.mysql_create(names["database"], names["user"], pw,
+                                               self.spec.limits.mysql_connections, names["mark"]))
+        database, user = names["database"], names["user"]
         if not new:  # a reused user gets the limit the spec has now
             await self.sh(provider, provider.mysql_admin(), name, "mysql limits",
                           stdin=ops.mysql_limit(user, self.spec.limits.mysql_connections))
@@ -308,16 +391,19 @@ class Runner:
                 "DB_HOST": host, "DB_PORT": port, "DB_NAME": database, "DB_USER": user,
                 "DB_PASSWORD": password}
 
-    async def _redis(self, d: Deployment, number: int, new: bool) -> dict[str, str]:
+    async def _redis(self, d: Deployment, numbers: dict[str, int], new: bool) -> dict[str, str]:
         app, env, name = self.spec.app, self.spec.environment, d.service.name
-        user = naming.redis_user(app, env, name, number)
-        prefix = naming.redis_prefix(app, env, name, number)
-        provider, password = await self._data_instance(
-            d, "redis", number, new, {"user": user, "prefix": prefix},
-            lambda pw: ops.redis_create_user(user, prefix, pw))
+
+        def names_of(n: int) -> dict:
+            return {"user": naming.redis_user(app, env, name, n), "prefix": naming.redis_prefix(app, env, name, n)}
+
+        provider, password, names = await self._data_instance(
+            d, "redis", numbers, new, names_of,
+            lambda p, names: ownership.redis_create_guard(p.redis_cli(), names["user"]) + redis_admin(p),
+            lambda names, pw: ops.redis_create_user(names["user"], names["prefix"], pw))
         host = provider.settings.get("redis.host", "127.0.0.1")
         port = provider.settings.get("redis.port", "6379")
-        return {"REDIS_URL": f"redis://{user}:{password}@{ops.url_host(host)}:{port}", "REDIS_PREFIX": prefix}
+        return {"REDIS_URL": f"redis://{names['user']}:{password}@{ops.url_host(host)}:{port}", "REDIS_PREFIX": names["prefix"]}
 
     # ---------------------------------------------------------------- processes and routes
 
@@ -429,9 +515,10 @@ class Runner:
         return f"{conf_dir}/{naming.nginx_file(self.spec.app, self.spec.environment)}"
 
     def nginx_content(self, router: Agent, override=None) -> bytes:
+        owner = ownership.route_owner_line(self.ledger.owner) if self.ledger.owner else ""
         try:
             return ops.nginx_config(self.env_key, self.spec.domain, router.settings.get("nginx.listen", "80"),
-                                    self.routes(override))
+                                    self.routes(override), owner)
         except ops.RouteValueError as exc:
             raise StepFailed(self.env_key, "route", f"not written on {router.id}: {exc}") from None
 
@@ -448,10 +535,14 @@ class Runner:
         await self.run_op(router, pb.Operation(write_file=pb.WriteFileSpec(
             path=staged, content=self.nginx_content(router, override), mode=0o644)), service, "route",
             scope=Scope.route(self.env_key))
-        await self.sh(router, ops.nginx_switch_script(
-            conf, staged, router.settings.get("nginx.test", "nginx -t"),
-            router.settings.get("nginx.reload", "nginx -s reload")), service, "route",
+        switch = ops.nginx_switch_script(conf, staged, router.settings.get("nginx.test", "nginx -t"),
+                                         router.settings.get("nginx.reload", "nginx -s reload"))
+        refused = await self._guarded(router, ownership.route_guard(
+            conf, self.ledger.owner, self.env_key, bool(self.ledger.state(self.env_key)), switch,
+            refused=f"rm -f {shlex.quote(staged)}"), service, "route",
             scope=Scope.route(self.env_key))
+        if refused:
+            raise StepFailed(service, "route", refused)
 
     def _go_live(self, d: Deployment, numbers: dict[str, int]) -> None:
         name = d.service.name
@@ -486,7 +577,7 @@ class Runner:
                 if r["component"] == "code" and r["status"] in ("live", "standby", "building")}
         keep = set(sorted(keep)[-KEEP_RELEASES:]) | {d.code}
         doomed = [r["number"] for r in self.ledger.instances(self.env_key, d.service.name)
-                  if r["component"] == "code" and r["number"] not in keep and r["status"] != "removed"]
+                  if r["component"] == "code" and r["number"] not in keep and r["status"] not in ("removed", "taken")]
         if not doomed:
             return
         paths = " ".join(shlex.quote(f"{d.service_dir}/releases/{n}") for n in doomed)
@@ -511,15 +602,25 @@ class Runner:
         if d.code_new:
             self.ledger.set_status(self.env_key, name, "code", d.code, "failed")
         for component, number, names, provider in d.created:
-            if component == "mysql":
-                await self.sh(provider, provider.mysql_admin(), name, "drop new mysql",
-                              stdin=ops.mysql_drop(names["database"], names["user"]), check=False,
-                              scope=Scope.data(self.env_key))
-            else:
-                await self.sh(provider, redis_admin(provider, expect="1"), name, "drop new redis",
-                              stdin=ops.redis_drop_user(names["user"]), check=False,
-                              scope=Scope.data(self.env_key))
+            await self.drop_owned(provider, component, number, names, name, f"drop new {component}")
             self.ledger.set_status(self.env_key, name, component, number, "failed")
+
+    async def drop_owned(self, provider: Agent, component: str, number: int, names: dict, service: str,
+                         step: str, check: bool = False) -> None:
+        """Drop a data instance's database and user, or ACL user, only where the server shows
+        they are the ones the ledger recorded (mark, password); say what was left."""
+        password = self.ledger.password(self.env_key, service, component, number) or ""
+        if component == "mysql":
+            op = await self.sh(provider, provider.mysql_admin(), service, step, check=check,
+                               scope=Scope.data(self.env_key), stdin=ownership.mysql_drop_owned(names["database"], names.get("mark", ""),
+                                                                names["user"], password))
+        else:
+            op = await self.sh(provider, ownership.redis_drop_owned(provider.redis_cli(), names["user"]), service,
+                               step, check=check, stdin=ownership.redis_drop_stdin(password),
+                               scope=Scope.data(self.env_key))
+        for line in _tail(op.output.folder / "output.log").splitlines():
+            if "left untouched" in line:
+                self.job.event("job.note", note=f"{service}: {line.strip()}")
 
 
 # ---------------------------------------------------------------- scripts (pure)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from protos import deployer_pb2 as pb
 
-from . import naming, operations as ops
+from . import naming, operations as ops, ownership
 from .knowledge import Scope
 from .planner import Change, ServicePlan
 from .procedures import KEEP_RELEASES, PlacementError, Runner, StepFailed, redis_admin, pick_agent
@@ -49,12 +49,15 @@ class Facts:
     nginx: str | None = None                                   # content, None if missing
     nginx_expected: str = ""
     folders: dict[str, list[str]] = field(default_factory=dict)  # host → auto-* folders under its root
+    folder_marks: dict[str, str] = field(default_factory=dict)   # folder → its owner mark, "" if none
     databases: set[str] = field(default_factory=set)
+    database_marks: dict[str, str] = field(default_factory=dict)  # database → its comment
     mysql_users: set[str] = field(default_factory=set)
     redis_users: dict[str, str] = field(default_factory=dict)  # user → its key patterns
     redis_scripting: set[str] = field(default_factory=set)     # auto-* users still allowed scripts
     redis_default_open: bool = False  # the shared Redis lets anyone in as `default` without a password
     nginx_files: list[str] = field(default_factory=list)      # auto-*.conf in the router's folder
+    nginx_marks: dict[str, str] = field(default_factory=dict)  # auto-*.conf → its owner line
 
 
 def _output(op) -> str:
@@ -90,9 +93,14 @@ class Checker:
         text = _output(cat)
         facts.nginx = None if text == "<missing>\n" else text
         folder = shlex.quote(conf.rsplit("/", 1)[0])
-        listing = await self.runner.sh(router, f"cd {folder} && ls -1 auto-*.conf 2>/dev/null; true",
+        listing = await self.runner.sh(router, f"cd {folder} && for f in auto-*.conf; do [ -f \"$f\" ] && "
+                                               "echo \"$f $(sed -n 2p \"$f\" | head -c 200)\"; done; true",
                                        self.env_key, "list routes", check=False, scope=Scope.route(self.env_key))
-        facts.nginx_files = _output(listing).split()
+        for line in _output(listing).splitlines():
+            name, _, mark = line.partition(" ")
+            if name:
+                facts.nginx_files.append(name)
+                facts.nginx_marks[name] = mark.removeprefix("# owner: ")
         facts.nginx_expected = self.runner.nginx_content(router).decode()
         await self._data_facts(facts)
         return facts
@@ -100,13 +108,15 @@ class Checker:
     async def _code_facts(self, host, state, facts: Facts) -> None:
         user = self.runner.unix_user
         probe = await self.runner.sh(
-            host, f"for d in {shlex.quote(host.services_root)}/auto-*; do [ -d \"$d\" ] && echo folder \"$d\"; done\n"
+            host, ownership.folder_marks_script(host.services_root) + "\n"
                   f"id -u {shlex.quote(user)} >/dev/null 2>&1 && echo user yes || echo user no",
             self.env_key, "inspect code", check=False)
         for line in _output(probe).splitlines():
             kind, _, rest = line.partition(" ")
             if kind == "folder":
-                facts.folders.setdefault(host.id, []).append(rest)
+                path, _, mark = rest.partition(" ")
+                facts.folders.setdefault(host.id, []).append(path)
+                facts.folder_marks[path] = mark
             elif kind == "user":
                 facts.users[host.id] = rest == "yes"
         lines = []
@@ -158,13 +168,17 @@ class Checker:
         mysql = self._provider("mysql")
         if mysql is not None:
             admin = mysql.mysql_admin()
-            query = ("SELECT CONCAT('db ', SCHEMA_NAME) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME LIKE 'auto-%'; "
+            query = ("SELECT CONCAT('db ', SCHEMA_NAME, ' ', SCHEMA_COMMENT) FROM information_schema.SCHEMATA "
+                     "WHERE SCHEMA_NAME LIKE 'auto-%'; "
                      "SELECT CONCAT('user ', User) FROM mysql.user WHERE User LIKE 'auto-%';")
             op = await self.runner.sh(mysql, f"{admin} --skip-column-names -e {shlex.quote(query)}", self.env_key,
                                       "inspect mysql", check=False, scope=Scope.data(self.env_key))
             for line in _output(op).splitlines():
-                kind, _, name = line.partition(" ")
+                kind, _, rest = line.partition(" ")
+                name, _, comment = rest.partition(" ")
                 (facts.databases if kind == "db" else facts.mysql_users).add(name)
+                if kind == "db":
+                    facts.database_marks[name] = comment
         redis = self._provider("redis")
         if redis is not None:
             cli = redis.redis_cli()
@@ -179,6 +193,9 @@ class Checker:
 
     def warnings(self, facts: Facts) -> list[str]:
         return warnings(facts)
+
+    def foreign(self, facts: Facts) -> list[str]:
+        return foreign(self.spec, self.ledger.owner, facts, self.claimed)
 
     # ---------------------------------------------------------------- repair and clean
 
@@ -224,8 +241,12 @@ class Checker:
         provider = self.runner.registry.agents[row["host"]]
         sets = Scope.data(self.env_key, (f.service, component, live.number))
         if component == "redis":
-            await self.runner.sh(provider, redis_admin(provider), f.service, "repair redis",
-                                 stdin=ops.redis_create_user(names["user"], names["prefix"], password), scope=sets)
+            refused = await self.runner._guarded(
+                provider, ownership.redis_reset_owned(provider.redis_cli(), names["user"]) + redis_admin(provider),
+                f.service, "repair redis", scope=sets,
+                stdin=ownership.redis_drop_stdin(password) + ops.redis_create_user(names["user"], names["prefix"], password))
+            if refused:
+                raise StepFailed(f.service, "repair redis", refused)
         else:
             await self.runner.sh(provider, provider.mysql_admin(), f.service,
                                  "repair mysql", stdin=ops.mysql_user(names["database"], names["user"], password,
@@ -238,7 +259,8 @@ class Checker:
         for host_id, folders in facts.folders.items():
             host = self.runner.registry.agents[host_id]
             for folder in folders:
-                if folder.rsplit("/", 1)[-1] not in self.claimed["folders"]:
+                if folder.rsplit("/", 1)[-1] not in self.claimed["folders"] and \
+                        _ours(facts.folder_marks.get(folder, ""), self.ledger.owner):
                     plan.append((host, folder))
         state = self.ledger.state(self.env_key)
         for service, live in state.items():
@@ -251,13 +273,17 @@ class Checker:
             kept = sorted(r["number"] for r in rows if r["status"] in ("live", "standby"))[-KEEP_RELEASES:]
             base = naming.service_dir(host.services_root, self.spec.app, self.spec.environment, service)
             for r in rows:
-                if r["status"] != "removed" and r["number"] not in kept and r["number"] != live.code.number:
+                if r["status"] not in ("removed", "taken") and r["number"] not in kept and r["number"] != live.code.number:
                     plan.append((host, f"{base}/releases/{r['number']}"))
         lines = [f"{host.id}: remove {path}" for host, path in plan]
         if dry_run or not plan:
             return lines
         for host, path in plan:
-            await self.runner.sh(host, f"rm -rf -- {shlex.quote(path)}", self.env_key, "clean")
+            if "/releases/" in path:  # inside a service folder of ours: a release the ledger made
+                await self.runner.sh(host, f"rm -rf -- {shlex.quote(path)}", self.env_key, "clean")
+            else:  # the mark is read again right before: it was read when facts were gathered
+                await self.runner.sh(host, ownership.if_folder_ours(path, self.ledger.owner, 'rm -rf -- "$d"'),
+                                     self.env_key, "clean")
         for service, live in state.items():
             for r in self.ledger.instances(self.env_key, service):
                 if r["component"] == "code" and r["status"] in ("failed", "standby") and any(
@@ -272,6 +298,7 @@ async def remove_code(runner: Runner, service: str) -> None:
     Its data instances are left alone."""
     spec, ledger, env_key = runner.spec, runner.ledger, runner.env_key
     rows = [r for r in ledger.instances(env_key, service) if r["component"] == "code"]
+    ran = {r["host"] for r in rows if r["status"] in ("live", "standby")}  # made before folders had marks
     unit = naming.unit_base(spec.app, spec.environment, service)
     for host_id in sorted({r["host"] for r in rows if r["host"]}):
         host = runner.registry.agents.get(host_id)
@@ -285,7 +312,10 @@ async def remove_code(runner: Runner, service: str) -> None:
                 await runner.run_op(host, pb.Operation(service_stop=pb.ServiceStopSpec(
                     name=unit, instance=item["instance"])), service, "stop", check=False)
         folder = naming.service_dir(host.services_root, spec.app, spec.environment, service)
-        await runner.sh(host, f"rm -rf -- {shlex.quote(folder)}", service, "remove folder")
+        op = await runner.sh(host, ownership.if_folder_ours(folder, ledger.owner, 'rm -rf -- "$d"', legacy=host_id in ran),
+                             service, "remove folder")
+        for line in _output(op).splitlines():
+            runner.job.event("job.note", note=f"{service}: {line}")
     for r in rows:
         ledger.set_status(env_key, service, "code", r["number"], "removed")
         if r["port"]:
@@ -297,34 +327,45 @@ async def destroy(runner: Runner, purge_data: bool) -> str:
     drop its databases, ACL users and keys only with `purge_data`. The ledger keeps the history;
     numbers stay used."""
     ledger, env_key = runner.ledger, runner.env_key
+    # Made before users and route files had marks: where the ledger shows something ran.
+    ran = {r["host"] for r in ledger.instances(env_key) if r["component"] == "code" and r["status"] in ("live", "standby")}
+    routed = bool(ledger.state(env_key))
     for service in sorted({r["service"] for r in ledger.instances(env_key)}):
         await remove_code(runner, service)
     for host_id in sorted({r["host"] for r in ledger.instances(env_key) if r["component"] == "code" and r["host"]}):
         host = runner.registry.agents[host_id]  # connected: remove_code has just used it
-        await runner.sh(host, ops.remove_unix_user(runner.unix_user, host.services_root), env_key, "remove user")
+        op = await runner.sh(host, ownership.if_unix_user_ours(
+            runner.unix_user, ledger.owner, ops.remove_unix_user(runner.unix_user, host.services_root),
+            legacy=host_id in ran), env_key, "remove user")
+        for line in _output(op).splitlines():
+            runner.job.event("job.note", note=f"{host_id}: {line}")
     router = runner.router(env_key)
     conf = runner.nginx_path(router)
     reload = router.settings.get("nginx.reload", "nginx -s reload")
-    await runner.sh(router, f"rm -f -- {shlex.quote(conf)} && {reload}", env_key, "remove route",
-                    scope=Scope.route(env_key))
+    op = await runner.sh(router, ownership.route_guard(conf, ledger.owner, env_key, routed,
+                                                       f"rm -f -- {shlex.quote(conf)} && {reload}"),
+                         env_key, "remove route", check=False, scope=Scope.route(env_key))
+    if op.result.exit_code == ownership.TAKEN:
+        runner.job.event("job.note", note=f"nginx file {conf} is not this deployer's: left untouched")
+    elif op.result.exit_code != 0:
+        raise StepFailed(env_key, "remove route", f"exit {op.result.exit_code}", _output(op)[-2000:])
     purged = []
     if purge_data:
         for r in ledger.instances(env_key):
             names = json.loads(r["names"] or "{}")
             provider = runner.registry.agents.get(r["host"] or "")
-            if r["component"] not in ("mysql", "redis") or provider is None:
+            # A taken number's names belong to someone else: never ours to purge.
+            if r["component"] not in ("mysql", "redis") or provider is None or r["status"] == "taken":
                 continue
             if r["component"] == "mysql":
-                await runner.sh(provider, provider.mysql_admin(), r["service"],
-                                "drop mysql", stdin=ops.mysql_drop(names["database"], names["user"]),
-                                scope=Scope.data(env_key))
+                await runner.drop_owned(provider, "mysql", r["number"], names, r["service"], "drop mysql", check=True)
                 purged.append(names["database"])
             else:
                 cli = provider.redis_cli()
                 await runner.sh(provider, ops.redis_purge_script(cli, names["prefix"]), r["service"], "drop keys",
                                 scope=Scope.data(env_key))
-                await runner.sh(provider, f"{cli} ACL DELUSER {shlex.quote(names['user'])} >/dev/null",
-                                r["service"], "drop redis user", scope=Scope.data(env_key))
+                await runner.drop_owned(provider, "redis", r["number"], names, r["service"], "drop redis user",
+                                        check=True)
                 purged.append(names["prefix"])
     if purge_data:
         for r in ledger.instances(env_key):
@@ -400,15 +441,17 @@ def findings(env_key, spec, ledger, facts: Facts, claimed, unit, registry) -> li
         out.append(Finding(env_key, "nginx file is missing", "route"))
     elif facts.nginx is not None and facts.nginx != facts.nginx_expected:
         out.append(Finding(env_key, "nginx file differs from what the ledger says", "route"))
+    owner = ledger.owner
     for host, folders in sorted(facts.folders.items()):
         for folder in folders:
-            if folder.rsplit("/", 1)[-1] not in claimed["folders"]:
+            if folder.rsplit("/", 1)[-1] not in claimed["folders"] and _ours(facts.folder_marks.get(folder, ""), owner):
                 out.append(Finding(host, f"orphan folder {folder}", "orphan", target=folder))
     # Databases and ACL users are shared by every environment on a server: only names in this
     # environment's own namespace are judged here.
     own = naming.unit_base(spec.app, spec.environment, "x")[:-1]
     for name in sorted(set(facts.nginx_files) - claimed["nginx"]):
-        out.append(Finding("nginx", f"orphan route file {name}", "", target=name))
+        if _ours(facts.nginx_marks.get(name, ""), owner):
+            out.append(Finding("nginx", f"orphan route file {name}", "", target=name))
     rows = ledger.instances(env_key)
     units = {unit(r["service"]) for r in rows} | {unit(s.name) for s in spec.services}
     known = {(unit(r["service"]), json.loads(r["names"] or "{}").get("process"))
@@ -418,9 +461,42 @@ def findings(env_key, spec, ledger, facts: Facts, claimed, unit, registry) -> li
             out.append(Finding("processes", f"orphan process {name}@{instance}"
                                + ("" if alive else " (dead)"), "", target=f"{name}@{instance}"))
     for name in sorted(n for n in facts.databases - claimed["databases"] if n.startswith(own)):
-        out.append(Finding("mysql", f"orphan database {name}", "", target=name))
+        if _ours(facts.database_marks.get(name, ""), owner):
+            out.append(Finding("mysql", f"orphan database {name} (marked as this deployer's)", "", target=name))
+    return out
+
+
+def _ours(mark: str, owner: str) -> bool:
+    return bool(owner) and ownership.marked_by(mark) == owner
+
+
+def foreign(spec, owner: str, facts: Facts, claimed) -> list[str]:
+    """Pure: things in our namespaces that no environment in the ledger holds and that carry no
+    mark of ours: another controller's, a leftover of an earlier store, or made by hand. They
+    are reported and left alone; they are not drift of this environment."""
+    def whose(mark: str) -> str:
+        other = ownership.marked_by(mark)
+        return "no mark" if other is None else f"marked by deployer {other}"
+
+    out = []
+    own = naming.unit_base(spec.app, spec.environment, "x")[:-1]
+    for host, folders in sorted(facts.folders.items()):
+        for folder in folders:
+            mark = facts.folder_marks.get(folder, "")
+            if folder.rsplit("/", 1)[-1] not in claimed["folders"] and not _ours(mark, owner):
+                out.append(f"{host}: folder {folder} is not this deployer's ({whose(mark)}): left alone")
+    for name in sorted(set(facts.nginx_files) - claimed["nginx"]):
+        mark = facts.nginx_marks.get(name, "")
+        if not _ours(mark, owner):
+            out.append(f"nginx: route file {name} is not this deployer's ({whose(mark)}): left alone")
+    for name in sorted(n for n in facts.databases - claimed["databases"] if n.startswith(own)):
+        mark = facts.database_marks.get(name, "")
+        if not _ours(mark, owner):
+            out.append(f"mysql: database {name} is not this deployer's ({whose(mark)}): left alone")
+    for name in sorted(n for n in facts.mysql_users - claimed["mysql_users"] if n.startswith(own)):
+        out.append(f"mysql: user {name} is unknown to the ledger: left alone")
     for name in sorted(n for n in set(facts.redis_users) - claimed["redis"] if n.startswith(own)):
-        out.append(Finding("redis", f"orphan ACL user {name}", "", target=name))
+        out.append(f"redis: ACL user {name} is unknown to the ledger: left alone")
     return out
 
 
@@ -460,17 +536,18 @@ def warnings(facts: Facts) -> list[str]:
 
 def claimed_names(db) -> dict[str, set[str]]:
     """Every auto-* name some environment in the ledger holds (folders, databases, ACL users)."""
-    folders, databases, redis, nginx = set(), set(), set(), set()
+    folders, databases, redis, nginx, mysql_users = set(), set(), set(), set(), set()
     for r in db.conn.execute("SELECT env_key, service, component, names, status FROM instances"):
         app, env = r["env_key"].split("/", 1)
         folders.add(naming.unit_base(app, env, r["service"]))
         if r["status"] != "removed":
             nginx.add(naming.nginx_file(app, env))
         names = json.loads(r["names"] or "{}")
-        if r["status"] == "removed":
+        if r["status"] in ("removed", "taken"):  # a taken number's names are someone else's
             continue
         if r["component"] == "mysql":
             databases.add(names.get("database", ""))
+            mysql_users.add(names.get("user", ""))
         elif r["component"] == "redis":
             redis.add(names.get("user", ""))
-    return {"folders": folders, "databases": databases, "redis": redis, "nginx": nginx}
+    return {"folders": folders, "databases": databases, "redis": redis, "nginx": nginx, "mysql_users": mysql_users}

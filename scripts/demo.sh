@@ -16,13 +16,29 @@ REPO=$DEMO/repos/shop.git
 # the standard root, not a folder inside this checkout (which may sit in a private home).
 SRV=${DEPLOYER_DEMO_SERVICES_ROOT:-/srv/services}
 export DEPLOYER_SOCKET=$STORE/control.sock
+# This checkout's code, whichever checkout the virtualenv was installed from.
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 
 running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+# What this run started (pid files), so that a run that fails stops it again.
+STARTED=()
+on_exit() {
+  local rc=$? pidfile
+  [ $rc -ne 0 ] && [ ${#STARTED[@]} -gt 0 ] || return 0
+  for ((i = ${#STARTED[@]} - 1; i >= 0; i--)); do
+    pidfile=${STARTED[$i]}
+    running "$pidfile" && kill "$(cat "$pidfile")" 2>/dev/null || true
+  done
+  echo "demo: failed (exit $rc); stopped what this run started (${#STARTED[@]} process(es)). Logs:" \
+       "store/controller.log, .demo/*.log. Services deployed before keep running: make demo-stop stops them" >&2
+}
 
 start_bg() {  # pidfile logfile cmd…
   local pidfile=$1 logfile=$2; shift 2
   setsid "$@" </dev/null >>"$logfile" 2>&1 &
   echo $! >"$pidfile"
+  STARTED+=("$pidfile")
 }
 
 wait_until() {  # seconds description cmd…
@@ -39,10 +55,61 @@ states = {a["id"]: a["state"] for a in json.load(sys.stdin)}
 sys.exit(0 if all(states.get(a) == "connected" for a in ("computing-1", "daemons-1")) else 1)'
 }
 
+# The system's nginx, the one that reads /etc/nginx/conf.d: another nginx running on this machine
+# (a test's own, say) is not it.
 start_nginx() {
-  if ! pgrep -x nginx >/dev/null; then
+  local pidfile
+  pidfile=$(nginx -T 2>/dev/null | sed -n 's/^[[:space:]]*pid[[:space:]]\{1,\}\([^;]*\);.*/\1/p' | head -n 1)
+  pidfile=${pidfile:-/run/nginx.pid}
+  if ! running "$pidfile"; then
     nginx
+    STARTED+=("$pidfile")
     echo "demo: started nginx"
+  fi
+}
+
+# This controller's mark on what it makes (controller/ownership.py).
+owner_mark() {
+  "$BIN/python" -c 'import sys
+from agent.tls import fingerprint
+from controller.ownership import owner_id, owner_mark
+print(owner_mark(owner_id(fingerprint(open(sys.argv[1], "rb").read()))))' "$STORE/pki/ca.crt"
+}
+
+# Says what of shop/ENV on this machine belongs to another controller (an earlier store, another
+# checkout's demo), if anything does. The deployer would refuse to take those over; the demo then
+# deploys under the next name instead of touching them.
+held_elsewhere() {  # ENV MARK
+  local env=$1 mark=$2 user=auto-shop-$1 f
+  "$BIN/deployctl" ledger "shop/$env" >/dev/null 2>&1 && return 1   # this controller's environment
+  if getent passwd "$user" >/dev/null && [ "$(getent passwd "$user" | cut -d: -f5)" != "$mark" ]; then
+    echo "Unix user $user"; return 0
+  fi
+  for f in "$SRV/auto-shop-$env-web" "$SRV/auto-shop-$env-worker"; do
+    if [ -e "$f" ] && [ "$(cat "$f/.deployer-owner" 2>/dev/null)" != "$mark" ]; then echo "folder $f"; return 0; fi
+  done
+  f=/etc/nginx/conf.d/auto-shop-$env.conf
+  if [ -e "$f" ] && [ "$(sed -n 2p "$f")" != "# owner: $mark" ]; then echo "nginx file $f"; return 0; fi
+  return 1
+}
+
+choose_environment() {
+  local mark what n=1
+  mark=$(owner_mark)
+  ENV=demo
+  while what=$(held_elsewhere "$ENV" "$mark"); do
+    echo "demo: shop/$ENV is another controller's here ($what is not this one's): left alone"
+    n=$((n + 1)); ENV=demo$n
+    if [ $n -gt 9 ]; then echo "demo: shop/demo to shop/demo9 are all taken by other controllers" >&2; return 1; fi
+  done
+  SPEC=examples/shop/environment.yml
+  DOMAIN=shop.localhost
+  if [ "$ENV" != demo ]; then
+    DOMAIN=$ENV.shop.localhost
+    SPEC=$DEMO/environment-$ENV.yml
+    sed -e "s/^environment: demo\$/environment: $ENV/" -e "s/^domain: shop\.localhost\$/domain: $DOMAIN/" \
+        -e "s#source: \.\./\.\./\.demo/repos/shop\.git#source: $REPO#" examples/shop/environment.yml >"$SPEC"
+    echo "demo: deploying shop/$ENV at http://$DOMAIN/ instead"
   fi
 }
 
@@ -78,6 +145,7 @@ enrolment() {
 }
 
 start() {
+  trap on_exit EXIT
   mkdir -p "$DEMO"
   if running "$DEMO/controller.pid"; then
     echo "demo: controller already running (pid $(cat "$DEMO/controller.pid"))"
@@ -111,29 +179,31 @@ start() {
   "$BIN/deployctl" agents
   echo
   publish_example
-  echo '$ deployctl apply examples/shop/environment.yml'
-  "$BIN/deployctl" apply examples/shop/environment.yml
-  if ! "$BIN/deployctl" verify shop/demo >/dev/null 2>&1; then
+  choose_environment
+  echo "\$ deployctl apply $SPEC"
+  "$BIN/deployctl" apply "$SPEC"
+  if ! "$BIN/deployctl" verify "shop/$ENV" >/dev/null 2>&1; then
     # Already deployed, but stopped by `make demo-stop`: bring what the ledger says back.
     echo
-    echo '$ deployctl repair shop/demo'
-    "$BIN/deployctl" repair shop/demo
+    echo "\$ deployctl repair shop/$ENV"
+    "$BIN/deployctl" repair "shop/$ENV"
   fi
   echo
-  echo "\$ curl http://shop.localhost:$HTTP_PORT/     (through nginx; reads MySQL and Redis)"
-  curl -sS --fail --resolve "shop.localhost:$HTTP_PORT:127.0.0.1" "http://shop.localhost:$HTTP_PORT/"
+  echo "\$ curl http://$DOMAIN:$HTTP_PORT/     (through nginx; reads MySQL and Redis)"
+  curl -sS --fail --resolve "$DOMAIN:$HTTP_PORT:127.0.0.1" "http://$DOMAIN:$HTTP_PORT/"
   echo
   echo
-  echo '$ deployctl ledger shop/demo'
-  "$BIN/deployctl" ledger shop/demo
+  echo "\$ deployctl ledger shop/$ENV"
+  "$BIN/deployctl" ledger "shop/$ENV"
   echo
-  echo '$ deployctl status shop/demo'
-  "$BIN/deployctl" status shop/demo || true
+  echo "\$ deployctl status shop/$ENV"
+  "$BIN/deployctl" status "shop/$ENV" || true
+  STARTED=()
   cat <<MSG
 
-The example answers at http://shop.localhost:$HTTP_PORT/ through nginx, and everything keeps running.
+The example answers at http://$DOMAIN:$HTTP_PORT/ through nginx, and everything keeps running.
 Try:
-  .venv/bin/deployctl plan examples/shop/environment.yml     # nothing to do
+  .venv/bin/deployctl plan $SPEC     # nothing to do
   .venv/bin/deployctl exec --role daemons -- uptime
   make demo-stop
 Logs: store/controller.log, .demo/computing-1.log, .demo/daemons-1.log, $SRV/*/logs/

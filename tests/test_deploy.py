@@ -412,16 +412,25 @@ def test_verify_repair_and_clean(world, tmp_path):
     assert cluster.deployctl("repair", key, timeout=300).returncode == 0
     assert verify()[0] == 0 and through_nginx(world, env)[0] == 200
 
-    root = cluster.agents["computing-1"].services_root            # an orphan, and a folder not ours
+    # An orphan (marked as this controller's, unknown to the ledger), an auto-* folder without
+    # our mark (someone else's: left alone), and a folder outside our namespace.
+    from agent.tls import fingerprint
+    from controller.ownership import FOLDER_MARK, owner_id, owner_mark
+    mark = owner_mark(owner_id(fingerprint((cluster.controller.store / "pki" / "ca.crt").read_bytes())))
+    root = cluster.agents["computing-1"].services_root
     (root / "auto-x-y-z").mkdir()
+    (root / "auto-x-y-z" / FOLDER_MARK).write_text(mark + "\n")
+    (root / "auto-x-y-w").mkdir()
     (root / "keep-me").mkdir()
     dry = cluster.deployctl("clean", key, "--dry-run", timeout=120)
     assert dry.returncode == 0 and f"remove {root}/auto-x-y-z" in dry.stdout.decode()
+    assert f"folder {root}/auto-x-y-w is not this deployer's (no mark): left alone" in dry.stdout.decode()
     assert (root / "auto-x-y-z").exists()
     cleaned = cluster.deployctl("clean", key, timeout=120)
     assert cleaned.returncode == 0 and f"remove {root}/auto-x-y-z" in cleaned.stdout.decode()
-    assert not (root / "auto-x-y-z").exists() and (root / "keep-me").exists()
+    assert not (root / "auto-x-y-z").exists() and (root / "keep-me").exists() and (root / "auto-x-y-w").exists()
     assert verify()[0] == 0
+    (root / "auto-x-y-w").rmdir()
 
 
 def test_verify_sees_each_kind_of_drift_and_repair_closes_what_it_can(world, tmp_path):
