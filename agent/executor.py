@@ -214,7 +214,10 @@ def prepare(argv: list[str], user: pwd.struct_passwd | None, cwd: str, env_file:
     command = [launcher_python(), "-I", "-S", "-B", script, f"--status-fd={child_status}", f"--cwd={cwd}",
                f"--env-file={env_file}", f"--keep={','.join(sorted(extra))}", "--", *argv]
     if switching:
-        command = [setpriv, f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", "--", *command]
+        # --no-new-privs: no set-id program (crontab, at, su…) lifts the tenant out of its limits
+        # or its user; what it starts stays in the process tree the agent accounts for.
+        command = [setpriv, f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", "--no-new-privs",
+                   "--", *command]
         env = carried(env)
     return Launch(command, env, "/", status, child_status)
 

@@ -45,7 +45,7 @@ def stranger(port: int, owner: int) -> str:
         return "the instance is not running"
     if not found:
         return f"no process is seen listening on port {port}"
-    if found & tree(owner):
+    if found <= tree(owner):  # every listener: a stranger on another address of the port answers too
         return ""
     return f"port {port} is held by another process (pid {', '.join(map(str, sorted(found)))}), not the instance"
 

@@ -91,7 +91,7 @@ def redis_create_user(user: str, prefix: str, password: str) -> bytes:
     and LCS (quadratic in its strings)."""
     return (f"ACL SETUSER {user} reset on >{password} ~{prefix}* resetchannels -@all "
             "+@connection +@read +@write +@keyspace +@transaction -@scripting -@dangerous -select "
-            "-move -scan -randomkey -dbsize -wait -lcs "
+            "-move -copy -scan -randomkey -dbsize -wait -lcs "
             "-client|tracking -client|caching -client|getredir\n").encode()
 
 

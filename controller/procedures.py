@@ -384,7 +384,8 @@ class Runner:
         database, user = names["database"], names["user"]
         if not new:  # a reused user gets the limit the spec has now
             await self.sh(provider, provider.mysql_admin(), name, "mysql limits",
-                          stdin=ops.mysql_limit(user, self.spec.limits.mysql_connections))
+                          stdin=ops.mysql_limit(user, self.spec.limits.mysql_connections),
+                          scope=Scope.data(self.env_key))  # it sets no password: it carries none
         host = provider.settings.get("mysql.host", "127.0.0.1")
         port = provider.settings.get("mysql.port", "3306")
         return {"DATABASE_URL": f"mysql://{user}:{password}@{ops.url_host(host)}:{port}/{database}",

@@ -385,9 +385,12 @@ async def _converge(runner: Runner, service: str, rows) -> list[str]:
         release = f"{service_dir}/releases/{code.number}"
         q = shlex.quote
         staged = f"{release}/.env.deploy-{last[-1]['number']}"
-        await runner.sh(host, f"if [ -f {q(staged)} ]; then mv -f {q(staged)} {q(release)}/.env; fi; "
-                              f"rm -f {q(release)}/.env.deploy-*; {_current_script(service_dir, release)}",
-                        service, "current", check=False)
+        # The release is the tenant's: its .env is moved as its user, and with -T, so that a
+        # `.env` it made a link to a folder is replaced, never moved into (as procedures do).
+        await runner.sh(host, f"if [ -f {q(staged)} ]; then mv -fT {q(staged)} {q(release)}/.env; fi; "
+                              f"rm -f {q(release)}/.env.deploy-*", service, ".env", check=False,
+                        user=runner.unix_user)
+        await runner.sh(host, _current_script(service_dir, release), service, "current", check=False)
     return lines
 
 

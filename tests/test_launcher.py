@@ -92,7 +92,7 @@ def test_commands_for_another_user_start_through_setpriv_and_the_launcher_from_r
             pytest.skip("runs as nobody")
         setpriv, python = shutil.which("setpriv", path=executor.BASE_PATH), executor.launcher_python()
         assert launch.argv == [
-            setpriv, f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--init-groups", "--",
+            setpriv, f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--init-groups", "--no-new-privs", "--",
             python, "-I", "-S", "-B", executor.launcher_script(), f"--status-fd={launch.child_status}",
             "--cwd=/srv/x/releases/3/web", "--env-file=/srv/x/releases/3/.env", "--keep=LD_PRELOAD,PORT",
             "--", "sh", "-c", "exec node server.js"]
@@ -269,3 +269,13 @@ def test_the_launcher_is_published_where_every_user_can_read_it():
     assert os.lstat(folder).st_uid == 0 and os.lstat(folder).st_mode & 0o777 == 0o755
     read = subprocess.run(["runuser", "-u", "nobody", "--", "cat", script], capture_output=True)
     assert read.returncode == 0, read.stderr
+
+
+@needs_root
+def test_a_tenant_command_cannot_gain_privileges_through_set_id_programs(tenant, tmp_path):
+    """crontab, at or su would hand work to a daemon outside the environment's limits (or to
+    another user): with no_new_privs their set-id bit does nothing for the tenant's processes."""
+    result = run(tmp_path, ["sh", "-c", 'grep NoNewPrivs /proc/self/status > "$HOME/nnp"'], user=tenant["user"],
+                 cwd=str(tenant["home"]), env={"HOME": str(tenant["home"])})
+    assert result.outcome == pb.EXITED and result.exit_code == 0, result
+    assert (tenant["home"] / "nnp").read_text().split() == ["NoNewPrivs:", "1"]
