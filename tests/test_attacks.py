@@ -1442,7 +1442,7 @@ def test_each_kind_of_operation_leaves_with_exactly_its_secrets(tmp_path):
         d = Deployment(runner.spec.service("web"), wire.registry.agents["web-1"], str(tmp_path / "srv/x"))
 
         # data: creating the Redis user carries the password it sets, and nothing else.
-        values = await runner._redis(d, 1, True)
+        values = await runner._redis(d, {"redis": 1}, True)
         password = ledger.password("shop/prod", "web", "redis", 1)
         assert values["REDIS_URL"].endswith(f":{password}@127.0.0.1:6379")
         assert wire.carried() == [("db-1", [password])]
