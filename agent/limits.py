@@ -18,7 +18,6 @@ left its process group, and is what cgroup v2 requires anyway (no processes in i
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import signal
 import time
@@ -27,18 +26,14 @@ from pathlib import Path
 
 from protos import deployer_pb2 as pb
 
+from .slices import UNIT_DIR, LimitError, check_names, scope_argv, slice_name, slice_unit
+
 PARENT = "deployer"
 MOUNTS = Path("/proc/self/mounts")
 PERIOD_US = 100_000
 V1_CONTROLLERS = ("memory", "cpu", "pids")
 V1_OPTIONAL = ("cpuacct",)  # CPU time, where the kernel mounts it apart from cpu
-GROUP = re.compile(r"auto-[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?")
-LEAF = re.compile(r"[A-Za-z0-9][A-Za-z0-9@._-]{0,127}")
 RMDIR_TRIES = 20
-
-
-class LimitError(Exception):
-    """The limits cannot be applied; the command must not run without them. One line."""
 
 
 @dataclass(frozen=True)
@@ -85,14 +80,6 @@ def detect() -> Layout | None:
     v2 = next((f.split()[1] for f in text.splitlines() if len(f.split()) > 2 and f.split()[2] == "cgroup2"), "")
     controllers = _read(f"{v2}/cgroup.controllers") if v2 else ""
     return parse_mounts(text, controllers)
-
-
-def check_names(group: str, leaf: str = "") -> None:
-    """Names come from the controller; they still never reach a path unchecked."""
-    if not GROUP.fullmatch(group):
-        raise LimitError(f"invalid limits group {group[:80]!r}: expected auto-[a-z0-9-]+")
-    if leaf and not LEAF.fullmatch(leaf):
-        raise LimitError(f"invalid process group name {leaf[:80]!r}")
 
 
 def group_dirs(layout: Layout, group: str, leaf: str = "") -> dict[str, str]:
@@ -310,7 +297,6 @@ class ScopeLeaf:
 
     def prepare(self, argv: list[str]) -> list[str]:
         import subprocess
-        from .systemd_driver import UNIT_DIR, scope_argv, slice_name, slice_unit
         check_names(self.limits.group, self.leaf)
         path, content = UNIT_DIR / slice_name(self.limits.group), slice_unit(self.limits)
         try:

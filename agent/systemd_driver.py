@@ -20,9 +20,9 @@ from pathlib import Path
 from protos import deployer_pb2 as pb
 
 from . import envfile, limits
+from .slices import UNIT_DIR, scope_argv, slice_name, slice_unit  # noqa: F401 - also this driver's API
 from .executor import StartError, launcher_python, launcher_script
 
-UNIT_DIR = Path("/etc/systemd/system")
 STARTUP_WATCH_S = 0.3
 
 
@@ -72,33 +72,6 @@ ProtectControlGroups=yes
 RestrictSUIDSGID=yes
 LockPersonality=yes
 """
-
-
-def slice_name(group: str) -> str:
-    """systemd reads `-` in a slice name as nesting: auto-shop-prod.slice sits in auto-shop.slice
-    in auto.slice, which carry no limits of their own."""
-    limits.check_names(group)
-    return f"{group}.slice"
-
-
-def slice_unit(spec: pb.Limits) -> str:
-    """The environment's slice: its limits, for every unit and scope placed in it."""
-    lines = ["[Unit]", f"Description=limits of {spec.group} (written by the deployer agent)", "",
-             "[Slice]"]
-    if spec.memory_bytes:
-        lines += [f"MemoryMax={spec.memory_bytes}", "MemorySwapMax=0"]
-    if spec.cpu > 0:
-        lines += [f"CPUQuota={round(spec.cpu * 100)}%", f"CPUWeight={max(1, min(10000, round(100 * spec.cpu)))}"]
-    if spec.processes:
-        lines.append(f"TasksMax={spec.processes}")
-    return "\n".join(lines) + "\n"
-
-
-def scope_argv(spec: pb.Limits, unit: str, argv: list[str]) -> list[str]:
-    """A command of the environment run in its slice (a transient scope: same pid, same session).
-    A scope cannot have a private /tmp of its own: agent/limits.py adds its launcher for that."""
-    return ["systemd-run", "--scope", "--quiet", "--collect", f"--slice={slice_name(spec.group)}",
-            f"--unit={unit}", "--", *argv]
 
 
 def instance_env(spec: pb.ServiceStartSpec) -> str:

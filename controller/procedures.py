@@ -78,6 +78,11 @@ def pick_agent(registry: Registry, *, role: str | None = None, capability: str |
     return sorted(connected, key=lambda a: a.id)[0]
 
 
+def _output(op) -> str:
+    return (op.output.folder / "output.log").read_text(errors="replace")
+
+
+
 def _tail(path: Path, lines: int = OUTPUT_TAIL_LINES) -> str:
     try:
         data = path.read_bytes()[-8192:]
@@ -164,7 +169,6 @@ class Runner:
     # ---------------------------------------------------------------- the plan
 
     async def apply(self, plan: Plan) -> str:
-        from .verify import remove_code
         for service_plan in plan.services:
             if service_plan.action == "deploy":
                 await self.deploy(service_plan)
@@ -622,6 +626,37 @@ class Runner:
         for line in _tail(op.output.folder / "output.log").splitlines():
             if "left untouched" in line:
                 self.job.event("job.note", note=f"{service}: {line.strip()}")
+
+
+# ---------------------------------------------------------------- removing a service
+
+async def remove_code(runner: "Runner", service: str) -> None:
+    """Stop every process of a service and remove its folder; mark its code instances removed.
+    Its data instances are left alone."""
+    spec, ledger, env_key = runner.spec, runner.ledger, runner.env_key
+    rows = [r for r in ledger.instances(env_key, service) if r["component"] == "code"]
+    ran = {r["host"] for r in rows if r["status"] in ("live", "standby")}  # made before folders had marks
+    unit = naming.unit_base(spec.app, spec.environment, service)
+    for host_id in sorted({r["host"] for r in rows if r["host"]}):
+        host = runner.registry.agents.get(host_id)
+        if host is None or host.state != "connected":
+            raise StepFailed(service, "remove", f"agent {host_id} is not connected: nothing was removed there")
+        listing = await runner.run_op(host, pb.Operation(service_list=pb.ServiceListSpec(name_prefix=unit)),
+                                      service, "list processes", check=False)
+        for line in _output(listing).splitlines():
+            item = json.loads(line)
+            if item["name"] == unit:
+                await runner.run_op(host, pb.Operation(service_stop=pb.ServiceStopSpec(
+                    name=unit, instance=item["instance"])), service, "stop", check=False)
+        folder = naming.service_dir(host.services_root, spec.app, spec.environment, service)
+        op = await runner.sh(host, ownership.if_folder_ours(folder, ledger.owner, 'rm -rf -- "$d"', legacy=host_id in ran),
+                             service, "remove folder")
+        for line in _output(op).splitlines():
+            runner.job.event("job.note", note=f"{service}: {line}")
+    for r in rows:
+        ledger.set_status(env_key, service, "code", r["number"], "removed")
+        if r["port"]:
+            ledger.release_port(r["host"], r["port"])
 
 
 # ---------------------------------------------------------------- scripts (pure)

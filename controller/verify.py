@@ -18,7 +18,8 @@ from protos import deployer_pb2 as pb
 from . import naming, operations as ops, ownership
 from .knowledge import Scope
 from .planner import Change, ServicePlan
-from .procedures import KEEP_RELEASES, PlacementError, Runner, StepFailed, redis_admin, pick_agent
+from .procedures import (KEEP_RELEASES, PlacementError, Runner, StepFailed, _output, pick_agent, redis_admin,
+                         remove_code)
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,6 @@ class Facts:
     redis_default_open: bool = False  # the shared Redis lets anyone in as `default` without a password
     nginx_files: list[str] = field(default_factory=list)      # auto-*.conf in the router's folder
     nginx_marks: dict[str, str] = field(default_factory=dict)  # auto-*.conf → its owner line
-
-
-def _output(op) -> str:
-    return (op.output.folder / "output.log").read_text(errors="replace")
 
 
 class Checker:
@@ -291,35 +288,6 @@ class Checker:
                         for _, p in plan):
                     self.ledger.set_status(self.env_key, service, "code", r["number"], "removed")
         return lines
-
-
-async def remove_code(runner: Runner, service: str) -> None:
-    """Stop every process of a service and remove its folder; mark its code instances removed.
-    Its data instances are left alone."""
-    spec, ledger, env_key = runner.spec, runner.ledger, runner.env_key
-    rows = [r for r in ledger.instances(env_key, service) if r["component"] == "code"]
-    ran = {r["host"] for r in rows if r["status"] in ("live", "standby")}  # made before folders had marks
-    unit = naming.unit_base(spec.app, spec.environment, service)
-    for host_id in sorted({r["host"] for r in rows if r["host"]}):
-        host = runner.registry.agents.get(host_id)
-        if host is None or host.state != "connected":
-            raise StepFailed(service, "remove", f"agent {host_id} is not connected: nothing was removed there")
-        listing = await runner.run_op(host, pb.Operation(service_list=pb.ServiceListSpec(name_prefix=unit)),
-                                      service, "list processes", check=False)
-        for line in _output(listing).splitlines():
-            item = json.loads(line)
-            if item["name"] == unit:
-                await runner.run_op(host, pb.Operation(service_stop=pb.ServiceStopSpec(
-                    name=unit, instance=item["instance"])), service, "stop", check=False)
-        folder = naming.service_dir(host.services_root, spec.app, spec.environment, service)
-        op = await runner.sh(host, ownership.if_folder_ours(folder, ledger.owner, 'rm -rf -- "$d"', legacy=host_id in ran),
-                             service, "remove folder")
-        for line in _output(op).splitlines():
-            runner.job.event("job.note", note=f"{service}: {line}")
-    for r in rows:
-        ledger.set_status(env_key, service, "code", r["number"], "removed")
-        if r["port"]:
-            ledger.release_port(r["host"], r["port"])
 
 
 async def destroy(runner: Runner, purge_data: bool) -> str:
