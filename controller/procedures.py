@@ -437,7 +437,7 @@ class Runner:
             listing = await self.run_op(d.host, pb.Operation(service_list=pb.ServiceListSpec(name_prefix=unit)),
                                         name, "health")
             entries = [json.loads(line) for line in
-                       (listing.output.folder / "output.log").read_text().splitlines() if line.strip()]
+                       _output(listing).splitlines() if line.strip()]
             if not any(e["instance"] == d.process and e["alive"] for e in entries):
                 log_path = shlex.quote(f"{d.service_dir}/logs/{d.code}.log")
                 tail = await self.sh(d.host, f"tail -n {OUTPUT_TAIL_LINES} {log_path}", name, "read log",
@@ -457,7 +457,7 @@ class Runner:
         free = [p for p in PORT_RANGE if p not in taken]
         candidates = random.sample(free, min(200, len(free)))
         probe = await self.sh(d.host, _first_free_port_script(candidates), d.service.name, "port", check=False)
-        chosen = (probe.output.folder / "output.log").read_text().strip()
+        chosen = _output(probe).strip()
         if probe.result.exit_code != 0 or not chosen.isdigit():
             raise StepFailed(d.service.name, "port", f"no free port on {d.host.id} among {len(candidates)} candidates")
         port = int(chosen)

@@ -34,7 +34,7 @@ from . import naming
 from .db import Database
 from .jobs import EnvLock, read_events
 from .knowledge import Scope
-from .procedures import DRAIN_S, Deployment, Runner, StepFailed, _current_script
+from .procedures import DRAIN_S, Deployment, Runner, StepFailed, _current_script, _output
 from .registry import CONNECTED, DISCONNECTED
 from .spec import Service
 
@@ -362,7 +362,7 @@ async def _converge(runner: Runner, service: str, rows) -> list[str]:
             continue
         listing = await runner.run_op(host, pb.Operation(service_list=pb.ServiceListSpec(name_prefix=unit)),
                                       service, "list processes", check=False)
-        for line in (listing.output.folder / "output.log").read_text().splitlines():
+        for line in _output(listing).splitlines():
             item = json.loads(line) if line.strip() else {}
             if item.get("name") != unit or (host_id, item["instance"]) == keep:
                 continue

@@ -16,6 +16,8 @@ from pathlib import Path
 from tests.harness import ROOT, Cluster, free_port, wait_for
 
 EXAMPLE = ROOT / "examples" / "shop"
+# Where an agent of this machine finds MariaDB and Redis, as its `provides` settings say.
+LOCAL_DATA = {"mysql.host": "127.0.0.1", "mysql.port": "3306", "redis.host": "127.0.0.1", "redis.port": "6379"}
 
 
 class Nginx:
@@ -121,7 +123,11 @@ def purge(app: str, env: str) -> None:
                  what=f"the processes of {user} ended")
         subprocess.run(["userdel", user], check=True, capture_output=True)
     remove_limits_group(user)
-    prefix = f"auto-{app}-{env}-"
+    purge_names(f"auto-{app}-{env}-")
+
+
+def purge_names(prefix: str) -> None:
+    """Every database, MariaDB user, Redis ACL user and key whose name starts with `prefix`."""
     for db in mysql(f"SHOW DATABASES LIKE '{prefix}%'").split():
         mysql(f"DROP DATABASE `{db}`")
     for user in mysql(f"SELECT User FROM mysql.user WHERE User LIKE '{prefix}%'").split():
@@ -193,8 +199,7 @@ def deploy_cluster(base: Path, cleanup: contextlib.ExitStack | None = None) -> t
         cluster = Cluster(base)
         started.callback(cluster.close)
         cluster.controller.start()
-        provides = {**nginx.settings(), "mysql.host": "127.0.0.1", "mysql.port": "3306",
-                    "redis.host": "127.0.0.1", "redis.port": "6379"}
+        provides = {**nginx.settings(), **LOCAL_DATA}
         cluster.add_agent("computing-1", ["computing"], provides=provides)
         cluster.add_agent("daemons-1", ["daemons"])
         cluster.wait_connected("computing-1", "daemons-1")

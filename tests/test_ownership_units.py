@@ -12,7 +12,7 @@ import pytest
 from controller import ownership
 from controller.verify import Facts, foreign
 from controller.spec import spec_from_dict
-from tests.deploy_harness import mysql, redis
+from tests.deploy_harness import mysql, purge_names, redis
 
 OWNER = "ownerAAAAAAAAAAAAAAAAA"
 OTHER = "ownerBBBBBBBBBBBBBBBBB"
@@ -27,13 +27,7 @@ def names():
     """Names of our own under auto-, removed at the end whatever happened."""
     tag = "auto-own" + secrets.token_hex(3)
     yield {"database": f"{tag}-web-1", "user": f"{tag}-web-1", "tag": tag}
-    for db in mysql(f"SHOW DATABASES LIKE '{tag}%'").split():
-        mysql(f"DROP DATABASE `{db}`")
-    for user in mysql(f"SELECT User FROM mysql.user WHERE User LIKE '{tag}%'").split():
-        mysql(f"DROP USER '{user}'@'%'")
-    for user in redis("ACL", "USERS").split():
-        if user.startswith(tag):
-            redis("ACL", "DELUSER", user)
+    purge_names(tag)
 
 
 def test_marks_name_their_owner():

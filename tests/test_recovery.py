@@ -23,7 +23,7 @@ import yaml
 
 from controller import operations as ops
 from controller.recovery import _where, routed_to
-from tests.deploy_harness import (Nginx, example_repo, http_get, mysql, new_commit, purge, service_users_base,
+from tests.deploy_harness import (LOCAL_DATA, Nginx, example_repo, http_get, mysql, new_commit, purge, service_users_base,
                                   unique_env)
 from tests.harness import Cluster, wait_for
 from tests.load import Load
@@ -117,9 +117,7 @@ def world():
         # With `slow-reload`, a reload (as a destroy's last step does) stops for 4 s first.
         settings["nginx.reload"] = (f"if [ -f {flags}/slow-reload ]; then touch {flags}/reloading; sleep 4; fi; "
                                     + settings["nginx.reload"])
-        cluster.add_agent("computing-1", ["computing"], provides={
-            **settings, "mysql.host": "127.0.0.1", "mysql.port": "3306", "redis.host": "127.0.0.1",
-            "redis.port": "6379"})
+        cluster.add_agent("computing-1", ["computing"], provides={**settings, **LOCAL_DATA})
         cluster.wait_connected("computing-1")
         yield {"base": base, "flags": flags, "nginx": nginx, "cluster": cluster, "repo": example_repo(base),
                "env": env}
