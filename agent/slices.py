@@ -9,7 +9,9 @@ from pathlib import Path
 
 from protos import deployer_pb2 as pb
 
-UNIT_DIR = Path("/etc/systemd/system")
+# The agent's units are runtime units: rewritten by the agent whenever it starts a process, gone at
+# reboot (nothing starts on its own then; the controller decides), and never in the operator's /etc.
+UNIT_DIR = Path("/run/systemd/system")
 GROUP = re.compile(r"auto-[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?")
 LEAF = re.compile(r"[A-Za-z0-9][A-Za-z0-9@._-]{0,127}")
 

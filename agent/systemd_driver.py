@@ -1,10 +1,13 @@
 """The systemd service driver, used where systemd is PID 1: each service process is an instance
-of a template unit `auto-<app>-<env>-<service>@.service`, so systemd supervises it, keeps its
-logs in the journal, and it survives any restart of the agent.
+of a template unit `auto-<app>-<env>-<service>@.service`, so systemd supervises it and it survives
+any restart of the agent. Its output goes where the built-in supervisor puts it, the file the
+operation names (`logs/<code instance>.log` of the service), which systemd opens in append mode;
+`deployctl logs` reads the same file whichever driver runs.
 
 The template is the same for every service of the deployer; what differs per process (working
 folder, command, the operation's variables, where its `.env` is) is in a per-instance environment
-file under the agent's state folder (0600), the agent's own, read by systemd itself. The release's
+file under the agent's state folder (0600), the agent's own, read by systemd itself, and the log
+file in a per-instance drop-in. The release's
 `.env` is never an `EnvironmentFile=`: systemd would read it as root, following links. The
 launcher (agent/launcher.py) reads it, already as the service's user, and enters the working
 folder as that user. The instance name is the driver's process key (`<code instance>-<port>`),
@@ -14,6 +17,7 @@ since a code instance can run twice during a blue/green restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from pathlib import Path
 
@@ -74,6 +78,23 @@ LockPersonality=yes
 """
 
 
+def log_dropin(log_path: str) -> str:
+    """The instance's drop-in: its output appended to the operation's log file. The folder is the
+    service's, made by root; the name comes from the controller and is still checked."""
+    if not log_path.startswith("/") or any(c in log_path for c in "\n\r\0"):
+        raise StartError(f"invalid log path {log_path[:80]!r}")
+    path = log_path.replace("%", "%%")
+    return f"[Service]\nStandardOutput=append:{path}\nStandardError=append:{path}\n"
+
+
+def dropin_log_path(text: str) -> str:
+    """Pure: the log file a drop-in written by log_dropin names."""
+    for line in text.splitlines():
+        if line.startswith("StandardOutput=append:"):
+            return line.removeprefix("StandardOutput=append:").replace("%%", "%")
+    return ""
+
+
 def instance_env(spec: pb.ServiceStartSpec) -> str:
     """The agent's own file for one instance: the operation's variables (they win over the
     `.env`) and what the launcher needs; nothing of the release is read here."""
@@ -105,24 +126,33 @@ class SystemdDriver:
         out, _ = await proc.communicate()
         return proc.returncode, out.decode(errors="replace").strip()
 
-    async def _install_template(self, name: str, user: str, spec: pb.Limits | None = None) -> None:
-        files = {self.unit_dir / f"{name}@.service":
-                 template_unit(self.env_dir, user, slice_name(spec.group) if spec else "")}
-        if spec is not None:
-            files[self.unit_dir / slice_name(spec.group)] = slice_unit(spec)
+    def _dropin(self, name: str, instance: str) -> Path:
+        return self.unit_dir / f"{name}@{instance}.service.d" / "deployer-log.conf"
+
+    async def _install(self, spec: pb.ServiceStartSpec) -> None:
+        """The template, the environment's slice and the instance's drop-in, then one reload."""
+        limits = spec.limits if spec.HasField("limits") else None
+        files = {self.unit_dir / f"{spec.name}@.service":
+                 template_unit(self.env_dir, spec.user, slice_name(limits.group) if limits else ""),
+                 self._dropin(spec.name, spec.instance): log_dropin(spec.log_path)}
+        if limits is not None:
+            files[self.unit_dir / slice_name(limits.group)] = slice_unit(limits)
         changed = False
         for path, content in files.items():
             if not path.exists() or path.read_text() != content:
+                path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(content)
                 changed = True
         if changed:
-            await self._systemctl("daemon-reload")
+            code, out = await self._systemctl("daemon-reload")
+            if code != 0:
+                raise StartError(f"systemctl daemon-reload: {out}")
 
     async def start(self, op_id: str, spec: pb.ServiceStartSpec) -> pb.OperationResult:
         if not os.path.isdir(spec.cwd):
             raise StartError(f"working directory {spec.cwd} does not exist")
-        await self._install_template(spec.name, spec.user,
-                                     spec.limits if spec.HasField("limits") else None)
+        Path(spec.log_path).parent.mkdir(parents=True, exist_ok=True)
+        await self._install(spec)
         env_path = self.env_dir / f"{spec.name}@{spec.instance}.env"
         fd = os.open(env_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -135,13 +165,17 @@ class SystemdDriver:
         code, state = await self._systemctl("is-active", unit)
         if state != "active":
             return pb.OperationResult(op_id=op_id, outcome=pb.FAILED_TO_START,
-                                      error=f"{unit} is {state} (see journalctl -u {unit})")
+                                      error=f"{unit} is {state} (see {spec.log_path})")
         return pb.OperationResult(op_id=op_id, outcome=pb.EXITED)
 
     async def stop(self, op_id: str, spec: pb.ServiceStopSpec) -> pb.OperationResult:
         unit = f"{spec.name}@{spec.instance}.service"
         code, out = await self._systemctl("stop", unit)
         (self.env_dir / f"{spec.name}@{spec.instance}.env").unlink(missing_ok=True)
+        dropin = self._dropin(spec.name, spec.instance)
+        dropin.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            dropin.parent.rmdir()
         return pb.OperationResult(op_id=op_id, outcome=pb.EXITED, error="" if code == 0 else out)
 
     def list(self, prefix: str, group: str = "") -> list[dict]:
@@ -154,8 +188,12 @@ class SystemdDriver:
             show = subprocess.run(["systemctl", "show", unit, "-p", "ActiveState,MainPID,MemoryCurrent,CPUUsageNSec,Result,ExecMainStatus"],
                                   capture_output=True, text=True).stdout
             props = dict(line.split("=", 1) for line in show.splitlines() if "=" in line)
+            try:
+                log_path = dropin_log_path(self._dropin(name, instance).read_text())
+            except OSError:
+                log_path = ""
             entry = {"name": name, "instance": instance, "pid": int(props.get("MainPID") or 0),
-                     "alive": props.get("ActiveState") == "active", "log_path": f"journal:{unit}"}
+                     "alive": props.get("ActiveState") == "active", "log_path": log_path}
             if props.get("MemoryCurrent", "").isdigit():
                 entry["rss_bytes"] = int(props["MemoryCurrent"])
             if props.get("CPUUsageNSec", "").isdigit():

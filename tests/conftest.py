@@ -3,7 +3,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, settings
 
-from tests.harness import Cluster
+from tests.harness import DRIVER, Cluster
 
 # `make fuzz`: HYPOTHESIS_PROFILE=fuzz runs tests/test_fuzz.py with far more examples. Without it,
 # hypothesis keeps its default profile.
@@ -33,15 +33,31 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `systemd` need systemd as PID 1: they run in the systemd pass of `make test`
+    (tests/run.py), and are deselected (not skipped) in the supervisor's pass."""
+    if DRIVER == "systemd":
+        if not os.path.isdir("/run/systemd/system"):
+            raise pytest.UsageError("DEPLOYER_TEST_DRIVER=systemd, but systemd is not PID 1 here: "
+                                    "run it through tests/run.py, which starts a bare systemd")
+        return
+    kept = [item for item in items if item.get_closest_marker("systemd") is None]
+    if len(kept) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i.get_closest_marker("systemd")])
+        items[:] = kept
+
+
 _run_lock: list[int] = []
 
 
 def pytest_sessionstart(session):
-    """Sweep what a killed earlier run left (tests/sweep.py), unless another run is alive."""
-    if os.geteuid() != 0 or os.environ.get("DEPLOYER_TESTS_NO_SWEEP"):  # e.g. beside an older checkout's run
+    """Sweep what a killed earlier run left (tests/sweep.py), unless another run is alive. A run
+    that does not sweep (DEPLOYER_TESTS_NO_SWEEP, e.g. beside an older checkout's run) still holds
+    the lock, so no other run's sweep takes its things for leftovers."""
+    if os.geteuid() != 0:
         return
-    from tests.sweep import hold_and_sweep
-    fd, swept = hold_and_sweep()
+    from tests.sweep import hold, hold_and_sweep
+    fd, swept = hold() if os.environ.get("DEPLOYER_TESTS_NO_SWEEP") else hold_and_sweep()
     _run_lock.append(fd)
     if swept:
         print(f"\nswept what an earlier test run left: {'; '.join(swept[:20])}"

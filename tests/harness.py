@@ -16,6 +16,9 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
+# The service driver every test agent runs: the built-in supervisor, or systemd when the suite runs
+# under a bare systemd of its own (tests/run.py, tests/systemd_ns.py).
+DRIVER = os.environ.get("DEPLOYER_TEST_DRIVER", "supervisor")
 
 
 def free_port() -> int:
@@ -159,7 +162,7 @@ class Agent:
     def start(self) -> "Agent":
         argv = [PY, "-m", "agent.main", "--id", self.id, "--controller", self.controller,
                 "--state-dir", str(self.state_dir), "--services-root", str(self.services_root),
-                "--heartbeat-interval", str(self.heartbeat)]
+                "--heartbeat-interval", str(self.heartbeat), "--service-driver", DRIVER]
         for role in self.roles:
             argv += ["--role", role]
         for key, value in self.provides.items():
@@ -180,6 +183,10 @@ class Agent:
     def stop_services(self) -> None:
         _stop_services(self.state_dir)
 
+    def services(self, prefix: str = "") -> list[dict]:
+        """What the agent's driver knows of its service processes (dead ones too), as it reports them."""
+        return driver_of(self.state_dir).list(prefix)
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
@@ -190,8 +197,21 @@ class Agent:
                 self.proc.wait()
 
 
+def driver_of(state_dir: Path):
+    from agent.services import Supervisor
+    from agent.systemd_driver import SystemdDriver
+    return SystemdDriver(state_dir) if DRIVER == "systemd" else Supervisor(state_dir)
+
+
 def _stop_services(state_dir: Path) -> None:
     """Service processes outlive their agent by design; a test must end them itself."""
+    if DRIVER == "systemd":
+        units = [f"{p.stem}.service" for p in (state_dir / "services").glob("*@*.env")]
+        if units:
+            subprocess.run(["systemctl", "kill", "--signal=SIGKILL", *units], capture_output=True, timeout=60)
+            subprocess.run(["systemctl", "stop", *units], capture_output=True, timeout=60)
+            subprocess.run(["systemctl", "reset-failed", *units], capture_output=True, timeout=60)
+        return
     for state in (state_dir / "services").glob("*.json"):
         try:
             os.killpg(json.loads(state.read_text())["pid"], signal.SIGKILL)

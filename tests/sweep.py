@@ -41,9 +41,16 @@ def hold_and_sweep() -> tuple[int, list[str]]:
     return fd, swept
 
 
+def hold() -> tuple[int, list[str]]:
+    """Only take the run's shared lock (waiting while another run sweeps)."""
+    fd = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd, []
+
+
 def sweep() -> list[str]:
     swept: list[str] = []
-    for step in (_processes, _mounts, _unix_users, _databases, _redis, _folders):
+    for step in (_systemds, _processes, _mounts, _unix_users, _databases, _redis, _folders):
         try:
             swept += step()
         except (OSError, subprocess.SubprocessError) as exc:
@@ -87,6 +94,16 @@ def _processes() -> list[str]:
                 swept.append(f"process {entry.name}: {cmdline[:80]}")
             except OSError:
                 pass
+    return swept
+
+
+def _systemds() -> list[str]:
+    """A bare systemd of a systemd pass (tests/systemd_ns.py), with everything it holds."""
+    from tests import systemd_ns
+    swept = []
+    for pid in systemd_ns.leftovers():
+        systemd_ns.stop(pid)
+        swept.append(f"the test systemd {pid} and all it ran")
     return swept
 
 

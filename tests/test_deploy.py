@@ -16,7 +16,7 @@ from tests.deploy_harness import (deploy_cluster, example_repo, http_get, mysql,
                                   service_users_base, unique_env)
 from tests.load import Load
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.drivers]
 INSTALL = "npm ci --omit=dev --no-audit --no-fund --prefer-offline"
 
 

@@ -214,7 +214,7 @@ def assert_settled(world, killed: str, recovery: dict, during: str, live_code: i
 
     # Only the live process runs; only the live instance holds a port.
     unit = f"auto-shop-{env}-web"
-    states = [json.loads(p.read_text()) for p in (cluster.agents["computing-1"].state_dir / "services").glob("*.json")]
+    states = cluster.agents["computing-1"].services(unit)
     assert [s["instance"] for s in states if s["name"] == unit] == [live[0]["names"]["process"]]
     db = sqlite3.connect(cluster.controller.store / "deployer.db")
     assert [r[0] for r in db.execute("SELECT port FROM ports WHERE env_key=?", (f"shop/{env}",))] == [port]
@@ -226,6 +226,7 @@ def assert_settled(world, killed: str, recovery: dict, during: str, live_code: i
 
 
 @pytest.mark.slow
+@pytest.mark.drivers
 @pytest.mark.timeout(1500)  # seven real deploys with npm; the limit is a safety net, not a measure
 def test_controller_killed_mid_deploy_settles_every_deploy(world):
     cluster, env, repo = world["cluster"], world["env"], world["repo"]
@@ -321,6 +322,7 @@ def test_controller_killed_mid_deploy_settles_every_deploy(world):
 
 
 @pytest.mark.slow
+@pytest.mark.drivers
 def test_controller_killed_mid_destroy_then_destroyed_again_leaves_nothing(world):
     """A destroy cut short by the controller's death ends `interrupted`, saying where; the
     environment still takes orders, and destroying it again removes everything."""
@@ -358,8 +360,7 @@ def test_controller_killed_mid_destroy_then_destroyed_again_leaves_nothing(world
         assert not folder.exists() and not conf.exists()
         assert subprocess.run(["id", "-u", f"auto-shop-{env}"], capture_output=True).returncode != 0
         assert mysql(f"SHOW DATABASES LIKE 'auto-shop-{env}-%'").strip() == ""
-        units = [json.loads(p.read_text())["name"]
-                 for p in (cluster.agents["computing-1"].state_dir / "services").glob("*.json")]
+        units = [s["name"] for s in cluster.agents["computing-1"].services()]
         assert f"auto-shop-{env}-web" not in units
         data = json.loads(cluster.deployctl("ledger", key, "web", "--json").stdout)["web"]
         assert {i["status"] for i in data["instances"]} == {"removed"}, data["instances"]
@@ -371,6 +372,7 @@ def test_controller_killed_mid_destroy_then_destroyed_again_leaves_nothing(world
 
 
 @pytest.mark.slow
+@pytest.mark.drivers
 def test_a_switch_whose_router_is_lost_stays_unsettled_until_the_router_returns(world):
     """Killed mid-switch, and the router's agent gone too: recovery cannot tell where nginx
     routes, so it does not guess; the deploy stays interrupted and every order is refused,
@@ -445,6 +447,7 @@ def test_a_switch_whose_router_is_lost_stays_unsettled_until_the_router_returns(
 
 
 @pytest.mark.slow
+@pytest.mark.drivers
 def test_a_router_killed_mid_switch_leaves_the_previous_route_in_place(world):
     """The router's agent dies between the switch swapping the file in and reloading nginx: the
     deploy fails, and the file names the instance that still serves, so that the next reload

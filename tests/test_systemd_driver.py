@@ -1,17 +1,20 @@
-"""The systemd service driver's pure parts: its template unit (verified by systemd-analyze), the
-per-instance environment file, and the choice of driver. Starting units needs systemd as PID 1,
-which the test machines do not have; the supervisor is exercised end to end instead."""
+"""The systemd service driver: its template unit (verified by systemd-analyze), the per-instance
+environment file and log drop-in, the choice of driver; and, marked `systemd`, the driver for real
+(start, list, logs, stop, limits) under the bare systemd of `make test`'s systemd pass, where the
+deploy, day-2 and recovery tests also run once more with this driver (tests/run.py)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 
 import pytest
 
 from agent import config as config_mod
+from agent import limits as limits_mod
 from agent.main import choose_driver
 from agent.services import Supervisor
-from agent.systemd_driver import SystemdDriver, instance_env, template_unit
+from agent.systemd_driver import SystemdDriver, dropin_log_path, instance_env, log_dropin, template_unit
 from protos import deployer_pb2 as pb
 from tests.test_deploy_units import problems, verify
 
@@ -53,6 +56,16 @@ def test_the_unit_starts_the_launcher_and_never_names_the_release_env(tmp_path):
     assert "-- /bin/sh -c ${DEPLOYER_COMMAND}" in unit and "WorkingDirectory" not in unit
 
 
+def test_the_log_dropin_appends_to_the_operation_s_file_and_reads_back():
+    text = log_dropin("/srv/services/auto-shop-prod-web/logs/100%.log")
+    assert text == ("[Service]\nStandardOutput=append:/srv/services/auto-shop-prod-web/logs/100%%.log\n"
+                    "StandardError=append:/srv/services/auto-shop-prod-web/logs/100%%.log\n")
+    assert dropin_log_path(text) == "/srv/services/auto-shop-prod-web/logs/100%.log"
+    for bad in ("logs/1.log", "/srv/x\nExecStartPre=/bin/evil"):
+        with pytest.raises(Exception, match="invalid log path"):
+            log_dropin(bad)
+
+
 def test_driver_choice(tmp_path):
     def config(driver: str) -> config_mod.AgentConfig:
         return config_mod.AgentConfig(id="a", controller="x:1", roles=("computing",),
@@ -66,3 +79,131 @@ def test_driver_choice(tmp_path):
                              service_driver="docker")
     with pytest.raises(config_mod.ConfigError, match="service_driver must be auto, systemd or supervisor"):
         config_mod.load(bad)
+
+
+# ---------------------------------------------------------------- for real, under a bare systemd
+# These run in the systemd pass of `make test` (tests/run.py), where systemd is PID 1.
+
+def _unit_show(unit: str, *props: str) -> dict[str, str]:
+    import subprocess
+    out = subprocess.run(["systemctl", "show", unit, "-p", ",".join(props)], capture_output=True, text=True).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+@pytest.fixture
+def tenant(tmp_path):
+    """A test environment's Unix user and its service folder, removed afterwards."""
+    import os
+    import subprocess
+
+    import pwd
+    import shutil
+
+    from tests.deploy_harness import remove_limits_group, service_users_base, unique_env
+    user = f"auto-sd-{unique_env()}"
+    base = service_users_base("deployer-systemd-")   # folders the service's user can pass through
+    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", user], check=True)
+    try:
+        work = base / "release"
+        work.mkdir()
+        os.chown(work, pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid)
+        yield user, work
+    finally:
+        subprocess.run(["pkill", "-KILL", "-u", user], capture_output=True)
+        subprocess.run(["userdel", "--force", user], capture_output=True)
+        remove_limits_group(user)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _start_spec(user: str, work, command: str, instance: str, limits: pb.Limits | None = None) -> pb.ServiceStartSpec:
+    spec = pb.ServiceStartSpec(name=f"{user}-web", instance=instance, argv=["sh", "-c", command], cwd=str(work),
+                               env={"PORT": "20001"}, user=user, log_path=str(work.parent / "logs" / "1.log"))
+    if limits is not None:
+        spec.limits.CopyFrom(limits)
+    return spec
+
+
+@pytest.mark.systemd
+def test_start_list_logs_and_stop_for_real(tmp_path, tenant):
+    import asyncio
+    import pwd
+
+    import psutil
+
+    from tests.harness import wait_for
+    user, work = tenant
+    (work / ".env").write_text("GREETING=hello from the release\n")
+    driver = SystemdDriver(tmp_path / "state")
+    spec = _start_spec(user, work, 'echo "$GREETING on $PORT as $(id -un)"; exec sleep 300', "1-20001")
+    result = asyncio.run(driver.start("op-1", spec))
+    spec.env_file = ""
+    assert result.outcome == pb.EXITED and not result.error, result.error
+
+    [entry] = driver.list(f"{user}-")
+    assert (entry["name"], entry["instance"], entry["alive"]) == (f"{user}-web", "1-20001", True)
+    assert entry["log_path"] == str(work.parent / "logs" / "1.log")
+    process = psutil.Process(entry["pid"])
+    assert process.uids().real == pwd.getpwnam(user).pw_uid               # systemd's User=, then the launcher
+    assert f"/{user}-web@1-20001.service" in open(f"/proc/{entry['pid']}/cgroup").read()
+    log = work.parent / "logs" / "1.log"
+    wait_for(lambda: log.exists() and f"on 20001 as {user}" in log.read_text(), 20, what="the service's output")
+    assert _unit_show(f"{user}-web@1-20001.service", "Restart")["Restart"] == "no"  # no initiative of its own
+
+    stopped = asyncio.run(driver.stop("op-2", pb.ServiceStopSpec(name=f"{user}-web", instance="1-20001")))
+    assert stopped.outcome == pb.EXITED and not stopped.error, stopped.error
+    assert not psutil.pid_exists(entry["pid"]) or psutil.Process(entry["pid"]).status() == psutil.STATUS_ZOMBIE
+    assert driver.list(f"{user}-") == []
+    assert not (driver.unit_dir / f"{user}-web@1-20001.service.d").exists()
+
+
+@pytest.mark.systemd
+def test_a_process_that_exits_at_once_fails_its_start_naming_the_log(tmp_path, tenant):
+    import asyncio
+    user, work = tenant
+    driver = SystemdDriver(tmp_path / "state")
+    spec = _start_spec(user, work, "echo about to fail; exit 3", "1-20002")
+    result = asyncio.run(driver.start("op-1", spec))
+    assert result.outcome == pb.FAILED_TO_START, result
+    assert f"{user}-web@1-20002.service is failed" in result.error and spec.log_path in result.error
+    assert "about to fail" in (work.parent / "logs" / "1.log").read_text()
+    [entry] = driver.list(f"{user}-")
+    assert entry["alive"] is False
+    asyncio.run(driver.stop("op-2", pb.ServiceStopSpec(name=f"{user}-web", instance="1-20002")))
+
+
+@pytest.mark.systemd
+def test_limits_are_the_slice_s_and_a_process_over_its_memory_is_killed(tmp_path, tenant):
+    import asyncio
+    import subprocess
+
+    from tests.harness import wait_for
+    user, work = tenant
+    driver = SystemdDriver(tmp_path / "state")
+    limits = pb.Limits(group=user, memory_bytes=64 << 20, cpu=0.5, processes=32)
+    spec = _start_spec(user, work, "exec sleep 300", "1-20003", limits)
+    assert asyncio.run(driver.start("op-1", spec)).outcome == pb.EXITED
+    [entry] = driver.list(f"{user}-", group=user)
+    assert f"/{user}.slice/" in open(f"/proc/{entry['pid']}/cgroup").read()
+    shown = _unit_show(f"{user}.slice", "MemoryMax", "TasksMax", "CPUQuotaPerSecUSec")
+    assert (shown["MemoryMax"], shown["TasksMax"], shown["CPUQuotaPerSecUSec"]) == (str(64 << 20), "32", "500ms")
+    assert entry["limits_use"]["memory_max_bytes"] == 64 << 20 and entry["limits_use"]["processes_max"] == 32
+
+    hog = _start_spec(user, work, "exec python3 -c 'b = bytearray(256 << 20); import time; time.sleep(300)'",
+                      "1-20004", limits)
+    asyncio.run(driver.start("op-2", hog))   # it may die before or after the start's short watch
+    wait_for(lambda: not {e["instance"]: e for e in driver.list(f"{user}-", group=user)}["1-20004"]["alive"], 30,
+             what="the memory hog killed")
+    hogged = {e["instance"]: e for e in driver.list(f"{user}-", group=user)}["1-20004"]
+    assert hogged.get("error") in ("killed by signal 9", limits_mod.oom_message(64 << 20)), hogged
+    assert {e["instance"]: e for e in driver.list(f"{user}-", group=user)}["1-20003"]["alive"]  # the other lives
+
+    # A command of the environment (a build, a migration) runs in a scope of the same slice.
+    confined = limits_mod.confine(limits, "op-3", ["cat", "/proc/self/cgroup"])
+    try:
+        out = subprocess.run(confined.argv, capture_output=True, text=True, env={**os.environ, **confined.env},
+                             timeout=60)
+    finally:
+        confined.leaf.release()
+    assert out.returncode == 0 and f"/{user}.slice/{user}-op-3.scope" in out.stdout, out.stdout + out.stderr
+    for instance in ("1-20003", "1-20004"):
+        asyncio.run(driver.stop("op-9", pb.ServiceStopSpec(name=f"{user}-web", instance=instance)))
