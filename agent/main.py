@@ -30,7 +30,10 @@ def choose_driver(config: config_mod.AgentConfig):
     """systemd supervises services where it is PID 1; the built-in supervisor elsewhere."""
     wanted = config.service_driver
     if wanted == "systemd" or (wanted == "auto" and booted()):
-        return SystemdDriver(config.state_dir)
+        driver = SystemdDriver(config.state_dir)
+        if removed := driver.retire_old_units():
+            log.info("agent.old_units_removed", units=removed)
+        return driver
     return Supervisor(config.state_dir)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 from pathlib import Path
 
 from protos import deployer_pb2 as pb
@@ -28,6 +29,7 @@ from .slices import UNIT_DIR, scope_argv, slice_name, slice_unit  # noqa: F401 -
 from .executor import StartError, launcher_python, launcher_script
 
 STARTUP_WATCH_S = 0.3
+OLD_UNIT_DIR = Path("/etc/systemd/system")
 
 
 def template_unit(env_dir: Path, user: str = "", slice_name: str = "", python: str = "",
@@ -119,6 +121,26 @@ class SystemdDriver:
         self.env_dir = state_dir / "services"
         self.env_dir.mkdir(parents=True, exist_ok=True)
         self.unit_dir = unit_dir
+
+    def retire_old_units(self, old_dir: Path = OLD_UNIT_DIR) -> list[str]:
+        """Earlier agents wrote their units to /etc/systemd/system, where they would hide the
+        runtime ones: those files, and only those (the deployer's description in a file named
+        `auto-*`), are removed once at start. The processes they run are not touched."""
+        import subprocess
+        removed = []
+        for path in sorted(old_dir.glob("auto-*")):
+            if path.suffix not in (".service", ".slice") or not path.is_file() or path.is_symlink():
+                continue
+            try:
+                text = path.read_text()
+            except (OSError, UnicodeDecodeError):
+                continue
+            if re.search(r"^Description=.*\((started|written) by the deployer agent\)$", text, re.M):
+                path.unlink()
+                removed.append(path.name)
+        if removed:
+            subprocess.run(["systemctl", "daemon-reload"], capture_output=True, timeout=120)
+        return removed
 
     async def _systemctl(self, *args: str) -> tuple[int, str]:
         proc = await asyncio.create_subprocess_exec(

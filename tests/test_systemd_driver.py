@@ -207,3 +207,20 @@ def test_limits_are_the_slice_s_and_a_process_over_its_memory_is_killed(tmp_path
     assert out.returncode == 0 and f"/{user}.slice/{user}-op-3.scope" in out.stdout, out.stdout + out.stderr
     for instance in ("1-20003", "1-20004"):
         asyncio.run(driver.stop("op-9", pb.ServiceStopSpec(name=f"{user}-web", instance=instance)))
+
+
+def test_units_an_earlier_agent_left_in_etc_are_retired_and_nothing_else(tmp_path, monkeypatch):
+    import subprocess
+    old = tmp_path / "etc"
+    old.mkdir()
+    (old / "auto-shop-prod-web@.service").write_text(template_unit(tmp_path, "auto-shop-prod"))
+    (old / "auto-shop-prod.slice").write_text(limits_mod.slice_unit(pb.Limits(group="auto-shop-prod", cpu=1)))
+    (old / "auto-backup.service").write_text("[Unit]\nDescription=the operator's own\n[Service]\nExecStart=/bin/true\n")
+    (old / "nginx.service").write_text("[Unit]\nDescription=x (started by the deployer agent)\n")
+    (old / "auto-link.service").symlink_to(old / "auto-shop-prod-web@.service")
+    reloads = []
+    monkeypatch.setattr(subprocess, "run", lambda argv, **kw: reloads.append(argv))
+    removed = SystemdDriver(tmp_path / "state", tmp_path / "run").retire_old_units(old)
+    assert removed == ["auto-shop-prod-web@.service", "auto-shop-prod.slice"]
+    assert sorted(p.name for p in old.iterdir()) == ["auto-backup.service", "auto-link.service", "nginx.service"]
+    assert reloads == [["systemctl", "daemon-reload"]]
