@@ -2,13 +2,17 @@
 `drivers` (deploys, day-2, recovery) and `systemd` once more with the systemd service driver,
 under a bare systemd of the tests' own (tests/systemd_ns.py).
 
-The two passes share no state (every test names its own environments), so they run side by side;
-the first pass prints as it goes, the systemd pass's output follows when it ends. This process
+The two passes share no state (every test names its own environments), so they run side by side,
+and the first spreads its test files over two workers (pytest-xdist; a file's tests stay on one
+worker, since they share a module's cluster). The first pass prints as it goes, the systemd
+pass's output follows when it ends. This process
 sweeps what a killed earlier run left, then holds the run's lock for both passes (tests/sweep.py).
 Ctrl-C stops both and the namespace with everything in it.
 
     python -m tests.run [PYTEST ARGS…]      e.g. -x, or -k deploy (passed to both passes)
     DEPLOYER_TESTS_PASSES=supervisor|systemd   one pass only
+    DEPLOYER_TESTS_WORKERS=N                   the first pass's workers, a file each at a time
+                                               (default 2; 0 runs it in this one process)
 """
 
 from __future__ import annotations
@@ -66,7 +70,10 @@ def main(args: list[str]) -> int:
                     cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     process_group=0)
         if "supervisor" in passes:
-            children["supervisor"] = subprocess.Popen(pytest_argv(*args), cwd=ROOT, env=env, process_group=0)
+            workers = os.environ.get("DEPLOYER_TESTS_WORKERS", "2")
+            spread = ["-n", workers, "--dist", "loadfile"] if workers != "0" else []
+            children["supervisor"] = subprocess.Popen(pytest_argv(*spread, *args), cwd=ROOT, env=env,
+                                                      process_group=0)
         codes = {name: child.wait() for name, child in children.items()}
     except KeyboardInterrupt:
         for child in children.values():
