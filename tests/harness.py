@@ -21,10 +21,23 @@ PY = sys.executable
 DRIVER = os.environ.get("DEPLOYER_TEST_DRIVER", "supervisor")
 
 
+# Ports the tests listen on: below the kernel's ephemeral range (32768-60999 here), where no
+# outgoing connection takes its source port, and below the deployer's instance ports (20000-29999).
+# A port the kernel handed out as free (bind to 0) is in the ephemeral range: the next client
+# connection on this machine could take it before the test's server binds it.
+TEST_PORTS = range(10000, 20000)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    import random
+    for port in random.sample(TEST_PORTS, 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise AssertionError(f"no free port in {TEST_PORTS}")
 
 
 def wait_for(predicate, timeout: float = 20.0, every: float = 0.05, what: str = "condition"):
@@ -41,6 +54,8 @@ def free_port_pair() -> int:
     """A port whose next port is free too: the agent port and, after it, the enrolment port."""
     for _ in range(100):
         port = free_port()
+        if port + 1 not in TEST_PORTS:
+            continue
         try:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", port + 1))
@@ -48,6 +63,10 @@ def free_port_pair() -> int:
         except OSError:
             continue
     raise AssertionError("no two consecutive free ports")
+
+
+class PortTaken(AssertionError):
+    """A free port was taken by someone else before the controller could bind it."""
 
 
 class Controller:
@@ -65,8 +84,22 @@ class Controller:
         self.insecure = insecure
         self.extra_args = tuple(extra_args)
         self.proc: subprocess.Popen | None = None
+        self.started_once = False
 
     def start(self) -> "Controller":
+        """Start it; if another run on this machine took one of its free ports meanwhile, on new ones
+        (a test that needs fixed ports keeps them: it starts the daemon itself)."""
+        for _ in range(5):
+            try:
+                return self._start()
+            except PortTaken as exc:
+                if self.started_once or "operators on" in str(exc):  # agents or the test know these ports
+                    raise
+                self.port = free_port_pair()
+                self.address, self.enroll_address = f"127.0.0.1:{self.port}", f"127.0.0.1:{self.port + 1}"
+        return self._start()
+
+    def _start(self) -> "Controller":
         self.proc = subprocess.Popen(
             [PY, "-m", "controller.daemon", "--store", str(self.store), "--listen", self.address,
              "--log-file", str(self.log), "--lost-after", str(self.lost_after),
@@ -78,7 +111,9 @@ class Controller:
             self.stop()  # a controller that never served is not left running
             raise
         if self.proc.poll() is not None:
-            raise AssertionError(f"controller exited: {self.proc.stderr.read().decode()}")
+            error = self.proc.stderr.read().decode()
+            raise (PortTaken if "is already taken" in error else AssertionError)(f"controller exited: {error}")
+        self.started_once = True
         return self
 
     def _accepting(self) -> bool:

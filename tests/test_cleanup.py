@@ -31,7 +31,7 @@ def run_scenario(tmp_path: Path, interrupt: bool) -> tuple[dict, int]:
                      every=0.5, what="the scenario's deploy")
             assert child.poll() is None, child.stdout.read().decode()
             child.send_signal(signal.SIGINT)   # what Ctrl-C sends
-        output = child.communicate(timeout=300)[0].decode()
+        output = child.communicate(timeout=800)[0].decode()
     finally:
         if child.poll() is None:
             child.kill()
@@ -58,6 +58,7 @@ def left_behind(env: str, base: str) -> list[str]:
     return left
 
 
+@pytest.mark.timeout(900)   # a whole pytest run with a real deploy inside, on a busy machine
 @pytest.mark.parametrize("interrupt", [False, True], ids=["failed", "ctrl-c"])
 def test_a_failed_or_interrupted_run_leaves_nothing(tmp_path, interrupt):
     made, code = run_scenario(tmp_path, interrupt)
