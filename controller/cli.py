@@ -410,10 +410,16 @@ def cmd_exec(args: argparse.Namespace) -> int:
     stub, where = connect(args)
     spec = pb.ExecSpec(argv=args.command, timeout_s=args.timeout or 0, cwd=args.cwd or "",
                        user=args.user or "", env=dict(_parse_env(args.env or [])))
+    # A Ctrl-C while the submission is on its way is kept for when its answer is here: by then the
+    # operations run, and only their ids let them be cancelled.
+    early: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: early.append(signum))
     try:
         reply = stub.SubmitExec(pb.SubmitExecRequest(target=target, exec=spec), timeout=30)
     except grpc.RpcError as exc:
         raise _rpc_error(exc, where) from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
     failures = 0
     for op in reply.operations:
         if not op.op_id:
@@ -426,6 +432,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
     follower = Follower(ops, colour)
     interrupted = False
     try:
+        if early:
+            raise KeyboardInterrupt
         follow(stub, follower, args.reconnect_timeout)
     except KeyboardInterrupt:
         interrupted = True

@@ -56,8 +56,9 @@ class Load:
 
     def __init__(self, port: int, host: str, path: str = "/version", clients: int = 4,
                  expect: tuple[int, ...] = (200,), min_requests: int = 1000, max_seconds: float = 300,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, served_from: str = "") -> None:
         self.port, self.host, self.path, self.expect = port, host, path, expect
+        self.served_from = served_from  # what the answering process's folder must contain
         self.min_requests, self.max_seconds, self.timeout = min_requests, max_seconds, timeout
         self.tally = Tally()
         self._lock = threading.Lock()
@@ -138,15 +139,18 @@ class Load:
             raise
 
     def _count(self, status: int, body: bytes) -> None:
-        served = ("?", 0)
+        served, cwd = ("?", 0), ""
         try:
             answer = json.loads(body)
             served = (str(answer.get("release", "?")), int(answer.get("pid", 0)))
+            cwd = str(answer.get("cwd", ""))
         except (ValueError, AttributeError):
             pass
         with self._lock:
             self.tally.statuses[status] += 1
-            if status in self.expect:
+            if status in self.expect and self.served_from and self.served_from not in cwd:
+                self.tally.failed.append(f"answered by a process of another environment: {served} in {cwd}")
+            elif status in self.expect:
                 self.tally.ok += 1
                 self.tally.served_by[served] += 1
             else:

@@ -131,14 +131,16 @@ def test_zero_downtime_redeploy_and_failed_health_check(world, tmp_path):
     spec = write_spec(tmp_path, env, {"web": web_service(repo)})
     apply(world, str(spec))
     new_commit(repo, "zero downtime")
-    with Load(world["nginx"].port, f"{env}.shop.test", min_requests=1000) as load:
+    with Load(world["nginx"].port, f"{env}.shop.test", min_requests=1000,
+              served_from=f"/auto-shop-{env}-web/") as load:
         load.wait_for(200)                 # the old release is answering before the switch starts
         apply(world, str(spec))
         load.wait_for(200)                 # and the new one after it
     tally = load.tally
+    ledger = cluster.deployctl("ledger", f"shop/{env}", "web", "--json").stdout.decode()
     assert tally.failed == [], str(tally)
     assert tally.total >= 1000, str(tally)
-    assert tally.releases == {"1", "2"}, str(tally)     # the switch happened while the clients ran
+    assert tally.releases == {"1", "2"}, f"{tally}; ledger {ledger}"  # the switch happened while the clients ran
 
     # A release whose health check fails: the old one keeps serving, the new one is failed.
     broken = write_spec(tmp_path, env, {"web": web_service(repo, health="/no-such-health")}, "broken.yml")
@@ -314,7 +316,8 @@ def test_rollback_from_a_release_that_serves_errors(world, tmp_path):
     assert through_nginx(world, env)[0] == 500
     # /version answers 200 from both releases and names the one that served it: the bad release
     # until the switch, the good one after it. A failed request is anything else.
-    with Load(world["nginx"].port, f"{env}.shop.test", min_requests=1000) as load:
+    with Load(world["nginx"].port, f"{env}.shop.test", min_requests=1000,
+              served_from=f"/auto-shop-{env}-web/") as load:
         load.wait_for(200)
         rollback = cluster.deployctl("rollback", f"shop/{env}/web", timeout=300)
         load.wait_for(200)
@@ -336,7 +339,8 @@ def test_rollback_from_a_release_that_serves_errors(world, tmp_path):
     assert gone.returncode == 1
     assert gone.stderr.decode().strip() == f"deployctl: shop/{env}/web: code instance 9 never existed"
     before = json.loads(cluster.deployctl("status", f"shop/{env}", "--json").stdout)[0]["pid"]
-    with Load(world["nginx"].port, f"{env}.shop.test", min_requests=1000) as load:
+    with Load(world["nginx"].port, f"{env}.shop.test", min_requests=1000,
+              served_from=f"/auto-shop-{env}-web/") as load:
         load.wait_for(200)
         reload = cluster.deployctl("reload", f"shop/{env}/web", timeout=300)
         load.wait_for(200)

@@ -281,7 +281,8 @@ def test_controller_killed_mid_deploy_settles_every_deploy(world):
     # Requests keep being answered throughout, by the old release and then the new one.
     new_commit(repo, "v5")
     (flags / "slow-switch").touch()
-    with Load(world["nginx"].port, f"{env}.shop.test", min_requests=500) as load:
+    with Load(world["nginx"].port, f"{env}.shop.test", min_requests=500,
+              served_from=f"/auto-shop-{env}-web/") as load:
         load.wait_for(100)
         killed, recovery = kill_during(world, when=lambda _: (flags / "switching").exists())
         load.wait_for(100)
@@ -293,7 +294,8 @@ def test_controller_killed_mid_deploy_settles_every_deploy(world):
     # 5. Right after the switch, while the previous process drains: the deploy stands, and what it
     # had left to do (stop the previous process, free its port, `current`) is done.
     new_commit(repo, "v6")
-    with Load(world["nginx"].port, f"{env}.shop.test", min_requests=500) as load:
+    with Load(world["nginx"].port, f"{env}.shop.test", min_requests=500,
+              served_from=f"/auto-shop-{env}-web/") as load:
         load.wait_for(100)
         killed, recovery = kill_during(
             world, when=lambda job_id: any(e["event"] == "deploy.live" for e in events(world, job_id)))

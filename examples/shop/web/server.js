@@ -136,7 +136,7 @@ async function addNote(req, res) {
 function version(req, res) {
   try {
     const info = JSON.parse(fs.readFileSync(path.join(__dirname, 'dist', 'version.json'), 'utf8'));
-    return send(res, 200, { release: RELEASE, pid: process.pid, ...info });
+    return send(res, 200, { release: RELEASE, pid: process.pid, cwd: process.cwd(), ...info });
   } catch {
     return send(res, 404, { error: 'not built (run npm run build)' });
   }
