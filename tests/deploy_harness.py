@@ -37,7 +37,10 @@ pid {self.prefix}/nginx.pid;
 error_log {self.prefix}/logs/error.log warn;
 events {{ worker_connections 1024; }}
 http {{
-    access_log off;
+    # Which server block and upstream answered each request: what a switch test shows when an
+    # answer came from the wrong place.
+    log_format routed '$msec $host $server_name $upstream_addr $status';
+    access_log {self.prefix}/logs/access.log routed;
     client_body_temp_path {self.prefix}/tmp/body;
     proxy_temp_path {self.prefix}/tmp/proxy;
     fastcgi_temp_path {self.prefix}/tmp/fastcgi;
@@ -56,6 +59,17 @@ http {{
         subprocess.run(self.base_cmd.split(), check=True)
         wait_for(lambda: (self.prefix / "nginx.pid").exists(), what="nginx started")
         return self
+
+    def routed(self, host: str) -> dict[tuple[str, str], int]:
+        """(server block, upstream) → requests, for requests with Host `host`."""
+        import collections
+        seen: collections.Counter = collections.Counter()
+        log = self.prefix / "logs" / "access.log"
+        for line in (log.read_text(errors="replace").splitlines() if log.exists() else ()):
+            parts = line.split()
+            if len(parts) >= 5 and parts[1] == host:
+                seen[(parts[2], parts[3])] += 1
+        return dict(seen)
 
     def stop(self) -> None:
         pid_file = self.prefix / "nginx.pid"

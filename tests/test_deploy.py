@@ -138,7 +138,7 @@ def test_zero_downtime_redeploy_and_failed_health_check(world, tmp_path):
         load.wait_for(200)                 # and the new one after it
     tally = load.tally
     ledger = cluster.deployctl("ledger", f"shop/{env}", "web", "--json").stdout.decode()
-    assert tally.failed == [], str(tally)
+    assert tally.failed == [], f"{tally}; nginx routed {world['nginx'].routed(f'{env}.shop.test')}; ledger {ledger}"
     assert tally.total >= 1000, str(tally)
     assert tally.releases == {"1", "2"}, f"{tally}; ledger {ledger}"  # the switch happened while the clients ran
 
