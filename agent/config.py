@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from .provides import PROVIDES, check_setting
+from common.provides import PROVIDES, check_setting
+from common.tls import is_loopback
 
 ROLES = ("computing", "daemons")
 _ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")
@@ -51,17 +51,6 @@ class AgentConfig:
         return f"{host}:{int(port) + 1}"
 
 
-def is_loopback(address: str) -> bool:
-    """HOST:PORT on a loopback interface, or a Unix socket."""
-    if address.startswith("unix:"):
-        return True
-    host = address.rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def load(args: argparse.Namespace, need_roles: bool = True) -> AgentConfig:

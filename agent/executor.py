@@ -32,10 +32,11 @@ import psutil
 
 from protos import deployer_pb2 as pb
 
-from . import launcher
-from .redact import Patterns, Redactor
-from . import limits
-from .spool import Spool
+from agent import launcher
+from common import envfile
+from common.redact import Patterns, Redactor
+from agent import limits
+from agent.spool import Spool
 
 DEFAULT_GRACE_S = 5.0
 LINGER_S = 2.0  # how long output may still come after the main process has exited
@@ -77,6 +78,7 @@ def resolve_user(name: str) -> pwd.struct_passwd:
 
 
 LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launcher.py")
+ENVFILE = envfile.__file__  # the one module the launcher loads, published beside it
 # Where a root agent publishes the launcher for every user to read: the agent's own folder may
 # be closed to them (a checkout in a private home). Named by content, so versions never mix.
 PUBLIC_DIR = "/run/deployer"
@@ -103,8 +105,7 @@ def launcher_script() -> str:
     loads from beside itself) under PUBLIC_DIR when run as root, else the file itself."""
     if os.geteuid() != 0:
         return LAUNCHER
-    here = os.path.dirname(LAUNCHER)
-    files = {name: open(os.path.join(here, name), "rb").read() for name in ("launcher.py", "envfile.py")}
+    files = {name: open(path, "rb").read() for name, path in (("launcher.py", LAUNCHER), ("envfile.py", ENVFILE))}
     digest = hashlib.sha256(b"\0".join(files[name] for name in sorted(files))).hexdigest()[:16]
     folder = os.path.join(PUBLIC_DIR, f"launcher-{digest}")
     try:

@@ -32,11 +32,14 @@ UNSAFE_PREFIXES = ("LD_", "MALLOC_")
 CARRIED = "DEPLOYER_CARRIED_"
 
 try:
-    from . import envfile
+    from common import envfile
 except ImportError:  # run as a script, isolated: nothing but the standard library is on the path
     import importlib.util
-    _spec = importlib.util.spec_from_file_location(
-        "deployer_envfile", os.path.join(os.path.dirname(os.path.abspath(__file__)), "envfile.py"))
+    _here = os.path.dirname(os.path.abspath(__file__))
+    # Published, it sits beside its launcher; in a checkout, in common/.
+    _path = next(p for p in (os.path.join(_here, "envfile.py"), os.path.join(_here, "..", "common", "envfile.py"))
+                 if os.path.isfile(p))
+    _spec = importlib.util.spec_from_file_location("deployer_envfile", _path)
     envfile = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(envfile)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from protos import deployer_pb2 as pb
 
-from .slices import UNIT_DIR, LimitError, check_names, scope_argv, slice_name, slice_unit
+from agent.slices import UNIT_DIR, LimitError, check_names, scope_argv, slice_name, slice_unit
 
 PARENT = "deployer"
 MOUNTS = Path("/proc/self/mounts")

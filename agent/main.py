@@ -15,13 +15,15 @@ import structlog
 from protos import deployer_pb2 as pb
 from protos import deployer_pb2_grpc as pb_grpc
 
-from . import __version__, config as config_mod, link, tls
-from .system import configure_logging, sd_notify, tune_malloc
-from .journal import Journal
-from .operations import Operations
-from .services import Supervisor
-from .systemd_driver import SystemdDriver, booted
-from .session import Session, SessionEnded
+from agent import config as config_mod, link
+from common import __version__
+from common import tls
+from common.system import configure_logging, sd_notify, tune_malloc
+from agent.journal import Journal
+from agent.operations import Operations
+from agent.services import Supervisor
+from agent.systemd_driver import SystemdDriver, booted
+from agent.session import Session, SessionEnded
 
 log = structlog.get_logger("agent")
 

@@ -18,11 +18,11 @@ import structlog
 
 from protos import deployer_pb2 as pb
 
-from . import executor, probe
-from .journal import Entry, Journal, JournalError, valid_op_id
-from .redact import Patterns, bounded, patterns
-from .services import Supervisor
-from .spool import Spool
+from agent import executor, probe
+from agent.journal import Entry, Journal, JournalError, valid_op_id
+from common.redact import Patterns, bounded, patterns
+from agent.services import Supervisor
+from agent.spool import Spool
 
 log = structlog.get_logger("agent")
 

@@ -21,8 +21,8 @@ import structlog
 
 from protos import deployer_pb2 as pb
 
-from . import limits
-from .executor import StartError, confine_env, limits_confine, prepare, resolve_user, started
+from agent import limits
+from agent.executor import StartError, confine_env, limits_confine, prepare, resolve_user, started
 
 log = structlog.get_logger("agent")
 DEFAULT_GRACE_S = 10.0

@@ -16,9 +16,10 @@ import structlog
 from protos import deployer_pb2 as pb
 from protos import deployer_pb2_grpc as pb_grpc
 
-from . import __version__, facts
-from .config import AgentConfig
-from .operations import Held, Operations
+from agent import facts
+from common import __version__
+from agent.config import AgentConfig
+from agent.operations import Held, Operations
 
 log = structlog.get_logger("agent")
 OUTBOX_MESSAGES = 8  # bounds what is in memory on its way out (≤ 8 chunks of ≤ 1 MiB)

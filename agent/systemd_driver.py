@@ -24,9 +24,10 @@ from pathlib import Path
 
 from protos import deployer_pb2 as pb
 
-from . import envfile, limits
-from .slices import UNIT_DIR, scope_argv, slice_name, slice_unit  # noqa: F401 - also this driver's API
-from .executor import StartError, launcher_python, launcher_script
+from common import envfile
+from agent import limits
+from agent.slices import UNIT_DIR, scope_argv, slice_name, slice_unit  # noqa: F401 - also this driver's API
+from agent.executor import StartError, launcher_python, launcher_script
 
 STARTUP_WATCH_S = 0.3
 OLD_UNIT_DIR = Path("/etc/systemd/system")

@@ -1,3 +1,11 @@
-"""The deployer's controller: desired state, the instantiation ledger, and the agents' work."""
+"""The deployer's controller: desired state, the instantiation ledger, and the agents' work.
 
-__version__ = "0.1.0"
+    fleet/         agents' links, the door, the CA, the registry, the dispatcher
+    state/         the database, the vault, the ledger, jobs (the only code that speaks SQL)
+    environments/  spec, planner, orders, procedures, verify, recovery, command builders
+    daemon.py, operator_service.py   the process, and the operators' gRPC service on top
+
+Imports go one way: environments → fleet → state → common (tests/test_layers.py).
+"""
+
+from common import __version__  # noqa: F401 - one version for every part

@@ -19,23 +19,23 @@ from pathlib import Path
 import grpc
 import structlog
 
-from agent.config import is_loopback
-from agent.system import configure_logging, sd_notify, tune_malloc
+from common.tls import is_loopback
+from common.system import configure_logging, sd_notify, tune_malloc
 from protos import deployer_pb2_grpc as pb_grpc
 
-from . import __version__
-from .access import OperatorTokens
-from .db import Database
-from .dispatcher import Dispatcher
-from .door import AGENT, ENROLLEE, OPERATOR, Door
-from .environments import Environments
-from .ledger import Ledger
-from .gateway import AgentGateway, EnrollmentService
-from .operator_service import OperatorService
-from .ownership import owner_id
-from .pki import DEFAULT_AGENT_TTL_S, Authority, Enrolment, PkiError
-from .vault import VaultError
-from .registry import Registry
+from common import __version__
+from controller.fleet.access import OperatorTokens
+from controller.state.db import Database
+from controller.fleet.dispatcher import Dispatcher
+from controller.fleet.door import AGENT, ENROLLEE, OPERATOR, Door
+from controller.environments.orders import Environments
+from controller.state.ledger import Ledger
+from controller.fleet.gateway import AgentGateway, EnrollmentService
+from controller.operator_service import OperatorService
+from controller.environments.ownership import owner_id
+from controller.fleet.pki import DEFAULT_AGENT_TTL_S, Authority, Enrolment, PkiError
+from controller.state.vault import VaultError
+from controller.fleet.registry import Registry
 
 log = structlog.get_logger("controller")
 

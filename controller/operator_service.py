@@ -13,17 +13,19 @@ from protos import deployer_pb2_grpc as pb_grpc
 
 import json
 
-from . import access, naming, operations
-from .door import OPERATOR_CALLER
-from .dispatcher import Dispatcher, UnknownOperation
-from .environments import Environments, OrderError
-from .jobs import read_events
-from .spec import Limits, spec_from_dict
-from .ledger import diagram
-from .gateway import KNOWN_ROLES, valid_agent_id
-from agent.provides import check_provides, url_host, valid_host
-from .pki import Enrolment
-from .registry import CONNECTED, LOST, Registry
+from controller.fleet import access
+from controller.environments import naming
+from controller.fleet import operations
+from controller.fleet.door import OPERATOR_CALLER
+from controller.fleet.dispatcher import Dispatcher, UnknownOperation
+from controller.environments.orders import Environments, OrderError
+from controller.state.jobs import read_events
+from controller.environments.spec import Limits, spec_from_dict
+from controller.state.ledger import diagram
+from controller.fleet.gateway import KNOWN_ROLES, valid_agent_id
+from common.provides import check_provides, url_host, valid_host
+from controller.fleet.pki import Enrolment
+from controller.fleet.registry import CONNECTED, LOST, Registry
 
 log = structlog.get_logger("controller")
 _STATES = {CONNECTED: pb.AGENT_CONNECTED, LOST: pb.AGENT_LOST}

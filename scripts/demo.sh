@@ -71,8 +71,8 @@ start_nginx() {
 # This controller's mark on what it makes (controller/ownership.py).
 owner_mark() {
   "$BIN/python" -c 'import sys
-from agent.tls import fingerprint
-from controller.ownership import owner_id, owner_mark
+from common.tls import fingerprint
+from controller.environments.ownership import owner_id, owner_mark
 print(owner_mark(owner_id(fingerprint(open(sys.argv[1], "rb").read()))))' "$STORE/pki/ca.crt"
 }
 

@@ -130,7 +130,7 @@ def redis(*args: str) -> str:
 def purge(app: str, env: str) -> None:
     """Remove what a test environment created in MariaDB, Redis and the system's users (names are
     ours: auto-*). Its processes must have ended."""
-    from controller.naming import unix_user
+    from controller.environments.naming import unix_user
     user = unix_user(app, env)
     if subprocess.run(["id", "-u", user], capture_output=True).returncode == 0:
         wait_for(lambda: subprocess.run(["pgrep", "-u", user], capture_output=True).returncode == 1, 10,

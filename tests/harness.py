@@ -281,11 +281,11 @@ class Cluster:
         return agent
 
     def deployctl(self, *args: str, timeout: float = 60, stdout=subprocess.PIPE) -> subprocess.CompletedProcess:
-        return subprocess.run([PY, "-m", "controller.cli", *args], cwd=ROOT, env=self.env(),
+        return subprocess.run([PY, "-m", "deployctl.cli", *args], cwd=ROOT, env=self.env(),
                               stdout=stdout, stderr=subprocess.PIPE, timeout=timeout)
 
     def deployctl_bg(self, *args: str, stdout=subprocess.PIPE) -> subprocess.Popen:
-        return subprocess.Popen([PY, "-m", "controller.cli", *args], cwd=ROOT, env=self.env(),
+        return subprocess.Popen([PY, "-m", "deployctl.cli", *args], cwd=ROOT, env=self.env(),
                                 stdout=stdout, stderr=subprocess.PIPE)
 
     def agents_json(self) -> dict[str, dict]:

@@ -198,8 +198,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from controller import naming
-from controller.procedures import _checkout_script
+from controller.environments import naming
+from controller.environments.procedures import _checkout_script
 from tests.deploy_harness import deploy_cluster, git, purge, service_users_base, unique_env
 
 TENANT_APP = "tenant"
@@ -422,8 +422,8 @@ from pathlib import Path
 import grpc
 import yaml
 
-from agent import tls
-from controller import naming
+from common import tls
+from controller.environments import naming
 from protos import deployer_pb2 as pb
 from protos import deployer_pb2_grpc as pb_grpc
 from tests.deploy_harness import deploy_cluster, example_repo, purge, service_users_base, unique_env, wait_http_ok
@@ -643,7 +643,7 @@ class _OpLocalUser:
             capture_output=True, text=True, timeout=60)
 
     def deployctl(self, address: str, *args: str, **env: str) -> subprocess.CompletedProcess:
-        return self.run(["-m", "controller.cli", "--controller", address, *args], **env)
+        return self.run(["-m", "deployctl.cli", "--controller", address, *args], **env)
 
     def remove(self) -> None:
         subprocess.run(["userdel", self.name], capture_output=True)
@@ -792,7 +792,7 @@ from agent import limits as _limits
 from agent.journal import Journal as _Journal
 from agent.operations import Operations as _Operations
 from agent.services import Supervisor as _Supervisor
-from controller import naming as _naming, operations as _ops
+from controller.environments import naming as _naming, commands as _ops
 from protos import deployer_pb2 as _pb
 from tests import deploy_harness as _dh
 
@@ -1049,7 +1049,7 @@ import socket
 import subprocess
 import time
 
-from controller import operations
+from controller.environments import commands as operations
 from tests.harness import free_port, wait_for
 
 # The ACL rule users were made with before scripts were refused: the attack's baseline.
@@ -1163,7 +1163,7 @@ def test_verify_warns_of_a_shared_redis_whose_default_user_needs_no_password(tmp
     """Read from a real server's ACL LIST, as verify gathers it: an open `default` user is a
     warning (verify still passes: it is the server's set-up, not drift), and a tenant user made
     with the old rule, which still allows scripts, is a finding repair fixes."""
-    from controller import verify
+    from controller.environments import verify
     redis = _PrivateRedis(tmp_path / "redis")
     try:
         redis.user(operations.redis_create_user(*_tenant("shop")))
@@ -1199,7 +1199,7 @@ def test_verify_warns_of_a_shared_redis_whose_default_user_needs_no_password(tmp
 def test_a_warning_is_shown_but_does_not_make_verify_fail(capsys):
     import json as json_mod
     from types import SimpleNamespace
-    from controller import cli
+    from deployctl import cli
 
     class Stub:
         def FollowJob(self, ref):
@@ -1295,9 +1295,9 @@ def test_a_result_the_full_disk_refused_is_asked_for_again(tmp_path, monkeypatch
     import asyncio
     import sqlite3
 
-    from controller.db import Database
-    from controller.dispatcher import Dispatcher
-    from controller.registry import Registry
+    from controller.state.db import Database
+    from controller.fleet.dispatcher import Dispatcher
+    from controller.fleet.registry import Registry
     from protos import deployer_pb2 as pb
 
     async def scenario() -> None:
@@ -1338,14 +1338,15 @@ import sys
 
 import pytest
 
-from controller import knowledge, operations
-from controller.db import Database
-from controller.dispatcher import Dispatcher
-from controller.jobs import Job
-from controller.knowledge import EnvFacts, Kind, Scope
-from controller.procedures import Deployment, Runner
-from controller.registry import Registry
-from controller.spec import spec_from_dict
+from controller.state import knowledge
+from controller.fleet import operations as fleet_ops
+from controller.state.db import Database
+from controller.fleet.dispatcher import Dispatcher
+from controller.state.jobs import Job
+from controller.state.knowledge import EnvFacts, Kind, Scope
+from controller.environments.procedures import Deployment, Runner
+from controller.fleet.registry import Registry
+from controller.environments.spec import spec_from_dict
 from protos import deployer_pb2 as pb
 from tests.harness import ROOT, Cluster, wait_for
 
@@ -1454,15 +1455,15 @@ def test_each_kind_of_operation_leaves_with_exactly_its_secrets(tmp_path):
         assert wire.carried() == [("router-1", []), ("router-1", [])]
         # agent: an operator's exec carries the secrets of environments whose code is there, and
         # of those with only data there, the passwords of that data.
-        await wire.dispatcher.execute("db-1", operations.exec_op(operations.new_op_id(), ["true"]))
+        await wire.dispatcher.execute("db-1", fleet_ops.exec_op(fleet_ops.new_op_id(), ["true"]))
         assert wire.carried() == [("db-1", sorted(["blog-redis-password", password]))]
-        await wire.dispatcher.execute("web-1", operations.exec_op(operations.new_op_id(), ["true"]))
+        await wire.dispatcher.execute("web-1", fleet_ops.exec_op(fleet_ops.new_op_id(), ["true"]))
         assert wire.carried() == [("web-1", sorted(["blog-token-value", "blog-redis-password",
                                                      "shop-token-value", password]))]
         # Sent again after a controller restart, an operation keeps its kind: the store keeps the
         # scope, never the list.
-        route = pb.Operation(id=operations.new_op_id(), write_file=pb.WriteFileSpec(path="/x", content=b"x"))
-        tenant = operations.exec_op(operations.new_op_id(), ["true"])
+        route = pb.Operation(id=fleet_ops.new_op_id(), write_file=pb.WriteFileSpec(path="/x", content=b"x"))
+        tenant = fleet_ops.exec_op(fleet_ops.new_op_id(), ["true"])
         wire.dispatcher.submit("router-2", route, scope=Scope.route("shop/prod"))
         wire.dispatcher.submit("router-2", tenant, environment="shop/prod")
         assert b"shop-token-value" not in (tmp_path / "deployer.db").read_bytes()
@@ -1500,7 +1501,7 @@ def test_a_route_switch_reaches_the_router_without_any_secret(tmp_path):
     import shutil
     import sqlite3
 
-    from controller.vault import Vault
+    from controller.state.vault import Vault
     from tests.deploy_harness import Nginx, example_repo, purge, service_users_base, unique_env
     from tests.test_deploy import web_service, write_spec
 
@@ -1517,7 +1518,7 @@ def test_a_route_switch_reaches_the_router_without_any_secret(tmp_path):
             "redis.host": "127.0.0.1", "redis.port": "6379"})
         cluster.wait_connected("computing-1")
         token = "tok-" + secrets_mod.token_urlsafe(18)
-        set_secret = subprocess.run([sys.executable, "-m", "controller.cli", "secret", "set", f"shop/{env}",
+        set_secret = subprocess.run([sys.executable, "-m", "deployctl.cli", "secret", "set", f"shop/{env}",
                                      "SHOP_TOKEN"], input=token.encode(), capture_output=True, env=cluster.env(),
                                     cwd=ROOT)
         assert set_secret.returncode == 0, set_secret.stderr

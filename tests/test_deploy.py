@@ -210,7 +210,7 @@ def test_failing_install_changes_nothing_and_secrets_stay_secret(world, tmp_path
     job_ids = [r["id"] for r in json.loads(cluster.deployctl("jobs", "--json").stdout)]
     outputs += [cluster.deployctl("logs", job) for job in job_ids]
     import sqlite3
-    from controller.vault import Vault
+    from controller.state.vault import Vault
     db = sqlite3.connect(cluster.controller.store / "deployer.db")
     vault = Vault.for_store(cluster.controller.store / "secrets.key", create=False)   # sealed at rest
     passwords = [vault.open_text(row[0]) for row in db.execute("SELECT password FROM credentials")]
@@ -227,7 +227,7 @@ def test_failing_install_changes_nothing_and_secrets_stay_secret(world, tmp_path
 
 def cluster_cmd(cluster) -> list[str]:
     import sys
-    return [sys.executable, "-m", "controller.cli"]
+    return [sys.executable, "-m", "deployctl.cli"]
 
 
 @pytest.mark.parametrize("spec_text, error", [
@@ -418,8 +418,8 @@ def test_verify_repair_and_clean(world, tmp_path):
 
     # An orphan (marked as this controller's, unknown to the ledger), an auto-* folder without
     # our mark (someone else's: left alone), and a folder outside our namespace.
-    from agent.tls import fingerprint
-    from controller.ownership import FOLDER_MARK, owner_id, owner_mark
+    from common.tls import fingerprint
+    from controller.environments.ownership import FOLDER_MARK, owner_id, owner_mark
     mark = owner_mark(owner_id(fingerprint((cluster.controller.store / "pki" / "ca.crt").read_bytes())))
     root = cluster.agents["computing-1"].services_root
     (root / "auto-x-y-z").mkdir()
@@ -622,7 +622,7 @@ def test_each_environment_runs_as_its_own_user_and_cannot_read_another(world, tm
 
     import psutil
 
-    from controller import naming
+    from controller.environments import naming
     first, second, repo, cluster = new_env(world), new_env(world), world["repo"], world["cluster"]
     worker = {"source": str(repo), "ref": "main", "root": "worker", "install": INSTALL, "start": "node worker.js",
               "uses": ["redis"], "healthy_after": 1}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from hypothesis import given, strategies as st
 
-from agent import envfile
+from common import envfile
 from agent.launcher import read_env_file
-from controller import operations
+from controller.environments import commands as operations
 
 NAMES = st.from_regex(r"[A-Z][A-Z0-9_]{0,12}", fullmatch=True)
 VALUES = st.text(st.characters(exclude_characters="\0", exclude_categories=("Cs",)), max_size=60)

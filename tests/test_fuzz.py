@@ -25,11 +25,11 @@ import yaml
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, event, example, given, settings, strategies as st
 
-from controller.gateway import MAX_DESCRIPTION
-from controller.ledger import LiveInstance, ServiceState
-from controller.naming import name_problem
-from controller.planner import DATA_COMPONENTS, Plan, plan
-from controller.spec import (COMPONENTS, RESERVED_ENV, Options, SpecError, code_fingerprint, key_line,
+from controller.fleet.gateway import MAX_DESCRIPTION
+from controller.state.ledger import LiveInstance, ServiceState
+from controller.environments.naming import name_problem
+from controller.environments.planner import DATA_COMPONENTS, Plan, plan
+from controller.environments.spec import (COMPONENTS, RESERVED_ENV, Options, SpecError, code_fingerprint, key_line,
                              merge_diff, parse_options, parse_spec, spec_from_dict)
 from protos import deployer_pb2 as pb
 from protos import deployer_pb2_grpc as pb_grpc
@@ -906,7 +906,7 @@ def test_after_the_fuzzing_the_controller_is_whole(gateway):
     assert psutil.Process(gateway.controller.proc.pid).num_fds() < gateway.fds + 20
     env = {**os.environ, "DEPLOYER_SOCKET": str(gateway.controller.socket), "NO_COLOR": "1"}
     for args in (["agents"], ["agents", "--json"]):
-        result = subprocess.run([sys.executable, "-m", "controller.cli", *args], cwd=ROOT, env=env,
+        result = subprocess.run([sys.executable, "-m", "deployctl.cli", *args], cwd=ROOT, env=env,
                                 capture_output=True, timeout=60)
         assert result.returncode == 0, result.stderr
     gateway.check_serving()

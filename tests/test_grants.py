@@ -13,13 +13,13 @@ import grpc
 import pytest
 
 from agent import config as config_mod
-from agent.provides import check_setting, url_host, valid_host, valid_port
-from controller import operations as ops
+from common.provides import check_setting, url_host, valid_host, valid_port
+from controller.environments import commands as ops
 from controller.daemon import ENROLL_OPTIONS, SERVER_OPTIONS, StartupError, claim_socket, port_taken
-from controller.db import Database
-from controller.gateway import check_hello
-from controller.procedures import PlacementError, pick_agent
-from controller.registry import CONNECTED, Agent, Registry, peer_host
+from controller.state.db import Database
+from controller.fleet.gateway import check_hello
+from controller.environments.procedures import PlacementError, pick_agent
+from controller.fleet.registry import CONNECTED, Agent, Registry, peer_host
 from protos import deployer_pb2 as pb
 
 # What a rogue agent put in its hello before: it passes `nginx -t` and adds a server of its own.

@@ -22,7 +22,7 @@ from agent import executor, launcher
 from agent.journal import Journal
 from agent.operations import Operations
 from agent.services import Supervisor
-from controller import naming, operations as ops
+from controller.environments import naming, commands as ops
 from protos import deployer_pb2 as pb
 from tests.deploy_harness import service_users_base
 
@@ -264,7 +264,7 @@ def test_the_launcher_is_published_where_every_user_can_read_it():
     for name in ("launcher.py", "envfile.py"):
         info = os.lstat(os.path.join(folder, name))
         assert info.st_uid == 0 and info.st_mode & 0o777 == 0o644
-        source = os.path.join(os.path.dirname(executor.LAUNCHER), name)
+        source = executor.LAUNCHER if name == "launcher.py" else executor.ENVFILE
         assert open(os.path.join(folder, name), "rb").read() == open(source, "rb").read()
     assert os.lstat(folder).st_uid == 0 and os.lstat(folder).st_mode & 0o777 == 0o755
     read = subprocess.run(["runuser", "-u", "nobody", "--", "cat", script], capture_output=True)

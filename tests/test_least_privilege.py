@@ -23,7 +23,7 @@ from agent import config as config_mod
 from agent.journal import Journal
 from agent.operations import Operations
 from agent.services import Supervisor
-from controller import naming, operations as ops
+from controller.environments import naming, commands as ops
 from protos import deployer_pb2 as pb
 from tests.deploy_harness import service_users_base
 

@@ -11,8 +11,9 @@ import pytest
 
 from agent import limits
 from agent.systemd_driver import parse_slice_use, scope_argv, slice_unit, template_unit
-from controller import operations as ops, render
-from controller.spec import Limits, SpecError, parse_spec
+from controller.environments import commands as ops
+from deployctl import render
+from controller.environments.spec import Limits, SpecError, parse_spec
 from protos import deployer_pb2 as pb
 from tests.test_deploy_units import problems, verify
 
@@ -312,9 +313,9 @@ def test_status_shows_each_hosts_use_against_its_limits():
 
 
 def test_changed_limits_restart_the_environment_under_the_new_ones():
-    from controller.ledger import LiveInstance, ServiceState
-    from controller.planner import plan
-    from controller.spec import Service, Spec, code_fingerprint
+    from controller.state.ledger import LiveInstance, ServiceState
+    from controller.environments.planner import plan
+    from controller.environments.spec import Service, Spec, code_fingerprint
     web = Service("web", path="/", source="/repo", ref="main", start="node server.js", health="/")
     commit = "1" * 40
     deployed = {"web": ServiceState("web", code=LiveInstance(1, commit, code_fingerprint(web)))}

@@ -7,7 +7,7 @@ import hashlib
 import pytest
 from hypothesis import assume, given, settings, strategies as st
 
-from controller import naming
+from controller.environments import naming
 
 names = st.from_regex(r"[a-z](-?[a-z0-9]){0,19}", fullmatch=True).filter(lambda s: len(s) <= naming.NAME_MAX)
 numbers = st.integers(min_value=1, max_value=10**6)

@@ -10,10 +10,11 @@ import sqlite3
 import grpc
 import pytest
 
-from controller import access, door, operator_channel
-from controller.access import Role
-from controller.cli import build_parser
-from controller.db import Database
+from controller.fleet import access, door
+from deployctl import channel as operator_channel
+from controller.fleet.access import Role
+from deployctl.cli import build_parser
+from controller.state.db import Database
 from protos import deployer_pb2 as pb
 from protos import deployer_pb2_grpc as pb_grpc
 

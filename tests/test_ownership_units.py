@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from controller import ownership
-from controller.verify import Facts, foreign
-from controller.spec import spec_from_dict
+from controller.environments import ownership
+from controller.environments.verify import Facts, foreign
+from controller.environments.spec import spec_from_dict
 from tests.deploy_harness import mysql, purge_names, redis
 
 OWNER = "ownerAAAAAAAAAAAAAAAAA"
@@ -38,7 +38,7 @@ def test_marks_name_their_owner():
 
 
 def test_a_taken_database_is_left_byte_for_byte_and_only_the_marked_one_is_dropped(names):
-    from controller import operations as ops
+    from controller.environments import commands as ops
     db, user = names["database"], names["user"]
     create = ownership.mysql_create_guarded("mariadb --batch", db, user)
     mark = ownership.instance_mark(OWNER, "n1")
@@ -75,8 +75,8 @@ def test_an_unmarked_database_is_never_dropped(names):
 
 
 def test_a_taken_redis_user_is_left_and_only_the_recorded_password_deletes_it(names):
-    from controller import operations as ops
-    from controller.procedures import redis_admin
+    from controller.environments import commands as ops
+    from controller.environments.procedures import redis_admin
 
     class Provider:
         def redis_cli(self):
@@ -136,7 +136,7 @@ def test_an_existing_release_folder_is_taken(tmp_path):
 
 
 def test_route_files_are_rewritten_only_when_ours(tmp_path):
-    from controller import operations as ops
+    from controller.environments import commands as ops
     conf = tmp_path / "auto-shop-x.conf"
     write = f"echo new > {conf}"
     assert sh(ownership.route_guard(str(conf), OWNER, "shop/x", False, write)).returncode == 0
@@ -151,7 +151,7 @@ def test_route_files_are_rewritten_only_when_ours(tmp_path):
 
 
 def test_unix_users_without_our_mark_are_refused_and_kept():
-    from controller import operations as ops
+    from controller.environments import commands as ops
     user = "auto-own" + secrets.token_hex(3)
     try:
         subprocess.run(["useradd", "--system", "--no-create-home", "--comment", "someone else", user], check=True)
@@ -196,8 +196,8 @@ def test_foreign_things_are_reported_not_judged():
 
 
 def test_repair_resets_a_redis_user_only_if_its_password_is_the_recorded_one(names):
-    from controller import operations as ops
-    from controller.procedures import redis_admin
+    from controller.environments import commands as ops
+    from controller.environments.procedures import redis_admin
 
     class Provider:
         def redis_cli(self):

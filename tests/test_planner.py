@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from controller.ledger import LiveInstance, ServiceState
-from controller.planner import plan
-from controller.spec import Options, Service, Spec, code_fingerprint
+from controller.state.ledger import LiveInstance, ServiceState
+from controller.environments.planner import plan
+from controller.environments.spec import Options, Service, Spec, code_fingerprint
 
 WEB = Service("web", path="/", source="/repo", ref="main", start="node server.js", health="/",
               uses=("mysql", "redis"))

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from controller import operations as ops
-from controller.recovery import _where, routed_to
+from controller.environments import commands as ops
+from controller.environments.recovery import _where, routed_to
 from tests.deploy_harness import (LOCAL_DATA, Nginx, example_repo, http_get, mysql, new_commit, purge, service_users_base,
                                   unique_env)
 from tests.harness import Cluster, wait_for
@@ -55,10 +55,10 @@ def test_where_a_job_was(tmp_path):
 
 
 def test_interrupt_says_where_each_job_was_and_frees_its_lock(tmp_path):
-    from controller.db import Database
-    from controller.jobs import EnvLock, Job
-    from controller.ledger import Ledger
-    from controller.recovery import interrupt, pending
+    from controller.state.db import Database
+    from controller.state.jobs import EnvLock, Job
+    from controller.state.ledger import Ledger
+    from controller.environments.recovery import interrupt, pending
     db = Database(tmp_path / "deployer.db")
     cut = Job(tmp_path, db, "job-cut", "shop/prod", "apply")
     EnvLock(tmp_path, "shop/prod").acquire("job-cut", "apply")

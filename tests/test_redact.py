@@ -11,7 +11,7 @@ import pytest
 from hypothesis import assume, given, settings, strategies as st
 
 from agent import executor
-from agent.redact import MIN_LINE_BYTES, MIN_VALUE_BYTES, Patterns, forms
+from common.redact import MIN_LINE_BYTES, MIN_VALUE_BYTES, Patterns, forms
 from agent.spool import Spool
 from protos import deployer_pb2 as pb
 

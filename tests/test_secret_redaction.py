@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from controller.vault import Vault
+from controller.state.vault import Vault
 from tests.deploy_harness import deploy_cluster, example_repo, purge_each, service_users_base, unique_env
 from tests.harness import ROOT, wait_for
 
@@ -92,7 +92,7 @@ def test_echoed_secrets_show_as_stars_and_are_nowhere_raw(world, tmp_path):
     pem_key = "-----BEGIN TEST KEY-----\n" + "\n".join(pem_lines) + "\n-----END TEST KEY-----"
     outputs: list[subprocess.CompletedProcess] = []
     for name, value in (("SHOP_TOKEN", token), ("LONG_KEY", long_key), ("PEM_KEY", pem_key)):
-        outputs.append(subprocess.run([sys.executable, "-m", "controller.cli", "secret", "set", f"shop/{env}", name],
+        outputs.append(subprocess.run([sys.executable, "-m", "deployctl.cli", "secret", "set", f"shop/{env}", name],
                                       input=value.encode(), capture_output=True, env=cluster.env(), cwd=ROOT))
         assert outputs[-1].returncode == 0, outputs[-1].stderr
 
@@ -154,7 +154,7 @@ def test_echoed_secrets_show_as_stars_and_are_nowhere_raw(world, tmp_path):
     assert not leaks, leaks[:5]
 
     # Rotated: release 1's .env still holds the former value, which stays redacted.
-    rotated = subprocess.run([sys.executable, "-m", "controller.cli", "secret", "set", f"shop/{env}", "SHOP_TOKEN"],
+    rotated = subprocess.run([sys.executable, "-m", "deployctl.cli", "secret", "set", f"shop/{env}", "SHOP_TOKEN"],
                              input=b"tok-rotated-" + secrets.token_hex(12).encode(), capture_output=True,
                              env=cluster.env(), cwd=ROOT)
     assert rotated.returncode == 0, rotated.stderr

@@ -8,12 +8,12 @@ import stat
 
 import pytest
 
-from controller import db as db_mod
-from controller.db import Database
-from controller.dispatcher import Dispatcher
-from controller.ledger import RETIRED_KEPT, Ledger
-from controller.registry import Registry
-from controller.vault import VaultError
+from controller.state import db as db_mod
+from controller.state.db import Database
+from controller.fleet.dispatcher import Dispatcher
+from controller.state.ledger import RETIRED_KEPT, Ledger
+from controller.fleet.registry import Registry
+from controller.state.vault import VaultError
 from protos import deployer_pb2 as pb
 
 SECRET = "declared-secret-Q7vX"

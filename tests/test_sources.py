@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from controller.sources import SourceError, is_local, resolve_ref, sanitise
+from controller.environments.sources import SourceError, is_local, resolve_ref, sanitise
 
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@example.invalid", "PATH": "/usr/bin:/bin"}

@@ -11,9 +11,9 @@ import pytest
 import yaml
 from hypothesis import given, strategies as st
 
-from controller import spec as spec_mod
-from controller.naming import name_problem
-from controller.spec import (Options, Service, SpecError, code_fingerprint, load_options, load_spec, merge_diff,
+from controller.environments import spec as spec_mod
+from controller.environments.naming import name_problem
+from controller.environments.spec import (Options, Service, SpecError, code_fingerprint, load_options, load_spec, merge_diff,
                              parse_options, parse_spec, spec_from_dict)
 
 SCHEMA_PATH = Path(spec_mod.__file__).parent / "schema" / "environment.schema.json"

@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from agent import tls
-from controller import door
+from common import tls
+from controller.fleet import door
 from protos import deployer_pb2 as pb
 from protos import deployer_pb2_grpc as pb_grpc
 from tests.harness import PY, ROOT, Agent, Cluster, Controller, wait_for
@@ -446,7 +446,7 @@ def test_a_running_controller_renews_its_own_certificate(tmp_path, monkeypatch):
     The controller's clock is set back when the first certificate is made, so that certificate
     is due now: no waiting for a short-lived one to age, and nothing to race on a busy machine.
     The TLS clients check validity against the real clock, which every certificate here meets."""
-    from controller import pki
+    from controller.fleet import pki
     from controller.daemon import server_credentials
     real_now = pki._now
     made_at = real_now() - pki.SERVER_LIFETIME + pki.SERVER_RENEW_BEFORE / 2   # half its renewal window left
@@ -489,7 +489,7 @@ def _public(key_pem: bytes) -> bytes:
 def test_renewals_from_many_threads_leave_one_matching_pair(tmp_path, monkeypatch):
     """gRPC asks from its own threads, several handshakes at once: one renewal happens, and the
     key and certificate on disk and in memory belong together."""
-    from controller import pki
+    from controller.fleet import pki
     monkeypatch.setattr(pki, "SERVER_LIFETIME", datetime.timedelta(seconds=3600))
     monkeypatch.setattr(pki, "SERVER_RENEW_BEFORE", datetime.timedelta(seconds=7200))  # always due
     authority = pki.Authority(tmp_path / "pki")
@@ -523,7 +523,7 @@ def test_renewals_from_many_threads_leave_one_matching_pair(tmp_path, monkeypatc
 def test_a_server_key_that_does_not_match_its_certificate_is_replaced(tmp_path):
     """A crash between writing the key and the certificate must not leave a controller that can
     serve no TLS at all."""
-    from controller import pki
+    from controller.fleet import pki
     first = pki.Authority(tmp_path / "pki")
     other, _ = tls.new_key_and_csr("x")
     (tmp_path / "pki" / "server.key").write_bytes(other)

@@ -15,12 +15,13 @@ from hypothesis import given, settings, strategies as st
 from agent import link, spool as spool_mod
 from agent.config import ConfigError, load
 from agent.spool import Spool
-from controller import daemon, render
-from controller.cli import describe
-from controller.gateway import check_hello
-from controller.oplog import OutputGap, OutputLog
+from controller import daemon
+from deployctl import render
+from deployctl.cli import describe
+from controller.fleet.gateway import check_hello
+from controller.fleet.oplog import OutputGap, OutputLog
 from controller.operator_service import resolve_targets
-from controller.registry import CONNECTED, DISCONNECTED, Agent
+from controller.fleet.registry import CONNECTED, DISCONNECTED, Agent
 from protos import deployer_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,7 +131,7 @@ class SmallDisk:
 
 
 def test_output_log_keeps_only_what_a_short_write_took(tmp_path, monkeypatch):
-    from controller import oplog
+    from controller.fleet import oplog
     disk = SmallDisk(room=4 + 10)  # the index line "0 1\n", then 10 bytes of output
     monkeypatch.setattr(oplog, "os", disk)
     log = OutputLog(tmp_path)
@@ -153,7 +154,7 @@ def test_output_log_keeps_only_what_a_short_write_took(tmp_path, monkeypatch):
 
 
 def test_output_log_takes_back_what_a_failed_fsync_may_have_lost(tmp_path, monkeypatch):
-    from controller import oplog
+    from controller.fleet import oplog
     disk = SmallDisk(room=1 << 20)
     monkeypatch.setattr(oplog, "os", disk)
     log = OutputLog(tmp_path)
@@ -174,7 +175,7 @@ def test_output_log_takes_back_what_a_failed_fsync_may_have_lost(tmp_path, monke
 
 
 def test_output_log_never_tears_its_index(tmp_path, monkeypatch):
-    from controller import oplog
+    from controller.fleet import oplog
     disk = SmallDisk(room=4 + 3 + 2)  # "0 1\n", "abc", then only 2 bytes of the line "3 2\n"
     monkeypatch.setattr(oplog, "os", disk)
     log = OutputLog(tmp_path)
@@ -225,7 +226,7 @@ def test_sizes_ages_and_tables():
 
 
 def test_errors_are_bounded_keeping_start_and_end():
-    from agent.redact import bounded
+    from common.redact import bounded
     assert bounded("short") == "short"
     long = "systemctl start x: " + "y" * 5000 + " the cause"
     cut = bounded(long)
@@ -356,7 +357,7 @@ def test_targets_resolve_by_id_role_and_all():
 
 
 def test_ledger_diagram_marks_new_kept_and_rolled_back_instances():
-    from controller.ledger import DeployRow, diagram
+    from controller.state.ledger import DeployRow, diagram
 
     def row(n, code, mysql, redis, new=(), outcome="succeeded", reason=""):
         return DeployRow(n, code, "code" in new, mysql, "mysql" in new, redis, "redis" in new,
@@ -383,7 +384,7 @@ def test_ledger_diagram_marks_new_kept_and_rolled_back_instances():
 ])
 def test_nginx_switch_script_is_all_or_nothing(tmp_path, test, reload, ok, expected):
     import subprocess
-    from controller.operations import nginx_switch_script
+    from controller.environments.commands import nginx_switch_script
     conf, staged = tmp_path / "auto-a-b.conf", tmp_path / "auto-a-b.conf.staged"
     conf.write_text("old")
     staged.write_text("new")
@@ -396,7 +397,7 @@ def test_nginx_switch_script_is_all_or_nothing(tmp_path, test, reload, ok, expec
 
 def test_nginx_switch_script_fails_without_a_staged_file(tmp_path):
     import subprocess
-    from controller.operations import nginx_switch_script
+    from controller.environments.commands import nginx_switch_script
     conf = tmp_path / "x.conf"
     conf.write_text("old")
     result = subprocess.run(["sh", "-c", nginx_switch_script(str(conf), str(tmp_path / "nope"), "true", "true")],
@@ -407,7 +408,7 @@ def test_nginx_switch_script_fails_without_a_staged_file(tmp_path):
 def test_redis_purge_deletes_exact_keys_of_its_prefix_only():
     import secrets
     import subprocess
-    from controller.operations import redis_purge_script
+    from controller.environments.commands import redis_purge_script
     prefix = f"auto-t{secrets.token_hex(3)}-e-s-1:"
     neighbour = f"auto-t{secrets.token_hex(3)}-prod-s-1:sessions"
     cli = ["redis-cli"]
@@ -424,7 +425,7 @@ def test_redis_purge_deletes_exact_keys_of_its_prefix_only():
 
 
 def test_env_values_with_line_breaks_are_refused_in_the_spec():
-    from controller.spec import SpecError, parse_spec
+    from controller.environments.spec import SpecError, parse_spec
     text = ("app: shop\nenvironment: prod\ndomain: shop.test\nservices:\n  web:\n    path: /\n"
             "    source: /r\n    ref: main\n    start: x\n    env:\n      X: |\n        a\n        b\n")
     with pytest.raises(SpecError, match="env.X: contains a line break"):
@@ -444,6 +445,6 @@ def test_journal_forgets_the_payload_once_done(tmp_path):
 
 
 def test_operation_summaries_hide_url_credentials():
-    from controller.operations import exec_op, summary
+    from controller.fleet.operations import exec_op, summary
     op = exec_op("op-1", ["sh", "-c", "git clone https://deploy:t0ken@git.example/shop.git /x"])
     assert "t0ken" not in " ".join(summary(op)) and "git.example/shop.git" in summary(op)[2]

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from agent.provides import CHECKS, PROVIDES, check_setting, valid_host
+from common.provides import CHECKS, PROVIDES, check_setting, valid_host
 from protos import deployer_pb2 as pb
 
-from .db import Database
+from controller.state.db import Database
 
 log = structlog.get_logger("controller")
 CONNECTED, DISCONNECTED, LOST = "connected", "disconnected", "lost"

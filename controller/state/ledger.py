@@ -8,9 +8,9 @@ import json
 import time
 from dataclasses import dataclass
 
-from . import knowledge
-from .db import Database
-from .knowledge import EnvFacts, Scope
+from controller.state import knowledge
+from controller.state.db import Database
+from controller.state.knowledge import EnvFacts, Scope
 
 COMPONENTS = ("code", "mysql", "redis")
 # A secret set again keeps being redacted in its former values: the last this many of them

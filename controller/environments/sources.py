@@ -7,10 +7,10 @@ import re
 import signal
 import subprocess
 
+from common.redact import sanitise
+
 _FULL_COMMIT = re.compile(r"[0-9a-fA-F]{40}")
 _SHORT_COMMIT = re.compile(r"[0-9a-fA-F]{4,39}")
-_HTTP_USERINFO = re.compile(r"(?i)\b(https?://)[^/@\s]+@")  # an http user name is often a token
-_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/:@\s]*):[^/@\s]*@")
 
 
 class SourceError(ValueError):
@@ -34,11 +34,6 @@ def resolve_ref(source: str, ref: str, timeout: float = 20) -> str:
         hint = "; a commit must be given in full, 40 hex characters" if _SHORT_COMMIT.fullmatch(ref) else ""
         raise SourceError(f"ref {ref!r} not found in {sanitise(source)} (branches and tags checked{hint})")
     return next(iter(found.values()))
-
-
-def sanitise(text: str) -> str:
-    """Hide the credentials in any URL in `text`: passwords, and user names of http URLs."""
-    return _PASSWORD.sub(r"\1:***@", _HTTP_USERINFO.sub(r"\1***@", text))
 
 
 def is_local(source: str) -> bool:

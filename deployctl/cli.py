@@ -18,11 +18,12 @@ from pathlib import Path
 
 import grpc
 
-from agent.system import tune_malloc
+from common.system import tune_malloc
 from protos import deployer_pb2 as pb
 from protos import deployer_pb2_grpc as pb_grpc
 
-from . import __version__, operator_channel, render
+from common import __version__
+from deployctl import channel as operator_channel, render
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_REFUSED = 4  # the controller refused the operator's credential or its role

@@ -201,3 +201,12 @@ class Redactor:
         """The end of the stream: what was held back, redacted."""
         held, self.held = self.held, b""
         return self.patterns.redact(held)
+
+
+_HTTP_USERINFO = re.compile(r"(?i)\b(https?://)[^/@\s]+@")  # an http user name is often a token
+_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/:@\s]*):[^/@\s]*@")
+
+
+def sanitise(text: str) -> str:
+    """Hide the credentials in any URL in `text`: passwords, and user names of http URLs."""
+    return _PASSWORD.sub(r"\1:***@", _HTTP_USERINFO.sub(r"\1***@", text))

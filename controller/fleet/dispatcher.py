@@ -23,15 +23,15 @@ from pathlib import Path
 
 import structlog
 
-from agent.redact import MAX_ERROR_CHARS, bounded, patterns
+from common.redact import MAX_ERROR_CHARS, bounded, patterns
 from protos import deployer_pb2 as pb
 
-from . import operations
-from .db import Database
-from .knowledge import Scope
-from .ledger import Ledger
-from .oplog import OutputGap, OutputLog, OutputRefused
-from .registry import Registry, Session
+from controller.fleet import operations
+from controller.state.db import Database
+from controller.state.knowledge import Scope
+from controller.state.ledger import Ledger
+from controller.fleet.oplog import OutputGap, OutputLog, OutputRefused
+from controller.fleet.registry import Registry, Session
 
 log = structlog.get_logger("controller")
 ACK_EVERY_S = 0.2

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from .ledger import ServiceState
-from .spec import Limits, Options, Spec, code_fingerprint
+from controller.state.ledger import ServiceState
+from controller.environments.spec import Limits, Options, Spec, code_fingerprint
 
 DATA_COMPONENTS = ("mysql", "redis")
 

@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from common.credentials import CredentialRefused, OperatorToken, parse_token  # noqa: F401 - the door reads tokens here
+
 
 class Role(enum.Enum):
     READ = "read"
@@ -38,14 +40,9 @@ NEEDS_OPERATE = frozenset({
 })
 METHODS = NEEDS_READ | NEEDS_OPERATE
 
-TOKEN_PREFIX = "dpo1"
 DEFAULT_TTL_S = 30 * 86400.0
 MAX_TTL_S = 366 * 86400.0
 MAX_LABEL = 64
-
-
-class CredentialRefused(Exception):
-    """No usable credential: the caller is not authenticated. One line, safe to show to anyone."""
 
 
 class NotPermitted(Exception):
@@ -86,25 +83,6 @@ def authorize(principal: Principal, method: str) -> None:
         raise NotPermitted(f"{method} is not an operator method")
     if needed is Role.OPERATE and principal.role is not Role.OPERATE:
         raise NotPermitted(f"{method} needs the operate role; {principal} has {principal.role.value}")
-
-
-@dataclass(frozen=True)
-class OperatorToken:
-    token_id: str
-    secret: str
-    ca_fingerprint: str  # lets deployctl verify the controller without a CA file
-
-    def __str__(self) -> str:
-        return f"{TOKEN_PREFIX}.{self.token_id}.{self.secret}.{self.ca_fingerprint}"
-
-
-def parse_token(text: str) -> OperatorToken:
-    parts = text.strip().split(".")
-    if (len(text) > 200 or len(parts) != 4 or parts[0] != TOKEN_PREFIX or not all(parts[1:])
-            or not all(c in "0123456789abcdef" for c in parts[1])):
-        raise CredentialRefused("malformed operator token (expected dpo1.ID.SECRET.CA-FINGERPRINT "
-                                "from `deployctl operator-token create`)")
-    return OperatorToken(parts[1], parts[2], parts[3])
 
 
 def bearer(authorization: str | None) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from protos import deployer_pb2 as pb
 
-from .vault import Vault
+from controller.state.vault import Vault
 
 KEY_FILE = "secrets.key"
 

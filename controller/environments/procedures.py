@@ -23,14 +23,15 @@ import structlog
 
 from protos import deployer_pb2 as pb
 
-from . import naming, operations as ops, ownership
-from .dispatcher import Dispatcher, Op
-from .jobs import Job
-from .knowledge import Scope
-from .ledger import Ledger
-from .planner import Plan, ServicePlan
-from .registry import CONNECTED, Agent, Registry
-from .spec import Service, Spec, code_fingerprint, spec_from_dict
+from controller.environments import naming, commands as ops, ownership
+from controller.fleet.operations import new_op_id
+from controller.fleet.dispatcher import Dispatcher, Op
+from controller.state.jobs import Job
+from controller.state.knowledge import Scope
+from controller.state.ledger import Ledger
+from controller.environments.planner import Plan, ServicePlan
+from controller.fleet.registry import CONNECTED, Agent, Registry
+from controller.environments.spec import Service, Spec, code_fingerprint, spec_from_dict
 
 log = structlog.get_logger("controller")
 KEEP_RELEASES = 5
@@ -125,7 +126,7 @@ class Runner:
 
     async def run_op(self, agent: Agent, operation: pb.Operation, service: str, step: str,
                      check: bool = True, scope: Scope | None = None) -> Op:
-        operation.id = ops.new_op_id()
+        operation.id = new_op_id()
         if service in self.deploying:  # durably, before the step acts: recovery reads it after a crash
             self.ledger.set_step(self.env_key, service, self.deploying[service], step)
         self.job.event("step.started", service=service, step=step, agent=agent.id, op=operation.id)

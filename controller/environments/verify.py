@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 from protos import deployer_pb2 as pb
 
-from . import naming, operations as ops, ownership
-from .knowledge import Scope
-from .planner import Change, ServicePlan
-from .procedures import (KEEP_RELEASES, PlacementError, Runner, StepFailed, _output, pick_agent, redis_admin,
+from controller.environments import naming, commands as ops, ownership
+from controller.state.knowledge import Scope
+from controller.environments.planner import Change, ServicePlan
+from controller.environments.procedures import (KEEP_RELEASES, PlacementError, Runner, StepFailed, _output, pick_agent, redis_admin,
                          remove_code)
 
 

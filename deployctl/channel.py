@@ -11,9 +11,9 @@ from pathlib import Path
 
 import grpc
 
-from agent.tls import SERVER_NAME, TlsError, fetch_ca, split_address
+from common.tls import SERVER_NAME, TlsError, fetch_ca, split_address
 
-from .access import CredentialRefused, parse_token
+from common.credentials import CredentialRefused, parse_token
 
 TOKEN_ENV = "DEPLOYER_OPERATOR_TOKEN"
 CA_ENV = "DEPLOYER_CA"

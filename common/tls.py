@@ -11,6 +11,7 @@ import base64
 import contextlib
 import datetime
 import hashlib
+import ipaddress
 import os
 import socket
 import ssl
@@ -207,3 +208,15 @@ def split_address(address: str) -> tuple[str, int]:
 def expires_in(ident: Identity) -> datetime.timedelta:
     return datetime.datetime.fromtimestamp(ident.not_after, datetime.timezone.utc) - \
         datetime.datetime.now(datetime.timezone.utc)
+
+def is_loopback(address: str) -> bool:
+    """HOST:PORT on a loopback interface, or a Unix socket."""
+    if address.startswith("unix:"):
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -24,10 +24,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.tls import (ROLE_URI, SERVER_NAME, Identity, Token, TlsError, fingerprint, identity, parse_token,
+from common.tls import (ROLE_URI, SERVER_NAME, Identity, Token, TlsError, fingerprint, identity, parse_token,
                        write_atomic)
 
-from .db import Database
+from controller.state.db import Database
 
 CA_LIFETIME = datetime.timedelta(days=3650)
 SERVER_LIFETIME = datetime.timedelta(days=397)

@@ -14,7 +14,7 @@ import secrets
 import time
 from pathlib import Path
 
-from .db import Database
+from controller.state.db import Database
 
 
 class Locked(Exception):

@@ -30,13 +30,13 @@ import structlog
 
 from protos import deployer_pb2 as pb
 
-from . import naming
-from .db import Database
-from .jobs import EnvLock, read_events
-from .knowledge import Scope
-from .procedures import DRAIN_S, Deployment, Runner, StepFailed, _current_script, _output
-from .registry import CONNECTED, DISCONNECTED
-from .spec import Service
+from controller.environments import naming
+from controller.state.db import Database
+from controller.state.jobs import EnvLock, read_events
+from controller.state.knowledge import Scope
+from controller.environments.procedures import DRAIN_S, Deployment, Runner, StepFailed, _current_script, _output
+from controller.fleet.registry import CONNECTED, DISCONNECTED
+from controller.environments.spec import Service
 
 log = structlog.get_logger("controller")
 UNSETTLED = ("running", "interrupted")

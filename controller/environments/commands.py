@@ -1,44 +1,15 @@
-"""Pure builders of operations: they return protobuf messages and never send anything.
-
-Only the dispatcher sends operations; procedures compose these builders.
+"""Pure builders of what deploy procedures send: they return SQL, scripts and protobuf
+messages and never send anything. Only the dispatcher sends operations; procedures compose
+these builders (an operation's id and its summary are the fleet's: controller/fleet/operations.py).
 """
 
 from __future__ import annotations
 
 import re
-import secrets
-import time
-from typing import Mapping, Sequence
 
-from agent import envfile
-from agent.provides import check_setting, url_host, valid_host
+from common import envfile
+from common.provides import check_setting, url_host, valid_host
 from protos import deployer_pb2 as pb
-
-
-def new_op_id(now: float | None = None) -> str:
-    """Sortable by creation time, unique without coordination: op-20261125T091502-3f9a1c2e."""
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now if now is not None else time.time()))
-    return f"op-{stamp}-{secrets.token_hex(4)}"
-
-
-def exec_op(op_id: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
-            cwd: str = "", stdin: bytes = b"", timeout_s: float = 0.0, user: str = "",
-            kill_grace_s: float = 0.0) -> pb.Operation:
-    return pb.Operation(id=op_id, exec=pb.ExecSpec(
-        argv=list(argv), env=dict(env or {}), cwd=cwd, stdin=stdin, timeout_s=timeout_s,
-        user=user, kill_grace_s=kill_grace_s))
-
-
-def summary(op: pb.Operation) -> list[str]:
-    """What an operator sees of an operation in listings (never its env, file content, or the
-    credentials of a URL in its command line)."""
-    from .sources import sanitise
-    kind = op.WhichOneof("kind")
-    if kind == "exec":
-        return [sanitise(arg) for arg in op.exec.argv]
-    if kind == "write_file":
-        return ["write_file", op.write_file.path, oct(op.write_file.mode or 0o644)]
-    return [kind or "unknown"]
 
 
 # ---------------------------------------------------------------- builders for deploy procedures

@@ -10,13 +10,13 @@ from pathlib import Path
 import structlog
 import yaml
 
-from . import planner, recovery, spec as spec_mod, sources
-from .dispatcher import Dispatcher
-from .jobs import EnvLock, Job, Locked, new_job_id
-from .ledger import Ledger
-from .procedures import PlacementError, Runner, StepFailed
-from .verify import Checker, claimed_names, destroy
-from .registry import Registry
+from controller.environments import planner, recovery, spec as spec_mod, sources
+from controller.fleet.dispatcher import Dispatcher
+from controller.state.jobs import EnvLock, Job, Locked, new_job_id
+from controller.state.ledger import Ledger
+from controller.environments.procedures import PlacementError, Runner, StepFailed
+from controller.environments.verify import Checker, claimed_names, destroy
+from controller.fleet.registry import Registry
 
 log = structlog.get_logger("controller")
 

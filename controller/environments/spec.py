@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from .naming import name_problem
+from controller.environments.naming import name_problem
 
 VERSION = 1
 COMPONENTS = ("mysql", "redis")

@@ -18,14 +18,14 @@ from google.protobuf.message import DecodeError
 from protos import deployer_pb2 as pb
 from protos import deployer_pb2_grpc as pb_grpc
 
-from . import __version__
-from .dispatcher import Dispatcher
-from agent.provides import CHECKS, check_setting
-from agent.tls import SERVER_NAME
+from common import __version__
+from controller.fleet.dispatcher import Dispatcher
+from common.provides import CHECKS, check_setting
+from common.tls import SERVER_NAME
 
-from .door import CALLER
-from .pki import EnrolmentRefused, Enrolment, RenewedTooSoon
-from .registry import Registry, Session
+from controller.fleet.door import CALLER
+from controller.fleet.pki import EnrolmentRefused, Enrolment, RenewedTooSoon
+from controller.fleet.registry import Registry, Session
 
 log = structlog.get_logger("controller")
 HELLO_TIMEOUT_S = 10.0

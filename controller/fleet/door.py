@@ -22,9 +22,9 @@ import grpc
 import structlog
 from cryptography import x509
 
-from agent.tls import Identity, identity
+from common.tls import Identity, identity
 
-from . import access
+from controller.fleet import access
 
 log = structlog.get_logger("controller")
 
