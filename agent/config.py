@@ -11,6 +11,7 @@ import yaml
 
 from common.provides import PROVIDES, check_setting
 from common.tls import is_loopback
+from common import errors
 
 ROLES = ("computing", "daemons")
 _ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")
@@ -19,7 +20,7 @@ _KEYS = {"id", "controller", "roles", "capabilities", "state_dir", "services_roo
          "write_roots"}
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.BadInput):
     """A bad agent configuration; the message names the key (and file)."""
 
 

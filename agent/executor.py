@@ -37,6 +37,7 @@ from common import envfile
 from common.redact import Patterns, Redactor
 from agent import limits
 from agent.spool import Spool
+from common import errors
 
 DEFAULT_GRACE_S = 5.0
 LINGER_S = 2.0  # how long output may still come after the main process has exited
@@ -45,7 +46,7 @@ _READ_BYTES = 1 << 20
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-class StartError(Exception):
+class StartError(errors.Failed):
     """The command could not be started; the message is one line for the operator."""
 
 
@@ -484,7 +485,7 @@ def _result(run: Run, status: int, usage) -> pb.OperationResult:
     return result
 
 
-class Refused(Exception):
+class Refused(errors.Failed):
     """write_file will not write there; the message is one line naming the path."""
 
 

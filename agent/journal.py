@@ -24,12 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protos import deployer_pb2 as pb
+from common import errors
 
 _OP_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TOMBSTONE_DAYS = 7
 
 
-class JournalError(OSError):
+class JournalError(errors.Broken, OSError):
     """The journal could not record an operation (most often: the disk is full)."""
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import grpc
+from common import errors
 
 # Keepalive must agree with the controller's server settings: a client pinging more often than
 # the server's `min_ping_interval_without_data_ms` (10 s there) is answered GOAWAY too_many_pings.
@@ -43,7 +44,7 @@ INITIAL_BACKOFF_S = 1.0
 MAX_DOUBLINGS = 4
 
 
-class FatalLinkError(Exception):
+class FatalLinkError(errors.Refused):
     """The controller refused the agent for good (bad identity, protocol mismatch)."""
 
 

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from protos import deployer_pb2 as pb
+from common import errors
 
 # The agent's units are runtime units: rewritten by the agent whenever it starts a process, gone at
 # reboot (nothing starts on its own then; the controller decides), and never in the operator's /etc.
@@ -16,7 +17,7 @@ GROUP = re.compile(r"auto-[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?")
 LEAF = re.compile(r"[A-Za-z0-9][A-Za-z0-9@._-]{0,127}")
 
 
-class LimitError(Exception):
+class LimitError(errors.Failed):
     """The limits cannot be applied; the command must not run without them. One line."""
 
 

@@ -5,11 +5,12 @@ controller's door; what a token may do, and the store of their hashes, are the c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from common import errors
 
 TOKEN_PREFIX = "dpo1"
 
 
-class CredentialRefused(Exception):
+class CredentialRefused(errors.Unauthenticated):
     """No usable credential: the caller is not authenticated. One line, safe to show to anyone."""
 
 

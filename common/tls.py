@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from common import errors
 
 # Agents check the controller's certificate against this name, whatever address they dial: the CA
 # is private to one controller, and only the controller's own certificate carries the name.
@@ -31,7 +32,7 @@ ROLE_URI = "urn:deployer:role:"
 TOKEN_PREFIX = "dpt1"
 
 
-class TlsError(Exception):
+class TlsError(errors.Broken):
     """A one-line reason why enrolment or a certificate cannot be used."""
 
 

@@ -36,6 +36,7 @@ from controller.environments.ownership import owner_id
 from controller.fleet.pki import DEFAULT_AGENT_TTL_S, Authority, Enrolment, PkiError
 from controller.state.vault import VaultError
 from controller.fleet.registry import Registry
+from common import errors
 
 log = structlog.get_logger("controller")
 
@@ -98,7 +99,7 @@ def default_store() -> Path:
     return Path(os.environ.get("DEPLOYER_STORE") or Path.cwd() / "store")
 
 
-class StartupError(Exception):
+class StartupError(errors.Broken):
     """The controller cannot start; the message says why in one line."""
 
 

@@ -4,6 +4,8 @@ operator listener (the door has authenticated the caller before any method here 
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 
 import grpc
 import structlog
@@ -11,14 +13,17 @@ import structlog
 from protos import deployer_pb2 as pb
 from protos import deployer_pb2_grpc as pb_grpc
 
+from common import errors
+
 import json
 
 from controller.fleet import access
 from controller.environments import naming
+from controller.environments.facts import ServiceProcesses
 from controller.fleet import operations
 from controller.fleet.door import OPERATOR_CALLER
 from controller.fleet.dispatcher import Dispatcher, UnknownOperation
-from controller.environments.orders import Environments, OrderError
+from controller.environments.orders import Environments
 from controller.state.jobs import read_events
 from controller.environments.spec import Limits, spec_from_dict
 from controller.state.ledger import diagram
@@ -77,6 +82,37 @@ def _env_key(context, value: str) -> str:
     return value
 
 
+def errors_mapped(cls):
+    """Every handler of `cls` ends a DeployerError by the status its kind names (common/errors.py),
+    with its one line; anything else is a bug and reaches gRPC as such."""
+    def unary(method):
+        @functools.wraps(method)
+        async def handler(self, request, context):
+            try:
+                return await method(self, request, context)
+            except errors.DeployerError as exc:
+                await context.abort(grpc.StatusCode[exc.status], str(exc))
+        return handler
+
+    def stream(method):
+        @functools.wraps(method)
+        async def handler(self, request, context):
+            try:
+                async for reply in method(self, request, context):
+                    yield reply
+            except errors.DeployerError as exc:
+                await context.abort(grpc.StatusCode[exc.status], str(exc))
+        return handler
+
+    for name, method in list(vars(cls).items()):
+        if name[:1].isupper() and inspect.isasyncgenfunction(method):
+            setattr(cls, name, stream(method))
+        elif name[:1].isupper() and inspect.iscoroutinefunction(method):
+            setattr(cls, name, unary(method))
+    return cls
+
+
+@errors_mapped
 class OperatorService(pb_grpc.OperatorServicer):
     def __init__(self, registry: Registry, dispatcher: Dispatcher, environments: Environments,
                  enrolment: Enrolment | None = None, operator_tokens: access.OperatorTokens | None = None) -> None:
@@ -188,31 +224,19 @@ class OperatorService(pb_grpc.OperatorServicer):
     # ---------------------------------------------------------------- orders and jobs
 
     async def Plan(self, request, context):
-        try:
-            _spec, plan, _options = await self.environments.plan(request)
-        except OrderError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        _spec, plan, _options = await self.environments.plan(request)
         return pb.PlanReply(plan_json=json.dumps(plan.to_dict()))
 
     async def Apply(self, request, context):
-        try:
-            job, plan = await self.environments.apply(request)
-        except OrderError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        job, plan = await self.environments.apply(request)
         return pb.ApplyReply(job_id=job.id if job else "", plan_json=json.dumps(plan.to_dict()))
 
     async def Rollback(self, request, context):
-        try:
-            job, plan = await self.environments.rollback(request)
-        except OrderError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        job, plan = await self.environments.rollback(request)
         return pb.ApplyReply(job_id=job.id, plan_json=json.dumps(plan.to_dict()))
 
     async def Check(self, request, context):
-        try:
-            job = await self.environments.check(request)
-        except OrderError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        job = await self.environments.check(request)
         return pb.ApplyReply(job_id=job.id)
 
     async def ServiceLogs(self, request, context):
@@ -342,19 +366,17 @@ class OperatorService(pb_grpc.OperatorServicer):
             agent = self.registry.agents.get(entry["host"])
             if live.code and agent is not None and agent.state == "connected":
                 unit = naming.unit_base(app, env, service)
-                op = await self.dispatcher.execute(agent.id, pb.Operation(
-                    id=operations.new_op_id(), service_list=pb.ServiceListSpec(
-                        name_prefix=unit, group=naming.unix_user(app, env))))
+                asked = ServiceProcesses.operation(unit, group=naming.unix_user(app, env))
+                asked.id = operations.new_op_id()
+                op = await self.dispatcher.execute(agent.id, asked)
                 row = self.ledger.instance(env_key, service, "code", live.code.number)
                 process = json.loads(row["names"]).get("process") if row else None
-                for line in (op.output.folder / "output.log").read_text().splitlines():
-                    item = json.loads(line)
-                    if item["instance"] == process:
-                        entry.update(process="running" if item["alive"] else "dead",
-                                     pid=item.get("pid"), rss_bytes=item.get("rss_bytes"),
-                                     cpu_s=item.get("cpu_s"))
-                        if item.get("error"):  # why it died: "killed by the kernel: out of memory …"
-                            entry["error"] = item["error"]
+                for item in ServiceProcesses.parse(op.output.text()):
+                    if item.instance == process:
+                        entry.update(process="running" if item.alive else "dead",
+                                     pid=item.pid or None, rss_bytes=item.rss_bytes, cpu_s=item.cpu_s)
+                        if item.error:  # why it died: "killed by the kernel: out of memory …"
+                            entry["error"] = item.error
                     if "limits_use" in item:  # the environment's group on that host, the same for each
                         entry["use"] = item["limits_use"]
                 if live.code.port and entry["process"] == "running":

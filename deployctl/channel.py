@@ -14,12 +14,13 @@ import grpc
 from common.tls import SERVER_NAME, TlsError, fetch_ca, split_address
 
 from common.credentials import CredentialRefused, parse_token
+from common import errors
 
 TOKEN_ENV = "DEPLOYER_OPERATOR_TOKEN"
 CA_ENV = "DEPLOYER_CA"
 
 
-class ChannelError(Exception):
+class ChannelError(errors.DeployerError):
     """The channel cannot be set up; one line, and whether it is the operator's usage (2) or the
     controller that cannot be reached (3)."""
 

@@ -22,18 +22,17 @@ from common.system import tune_malloc
 from protos import deployer_pb2 as pb
 from protos import deployer_pb2_grpc as pb_grpc
 
-from common import __version__
+from common import __version__, errors
+from common.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE
 from deployctl import channel as operator_channel, render
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-EXIT_REFUSED = 4  # the controller refused the operator's credential or its role
 EXIT_CHANGES = 2  # `plan`: there is something to do
 _AGENT_STATES = {pb.AGENT_CONNECTED: "connected", pb.AGENT_DISCONNECTED: "disconnected",
                  pb.AGENT_LOST: "lost"}
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
 
 
-class CliError(Exception):
+class CliError(errors.DeployerError):
     """A one-line error for the operator, with the exit code to leave with."""
 
     def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
@@ -85,9 +84,7 @@ def _rpc_error(exc: grpc.RpcError, where: str) -> CliError:
         return CliError(f"the controller refused the credential ({exc.details()})", EXIT_REFUSED)
     if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
         return CliError(f"not permitted: {exc.details()}", EXIT_REFUSED)
-    return CliError(exc.details() or exc.code().name, EXIT_USAGE
-                    if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
-                    else EXIT_FAILED)
+    return CliError(exc.details() or exc.code().name, errors.exit_code(exc.code().name))
 
 
 # ---------------------------------------------------------------- agents

@@ -118,7 +118,7 @@ def test_the_four_deploys_of_the_notes(world, tmp_path):
     (lock / "owner.json").write_text(json.dumps({"job": "job-held", "since": 0, "reason": "verify"}))
     try:
         held = cluster.deployctl("apply", str(spec))
-        assert held.returncode != 0 and b"nothing to do" not in held.stdout
+        assert held.returncode == 5 and b"nothing to do" not in held.stdout   # not now: try again later
         assert f"shop/{env} is locked by job job-held".encode() in held.stderr
         assert held.stderr.strip().count(b"\n") == 0
     finally:

@@ -10,6 +10,7 @@ import re
 from common import envfile
 from common.provides import check_setting, url_host, valid_host
 from protos import deployer_pb2 as pb
+from common import errors
 
 
 # ---------------------------------------------------------------- builders for deploy procedures
@@ -113,7 +114,7 @@ def nginx_config(env_key: str, domain: str, listen: str, routes: list[tuple[str,
     return "".join(out).encode()
 
 
-class RouteValueError(ValueError):
+class RouteValueError(errors.BadInput):
     """A value that would be written into an nginx file is not what its place allows."""
 
 

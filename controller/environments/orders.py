@@ -17,11 +17,12 @@ from controller.state.ledger import Ledger
 from controller.environments.procedures import PlacementError, Runner, StepFailed
 from controller.environments.verify import Checker, claimed_names, destroy
 from controller.fleet.registry import Registry
+from common import errors
 
 log = structlog.get_logger("controller")
 
 
-class OrderError(ValueError):
+class OrderError(errors.BadInput):
     """The order cannot be accepted; one line naming the file, line and key where it can."""
 
 
@@ -42,7 +43,7 @@ class Environments:
         for env_key in recovery.interrupt(self.store, self.db):
             try:
                 self.recover(env_key)
-            except (OrderError, spec_mod.SpecError) as exc:  # a lock not ours to break, a bad stored spec
+            except (OrderError, Locked, spec_mod.SpecError) as exc:  # a lock not ours to break, a bad stored spec
                 log.warning("recovery.not_started", environment=env_key, error=str(exc))
 
     def recover(self, env_key: str) -> Job | None:
@@ -61,23 +62,21 @@ class Environments:
         return json.loads(row[0]) if row else None
 
     def read_order(self, request) -> tuple[spec_mod.Spec, spec_mod.Options | None]:
-        try:
-            if request.diff_text:
-                env_key = request.environment
-                if request.spec_text:
-                    base = spec_mod.parse_spec(request.spec_text, request.spec_name).to_dict()
-                else:
-                    base = self.stored_spec(env_key)
-                    if base is None:
-                        raise OrderError(f"{request.diff_name}: no stored spec for {env_key!r} to apply a diff to")
-                spec = spec_mod.merge_diff(base, request.diff_text, request.diff_name)
+        if request.diff_text:
+            env_key = request.environment
+            if request.spec_text:
+                base = spec_mod.parse_spec(request.spec_text, request.spec_name).to_dict()
             else:
-                spec = spec_mod.parse_spec(request.spec_text, request.spec_name)
-            options = None
-            if request.options_text:
-                options = spec_mod.parse_options(request.options_text, request.options_name, spec)
-        except spec_mod.SpecError as exc:
-            raise OrderError(str(exc)) from None
+                base = self.stored_spec(env_key)
+                if base is None:
+                    raise OrderError(f"{request.diff_name}: no stored spec for {env_key!r} to apply a diff to")
+            spec = spec_mod.merge_diff(base, request.diff_text, request.diff_name)
+        else:
+            spec = spec_mod.parse_spec(request.spec_text, request.spec_name)
+        options = None
+        if request.options_text:
+            options = spec_mod.parse_options(request.options_text, request.options_name, spec)
+        # a SpecError (bad input: file, line and key in one line) goes to the caller as it is
         return self._absolute_sources(spec, request.base_dir), options
 
     @staticmethod
@@ -139,7 +138,7 @@ class Environments:
             self._settle_first(spec.key)
             lock = EnvLock(self.store, spec.key)
             if lock.owner() is not None:
-                raise OrderError(f"{spec.key} is locked by {lock.describe()}: order again once it has finished")
+                raise Locked(f"{spec.key} is locked by {lock.describe()}: order again once it has finished")
             self._accept(spec)
             return None, plan
         files = {Path(request.spec_name).name or "environment.yml": request.spec_text or ""}
@@ -155,7 +154,7 @@ class Environments:
         if recovery.pending(self.db.conn, env_key):
             job = self.recover(env_key)
             if job is not None:
-                raise OrderError(f"{env_key}: {job.id} first settles what an interrupted job left in flight "
+                raise Locked(f"{env_key}: {job.id} first settles what an interrupted job left in flight "
                                  f"(deployctl job show {job.id}); order again once it has finished")
 
     def _launch(self, spec: spec_mod.Spec, kind: str, plan: planner.Plan | None, files: dict[str, str],
@@ -166,10 +165,7 @@ class Environments:
             self._settle_first(spec.key)
         lock = EnvLock(self.store, spec.key)
         job_id = new_job_id()
-        try:
-            lock.acquire(job_id, kind)
-        except Locked as exc:
-            raise OrderError(str(exc)) from None
+        lock.acquire(job_id, kind)   # Locked (a Busy error) if another job holds it
         if accept:
             self._accept(spec)
         job = Job(self.store, self.db, job_id, spec.key, kind)

@@ -23,6 +23,7 @@ import structlog
 
 from protos import deployer_pb2 as pb
 
+from controller.environments.facts import ServiceProcesses
 from controller.environments import naming, commands as ops, ownership
 from controller.fleet.operations import new_op_id
 from controller.fleet.dispatcher import Dispatcher, Op
@@ -32,6 +33,7 @@ from controller.state.ledger import Ledger
 from controller.environments.planner import Plan, ServicePlan
 from controller.fleet.registry import CONNECTED, Agent, Registry
 from controller.environments.spec import Service, Spec, code_fingerprint, spec_from_dict
+from common import errors
 
 log = structlog.get_logger("controller")
 KEEP_RELEASES = 5
@@ -47,7 +49,7 @@ OUTPUT_TAIL_LINES = 15
 CUT_OFF = (pb.SIGNALED, pb.TIMED_OUT, pb.CANCELLED, pb.INTERRUPTED, pb.LOST)
 
 
-class StepFailed(Exception):
+class StepFailed(errors.Failed):
     """A step of a procedure failed; the message is one line, the tail the operation's output."""
 
     def __init__(self, service: str, step: str, message: str, tail: str = "", cut: bool = False) -> None:
@@ -56,7 +58,7 @@ class StepFailed(Exception):
         self.cut = cut  # its operation was under way and did not end on its own (killed, lost…)
 
 
-class PlacementError(Exception):
+class PlacementError(errors.Failed):
     """No connected agent can take this work."""
 
 
@@ -80,7 +82,7 @@ def pick_agent(registry: Registry, *, role: str | None = None, capability: str |
 
 
 def _output(op) -> str:
-    return (op.output.folder / "output.log").read_text(errors="replace")
+    return op.output.text()
 
 
 
@@ -435,11 +437,8 @@ class Runner:
                 interval_s=0.5, timeout_s=2.0, service_name=unit, service_instance=d.process)), name, "health")
         else:
             await asyncio.sleep(service.healthy_after)
-            listing = await self.run_op(d.host, pb.Operation(service_list=pb.ServiceListSpec(name_prefix=unit)),
-                                        name, "health")
-            entries = [json.loads(line) for line in
-                       _output(listing).splitlines() if line.strip()]
-            if not any(e["instance"] == d.process and e["alive"] for e in entries):
+            listing = await self.run_op(d.host, ServiceProcesses.operation(unit), name, "health")
+            if not any(p.instance == d.process and p.alive for p in ServiceProcesses.parse(_output(listing), unit)):
                 log_path = shlex.quote(f"{d.service_dir}/logs/{d.code}.log")
                 tail = await self.sh(d.host, f"tail -n {OUTPUT_TAIL_LINES} {log_path}", name, "read log",
                                      check=False)
@@ -642,13 +641,10 @@ async def remove_code(runner: "Runner", service: str) -> None:
         host = runner.registry.agents.get(host_id)
         if host is None or host.state != "connected":
             raise StepFailed(service, "remove", f"agent {host_id} is not connected: nothing was removed there")
-        listing = await runner.run_op(host, pb.Operation(service_list=pb.ServiceListSpec(name_prefix=unit)),
-                                      service, "list processes", check=False)
-        for line in _output(listing).splitlines():
-            item = json.loads(line)
-            if item["name"] == unit:
-                await runner.run_op(host, pb.Operation(service_stop=pb.ServiceStopSpec(
-                    name=unit, instance=item["instance"])), service, "stop", check=False)
+        listing = await runner.run_op(host, ServiceProcesses.operation(unit), service, "list processes", check=False)
+        for process in ServiceProcesses.parse(_output(listing), unit):
+            await runner.run_op(host, pb.Operation(service_stop=pb.ServiceStopSpec(
+                name=unit, instance=process.instance)), service, "stop", check=False)
         folder = naming.service_dir(host.services_root, spec.app, spec.environment, service)
         op = await runner.sh(host, ownership.if_folder_ours(folder, ledger.owner, 'rm -rf -- "$d"', legacy=host_id in ran),
                              service, "remove folder")

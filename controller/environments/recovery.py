@@ -30,6 +30,7 @@ import structlog
 
 from protos import deployer_pb2 as pb
 
+from controller.environments.facts import NginxFile, ServiceProcesses
 from controller.environments import naming
 from controller.state.db import Database
 from controller.state.jobs import EnvLock, read_events
@@ -326,10 +327,10 @@ async def _read_route(runner: Runner, service: str, number: int) -> str:
     except StepFailed:
         router = None
     if router is not None:
-        op = await runner.sh(router, f"cat {shlex.quote(runner.nginx_path(router))} 2>/dev/null || echo '<missing>'",
+        op = await runner.sh(router, NginxFile.command(runner.nginx_path(router)),
                              service, "read route", check=False, scope=Scope.route(runner.env_key))
         if op.result.outcome == pb.EXITED and op.result.exit_code == 0:
-            return (op.output.folder / "output.log").read_text(errors="replace")
+            return op.output.text()   # the file, or MISSING: routed_to() reads either
     raise StepFailed(service, "recover", f"deploy {number} was switching its route when the controller stopped, "
                                           "and no router could say where nginx routes; it stays unsettled, and "
                                           f"the next order on {runner.env_key} tries again")
@@ -360,18 +361,17 @@ async def _converge(runner: Runner, service: str, rows) -> list[str]:
             state = host.state if host else "unknown"
             lines.append(f"{service}: agent {host_id} is {state}: its processes were not checked")
             continue
-        listing = await runner.run_op(host, pb.Operation(service_list=pb.ServiceListSpec(name_prefix=unit)),
+        listing = await runner.run_op(host, ServiceProcesses.operation(unit),
                                       service, "list processes", check=False)
-        for line in _output(listing).splitlines():
-            item = json.loads(line) if line.strip() else {}
-            if item.get("name") != unit or (host_id, item["instance"]) == keep:
+        for process in ServiceProcesses.parse(_output(listing), unit):
+            if (host_id, process.instance) == keep:
                 continue
-            if item["alive"] and not drained:
+            if process.alive and not drained:
                 await asyncio.sleep(DRAIN_S)  # it may have served until the switch: let its requests end
                 drained = True
-            stop = pb.ServiceStopSpec(name=unit, instance=item["instance"])
+            stop = pb.ServiceStopSpec(name=unit, instance=process.instance)
             await runner.run_op(host, pb.Operation(service_stop=stop), service, "stop", check=False)
-            lines.append(f"{service}: stopped {unit}@{item['instance']} on {host_id}, "
+            lines.append(f"{service}: stopped {unit}@{process.instance} on {host_id}, "
                          "which the ledger does not hold live")
     ports = ledger.conn.execute("SELECT host, port FROM ports WHERE env_key=? AND service=?", (env_key, service))
     for r in ports.fetchall():

@@ -8,12 +8,13 @@ import signal
 import subprocess
 
 from common.redact import sanitise
+from common import errors
 
 _FULL_COMMIT = re.compile(r"[0-9a-fA-F]{40}")
 _SHORT_COMMIT = re.compile(r"[0-9a-fA-F]{4,39}")
 
 
-class SourceError(ValueError):
+class SourceError(errors.BadInput):
     """A repository or ref that cannot be resolved; str() is one line."""
 
 

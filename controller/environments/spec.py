@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from controller.environments.naming import name_problem
+from common import errors
 
 VERSION = 1
 COMPONENTS = ("mysql", "redis")
@@ -50,7 +51,7 @@ MAX_VALUES = 100_000   # values once aliases are expanded (a spec needs a few hu
 Key = tuple  # a key path: mapping keys (str) and list indexes (int)
 
 
-class SpecError(ValueError):
+class SpecError(errors.BadInput):
     """A bad spec, options or diff file; str() is one line: `FILE:LINE: KEY: MESSAGE`."""
 
     def __init__(self, message: str, file: str | None = None, line: int | None = None,

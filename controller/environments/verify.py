@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from protos import deployer_pb2 as pb
 
+from controller.environments.facts import NginxFile, ServiceProcesses
 from controller.environments import naming, commands as ops, ownership
 from controller.state.knowledge import Scope
 from controller.environments.planner import Change, ServicePlan
@@ -85,10 +86,9 @@ class Checker:
             await self._code_facts(host, state, facts)
         router = self.runner.router(self.env_key)
         conf = self.runner.nginx_path(router)
-        cat = await self.runner.sh(router, f"cat {shlex.quote(conf)} 2>/dev/null || echo '<missing>'",
+        cat = await self.runner.sh(router, NginxFile.command(conf),
                                    self.env_key, "read route", check=False, scope=Scope.route(self.env_key))
-        text = _output(cat)
-        facts.nginx = None if text == "<missing>\n" else text
+        facts.nginx = NginxFile.parse(_output(cat))
         folder = shlex.quote(conf.rsplit("/", 1)[0])
         listing = await self.runner.sh(router, f"cd {folder} && for f in auto-*.conf; do [ -f \"$f\" ] && "
                                                "echo \"$f $(sed -n 2p \"$f\" | head -c 200)\"; done; true",
@@ -141,11 +141,10 @@ class Checker:
                     facts.env_modes[service] = mode
                     if owner:
                         facts.env_owners[service] = owner
-        listing = await self.runner.run_op(host, pb.Operation(service_list=pb.ServiceListSpec(name_prefix=naming.PREFIX)),
+        listing = await self.runner.run_op(host, ServiceProcesses.operation(naming.PREFIX),
                                            self.env_key, "list processes", check=False)
-        for line in _output(listing).splitlines():
-            item = json.loads(line)
-            facts.processes[(item["name"], item["instance"])] = item["alive"]
+        for process in ServiceProcesses.parse(_output(listing)):
+            facts.processes[(process.name, process.instance)] = process.alive
         address = host.address
         for service, live in state.items():
             definition = self.spec.service(service) if service in {s.name for s in self.spec.services} else None

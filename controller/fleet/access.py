@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from common.credentials import CredentialRefused, OperatorToken, parse_token  # noqa: F401 - the door reads tokens here
+from common import errors
 
 
 class Role(enum.Enum):
@@ -45,7 +46,7 @@ MAX_TTL_S = 366 * 86400.0
 MAX_LABEL = 64
 
 
-class NotPermitted(Exception):
+class NotPermitted(errors.Refused):
     """An authenticated caller whose role does not cover the method."""
 
 

@@ -32,12 +32,13 @@ from controller.state.knowledge import Scope
 from controller.state.ledger import Ledger
 from controller.fleet.oplog import OutputGap, OutputLog, OutputRefused
 from controller.fleet.registry import Registry, Session
+from common import errors
 
 log = structlog.get_logger("controller")
 ACK_EVERY_S = 0.2
 
 
-class UnknownOperation(KeyError):
+class UnknownOperation(errors.NotFound, KeyError):
     """No operation has this id."""
 
 

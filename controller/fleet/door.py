@@ -6,7 +6,7 @@ Each listener admits one kind of credential:
 - `enrollee`: the enrolment port (TLS, server-authenticated); the token is checked by Enroll;
 - `operator`: the Unix socket, whose 0600 mode is the credential, or the TCP operator listener
   (TLS), where every call carries an operator token whose role must cover the method
-  (`controller/access.py` says which role each method needs).
+  (`controller/fleet/access.py` says which role each method needs).
 A method not on the kind's list is refused before any handler runs.
 """
 

@@ -26,6 +26,7 @@ from common.tls import SERVER_NAME
 from controller.fleet.door import CALLER
 from controller.fleet.pki import EnrolmentRefused, Enrolment, RenewedTooSoon
 from controller.fleet.registry import Registry, Session
+from common import errors
 
 log = structlog.get_logger("controller")
 HELLO_TIMEOUT_S = 10.0
@@ -41,7 +42,7 @@ def valid_agent_id(agent_id: str) -> bool:
     return bool(_AGENT_ID.match(agent_id)) and agent_id.rstrip(".") != SERVER_NAME and not agent_id.endswith(".")
 
 
-class ProtocolError(Exception):
+class ProtocolError(errors.BadInput):
     """The agent sent something that is not the protocol: its session ends with INVALID_ARGUMENT."""
 
 

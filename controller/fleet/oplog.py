@@ -19,17 +19,18 @@ from collections import deque
 from pathlib import Path
 
 from protos import deployer_pb2 as pb
+from common import errors
 
 
 RECENT_BYTES = 8 << 20  # kept in memory so live followers are served without reading the file
 RECENT_PIECES = 512
 
 
-class OutputGap(Exception):
+class OutputGap(errors.Broken):
     """A chunk starts past what we have: bytes in between were never received."""
 
 
-class OutputRefused(OSError):
+class OutputRefused(errors.Broken, OSError):
     """The disk did not take (all of) a chunk; nothing past `received` is kept."""
 
 
@@ -49,6 +50,10 @@ class OutputLog:
         self.synced = self.received
         self._recent: deque[tuple[int, int, bytes]] = deque()
         self._recent_bytes = 0
+
+    def text(self) -> str:
+        """All the output received, stdout and stderr as they interleaved, as text (a fact's input)."""
+        return (self.folder / "output.log").read_text(errors="replace")
 
     def _load_index(self) -> None:
         path = self.folder / "streams.idx"

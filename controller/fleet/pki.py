@@ -28,6 +28,7 @@ from common.tls import (ROLE_URI, SERVER_NAME, Identity, Token, TlsError, finger
                        write_atomic)
 
 from controller.state.db import Database
+from common import errors
 
 CA_LIFETIME = datetime.timedelta(days=3650)
 SERVER_LIFETIME = datetime.timedelta(days=397)
@@ -36,11 +37,11 @@ DEFAULT_AGENT_TTL_S = 30 * 86400.0
 MAX_TOKEN_TTL_S = 7 * 86400.0
 
 
-class PkiError(Exception):
+class PkiError(errors.Broken):
     """The CA on disk cannot be used; the message says why in one line."""
 
 
-class EnrolmentRefused(Exception):
+class EnrolmentRefused(errors.Refused):
     """The token or request cannot buy a certificate; the message says why in one line."""
 
 

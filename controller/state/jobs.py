@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 
 from controller.state.db import Database
+from common import errors
 
 
-class Locked(Exception):
+class Locked(errors.Busy):
     """Another job holds the environment's lock; the message says which, since when and why."""
 
 

@@ -129,7 +129,7 @@ class Ledger:
 
     def redact_values(self, scope: Scope | str | None, agent_id: str) -> list[str]:
         """The secret values an operation could reveal, for its agent to replace in its output:
-        decided by the operation's kind (controller/knowledge.py), from what the ledger holds.
+        decided by the operation's kind (controller/state/knowledge.py), from what the ledger holds.
         A bare app/environment is a tenant operation, None one of no environment."""
         if not isinstance(scope, Scope):
             scope = Scope.decode(scope)

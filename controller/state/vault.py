@@ -13,9 +13,10 @@ import os
 from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
+from common import errors
 
 
-class VaultError(Exception):
+class VaultError(errors.Broken):
     """The key is missing or wrong; the message says which file and what to do."""
 
 
