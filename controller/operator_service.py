@@ -187,7 +187,8 @@ class OperatorService(pb_grpc.OperatorServicer):
         except LookupError as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, exc.args[0])
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            # a spent token: refused for good (exit 1), not "not now" (FAILED_PRECONDITION, exit 5)
+            await context.abort(grpc.StatusCode.ABORTED, str(exc))
         log.warning("token.revoked", token_id=request.token_id)
         return pb.Empty()
 
@@ -377,8 +378,8 @@ class OperatorService(pb_grpc.OperatorServicer):
                                      pid=item.pid or None, rss_bytes=item.rss_bytes, cpu_s=item.cpu_s)
                         if item.error:  # why it died: "killed by the kernel: out of memory …"
                             entry["error"] = item.error
-                    if "limits_use" in item:  # the environment's group on that host, the same for each
-                        entry["use"] = item["limits_use"]
+                    if item.limits_use is not None:  # the environment's group on that host, the same for each
+                        entry["use"] = item.limits_use
                 if live.code.port and entry["process"] == "running":
                     spec = self.environments.stored_spec(env_key) or {}
                     health = spec.get("services", {}).get(service, {}).get("health", "/")

@@ -410,14 +410,14 @@ def cmd_exec(args: argparse.Namespace) -> int:
                        user=args.user or "", env=dict(_parse_env(args.env or [])))
     # A Ctrl-C while the submission is on its way is kept for when its answer is here: by then the
     # operations run, and only their ids let them be cancelled.
+    # It stays kept until the part that cancels is entered, wherever it lands before that.
     early: list[int] = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: early.append(signum))
     try:
         reply = stub.SubmitExec(pb.SubmitExecRequest(target=target, exec=spec), timeout=30)
     except grpc.RpcError as exc:
-        raise _rpc_error(exc, where) from None
-    finally:
         signal.signal(signal.SIGINT, previous)
+        raise _rpc_error(exc, where) from None
     failures = 0
     for op in reply.operations:
         if not op.op_id:
@@ -425,11 +425,13 @@ def cmd_exec(args: argparse.Namespace) -> int:
             print(f"{op.agent_id or 'deployctl'}: {op.error}", file=sys.stderr, flush=True)
     ops = {op.op_id: op.agent_id for op in reply.operations if op.op_id}
     if not ops:
-        return EXIT_FAILED
+        signal.signal(signal.SIGINT, previous)
+        return EXIT_INTERRUPTED if early else EXIT_FAILED
     colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     follower = Follower(ops, colour)
     interrupted = False
     try:
+        signal.signal(signal.SIGINT, previous)
         if early:
             raise KeyboardInterrupt
         follow(stub, follower, args.reconnect_timeout)

@@ -25,6 +25,7 @@ class Process:
     rss_bytes: int | None = None
     cpu_s: float | None = None
     error: str = ""
+    limits_use: dict | None = None   # the environment's group on that host (asked with a group)
 
 
 class ServiceProcesses:
@@ -46,7 +47,8 @@ class ServiceProcesses:
                 continue
             found.append(Process(name=item["name"], instance=item["instance"], alive=bool(item["alive"]),
                                  pid=int(item.get("pid") or 0), rss_bytes=item.get("rss_bytes"),
-                                 cpu_s=item.get("cpu_s"), error=item.get("error") or ""))
+                                 cpu_s=item.get("cpu_s"), error=item.get("error") or "",
+                                 limits_use=item.get("limits_use")))
         return found
 
 
