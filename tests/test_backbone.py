@@ -179,6 +179,21 @@ def test_agent_kill9_during_output_keeps_every_byte_it_had_read(cluster):
     cli.communicate(timeout=60)
 
 
+def process_state(pid: int) -> str:
+    """What the kernel says of a process that does not react: its state and signal masks, its
+    freezer cgroup, where each of its threads waits."""
+    from pathlib import Path
+    proc = Path(f"/proc/{pid}")
+    try:
+        status = [line for line in (proc / "status").read_text().splitlines()
+                  if line.split(":")[0] in ("State", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")]
+        freezer = [line for line in (proc / "cgroup").read_text().splitlines() if "freezer" in line]
+        waits = sorted({(t / "wchan").read_text() for t in (proc / "task").iterdir()})
+        return "; ".join(status + freezer + [f"threads wait in {waits}"])
+    except OSError as exc:
+        return f"(gone: {exc})"
+
+
 def spooled_end(folder) -> int:
     """Where the output an agent's spool holds ends (its segments' framed records)."""
     from agent.spool import _HEADER
@@ -206,7 +221,10 @@ def test_ctrl_c_cancels_whole_tree(cluster, tmp_path):
     wait_for(lambda: pids.exists() and len(pids.read_text().split()) == 3, what="tree started")
     tree = [psutil.Process(int(p)) for p in pids.read_text().split()]
     cli.send_signal(signal.SIGINT)
-    _, err = cli.communicate(timeout=180)  # a generous deadline: the machine may be busy
+    try:
+        _, err = cli.communicate(timeout=180)  # a generous deadline: the machine may be busy
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"deployctl did not end after SIGINT: {process_state(cli.pid)}") from None
     assert cli.returncode == 130, err
     record = cluster.wait_finished(op_id)
     assert record["result"]["outcome"] == "cancelled"
