@@ -1,4 +1,5 @@
 import os
+import signal
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -7,6 +8,12 @@ from tests.harness import DRIVER, Cluster
 
 # `make fuzz`: HYPOTHESIS_PROFILE=fuzz runs tests/test_fuzz.py with far more examples. Without it,
 # hypothesis keeps its default profile.
+# A run started in the background by a non-interactive shell (`make test &`, some CI runners)
+# inherits SIGINT and SIGQUIT ignored, and so would every process the tests start: the tests of
+# Ctrl-C would then send a signal nobody hears. The suite puts the default back for its own.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 settings.register_profile("fuzz", max_examples=3000, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))

@@ -54,6 +54,7 @@ def main(args: list[str]) -> int:
     # The passes run in process groups of their own, so Ctrl-C (or a SIGTERM to this process) reaches
     # each exactly once, from here: a second SIGINT would cut a pass's clean-ups short.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started in the background (see conftest.py)
     children: dict[str, subprocess.Popen] = {}
     ns_pid = 0
     folder = Path(tempfile.mkdtemp(prefix="deployer-run-"))
