@@ -192,6 +192,22 @@ def wait_http_ok(port: int, path: str, host: str, timeout: float = 30) -> None:
     wait_for(ok, timeout, every=0.2, what=f"http://127.0.0.1:{port}{path} answering 200")
 
 
+def wait_served_by_own(port: int, host: str, served_from: str, timeout: float = 30) -> None:
+    """Until `host` is answered by its own environment's process (its folder has `served_from`).
+    Right after a first deploy, nginx may still run the configuration from before its reload, in
+    which the environment's server block is not yet: its requests then go to nginx's default
+    server, which on a router without one of its own is another environment's."""
+    import json
+
+    def own():
+        try:
+            status, body = http_get(port, "/version", host)
+            return status == 200 and served_from in json.loads(body).get("cwd", "")
+        except (OSError, ValueError):
+            return False
+    wait_for(own, timeout, every=0.1, what=f"{host} answered by its own environment")
+
+
 def elapsed(start: float) -> float:
     return time.monotonic() - start
 
