@@ -24,10 +24,19 @@ class OperatorToken:
         return f"{TOKEN_PREFIX}.{self.token_id}.{self.secret}.{self.ca_fingerprint}"
 
 
-def parse_token(text: str) -> OperatorToken:
+def split_token(text: str, prefix: str) -> tuple[str, str, str] | None:
+    """`PREFIX.ID.SECRET.CA-FINGERPRINT` (an operator's dpo1, an agent's enrolment dpt1) as
+    (id, secret, fingerprint), or None when it is not one."""
     parts = text.strip().split(".")
-    if (len(text) > 200 or len(parts) != 4 or parts[0] != TOKEN_PREFIX or not all(parts[1:])
+    if (len(text) > 200 or len(parts) != 4 or parts[0] != prefix or not all(parts[1:])
             or not all(c in "0123456789abcdef" for c in parts[1])):
+        return None
+    return parts[1], parts[2], parts[3]
+
+
+def parse_token(text: str) -> OperatorToken:
+    parts = split_token(text, TOKEN_PREFIX)
+    if parts is None:
         raise CredentialRefused("malformed operator token (expected dpo1.ID.SECRET.CA-FINGERPRINT "
                                 "from `deployctl operator-token create`)")
-    return OperatorToken(parts[1], parts[2], parts[3])
+    return OperatorToken(*parts)

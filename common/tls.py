@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from common import errors
+from common.credentials import split_token
 
 # Agents check the controller's certificate against this name, whatever address they dial: the CA
 # is private to one controller, and only the controller's own certificate carries the name.
@@ -88,12 +89,11 @@ class Token:
 
 
 def parse_token(text: str) -> Token:
-    parts = text.strip().split(".")
-    if (len(text) > 200 or len(parts) != 4 or parts[0] != TOKEN_PREFIX or not all(parts[1:])
-            or not all(c in "0123456789abcdef" for c in parts[1])):
+    parts = split_token(text, TOKEN_PREFIX)
+    if parts is None:
         raise TlsError("malformed enrolment token (expected dpt1.ID.SECRET.CA-FINGERPRINT from "
                        "`deployctl token create`)")
-    return Token(parts[1], parts[2], parts[3])
+    return Token(*parts)
 
 
 def new_key_and_csr(agent_id: str) -> tuple[bytes, bytes]:

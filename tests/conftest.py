@@ -63,9 +63,8 @@ def pytest_sessionstart(session):
     the lock, so no other run's sweep takes its things for leftovers."""
     if os.geteuid() != 0:
         return
-    from tests.sweep import hold, hold_and_sweep
-    fd, swept = hold() if os.environ.get("DEPLOYER_TESTS_NO_SWEEP") else hold_and_sweep()
+    from tests.sweep import hold
+    fd, swept = hold(sweep_first=not os.environ.get("DEPLOYER_TESTS_NO_SWEEP"))
     _run_lock.append(fd)
     if swept:
-        print(f"\nswept what an earlier test run left: {'; '.join(swept[:20])}"
-              + (f" and {len(swept) - 20} more" if len(swept) > 20 else ""))
+        print("\n" + swept)

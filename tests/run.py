@@ -46,11 +46,10 @@ def main(args: list[str]) -> int:
     env = {**os.environ, "DEPLOYER_TESTS_NO_SWEEP": "1"}
     lock = None
     if os.geteuid() == 0:
-        from tests.sweep import hold, hold_and_sweep
-        lock, swept = hold() if os.environ.get("DEPLOYER_TESTS_NO_SWEEP") else hold_and_sweep()
+        from tests.sweep import hold
+        lock, swept = hold(sweep_first=not os.environ.get("DEPLOYER_TESTS_NO_SWEEP"))
         if swept:
-            print(f"swept what an earlier test run left: {'; '.join(swept[:20])}"
-                  + (f" and {len(swept) - 20} more" if len(swept) > 20 else ""), flush=True)
+            print(swept, flush=True)
     # The passes run in process groups of their own, so Ctrl-C (or a SIGTERM to this process) reaches
     # each exactly once, from here: a second SIGINT would cut a pass's clean-ups short.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -26,26 +26,24 @@ TEST_NAME = re.compile(r"^auto-([a-z0-9]+-)?t[0-9a-f]{6}(?=$|[-:])")
 TEST_FOLDERS = ("/tmp/deployer-", f"/tmp/pytest-of-{pwd.getpwuid(os.getuid()).pw_name}/")
 
 
-def hold_and_sweep() -> tuple[int, list[str]]:
-    """Take the run's shared lock, sweeping first if no other run holds it. Returns the lock's
-    file descriptor (kept open for the run's life) and what was swept, one line each."""
+def hold(sweep_first: bool = True) -> tuple[int, str]:
+    """Take the run's shared lock (waiting while another run sweeps), with `sweep_first` sweeping
+    before if no other run holds it. Returns the lock's file descriptor (kept open for the run's
+    life) and a line saying what was swept, or ""."""
     fd = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     swept: list[str] = []
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        pass  # another run is alive: what looks left over may be its own
-    else:
-        swept = sweep()
+    if sweep_first:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass  # another run is alive: what looks left over may be its own
+        else:
+            swept = sweep()
     fcntl.flock(fd, fcntl.LOCK_SH)
-    return fd, swept
-
-
-def hold() -> tuple[int, list[str]]:
-    """Only take the run's shared lock (waiting while another run sweeps)."""
-    fd = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_SH)
-    return fd, []
+    if not swept:
+        return fd, ""
+    return fd, (f"swept what an earlier test run left: {'; '.join(swept[:20])}"
+                + (f" and {len(swept) - 20} more" if len(swept) > 20 else ""))
 
 
 def sweep() -> list[str]:
