@@ -93,6 +93,7 @@ CHECKS = {
     "mysql.host": _host, "mysql.port": _port, "mysql.admin": _command,
     "redis.host": _host, "redis.port": _port, "redis.admin": _command,
     "nginx.conf_dir": _path, "nginx.listen": _listen, "nginx.test": _command, "nginx.reload": _command,
+    "nginx.pid": _path,
 }
 
 

@@ -53,7 +53,8 @@ http {{
 
     def settings(self) -> dict[str, str]:
         return {"nginx.conf_dir": str(self.conf_dir), "nginx.listen": str(self.port),
-                "nginx.test": f"{self.base_cmd} -t", "nginx.reload": f"{self.base_cmd} -s reload"}
+                "nginx.test": f"{self.base_cmd} -t", "nginx.reload": f"{self.base_cmd} -s reload",
+                "nginx.pid": str(self.prefix / "nginx.pid")}
 
     def start(self) -> "Nginx":
         subprocess.run(self.base_cmd.split(), check=True)
@@ -192,20 +193,11 @@ def wait_http_ok(port: int, path: str, host: str, timeout: float = 30) -> None:
     wait_for(ok, timeout, every=0.2, what=f"http://127.0.0.1:{port}{path} answering 200")
 
 
-def wait_served_by_own(port: int, host: str, served_from: str, timeout: float = 30) -> None:
-    """Until `host` is answered by its own environment's process (its folder has `served_from`).
-    Right after a first deploy, nginx may still run the configuration from before its reload, in
-    which the environment's server block is not yet: its requests then go to nginx's default
-    server, which on a router without one of its own is another environment's."""
+def served_from(port: int, host: str) -> str:
+    """The folder of the process that answered `host`'s `/version` (the example app says)."""
     import json
-
-    def own():
-        try:
-            status, body = http_get(port, "/version", host)
-            return status == 200 and served_from in json.loads(body).get("cwd", "")
-        except (OSError, ValueError):
-            return False
-    wait_for(own, timeout, every=0.1, what=f"{host} answered by its own environment")
+    status, body = http_get(port, "/version", host)
+    return json.loads(body).get("cwd", "") if status == 200 else f"HTTP {status}"
 
 
 def elapsed(start: float) -> float:

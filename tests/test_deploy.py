@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.deploy_harness import (deploy_cluster, example_repo, http_get, mysql, new_commit, purge_each, redis,
-                                  service_users_base, unique_env, wait_served_by_own)
+                                  service_users_base, unique_env, served_from)
 from tests.load import Load
 
 pytestmark = [pytest.mark.slow, pytest.mark.drivers]
@@ -130,7 +130,9 @@ def test_zero_downtime_redeploy_and_failed_health_check(world, tmp_path):
     env, repo, cluster = new_env(world), world["repo"], world["cluster"]
     spec = write_spec(tmp_path, env, {"web": web_service(repo)})
     apply(world, str(spec))
-    wait_served_by_own(world["nginx"].port, f"{env}.shop.test", f"/auto-shop-{env}-web/")
+    # apply returns once nginx runs the new route: no answer from another environment after it
+    answers = [served_from(world["nginx"].port, f"{env}.shop.test") for _ in range(20)]
+    assert all(f"/auto-shop-{env}-web/" in a for a in answers), answers
     new_commit(repo, "zero downtime")
     with Load(world["nginx"].port, f"{env}.shop.test", min_requests=1000,
               served_from=f"/auto-shop-{env}-web/") as load:

@@ -377,34 +377,6 @@ def test_ledger_diagram_marks_new_kept_and_rolled_back_instances():
 
 # ---------------------------------------------------------------- fixes found in review
 
-@pytest.mark.parametrize("test, reload, ok, expected", [
-    ("true", "true", True, "new"),        # switched
-    ("false", "true", False, "old"),      # nginx -t refuses: the old file is back
-    ("true", "false", False, "old"),      # reload fails: the old file is back, reloaded
-])
-def test_nginx_switch_script_is_all_or_nothing(tmp_path, test, reload, ok, expected):
-    import subprocess
-    from controller.environments.commands import nginx_switch_script
-    conf, staged = tmp_path / "auto-a-b.conf", tmp_path / "auto-a-b.conf.staged"
-    conf.write_text("old")
-    staged.write_text("new")
-    result = subprocess.run(["sh", "-c", nginx_switch_script(str(conf), str(staged), test, reload)],
-                            capture_output=True, text=True)
-    assert (result.returncode == 0) is ok, result.stderr
-    assert conf.read_text() == expected
-    assert not (tmp_path / "auto-a-b.conf.previous").exists()
-
-
-def test_nginx_switch_script_fails_without_a_staged_file(tmp_path):
-    import subprocess
-    from controller.environments.commands import nginx_switch_script
-    conf = tmp_path / "x.conf"
-    conf.write_text("old")
-    result = subprocess.run(["sh", "-c", nginx_switch_script(str(conf), str(tmp_path / "nope"), "true", "true")],
-                            capture_output=True, text=True)
-    assert result.returncode == 1 and conf.read_text() == "old"
-
-
 def test_redis_purge_deletes_exact_keys_of_its_prefix_only():
     import secrets
     import subprocess

@@ -137,13 +137,58 @@ def _check_route_values(domain: str, listen: str, routes: list[tuple[str, str, i
             raise RouteValueError(f"route port {str(port)[:20]!r} is not a port number")
 
 
-def nginx_switch_script(conf: str, staged: str, test: str, reload: str) -> str:
+NGINX_TAKE_S = 10   # how long a reload may take before the switch counts as failed
+
+
+def nginx_reload_function(reload: str, pid_file: str) -> str:
+    """A shell function `reload_nginx`: reload, then wait until nginx really runs what it read.
+
+    `nginx -s reload` only signals the master. The master then reads the files, starts new
+    workers and, a moment later, asks the old ones to stop; until they have, an old worker still
+    accepts connections and answers them from the old files: after a first deploy that means
+    another environment's server block (nginx's default server) answers this one's host name.
+    So the function waits until every worker from before the reload has exited or says it is
+    shutting down (it has then closed its listening sockets), and a new one runs. A master that
+    refused the new files keeps its old workers: that shows here as a failed reload, which the
+    signal alone never tells."""
+    return f"""pid_file={_sh(pid_file)}
+ppid_of() {{  # the field after the last ")": a process name may hold spaces and parentheses
+  s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  s=${{s##*) }}; set -- $s; echo "$2"
+}}
+reload_nginx() {{
+  master=$(cat "$pid_file" 2>/dev/null)
+  case "$master" in ''|*[!0-9]*) echo "no nginx master process named in $pid_file (set nginx.pid if it is elsewhere)"; return 1;; esac
+  [ -d "/proc/$master" ] || {{ echo "nginx is not running: $pid_file names process $master, which is gone"; return 1; }}
+  old=$(pgrep -P "$master")
+  {reload} 2>&1 || return 1
+  tries=0
+  while :; do
+    taken=yes
+    for p in $old; do
+      [ "$(ppid_of "$p")" = "$master" ] || continue   # gone, or its number reused
+      case "$(tr '\\0' ' ' < "/proc/$p/cmdline" 2>/dev/null)" in *"shutting down"*) ;; *) taken=no;; esac
+    done
+    [ "$taken" = yes ] && pgrep -P "$master" >/dev/null && return 0
+    tries=$((tries + 1))
+    if [ "$tries" -ge {NGINX_TAKE_S * 20} ]; then
+      echo "nginx did not take the new configuration within {NGINX_TAKE_S} s (its error log says why)"
+      return 1
+    fi
+    sleep 0.05
+  done
+}}
+"""
+
+
+def nginx_switch_script(conf: str, staged: str, test: str, reload: str, pid_file: str) -> str:
     """Swap the staged file in, test the whole configuration, reload — or put the old one back
-    (and reload it) and fail. Every step is checked: success means nginx runs the new file."""
+    (and reload it) and fail. Every step is checked: success means nginx runs the new file, its
+    old workers included (see nginx_reload_function)."""
     return f"""set -u
 conf={_sh(conf)}; staged={_sh(staged)}; backup="$conf.previous"
 [ -f "$staged" ] || {{ echo "the staged file $staged is missing" >&2; exit 1; }}
-if [ -f "$conf" ]; then cp -p "$conf" "$backup" || exit 1; else rm -f "$backup"; fi
+{nginx_reload_function(reload, pid_file)}if [ -f "$conf" ]; then cp -p "$conf" "$backup" || exit 1; else rm -f "$backup"; fi
 restore() {{
   if [ -f "$backup" ]; then mv -f "$backup" "$conf"; else rm -f "$conf"; fi
 }}
@@ -154,14 +199,22 @@ if ! out=$({test} 2>&1); then
   echo "$out" >&2
   exit 1
 fi
-if ! out=$({reload} 2>&1); then
+if ! out=$(reload_nginx); then
   restore
-  {reload} >/dev/null 2>&1
+  reload_nginx >/dev/null 2>&1
   echo "nginx could not reload; the previous configuration is back:" >&2
   echo "$out" >&2
   exit 1
 fi
 rm -f "$backup"
+"""
+
+
+def nginx_remove_script(conf: str, reload: str, pid_file: str) -> str:
+    """Remove an environment's nginx file and reload until no worker serves it any more."""
+    return f"""set -u
+{nginx_reload_function(reload, pid_file)}rm -f -- {_sh(conf)}
+if ! out=$(reload_nginx); then echo "$out" >&2; exit 1; fi
 """
 
 

@@ -85,6 +85,17 @@ def _output(op) -> str:
     return op.output.text()
 
 
+def result_detail(result: pb.OperationResult) -> str:
+    """How an operation ended, in a few words: its error, its exit code or its outcome."""
+    return result.error or (f"exit {result.exit_code}" if result.outcome == pb.EXITED
+                            else pb.Outcome.Name(result.outcome).lower())
+
+
+def nginx_reload_settings(router: Agent) -> tuple[str, str]:
+    """How this router reloads nginx, and where its master writes its pid (Debian's defaults)."""
+    return (router.settings.get("nginx.reload", "nginx -s reload"),
+            router.settings.get("nginx.pid", "/run/nginx.pid"))
+
 
 def _tail(path: Path, lines: int = OUTPUT_TAIL_LINES) -> str:
     try:
@@ -141,9 +152,7 @@ class Runner:
                        outcome=pb.Outcome.Name(result.outcome).lower(), exit_code=result.exit_code,
                        **({"error": result.error} if result.error else {}))  # e.g. output incomplete
         if check and not ok:
-            detail = result.error or (f"exit {result.exit_code}" if result.outcome == pb.EXITED
-                                      else pb.Outcome.Name(result.outcome).lower())
-            raise StepFailed(service, step, detail, _tail(op.output.folder / "output.log"),
+            raise StepFailed(service, step, result_detail(result), _tail(op.output.folder / "output.log"),
                              cut=result.outcome in CUT_OFF)
         return op
 
@@ -458,8 +467,12 @@ class Runner:
         candidates = random.sample(free, min(200, len(free)))
         probe = await self.sh(d.host, _first_free_port_script(candidates), d.service.name, "port", check=False)
         chosen = _output(probe).strip()
-        if probe.result.exit_code != 0 or not chosen.isdigit():
+        if probe.result.exit_code == 1 and not chosen:
             raise StepFailed(d.service.name, "port", f"no free port on {d.host.id} among {len(candidates)} candidates")
+        if probe.result.exit_code != 0 or not chosen.isdigit():
+            # Not an answer from the probe itself: say what happened instead of guessing.
+            raise StepFailed(d.service.name, "port", f"the port probe on {d.host.id} failed "
+                             f"({result_detail(probe.result)})", chosen[-2000:])
         port = int(chosen)
         self.ledger.reserve_port(d.host.id, port, self.env_key, d.service.name, d.code)
         return port
@@ -541,7 +554,7 @@ class Runner:
             path=staged, content=self.nginx_content(router, override), mode=0o644)), service, "route",
             scope=Scope.route(self.env_key))
         switch = ops.nginx_switch_script(conf, staged, router.settings.get("nginx.test", "nginx -t"),
-                                         router.settings.get("nginx.reload", "nginx -s reload"))
+                                         *nginx_reload_settings(router))
         refused = await self._guarded(router, ownership.route_guard(
             conf, self.ledger.owner, self.env_key, bool(self.ledger.state(self.env_key)), switch,
             refused=f"rm -f {shlex.quote(staged)}"), service, "route",

@@ -19,8 +19,8 @@ from controller.environments.facts import NginxFile, ServiceProcesses
 from controller.environments import naming, commands as ops, ownership
 from controller.state.knowledge import Scope
 from controller.environments.planner import Change, ServicePlan
-from controller.environments.procedures import (KEEP_RELEASES, PlacementError, Runner, StepFailed, _output, pick_agent, redis_admin,
-                         remove_code)
+from controller.environments.procedures import (KEEP_RELEASES, PlacementError, Runner, StepFailed, _output, nginx_reload_settings,
+                         pick_agent, redis_admin, remove_code)
 
 
 @dataclass(frozen=True)
@@ -308,9 +308,8 @@ async def destroy(runner: Runner, purge_data: bool) -> str:
             runner.job.event("job.note", note=f"{host_id}: {line}")
     router = runner.router(env_key)
     conf = runner.nginx_path(router)
-    reload = router.settings.get("nginx.reload", "nginx -s reload")
     op = await runner.sh(router, ownership.route_guard(conf, ledger.owner, env_key, routed,
-                                                       f"rm -f -- {shlex.quote(conf)} && {reload}"),
+                                                       ops.nginx_remove_script(conf, *nginx_reload_settings(router))),
                          env_key, "remove route", check=False, scope=Scope.route(env_key))
     if op.result.exit_code == ownership.TAKEN:
         runner.job.event("job.note", note=f"nginx file {conf} is not this deployer's: left untouched")
