@@ -236,9 +236,9 @@ class Controller:
         except PkiError as exc:
             raise StartupError(str(exc)) from None
         registry = Registry(db, self.lost_after)
-        dispatcher = Dispatcher(db, registry, self.store)
-        environments = Environments(self.store, dispatcher, registry,
-                                    Ledger(db, owner=owner_id(authority.fingerprint)))
+        ledger = Ledger(db, owner=owner_id(authority.fingerprint))
+        dispatcher = Dispatcher(db, registry, self.store, ledger)
+        environments = Environments(self.store, dispatcher, registry, ledger)
         servers = []
         agents = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[
             Door(AGENT, enrolment.accepted, certificates=not self.insecure)])

@@ -24,7 +24,7 @@ from controller.fleet import operations
 from controller.fleet.door import OPERATOR_CALLER
 from controller.fleet.dispatcher import Dispatcher, UnknownOperation
 from controller.environments.orders import Environments
-from controller.state.jobs import read_events
+from controller.state.jobs import JobTable, read_events
 from controller.environments.spec import Limits, spec_from_dict
 from controller.state.ledger import diagram
 from controller.fleet.gateway import KNOWN_ROLES, valid_agent_id
@@ -321,14 +321,10 @@ class OperatorService(pb_grpc.OperatorServicer):
                 job.listeners.discard(wake)
 
     async def ListJobs(self, request, context):
-        query, args = "SELECT * FROM jobs", ()
-        if request.environment:
-            query, args = query + " WHERE env_key=?", (request.environment,)
-        rows = self.dispatcher.db.conn.execute(query + " ORDER BY created DESC LIMIT 200", args).fetchall()
-        return pb.JsonReply(json=json.dumps([dict(r) for r in rows]))
+        return pb.JsonReply(json=json.dumps(JobTable(self.dispatcher.db).recent(request.environment)))
 
     async def ShowJob(self, request, context):
-        row = self.dispatcher.db.conn.execute("SELECT * FROM jobs WHERE id=?", (request.job_id,)).fetchone()
+        row = JobTable(self.dispatcher.db).get(request.job_id)
         if row is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown job {request.job_id!r}")
         folder = self._job_folder(request.job_id)
@@ -345,8 +341,7 @@ class OperatorService(pb_grpc.OperatorServicer):
         for service in services:
             rows = self.ledger.history(env_key, service)
             out[service] = {"diagram": diagram(rows), "deploys": [r.__dict__ for r in rows],
-                            "instances": [{k: r[k] for k in r.keys() if k != "names"} | {"names": json.loads(r["names"])}
-                                          for r in self.ledger.instances(env_key, service)]}
+                            "instances": [r.to_dict() for r in self.ledger.instances(env_key, service)]}
         return pb.JsonReply(json=json.dumps(out))
 
     async def Status(self, request, context):
@@ -371,7 +366,7 @@ class OperatorService(pb_grpc.OperatorServicer):
                 asked.id = operations.new_op_id()
                 op = await self.dispatcher.execute(agent.id, asked)
                 row = self.ledger.instance(env_key, service, "code", live.code.number)
-                process = json.loads(row["names"]).get("process") if row else None
+                process = row.names.get("process") if row else None
                 for item in ServiceProcesses.parse(op.output.text()):
                     if item.instance == process:
                         entry.update(process="running" if item.alive else "dead",

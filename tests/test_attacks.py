@@ -199,7 +199,7 @@ import pytest
 import yaml
 
 from controller.environments import naming
-from controller.environments.procedures import _checkout_script
+from controller.environments.commands import checkout_script as _checkout_script
 from tests.deploy_harness import deploy_cluster, git, purge, service_users_base, unique_env
 
 TENANT_APP = "tenant"
@@ -1296,6 +1296,7 @@ def test_a_result_the_full_disk_refused_is_asked_for_again(tmp_path, monkeypatch
     import sqlite3
 
     from controller.state.db import Database
+    from controller.state.ledger import Ledger
     from controller.fleet.dispatcher import Dispatcher
     from controller.fleet.registry import Registry
     from protos import deployer_pb2 as pb
@@ -1303,7 +1304,7 @@ def test_a_result_the_full_disk_refused_is_asked_for_again(tmp_path, monkeypatch
     async def scenario() -> None:
         db = Database(tmp_path / "deployer.db")
         registry = Registry(db, 60)
-        dispatcher = Dispatcher(db, registry, tmp_path)
+        dispatcher = Dispatcher(db, registry, tmp_path, Ledger(db))
         session = registry.attach(pb.Hello(agent_id="web-1", roles=["computing"]), "test")
         op = dispatcher.submit("web-1", pb.Operation(id="op-20260101T000000-00000001",
                                                      exec=pb.ExecSpec(argv=["echo", "hi"])))
@@ -1342,9 +1343,12 @@ from controller.state import knowledge
 from controller.fleet import operations as fleet_ops
 from controller.state.db import Database
 from controller.fleet.dispatcher import Dispatcher
+from controller.state.ledger import Ledger
 from controller.state.jobs import Job
 from controller.state.knowledge import EnvFacts, Kind, Scope
-from controller.environments.procedures import Deployment, Runner
+from controller.environments import data, routing
+from controller.environments.context import JobContext
+from controller.environments.data import Deployment
 from controller.fleet.registry import Registry
 from controller.environments.spec import spec_from_dict
 from protos import deployer_pb2 as pb
@@ -1389,8 +1393,8 @@ class _Wire:
     def __init__(self, base) -> None:
         self.db = Database(base / "deployer.db")
         self.registry = Registry(self.db, 60)
-        self.dispatcher = Dispatcher(self.db, self.registry, base)
-        self.ledger = self.dispatcher.ledger
+        self.ledger = Ledger(self.db)
+        self.dispatcher = Dispatcher(self.db, self.registry, base, self.ledger)
         self.sent: list[tuple[str, pb.Operation]] = []
         self.base = base
 
@@ -1409,9 +1413,9 @@ class _Wire:
                     op_id=message.operation.id, outcome=pb.EXITED)))
         session.send = send
 
-    def runner(self, spec: dict) -> Runner:
+    def context(self, spec: dict) -> JobContext:
         job = Job(self.base, self.db, f"job-{len(self.sent)}-{id(spec)}", f"{spec['app']}/{spec['environment']}", "apply")
-        return Runner(job, spec_from_dict(spec), self.dispatcher, self.registry, self.ledger)
+        return JobContext(job, spec_from_dict(spec), self.dispatcher, self.registry, self.ledger)
 
     def carried(self) -> list[tuple[str, list[str]]]:
         out = [(agent, sorted(op.redact)) for agent, op in self.sent]
@@ -1439,19 +1443,19 @@ def test_each_kind_of_operation_leaves_with_exactly_its_secrets(tmp_path):
         ledger.add_instance("blog/prod", "api", "redis", 1, host="db-1", status="live")
         ledger.save_password("blog/prod", "api", "redis", 1, "blog-redis-password")
         ledger.add_instance("shop/prod", "web", "code", 1, host="web-1", port=20001, status="live")
-        runner = wire.runner(_shop_spec())
-        d = Deployment(runner.spec.service("web"), wire.registry.agents["web-1"], str(tmp_path / "srv/x"))
+        ctx = wire.context(_shop_spec())
+        d = Deployment(ctx.spec.service("web"), wire.registry.agents["web-1"], str(tmp_path / "srv/x"))
 
         # data: creating the Redis user carries the password it sets, and nothing else.
-        values = await runner._redis(d, {"redis": 1}, True)
+        values = await data.redis(ctx, d, {"redis": 1}, True)
         password = ledger.password("shop/prod", "web", "redis", 1)
         assert values["REDIS_URL"].endswith(f":{password}@127.0.0.1:6379")
         assert wire.carried() == [("db-1", [password])]
         # tenant: a step that runs the environment's code carries its secrets and passwords.
-        await runner.sh(d.host, "npm ci", "web", "install")
+        await ctx.sh(d.host, "npm ci", "web", "install")
         assert wire.carried() == [("web-1", sorted(["shop-token-value", password]))]
         # route: writing and switching the route carries none.
-        await runner.switch_route("web")
+        await routing.switch_route(ctx, "web")
         assert wire.carried() == [("router-1", []), ("router-1", [])]
         # agent: an operator's exec carries the secrets of environments whose code is there, and
         # of those with only data there, the passwords of that data.
@@ -1468,7 +1472,7 @@ def test_each_kind_of_operation_leaves_with_exactly_its_secrets(tmp_path):
         wire.dispatcher.submit("router-2", tenant, environment="shop/prod")
         assert b"shop-token-value" not in (tmp_path / "deployer.db").read_bytes()
         wire.dispatcher.close()
-        wire.dispatcher = Dispatcher(wire.db, wire.registry, tmp_path)
+        wire.dispatcher = Dispatcher(wire.db, wire.registry, tmp_path, wire.ledger)
         wire.connect("router-2")
         wire.dispatcher.on_hello(wire.registry.session("router-2"), pb.Hello(agent_id="router-2"))
         assert wire.carried() == [("router-2", []), ("router-2", sorted(["shop-token-value", password]))]

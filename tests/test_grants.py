@@ -18,7 +18,7 @@ from controller.environments import commands as ops
 from controller.daemon import ENROLL_OPTIONS, SERVER_OPTIONS, StartupError, claim_socket, port_taken
 from controller.state.db import Database
 from controller.fleet.gateway import check_hello
-from controller.environments.procedures import PlacementError, pick_agent
+from controller.environments.context import PlacementError, pick_agent
 from controller.fleet.registry import CONNECTED, Agent, Registry, peer_host
 from protos import deployer_pb2 as pb
 

@@ -76,14 +76,10 @@ def test_an_unmarked_database_is_never_dropped(names):
 
 def test_a_taken_redis_user_is_left_and_only_the_recorded_password_deletes_it(names):
     from controller.environments import commands as ops
-    from controller.environments.procedures import redis_admin
-
-    class Provider:
-        def redis_cli(self):
-            return "redis-cli"
+    from controller.environments.commands import redis_admin
 
     user = names["user"]
-    create = ownership.redis_create_guard("redis-cli", user) + redis_admin(Provider())
+    create = ownership.redis_create_guard("redis-cli", user) + redis_admin("redis-cli")
     made = sh(create, ops.redis_create_user(user, user + ":", "pw-one-123456"))
     assert made.returncode == 0, made.stderr
     before = redis("ACL", "GETUSER", user)
@@ -197,14 +193,10 @@ def test_foreign_things_are_reported_not_judged():
 
 def test_repair_resets_a_redis_user_only_if_its_password_is_the_recorded_one(names):
     from controller.environments import commands as ops
-    from controller.environments.procedures import redis_admin
-
-    class Provider:
-        def redis_cli(self):
-            return "redis-cli"
+    from controller.environments.commands import redis_admin
 
     user = names["user"]
-    reset = ownership.redis_reset_owned("redis-cli", user) + redis_admin(Provider())
+    reset = ownership.redis_reset_owned("redis-cli", user) + redis_admin("redis-cli")
 
     def stdin(password: str) -> bytes:
         return ownership.redis_drop_stdin(password) + ops.redis_create_user(user, user + ":", password)

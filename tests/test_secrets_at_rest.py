@@ -122,7 +122,7 @@ class FakeSession:
 def test_the_redact_list_goes_to_the_agent_and_nowhere_else(tmp_path):
     async def main():
         db = Database(tmp_path / "deployer.db")
-        dispatcher = Dispatcher(db, Registry(db, 60), tmp_path)
+        dispatcher = Dispatcher(db, Registry(db, 60), tmp_path, Ledger(db))
         Ledger(db).set_secret("shop/prod", "SESSION_KEY", SECRET)
         op = pb.Operation(id="op-1", exec=pb.ExecSpec(argv=["sh", "-c", f"echo {SECRET}"]))
         dispatcher.submit("web-1", op, environment="shop/prod")      # not connected: it waits

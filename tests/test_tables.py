@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import json_format
 
-from controller.environments import commands, procedures, recovery, verify
+from controller.environments import commands, recovery, verify
 from controller.environments.facts import NginxFile, ServiceProcesses
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -30,7 +30,7 @@ def shown(value):
 @pytest.mark.parametrize("case", BUILDERS, ids=[f"{c['builder']}-{i}" for i, c in enumerate(BUILDERS)])
 def test_a_builder_makes_exactly_this(case):
     module, _, name = case["builder"].partition(".")
-    builder = getattr({"commands": commands, "procedures": procedures}[module], name)
+    builder = getattr({"commands": commands}[module], name)
     expected = case["expected"]
     if isinstance(expected, dict) and "error" in expected:
         with pytest.raises(Exception) as raised:

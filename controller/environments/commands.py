@@ -302,3 +302,69 @@ def limits(memory: int, cpu: float, processes: int, group: str, services_root: s
 def _sh(value: str) -> str:
     import shlex
     return shlex.quote(value)
+
+
+# ---------------------------------------------------------------- releases, ports, replies
+
+def checkout_script(service_dir: str, release: str, source: str, commit: str) -> str:
+    """A clone that shares nothing with its source. A local clone would hard-link the source's
+    objects (or, before git 2.38.1, follow links in them), and the release is then given to the
+    environment's user: those very files would become the tenant's, who could rewrite what every
+    other environment deploys from. `--no-local` fetches through git's own transport instead."""
+    q = _sh
+    return (f"set -e; mkdir -p {q(service_dir)}/releases {q(service_dir)}/shared {q(service_dir)}/logs; "
+            f"rm -rf {q(release)}; git clone --quiet --no-local --no-checkout {q(source)} {q(release)}; "
+            f"git -C {q(release)} checkout --quiet --detach {q(commit)}")
+
+
+def current_script(service_dir: str, release: str) -> str:
+    """`current` points at the release, swapped in one rename."""
+    q = _sh
+    return f"ln -sfn {q(release)} {q(service_dir)}/current.tmp && mv -T {q(service_dir)}/current.tmp {q(service_dir)}/current"
+
+
+def first_free_port_script(candidates: list[int]) -> str:
+    """Print the first of `candidates` nothing listens on (exit 1 if none is free)."""
+    return ("python3 - <<'EOF'\nimport socket, sys\n"
+            f"for port in {[int(c) for c in candidates]!r}:\n"
+            "    s = socket.socket()\n"
+            "    try:\n"
+            "        s.bind(('0.0.0.0', port))\n"
+            "    except OSError:\n"
+            "        continue\n"
+            "    finally:\n"
+            "        s.close()\n"
+            "    print(port)\n"
+            "    sys.exit(0)\n"
+            "sys.exit(1)\nEOF")
+
+
+def move_staged_env(staged: str, env_path: str) -> str:
+    """A reused release's staged `.env` in place, as its user; -T: a `.env` the tenant made a
+    link to a folder is replaced, never moved into."""
+    return f"mv -fT {_sh(staged)} {_sh(env_path)}"
+
+
+def settle_staged_env(staged: str, release: str) -> str:
+    """After a restart: the staged `.env` in place if it is there, and no other staged one left."""
+    return (f"if [ -f {_sh(staged)} ]; then {move_staged_env(staged, release + '/.env')}; fi; "
+            f"rm -f {_sh(release)}/.env.deploy-*")
+
+
+def remove_paths(*paths: str) -> str:
+    return "rm -rf " + " ".join(_sh(p) for p in paths)
+
+
+def remove_file(path: str) -> str:
+    return f"rm -f {_sh(path)}"
+
+
+def log_tail(path: str, lines: int) -> str:
+    return f"tail -n {int(lines)} {_sh(path)}"
+
+
+def redis_admin(redis_cli: str, expect: str = "OK") -> str:
+    """redis-cli exits 0 even when Redis answers an error, so the reply is checked; it is not
+    printed, since an ACL error can quote the rule it refused."""
+    return (f'reply=$({redis_cli}) || exit 1; [ "$reply" = {expect} ] || '
+            '{ echo "redis refused the change" >&2; exit 1; }')

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 
 import structlog
@@ -12,10 +11,12 @@ import yaml
 
 from controller.environments import planner, recovery, spec as spec_mod, sources
 from controller.fleet.dispatcher import Dispatcher
-from controller.state.jobs import EnvLock, Job, Locked, new_job_id
-from controller.state.ledger import Ledger
-from controller.environments.procedures import PlacementError, Runner, StepFailed
-from controller.environments.verify import Checker, claimed_names, destroy
+from controller.state.jobs import EnvLock, Job, JobTable, Locked, Specs, new_job_id
+from controller.state.ledger import Ledger, Status
+from controller.environments import deploying
+from controller.environments.context import JobContext, PlacementError, StepFailed
+from controller.environments.teardown import destroy
+from controller.environments.verify import Checker, claimed_names
 from controller.fleet.registry import Registry
 from common import errors
 
@@ -33,6 +34,7 @@ class Environments:
         self.registry = registry
         self.ledger = ledger
         self.db = dispatcher.db
+        self.specs, self.job_table = Specs(self.db), JobTable(self.db)
         self.jobs: dict[str, Job] = {}
         self.tasks: set[asyncio.Task] = set()
         self._recover()
@@ -40,7 +42,7 @@ class Environments:
     def _recover(self) -> None:
         """Jobs that were running when the controller died end as `interrupted`, saying where; a
         recovery job per environment then settles what they left in flight (recovery.py)."""
-        for env_key in recovery.interrupt(self.store, self.db):
+        for env_key in recovery.interrupt(self.store, self.job_table):
             try:
                 self.recover(env_key)
             except (OrderError, Locked, spec_mod.SpecError) as exc:  # a lock not ours to break, a bad stored spec
@@ -50,7 +52,7 @@ class Environments:
         """Start the job that settles what interrupted jobs left in this environment."""
         stored = self.stored_spec(env_key)
         if stored is None:
-            recovery.settle_without_spec(self.db.conn, env_key)
+            self.job_table.fail_without_spec(env_key)
             return None
         spec = spec_mod.spec_from_dict(self._as_deployed(env_key, stored))
         return self._launch(spec, "recover", None, {}, recovery.settle)
@@ -58,8 +60,8 @@ class Environments:
     # ---------------------------------------------------------------- orders
 
     def stored_spec(self, env_key: str) -> dict | None:
-        row = self.db.conn.execute("SELECT spec FROM environments WHERE key=?", (env_key,)).fetchone()
-        return json.loads(row[0]) if row else None
+        stored = self.specs.get(env_key)
+        return json.loads(stored) if stored is not None else None
 
     def read_order(self, request) -> tuple[spec_mod.Spec, spec_mod.Options | None]:
         if request.diff_text:
@@ -124,10 +126,10 @@ class Environments:
 
     async def apply(self, request) -> tuple[Job | None, planner.Plan]:
         spec, plan, options = await self.plan(request)
-        for row in self.db.conn.execute("SELECT key, spec FROM environments WHERE key != ?", (spec.key,)):
-            if json.loads(row["spec"]).get("domain") == spec.domain:
+        for other, stored in self.specs.others(spec.key):
+            if json.loads(stored).get("domain") == spec.domain:
                 raise OrderError(f"{request.spec_name or request.diff_name}: domain {spec.domain} is already "
-                                 f"used by {row['key']}")
+                                 f"used by {other}")
         missing = [f"{s.name}: secret {n} is not set (deployctl secret set {spec.key} {n})"
                    for s in spec.services for n in s.secrets if n not in self.ledger.secrets(spec.key)]
         if missing:
@@ -146,12 +148,12 @@ class Environments:
             files[Path(request.options_name).name] = request.options_text
         if request.diff_text:
             files[Path(request.diff_name).name] = request.diff_text
-        job = self._launch(spec, "apply", plan, files, lambda runner: runner.apply(plan), accept=True)
+        job = self._launch(spec, "apply", plan, files, lambda ctx: deploying.apply(ctx, plan), accept=True)
         return job, plan
 
     def _settle_first(self, env_key: str) -> None:
         """Refuse an order while an interrupted job's work is unsettled, and start settling it."""
-        if recovery.pending(self.db.conn, env_key):
+        if self.job_table.pending(env_key):
             job = self.recover(env_key)
             if job is not None:
                 raise Locked(f"{env_key}: {job.id} first settles what an interrupted job left in flight "
@@ -159,7 +161,7 @@ class Environments:
 
     def _launch(self, spec: spec_mod.Spec, kind: str, plan: planner.Plan | None, files: dict[str, str],
                 body, note: str = "", accept: bool = False) -> Job:
-        """Lock the environment, open the job's folder, and run `body(runner)` as the job.
+        """Lock the environment, open the job's folder, and run `body(ctx)` as the job.
         With `accept`, the spec becomes the environment's stored spec once the lock is held."""
         if kind != "recover":
             self._settle_first(spec.key)
@@ -195,8 +197,8 @@ class Environments:
         elif to:
             number = to
         else:
-            older = [r["number"] for r in self.ledger.instances(env_key, service)
-                     if r["component"] == "code" and r["status"] == "standby" and r["number"] < live.code.number]
+            older = [r.number for r in self.ledger.instances(env_key, service, Status.STANDBY)
+                     if r.component == "code" and r.number < live.code.number]
             if not older:
                 raise OrderError(f"{env_key}/{service}: no older code instance is kept to roll back to")
             number = max(older)
@@ -205,10 +207,10 @@ class Environments:
             raise OrderError(f"{env_key}/{service}: code instance {number} never existed")
         if not reload and number == live.code.number:
             raise OrderError(f"{env_key}/{service}: code instance {number} is already live")
-        if row["status"] in ("removed", "failed"):
-            why = "it was removed from disk" if row["status"] == "removed" else "it failed and never served"
+        if row.status in (Status.REMOVED, Status.FAILED):
+            why = "it was removed from disk" if row.status == Status.REMOVED else "it failed and never served"
             raise OrderError(f"{env_key}/{service}: cannot roll back to code instance {number}: {why}")
-        names = json.loads(row["names"])
+        names = row.names
         if "service" in names:
             stored = {**stored, "services": {**stored["services"], service: names["service"]}}
         try:
@@ -221,7 +223,7 @@ class Environments:
             if current is not None:
                 changes.append(planner.Change(component, False, current.number))
         why = f"reload of code instance {number}" if reload else f"rollback to code instance {number}"
-        plan = planner.Plan(env_key, (planner.ServicePlan(service, "deploy", tuple(changes), row["commit_sha"], (why,)),))
+        plan = planner.Plan(env_key, (planner.ServicePlan(service, "deploy", tuple(changes), row.commit_sha, (why,)),))
         kept = [f"{c.component} {c.number}" for c in changes[1:]]
         note = why + ("; data is not touched: " + ", ".join(kept) + " stay live" if kept else "")
         return spec, plan, note
@@ -230,7 +232,7 @@ class Environments:
         env_key, service = request.environment, request.service
         spec, plan, note = self._code_plan(env_key, service, request.to, request.reload)
         kind = "reload" if request.reload else "rollback"
-        return self._launch(spec, kind, plan, {}, lambda runner: runner.apply(plan), note), plan
+        return self._launch(spec, kind, plan, {}, lambda ctx: deploying.apply(ctx, plan), note), plan
 
     def _as_deployed(self, env_key: str, stored: dict) -> dict:
         """The stored spec with each service's definition as its live code instance was deployed
@@ -245,38 +247,38 @@ class Environments:
         if request.action not in ("verify", "repair", "clean", "destroy"):
             raise OrderError(f"unknown action {request.action!r}")
         spec = spec_mod.spec_from_dict(self._as_deployed(request.environment, stored))
-        claimed = claimed_names(self.db)
+        claimed = claimed_names(self.ledger)
 
-        async def body(runner: Runner) -> str:
+        async def body(ctx: JobContext) -> str:
             if request.action == "destroy":
-                summary = await destroy(runner, request.purge_data)
+                summary = await destroy(ctx, request.purge_data)
                 (self.store / "environments" / spec.app / f"{spec.environment}.yml").unlink(missing_ok=True)
                 return summary
-            checker = Checker(runner, claimed)
+            checker = Checker(ctx, claimed)
             facts = await checker.gather()
             found = checker.findings(facts)
             for finding in found:
-                runner.job.event("finding", line=finding.line(), fix=finding.fix)
+                ctx.job.event("finding", line=finding.line(), fix=finding.fix)
             for warning in checker.warnings(facts):
-                runner.job.event("warning", line=warning)
+                ctx.job.event("warning", line=warning)
             for line in checker.foreign(facts):  # not drift: reported, never acted on
-                runner.job.event("job.note", note=line)
+                ctx.job.event("job.note", note=line)
             if request.action == "verify":
                 return f"{len(found)} finding(s)" if found else "no drift"
             if request.action == "clean":
                 lines = await checker.clean(facts, dry_run=True)
                 for line in lines:
-                    runner.job.event("clean.planned", line=line)
+                    ctx.job.event("clean.planned", line=line)
                 if request.dry_run or not lines:
                     return f"{len(lines)} thing(s) to remove" + (" (dry run: nothing removed)" if request.dry_run else "")
                 await checker.clean(facts, dry_run=False)
                 return f"removed {len(lines)} thing(s)"
             done = await checker.repair([f for f in found if f.fix and f.fix != "orphan"])
             for line in done:
-                runner.job.event("repaired", line=line)
+                ctx.job.event("repaired", line=line)
             left = [f for f in checker.findings(await checker.gather()) if f.fix != "orphan"]
             for finding in left:
-                runner.job.event("finding", line=finding.line(), fix=finding.fix, after_repair=True)
+                ctx.job.event("finding", line=finding.line(), fix=finding.fix, after_repair=True)
             return f"{len(done)} repair(s); " + (f"{len(left)} finding(s) left" if left else "no drift left")
 
         return self._launch(spec, request.action, None, {}, body)
@@ -285,15 +287,12 @@ class Environments:
         folder = self.store / "environments" / spec.app
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{spec.environment}.yml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
-        self.db.conn.execute(
-            "INSERT INTO environments (key, spec, updated) VALUES (?, ?, ?) "
-            "ON CONFLICT (key) DO UPDATE SET spec=excluded.spec, updated=excluded.updated",
-            (spec.key, json.dumps(spec.to_dict()), time.time()))
+        self.specs.save(spec.key, json.dumps(spec.to_dict()))
 
     async def _run(self, job: Job, spec, body, lock: EnvLock) -> None:
-        runner = Runner(job, spec, self.dispatcher, self.registry, self.ledger)
+        ctx = JobContext(job, spec, self.dispatcher, self.registry, self.ledger)
         try:
-            summary = await body(runner)
+            summary = await body(ctx)
         except StepFailed as exc:
             job.event("step.failed", service=exc.service, step=exc.step, error=str(exc), tail=exc.tail)
             job.finish("failed", str(exc))

@@ -9,7 +9,6 @@ names that no environment in the ledger claims — and nothing else.
 
 from __future__ import annotations
 
-import json
 import shlex
 from dataclasses import dataclass, field
 
@@ -19,8 +18,10 @@ from controller.environments.facts import NginxFile, ServiceProcesses
 from controller.environments import naming, commands as ops, ownership
 from controller.state.knowledge import Scope
 from controller.environments.planner import Change, ServicePlan
-from controller.environments.procedures import (KEEP_RELEASES, PlacementError, Runner, StepFailed, _output, nginx_reload_settings,
-                         pick_agent, redis_admin, remove_code)
+from controller.environments import deploying, routing
+from controller.environments.context import JobContext, PlacementError, StepFailed, output_of, pick_agent
+from controller.environments.deploying import KEEP_RELEASES
+from controller.state.ledger import RAN, Status
 
 
 @dataclass(frozen=True)
@@ -65,11 +66,11 @@ class Facts:
 class Checker:
     """Runs inside a job: gathers facts for one environment, and repairs or cleans."""
 
-    def __init__(self, runner: Runner, claimed: dict) -> None:
-        self.runner = runner
-        self.spec = runner.spec
-        self.ledger = runner.ledger
-        self.env_key = runner.env_key
+    def __init__(self, ctx: JobContext, claimed: dict) -> None:
+        self.ctx = ctx
+        self.spec = ctx.spec
+        self.ledger = ctx.ledger
+        self.env_key = ctx.env_key
         self.claimed = claimed  # every auto-* name any environment in the ledger holds
 
     def unit(self, service: str) -> str:
@@ -80,35 +81,35 @@ class Checker:
         state = self.ledger.state(self.env_key)
         hosts = {live.code.host for live in state.values() if live.code}
         for host_id in sorted(hosts):
-            host = self.runner.registry.agents.get(host_id)
+            host = self.ctx.registry.agents.get(host_id)
             if host is None or host.state != "connected":
                 continue
             await self._code_facts(host, state, facts)
-        router = self.runner.router(self.env_key)
-        conf = self.runner.nginx_path(router)
-        cat = await self.runner.sh(router, NginxFile.command(conf),
+        router = routing.router(self.ctx, self.env_key)
+        conf = routing.nginx_path(self.ctx, router)
+        cat = await self.ctx.sh(router, NginxFile.command(conf),
                                    self.env_key, "read route", check=False, scope=Scope.route(self.env_key))
-        facts.nginx = NginxFile.parse(_output(cat))
+        facts.nginx = NginxFile.parse(output_of(cat))
         folder = shlex.quote(conf.rsplit("/", 1)[0])
-        listing = await self.runner.sh(router, f"cd {folder} && for f in auto-*.conf; do [ -f \"$f\" ] && "
+        listing = await self.ctx.sh(router, f"cd {folder} && for f in auto-*.conf; do [ -f \"$f\" ] && "
                                                "echo \"$f $(sed -n 2p \"$f\" | head -c 200)\"; done; true",
                                        self.env_key, "list routes", check=False, scope=Scope.route(self.env_key))
-        for line in _output(listing).splitlines():
+        for line in output_of(listing).splitlines():
             name, _, mark = line.partition(" ")
             if name:
                 facts.nginx_files.append(name)
                 facts.nginx_marks[name] = mark.removeprefix("# owner: ")
-        facts.nginx_expected = self.runner.nginx_content(router).decode()
+        facts.nginx_expected = routing.nginx_content(self.ctx, router).decode()
         await self._data_facts(facts)
         return facts
 
     async def _code_facts(self, host, state, facts: Facts) -> None:
-        user = self.runner.unix_user
-        probe = await self.runner.sh(
+        user = self.ctx.unix_user
+        probe = await self.ctx.sh(
             host, ownership.folder_marks_script(host.services_root) + "\n"
                   f"id -u {shlex.quote(user)} >/dev/null 2>&1 && echo user yes || echo user no",
             self.env_key, "inspect code", check=False)
-        for line in _output(probe).splitlines():
+        for line in output_of(probe).splitlines():
             kind, _, rest = line.partition(" ")
             if kind == "folder":
                 path, _, mark = rest.partition(" ")
@@ -129,9 +130,9 @@ class Checker:
             lines.append(f"echo env {service} $(stat -c '%a %U' {q}/.env 2>/dev/null || echo missing)")
         if lines and facts.users.get(host.id):
             # As the environment's user: root never runs git in a repository its user owns.
-            probe = await self.runner.sh(host, "\n".join(lines), self.env_key, "inspect releases", check=False,
+            probe = await self.ctx.sh(host, "\n".join(lines), self.env_key, "inspect releases", check=False,
                                          user=user)
-            for line in _output(probe).splitlines():
+            for line in output_of(probe).splitlines():
                 kind, _, rest = line.partition(" ")
                 service, _, value = rest.partition(" ")
                 if kind == "release":
@@ -141,22 +142,22 @@ class Checker:
                     facts.env_modes[service] = mode
                     if owner:
                         facts.env_owners[service] = owner
-        listing = await self.runner.run_op(host, ServiceProcesses.operation(naming.PREFIX),
+        listing = await self.ctx.run_op(host, ServiceProcesses.operation(naming.PREFIX),
                                            self.env_key, "list processes", check=False)
-        for process in ServiceProcesses.parse(_output(listing)):
+        for process in ServiceProcesses.parse(output_of(listing)):
             facts.processes[(process.name, process.instance)] = process.alive
         address = host.address
         for service, live in state.items():
             definition = self.spec.service(service) if service in {s.name for s in self.spec.services} else None
             if live.code and live.code.host == host.id and live.code.port and definition and definition.is_web:
-                probe = await self.runner.run_op(host, pb.Operation(http_probe=pb.HttpProbeSpec(
+                probe = await self.ctx.run_op(host, pb.Operation(http_probe=pb.HttpProbeSpec(
                     url=f"http://{ops.url_host(address)}:{live.code.port}{definition.health}", attempts=2, interval_s=0.5,
                     timeout_s=2.0)), service, "health", check=False)
                 facts.health[service] = probe.result.error if probe.result.exit_code else ""
 
     def _provider(self, capability: str):
         try:
-            return pick_agent(self.runner.registry, capability=capability)
+            return pick_agent(self.ctx.registry, capability=capability)
         except PlacementError:
             return None
 
@@ -167,9 +168,9 @@ class Checker:
             query = ("SELECT CONCAT('db ', SCHEMA_NAME, ' ', SCHEMA_COMMENT) FROM information_schema.SCHEMATA "
                      "WHERE SCHEMA_NAME LIKE 'auto-%'; "
                      "SELECT CONCAT('user ', User) FROM mysql.user WHERE User LIKE 'auto-%';")
-            op = await self.runner.sh(mysql, f"{admin} --skip-column-names -e {shlex.quote(query)}", self.env_key,
+            op = await self.ctx.sh(mysql, f"{admin} --skip-column-names -e {shlex.quote(query)}", self.env_key,
                                       "inspect mysql", check=False, scope=Scope.data(self.env_key))
-            for line in _output(op).splitlines():
+            for line in output_of(op).splitlines():
                 kind, _, rest = line.partition(" ")
                 name, _, comment = rest.partition(" ")
                 (facts.databases if kind == "db" else facts.mysql_users).add(name)
@@ -179,13 +180,13 @@ class Checker:
         if redis is not None:
             cli = redis.redis_cli()
             # Password hashes are cut on the host: they never reach the job folder.
-            op = await self.runner.sh(redis, f"{cli} ACL LIST | sed -E 's/ [#>][^ ]*//g'", self.env_key, "inspect redis",
+            op = await self.ctx.sh(redis, f"{cli} ACL LIST | sed -E 's/ [#>][^ ]*//g'", self.env_key, "inspect redis",
                                       check=False, scope=Scope.data(self.env_key))
-            read_acl_list(_output(op), facts)
+            read_acl_list(output_of(op), facts)
 
     def findings(self, facts: Facts) -> list[Finding]:
         return findings(self.env_key, self.spec, self.ledger, facts, self.claimed,
-                        self.unit, self.runner.registry)
+                        self.unit, self.ctx.registry)
 
     def warnings(self, facts: Facts) -> list[str]:
         return warnings(facts)
@@ -207,19 +208,19 @@ class Checker:
                 done.append(f"{f.where}: recreated MariaDB user {f.target}")
             elif f.fix == "env-mode":
                 live = self.ledger.state(self.env_key)[f.service].code
-                host = self.runner.registry.agents[live.host]
+                host = self.ctx.registry.agents[live.host]
                 path = f"{naming.service_dir(host.services_root, self.spec.app, self.spec.environment, f.service)}" \
                        f"/releases/{live.number}/.env"
                 # As its owner: a root chmod would follow a link the user put in its place.
-                await self.runner.sh(host, f"chmod 600 {shlex.quote(path)}", f.service, "repair .env",
-                                     user=self.runner.unix_user)
+                await self.ctx.sh(host, f"chmod 600 {shlex.quote(path)}", f.service, "repair .env",
+                                     user=self.ctx.unix_user)
                 done.append(f"{f.where}: .env mode set to 600")
         restart = sorted({f.service for f in found if f.fix == "restart"})
         for service in restart:
             await self._restart(service)
             done.append(f"{self.env_key}/{service}: restarted its live code instance")
         if any(f.fix == "route" for f in found) and not restart:  # a restart rewrites the route anyway
-            await self.runner.switch_route(self.env_key)
+            await routing.switch_route(self.ctx, self.env_key)
             done.append(f"{self.env_key}: rewrote the nginx route")
         return done
 
@@ -227,33 +228,33 @@ class Checker:
         live = self.ledger.state(self.env_key)[service]
         changes = [Change("code", False, live.code.number, "repair")]
         changes += [Change(c, False, live.live(c).number) for c in ("mysql", "redis") if live.live(c)]
-        await self.runner.deploy(ServicePlan(service, "deploy", tuple(changes), live.code.commit, ("repair",)))
+        await deploying.deploy(self.ctx, ServicePlan(service, "deploy", tuple(changes), live.code.commit, ("repair",)))
 
     async def _recreate(self, f: Finding, component: str) -> None:
         live = self.ledger.state(self.env_key)[f.service].live(component)
         row = self.ledger.instance(self.env_key, f.service, component, live.number)
-        names = json.loads(row["names"])
+        names = row.names
         password = self.ledger.password(self.env_key, f.service, component, live.number) or ""
-        provider = self.runner.registry.agents[row["host"]]
+        provider = self.ctx.registry.agents[row.host]
         sets = Scope.data(self.env_key, (f.service, component, live.number))
         if component == "redis":
-            refused = await self.runner._guarded(
-                provider, ownership.redis_reset_owned(provider.redis_cli(), names["user"]) + redis_admin(provider),
+            refused = await self.ctx.guarded(
+                provider, ownership.redis_reset_owned(provider.redis_cli(), names["user"]) + ops.redis_admin(provider.redis_cli()),
                 f.service, "repair redis", scope=sets,
                 stdin=ownership.redis_drop_stdin(password) + ops.redis_create_user(names["user"], names["prefix"], password))
             if refused:
                 raise StepFailed(f.service, "repair redis", refused)
         else:
-            await self.runner.sh(provider, provider.mysql_admin(), f.service,
+            await self.ctx.sh(provider, provider.mysql_admin(), f.service,
                                  "repair mysql", stdin=ops.mysql_user(names["database"], names["user"], password,
-                                                      self.runner.spec.limits.mysql_connections),
+                                                      self.ctx.spec.limits.mysql_connections),
                                  scope=sets)
 
     async def clean(self, facts: Facts, dry_run: bool) -> list[str]:
         """Orphan folders inside the services roots, failed releases, releases beyond the kept number."""
         plan: list[tuple[object, str]] = []
         for host_id, folders in facts.folders.items():
-            host = self.runner.registry.agents[host_id]
+            host = self.ctx.registry.agents[host_id]
             for folder in folders:
                 if folder.rsplit("/", 1)[-1] not in self.claimed["folders"] and \
                         _ours(facts.folder_marks.get(folder, ""), self.ledger.owner):
@@ -262,85 +263,31 @@ class Checker:
         for service, live in state.items():
             if not live.code:
                 continue
-            host = self.runner.registry.agents.get(live.code.host)
+            host = self.ctx.registry.agents.get(live.code.host)
             if host is None:
                 continue
-            rows = [r for r in self.ledger.instances(self.env_key, service) if r["component"] == "code"]
-            kept = sorted(r["number"] for r in rows if r["status"] in ("live", "standby"))[-KEEP_RELEASES:]
+            rows = [r for r in self.ledger.instances(self.env_key, service) if r.component == "code"]
+            kept = sorted(r.number for r in rows if r.status in RAN)[-KEEP_RELEASES:]
             base = naming.service_dir(host.services_root, self.spec.app, self.spec.environment, service)
             for r in rows:
-                if r["status"] not in ("removed", "taken") and r["number"] not in kept and r["number"] != live.code.number:
-                    plan.append((host, f"{base}/releases/{r['number']}"))
+                if r.status not in (Status.REMOVED, Status.TAKEN) and r.number not in kept and r.number != live.code.number:
+                    plan.append((host, f"{base}/releases/{r.number}"))
         lines = [f"{host.id}: remove {path}" for host, path in plan]
         if dry_run or not plan:
             return lines
         for host, path in plan:
             if "/releases/" in path:  # inside a service folder of ours: a release the ledger made
-                await self.runner.sh(host, f"rm -rf -- {shlex.quote(path)}", self.env_key, "clean")
+                await self.ctx.sh(host, ops.remove_paths(path), self.env_key, "clean")
             else:  # the mark is read again right before: it was read when facts were gathered
-                await self.runner.sh(host, ownership.if_folder_ours(path, self.ledger.owner, 'rm -rf -- "$d"'),
+                await self.ctx.sh(host, ownership.if_folder_ours(path, self.ledger.owner, 'rm -rf -- "$d"'),
                                      self.env_key, "clean")
         for service, live in state.items():
             for r in self.ledger.instances(self.env_key, service):
-                if r["component"] == "code" and r["status"] in ("failed", "standby") and any(
-                        p.endswith(f"/releases/{r['number']}") and f"/{naming.unit_base(self.spec.app, self.spec.environment, service)}/" in p
+                if r.component == "code" and r.status in (Status.FAILED, Status.STANDBY) and any(
+                        p.endswith(f"/releases/{r.number}") and f"/{naming.unit_base(self.spec.app, self.spec.environment, service)}/" in p
                         for _, p in plan):
-                    self.ledger.set_status(self.env_key, service, "code", r["number"], "removed")
+                    self.ledger.set_status(self.env_key, service, "code", r.number, Status.REMOVED)
         return lines
-
-
-async def destroy(runner: Runner, purge_data: bool) -> str:
-    """Stop every process of the environment, remove its folders, its Unix user and its route;
-    drop its databases, ACL users and keys only with `purge_data`. The ledger keeps the history;
-    numbers stay used."""
-    ledger, env_key = runner.ledger, runner.env_key
-    # Made before users and route files had marks: where the ledger shows something ran.
-    ran = {r["host"] for r in ledger.instances(env_key) if r["component"] == "code" and r["status"] in ("live", "standby")}
-    routed = bool(ledger.state(env_key))
-    for service in sorted({r["service"] for r in ledger.instances(env_key)}):
-        await remove_code(runner, service)
-    for host_id in sorted({r["host"] for r in ledger.instances(env_key) if r["component"] == "code" and r["host"]}):
-        host = runner.registry.agents[host_id]  # connected: remove_code has just used it
-        op = await runner.sh(host, ownership.if_unix_user_ours(
-            runner.unix_user, ledger.owner, ops.remove_unix_user(runner.unix_user, host.services_root),
-            legacy=host_id in ran), env_key, "remove user")
-        for line in _output(op).splitlines():
-            runner.job.event("job.note", note=f"{host_id}: {line}")
-    router = runner.router(env_key)
-    conf = runner.nginx_path(router)
-    op = await runner.sh(router, ownership.route_guard(conf, ledger.owner, env_key, routed,
-                                                       ops.nginx_remove_script(conf, *nginx_reload_settings(router))),
-                         env_key, "remove route", check=False, scope=Scope.route(env_key))
-    if op.result.exit_code == ownership.TAKEN:
-        runner.job.event("job.note", note=f"nginx file {conf} is not this deployer's: left untouched")
-    elif op.result.exit_code != 0:
-        raise StepFailed(env_key, "remove route", f"exit {op.result.exit_code}", _output(op)[-2000:])
-    purged = []
-    if purge_data:
-        for r in ledger.instances(env_key):
-            names = json.loads(r["names"] or "{}")
-            provider = runner.registry.agents.get(r["host"] or "")
-            # A taken number's names belong to someone else: never ours to purge.
-            if r["component"] not in ("mysql", "redis") or provider is None or r["status"] == "taken":
-                continue
-            if r["component"] == "mysql":
-                await runner.drop_owned(provider, "mysql", r["number"], names, r["service"], "drop mysql", check=True)
-                purged.append(names["database"])
-            else:
-                cli = provider.redis_cli()
-                await runner.sh(provider, ops.redis_purge_script(cli, names["prefix"]), r["service"], "drop keys",
-                                scope=Scope.data(env_key))
-                await runner.drop_owned(provider, "redis", r["number"], names, r["service"], "drop redis user",
-                                        check=True)
-                purged.append(names["prefix"])
-    if purge_data:
-        for r in ledger.instances(env_key):
-            ledger.set_status(env_key, r["service"], r["component"], r["number"], "removed")
-    ledger.conn.execute("DELETE FROM environments WHERE key=?", (env_key,))
-    kept = "" if purge_data else "; databases and Redis keys are kept (--purge-data removes them)"
-    return f"destroyed {env_key}" + (f", purged {len(purged)} data instance(s)" if purged else "") + kept
-
-
 
 
 def findings(env_key, spec, ledger, facts: Facts, claimed, unit, registry) -> list[Finding]:
@@ -375,7 +322,7 @@ def findings(env_key, spec, ledger, facts: Facts, claimed, unit, registry) -> li
                 elif mode and mode not in ("600", "missing"):
                     out.append(Finding(where, f"code {code.number}: .env has mode {mode}, not 600", "env-mode", service))
                 row = ledger.instance(env_key, service, "code", code.number)
-                process = json.loads(row["names"]).get("process", "") if row else ""
+                process = row.names.get("process", "") if row else ""
                 if process and not facts.processes.get((unit(service), process), False):
                     out.append(Finding(where, f"code {code.number}: process {process} is not running", "restart", service))
                 elif facts.health.get(service):
@@ -383,7 +330,7 @@ def findings(env_key, spec, ledger, facts: Facts, claimed, unit, registry) -> li
                                        "restart", service))
         if live.mysql is not None:
             row = ledger.instance(env_key, service, "mysql", live.mysql.number)
-            names = json.loads(row["names"])
+            names = row.names
             if names["database"] not in facts.databases:
                 out.append(Finding(where, f"mysql {live.mysql.number}: database {names['database']} is missing", "",
                                    service, names["database"]))
@@ -392,7 +339,7 @@ def findings(env_key, spec, ledger, facts: Facts, claimed, unit, registry) -> li
                                    service, names["user"]))
         if live.redis is not None:
             row = ledger.instance(env_key, service, "redis", live.redis.number)
-            names = json.loads(row["names"])
+            names = row.names
             patterns = facts.redis_users.get(names["user"])
             if patterns is None:
                 out.append(Finding(where, f"redis {live.redis.number}: ACL user {names['user']} is missing",
@@ -419,9 +366,8 @@ def findings(env_key, spec, ledger, facts: Facts, claimed, unit, registry) -> li
         if _ours(facts.nginx_marks.get(name, ""), owner):
             out.append(Finding("nginx", f"orphan route file {name}", "", target=name))
     rows = ledger.instances(env_key)
-    units = {unit(r["service"]) for r in rows} | {unit(s.name) for s in spec.services}
-    known = {(unit(r["service"]), json.loads(r["names"] or "{}").get("process"))
-             for r in rows if r["component"] == "code" and r["status"] != "removed"}
+    units = {unit(r.service) for r in rows} | {unit(s.name) for s in spec.services}
+    known = {(unit(r.service), r.names.get("process")) for r in rows if r.component == "code" and r.status != Status.REMOVED}
     for (name, instance), alive in sorted(facts.processes.items()):
         if name in units and (name, instance) not in known:
             out.append(Finding("processes", f"orphan process {name}@{instance}"
@@ -500,20 +446,19 @@ def warnings(facts: Facts) -> list[str]:
     return out
 
 
-def claimed_names(db) -> dict[str, set[str]]:
+def claimed_names(ledger) -> dict[str, set[str]]:
     """Every auto-* name some environment in the ledger holds (folders, databases, ACL users)."""
     folders, databases, redis, nginx, mysql_users = set(), set(), set(), set(), set()
-    for r in db.conn.execute("SELECT env_key, service, component, names, status FROM instances"):
-        app, env = r["env_key"].split("/", 1)
-        folders.add(naming.unit_base(app, env, r["service"]))
-        if r["status"] != "removed":
+    for r in ledger.every_instance():
+        app, env = r.env_key.split("/", 1)
+        folders.add(naming.unit_base(app, env, r.service))
+        if r.status != Status.REMOVED:
             nginx.add(naming.nginx_file(app, env))
-        names = json.loads(r["names"] or "{}")
-        if r["status"] in ("removed", "taken"):  # a taken number's names are someone else's
+        if r.status in (Status.REMOVED, Status.TAKEN):  # a taken number's names are someone else's
             continue
-        if r["component"] == "mysql":
-            databases.add(names.get("database", ""))
-            mysql_users.add(names.get("user", ""))
-        elif r["component"] == "redis":
-            redis.add(names.get("user", ""))
+        if r.component == "mysql":
+            databases.add(r.names.get("database", ""))
+            mysql_users.add(r.names.get("user", ""))
+        elif r.component == "redis":
+            redis.add(r.names.get("user", ""))
     return {"folders": folders, "databases": databases, "redis": redis, "nginx": nginx, "mysql_users": mysql_users}

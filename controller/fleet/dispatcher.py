@@ -68,9 +68,9 @@ class Op:
 
 
 class Dispatcher:
-    def __init__(self, db: Database, registry: Registry, store: Path) -> None:
+    def __init__(self, db: Database, registry: Registry, store: Path, ledger: Ledger) -> None:
         self.db = db
-        self.ledger = Ledger(db)
+        self.ledger = ledger  # what each operation must redact, for whom (see knowledge.py)
         self.registry = registry
         self.root = store / "operations"
         self.root.mkdir(parents=True, exist_ok=True)

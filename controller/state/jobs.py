@@ -116,3 +116,89 @@ def read_events(folder: Path, start: int = 0) -> tuple[list[dict], int]:
     end = data.rfind(b"\n") + 1
     events = [json.loads(line) for line in data[:end].splitlines() if line.strip()]
     return events, start + end
+
+
+class JobTable:
+    """The jobs table and what recovery and the operator read of it (see recovery.py for the
+    life of an interrupted job: `running` → `interrupted` → settled by a later job)."""
+
+    def __init__(self, db: Database) -> None:
+        self.conn = db.conn
+
+    def recent(self, env_key: str = "", limit: int = 200) -> list[dict]:
+        query, args = "SELECT * FROM jobs", ()
+        if env_key:
+            query, args = query + " WHERE env_key=?", (env_key,)
+        return [dict(r) for r in self.conn.execute(query + " ORDER BY created DESC LIMIT ?", (*args, limit))]
+
+    def get(self, job_id: str) -> dict | None:
+        row = self.conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return dict(row) if row else None
+
+    def running(self) -> list[dict]:
+        return [dict(r) for r in self.conn.execute("SELECT id, env_key, kind FROM jobs WHERE state='running'")]
+
+    def record_end(self, job_id: str, state: str, finished: float, summary: str) -> None:
+        """A job that had finished, though the database had not heard: nothing to settle."""
+        self.conn.execute("UPDATE jobs SET state=?, finished=?, summary=?, recovered_by='' WHERE id=?",
+                          (state, finished, summary, job_id))
+
+    def interrupt(self, job_id: str, summary: str) -> None:
+        """The job and its running deploys end `interrupted`, to be settled by a later job."""
+        self.conn.execute("UPDATE jobs SET state='interrupted', finished=?, summary=?, recovered_by=NULL WHERE id=?",
+                          (time.time(), summary, job_id))
+        self.conn.execute("UPDATE deploys SET outcome='interrupted', reason=? WHERE job_id=? AND outcome='running'",
+                          (f"{summary}; not settled yet", job_id))
+
+    def unsettled_environments(self) -> list[str]:
+        return [r[0] for r in self.conn.execute(
+            "SELECT DISTINCT env_key FROM jobs WHERE state='interrupted' AND recovered_by IS NULL ORDER BY env_key")]
+
+    def pending(self, env_key: str) -> list[str]:
+        """Interrupted jobs of this environment whose work is not settled yet."""
+        return [r[0] for r in self.conn.execute(
+            "SELECT id FROM jobs WHERE env_key=? AND state='interrupted' AND recovered_by IS NULL ORDER BY created",
+            (env_key,))]
+
+    def deploys_of(self, env_key: str, jobs: list[str]) -> list:
+        marks = ",".join("?" * len(jobs))
+        return self.conn.execute(f"SELECT * FROM deploys WHERE env_key=? AND job_id IN ({marks}) "
+                                 "ORDER BY service, number", (env_key, *jobs)).fetchall()
+
+    def fail_without_spec(self, env_key: str) -> None:
+        """What an environment without a spec left in flight simply failed."""
+        for job_id in self.pending(env_key):
+            self.conn.execute("UPDATE deploys SET outcome='failed', reason='interrupted; the environment has no "
+                              "spec' WHERE job_id=? AND outcome IN ('running', 'interrupted')", (job_id,))
+            self.conn.execute("UPDATE jobs SET recovered_by='-' WHERE id=?", (job_id,))
+        self.conn.execute("UPDATE instances SET status='failed' WHERE env_key=? AND status='building'", (env_key,))
+
+    def settled(self, jobs: list[str], by: str) -> None:
+        for job_id in jobs:
+            self.conn.execute("UPDATE jobs SET recovered_by=?, summary=summary || ? WHERE id=?",
+                              (by, f"; settled by {by}", job_id))
+
+
+class Specs:
+    """The last accepted spec of every environment, as the operator sent it."""
+
+    def __init__(self, db: Database) -> None:
+        self.conn = db.conn
+
+    def get(self, env_key: str) -> str | None:
+        row = self.conn.execute("SELECT spec FROM environments WHERE key=?", (env_key,)).fetchone()
+        return row[0] if row else None
+
+    def others(self, env_key: str) -> list[tuple[str, str]]:
+        """(key, spec) of every other environment."""
+        return [(r[0], r[1]) for r in self.conn.execute("SELECT key, spec FROM environments WHERE key != ?",
+                                                        (env_key,))]
+
+    def save(self, env_key: str, spec: str) -> None:
+        self.conn.execute(
+            "INSERT INTO environments (key, spec, updated) VALUES (?, ?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET spec=excluded.spec, updated=excluded.updated",
+            (env_key, spec, time.time()))
+
+    def forget(self, env_key: str) -> None:
+        self.conn.execute("DELETE FROM environments WHERE key=?", (env_key,))

@@ -4,9 +4,10 @@ it created or reused. Backed by the controller's SQLite database (see db.py for 
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 from controller.state import knowledge
 from controller.state.db import Database
@@ -16,6 +17,50 @@ COMPONENTS = ("code", "mysql", "redis")
 # A secret set again keeps being redacted in its former values: the last this many of them
 # (kept releases' .env files, and logs, may still hold them).
 RETIRED_KEPT = 10
+
+
+class Status(str, enum.Enum):
+    """Where an instance is in its life. A str, so rows and JSON carry the plain word."""
+
+    BUILDING = "building"  # a deploy is making it
+    LIVE = "live"          # what serves now (one per service and component)
+    STANDBY = "standby"    # ran before; a rollback can bring it back
+    FAILED = "failed"      # its deploy failed: undone
+    REMOVED = "removed"    # its files or data are gone; the number stays used
+    TAKEN = "taken"        # the name was found made by someone else: never ours to touch
+
+    def __str__(self) -> str:
+        return self.value
+
+
+RAN = (Status.LIVE, Status.STANDBY)  # instances that ran: what is under their names is ours
+
+
+@dataclass(frozen=True)
+class InstanceRow:
+    """One instance of one component of one service, as the ledger holds it."""
+
+    env_key: str
+    service: str
+    component: str
+    number: int
+    status: Status
+    host: str = ""
+    port: int = 0
+    commit_sha: str = ""
+    fingerprint: str = ""
+    created: float = 0.0
+    updated: float = 0.0
+    names: dict = field(default_factory=dict)  # database, user, release, process… (never a password)
+
+    @classmethod
+    def of(cls, r) -> "InstanceRow":
+        return cls(r["env_key"], r["service"], r["component"], r["number"], Status(r["status"]), r["host"] or "",
+                   r["port"] or 0, r["commit_sha"] or "", r["fingerprint"] or "", r["created"], r["updated"],
+                   json.loads(r["names"] or "{}"))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "status": self.status.value}
 
 
 @dataclass(frozen=True)
@@ -60,7 +105,7 @@ class DeployRow:
 
 class Ledger:
     def __init__(self, db: Database, owner: str = "") -> None:
-        self.conn = db.conn
+        self.db, self.conn = db, db.conn
         self.vault = db.vault  # secrets and passwords are sealed at rest
         self.owner = owner     # this controller's mark on what it creates (see ownership.py)
 
@@ -89,18 +134,23 @@ class Ledger:
             (env_key,))
         return [r[0] for r in rows]
 
-    def instance(self, env_key: str, service: str, component: str, number: int):
-        return self.conn.execute(
+    def instance(self, env_key: str, service: str, component: str, number: int) -> InstanceRow | None:
+        r = self.conn.execute(
             "SELECT * FROM instances WHERE env_key=? AND service=? AND component=? AND number=?",
             (env_key, service, component, number)).fetchone()
+        return InstanceRow.of(r) if r else None
 
-    def instances(self, env_key: str, service: str | None = None) -> list:
-        if service is None:
-            return self.conn.execute("SELECT * FROM instances WHERE env_key=? ORDER BY service, component, number",
-                                     (env_key,)).fetchall()
-        return self.conn.execute(
-            "SELECT * FROM instances WHERE env_key=? AND service=? ORDER BY component, number",
-            (env_key, service)).fetchall()
+    def instances(self, env_key: str, service: str | None = None, status: Status | None = None) -> list[InstanceRow]:
+        query, args = "SELECT * FROM instances WHERE env_key=?", [env_key]
+        if service is not None:
+            query, args = query + " AND service=?", args + [service]
+        if status is not None:
+            query, args = query + " AND status=?", args + [status.value]
+        return [InstanceRow.of(r) for r in self.conn.execute(query + " ORDER BY service, component, number", args)]
+
+    def every_instance(self) -> list[InstanceRow]:
+        """Every environment's instances: what a check across environments reads."""
+        return [InstanceRow.of(r) for r in self.conn.execute("SELECT * FROM instances ORDER BY env_key, service")]
 
     def password(self, env_key: str, service: str, component: str, number: int) -> str | None:
         r = self.conn.execute(
@@ -153,6 +203,11 @@ class Ledger:
     def ports_in_use(self, host: str) -> set[int]:
         return {r[0] for r in self.conn.execute("SELECT port FROM ports WHERE host=?", (host,))}
 
+    def ports_of(self, env_key: str, service: str) -> list[tuple[str, int]]:
+        """(host, port) of every port the ledger holds for a service."""
+        return [(r[0], r[1]) for r in self.conn.execute("SELECT host, port FROM ports WHERE env_key=? AND service=?",
+                                                        (env_key, service))]
+
     # ---------------------------------------------------------------- writing
 
     def next_number(self, env_key: str, service: str, counter: str) -> int:
@@ -172,7 +227,7 @@ class Ledger:
         if component not in COMPONENTS:
             raise ValueError(f"unknown component {component!r}")
         with self.transaction():
-            self.set_status(env_key, service, component, number, "taken")
+            self.set_status(env_key, service, component, number, Status.TAKEN)
             self.set_names(env_key, service, component, number, taken=reason)
             self.conn.execute("DELETE FROM credentials WHERE env_key=? AND service=? AND component=? AND number=?",
                               (env_key, service, component, number))
@@ -183,16 +238,17 @@ class Ledger:
 
     def add_instance(self, env_key: str, service: str, component: str, number: int, *,
                      host: str = "", port: int = 0, commit: str = "", fingerprint: str = "",
-                     names: dict | None = None, status: str = "building") -> None:
+                     names: dict | None = None, status: Status = Status.BUILDING) -> None:
         now = time.time()
         self.conn.execute(
             "INSERT INTO instances (env_key, service, component, number, status, host, port, commit_sha, "
             "fingerprint, names, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (env_key, service, component, number, status, host, port, commit, fingerprint,
+            (env_key, service, component, number, Status(status).value, host, port, commit, fingerprint,
              json.dumps(names or {}), now, now))
 
-    def set_status(self, env_key: str, service: str, component: str, number: int, status: str,
+    def set_status(self, env_key: str, service: str, component: str, number: int, status: Status,
                    port: int | None = None) -> None:
+        status = Status(status).value
         if port is None:
             self.conn.execute(
                 "UPDATE instances SET status=?, updated=? WHERE env_key=? AND service=? AND component=? AND number=?",
@@ -205,7 +261,7 @@ class Ledger:
 
     def set_names(self, env_key: str, service: str, component: str, number: int, **names: str) -> None:
         row = self.instance(env_key, service, component, number)
-        merged = {**json.loads(row["names"] or "{}"), **names} if row else names
+        merged = {**row.names, **names} if row else names
         self.conn.execute(
             "UPDATE instances SET names=?, updated=? WHERE env_key=? AND service=? AND component=? AND number=?",
             (json.dumps(merged), time.time(), env_key, service, component, number))
@@ -216,7 +272,7 @@ class Ledger:
             "UPDATE instances SET status='standby', updated=? WHERE env_key=? AND service=? "
             "AND component=? AND status='live' AND number != ?",
             (time.time(), env_key, service, component, number))
-        self.set_status(env_key, service, component, number, "live")
+        self.set_status(env_key, service, component, number, Status.LIVE)
 
     def save_password(self, env_key: str, service: str, component: str, number: int, password: str) -> None:
         self.conn.execute("INSERT OR REPLACE INTO credentials VALUES (?, ?, ?, ?, ?)",

@@ -1,0 +1,307 @@
+"""Deploying a service, composed of operations sent to agents.
+
+The order of a deploy (blue/green per code instance):
+  checkout → new data instances (mysql, redis) → .env → install → build → migrate → start on a
+  fresh port → health check → route switch (nginx transaction) → ledger → drain → stop the old
+  process → `current` → prune old releases.
+Any failure before the route switch stops the new process, drops the data instances this deploy
+created, marks them failed in the ledger, and leaves the live instance serving (`undo`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from protos import deployer_pb2 as pb
+
+from controller.environments import commands as ops, data, naming, ownership, routing, teardown
+from controller.environments.context import (OUTPUT_TAIL_LINES, JobContext, PlacementError, StepFailed, output_of,
+                                             pick_agent, result_detail, tail_of)
+from controller.environments.data import Deployment
+from controller.environments.facts import ServiceProcesses
+from controller.environments.planner import Plan, ServicePlan
+from controller.environments.spec import code_fingerprint
+from controller.state.ledger import RAN, Status
+
+KEEP_RELEASES = 5
+DRAIN_S = 2.0
+PORT_RANGE = range(20000, 30000)
+HEALTH_ATTEMPTS = 60
+
+
+async def apply(ctx: JobContext, plan: Plan) -> str:
+    for service_plan in plan.services:
+        if service_plan.action == "deploy":
+            await deploy(ctx, service_plan)
+        elif service_plan.action == "destroy":
+            # The spec no longer has it, so the route written next leaves it out.
+            await teardown.remove_code(ctx, service_plan.service)
+            ctx.job.event("service.removed", service=service_plan.service)
+            if any(s.is_web for s in ctx.spec.services):
+                await routing.switch_route(ctx, service_plan.service)
+    verb = {"apply": "deployed"}.get(ctx.job.kind, ctx.job.kind + " of")
+    return f"{verb} {', '.join(s.service for s in plan.services)}"
+
+
+async def deploy(ctx: JobContext, sp: ServicePlan) -> None:
+    service = ctx.spec.service(sp.service)
+    live = ctx.ledger.state(ctx.env_key).get(service.name)
+    try:
+        host = pick_agent(ctx.registry, role=service.role, prefer=live.code.host if live and live.code else "")
+    except PlacementError as exc:
+        raise StepFailed(service.name, "placement", str(exc)) from None
+    d = Deployment(service, host, naming.service_dir(host.services_root, ctx.spec.app, ctx.spec.environment,
+                                                     service.name))
+    code, mysql, redis = sp.change("code"), sp.change("mysql"), sp.change("redis")
+    d.code_new = code.new
+    d.code = ctx.ledger.next_number(ctx.env_key, service.name, "code") if code.new else code.number
+    numbers = {}
+    for change in (mysql, redis):
+        if change is not None:
+            numbers[change.component] = (ctx.ledger.next_number(ctx.env_key, service.name, change.component)
+                                         if change.new else change.number)
+    d.deploy = ctx.ledger.start_deploy(
+        ctx.env_key, service.name, ctx.job.id, code=d.code, code_new=code.new,
+        mysql=numbers.get("mysql"), mysql_new=bool(mysql and mysql.new),
+        redis=numbers.get("redis"), redis_new=bool(redis and redis.new), commit=sp.commit, host=host.id)
+    ctx.job.event("deploy.started", service=service.name, deploy=d.deploy, code=d.code,
+                  code_new=code.new, mysql=numbers.get("mysql"), redis=numbers.get("redis"),
+                  host=host.id, reasons=list(sp.reasons))
+    ctx.deploying[service.name] = d.deploy
+    try:
+        await _prepare(ctx, d, sp)
+        workdir, env_path = await _configure(ctx, d, numbers, mysql, redis)
+        await _build(ctx, d, workdir, env_path, migrate=d.code_new or (mysql is not None and mysql.new))
+        await start(ctx, d, workdir, env_path)
+        if service.is_web:
+            await routing.switch_to(ctx, service.name, d.host.address, d.port)
+        d.switched = True
+        await _after_switch(ctx, d, live, numbers)
+    except BaseException as exc:
+        # Before the switch, put everything back; after it the new instance is the live one,
+        # and undoing would take down what serves (and drop data it now uses).
+        if not d.switched:
+            await asyncio.shield(undo(ctx, d))
+            ctx.ledger.finish_deploy(ctx.env_key, service.name, d.deploy, "failed", str(exc))
+        raise
+    finally:
+        ctx.deploying.pop(service.name, None)
+
+
+async def _prepare(ctx: JobContext, d: Deployment, sp: ServicePlan) -> None:
+    """The service folder, the environment's user and, for a new code instance, its release."""
+    name, owner = d.service.name, ctx.ledger.owner
+    if d.code_new:
+        _add_code_instance(ctx, d, sp)
+    # The folder first: refused, it leaves nothing behind, not even a new user.
+    refused = await ctx.guarded(d.host, ownership.claim_service_folder(
+        d.service_dir, owner, ctx.deployed_on(d.host.id, name)), name, "folder")
+    if refused:
+        raise StepFailed(name, "folder", refused)
+    refused = await ctx.guarded(d.host, ownership.unix_user_guard(ctx.unix_user, owner, ctx.deployed_on(d.host.id))
+                                + ops.ensure_unix_user(ctx.unix_user, ownership.owner_mark(owner)), name, "user")
+    if refused:
+        raise StepFailed(name, "user", refused)
+    if d.code_new:
+        await _checkout(ctx, d, sp)
+
+
+async def _configure(ctx: JobContext, d: Deployment, numbers: dict[str, int], mysql, redis) -> tuple[str, str]:
+    """Owners and modes, the data instances and the `.env`: (working folder, `.env` path)."""
+    service, name = d.service, d.service.name
+    release = _release(d)
+    workdir = f"{release}/{service.root}" if service.root else release
+    await ctx.sh(d.host, ops.service_layout(d.service_dir, release, ctx.unix_user), name, "permissions")
+    values = {}
+    if mysql is not None:
+        values.update(await data.mysql(ctx, d, numbers, mysql.new))
+    if redis is not None:
+        values.update(await data.redis(ctx, d, numbers, redis.new))
+    values.update(dict(service.env))
+    stored = ctx.ledger.secrets(ctx.env_key)
+    values.update({secret: stored[secret] for secret in service.secrets})
+    # A reused release keeps serving from its .env until the switch: stage the new one beside it.
+    env_path = f"{release}/.env" if d.code_new else f"{release}/.env.deploy-{d.deploy}"
+    d.staged_env = "" if d.code_new else env_path
+    try:
+        content = ops.env_file(values)
+    except ValueError as exc:
+        raise StepFailed(name, ".env", str(exc)) from None
+    await ctx.run_op(d.host, pb.Operation(write_file=pb.WriteFileSpec(
+        path=env_path, content=content, mode=0o600, owner=ctx.unix_user)), name, ".env")
+    return workdir, env_path
+
+
+async def _build(ctx: JobContext, d: Deployment, workdir: str, env_path: str, migrate: bool) -> None:
+    """install and build for a new release; migrate for a new release or a new database."""
+    service, name = d.service, d.service.name
+    as_user = {"user": ctx.unix_user, "env": service_env(d)}
+    if d.code_new:
+        for step in ("install", "build"):
+            command = getattr(service, step)
+            if command:
+                await ctx.sh(d.host, command, name, step, cwd=workdir, env_file=env_path, **as_user)
+    if service.migrate and migrate:
+        await ctx.sh(d.host, service.migrate, name, "migrate", cwd=workdir, env_file=env_path, **as_user)
+
+
+async def _after_switch(ctx: JobContext, d: Deployment, live, numbers: dict[str, int]) -> None:
+    """The new instance serves: the ledger says so, the old one drains and stops, and the
+    release is tidied. A failure from here is reported, never undone."""
+    name, release = d.service.name, _release(d)
+    # Read before going live: restarting the same code instance rewrites its process key.
+    previous = _process_of(ctx, live)
+    go_live(ctx, d, numbers)
+    if live and live.code:
+        await _retire(ctx, d, live, previous)
+    if d.staged_env:
+        await ctx.sh(d.host, ops.move_staged_env(d.staged_env, release + "/.env"), name, ".env", check=False,
+                     user=ctx.unix_user, env=service_env(d))
+    await ctx.sh(d.host, ops.current_script(d.service_dir, release), name, "current", check=False)
+    await _prune_releases(ctx, d)
+
+
+def _release(d: Deployment) -> str:
+    return f"{d.service_dir}/releases/{d.code}"
+
+
+def service_env(d: Deployment) -> dict[str, str]:
+    """Variables of a service's commands and processes besides its `.env`: a HOME of its own."""
+    return {} if "HOME" in dict(d.service.env) else {"HOME": ops.service_home(d.service_dir)}
+
+
+def _add_code_instance(ctx: JobContext, d: Deployment, sp: ServicePlan) -> None:
+    # The instance keeps its own definition, so a rollback restores its commands and env.
+    ctx.ledger.add_instance(ctx.env_key, d.service.name, "code", d.code, host=d.host.id, commit=sp.commit,
+                            fingerprint=code_fingerprint(d.service, ctx.spec.limits),
+                            names={"release": _release(d), "service": d.service.to_dict()})
+
+
+async def _checkout(ctx: JobContext, d: Deployment, sp: ServicePlan) -> None:
+    """As root: the source may need root's credentials. The release is then the user's. A
+    release folder that exists already is not ours to remove: its number is moved past."""
+    first = d.code
+    for _ in range(data.TAKEN_NAMES_MAX):
+        script = ownership.release_absent(_release(d)) + ops.checkout_script(
+            d.service_dir, _release(d), d.service.source, sp.commit)
+        taken = await ctx.guarded(d.host, script, d.service.name, "checkout", timeout=600)
+        if not taken:
+            return
+        d.code = data.move_past(ctx, d, "code", d.code, taken)
+        _add_code_instance(ctx, d, sp)
+    raise data.give_up(d, "code", first, d.code - 1)
+
+
+# ---------------------------------------------------------------- processes
+
+async def start(ctx: JobContext, d: Deployment, workdir: str, env_path: str) -> None:
+    """Start the new instance (on a fresh port for a web service) and check it is healthy."""
+    service, name = d.service, d.service.name
+    env = {**service_env(d), "RELEASE": str(d.code)}
+    if service.is_web:
+        d.port = await _allocate_port(ctx, d)
+        env["PORT"] = str(d.port)
+        d.process = f"{d.code}-{d.port}"
+    else:
+        d.process = f"{d.code}-d{d.deploy}"
+    ctx.ledger.set_step(ctx.env_key, name, d.deploy, "start", port=d.port or None, process=d.process)
+    unit = ctx.unit(name)
+    await ctx.run_op(d.host, pb.Operation(service_start=pb.ServiceStartSpec(
+        name=unit, instance=d.process, argv=["sh", "-c", f"exec {service.start}"], cwd=workdir,
+        env=env, env_file=env_path, user=ctx.unix_user,
+        log_path=f"{d.service_dir}/logs/{d.code}.log", limits=ctx.limits(d.host))), name, "start")
+    if service.is_web:
+        await ctx.run_op(d.host, pb.Operation(http_probe=pb.HttpProbeSpec(
+            url=f"http://{ops.url_host(d.host.address)}:{d.port}{service.health}", attempts=HEALTH_ATTEMPTS,
+            interval_s=0.5, timeout_s=2.0, service_name=unit, service_instance=d.process)), name, "health")
+        return
+    await asyncio.sleep(service.healthy_after)
+    listing = await ctx.run_op(d.host, ServiceProcesses.operation(unit), name, "health")
+    if not any(p.instance == d.process and p.alive for p in ServiceProcesses.parse(output_of(listing), unit)):
+        read = await ctx.sh(d.host, ops.log_tail(f"{d.service_dir}/logs/{d.code}.log", OUTPUT_TAIL_LINES), name,
+                            "read log", check=False)
+        raise StepFailed(name, "health", f"the daemon did not stay up for {service.healthy_after:g}s", tail_of(read))
+
+
+async def _allocate_port(ctx: JobContext, d: Deployment) -> int:
+    """A port no instance on that host holds in the ledger, and that is free there now."""
+    async with ctx.port_locks.setdefault(d.host.id, asyncio.Lock()):
+        taken = ctx.ledger.ports_in_use(d.host.id)
+        # In random order, not the lowest first: a second controller on the same host (or any
+        # program) picking at the same moment would otherwise pick the very same port.
+        free = [p for p in PORT_RANGE if p not in taken]
+        candidates = random.sample(free, min(200, len(free)))
+        probe = await ctx.sh(d.host, ops.first_free_port_script(candidates), d.service.name, "port", check=False)
+        chosen = output_of(probe).strip()
+        if probe.result.exit_code == 1 and not chosen:
+            raise StepFailed(d.service.name, "port", f"no free port on {d.host.id} among {len(candidates)} candidates")
+        if probe.result.exit_code != 0 or not chosen.isdigit():
+            # Not an answer from the probe itself: say what happened instead of guessing.
+            raise StepFailed(d.service.name, "port", f"the port probe on {d.host.id} failed "
+                             f"({result_detail(probe.result)})", chosen[-2000:])
+        port = int(chosen)
+        ctx.ledger.reserve_port(d.host.id, port, ctx.env_key, d.service.name, d.code)
+        return port
+
+
+def go_live(ctx: JobContext, d: Deployment, numbers: dict[str, int]) -> None:
+    """The ledger takes the new instance (and its data instances) as live, in one transaction."""
+    name = d.service.name
+    with ctx.ledger.transaction():  # all of it or none of it, whatever kills the controller
+        ctx.ledger.set_status(ctx.env_key, name, "code", d.code, Status.LIVE, port=d.port or None)
+        ctx.ledger.set_names(ctx.env_key, name, "code", d.code, process=d.process)
+        ctx.ledger.make_live(ctx.env_key, name, "code", d.code)
+        for component, number in numbers.items():
+            ctx.ledger.make_live(ctx.env_key, name, component, number)
+        ctx.ledger.finish_deploy(ctx.env_key, name, d.deploy, "succeeded", port=d.port or None)
+    ctx.job.event("deploy.live", service=name, deploy=d.deploy, code=d.code, port=d.port, host=d.host.id)
+
+
+def _process_of(ctx: JobContext, live) -> str:
+    if not live or not live.code:
+        return ""
+    row = ctx.ledger.instance(ctx.env_key, live.service, "code", live.code.number)
+    return row.names.get("process", "") if row else ""
+
+
+async def _retire(ctx: JobContext, d: Deployment, live, process: str) -> None:
+    """Give in-flight requests to the old process time to finish, then stop it."""
+    if not process or process == d.process:
+        return
+    await asyncio.sleep(DRAIN_S)
+    await ctx.run_op(d.host, pb.Operation(service_stop=pb.ServiceStopSpec(name=ctx.unit(d.service.name),
+                                                                          instance=process)),
+                     d.service.name, "stop previous", check=False)
+    if live.code.port:
+        ctx.ledger.release_port(live.code.host, live.code.port)
+
+
+async def _prune_releases(ctx: JobContext, d: Deployment) -> None:
+    rows = [r for r in ctx.ledger.instances(ctx.env_key, d.service.name) if r.component == "code"]
+    keep = {r.number for r in rows if r.status in (*RAN, Status.BUILDING)}
+    keep = set(sorted(keep)[-KEEP_RELEASES:]) | {d.code}
+    doomed = [r.number for r in rows if r.number not in keep and r.status not in (Status.REMOVED, Status.TAKEN)]
+    if not doomed:
+        return
+    await ctx.sh(d.host, ops.remove_paths(*(f"{d.service_dir}/releases/{n}" for n in doomed)), d.service.name,
+                 "prune releases", check=False)
+    for number in doomed:
+        ctx.ledger.set_status(ctx.env_key, d.service.name, "code", number, Status.REMOVED)
+
+
+async def undo(ctx: JobContext, d: Deployment) -> None:
+    """Leave things as they were: the live instance keeps serving, new data goes away."""
+    name = d.service.name
+    if d.process:
+        await ctx.run_op(d.host, pb.Operation(service_stop=pb.ServiceStopSpec(name=ctx.unit(name), instance=d.process)),
+                         name, "stop failed instance", check=False)
+    if d.port:
+        ctx.ledger.release_port(d.host.id, d.port)
+    if d.staged_env:
+        await ctx.sh(d.host, ops.remove_file(d.staged_env), name, "drop staged .env", check=False, user=ctx.unix_user)
+    if d.code_new:
+        ctx.ledger.set_status(ctx.env_key, name, "code", d.code, Status.FAILED)
+    for component, number, names, provider in d.created:
+        await data.drop_owned(ctx, provider, component, number, names, name, f"drop new {component}")
+        ctx.ledger.set_status(ctx.env_key, name, component, number, Status.FAILED)
