@@ -252,7 +252,7 @@ class Controller:
             self._bind(enroll, self.enroll_listen, server_credentials(authority, clients=False), "enrolment")
             servers.append(enroll)
         servers.append(agents)
-        operator_tokens = OperatorTokens(db.conn, authority.fingerprint)
+        operator_tokens = OperatorTokens(db, authority.fingerprint)
         service = OperatorService(registry, dispatcher, environments, enrolment, operator_tokens)
         operators = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[Door(OPERATOR)])
         pb_grpc.add_OperatorServicer_to_server(service, operators)

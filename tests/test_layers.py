@@ -122,3 +122,39 @@ def test_every_import_goes_down_the_layers():
     edges = graph(with_packages=True)
     assert {layer(m) for m in edges} == set(BELOW), "a package of the project has no layer"
     assert reaches(edges) == []
+
+
+# ---------------------------------------------------------------- SQL stays in the state
+
+SQL_CALLS = {"execute", "executemany", "executescript"}
+
+
+def sql_outside_state(sources: dict[str, str]) -> list[str]:
+    """Every call of a database cursor's method, or reach into a database connection (`.conn`),
+    in a module outside controller.state: `module:line`."""
+    found = []
+    for module, text in sorted(sources.items()):
+        if layer(module) == "controller.state":
+            continue
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Attribute) and node.attr == "conn":
+                found.append(f"{module}:{node.lineno} (.conn)")
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in SQL_CALLS
+                  and "dispatcher" not in ast.unparse(node.func.value)):
+                found.append(f"{module}:{node.lineno} (.{node.func.attr})")
+    return sorted(found)
+
+
+def test_the_rule_sees_sql_outside_the_state():
+    assert sql_outside_state({
+        "controller.environments.orders": "db.conn.execute('SELECT 1')\n",
+        "controller.fleet.pki": "self.rows.token(x)\nawait self.dispatcher.execute(a, op)\n",
+        "controller.state.ledger": "self.conn.execute('SELECT 1')\n",
+        "deployctl.cli": "cursor.executemany('INSERT', rows)\n"}) == [
+        "controller.environments.orders:1 (.conn)", "controller.environments.orders:1 (.execute)",
+        "deployctl.cli:1 (.executemany)"]
+
+
+def test_only_the_state_speaks_sql():
+    files = [p for package in PACKAGES for p in (ROOT / package).rglob("*.py") if "_pb2" not in p.name]
+    assert sql_outside_state({module_name(p): p.read_text() for p in files}) == []

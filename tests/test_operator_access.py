@@ -58,7 +58,7 @@ def test_roles_cover_methods(role, method, permitted):
 def store(tmp_path):
     db = Database(tmp_path / "deployer.db")
     clock = [1_000_000.0]
-    yield access.OperatorTokens(db.conn, "FINGERPRINT", clock=lambda: clock[0]), clock, db
+    yield access.OperatorTokens(db, "FINGERPRINT", clock=lambda: clock[0]), clock, db
     db.close()
 
 
@@ -230,7 +230,7 @@ async def _follow_and_revoke(tmp_path, tokens: access.OperatorTokens, token: acc
 def test_a_stream_ends_soon_after_its_token_is_revoked(tmp_path):
     db = Database(tmp_path / "deployer.db")
     try:
-        tokens = access.OperatorTokens(db.conn, "FINGERPRINT")
+        tokens = access.OperatorTokens(db, "FINGERPRINT")
         token, _ = tokens.create(Role.READ, 60, "", access.SOCKET)
         ended, received = asyncio.run(_follow_and_revoke(tmp_path, tokens, token))
     finally:

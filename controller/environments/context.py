@@ -17,7 +17,7 @@ from controller.fleet.operations import new_op_id
 from controller.fleet.registry import CONNECTED, Agent, Registry
 from controller.state.jobs import Job
 from controller.state.knowledge import Scope
-from controller.state.ledger import Ledger, Status
+from controller.state.ledger import RAN, Ledger
 from controller.environments.spec import Spec
 from common import errors
 
@@ -155,5 +155,5 @@ class JobContext:
     def deployed_on(self, host_id: str, service: str | None = None) -> bool:
         """The ledger holds a code instance (of `service`) that ran on that host: what is there
         under our names was made by us, if before objects carried a mark."""
-        return any(r.component == "code" and r.host == host_id and r.status in Status.RAN
+        return any(r.component == "code" and r.host == host_id and r.status in RAN
                    for r in self.ledger.instances(self.env_key, service))

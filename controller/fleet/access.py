@@ -14,13 +14,14 @@ import enum
 import hashlib
 import hmac
 import secrets
-import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 from common.credentials import CredentialRefused, OperatorToken, parse_token  # noqa: F401 - the door reads tokens here
 from common import errors
+from controller.state.db import Database
+from controller.state.trust import OperatorTokenRows
 
 
 class Role(enum.Enum):
@@ -111,9 +112,9 @@ class OperatorTokens:
     another token never outlives it, and revoking a token revokes those it made: a stolen token
     cannot leave a spare behind."""
 
-    def __init__(self, conn: sqlite3.Connection, ca_fingerprint: str,
+    def __init__(self, db: Database, ca_fingerprint: str,
                  clock: Callable[[], float] = time.time) -> None:
-        self.conn = conn
+        self.rows = OperatorTokenRows(db)
         self.ca_fingerprint = ca_fingerprint
         self.clock = clock
 
@@ -126,16 +127,13 @@ class OperatorTokens:
         now = self.clock()
         expires = now + ttl_s if by.expires is None else min(now + ttl_s, by.expires)
         token = OperatorToken(secrets.token_hex(6), secrets.token_urlsafe(32), self.ca_fingerprint)
-        self.conn.execute(
-            "INSERT INTO operator_tokens (id, secret_sha256, role, label, created, expires, created_by) "
-            "VALUES (?,?,?,?,?,?,?)",
-            (token.token_id, _hash(token.secret), role.value, label, now, expires, by.token_id))
+        self.rows.add(token.token_id, _hash(token.secret), role.value, label, now, expires, by.token_id)
         return token, expires
 
     def authenticate(self, text: str) -> Principal:
         """The principal a presented token stands for; CredentialRefused says why not."""
         token = parse_token(text)
-        row = self.conn.execute("SELECT * FROM operator_tokens WHERE id = ?", (token.token_id,)).fetchone()
+        row = self.rows.get(token.token_id)
         if row is None or not hmac.compare_digest(row["secret_sha256"], _hash(token.secret)):
             raise CredentialRefused(f"unknown operator token {token.token_id}")
         if row["revoked"] is not None:
@@ -149,7 +147,7 @@ class OperatorTokens:
         only the tokens that can still be used."""
         now = self.clock()
         out = []
-        for row in self.conn.execute("SELECT * FROM operator_tokens ORDER BY created"):
+        for row in self.rows.all():
             state = "revoked" if row["revoked"] is not None else "expired" if row["expires"] <= now else "valid"
             if every or state == "valid":
                 out.append({"id": row["id"], "role": row["role"], "label": row["label"],
@@ -159,15 +157,8 @@ class OperatorTokens:
 
     def revoke(self, token_id: str) -> list[str]:
         """Revoke a token and every token made with it (and so on); the ids revoked now."""
-        if self.conn.execute("SELECT 1 FROM operator_tokens WHERE id = ?", (token_id,)).fetchone() is None:
+        if self.rows.get(token_id) is None:
             raise LookupError(f"unknown operator token {token_id!r}")
-        rows = self.conn.execute(
-            """WITH RECURSIVE made(id) AS (
-                   SELECT ? UNION SELECT t.id FROM operator_tokens t JOIN made ON t.created_by = made.id)
-               SELECT o.id FROM operator_tokens o JOIN made ON o.id = made.id WHERE o.revoked IS NULL""",
-            (token_id,)).fetchall()
-        ids = [r["id"] for r in rows]
-        now = self.clock()
-        self.conn.executemany("UPDATE operator_tokens SET revoked = ? WHERE id = ? AND revoked IS NULL",
-                              [(now, i) for i in ids])
+        ids = self.rows.made_from(token_id)
+        self.rows.revoke(ids, self.clock())
         return ids

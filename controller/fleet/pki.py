@@ -28,6 +28,7 @@ from common.tls import (ROLE_URI, SERVER_NAME, Identity, Token, TlsError, finger
                        write_atomic)
 
 from controller.state.db import Database
+from controller.state.trust import EnrolmentRows
 from common import errors
 
 CA_LIFETIME = datetime.timedelta(days=3650)
@@ -225,10 +226,11 @@ class Enrolment:
         if not 1 <= agent_ttl_s <= 825 * 86400:
             raise PkiError(f"--agent-cert-ttl {agent_ttl_s:g}: between 1 s and 825 days")
         self.db = db
+        self.rows = EnrolmentRows(db)
         self.authority = authority
         self.agent_ttl_s = agent_ttl_s
         self.issued: dict[str, Issued] = {}
-        for row in db.conn.execute("SELECT * FROM certificates"):
+        for row in self.rows.certificates():
             self.issued[row["serial"]] = Issued(row["agent_id"], tuple(json.loads(row["roles"])),
                                                 row["not_after"], row["revoked"], row["issued"])
 
@@ -244,11 +246,8 @@ class Enrolment:
             raise ValueError(f"a token's ttl must be between 1 s and {MAX_TOKEN_TTL_S / 86400:.0f} days")
         token = Token(secrets.token_hex(6), secrets.token_urlsafe(24), self.authority.fingerprint)
         created = time.time()
-        self.db.conn.execute(
-            "INSERT INTO tokens (id, secret_sha256, roles, agent_id, created, expires, provides, address) "
-            "VALUES (?,?,?,?,?,?,?,?)",
-            (token.token_id, _hash(token.secret), json.dumps(sorted(set(roles))), agent_id, created,
-             created + ttl_s, json.dumps(sorted(set(provides))), address))
+        self.rows.add_token(token.token_id, _hash(token.secret), sorted(set(roles)), agent_id, created,
+                            created + ttl_s, sorted(set(provides)), address)
         return token, created + ttl_s
 
     def tokens(self, every: bool = False) -> list[dict]:
@@ -256,7 +255,7 @@ class Enrolment:
         `every`, only those that can still be used."""
         now = time.time()
         listed = []
-        for row in self.db.conn.execute("SELECT * FROM tokens ORDER BY created"):
+        for row in self.rows.tokens():
             state = ("revoked" if row["used_by"] == REVOKED_TOKEN else "used" if row["used"] is not None
                      else "expired" if row["expires"] < now else "open")
             if every or state == "open":
@@ -269,14 +268,12 @@ class Enrolment:
 
     def revoke_token(self, token_id: str) -> None:
         """Spend a token nobody has used yet, so that it enrols nothing."""
-        row = self.db.conn.execute("SELECT used, used_by FROM tokens WHERE id = ?", (token_id,)).fetchone()
+        row = self.rows.token(token_id)
         if row is None:
             raise LookupError(f"unknown enrolment token {token_id!r}")
         if row["used_by"] == REVOKED_TOKEN:
             return  # already so: revoking twice is not an error
-        spent = self.db.conn.execute("UPDATE tokens SET used = ?, used_by = ? WHERE id = ? AND used IS NULL",
-                                     (time.time(), REVOKED_TOKEN, token_id)).rowcount
-        if not spent:
+        if not self.rows.spend(token_id, time.time(), REVOKED_TOKEN):
             raise ValueError(f"enrolment token {token_id} was already used by agent {row['used_by']}: "
                              f"revoke the agent instead (deployctl agents revoke {row['used_by']})")
 
@@ -286,7 +283,7 @@ class Enrolment:
             token = parse_token(token_text)
         except TlsError as exc:
             raise EnrolmentRefused(str(exc)) from None
-        row = self.db.conn.execute("SELECT * FROM tokens WHERE id = ?", (token.token_id,)).fetchone()
+        row = self.rows.token(token.token_id)
         if row is None or not hmac.compare_digest(row["secret_sha256"], _hash(token.secret)):
             raise EnrolmentRefused(f"unknown enrolment token {token.token_id}")
         if row["used_by"] == REVOKED_TOKEN:
@@ -303,10 +300,7 @@ class Enrolment:
             # An open token must not buy the identity of an agent that already has one.
             raise EnrolmentRefused(f"agent {agent_id} is already enrolled: revoke it first, or replace it "
                                    f"with a token made for it (deployctl token create --agent {agent_id})")
-        spent = self.db.conn.execute(
-            "UPDATE tokens SET used = ?, used_by = ? WHERE id = ? AND used IS NULL",
-            (time.time(), agent_id, token.token_id)).rowcount
-        if not spent:
+        if not self.rows.spend(token.token_id, time.time(), agent_id):
             raise EnrolmentRefused(f"enrolment token {token.token_id} was already used: tokens are single-use")
         if row["agent_id"]:
             self.revoke(agent_id)  # a token made for this id replaces whatever it held before
@@ -338,7 +332,7 @@ class Enrolment:
         for serial, other in mine.items():
             if serial not in keep:
                 other.revoked = now
-                self.db.conn.execute("UPDATE certificates SET revoked = ? WHERE serial = ?", (now, serial))
+                self.rows.revoke_certificate(serial, now)
         return self._issue(csr_pem, issued.agent_id, list(issued.roles))
 
     def _issue(self, csr_pem: bytes, agent_id: str, roles: list[str]) -> tuple[x509.Certificate, Issued]:
@@ -350,9 +344,7 @@ class Enrolment:
             raise EnrolmentRefused(f"cannot sign this certificate request: {type(exc).__name__}") from None
         ident = identity(cert)
         issued = Issued(agent_id, tuple(roles), ident.not_after, None, time.time())
-        self.db.conn.execute(
-            "INSERT INTO certificates (serial, agent_id, roles, issued, not_after) VALUES (?,?,?,?,?)",
-            (ident.serial, agent_id, json.dumps(roles), issued.issued_at, ident.not_after))
+        self.rows.add_certificate(ident.serial, agent_id, roles, issued.issued_at, ident.not_after)
         self.issued[ident.serial] = issued
         return cert, issued
 
@@ -376,11 +368,9 @@ class Enrolment:
             if issued.agent_id == agent_id and not issued.revoked:
                 issued.revoked = now
                 count += 1
-        self.db.conn.execute("UPDATE certificates SET revoked = ? WHERE agent_id = ? AND revoked IS NULL",
-                             (now, agent_id))
+        self.rows.revoke_certificates_of(agent_id, now)
         # Tokens made for that agent and not yet used are spent too: revoked means revoked.
-        self.db.conn.execute("UPDATE tokens SET used = ?, used_by = ? WHERE agent_id = ? AND used IS NULL",
-                             (now, REVOKED_TOKEN, agent_id))
+        self.rows.spend_tokens_for(agent_id, now, REVOKED_TOKEN)
         return count
 
     def expires(self, agent_id: str) -> float:

@@ -1,0 +1,123 @@
+"""The commands that look at jobs and environments without changing them: recent jobs, one job,
+the logs of a job or of a service, the ledger of what every deploy made or reused, and the live
+status of each service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import grpc
+
+from protos import deployer_pb2 as pb
+
+from common.errors import EXIT_FAILED, EXIT_OK
+from deployctl import render
+from deployctl.client import call, connect, env_service, rpc_error
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    _, rows = call(args, "ListJobs", pb.EnvRef(environment=args.env or ""), 10)
+    rows = json.loads(rows.json)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    now = time.time()
+    sys.stdout.write(render.table(["JOB", "ENVIRONMENT", "KIND", "STATE", "STARTED", "SUMMARY"],
+                                  [[r["id"], r["env_key"], r["kind"], r["state"], render.age(now - r["created"]),
+                                    r["summary"]] for r in rows]))
+    return EXIT_OK
+
+
+def cmd_job_show(args: argparse.Namespace) -> int:
+    _, job = call(args, "ShowJob", pb.JobRef(job_id=args.job_id), 10)
+    job = json.loads(job.json)
+    if args.json:
+        print(json.dumps(job, indent=2))
+        return EXIT_OK
+    print(f"job         {job['id']}\nenvironment {job['env_key']}\nkind        {job['kind']}\n"
+          f"state       {job['state']}\nsummary     {job['summary']}\nfolder      {job['folder']}")
+    for e in job["events"]:
+        if e["event"] == "step.finished":
+            print(f"  {e['service']}: {e['step']:<16} {'ok' if e['ok'] else e['outcome']:<10} "
+                  f"{render.duration(e['duration_s'])}  {e['op']}")
+    return EXIT_OK
+
+
+def cmd_service_logs(args: argparse.Namespace) -> int:
+    """A service's own output, streamed from its agent; follows on to a new instance."""
+    env, service = env_service(args.target)
+    stub, where = connect(args)
+    out = {pb.STDOUT: sys.stdout.buffer, pb.STDERR: sys.stderr.buffer}
+    try:
+        for event in stub.ServiceLogs(pb.ServiceLogsRequest(environment=env, service=service, follow=args.follow,
+                                                            tail=args.tail or 0)):
+            kind = event.WhichOneof("ev")
+            if kind == "output":
+                sink = out.get(event.output.stream, sys.stdout.buffer)
+                sink.write(event.output.data)
+                sink.flush()
+            elif kind == "status":
+                print(f"-- {event.status.note}", file=sys.stderr, flush=True)
+    except grpc.RpcError as exc:
+        raise rpc_error(exc, where) from None
+    return EXIT_OK
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    """A job's events and the output of each of its operations, in order; or, given
+    APP/ENV/SERVICE, that service's own output."""
+    if "/" in args.job_id:
+        args.target = args.job_id
+        return cmd_service_logs(args)
+    stub, where = connect(args)
+    try:
+        for event in stub.FollowJob(pb.JobRef(job_id=args.job_id, follow=args.follow)):
+            e = json.loads(event.json)
+            if e["event"] == "step.finished":
+                print(f"== {e['service']}: {e['step']} ({'ok' if e['ok'] else e['outcome']}, {e['op']})", flush=True)
+                for out in stub.Follow(pb.FollowRequest(op_ids=[e["op"]])):
+                    if out.WhichOneof("ev") == "output":
+                        sys.stdout.buffer.write(out.output.data)
+                sys.stdout.flush()
+            elif e["event"] == "job.finished":
+                print(f"== job {e['state']}: {e['summary']}")
+    except grpc.RpcError as exc:
+        raise rpc_error(exc, where) from None
+    return EXIT_OK
+
+
+def cmd_ledger(args: argparse.Namespace) -> int:
+    _, data = call(args, "Ledger", pb.EnvRef(environment=args.env, service=args.service or ""), 10)
+    data = json.loads(data.json)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    for i, (service, entry) in enumerate(data.items()):
+        if len(data) > 1:
+            print(("\n" if i else "") + f"{args.env}/{service}")
+        sys.stdout.write(entry["diagram"])
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    _, rows = call(args, "Status", pb.EnvRef(environment=args.env), 60)
+    rows = json.loads(rows.json)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    table = []
+    for r in rows:
+        process = f"{r['process']}: {r['error']}" if r.get("error") else r["process"]  # e.g. out of memory
+        table.append([r["service"], str(r["code"] or "-"), r["commit"][:10], r["host"], str(r["port"] or "-"),
+                      process, r.get("health", "-"),
+                      render.size(r["rss_bytes"]) if r.get("rss_bytes") else "-",
+                      render.duration(r["cpu_s"]) if r.get("cpu_s") is not None else "-"])
+    sys.stdout.write(render.table(["SERVICE", "CODE", "COMMIT", "HOST", "PORT", "PROCESS", "HEALTH", "RSS", "CPU"], table))
+    limits = render.limits_table(rows)
+    if limits:
+        sys.stdout.write(f"\nlimits of {args.env} (per host, all its services there together)\n{limits}")
+    return EXIT_OK if all(r["process"] == "running" for r in rows) else EXIT_FAILED
