@@ -219,9 +219,8 @@ class Controller:
         if not bound:
             raise StartupError(f"cannot listen for {what} on {address}")
 
-    async def run(self) -> None:
-        self._check_addresses()
-        self.enroll_listen = self.enroll_listen or enroll_address(self.listen)
+    def _open_store(self) -> tuple[int, Database, Authority, Enrolment]:
+        """Take the store: its lock, then its database and its certificate authority."""
         if self.store.exists():
             check_private(self.store)
         self.store.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -235,10 +234,11 @@ class Controller:
             enrolment = Enrolment(db, authority, self.agent_cert_ttl)
         except PkiError as exc:
             raise StartupError(str(exc)) from None
-        registry = Registry(db, self.lost_after)
-        ledger = Ledger(db, owner=owner_id(authority.fingerprint))
-        dispatcher = Dispatcher(db, registry, self.store, ledger)
-        environments = Environments(self.store, dispatcher, registry, ledger)
+        return lock, db, authority, enrolment
+
+    def _agent_servers(self, registry: Registry, dispatcher: Dispatcher, enrolment: Enrolment,
+                       authority: Authority) -> list[grpc.aio.Server]:
+        """The servers agents dial, bound: with TLS the enrolment one, then the agents' own."""
         servers = []
         agents = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[
             Door(AGENT, enrolment.accepted, certificates=not self.insecure)])
@@ -252,6 +252,17 @@ class Controller:
             self._bind(enroll, self.enroll_listen, server_credentials(authority, clients=False), "enrolment")
             servers.append(enroll)
         servers.append(agents)
+        return servers
+
+    async def run(self) -> None:
+        self._check_addresses()
+        self.enroll_listen = self.enroll_listen or enroll_address(self.listen)
+        lock, db, authority, enrolment = self._open_store()
+        registry = Registry(db, self.lost_after)
+        ledger = Ledger(db, owner=owner_id(authority.fingerprint))
+        dispatcher = Dispatcher(db, registry, self.store, ledger)
+        environments = Environments(self.store, dispatcher, registry, ledger)
+        servers = self._agent_servers(registry, dispatcher, enrolment, authority)
         operator_tokens = OperatorTokens(db, authority.fingerprint)
         service = OperatorService(registry, dispatcher, environments, enrolment, operator_tokens)
         operators = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[Door(OPERATOR)])

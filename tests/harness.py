@@ -309,7 +309,10 @@ class Cluster:
                         timeout, every=0.2, what=f"operation {op_id} finished")
 
     def output(self, op_id: str) -> bytes:
-        return (self.controller.store / "operations" / op_id / "output.log").read_bytes()
+        """What the controller holds of an operation's output so far: its folder appears when the
+        operation is submitted, its log with the first chunk."""
+        log = self.controller.store / "operations" / op_id / "output.log"
+        return log.read_bytes() if log.exists() else b""
 
     def op_ids(self) -> list[str]:
         return sorted(p.name for p in (self.controller.store / "operations").iterdir())

@@ -299,61 +299,96 @@ def findings(env_key, spec, ledger, facts: Facts, claimed, unit, registry) -> li
         where = f"{env_key}/{service}"
         code = live.code
         if code is not None:
-            host = registry.agents.get(code.host)
-            if host is None or host.state != "connected":
-                out.append(Finding(where, f"code {code.number}: agent {code.host} is not connected, cannot check", ""))
-            elif facts.users.get(code.host) is False:
-                out.append(Finding(where, f"code {code.number}: Unix user {user} is missing on {code.host}",
-                                   "restart", service, user))
-            else:
-                commit = facts.releases.get(service)
-                if commit == "missing":
-                    out.append(Finding(where, f"code {code.number}: release folder is missing", "", service))
-                elif commit and commit != code.commit:
-                    out.append(Finding(where, f"code {code.number}: release is at {commit[:12]}, not {code.commit[:12]}",
-                                       "", service))
-                mode = facts.env_modes.get(service)
-                owner = facts.env_owners.get(service)
-                if mode == "missing" and commit != "missing":
-                    out.append(Finding(where, f"code {code.number}: .env is missing", "restart", service))
-                elif owner and owner != user:
-                    out.append(Finding(where, f"code {code.number}: .env belongs to {owner}, not {user}", "restart",
-                                       service))
-                elif mode and mode not in ("600", "missing"):
-                    out.append(Finding(where, f"code {code.number}: .env has mode {mode}, not 600", "env-mode", service))
-                row = ledger.instance(env_key, service, "code", code.number)
-                process = row.names.get("process", "") if row else ""
-                if process and not facts.processes.get((unit(service), process), False):
-                    out.append(Finding(where, f"code {code.number}: process {process} is not running", "restart", service))
-                elif facts.health.get(service):
-                    out.append(Finding(where, f"code {code.number}: health check fails: {facts.health[service]}",
-                                       "restart", service))
+            out += _code_findings(env_key, service, where, code, ledger, facts, user, unit, registry)
         if live.mysql is not None:
-            row = ledger.instance(env_key, service, "mysql", live.mysql.number)
-            names = row.names
-            if names["database"] not in facts.databases:
-                out.append(Finding(where, f"mysql {live.mysql.number}: database {names['database']} is missing", "",
-                                   service, names["database"]))
-            if names["user"] not in facts.mysql_users:
-                out.append(Finding(where, f"mysql {live.mysql.number}: user {names['user']} is missing", "mysql-user",
-                                   service, names["user"]))
+            out += _mysql_findings(env_key, service, where, live.mysql, ledger, facts)
         if live.redis is not None:
-            row = ledger.instance(env_key, service, "redis", live.redis.number)
-            names = row.names
-            patterns = facts.redis_users.get(names["user"])
-            if patterns is None:
-                out.append(Finding(where, f"redis {live.redis.number}: ACL user {names['user']} is missing",
-                                   "redis-user", service, names["user"]))
-            elif patterns != f"~{names['prefix']}*":
-                out.append(Finding(where, f"redis {live.redis.number}: ACL user {names['user']} allows {patterns or 'no keys'}",
-                                   "redis-user", service, names["user"]))
-            elif names["user"] in facts.redis_scripting:
-                out.append(Finding(where, f"redis {live.redis.number}: ACL user {names['user']} may run scripts, "
-                                   "which can hold the shared server", "redis-user", service, names["user"]))
+            out += _redis_findings(env_key, service, where, live.redis, ledger, facts)
+    out += _route_findings(env_key, spec, facts)
+    out += _orphan_findings(env_key, spec, ledger, facts, claimed, unit)
+    return out
+
+
+def _code_findings(env_key, service, where, code, ledger, facts: Facts, user, unit, registry) -> list[Finding]:
+    """The live code instance: its agent and Unix user, its release, its .env, its process and health."""
+    out: list[Finding] = []
+    host = registry.agents.get(code.host)
+    if host is None or host.state != "connected":
+        out.append(Finding(where, f"code {code.number}: agent {code.host} is not connected, cannot check", ""))
+    elif facts.users.get(code.host) is False:
+        out.append(Finding(where, f"code {code.number}: Unix user {user} is missing on {code.host}",
+                           "restart", service, user))
+    else:
+        commit = facts.releases.get(service)
+        if commit == "missing":
+            out.append(Finding(where, f"code {code.number}: release folder is missing", "", service))
+        elif commit and commit != code.commit:
+            out.append(Finding(where, f"code {code.number}: release is at {commit[:12]}, not {code.commit[:12]}",
+                               "", service))
+        mode = facts.env_modes.get(service)
+        owner = facts.env_owners.get(service)
+        if mode == "missing" and commit != "missing":
+            out.append(Finding(where, f"code {code.number}: .env is missing", "restart", service))
+        elif owner and owner != user:
+            out.append(Finding(where, f"code {code.number}: .env belongs to {owner}, not {user}", "restart",
+                               service))
+        elif mode and mode not in ("600", "missing"):
+            out.append(Finding(where, f"code {code.number}: .env has mode {mode}, not 600", "env-mode", service))
+        row = ledger.instance(env_key, service, "code", code.number)
+        process = row.names.get("process", "") if row else ""
+        if process and not facts.processes.get((unit(service), process), False):
+            out.append(Finding(where, f"code {code.number}: process {process} is not running", "restart", service))
+        elif facts.health.get(service):
+            out.append(Finding(where, f"code {code.number}: health check fails: {facts.health[service]}",
+                               "restart", service))
+    return out
+
+
+def _mysql_findings(env_key, service, where, mysql, ledger, facts: Facts) -> list[Finding]:
+    """The live MariaDB instance: its database and its user."""
+    out: list[Finding] = []
+    row = ledger.instance(env_key, service, "mysql", mysql.number)
+    names = row.names
+    if names["database"] not in facts.databases:
+        out.append(Finding(where, f"mysql {mysql.number}: database {names['database']} is missing", "",
+                           service, names["database"]))
+    if names["user"] not in facts.mysql_users:
+        out.append(Finding(where, f"mysql {mysql.number}: user {names['user']} is missing", "mysql-user",
+                           service, names["user"]))
+    return out
+
+
+def _redis_findings(env_key, service, where, redis, ledger, facts: Facts) -> list[Finding]:
+    """The live Redis instance: its ACL user, the keys it may reach, and no scripting."""
+    out: list[Finding] = []
+    row = ledger.instance(env_key, service, "redis", redis.number)
+    names = row.names
+    patterns = facts.redis_users.get(names["user"])
+    if patterns is None:
+        out.append(Finding(where, f"redis {redis.number}: ACL user {names['user']} is missing",
+                           "redis-user", service, names["user"]))
+    elif patterns != f"~{names['prefix']}*":
+        out.append(Finding(where, f"redis {redis.number}: ACL user {names['user']} allows {patterns or 'no keys'}",
+                           "redis-user", service, names["user"]))
+    elif names["user"] in facts.redis_scripting:
+        out.append(Finding(where, f"redis {redis.number}: ACL user {names['user']} may run scripts, "
+                           "which can hold the shared server", "redis-user", service, names["user"]))
+    return out
+
+
+def _route_findings(env_key, spec, facts: Facts) -> list[Finding]:
+    """The environment's nginx file, against what the ledger says it should be."""
+    out: list[Finding] = []
     if facts.nginx is None and any(s.is_web for s in spec.services):
         out.append(Finding(env_key, "nginx file is missing", "route"))
     elif facts.nginx is not None and facts.nginx != facts.nginx_expected:
         out.append(Finding(env_key, "nginx file differs from what the ledger says", "route"))
+    return out
+
+
+def _orphan_findings(env_key, spec, ledger, facts: Facts, claimed, unit) -> list[Finding]:
+    """What is ours and no environment in the ledger holds: folders, route files, processes, databases."""
+    out: list[Finding] = []
     owner = ledger.owner
     for host, folders in sorted(facts.folders.items()):
         for folder in folders:

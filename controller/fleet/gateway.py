@@ -150,17 +150,7 @@ class AgentGateway(pb_grpc.AgentGatewayServicer):
     async def Connect(self, request_iterator, context: grpc.aio.ServicerContext):
         caller_id = CALLER.get().agent_id if CALLER.get() else ""
         log.info("agent.stream_opened", peer=context.peer(), agent_id=caller_id)  # past the door, before hello
-        try:
-            first = await asyncio.wait_for(read_message(context), HELLO_TIMEOUT_S)
-            problem = check_hello(first)
-        except ProtocolError as exc:
-            problem = str(exc)
-        except asyncio.TimeoutError:
-            problem = f"no hello within {HELLO_TIMEOUT_S:g} s"
-        if problem:
-            log.warning("agent.refused", peer=context.peer(), reason=problem)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        hello = first.hello
+        hello = await self._receive_hello(context)
         caller = CALLER.get()
         problem = check_identity(hello, caller)
         if problem:
@@ -208,6 +198,22 @@ class AgentGateway(pb_grpc.AgentGatewayServicer):
         if failure is not None:
             log.error("agent.session_failed", agent_id=session.agent_id, error=repr(failure))
             await context.abort(grpc.StatusCode.INTERNAL, "the controller could not handle a message; see its log")
+
+    @staticmethod
+    async def _receive_hello(context: grpc.aio.ServicerContext) -> pb.Hello:
+        """The session's first message, which must be an acceptable hello: anything else, or
+        nothing in time, ends the stream with INVALID_ARGUMENT."""
+        try:
+            first = await asyncio.wait_for(read_message(context), HELLO_TIMEOUT_S)
+            problem = check_hello(first)
+        except ProtocolError as exc:
+            problem = str(exc)
+        except asyncio.TimeoutError:
+            problem = f"no hello within {HELLO_TIMEOUT_S:g} s"
+        if problem:
+            log.warning("agent.refused", peer=context.peer(), reason=problem)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        return first.hello
 
     @staticmethod
     async def _end_at_expiry(session: Session, not_after: float) -> None:
