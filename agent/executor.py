@@ -5,6 +5,9 @@ Exit is observed through a pidfd and the child is left a zombie until its group 
 up: while the zombie holds the pid, the process group id cannot be reused, so the final
 `killpg(SIGKILL)` of leftovers can never hit an unrelated process. Nothing an operation starts
 outlives it (a service is started by the service driver, not by `exec`).
+
+One module, though long: the order of fork, group, pidfd, reaping and the final kill is one
+invariant, and splitting it would spread that order over files.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ Layout, all under a parent of ours (`deployer`) in each hierarchy:
 A leaf per process tree gives an exact out-of-memory count for it (the kernel counts a kill in
 the victim's own memory cgroup), lets whatever is left of it be killed at the end even if it
 left its process group, and is what cgroup v2 requires anyway (no processes in inner groups).
+
+One module, though a little long: cgroup v1, v2 and systemd's slices carry the same invariant and
+are kept side by side so that a change to one is seen against the others.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """The operator service: what `deployctl` calls, over the controller's Unix socket or its TCP
-operator listener (the door has authenticated the caller before any method here runs)."""
+operator listener (the door has authenticated the caller before any method here runs).
+
+One module, though long: it is the gRPC surface, one thin method per call of deployctl (each
+hands over to the fleet or the environments), and reads best as the list of what operators can do."""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Environment specs and deploy options (docs/spec-format.md): loading, validating, canonical form."""
+"""Environment specs and deploy options (docs/spec-format.md): loading, validating, canonical form.
+
+One module, though long: it is the single reader of one format, and every rule a spec must meet
+(with the file, line and key an error names) is kept beside the others, so that a rule cannot be
+checked in one place and forgotten in another."""
 
 from __future__ import annotations
 

@@ -5,6 +5,9 @@ is pure. Repair only converges (restarts a dead instance, rewrites a route, recr
 database user with its recorded name and password) and never deletes data. Clean removes failed
 instances, code instances beyond the kept number, and orphans inside our namespaces — `auto-*`
 names that no environment in the ledger claims — and nothing else.
+
+One module, though a little long: gathering facts, judging them and acting on the findings share
+the Facts and Finding types and are read together when a finding is added.
 """
 
 from __future__ import annotations
