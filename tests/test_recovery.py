@@ -58,7 +58,8 @@ def test_interrupt_says_where_each_job_was_and_frees_its_lock(tmp_path):
     from controller.state.db import Database
     from controller.state.jobs import EnvLock, Job
     from controller.state.ledger import Ledger
-    from controller.environments.recovery import interrupt, pending
+    from controller.environments.recovery import interrupt
+    from controller.state.jobs import JobTable
     db = Database(tmp_path / "deployer.db")
     cut = Job(tmp_path, db, "job-cut", "shop/prod", "apply")
     EnvLock(tmp_path, "shop/prod").acquire("job-cut", "apply")
@@ -70,7 +71,7 @@ def test_interrupt_says_where_each_job_was_and_frees_its_lock(tmp_path):
     EnvLock(tmp_path, "shop/dev").acquire("job-done", "verify")
     done.event("job.finished", state="succeeded", summary="no drift")
 
-    assert interrupt(tmp_path, db) == ["shop/prod"]
+    assert interrupt(tmp_path, JobTable(db)) == ["shop/prod"]
     rows = {r["id"]: dict(r) for r in db.conn.execute("SELECT * FROM jobs")}
     assert rows["job-cut"]["state"] == "interrupted"
     assert rows["job-cut"]["summary"] == "the controller restarted during step install of service web (deploy 2)"
@@ -81,8 +82,8 @@ def test_interrupt_says_where_each_job_was_and_frees_its_lock(tmp_path):
     assert (last["event"], last["state"]) == ("job.finished", "interrupted")
     assert json.loads((tmp_path / "jobs" / "job-cut" / "job.json").read_text())["state"] == "interrupted"
     assert EnvLock(tmp_path, "shop/prod").owner() is None and EnvLock(tmp_path, "shop/dev").owner() is None
-    assert pending(db.conn, "shop/prod") == ["job-cut"] and pending(db.conn, "shop/dev") == []
-    assert interrupt(tmp_path, db) == ["shop/prod"]          # a second start: still to settle, nothing rewritten
+    assert JobTable(db).pending("shop/prod") == ["job-cut"] and JobTable(db).pending("shop/dev") == []
+    assert interrupt(tmp_path, JobTable(db)) == ["shop/prod"]          # a second start: still to settle, nothing rewritten
     assert len((tmp_path / "jobs" / "job-cut" / "events.jsonl").read_text().splitlines()) == 3
 
 

@@ -175,7 +175,7 @@ class Ledger:
     def definition(self, env_key: str, service: str, code: int | None) -> dict | None:
         """The service as code instance `code` was deployed (recorded with the instance)."""
         row = self.instance(env_key, service, "code", code) if code is not None else None
-        return json.loads(row["names"]).get("service") if row else None
+        return row.names.get("service") if row else None
 
     def redact_values(self, scope: Scope | str | None, agent_id: str) -> list[str]:
         """The secret values an operation could reveal, for its agent to replace in its output:
