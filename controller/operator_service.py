@@ -26,7 +26,7 @@ from controller.environments.facts import ServiceProcesses
 from controller.fleet import operations
 from controller.fleet.door import OPERATOR_CALLER
 from controller.fleet.dispatcher import Dispatcher, UnknownOperation
-from controller.environments.orders import Environments
+from controller.environments.orders import Check, Environments, Order, Rollback, order_of
 from controller.state.jobs import JobTable, read_events
 from controller.environments.spec import Limits, spec_from_dict
 from controller.state.ledger import diagram
@@ -228,19 +228,19 @@ class OperatorService(pb_grpc.OperatorServicer):
     # ---------------------------------------------------------------- orders and jobs
 
     async def Plan(self, request, context):
-        _spec, plan, _options = await self.environments.plan(request)
+        _spec, plan, _options = await self.environments.plan(order_of(Order, request))
         return pb.PlanReply(plan_json=json.dumps(plan.to_dict()))
 
     async def Apply(self, request, context):
-        job, plan = await self.environments.apply(request)
+        job, plan = await self.environments.apply(order_of(Order, request))
         return pb.ApplyReply(job_id=job.id if job else "", plan_json=json.dumps(plan.to_dict()))
 
     async def Rollback(self, request, context):
-        job, plan = await self.environments.rollback(request)
+        job, plan = await self.environments.rollback(order_of(Rollback, request))
         return pb.ApplyReply(job_id=job.id, plan_json=json.dumps(plan.to_dict()))
 
     async def Check(self, request, context):
-        job = await self.environments.check(request)
+        job = await self.environments.check(order_of(Check, request))
         return pb.ApplyReply(job_id=job.id)
 
     async def ServiceLogs(self, request, context):

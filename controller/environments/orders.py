@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import structlog
@@ -25,6 +26,46 @@ log = structlog.get_logger("controller")
 
 class OrderError(errors.BadInput):
     """The order cannot be accepted; one line naming the file, line and key where it can."""
+
+
+@dataclass(frozen=True)
+class Order:
+    """A plan or apply: the spec as the operator sent it (or a diff to the stored one), options."""
+
+    spec_text: str = ""
+    spec_name: str = ""       # the file name, for error messages
+    options_text: str = ""
+    options_name: str = ""
+    diff_text: str = ""
+    diff_name: str = ""
+    environment: str = ""     # app/environment, with a diff and no spec
+    prune: bool = False
+    base_dir: str = ""        # where relative local sources are resolved
+
+
+@dataclass(frozen=True)
+class Rollback:
+    """Start an older code instance (`to`, 0: the newest older one), or the live one again."""
+
+    environment: str
+    service: str
+    to: int = 0
+    reload: bool = False
+
+
+@dataclass(frozen=True)
+class Check:
+    """verify, repair, clean or destroy an environment."""
+
+    environment: str
+    action: str
+    dry_run: bool = False
+    purge_data: bool = False
+
+
+def order_of(kind, message):
+    """An order of `kind` with the same-named fields of a request (the gRPC boundary's message)."""
+    return kind(**{f.name: getattr(message, f.name) for f in fields(kind)})
 
 
 class Environments:
@@ -63,7 +104,7 @@ class Environments:
         stored = self.specs.get(env_key)
         return json.loads(stored) if stored is not None else None
 
-    def read_order(self, request) -> tuple[spec_mod.Spec, spec_mod.Options | None]:
+    def read_order(self, request: Order) -> tuple[spec_mod.Spec, spec_mod.Options | None]:
         if request.diff_text:
             env_key = request.environment
             if request.spec_text:
@@ -95,7 +136,7 @@ class Environments:
             services.append(dataclasses.replace(service, source=source))
         return dataclasses.replace(spec, services=tuple(services))
 
-    async def resolve(self, spec: spec_mod.Spec, options, request) -> dict[str, str]:
+    async def resolve(self, spec: spec_mod.Spec, options, request: Order) -> dict[str, str]:
         """Each service's ref → exact commit (git ls-remote), checked before any work starts."""
         refs = dict(options.refs) if options else {}
         selected = set(options.services) if options and options.services else {s.name for s in spec.services}
@@ -116,7 +157,7 @@ class Environments:
         pairs = await asyncio.gather(*(one(s) for s in spec.services if s.name in selected))
         return dict(pairs)
 
-    async def plan(self, request) -> tuple[spec_mod.Spec, planner.Plan, spec_mod.Options | None]:
+    async def plan(self, request: Order) -> tuple[spec_mod.Spec, planner.Plan, spec_mod.Options | None]:
         spec, options = self.read_order(request)
         commits = await self.resolve(spec, options, request)
         state = self.ledger.state(spec.key)
@@ -124,7 +165,7 @@ class Environments:
 
     # ---------------------------------------------------------------- apply
 
-    async def apply(self, request) -> tuple[Job | None, planner.Plan]:
+    async def apply(self, request: Order) -> tuple[Job | None, planner.Plan]:
         spec, plan, options = await self.plan(request)
         for other, stored in self.specs.others(spec.key):
             if json.loads(stored).get("domain") == spec.domain:
@@ -228,7 +269,7 @@ class Environments:
         note = why + ("; data is not touched: " + ", ".join(kept) + " stay live" if kept else "")
         return spec, plan, note
 
-    async def rollback(self, request) -> tuple[Job, planner.Plan]:
+    async def rollback(self, request: Rollback) -> tuple[Job, planner.Plan]:
         env_key, service = request.environment, request.service
         spec, plan, note = self._code_plan(env_key, service, request.to, request.reload)
         kind = "reload" if request.reload else "rollback"
@@ -239,7 +280,7 @@ class Environments:
         (after a failed apply the stored spec is ahead of what runs)."""
         return self.ledger.as_deployed(env_key, stored)
 
-    async def check(self, request) -> Job:
+    async def check(self, request: Check) -> Job:
         """verify, repair or clean one environment, as a job."""
         stored = self.stored_spec(request.environment)
         if stored is None:
