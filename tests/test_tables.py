@@ -12,7 +12,7 @@ import pytest
 from google.protobuf import json_format
 
 from controller.environments import commands, recovery, verify
-from controller.environments.facts import NginxFile, ServiceProcesses
+from controller.environments.facts import HostFolders, MysqlNames, NginxFile, Releases, RouteFiles, ServiceProcesses
 
 DATA = Path(__file__).resolve().parent / "data"
 BUILDERS = json.loads((DATA / "commands.json").read_text())
@@ -57,6 +57,16 @@ def test_a_fact_reads_exactly_this(case):
         verify.read_acl_list(case["output"], facts)
         assert {"redis_users": facts.redis_users, "redis_scripting": sorted(facts.redis_scripting),
                 "redis_default_open": facts.redis_default_open, "warnings": verify.warnings(facts)} == expected
+    elif fact == "RouteFiles":
+        assert RouteFiles.parse(case["output"]) == expected
+    elif fact == "HostFolders":
+        folders, user = HostFolders.parse(case["output"])
+        assert {"folders": folders, "user": user} == expected
+    elif fact == "Releases":
+        assert {s: dataclasses.asdict(r) for s, r in Releases.parse(case["output"]).items()} == expected
+    elif fact == "MysqlNames":
+        databases, users = MysqlNames.parse(case["output"])
+        assert {"databases": databases, "users": sorted(users)} == expected
     else:
         raise AssertionError(f"unknown fact {fact!r} in tests/data/facts.json")
 

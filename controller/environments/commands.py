@@ -351,6 +351,11 @@ def settle_staged_env(staged: str, release: str) -> str:
             f"rm -f {_sh(release)}/.env.deploy-*")
 
 
+def env_mode_private(path: str) -> str:
+    """Run as the file's owner: a root chmod would follow a link the user put in its place."""
+    return f"chmod 600 {_sh(path)}"
+
+
 def remove_paths(*paths: str) -> str:
     return "rm -rf " + " ".join(_sh(p) for p in paths)
 

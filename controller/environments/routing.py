@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import shlex
 
 from protos import deployer_pb2 as pb
 
@@ -74,7 +73,7 @@ async def switch_route(ctx: JobContext, service: str, override=None) -> None:
         switch = ops.nginx_switch_script(conf, staged, on.settings.get("nginx.test", "nginx -t"), *reload_settings(on))
         refused = await ctx.guarded(on, ownership.route_guard(
             conf, ctx.ledger.owner, ctx.env_key, bool(ctx.ledger.state(ctx.env_key)), switch,
-            refused=f"rm -f {shlex.quote(staged)}"), service, "route", scope=Scope.route(ctx.env_key))
+            refused=ops.remove_file(staged)), service, "route", scope=Scope.route(ctx.env_key))
         if refused:
             raise StepFailed(service, "route", refused)
 

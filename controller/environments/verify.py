@@ -12,12 +12,12 @@ the Facts and Finding types and are read together when a finding is added.
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import dataclass, field
 
 from protos import deployer_pb2 as pb
 
-from controller.environments.facts import NginxFile, ServiceProcesses
+from controller.environments.facts import (HostFolders, MysqlNames, NginxFile, RedisAcl, Releases, RouteFiles,
+                                          ServiceProcesses)
 from controller.environments import naming, commands as ops, ownership
 from controller.state.knowledge import Scope
 from controller.environments.planner import Change, ServicePlan
@@ -93,58 +93,38 @@ class Checker:
         cat = await self.ctx.sh(router, NginxFile.command(conf),
                                    self.env_key, "read route", check=False, scope=Scope.route(self.env_key))
         facts.nginx = NginxFile.parse(output_of(cat))
-        folder = shlex.quote(conf.rsplit("/", 1)[0])
-        listing = await self.ctx.sh(router, f"cd {folder} && for f in auto-*.conf; do [ -f \"$f\" ] && "
-                                               "echo \"$f $(sed -n 2p \"$f\" | head -c 200)\"; done; true",
-                                       self.env_key, "list routes", check=False, scope=Scope.route(self.env_key))
-        for line in output_of(listing).splitlines():
-            name, _, mark = line.partition(" ")
-            if name:
-                facts.nginx_files.append(name)
-                facts.nginx_marks[name] = mark.removeprefix("# owner: ")
+        listing = await self.ctx.sh(router, RouteFiles.command(conf.rsplit("/", 1)[0]), self.env_key, "list routes",
+                                    check=False, scope=Scope.route(self.env_key))
+        facts.nginx_marks = RouteFiles.parse(output_of(listing))
+        facts.nginx_files = list(facts.nginx_marks)
         facts.nginx_expected = routing.nginx_content(self.ctx, router).decode()
         await self._data_facts(facts)
         return facts
 
     async def _code_facts(self, host, state, facts: Facts) -> None:
         user = self.ctx.unix_user
-        probe = await self.ctx.sh(
-            host, ownership.folder_marks_script(host.services_root) + "\n"
-                  f"id -u {shlex.quote(user)} >/dev/null 2>&1 && echo user yes || echo user no",
-            self.env_key, "inspect code", check=False)
-        for line in output_of(probe).splitlines():
-            kind, _, rest = line.partition(" ")
-            if kind == "folder":
-                path, _, mark = rest.partition(" ")
-                facts.folders.setdefault(host.id, []).append(path)
-                facts.folder_marks[path] = mark
-            elif kind == "user":
-                facts.users[host.id] = rest == "yes"
-        lines = []
-        for service, live in state.items():
-            if not live.code or live.code.host != host.id:
-                continue
-            release = f"{naming.service_dir(host.services_root, self.spec.app, self.spec.environment, service)}" \
-                      f"/releases/{live.code.number}"
-            q = shlex.quote(release)
-            # git refuses a repository of another owner; reading HEAD of a root-owned one is safe
-            lines.append(f"echo release {service} $(git -c safe.directory='*' -C {q} rev-parse HEAD 2>/dev/null"
-                         " || echo missing)")
-            lines.append(f"echo env {service} $(stat -c '%a %U' {q}/.env 2>/dev/null || echo missing)")
-        if lines and facts.users.get(host.id):
+        probe = await self.ctx.sh(host, HostFolders.command(ownership.folder_marks_script(host.services_root), user),
+                                  self.env_key, "inspect code", check=False)
+        folders, user_exists = HostFolders.parse(output_of(probe))
+        if folders:
+            facts.folders.setdefault(host.id, []).extend(folders)
+        facts.folder_marks.update(folders)
+        if user_exists is not None:
+            facts.users[host.id] = user_exists
+        releases = {service: f"{naming.service_dir(host.services_root, self.spec.app, self.spec.environment, service)}"
+                             f"/releases/{live.code.number}"
+                    for service, live in state.items() if live.code and live.code.host == host.id}
+        if releases and facts.users.get(host.id):
             # As the environment's user: root never runs git in a repository its user owns.
-            probe = await self.ctx.sh(host, "\n".join(lines), self.env_key, "inspect releases", check=False,
-                                         user=user)
-            for line in output_of(probe).splitlines():
-                kind, _, rest = line.partition(" ")
-                service, _, value = rest.partition(" ")
-                if kind == "release":
-                    facts.releases[service] = value
-                elif kind == "env":
-                    mode, _, owner = value.partition(" ")
-                    facts.env_modes[service] = mode
-                    if owner:
-                        facts.env_owners[service] = owner
+            probe = await self.ctx.sh(host, Releases.command(releases), self.env_key, "inspect releases", check=False,
+                                      user=user)
+            for service, found in Releases.parse(output_of(probe)).items():
+                if found.commit:
+                    facts.releases[service] = found.commit
+                if found.env_mode:
+                    facts.env_modes[service] = found.env_mode
+                if found.env_owner:
+                    facts.env_owners[service] = found.env_owner
         listing = await self.ctx.run_op(host, ServiceProcesses.operation(naming.PREFIX),
                                            self.env_key, "list processes", check=False)
         for process in ServiceProcesses.parse(output_of(listing)):
@@ -167,24 +147,16 @@ class Checker:
     async def _data_facts(self, facts: Facts) -> None:
         mysql = self._provider("mysql")
         if mysql is not None:
-            admin = mysql.mysql_admin()
-            query = ("SELECT CONCAT('db ', SCHEMA_NAME, ' ', SCHEMA_COMMENT) FROM information_schema.SCHEMATA "
-                     "WHERE SCHEMA_NAME LIKE 'auto-%'; "
-                     "SELECT CONCAT('user ', User) FROM mysql.user WHERE User LIKE 'auto-%';")
-            op = await self.ctx.sh(mysql, f"{admin} --skip-column-names -e {shlex.quote(query)}", self.env_key,
-                                      "inspect mysql", check=False, scope=Scope.data(self.env_key))
-            for line in output_of(op).splitlines():
-                kind, _, rest = line.partition(" ")
-                name, _, comment = rest.partition(" ")
-                (facts.databases if kind == "db" else facts.mysql_users).add(name)
-                if kind == "db":
-                    facts.database_marks[name] = comment
+            op = await self.ctx.sh(mysql, MysqlNames.command(mysql.mysql_admin()), self.env_key, "inspect mysql",
+                                   check=False, scope=Scope.data(self.env_key))
+            databases, users = MysqlNames.parse(output_of(op))
+            facts.databases |= set(databases)
+            facts.database_marks.update(databases)
+            facts.mysql_users |= users
         redis = self._provider("redis")
         if redis is not None:
-            cli = redis.redis_cli()
-            # Password hashes are cut on the host: they never reach the job folder.
-            op = await self.ctx.sh(redis, f"{cli} ACL LIST | sed -E 's/ [#>][^ ]*//g'", self.env_key, "inspect redis",
-                                      check=False, scope=Scope.data(self.env_key))
+            op = await self.ctx.sh(redis, RedisAcl.command(redis.redis_cli()), self.env_key, "inspect redis",
+                                   check=False, scope=Scope.data(self.env_key))
             read_acl_list(output_of(op), facts)
 
     def findings(self, facts: Facts) -> list[Finding]:
@@ -215,7 +187,7 @@ class Checker:
                 path = f"{naming.service_dir(host.services_root, self.spec.app, self.spec.environment, f.service)}" \
                        f"/releases/{live.number}/.env"
                 # As its owner: a root chmod would follow a link the user put in its place.
-                await self.ctx.sh(host, f"chmod 600 {shlex.quote(path)}", f.service, "repair .env",
+                await self.ctx.sh(host, ops.env_mode_private(path), f.service, "repair .env",
                                      user=self.ctx.unix_user)
                 done.append(f"{f.where}: .env mode set to 600")
         restart = sorted({f.service for f in found if f.fix == "restart"})
