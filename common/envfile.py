@@ -8,6 +8,8 @@ PEM key, say) survives every reader unchanged.
 
 from __future__ import annotations
 
+import re
+
 _ESCAPED = '"\\$`'
 
 
@@ -65,3 +67,46 @@ def parse(text: str) -> dict[str, str]:
             i += 1
         env[name.strip()] = "".join(chars)
     return env
+
+
+# ---------------------------------------------------------------- values built from others
+
+_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+
+
+def _pieces(template: str):
+    """A template's literal text and ${NAME} references, in order: ("text", s) or ("ref", NAME).
+    `$$` is a literal `$`, and so is a `$` not followed by `{`."""
+    i = 0
+    while i < len(template):
+        at = template.find("$", i)
+        if at < 0:
+            yield "text", template[i:]
+            return
+        yield "text", template[i:at]
+        nxt = template[at + 1:at + 2]
+        if nxt == "$":
+            yield "text", "$"
+            i = at + 2
+        elif nxt == "{":
+            end = template.find("}", at + 2)
+            if end < 0:
+                raise ValueError(f"${{ at offset {at} is not closed by }}; write $$ for a literal $")
+            name = template[at + 2:end]
+            if not _NAME.fullmatch(name):
+                raise ValueError(f"${{{name[:40]}}} is not a variable name (capitals, digits and _)")
+            yield "ref", name
+            i = end + 1
+        else:
+            yield "text", "$"
+            i = at + 1
+
+
+def references(template: str) -> list[str]:
+    """The names a template refers to, in order (ValueError if it is malformed)."""
+    return [value for kind, value in _pieces(template) if kind == "ref"]
+
+
+def expand(template: str, values: dict[str, str]) -> str:
+    """The template with each ${NAME} replaced by values[NAME] (KeyError if one is missing)."""
+    return "".join(value if kind == "text" else values[value] for kind, value in _pieces(template))

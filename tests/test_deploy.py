@@ -186,6 +186,35 @@ def test_isolation_between_services(world, tmp_path):
     assert mine.returncode == 0, mine.stderr
 
 
+def test_env_values_are_built_from_the_generated_ones(world, tmp_path):
+    """An ORM's own URL scheme, a bind address from PORT and a literal `$`, built where the .env is
+    written: the URL really opens the service's database, and its password reaches no job file."""
+    import urllib.parse
+
+    from common import envfile
+    env, repo, cluster = new_env(world), world["repo"], world["cluster"]
+    spec = write_spec(tmp_path, env, {"web": web_service(repo, env={
+        "SQLALCHEMY_DATABASE_URI": "mysql+pymysql://${DB_USER}:${DB_PASSWORD}@${DB_HOST}:${DB_PORT}/${DB_NAME}",
+        "BIND": "127.0.0.1:${PORT}", "QUEUE_URL": "${REDIS_URL}/0", "PRICE": "$$5"})})
+    apply(world, str(spec))
+    root = cluster.agents["computing-1"].services_root
+    values = envfile.parse((root / f"auto-shop-{env}-web" / "current" / ".env").read_text())
+    url = urllib.parse.urlsplit(values["SQLALCHEMY_DATABASE_URI"])
+    assert url.scheme == "mysql+pymysql" and url.username == values["DB_USER"] and url.password == values["DB_PASSWORD"]
+    assert (url.hostname, str(url.port), url.path) == (values["DB_HOST"], values["DB_PORT"], "/" + values["DB_NAME"])
+    opened = subprocess.run(["mariadb", "-h", url.hostname, "-P", str(url.port), "-u", url.username,
+                             f"-p{url.password}", url.path[1:], "-e", "SELECT 1"], capture_output=True, text=True)
+    assert opened.returncode == 0, opened.stderr
+    live = json.loads(cluster.deployctl("ledger", f"shop/{env}", "web", "--json").stdout)["web"]["instances"]
+    assert values["BIND"] == f"127.0.0.1:{next(i['port'] for i in live if i['status'] == 'live')}"
+    assert values["QUEUE_URL"] == values["REDIS_URL"] + "/0" and values["PRICE"] == "$5"
+    assert values["REDIS_PASSWORD"] in values["REDIS_URL"] and values["REDIS_USER"] == values["REDIS_PREFIX"][:-1]
+    assert http_get(world["nginx"].port, "/health", host=f"{env}.shop.test")[0] == 200
+    jobs = cluster.controller.store / "jobs"
+    leaked = [p for p in jobs.rglob("*") if p.is_file() and values["DB_PASSWORD"].encode() in p.read_bytes()]
+    assert leaked == []
+
+
 def test_failing_install_changes_nothing_and_secrets_stay_secret(world, tmp_path):
     env, repo, cluster = new_env(world), world["repo"], world["cluster"]
     secret = "s3cr3t-" + unique_env() + "-value"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, strategies as st
 
 from common import envfile
@@ -38,3 +39,35 @@ def test_a_nul_byte_cannot_be_written():
         assert "K" in str(exc)
     else:
         raise AssertionError("a NUL byte was accepted")
+
+
+# ---------------------------------------------------------------- values built from generated ones
+
+@pytest.mark.parametrize("template, expected", [
+    ("mysql+pymysql://${DB_USER}:${DB_PASSWORD}@${DB_HOST}:${DB_PORT}/${DB_NAME}",
+     "mysql+pymysql://u:p@w$rd@10.0.0.7:3306/auto-shop-prod-web-1"),
+    ("$$5, $HOME and ${DB_USER}$", "$5, $HOME and u$"),
+    ("no reference", "no reference"),
+    ("${DB_PASSWORD}${DB_PASSWORD}", "p@w$rdp@w$rd"),
+    ("$${DB_USER}", "${DB_USER}"),
+])
+def test_expand_replaces_references_and_keeps_the_rest(template, expected):
+    values = {"DB_USER": "u", "DB_PASSWORD": "p@w$rd", "DB_HOST": "10.0.0.7", "DB_PORT": "3306",
+              "DB_NAME": "auto-shop-prod-web-1"}
+    assert envfile.expand(template, values) == expected
+
+
+def test_a_value_is_never_expanded_twice():
+    """A generated value holding `${…}` (a password could) is put in as it is."""
+    assert envfile.expand("x=${A}", {"A": "${B}", "B": "no"}) == "x=${B}"
+
+
+@pytest.mark.parametrize("template, error", [
+    ("${A", "${ at offset 0 is not closed by }; write $$ for a literal $"),
+    ("x ${a-b}", "${a-b} is not a variable name (capitals, digits and _)"),
+    ("${}", "${} is not a variable name (capitals, digits and _)"),
+])
+def test_malformed_references_are_refused(template, error):
+    with pytest.raises(ValueError) as raised:
+        envfile.references(template)
+    assert str(raised.value) == error

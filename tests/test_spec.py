@@ -667,3 +667,46 @@ def test_schema_name_rule_is_the_loader_name_rule(text):
     rule = SCHEMA["$defs"]["name"]
     assert (re.search(rule["pattern"], text) is not None and len(text) <= rule["maxLength"]) == \
         (name_problem(text) is None)
+
+
+# ---------------------------------------------------------------- env values built from generated ones
+
+WORKER_ENV = "    start: node worker.js\n    uses: [redis]\n"
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    (WORKER_ENV, "    start: node worker.js\n    uses: [redis]\n    env:\n      DSN: mysql://${DB_USER}@x\n",
+     "shop.yml:20: services.worker.env.DSN: ${DB_USER} is not a generated value of this service: this service "
+     "does not use mysql (add it to uses)"),
+    (WORKER_ENV, "    start: node worker.js\n    uses: [redis]\n    env:\n      LISTEN: ${PORT}\n",
+     "shop.yml:20: services.worker.env.LISTEN: ${PORT} is not a generated value of this service: PORT is given to "
+     "web services only (a service with a path)"),
+    (WORKER_ENV, "    start: node worker.js\n    uses: [redis]\n    env:\n      X: ${HOME}/cache\n",
+     "shop.yml:20: services.worker.env.X: ${HOME} is not a generated value of this service: it has REDIS_URL, "
+     "REDIS_HOST, REDIS_PORT, REDIS_USER, REDIS_PASSWORD, REDIS_PREFIX; write $$ for a literal $"),
+    (WORKER_ENV, "    start: node worker.js\n    uses: [redis]\n    env:\n      X: \"${REDIS_URL\"\n",
+     "shop.yml:20: services.worker.env.X: ${ at offset 0 is not closed by }; write $$ for a literal $"),
+    (WORKER_ENV, "    start: node worker.js\n    uses: [redis]\n    env:\n      X: \"${redis_url}\"\n",
+     "shop.yml:20: services.worker.env.X: ${redis_url} is not a variable name (capitals, digits and _)"),
+    (WORKER_ENV, "    start: node worker.js\n    uses: [redis]\n    env:\n      REDIS_HOST: 10.0.0.1\n",
+     "shop.yml:20: services.worker.env.REDIS_HOST: REDIS_HOST is set by the deployer for this service (it uses "
+     "redis); build another name from ${REDIS_HOST}"),
+], ids=["unused-component", "port-in-a-daemon", "unknown-name", "unclosed", "not-a-name", "takes-a-generated-name"])
+def test_bad_env_references(old, new, expected):
+    with pytest.raises(SpecError) as err:
+        parse_spec(variant(old, new), "shop.yml")
+    assert str(err.value) == expected
+
+
+def test_env_references_that_hold():
+    spec = parse_spec(variant(WORKER_ENV, "    start: node worker.js\n    uses: [redis]\n    env:\n"
+                                          "      QUEUE: \"${REDIS_URL}/0\"\n      PRICE: \"$$5 and $HOME\"\n"
+                                          "      REDIS_HOST_FOR_NOTHING: x\n"), "shop.yml")
+    assert dict(spec.service("worker").env)["QUEUE"] == "${REDIS_URL}/0"   # kept as written: built at deploy
+    web_only = parse_spec(variant("      NODE_ENV: production\n",
+                                  "      NODE_ENV: production\n      BIND: \"0.0.0.0:${PORT}\"\n"), "shop.yml")
+    assert dict(web_only.service("web").env)["BIND"] == "0.0.0.0:${PORT}"
+    # A daemon without redis may keep its own REDIS_HOST: the name is only the deployer's where it generates it.
+    plain = parse_spec(variant(WORKER_ENV, "    start: node worker.js\n    env:\n      REDIS_HOST: cache.internal\n"),
+                       "shop.yml")
+    assert dict(plain.service("worker").env)["REDIS_HOST"] == "cache.internal"

@@ -119,7 +119,8 @@ async def redis(ctx: JobContext, d: Deployment, numbers: dict[str, int], new: bo
         lambda names, pw: ops.redis_create_user(names["user"], names["prefix"], pw))
     host = provider.settings.get("redis.host", "127.0.0.1")
     port = provider.settings.get("redis.port", "6379")
-    return {"REDIS_URL": f"redis://{names['user']}:{password}@{ops.url_host(host)}:{port}", "REDIS_PREFIX": names["prefix"]}
+    return {"REDIS_URL": f"redis://{names['user']}:{password}@{ops.url_host(host)}:{port}", "REDIS_HOST": host,
+            "REDIS_PORT": port, "REDIS_USER": names["user"], "REDIS_PASSWORD": password, "REDIS_PREFIX": names["prefix"]}
 
 
 async def drop_owned(ctx: JobContext, provider: Agent, component: str, number: int, names: dict, service: str,

@@ -23,6 +23,7 @@ from controller.environments.facts import ServiceProcesses
 from controller.environments.planner import Plan, ServicePlan
 from controller.environments.spec import code_fingerprint
 from controller.state.ledger import RAN, Status
+from common import envfile
 
 KEEP_RELEASES = 5
 DRAIN_S = 2.0
@@ -113,12 +114,18 @@ async def _configure(ctx: JobContext, d: Deployment, numbers: dict[str, int], my
     release = _release(d)
     workdir = f"{release}/{service.root}" if service.root else release
     await ctx.sh(d.host, ops.service_layout(d.service_dir, release, ctx.unix_user), name, "permissions")
-    values = {}
+    generated = {}
     if mysql is not None:
-        values.update(await data.mysql(ctx, d, numbers, mysql.new))
+        generated.update(await data.mysql(ctx, d, numbers, mysql.new))
     if redis is not None:
-        values.update(await data.redis(ctx, d, numbers, redis.new))
-    values.update(dict(service.env))
+        generated.update(await data.redis(ctx, d, numbers, redis.new))
+    if service.is_web and any("PORT" in envfile.references(v) for _, v in service.env):
+        d.port = await _allocate_port(ctx, d)  # before the .env, which is built from it
+    if d.port:
+        generated["PORT"] = str(d.port)
+    # An env value may be built from the generated ones (the spec checked every ${NAME}).
+    values = {**{k: v for k, v in generated.items() if k != "PORT"},
+              **{name: envfile.expand(template, generated) for name, template in service.env}}
     stored = ctx.ledger.secrets(ctx.env_key)
     values.update({secret: stored[secret] for secret in service.secrets})
     # A reused release keeps serving from its .env until the switch: stage the new one beside it.
@@ -200,7 +207,7 @@ async def start(ctx: JobContext, d: Deployment, workdir: str, env_path: str) -> 
     service, name = d.service, d.service.name
     env = {**service_env(d), "RELEASE": str(d.code)}
     if service.is_web:
-        d.port = await _allocate_port(ctx, d)
+        d.port = d.port or await _allocate_port(ctx, d)
         env["PORT"] = str(d.port)
         d.process = f"{d.code}-{d.port}"
     else:

@@ -20,12 +20,16 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from controller.environments.naming import name_problem
-from common import errors
+from common import envfile, errors
 
 VERSION = 1
 COMPONENTS = ("mysql", "redis")
+# What the deployer writes into a service's .env for each component it uses (and PORT, in a web
+# service's environment): an `env` value can be built from them with ${NAME}.
+GENERATED = {"mysql": ("DATABASE_URL", "DB_HOST", "DB_PORT", "DB_NAME", "DB_USER", "DB_PASSWORD"),
+             "redis": ("REDIS_URL", "REDIS_HOST", "REDIS_PORT", "REDIS_USER", "REDIS_PASSWORD", "REDIS_PREFIX")}
 RESERVED_ENV = ("PORT", "DATABASE_URL", "DB_HOST", "DB_PORT", "DB_NAME", "DB_USER", "DB_PASSWORD",
-                "REDIS_URL", "REDIS_PREFIX")
+                "REDIS_URL", "REDIS_PREFIX")  # never set in `env`; the rest of GENERATED only where generated
 DEFAULT_HEALTH = "/"
 DEFAULT_HEALTHY_AFTER = 5.0
 
@@ -569,6 +573,7 @@ def _service(source: _Source, name: str, body: Any) -> Service:
     secrets = _secrets(source, at + ("secrets",), body.get("secrets"))
     env = _env(source, at + ("env",), body.get("env"), secrets)
     uses = _uses(source, at + ("uses",), body.get("uses"))
+    _env_references(source, at + ("env",), env, uses, path is not None)
     return Service(name, path, repository, ref, root, install, build, migrate, start, health, env, secrets,
                    uses, healthy_after)
 
@@ -711,6 +716,38 @@ def _env_value(source: _Source, key: Key, value: Any) -> str:
     if "\n" in text or "\r" in text:
         raise source.error(key, "contains a line break, which a .env file cannot hold")
     return text
+
+
+def generated_names(uses: tuple[str, ...], web: bool) -> tuple[str, ...]:
+    """The generated variables a service has: PORT for a web service, and each used component's."""
+    return (("PORT",) if web else ()) + tuple(name for component in uses for name in GENERATED[component])
+
+
+def _env_references(source: _Source, key: Key, env: tuple[tuple[str, str], ...], uses: tuple[str, ...],
+                    web: bool) -> None:
+    """Every ${NAME} in an env value names a generated value this service has, and no env entry
+    takes the name of one."""
+    have = generated_names(uses, web)
+    for name, value in env:
+        at = key + (name,)
+        if name in have:
+            raise source.error(at, f"{name} is set by the deployer for this service (it uses "
+                                   f"{' and '.join(uses) or 'no component'}); build another name from ${{{name}}}")
+        try:
+            names = envfile.references(value)
+        except ValueError as exc:
+            raise source.error(at, str(exc)) from None
+        for ref in names:
+            if ref in have:
+                continue
+            owner = next((c for c, generated in GENERATED.items() if ref in generated), None)
+            if owner:
+                why = f"this service does not use {owner} (add it to uses)"
+            elif ref == "PORT":
+                why = "PORT is given to web services only (a service with a path)"
+            else:
+                why = f"it has {', '.join(have) or 'none'}; write $$ for a literal $"
+            raise source.error(at, f"${{{ref}}} is not a generated value of this service: {why}")
 
 
 def _secrets(source: _Source, key: Key, value: Any) -> tuple[str, ...]:
