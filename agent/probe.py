@@ -50,30 +50,66 @@ def stranger(port: int, owner: int) -> str:
     return f"port {port} is held by another process (pid {', '.join(map(str, sorted(found)))}), not the instance"
 
 
+# Answers that waiting will not change: the app is up and says this path is not its health (a
+# 404, a 401…). 408, 425 and 429 say "not now", and 5xx may be a start still under way.
+RETRY_4XX = (408, 425, 429)
+
+
+def expected(spec: pb.HttpProbeSpec, status: int) -> bool:
+    if spec.expect_statuses:
+        return status in spec.expect_statuses
+    if spec.expect_status:
+        return status == spec.expect_status
+    return 200 <= status < 400  # a redirect (to a login page, say) is an app that answers
+
+
 async def probe(op_id: str, spec: pb.HttpProbeSpec, owner=None) -> pb.OperationResult:
-    """`owner()`: the main pid of the instance the probe is for (0 if none), when it names one."""
+    """`owner()`: the main pid of the instance the probe is for (0 if none), when it names one.
+
+    Tries until an expected answer, the deadline (or the attempts) run out, or waiting cannot
+    help: the instance has exited, another process holds its port, or it gave a definite 4xx."""
     started = time.monotonic()
     attempts = max(1, spec.attempts)
-    last = ""
+    last, gone = "", 0
     port = urllib.parse.urlsplit(spec.url).port or 80
-    for attempt in range(attempts):
+
+    def failed(error: str) -> pb.OperationResult:
+        return pb.OperationResult(op_id=op_id, outcome=pb.EXITED, exit_code=1,
+                                  duration_s=time.monotonic() - started, error=f"GET {spec.url}: {error}")
+
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             status = await asyncio.to_thread(_get, spec.url, spec.timeout_s or 2.0, spec.host_header)
-            ok = status == spec.expect_status if spec.expect_status else 200 <= status < 300
+            ok = expected(spec, status)
             problem = await asyncio.to_thread(lambda: stranger(port, owner())) if ok and owner is not None else ""
             if problem.startswith("port "):
                 # Another process answers in the instance's place: waiting cannot make it ours.
-                return pb.OperationResult(op_id=op_id, outcome=pb.EXITED, exit_code=1,
-                                          duration_s=time.monotonic() - started,
-                                          error=f"GET {spec.url}: answered, but {problem}")
+                return failed(f"answered, but {problem}")
             if ok and not problem:
-                return pb.OperationResult(op_id=op_id, outcome=pb.EXITED,
-                                          duration_s=time.monotonic() - started)
+                return pb.OperationResult(op_id=op_id, outcome=pb.EXITED, duration_s=time.monotonic() - started)
+            if not ok and 400 <= status < 500 and status not in RETRY_4XX:
+                return failed(f"answered {status}, which is not a healthy answer (expected "
+                              f"{_expected_text(spec)}); waiting would not change it")
             last = problem or f"status {status}"
         except OSError as exc:
             last = str(exc) or type(exc).__name__
-        if attempt + 1 < attempts:
-            await asyncio.sleep(spec.interval_s or 0.5)
-    return pb.OperationResult(op_id=op_id, outcome=pb.EXITED, exit_code=1,
-                              duration_s=time.monotonic() - started,
-                              error=f"GET {spec.url}: {last} after {attempts} attempts")
+        if owner is not None:
+            # Twice in a row, a poll apart: a driver may not see a process that has just started.
+            gone = gone + 1 if await asyncio.to_thread(owner) == 0 else 0
+            if gone >= 2:
+                return failed(f"the instance exited before it answered (last: {last})")
+        elapsed = time.monotonic() - started
+        if (spec.deadline_s and elapsed + (spec.interval_s or 0.5) > spec.deadline_s) or \
+                (not spec.deadline_s and attempt >= attempts):
+            break
+        await asyncio.sleep(spec.interval_s or 0.5)
+    within = f"within {spec.deadline_s:g} s" if spec.deadline_s else f"after {attempt} attempts"
+    return failed(f"{last} {within}")
+
+
+def _expected_text(spec: pb.HttpProbeSpec) -> str:
+    if spec.expect_statuses:
+        return " or ".join(str(s) for s in spec.expect_statuses)
+    return str(spec.expect_status) if spec.expect_status else "2xx or 3xx"

@@ -160,7 +160,7 @@ class ServiceListSpec(_message.Message):
     def __init__(self, name_prefix: _Optional[str] = ..., group: _Optional[str] = ...) -> None: ...
 
 class HttpProbeSpec(_message.Message):
-    __slots__ = ("url", "expect_status", "attempts", "interval_s", "timeout_s", "host_header", "service_name", "service_instance")
+    __slots__ = ("url", "expect_status", "attempts", "interval_s", "timeout_s", "host_header", "service_name", "service_instance", "expect_statuses", "deadline_s")
     URL_FIELD_NUMBER: _ClassVar[int]
     EXPECT_STATUS_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +169,8 @@ class HttpProbeSpec(_message.Message):
     HOST_HEADER_FIELD_NUMBER: _ClassVar[int]
     SERVICE_NAME_FIELD_NUMBER: _ClassVar[int]
     SERVICE_INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    EXPECT_STATUSES_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
     url: str
     expect_status: int
     attempts: int
@@ -177,7 +179,9 @@ class HttpProbeSpec(_message.Message):
     host_header: str
     service_name: str
     service_instance: str
-    def __init__(self, url: _Optional[str] = ..., expect_status: _Optional[int] = ..., attempts: _Optional[int] = ..., interval_s: _Optional[float] = ..., timeout_s: _Optional[float] = ..., host_header: _Optional[str] = ..., service_name: _Optional[str] = ..., service_instance: _Optional[str] = ...) -> None: ...
+    expect_statuses: _containers.RepeatedScalarFieldContainer[int]
+    deadline_s: float
+    def __init__(self, url: _Optional[str] = ..., expect_status: _Optional[int] = ..., attempts: _Optional[int] = ..., interval_s: _Optional[float] = ..., timeout_s: _Optional[float] = ..., host_header: _Optional[str] = ..., service_name: _Optional[str] = ..., service_instance: _Optional[str] = ..., expect_statuses: _Optional[_Iterable[int]] = ..., deadline_s: _Optional[float] = ...) -> None: ...
 
 class Operation(_message.Message):
     __slots__ = ("id", "exec", "write_file", "service_start", "service_stop", "service_list", "http_probe", "redact")

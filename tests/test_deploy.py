@@ -583,9 +583,8 @@ def test_prune_removes_a_service_dropped_from_the_spec(world, tmp_path):
     assert kept.returncode == 0 and b"b is no longer in the spec" in kept.stdout
     assert cluster.deployctl("plan", str(only_a), "--prune").returncode == 2
     apply(world, str(only_a), "--prune")
-    from tests.harness import wait_for
-    # `nginx -s reload` returns before the old workers have finished: wait for the new route.
-    wait_for(lambda: through_nginx(world, env, "/b/health")[0] == 404, 10, what="/b gone from nginx")
+    # apply returns once nginx runs the new route: /b is gone at once
+    assert through_nginx(world, env, "/b/health")[0] == 404
     assert through_nginx(world, env, "/a/health")[0] == 200
     assert not (cluster.agents["computing-1"].services_root / f"auto-shop-{env}-b").exists()
     assert mysql(f"SHOW DATABASES LIKE 'auto-shop-{env}-b-1'").strip()      # data is kept
@@ -646,6 +645,32 @@ def test_a_daemon_that_dies_fails_its_deploy_with_its_own_output(world, tmp_path
     assert result.returncode == 1
     assert b"worker: health failed: the daemon did not stay up for 1s" in result.stderr
     assert b"cannot reach the queue" in result.stderr
+
+
+def test_health_checks_fit_the_app_and_fail_at_once_when_waiting_cannot_help(world, tmp_path):
+    env, other, repo = new_env(world), new_env(world), world["repo"]
+    # The app answers 404 on /missing: a definite answer, not a slow start; the error says so.
+    result = apply(world, str(write_spec(tmp_path, env, {"web": web_service(repo, health={"path": "/missing"})})),
+                   ok=False)
+    assert result.returncode == 1
+    assert b"web: health failed: GET http://" in result.stderr, result.stderr
+    assert b"answered 404, which is not a healthy answer (expected 2xx or 3xx)" in result.stderr
+    assert through_nginx(world, env, "/health")[0] != 200          # nothing went live
+    # The same path is healthy where the spec says which answer counts.
+    fits = web_service(repo, health={"path": "/missing", "status": [404]}, drain="1s")
+    apply(world, str(write_spec(tmp_path, env, {"web": fits}, "fits.yml")))
+    assert through_nginx(world, env, "/health")[0] == 200
+    # A daemon's health command runs in its release, as the environment's user; one that never
+    # succeeds fails the deploy with its own output.
+    daemon = {"source": str(repo), "ref": "main", "healthy_after": 1, "start": "sleep 600",
+              "health": {"command": f'test "$(id -un)" = auto-shop-{other} && test -d web', "deadline": "5s"}}
+    apply(world, str(write_spec(tmp_path, other, {"worker": daemon}, "daemon.yml")))
+    never = {**daemon, "health": {"command": "echo the queue is not reachable; exit 3", "interval": "200ms",
+                                  "deadline": "1s"}}
+    result = apply(world, str(write_spec(tmp_path, other, {"worker": never}, "never.yml")), ok=False)
+    assert result.returncode == 1
+    assert b"worker: health failed: 'echo the queue is not reachable; exit 3' did not succeed within 1s" in result.stderr
+    assert b"the queue is not reachable" in result.stderr
 
 
 def test_each_environment_runs_as_its_own_user_and_cannot_read_another(world, tmp_path):

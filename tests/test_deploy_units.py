@@ -464,3 +464,81 @@ def test_a_health_probe_is_not_fooled_by_another_process_on_the_port():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def _answering(statuses: dict[str, int]):
+    """A real HTTP server answering each path with its status (and counting requests)."""
+    import http.server
+    import threading
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.path)
+            self.send_response(statuses.get(self.path, 200))
+            if statuses.get(self.path) in (301, 302):
+                self.send_header("Location", "/login")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, seen
+
+
+@pytest.mark.parametrize("path, statuses, ok, error, requests", [
+    ("/", {"/": 302}, True, "", 1),                              # a redirect to a login page answers
+    ("/gone", {"/gone": 404}, False, "answered 404, which is not a healthy answer (expected 2xx or 3xx)", 1),
+    ("/busy", {"/busy": 503}, False, "status 503 within 0.3 s", None),   # 5xx: tried until the deadline
+    ("/slow", {"/slow": 429}, False, "status 429 within 0.3 s", None),   # "not now": tried again
+])
+def test_a_health_probe_fails_at_once_only_on_answers_waiting_cannot_change(path, statuses, ok, error, requests):
+    import asyncio
+
+    from agent import probe
+    from protos import deployer_pb2 as pb
+    server, seen = _answering(statuses)
+    try:
+        spec = pb.HttpProbeSpec(url=f"http://127.0.0.1:{server.server_port}{path}", interval_s=0.05, deadline_s=0.3)
+        result = asyncio.run(probe.probe("op-1", spec))
+        assert (result.exit_code == 0) is ok, result.error
+        assert error in result.error
+        if requests is not None:
+            assert len(seen) == requests
+        else:
+            assert len(seen) >= 3            # it kept trying
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_health_probe_takes_the_statuses_it_is_given():
+    import asyncio
+
+    from agent import probe
+    from protos import deployer_pb2 as pb
+    server, _ = _answering({"/login": 302, "/health": 204})
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        only_200 = pb.HttpProbeSpec(url=base + "/health", expect_statuses=[200], interval_s=0.05, deadline_s=0.2)
+        assert "status 204 within 0.2 s" in asyncio.run(probe.probe("op-1", only_200)).error
+        either = pb.HttpProbeSpec(url=base + "/login", expect_statuses=[200, 302], attempts=1)
+        assert asyncio.run(probe.probe("op-2", either)).exit_code == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_health_probe_stops_as_soon_as_the_instance_has_exited():
+    import asyncio
+
+    from agent import probe
+    from protos import deployer_pb2 as pb
+    # Nothing listens, and the instance is gone: the probe says so instead of waiting out an hour
+    # (were it to wait, the test's own time limit would end it).
+    spec = pb.HttpProbeSpec(url="http://127.0.0.1:9/health", interval_s=0.05, deadline_s=3600)
+    result = asyncio.run(probe.probe("op-1", spec, lambda: 0))
+    assert result.exit_code == 1 and "the instance exited before it answered" in result.error

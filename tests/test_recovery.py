@@ -14,6 +14,7 @@ import collections
 import json
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -292,17 +293,22 @@ def test_controller_killed_mid_deploy_settles_every_deploy(world):
     assert data["deploys"][-1]["outcome"] == "succeeded"
     assert any(e["event"] == "route.read" and e["routed_to"] == e["new"] for e in events(world, recovery["id"]))
 
-    # 5. Right after the switch, while the previous process drains: the deploy stands, and what it
-    # had left to do (stop the previous process, free its port, `current`) is done.
+    # 5. Right after the switch, while the previous process drains (a connection to it is held
+    # open, so the drain waits for it): the deploy stands, and what it had left to do (stop the
+    # previous process, free its port, `current`) is done.
     new_commit(repo, "v6")
-    with Load(world["nginx"].port, f"{env}.shop.test", min_requests=500,
-              served_from=f"/auto-shop-{env}-web/") as load:
-        load.wait_for(100)
-        killed, recovery = kill_during(
-            world, when=lambda job_id: any(e["event"] == "deploy.live" for e in events(world, job_id)))
-        load.wait_for(100)
+    old_port = next(i["port"] for i in ledger(world)["instances"] if i["component"] == "code" and i["status"] == "live")
+    held = socket.create_connection(("127.0.0.1", old_port))
+    try:
+        with Load(world["nginx"].port, f"{env}.shop.test", min_requests=500,
+                  served_from=f"/auto-shop-{env}-web/") as load:
+            load.wait_for(100)
+            killed, recovery = kill_during(world, when=step_started(world, "drain"))
+            load.wait_for(100)
+    finally:
+        held.close()
     assert load.tally.failed == [] and load.tally.releases == {"5", "6"}, str(load.tally)
-    data = assert_settled(world, killed, recovery, "after step route of service web (deploy 6)", live_code=6)
+    data = assert_settled(world, killed, recovery, "during step drain of service web (deploy 6)", live_code=6)
     assert data["deploys"][-1]["outcome"] == "succeeded"
     current = cluster.agents["computing-1"].services_root / f"auto-shop-{env}-web" / "current"
     assert current.resolve().name == "6"

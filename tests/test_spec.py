@@ -126,7 +126,7 @@ BAD_SPECS = [
      "shop.yml:4: owner: unknown key 'owner'; known keys: version, app, environment, domain, limits, services"),
     ("unknown-service-key", "    path: /", "    pth: /",
      "shop.yml:6: services.web.pth: unknown key 'pth' (did you mean 'path'?); known keys: path, source, ref, "
-     "root, install, build, migrate, start, health, healthy_after, env, secrets, uses"),
+     "root, install, build, migrate, start, health, healthy_after, drain, env, secrets, uses"),
     ("bad-app-name", "app: shop", "app: shop_x",
      "shop.yml:1: app: 'shop_x' contains '_'; names use lowercase letters, digits and single hyphens"),
     ("uppercase-service-name", "  web:", "  Web:",
@@ -195,8 +195,8 @@ BAD_SPECS = [
      "shop.yml:12: services.web.secrets[0]: 'session-key' is not an environment variable name (uppercase "
      "letters, digits and _, not starting with a digit)"),
     ("health-on-daemon", "    uses: [redis]\n", "    uses: [redis]\n    health: /health\n",
-     "shop.yml:19: services.worker.health: only web services (with a path) have a health path; a daemon is "
-     "healthy once it stays up for healthy_after seconds"),
+     "shop.yml:19: services.worker.health: a daemon's health is a mapping with a command, like {command: node "
+     "check.js}; without one it is healthy once it stays up for healthy_after seconds"),
     ("healthy-after-on-web", "    path: /\n", "    path: /\n    healthy_after: 3\n",
      "shop.yml:7: services.web.healthy_after: only daemons have healthy_after; a web service is healthy when "
      "its health path answers"),
@@ -523,8 +523,8 @@ def test_empty_diff_changes_nothing(stored, shop):
      "environment-diff.yml:2: services.web: missing required key 'start' (the command that runs the service in "
      "the foreground)"),
     ("services:\n  web:\n    path: null\n    health: /up\n",
-     "environment-diff.yml:4: services.web.health: only web services (with a path) have a health path; a daemon "
-     "is healthy once it stays up for healthy_after seconds"),
+     "environment-diff.yml:4: services.web.health: a daemon's health is a mapping with a command, like "
+     "{command: node check.js}; without one it is healthy once it stays up for healthy_after seconds"),
     ("services:\n  worker:\n    path: /\n",
      "environment-diff.yml:3: services.worker.path: path / is already used by service web"),
     ("services:\n  web:\n    env:\n      SESSION_KEY: x\n",
@@ -710,3 +710,63 @@ def test_env_references_that_hold():
     plain = parse_spec(variant(WORKER_ENV, "    start: node worker.js\n    env:\n      REDIS_HOST: cache.internal\n"),
                        "shop.yml")
     assert dict(plain.service("worker").env)["REDIS_HOST"] == "cache.internal"
+
+
+# ---------------------------------------------------------------- health checks and drain
+
+WEB_HEALTH = "    start: node server.js\n"
+
+
+@pytest.mark.parametrize("new, expected", [
+    ("    start: node server.js\n    health: {path: /login, status: [200, 700]}\n",
+     "shop.yml:10: services.web.health.status[1]: '700' is not an HTTP status (100 to 599)"),
+    ("    start: node server.js\n    health: {path: /login, status: []}\n",
+     "shop.yml:10: services.web.health.status: lists no status; leave it out for any 2xx or 3xx"),
+    ("    start: node server.js\n    health: {deadline: forever}\n",
+     "shop.yml:10: services.web.health.deadline: 'forever' is not a duration between 1ms and 1 hour, like 2s, "
+     "500ms or 1m"),
+    ("    start: node server.js\n    health: {command: ./check}\n",
+     "shop.yml:10: services.web.health.command: unknown key 'command'; known keys: path, status, timeout, "
+     "interval, deadline"),
+    ("    start: node server.js\n    drain: -3\n",
+     "shop.yml:10: services.web.drain: '-3' is not a duration between 1ms and 1 hour, like 2s, 500ms or 1m"),
+], ids=["status-out-of-range", "no-status", "bad-duration", "command-on-web", "bad-drain"])
+def test_bad_health_checks(new, expected):
+    with pytest.raises(SpecError) as err:
+        parse_spec(variant(WEB_HEALTH, new), "shop.yml")
+    assert str(err.value) == expected
+
+
+def test_bad_daemon_health_and_drain():
+    with pytest.raises(SpecError) as err:
+        parse_spec(variant(WORKER_ENV, WORKER_ENV + "    health: {deadline: 10s}\n"), "shop.yml")
+    assert str(err.value) == "shop.yml:19: services.worker.health: needs a command, like {command: node check.js}"
+    with pytest.raises(SpecError) as err:
+        parse_spec(variant(WORKER_ENV, WORKER_ENV + "    drain: 5s\n"), "shop.yml")
+    assert str(err.value) == ("shop.yml:19: services.worker.drain: only web services (with a path) are drained; "
+                              "a daemon is stopped at once")
+
+
+def test_health_checks_and_drain_round_trip_in_canonical_form():
+    spec = parse_spec(variant(WEB_HEALTH, "    start: node server.js\n    health: {path: /login, status: [302, 200], "
+                                          "timeout: 500ms, deadline: 1m}\n    drain: 5s\n")
+                      .replace(WORKER_ENV, WORKER_ENV + "    health: {command: node check.js, interval: 2}\n"), "shop.yml")
+    web, worker = spec.service("web"), spec.service("worker")
+    assert (web.health, web.check.statuses, web.check.timeout, web.check.deadline, web.drain) == \
+        ("/login", (200, 302), 0.5, 60.0, 5.0)
+    assert (worker.check.command, worker.check.interval) == ("node check.js", 2.0)
+    canonical = spec.to_dict()
+    assert canonical["services"]["web"]["health"] == {"path": "/login", "status": [200, 302], "timeout": 0.5,
+                                                      "deadline": 60}
+    assert canonical["services"]["web"]["drain"] == 5
+    assert canonical["services"]["worker"]["health"] == {"command": "node check.js", "interval": 2}
+    assert spec_mod.spec_from_dict(canonical) == spec
+    assert schema_errors(canonical, SCHEMA) == []
+
+
+def test_default_health_checks_leave_fingerprints_as_they_were():
+    plain = parse_spec(BASE, "shop.yml").service("web")
+    assert code_fingerprint(plain) == code_fingerprint(
+        parse_spec(variant(WEB_HEALTH, "    start: node server.js\n    health: /\n    drain: 30s\n"), "shop.yml").service("web"))
+    checked = parse_spec(variant(WEB_HEALTH, "    start: node server.js\n    health: {status: [204]}\n"), "shop.yml")
+    assert code_fingerprint(checked.service("web")) != code_fingerprint(plain)

@@ -351,6 +351,36 @@ def settle_staged_env(staged: str, release: str) -> str:
             f"rm -f {_sh(release)}/.env.deploy-*")
 
 
+def drain_script(port: int, longest_s: float) -> str:
+    """Wait until nothing is connected to `port` on this host any more (the old instance's
+    requests have ended: nginx keeps no idle connection to an upstream), at most `longest_s`.
+    Read from /proc/net/tcp as root: only a count of sockets, nothing of the tenant's."""
+    tries = max(1, int(longest_s * 10))
+    return f"""hex=$(printf '%04X' {int(port)})
+i=0
+while [ "$i" -lt {tries} ]; do
+  n=$(awk -v p=":$hex" '$4 == "01" && substr($2, length($2) - 4) == p' /proc/net/tcp /proc/net/tcp6 2>/dev/null | wc -l)
+  [ "$n" -eq 0 ] && {{ echo "drained after $((i / 10)).$((i % 10)) s"; exit 0; }}
+  i=$((i + 1)); sleep 0.1
+done
+echo "still $n connection(s) after {longest_s:g} s: stopping it anyway"
+"""
+
+
+def health_command_script(command: str, interval_s: float, timeout_s: float, deadline_s: float) -> str:
+    """Run a daemon's health command until it succeeds (each try at most `timeout_s`), every
+    `interval_s`, for at most `deadline_s`; its output is kept for the failure's report."""
+    tries = max(1, int(deadline_s / max(interval_s, 0.001)))
+    return f"""i=0
+while :; do
+  if timeout --kill-after=1 {timeout_s:g} sh -c {_sh(command)}; then exit 0; fi
+  i=$((i + 1))
+  [ "$i" -ge {tries} ] && {{ echo "the health command did not succeed within {deadline_s:g} s" >&2; exit 1; }}
+  sleep {interval_s:g}
+done
+"""
+
+
 def env_mode_private(path: str) -> str:
     """Run as the file's owner: a root chmod would follow a link the user put in its place."""
     return f"chmod 600 {_sh(path)}"

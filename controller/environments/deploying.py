@@ -16,7 +16,7 @@ import random
 from protos import deployer_pb2 as pb
 
 from controller.environments import commands as ops, data, naming, ownership, routing, teardown
-from controller.environments.context import (OUTPUT_TAIL_LINES, JobContext, PlacementError, StepFailed, output_of,
+from controller.environments.context import (CUT_OFF, OUTPUT_TAIL_LINES, JobContext, PlacementError, StepFailed, output_of,
                                              pick_agent, result_detail, tail_of)
 from controller.environments.data import Deployment
 from controller.environments.facts import ServiceProcesses
@@ -28,7 +28,6 @@ from common import envfile
 KEEP_RELEASES = 5
 DRAIN_S = 2.0
 PORT_RANGE = range(20000, 30000)
-HEALTH_ATTEMPTS = 60
 
 
 async def apply(ctx: JobContext, plan: Plan) -> str:
@@ -218,17 +217,36 @@ async def start(ctx: JobContext, d: Deployment, workdir: str, env_path: str) -> 
         name=unit, instance=d.process, argv=["sh", "-c", f"exec {service.start}"], cwd=workdir,
         env=env, env_file=env_path, user=ctx.unix_user,
         log_path=f"{d.service_dir}/logs/{d.code}.log", limits=ctx.limits(d.host))), name, "start")
+    check, log_path = service.check, f"{d.service_dir}/logs/{d.code}.log"
     if service.is_web:
-        await ctx.run_op(d.host, pb.Operation(http_probe=pb.HttpProbeSpec(
-            url=f"http://{ops.url_host(d.host.address)}:{d.port}{service.health}", attempts=HEALTH_ATTEMPTS,
-            interval_s=0.5, timeout_s=2.0, service_name=unit, service_instance=d.process)), name, "health")
+        probe = await ctx.run_op(d.host, pb.Operation(http_probe=pb.HttpProbeSpec(
+            url=f"http://{ops.url_host(d.host.address)}:{d.port}{service.health}", expect_statuses=check.statuses,
+            interval_s=check.interval, timeout_s=check.timeout, deadline_s=check.deadline, service_name=unit,
+            service_instance=d.process)), name, "health", check=False)
+        if probe.result.exit_code != 0 or probe.result.outcome != pb.EXITED:
+            raise StepFailed(name, "health", result_detail(probe.result), await _log_tail(ctx, d, log_path),
+                             cut=probe.result.outcome in CUT_OFF)
         return
     await asyncio.sleep(service.healthy_after)
     listing = await ctx.run_op(d.host, ServiceProcesses.operation(unit), name, "health")
     if not any(p.instance == d.process and p.alive for p in ServiceProcesses.parse(output_of(listing), unit)):
-        read = await ctx.sh(d.host, ops.log_tail(f"{d.service_dir}/logs/{d.code}.log", OUTPUT_TAIL_LINES), name,
-                            "read log", check=False)
-        raise StepFailed(name, "health", f"the daemon did not stay up for {service.healthy_after:g}s", tail_of(read))
+        raise StepFailed(name, "health", f"the daemon did not stay up for {service.healthy_after:g}s",
+                         await _log_tail(ctx, d, log_path))
+    if check.command:
+        ran = await ctx.sh(d.host, ops.health_command_script(check.command, check.interval, check.timeout,
+                                                              check.deadline),
+                           name, "health command", cwd=workdir, env_file=env_path, check=False,
+                           user=ctx.unix_user, env=service_env(d), timeout=check.deadline + check.timeout + 30)
+        if ran.result.exit_code != 0 or ran.result.outcome != pb.EXITED:
+            raise StepFailed(name, "health", f"{check.command!r} did not succeed within {check.deadline:g}s",
+                             tail_of(ran) + "\n--- the daemon's own output ---\n" + await _log_tail(ctx, d, log_path),
+                             cut=ran.result.outcome in CUT_OFF)
+
+
+async def _log_tail(ctx: JobContext, d: Deployment, log_path: str) -> str:
+    """The last lines the instance printed: why it failed is usually there."""
+    read = await ctx.sh(d.host, ops.log_tail(log_path, OUTPUT_TAIL_LINES), d.service.name, "read log", check=False)
+    return tail_of(read)
 
 
 async def _allocate_port(ctx: JobContext, d: Deployment) -> int:
@@ -276,7 +294,9 @@ async def _retire(ctx: JobContext, d: Deployment, live, process: str) -> None:
     """Give in-flight requests to the old process time to finish, then stop it."""
     if not process or process == d.process:
         return
-    await asyncio.sleep(DRAIN_S)
+    if live.code.port and d.service.is_web:
+        await ctx.sh(d.host, ops.drain_script(live.code.port, d.service.drain), d.service.name, "drain",
+                     check=False, timeout=d.service.drain + 30)
     await ctx.run_op(d.host, pb.Operation(service_stop=pb.ServiceStopSpec(name=ctx.unit(d.service.name),
                                                                           instance=process)),
                      d.service.name, "stop previous", check=False)

@@ -32,11 +32,14 @@ RESERVED_ENV = ("PORT", "DATABASE_URL", "DB_HOST", "DB_PORT", "DB_NAME", "DB_USE
                 "REDIS_URL", "REDIS_PREFIX")  # never set in `env`; the rest of GENERATED only where generated
 DEFAULT_HEALTH = "/"
 DEFAULT_HEALTHY_AFTER = 5.0
+DEFAULT_DRAIN = 30.0   # the longest wait for the old instance's requests to end after a switch
 
 TOP_KEYS = ("version", "app", "environment", "domain", "limits", "services")
 TOP_REQUIRED = ("app", "environment", "domain", "services")
 SERVICE_KEYS = ("path", "source", "ref", "root", "install", "build", "migrate", "start", "health",
-                "healthy_after", "env", "secrets", "uses")
+                "healthy_after", "drain", "env", "secrets", "uses")
+WEB_HEALTH_KEYS = ("path", "status", "timeout", "interval", "deadline")
+DAEMON_HEALTH_KEYS = ("command", "timeout", "interval", "deadline")
 SERVICE_REQUIRED = ("source", "ref", "start")
 OPTION_KEYS = ("services", "renew", "refs")
 LIMIT_KEYS = ("memory", "cpu", "processes", "mysql_connections")
@@ -78,6 +81,30 @@ class SpecError(errors.BadInput):
 
 
 @dataclass(frozen=True)
+class HealthCheck:
+    """How an instance is found healthy: for a web service, the answers its health path may give
+    (none listed: any 2xx or 3xx); for a daemon, a command that must succeed, if any. Tried every
+    `interval` seconds, each try at most `timeout`, until `deadline`."""
+
+    statuses: tuple[int, ...] = ()
+    command: str | None = None
+    timeout: float = 2.0
+    interval: float = 0.5
+    deadline: float = 30.0
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {}
+        if self.statuses:
+            out["status"] = list(self.statuses)
+        if self.command is not None:
+            out["command"] = self.command
+        for key, default in (("timeout", 2.0), ("interval", 0.5), ("deadline", 30.0)):
+            if getattr(self, key) != default:
+                out[key] = _plain_number(getattr(self, key))
+        return out
+
+
+@dataclass(frozen=True)
 class Service:
     name: str
     path: str | None = None
@@ -93,6 +120,8 @@ class Service:
     secrets: tuple[str, ...] = ()
     uses: tuple[str, ...] = ()
     healthy_after: float = DEFAULT_HEALTHY_AFTER
+    check: HealthCheck = HealthCheck()
+    drain: float = DEFAULT_DRAIN
 
     @property
     def is_web(self) -> bool:
@@ -113,10 +142,15 @@ class Service:
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         out["start"] = self.start
-        if self.is_web and self.health != DEFAULT_HEALTH:
+        check = self.check.to_dict()
+        if check:
+            out["health"] = ({"path": self.health} if self.is_web else {}) | check
+        elif self.is_web and self.health != DEFAULT_HEALTH:
             out["health"] = self.health
         if not self.is_web and self.healthy_after != DEFAULT_HEALTHY_AFTER:
             out["healthy_after"] = _plain_number(self.healthy_after)
+        if self.is_web and self.drain != DEFAULT_DRAIN:
+            out["drain"] = _plain_number(self.drain)
         if self.env:
             out["env"] = dict(self.env)
         if self.secrets:
@@ -214,6 +248,8 @@ def code_fingerprint(service: Service, limits: Limits | None = None) -> str:
                 "build": service.build, "migrate": service.migrate, "start": service.start,
                 "health": service.health, "env": dict(service.env), "secrets": list(service.secrets),
                 "path": service.path, "healthy_after": float(service.healthy_after)}
+    if service.check.to_dict():
+        defining["check"] = service.check.to_dict()
     if limits is not None and limits.to_dict():
         defining["limits"] = limits.to_dict()
     canonical = json.dumps(defining, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -568,14 +604,15 @@ def _service(source: _Source, name: str, body: Any) -> Service:
     root = _root(source, at + ("root",), body.get("root"))
     install, build, migrate = (_command(source, at + (k,), body.get(k)) for k in ("install", "build", "migrate"))
     start = _string(source, at + ("start",), body["start"], what="a command (a string)")
-    health = _health(source, at + ("health",), body.get("health"), path is not None)
+    health, check = _health(source, at + ("health",), body.get("health"), path is not None)
     healthy_after = _healthy_after(source, at + ("healthy_after",), body.get("healthy_after"), path is not None)
+    drain = _drain(source, at + ("drain",), body.get("drain"), path is not None)
     secrets = _secrets(source, at + ("secrets",), body.get("secrets"))
     env = _env(source, at + ("env",), body.get("env"), secrets)
     uses = _uses(source, at + ("uses",), body.get("uses"))
     _env_references(source, at + ("env",), env, uses, path is not None)
     return Service(name, path, repository, ref, root, install, build, migrate, start, health, env, secrets,
-                   uses, healthy_after)
+                   uses, healthy_after, check, drain)
 
 
 def _unique_paths(source: _Source, services: list[Service]) -> None:
@@ -663,16 +700,72 @@ def _command(source: _Source, key: Key, value: Any) -> str | None:
     return _string(source, key, value, what="a command (a string)")
 
 
-def _health(source: _Source, key: Key, value: Any, is_web: bool) -> str | None:
+def _health(source: _Source, key: Key, value: Any, is_web: bool) -> tuple[str | None, HealthCheck]:
+    """`health: /path`, or a mapping: path, status, timeout, interval, deadline for a web
+    service; command, timeout, interval, deadline for a daemon."""
     if value is None:
-        return DEFAULT_HEALTH if is_web else None
-    if not is_web:
-        raise source.error(key, "only web services (with a path) have a health path; a daemon is "
-                                "healthy once it stays up for healthy_after seconds")
+        return (DEFAULT_HEALTH if is_web else None), HealthCheck()
+    if not isinstance(value, dict):
+        if not is_web:
+            raise source.error(key, "a daemon's health is a mapping with a command, like {command: node check.js}; "
+                                    "without one it is healthy once it stays up for healthy_after seconds")
+        return _health_path(source, key, value), HealthCheck()
+    _known_keys(source, key, value, WEB_HEALTH_KEYS if is_web else DAEMON_HEALTH_KEYS)
+    timing = {k: _seconds(source, key + (k,), value[k]) for k in ("timeout", "interval", "deadline") if k in value}
+    if is_web:
+        path = _health_path(source, key + ("path",), value["path"]) if "path" in value else DEFAULT_HEALTH
+        return path, HealthCheck(statuses=_statuses(source, key + ("status",), value.get("status")), **timing)
+    if "command" not in value:
+        raise source.error(key, "needs a command, like {command: node check.js}")
+    return None, HealthCheck(command=_command(source, key + ("command",), value["command"]), **timing)
+
+
+def _health_path(source: _Source, key: Key, value: Any) -> str:
     text = _string(source, key, value)
     if not text.startswith("/") or any(c.isspace() for c in text) or not text.isprintable():
         raise source.error(key, f"{text!r} must be a URL path starting with '/', like /health")
     return text
+
+
+def _statuses(source: _Source, key: Key, value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    items = value if isinstance(value, list) else [value]
+    found = []
+    for index, item in enumerate(items):
+        at = key + (index,) if isinstance(value, list) else key
+        if isinstance(item, bool) or not isinstance(item, int) or not 100 <= item <= 599:
+            raise source.error(at, f"{source.text(at, item)!r} is not an HTTP status (100 to 599)")
+        found.append(item)
+    if not found:
+        raise source.error(key, "lists no status; leave it out for any 2xx or 3xx")
+    return tuple(sorted(set(found)))
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m)")
+
+
+def _seconds(source: _Source, key: Key, value: Any) -> float:
+    """A duration: a number of seconds, or a string like 500ms, 2s, 1.5m."""
+    if isinstance(value, str):
+        match = _DURATION.fullmatch(value.strip())
+        seconds = float(match.group(1)) * {"ms": 0.001, "s": 1, "m": 60}[match.group(2)] if match else None
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        seconds = float(value)
+    else:
+        seconds = None
+    if seconds is None or not 0 < seconds <= 3600:
+        raise source.error(key, f"{source.text(key, value)!r} is not a duration between 1ms and 1 hour, "
+                                "like 2s, 500ms or 1m")
+    return seconds
+
+
+def _drain(source: _Source, key: Key, value: Any, is_web: bool) -> float:
+    if value is None:
+        return DEFAULT_DRAIN
+    if not is_web:
+        raise source.error(key, "only web services (with a path) are drained; a daemon is stopped at once")
+    return _seconds(source, key, value)
 
 
 def _healthy_after(source: _Source, key: Key, value: Any, is_web: bool) -> float:
