@@ -254,26 +254,24 @@ class OperatorService(pb_grpc.OperatorServicer):
         wake = asyncio.Event()
         try:
             while True:
-                live = self.ledger.state(env_key).get(service)
-                if live is None or live.code is None:
-                    await context.abort(grpc.StatusCode.NOT_FOUND, f"{env_key}/{service}: nothing is live")
-                if (live.code.host, live.code.number) != current:
-                    agent = self.registry.agents.get(live.code.host)
+                target = await self._log_target(env_key, service, request.instance, context)
+                if target != current:
+                    agent = self.registry.agents.get(target[0])
                     if agent is None or agent.state != "connected":
-                        await context.abort(grpc.StatusCode.UNAVAILABLE, f"agent {live.code.host} is not connected")
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, f"agent {target[0]} is not connected")
                     if op is not None:
                         self.dispatcher.cancel(op.id, "the service moved to a new instance")
                         op.listeners.discard(wake)
                         yield pb.FollowEvent(status=pb.OperationStatus(
-                            agent_id=agent.id, note=f"now following code instance {live.code.number}"))
+                            agent_id=agent.id, note=f"now following code instance {target[1]}"))
                     log_path = (f"{naming.service_dir(agent.services_root, app, env, service)}"
-                                f"/logs/{live.code.number}.log")
+                                f"/logs/{target[1]}.log")
                     argv = ["tail", "-n", tail if current is None else "+1"]
                     argv += ["-F", log_path] if request.follow else [log_path]
                     op = self.dispatcher.submit(agent.id, pb.Operation(
                         id=operations.new_op_id(), exec=pb.ExecSpec(argv=argv)), environment=env_key)
                     op.listeners.add(wake)
-                    current, offset = (live.code.host, live.code.number), 0
+                    current, offset = target, 0
                 wake.clear()
                 for start, stream, data in op.output.read(offset):
                     yield pb.FollowEvent(output=pb.OutputChunk(op_id=op.id, offset=start, stream=stream, data=data))
@@ -290,6 +288,22 @@ class OperatorService(pb_grpc.OperatorServicer):
                 if not op.finished:
                     self.dispatcher.cancel(op.id, "the operator stopped following")
                 self.dispatcher.release(op)
+
+    async def _log_target(self, env_key: str, service: str, instance: int, context) -> tuple[str, int]:
+        """(host, code instance) whose output to show: the one asked for, or the live one."""
+        if instance:
+            row = self.ledger.instance(env_key, service, "code", instance)
+            if row is None or not row.host:
+                await context.abort(grpc.StatusCode.NOT_FOUND,
+                                    f"{env_key}/{service}: code instance {instance} never ran")
+            return row.host, instance
+        live = self.ledger.state(env_key).get(service)
+        if live is not None and live.code is not None:
+            return live.code.host, live.code.number
+        ran = [r for r in self.ledger.instances(env_key, service) if r.component == "code" and r.host]
+        hint = (f"; the last code instance is {ran[-1].number} ({ran[-1].status}): "
+                f"deployctl logs {env_key}/{service} --instance {ran[-1].number}") if ran else ""
+        await context.abort(grpc.StatusCode.NOT_FOUND, f"{env_key}/{service}: nothing is live{hint}")
 
     def _job_folder(self, job_id: str):
         if not job_id.startswith("job-") or "/" in job_id:

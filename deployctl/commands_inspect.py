@@ -54,7 +54,8 @@ def cmd_service_logs(args: argparse.Namespace) -> int:
     out = {pb.STDOUT: sys.stdout.buffer, pb.STDERR: sys.stderr.buffer}
     try:
         for event in stub.ServiceLogs(pb.ServiceLogsRequest(environment=env, service=service, follow=args.follow,
-                                                            tail=args.tail or 0)):
+                                                            tail=args.tail or 0,
+                                                            instance=args.instance or 0)):
             kind = event.WhichOneof("ev")
             if kind == "output":
                 sink = out.get(event.output.stream, sys.stdout.buffer)

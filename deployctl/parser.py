@@ -184,10 +184,13 @@ def add_job_commands(sub) -> None:
                        description="deployctl logs JOB: the job's steps and the full output of each operation. "
                                    "deployctl logs APP/ENV/SERVICE: the service's own output from its agent; "
                                    "with -f it keeps following, onto the new instance after a redeploy.",
-                       epilog="examples: deployctl logs job-20261125T101500-a1b2c3 | deployctl logs shop/prod/web -f")
+                       epilog="examples: deployctl logs job-20261125T101500-a1b2c3 | deployctl logs shop/prod/web -f | "
+                              "deployctl logs shop/prod/web --instance 4")
     p.add_argument("job_id", metavar="JOB | APP/ENV/SERVICE")
     p.add_argument("-f", "--follow", action="store_true")
     p.add_argument("--tail", type=int, help="service logs: lines of the past to show first (default 20)")
+    p.add_argument("--instance", type=int, metavar="N",
+                   help="service logs: code instance N's output, live or not (one that failed, say)")
     p.set_defaults(func=cmd_logs)
 
     p = sub.add_parser("ledger", help="which instance of each component every deploy made or reused",

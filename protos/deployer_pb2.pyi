@@ -612,16 +612,18 @@ class CheckRequest(_message.Message):
     def __init__(self, environment: _Optional[str] = ..., action: _Optional[str] = ..., dry_run: _Optional[bool] = ..., purge_data: _Optional[bool] = ...) -> None: ...
 
 class ServiceLogsRequest(_message.Message):
-    __slots__ = ("environment", "service", "follow", "tail")
+    __slots__ = ("environment", "service", "follow", "tail", "instance")
     ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     FOLLOW_FIELD_NUMBER: _ClassVar[int]
     TAIL_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
     environment: str
     service: str
     follow: bool
     tail: int
-    def __init__(self, environment: _Optional[str] = ..., service: _Optional[str] = ..., follow: _Optional[bool] = ..., tail: _Optional[int] = ...) -> None: ...
+    instance: int
+    def __init__(self, environment: _Optional[str] = ..., service: _Optional[str] = ..., follow: _Optional[bool] = ..., tail: _Optional[int] = ..., instance: _Optional[int] = ...) -> None: ...
 
 class PlanReply(_message.Message):
     __slots__ = ("plan_json",)

@@ -655,7 +655,17 @@ def test_health_checks_fit_the_app_and_fail_at_once_when_waiting_cannot_help(wor
     assert result.returncode == 1
     assert b"web: health failed: GET http://" in result.stderr, result.stderr
     assert b"answered 404, which is not a healthy answer (expected 2xx or 3xx)" in result.stderr
-    assert through_nginx(world, env, "/health")[0] != 200          # nothing went live
+    assert not (world["nginx"].conf_dir / f"auto-shop-{env}.conf").exists()   # nothing went live
+    assert b"web: listening on" in result.stderr                     # the instance's own last lines
+    # The instance that never went live still has its output, and the error says how to see it.
+    cluster = world["cluster"]
+    nothing = cluster.deployctl("logs", f"shop/{env}/web")
+    assert nothing.returncode != 0 and (f"shop/{env}/web: nothing is live; the last code instance is 1 (failed): "
+                                        f"deployctl logs shop/{env}/web --instance 1").encode() in nothing.stderr
+    shown = cluster.deployctl("logs", f"shop/{env}/web", "--instance", "1")
+    assert shown.returncode == 0 and b"web: listening on" in shown.stdout, shown.stderr
+    assert cluster.deployctl("logs", f"shop/{env}/web", "--instance", "9").stderr.strip().endswith(
+        f"shop/{env}/web: code instance 9 never ran".encode())
     # The same path is healthy where the spec says which answer counts.
     fits = web_service(repo, health={"path": "/missing", "status": [404]}, drain="1s")
     apply(world, str(write_spec(tmp_path, env, {"web": fits}, "fits.yml")))
