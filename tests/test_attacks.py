@@ -1112,6 +1112,53 @@ def _tenant(name: str) -> tuple[str, str, str]:
     return f"auto-{name}-prod-web-1", f"auto-{name}-prod-web-1:", f"pw-{name}-0123456789abcdef"
 
 
+_OLD_RULE = ("ACL SETUSER {user} reset on >{password} ~{prefix}* resetchannels -@all +@connection +@read +@write "
+             "+@keyspace +@transaction -@scripting -@dangerous -select -move -copy -scan -randomkey -dbsize -wait -lcs "
+             "-client|tracking -client|caching -client|getredir\n")
+
+
+def test_a_prefix_tenant_gets_what_clients_send_at_connect_and_pub_sub_on_its_own_channels_only(tmp_path):
+    """What ioredis, node-redis, redis-py, bull and rq send at connect (INFO, CLIENT SETNAME) and
+    pub/sub work for a `prefix` user; another tenant's channels, and the lists of channels, do not.
+    A user made with the earlier rule gets the same by the additive widening a redeploy sends."""
+    redis = _PrivateRedis(tmp_path / "redis")
+    listener = None
+    try:
+        (user, prefix, password), (other, other_prefix, other_password) = _tenant("evil"), _tenant("shop")
+        redis.user(operations.redis_create_user(user, prefix, password))
+        redis.user(operations.redis_create_user(other, other_prefix, other_password))
+        old_user, old_prefix, old_password = _tenant("old")
+        redis.user(_OLD_RULE.format(user=old_user, prefix=old_prefix, password=old_password).encode())
+        assert _redis_call(redis.port, old_user, old_password, "INFO").startswith(b"-NOPERM")   # the earlier rule
+        redis.user(operations.redis_widen_user(old_user, old_prefix))
+        # The neighbour listens on its own channel: nothing the tenant does may reach it.
+        listener = socket.create_connection(("127.0.0.1", redis.port), timeout=5)
+        listener.sendall(f"AUTH {other} {other_password}\r\nSUBSCRIBE {other_prefix}news\r\n".encode())
+        heard = listener.makefile("rb")
+        assert heard.readline() == b"+OK\r\n" and heard.readline() == b"*3\r\n"
+        assert [heard.readline() for _ in range(5)][-1] == b":1\r\n"       # subscribe, the channel, 1
+        for name, pfx, pw in ((user, prefix, password), (old_user, old_prefix, old_password)):
+            assert _redis_call(redis.port, name, pw, "INFO", "server").startswith(b"$")
+            assert _redis_call(redis.port, name, pw, "CLIENT", "SETNAME", "bull") == b"+OK"
+            assert _redis_call(redis.port, name, pw, "SUBSCRIBE", pfx + "jobs") == b"*3"
+            assert _redis_call(redis.port, name, pw, "PSUBSCRIBE", pfx + "*") == b"*3"
+            assert _redis_call(redis.port, name, pw, "PUBLISH", pfx + "jobs", "x") == b":0"
+            for refused in (["SUBSCRIBE", other_prefix + "news"], ["PUBLISH", other_prefix + "news", "forged"],
+                            ["PSUBSCRIBE", "*"], ["PSUBSCRIBE", "auto-*"], ["PUBSUB", "CHANNELS"],
+                            ["PUBSUB", "NUMSUB", other_prefix + "news"], ["CLIENT", "LIST"], ["KEYS", "*"],
+                            ["GET", other_prefix + "k"]):
+                assert _redis_call(redis.port, name, pw, *refused).startswith(b"-NOPERM"), (name, refused)
+        # The neighbour heard nothing: its next message is the one it publishes to itself.
+        assert _redis_call(redis.port, other, other_password, "PUBLISH", other_prefix + "news", "own") == b":1"
+        assert heard.readline() == b"*3\r\n"
+        assert [heard.readline() for _ in range(6)] == [b"$7\r\n", b"message\r\n", f"${len(other_prefix) + 4}\r\n".encode(),
+                                                        f"{other_prefix}news\r\n".encode(), b"$3\r\n", b"own\r\n"]
+    finally:
+        if listener is not None:
+            listener.close()
+        redis.shutdown()
+
+
 def test_a_tenants_runaway_script_is_refused_and_the_neighbour_keeps_its_answers(tmp_path):
     redis = _PrivateRedis(tmp_path / "redis")
     runaway = None

@@ -55,16 +55,37 @@ def mysql_limit(user: str, max_connections: int) -> bytes:
     return f"ALTER USER IF EXISTS {_sql_string(user)}@'%' WITH MAX_USER_CONNECTIONS {int(max_connections)};\n".encode()
 
 
+# What well-behaved clients send at connect (INFO for a ready check, CLIENT SETNAME…), and
+# pub/sub, added to the data commands of a `prefix` user: INFO shows server-wide figures but no
+# tenant's keys or values; channels are confined like keys (`&prefix*`; a PSUBSCRIBE pattern must
+# be that very pattern, Redis 7.0 compares patterns literally). PUBSUB CHANNELS/NUMSUB stay
+# refused: they would list other tenants' channels.
+REDIS_CLIENT_RULES = ("+info +subscribe +psubscribe +unsubscribe +punsubscribe +publish "
+                      "+ssubscribe +sunsubscribe +spublish")
+
+
 def redis_create_user(user: str, prefix: str, password: str) -> bytes:
-    """An ACL user confined to `prefix*` keys: data commands only. Commands that reveal or touch
-    other tenants' keys (SCAN, RANDOMKEY, DBSIZE, SELECT, flushes…) are refused too, and so is
-    whatever can hold the whole server (decision 019): scripts and functions (Redis 7.0 cannot
-    kill one that has written), @dangerous (KEYS, SORT, DEBUG, MONITOR, CLIENT PAUSE…), WAIT,
-    and LCS (quadratic in its strings)."""
-    return (f"ACL SETUSER {user} reset on >{password} ~{prefix}* resetchannels -@all "
-            "+@connection +@read +@write +@keyspace +@transaction -@scripting -@dangerous -select "
-            "-move -copy -scan -randomkey -dbsize -wait -lcs "
+    """An ACL user confined to `prefix*` keys and channels: data commands, pub/sub and what
+    clients send at connect. Commands that reveal or touch other tenants' keys (SCAN, RANDOMKEY,
+    DBSIZE, SELECT, flushes…) are refused, and so is whatever can hold the whole server (decision
+    019): scripts and functions (Redis 7.0 cannot kill one that has written), @dangerous (KEYS,
+    SORT, DEBUG, MONITOR, CLIENT PAUSE…), WAIT, and LCS (quadratic in its strings)."""
+    return (f"ACL SETUSER {user} reset on >{password} ~{prefix}* resetchannels &{prefix}* -@all "
+            "+@connection +@read +@write +@keyspace +@transaction -@scripting -@dangerous "
+            f"{REDIS_CLIENT_RULES} -select -move -copy -scan -randomkey -dbsize -wait -lcs "
             "-client|tracking -client|caching -client|getredir\n").encode()
+
+
+def redis_widen_user(user: str, prefix: str) -> bytes:
+    """Give a user made before connect commands and pub/sub were allowed what a new one gets,
+    adding only (no reset: its live connections keep what they have)."""
+    return f"ACL SETUSER {user} &{prefix}* {REDIS_CLIENT_RULES}\n".encode()
+
+
+def redis_if_user_exists(redis_cli: str, user: str, script: str) -> str:
+    """Run `script` only if the ACL user exists: ACL SETUSER would otherwise create one (verify
+    reports a missing user, repair recreates it whole)."""
+    return f'[ -n "$({redis_cli} ACL GETUSER {_sh(user)} </dev/null | head -n 1)" ] || exit 0\n{script}'
 
 
 # Deletes every key under a prefix on the server itself, in SCAN batches (KEYS would block the

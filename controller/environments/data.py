@@ -117,6 +117,11 @@ async def redis(ctx: JobContext, d: Deployment, numbers: dict[str, int], new: bo
         ctx, d, "redis", numbers, new, names_of,
         lambda p, names: ownership.redis_create_guard(p.redis_cli(), names["user"]) + ops.redis_admin(p.redis_cli()),
         lambda names, pw: ops.redis_create_user(names["user"], names["prefix"], pw))
+    if not new:  # a reused user gets what a new one would (made before pub/sub was allowed, say)
+        await ctx.sh(provider, ops.redis_if_user_exists(provider.redis_cli(), names["user"],
+                                                        ops.redis_admin(provider.redis_cli())), name,
+                     "redis rules", stdin=ops.redis_widen_user(names["user"], names["prefix"]),
+                     scope=Scope.data(ctx.env_key))  # it sets no password: it carries none
     host = provider.settings.get("redis.host", "127.0.0.1")
     port = provider.settings.get("redis.port", "6379")
     return {"REDIS_URL": f"redis://{names['user']}:{password}@{ops.url_host(host)}:{port}", "REDIS_HOST": host,

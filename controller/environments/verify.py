@@ -61,6 +61,7 @@ class Facts:
     mysql_users: set[str] = field(default_factory=set)
     redis_users: dict[str, str] = field(default_factory=dict)  # user → its key patterns
     redis_scripting: set[str] = field(default_factory=set)     # auto-* users still allowed scripts
+    redis_channels: dict[str, str] = field(default_factory=dict)  # user → its channel patterns
     redis_default_open: bool = False  # the shared Redis lets anyone in as `default` without a password
     nginx_files: list[str] = field(default_factory=list)      # auto-*.conf in the router's folder
     nginx_marks: dict[str, str] = field(default_factory=dict)  # auto-*.conf → its owner line
@@ -345,6 +346,9 @@ def _redis_findings(env_key, service, where, redis, ledger, facts: Facts) -> lis
     elif patterns != f"~{names['prefix']}*":
         out.append(Finding(where, f"redis {redis.number}: ACL user {names['user']} allows {patterns or 'no keys'}",
                            "redis-user", service, names["user"]))
+    elif facts.redis_channels.get(names["user"], f"&{names['prefix']}*") != f"&{names['prefix']}*":
+        out.append(Finding(where, f"redis {redis.number}: ACL user {names['user']} may use channels "
+                           f"{facts.redis_channels[names['user']]}", "redis-user", service, names["user"]))
     elif names["user"] in facts.redis_scripting:
         out.append(Finding(where, f"redis {redis.number}: ACL user {names['user']} may run scripts, "
                            "which can hold the shared server", "redis-user", service, names["user"]))
@@ -428,6 +432,9 @@ def read_acl_list(text: str, facts: Facts) -> None:
         parts = line.split()
         if len(parts) >= 2 and parts[0] == "user" and parts[1].startswith("auto-"):
             facts.redis_users[parts[1]] = " ".join(p for p in parts[2:] if p.startswith("~"))
+            channels = [p for p in parts[2:] if p.startswith("&") or p == "allchannels"]
+            if channels:
+                facts.redis_channels[parts[1]] = " ".join(channels)
             if scripting_allowed(parts[2:]):
                 facts.redis_scripting.add(parts[1])
         elif parts[:2] == ["user", "default"]:
