@@ -683,6 +683,64 @@ def test_health_checks_fit_the_app_and_fail_at_once_when_waiting_cannot_help(wor
     assert b"the queue is not reachable" in result.stderr
 
 
+def test_one_switch_for_the_environment_or_none(world, tmp_path):
+    """A job that deploys two web services and a daemon: if the second web service fails its
+    health check, nothing switches — the first one's new instance is stopped, both old instances
+    keep serving, the nginx file is byte for byte what it was, and the daemon (started after the
+    web services) was never touched."""
+    env, repo, cluster = new_env(world), world["repo"], world["cluster"]
+    ticker = {"source": str(repo), "ref": "main", "healthy_after": 1, "start": "sleep 600"}
+    spec = write_spec(tmp_path, env, {"a": web_service(repo, path="/a"), "b": web_service(repo, path="/b"),
+                                      "ticker": ticker})
+    apply(world, str(spec))
+    conf = world["nginx"].conf_dir / f"auto-shop-{env}.conf"
+    before = conf.read_bytes()
+    new_commit(repo, "both change")
+    broken = write_spec(tmp_path, env, {"a": web_service(repo, path="/a"),
+                                        "b": web_service(repo, path="/b", health={"path": "/missing"}),
+                                        "ticker": {**ticker, "start": "sleep 601"}}, "broken.yml")
+    result = apply(world, str(broken), ok=False)
+    assert result.returncode == 1
+    assert b"b: health failed" in result.stderr
+    assert conf.read_bytes() == before
+    for path in ("/a", "/b"):
+        status, body = http_get(world["nginx"].port, f"{path}/version", host=f"{env}.shop.test")
+        assert status == 200 and json.loads(body)["release"] == "1", (path, body)
+    ledger = json.loads(cluster.deployctl("ledger", f"shop/{env}", "--json").stdout)
+    last = {service: ledger[service]["deploys"][-1] for service in ("a", "b", "ticker")}
+    # web first: b failed before the daemon's new instance was started at all
+    assert {s: d["outcome"] for s, d in last.items()} == {"a": "failed", "b": "failed", "ticker": "succeeded"}
+    assert [d["number"] for d in ledger["ticker"]["deploys"]] == [1]
+    assert last["a"]["reason"].startswith("not switched: b: health failed"), last["a"]
+    assert last["b"]["reason"].startswith("b: health failed"), last["b"]
+    live = {s: [i["number"] for i in ledger[s]["instances"] if i["component"] == "code" and i["status"] == "live"]
+            for s in ledger}
+    assert live == {"a": [1], "b": [1], "ticker": [1]}
+    processes = cluster.agents["computing-1"].services() + cluster.agents["daemons-1"].services()
+    mine = sorted(p["name"] + "@" + p["instance"] for p in processes if f"-{env}-" in p["name"] and p.get("alive"))
+    assert len(mine) == 3 and all("@1-" in p for p in mine), mine      # only the old instances run
+    import re
+    job = re.search(rb"job-[0-9T]+-[0-9a-f]+", result.stdout + result.stderr).group().decode()
+    notes = (cluster.controller.store / "jobs" / job / "events.jsonl").read_text()
+    assert "b failed, so nothing switched: the new instances of a were stopped" in notes, notes[-2000:]
+
+
+def test_a_first_deploy_answers_on_its_route_the_moment_apply_returns(world, tmp_path):
+    """20 first deploys of a minimal service, each asked for right after `apply` returns: no 404
+    from a reload still under way, no answer from another environment's server block."""
+    repo = world["repo"]
+    minimal = {"path": "/", "source": str(repo), "ref": "main", "root": "web",
+               "start": "python3 -m http.server $PORT --bind 127.0.0.1", "health": "/package.json"}
+    answers = []
+    for trial in range(20):
+        env = new_env(world)
+        apply(world, str(write_spec(tmp_path, env, {"site": minimal}, f"trial-{trial}.yml")))
+        status, body = http_get(world["nginx"].port, "/package.json", host=f"{env}.shop.test")
+        answers.append(status)
+        assert b'"name"' in body
+    assert answers == [200] * 20
+
+
 def test_each_environment_runs_as_its_own_user_and_cannot_read_another(world, tmp_path):
     import os
     import pwd

@@ -31,10 +31,11 @@ PORT_RANGE = range(20000, 30000)
 
 
 async def apply(ctx: JobContext, plan: Plan) -> str:
+    deploys = [sp for sp in plan.services if sp.action == "deploy"]
+    if deploys:
+        await deploy_together(ctx, deploys)
     for service_plan in plan.services:
-        if service_plan.action == "deploy":
-            await deploy(ctx, service_plan)
-        elif service_plan.action == "destroy":
+        if service_plan.action == "destroy":
             # The spec no longer has it, so the route written next leaves it out.
             await teardown.remove_code(ctx, service_plan.service)
             ctx.job.event("service.removed", service=service_plan.service)
@@ -45,6 +46,55 @@ async def apply(ctx: JobContext, plan: Plan) -> str:
 
 
 async def deploy(ctx: JobContext, sp: ServicePlan) -> None:
+    await deploy_together(ctx, [sp])
+
+
+async def deploy_together(ctx: JobContext, plans: list[ServicePlan]) -> None:
+    """One switch for the environment: every new web instance is started and found healthy,
+    then every new daemon; then all routes switch in one nginx reload, and only then do the old
+    instances stop. If any service fails before the switch, nothing switches: every new instance
+    is undone and the old ones keep running."""
+    plans = sorted(plans, key=lambda sp: not ctx.spec.service(sp.service).is_web)  # web first, then daemons
+    started: list[tuple[Deployment, object, dict[str, int]]] = []
+    try:
+        for sp in plans:
+            started.append(await _begin(ctx, sp))
+            await _up(ctx, started[-1][0], sp, started[-1][2])
+        web = [d for d, _, _ in started if d.service.is_web]
+        if len(started) > 1:
+            ctx.note(f"all {len(started)} new instances are healthy ({', '.join(d.service.name for d, _, _ in started)}); "
+                     + (f"switching the routes of {', '.join(d.service.name for d in web)} in one reload"
+                        if web else "no route to switch"))
+        if web:
+            for d in web:  # durably, before the switch: recovery reads it after a crash
+                ctx.ledger.set_step(ctx.env_key, d.service.name, d.deploy, "route")
+            await routing.switch_to(ctx, web[0].service.name, {d.service.name: (d.host.address, d.port) for d in web})
+        for d, _, _ in started:
+            d.switched = True
+        for d, live, numbers in started:
+            await _after_switch(ctx, d, live, numbers)
+    except BaseException as exc:
+        # Before the switch, put everything back; after it the new instances are the live ones,
+        # and undoing would take down what serves (and drop data they now use).
+        undone = [d for d, _, _ in started if not d.switched]
+        failed = getattr(exc, "service", None)
+        for d in undone:
+            await asyncio.shield(undo(ctx, d))
+            why = str(exc) if d.service.name == failed or failed is None else f"not switched: {exc}"
+            ctx.ledger.finish_deploy(ctx.env_key, d.service.name, d.deploy, "failed", why)
+        others = [d.service.name for d in undone if d.service.name != failed]
+        if others:
+            ctx.note(f"{failed or 'the job'} failed, so nothing switched: the new instances of {', '.join(others)} "
+                     "were stopped, and the live ones keep serving")
+        raise
+    finally:
+        for d, _, _ in started:
+            ctx.deploying.pop(d.service.name, None)
+
+
+async def _begin(ctx: JobContext, sp: ServicePlan) -> tuple[Deployment, object, dict[str, int]]:
+    """Placement, numbers and the deploy's row in the ledger: (the deployment, the live state of
+    the service, the data instances' numbers)."""
     service = ctx.spec.service(sp.service)
     live = ctx.ledger.state(ctx.env_key).get(service.name)
     try:
@@ -69,24 +119,16 @@ async def deploy(ctx: JobContext, sp: ServicePlan) -> None:
                   code_new=code.new, mysql=numbers.get("mysql"), redis=numbers.get("redis"),
                   host=host.id, reasons=list(sp.reasons))
     ctx.deploying[service.name] = d.deploy
-    try:
-        await _prepare(ctx, d, sp)
-        workdir, env_path = await _configure(ctx, d, numbers, mysql, redis)
-        await _build(ctx, d, workdir, env_path, migrate=d.code_new or (mysql is not None and mysql.new))
-        await start(ctx, d, workdir, env_path)
-        if service.is_web:
-            await routing.switch_to(ctx, service.name, d.host.address, d.port)
-        d.switched = True
-        await _after_switch(ctx, d, live, numbers)
-    except BaseException as exc:
-        # Before the switch, put everything back; after it the new instance is the live one,
-        # and undoing would take down what serves (and drop data it now uses).
-        if not d.switched:
-            await asyncio.shield(undo(ctx, d))
-            ctx.ledger.finish_deploy(ctx.env_key, service.name, d.deploy, "failed", str(exc))
-        raise
-    finally:
-        ctx.deploying.pop(service.name, None)
+    return d, live, numbers
+
+
+async def _up(ctx: JobContext, d: Deployment, sp: ServicePlan, numbers: dict[str, int]) -> None:
+    """Everything up to a healthy new instance: folder, user, release, data, .env, build, start."""
+    mysql, redis = sp.change("mysql"), sp.change("redis")
+    await _prepare(ctx, d, sp)
+    workdir, env_path = await _configure(ctx, d, numbers, mysql, redis)
+    await _build(ctx, d, workdir, env_path, migrate=d.code_new or (mysql is not None and mysql.new))
+    await start(ctx, d, workdir, env_path)
 
 
 async def _prepare(ctx: JobContext, d: Deployment, sp: ServicePlan) -> None:

@@ -78,12 +78,13 @@ async def switch_route(ctx: JobContext, service: str, override=None) -> None:
             raise StepFailed(service, "route", refused)
 
 
-async def switch_to(ctx: JobContext, service: str, address: str, port: int) -> None:
-    """Route `service` to its new instance. A switch cut in the middle (its agent killed) may
-    leave the file naming the new instance, which is about to be stopped, and the next reload of
-    nginx, for any environment, would route there: the route the ledger holds is written back."""
+async def switch_to(ctx: JobContext, service: str, new: dict[str, tuple[str, int]]) -> None:
+    """Route each service in `new` to its new instance (address, port), in one reload. A switch
+    cut in the middle (its agent killed) may leave the file naming new instances, which are about
+    to be stopped, and the next reload of nginx, for any environment, would route there: the
+    route the ledger holds is written back."""
     try:
-        await switch_route(ctx, service, {service: (address, port)})
+        await switch_route(ctx, service, new)
     except StepFailed as failed:
         if not failed.cut:  # nginx said no, and the script has put the previous file back
             raise
