@@ -1,6 +1,10 @@
 """Pure builders of what deploy procedures send: they return SQL, scripts and protobuf
 messages and never send anything. Only the dispatcher sends operations; procedures compose
 these builders (an operation's id and its summary are the fleet's: controller/fleet/operations.py).
+
+One module, though long: a catalogue of short, independent builders, kept together so that
+everything the controller can send to an agent is read in one place (and tabled in
+tests/data/commands.json); guarded creates and drops are in ownership.py.
 """
 
 from __future__ import annotations
