@@ -134,7 +134,8 @@ def spec_file(world, env: str | None = None) -> Path:
            "build": "npm run build", "migrate": "node migrate.js",
            "start": f"sh -c 'if [ -f {flags}/slow-start ]; then touch {flags}/starting; sleep 4; fi; "
                     "exec node server.js'",
-           "health": "/health", "uses": ["mysql", "redis"]}
+           "health": "/health", "uses": ["mysql", "redis"],
+           "drain": "3s"}   # a connection held to the old instance keeps a drain going this long
     path = world["base"] / f"environment-{env}.yml"
     path.write_text(yaml.safe_dump({"app": "shop", "environment": env, "domain": f"{env}.shop.test",
                                     "services": {"web": web}}, sort_keys=False))
@@ -309,6 +310,11 @@ def test_controller_killed_mid_deploy_settles_every_deploy(world):
         held.close()
     assert load.tally.failed == [] and load.tally.releases == {"5", "6"}, str(load.tally)
     data = assert_settled(world, killed, recovery, "during step drain of service web (deploy 6)", live_code=6)
+    # The recovery drained the previous instance (the held connection kept it waiting) before it
+    # stopped it: the crash cut the drain short, not the requests.
+    steps = [e["step"] for e in events(world, recovery["id"]) if e["event"] == "step.finished"
+             and e.get("service") == "web"]
+    assert "drain" in steps and "stop" in steps and steps.index("drain") < steps.index("stop"), steps
     assert data["deploys"][-1]["outcome"] == "succeeded"
     current = cluster.agents["computing-1"].services_root / f"auto-shop-{env}-web" / "current"
     assert current.resolve().name == "6"

@@ -26,7 +26,6 @@ from controller.state.ledger import RAN, Status
 from common import envfile
 
 KEEP_RELEASES = 5
-DRAIN_S = 2.0
 PORT_RANGE = range(20000, 30000)
 
 

@@ -33,7 +33,7 @@ from controller.environments.facts import NginxFile, ServiceProcesses
 from controller.environments import commands as ops, deploying, naming, routing
 from controller.environments.context import JobContext, StepFailed, output_of
 from controller.environments.data import Deployment
-from controller.environments.deploying import DRAIN_S
+from controller.environments.spec import DEFAULT_DRAIN
 from controller.state.jobs import EnvLock, JobTable, read_events
 from controller.state.knowledge import Scope
 from controller.state.ledger import Status
@@ -324,7 +324,6 @@ async def _converge(ctx: JobContext, service: str, rows) -> list[str]:
     keep = (code.host, row.names.get("process", "")) if row else None
     unit = ctx.unit(service)
     lines = []
-    drained = False
     hosts = {r["host"] for r in rows if r["service"] == service and r["host"]} | ({code.host} if code else set())
     for host_id in sorted(hosts):
         host = ctx.registry.agents.get(host_id)
@@ -337,9 +336,8 @@ async def _converge(ctx: JobContext, service: str, rows) -> list[str]:
         for process in ServiceProcesses.parse(output_of(listing), unit):
             if (host_id, process.instance) == keep:
                 continue
-            if process.alive and not drained:
-                await asyncio.sleep(DRAIN_S)  # it may have served until the switch: let its requests end
-                drained = True
+            if process.alive:  # it may have served until the switch: let its requests end
+                await _drain(ctx, host, service, process.instance)
             stop = pb.ServiceStopSpec(name=unit, instance=process.instance)
             await ctx.run_op(host, pb.Operation(service_stop=stop), service, "stop", check=False)
             lines.append(f"{service}: stopped {unit}@{process.instance} on {host_id}, "
@@ -358,6 +356,20 @@ async def _converge(ctx: JobContext, service: str, rows) -> list[str]:
         await ctx.sh(host, ops.settle_staged_env(staged, release), service, ".env", check=False, user=ctx.unix_user)
         await ctx.sh(host, ops.current_script(service_dir, release), service, "current", check=False)
     return lines
+
+
+async def _drain(ctx: JobContext, host, service: str, instance: str) -> None:
+    """As after a switch: wait until nothing is connected to a web instance's port (at most the
+    service's drain), before it is stopped."""
+    number = int(instance.split("-", 1)[0]) if instance.split("-", 1)[0].isdigit() else 0
+    row = ctx.ledger.instance(ctx.env_key, service, "code", number) if number else None
+    if row is None or not row.port:
+        return  # a daemon, or an instance the ledger never gave a port: stopped at once
+    try:
+        longest = ctx.spec.service(service).drain
+    except KeyError:
+        longest = DEFAULT_DRAIN
+    await ctx.sh(host, ops.drain_script(row.port, longest), service, "drain", check=False, timeout=longest + 30)
 
 
 async def _reaffirm_route(ctx: JobContext, read: str, force: bool) -> bool:
