@@ -21,7 +21,7 @@ from common import errors
 import json
 
 from controller.fleet import access
-from controller.environments import naming
+from controller.environments import commands, naming
 from controller.environments.facts import ServiceProcesses
 from controller.fleet import operations
 from controller.fleet.door import OPERATOR_CALLER
@@ -266,8 +266,7 @@ class OperatorService(pb_grpc.OperatorServicer):
                             agent_id=agent.id, note=f"now following code instance {target[1]}"))
                     log_path = (f"{naming.service_dir(agent.services_root, app, env, service)}"
                                 f"/logs/{target[1]}.log")
-                    argv = ["tail", "-n", tail if current is None else "+1"]
-                    argv += ["-F", log_path] if request.follow else [log_path]
+                    argv = commands.log_tail_argv(log_path, tail if current is None else "+1", request.follow)
                     op = self.dispatcher.submit(agent.id, pb.Operation(
                         id=operations.new_op_id(), exec=pb.ExecSpec(argv=argv)), environment=env_key)
                     op.listeners.add(wake)

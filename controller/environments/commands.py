@@ -419,6 +419,12 @@ def remove_file(path: str) -> str:
     return f"rm -f {_sh(path)}"
 
 
+def log_tail_argv(path: str, lines: str, follow: bool) -> list[str]:
+    """`tail` of a service's log (`lines`: a count, or +1 for all of it), following it by name
+    across rotation when `follow`."""
+    return ["tail", "-n", lines, *(["-F"] if follow else []), path]
+
+
 def log_tail(path: str, lines: int) -> str:
     return f"tail -n {int(lines)} {_sh(path)}"
 
