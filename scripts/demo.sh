@@ -57,10 +57,12 @@ sys.exit(0 if all(states.get(a) == "connected" for a in ("computing-1", "daemons
 
 # The system's nginx, the one that reads /etc/nginx/conf.d: another nginx running on this machine
 # (a test's own, say) is not it.
+NGINX_PID=/run/nginx.pid
 start_nginx() {
   local pidfile
   pidfile=$(nginx -T 2>/dev/null | sed -n 's/^[[:space:]]*pid[[:space:]]\{1,\}\([^;]*\);.*/\1/p' | head -n 1)
   pidfile=${pidfile:-/run/nginx.pid}
+  NGINX_PID=$pidfile   # the agent reads it to know when a reload has taken effect
   if ! running "$pidfile"; then
     nginx
     STARTED+=("$pidfile")
@@ -164,7 +166,8 @@ start() {
       --state-dir "$DEMO/agents/computing-1" --services-root "$SRV" \
       --provide mysql.host=127.0.0.1 --provide mysql.port=3306 \
       --provide redis.host=127.0.0.1 --provide redis.port=6379 \
-      --provide nginx.conf_dir=/etc/nginx/conf.d --provide nginx.listen="$HTTP_PORT"
+      --provide nginx.conf_dir=/etc/nginx/conf.d --provide nginx.listen="$HTTP_PORT" \
+      --provide nginx.pid="$NGINX_PID"
   fi
   if ! running "$DEMO/daemons-1.pid"; then
     enrolment daemons-1 daemons
