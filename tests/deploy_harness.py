@@ -230,3 +230,17 @@ def deploy_cluster(base: Path, cleanup: contextlib.ExitStack | None = None) -> t
         else:
             started.pop_all()
     return nginx, cluster
+
+
+@contextlib.contextmanager
+def deploy_world(prefix: str, app: str):
+    """A module's world of deploys: a base folder, a private nginx, a controller and its agents,
+    and the list of environments to purge (of `app`). Each clean-up is registered as soon as there
+    is something to clean, and each runs even if an earlier one failed."""
+    with contextlib.ExitStack() as cleanup:
+        base = service_users_base(prefix)
+        cleanup.callback(shutil.rmtree, base, ignore_errors=True)
+        envs: list[str] = []
+        cleanup.callback(purge_each, app, envs)
+        nginx, cluster = deploy_cluster(base, cleanup)
+        yield {"base": base, "nginx": nginx, "cluster": cluster, "envs": envs}

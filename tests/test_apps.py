@@ -7,7 +7,6 @@ with no failed request."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -15,8 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.deploy_harness import (deploy_cluster, git, http_get, purge_each, service_users_base,
-                                  unique_env)
+from tests.deploy_harness import deploy_world, git, http_get, unique_env
 from tests.load import Load
 
 APPS = Path(__file__).resolve().parent / "apps"
@@ -24,13 +22,8 @@ APPS = Path(__file__).resolve().parent / "apps"
 
 @pytest.fixture(scope="module")
 def world():
-    with contextlib.ExitStack() as cleanup:
-        base = service_users_base("deployer-apps-")
-        cleanup.callback(shutil.rmtree, base, ignore_errors=True)
-        envs: list[str] = []
-        cleanup.callback(purge_each, "notes", envs)
-        nginx, cluster = deploy_cluster(base, cleanup)
-        yield {"base": base, "nginx": nginx, "cluster": cluster, "envs": envs}
+    with deploy_world("deployer-apps-", "notes") as made:
+        yield made
 
 
 def app_repo(base: Path, name: str) -> Path:

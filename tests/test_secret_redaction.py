@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from controller.state.vault import Vault
-from tests.deploy_harness import deploy_cluster, example_repo, purge_each, service_users_base, unique_env
+from tests.deploy_harness import deploy_world, example_repo, unique_env
 from tests.harness import ROOT, wait_for
 
 pytestmark = pytest.mark.slow
@@ -69,17 +69,8 @@ def files_under(*roots: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def world():
-    import contextlib
-    import shutil
-    # Each clean-up is registered once there is something to clean, and runs whatever failed before.
-    with contextlib.ExitStack() as cleanup:
-        base = service_users_base("deployer-redaction-")
-        cleanup.callback(shutil.rmtree, base, ignore_errors=True)
-        envs: list[str] = []
-        cleanup.callback(purge_each, "shop", envs)
-        nginx, cluster = deploy_cluster(base, cleanup)
-        repo = example_repo(base)
-        yield {"base": base, "cluster": cluster, "repo": repo, "envs": envs}
+    with deploy_world("deployer-redaction-", "shop") as made:
+        yield {**made, "repo": example_repo(made["base"])}
 
 
 def test_echoed_secrets_show_as_stars_and_are_nowhere_raw(world, tmp_path):
