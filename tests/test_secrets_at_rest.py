@@ -73,6 +73,26 @@ def test_the_migration_seals_plaintext_rows_and_leaves_no_copy(tmp_path):
         assert value.encode() not in store_bytes(tmp_path)
 
 
+def test_the_migration_leaves_no_copy_of_large_values_either(tmp_path):
+    """Values that span overflow pages, which the sealing frees whole: VACUUM rebuilds the file,
+    and secure_delete zeroes what is freed, so that either one alone leaves no copy (with both
+    turned off in a scratch copy, this test fails)."""
+    big = "pem-" + "K" * 20000
+    version = db_mod.SEALED_VERSION - 1
+    conn = sqlite3.connect(tmp_path / "deployer.db", isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    for number, script in enumerate(db_mod.MIGRATIONS[:version], start=1):
+        conn.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+    for i in range(50):
+        conn.execute("INSERT INTO secrets VALUES ('shop/prod', ?, ?)", (f"KEY_{i}", f"{big}-{i:02d}"))
+    conn.close()
+    assert b"KKKKKKKKKK-07" in store_bytes(tmp_path)
+    db = Database(tmp_path / "deployer.db")
+    assert Ledger(db).secrets("shop/prod")["KEY_7"] == f"{big}-07"
+    db.close()
+    assert b"KKKKKKKKKK" not in store_bytes(tmp_path)
+
+
 def test_a_sealed_store_without_its_key_says_so(tmp_path):
     Ledger(Database(tmp_path / "deployer.db")).set_secret("shop/prod", "K", SECRET)
     (tmp_path / "secrets.key").unlink()

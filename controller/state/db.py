@@ -226,6 +226,9 @@ class Database:
         # loss can only drop the last commits, never corrupt; output is fsynced before any ack.
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.execute("PRAGMA busy_timeout=5000")
+        # Deleted rows (a secret set again past the retired ones kept, a spent token) are zeroed
+        # on disk, whatever the SQLite build's default: sealed or not, no old value lingers.
+        self.conn.execute("PRAGMA secure_delete=ON")
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
         self.vault = Vault.for_store(Path(path).parent / KEY_FILE, create=version < SEALED_VERSION)
         self._migrate(version)
