@@ -6,6 +6,7 @@ token), one unary call, and a gRPC error turned into one line with the exit code
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -61,6 +62,16 @@ def call(args: argparse.Namespace, method: str, request, timeout: float, order: 
         return stub, getattr(stub, method)(request, timeout=timeout)
     except grpc.RpcError as exc:
         raise (order_error if order else rpc_error)(exc, where) from None
+
+
+def call_json(args: argparse.Namespace, method: str, request, timeout: float):
+    """A call whose reply carries JSON: the data, or None once `--json` has printed it as is."""
+    _, reply = call(args, method, request, timeout)
+    data = json.loads(reply.json)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return None
+    return data
 
 
 def rpc_error(exc: grpc.RpcError, where: str) -> CliError:

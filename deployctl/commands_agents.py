@@ -14,7 +14,7 @@ from protos import deployer_pb2 as pb
 
 from common.errors import EXIT_OK, EXIT_USAGE
 from deployctl import render
-from deployctl.client import CliError, call
+from deployctl.client import CliError, call, call_json
 
 _AGENT_STATES = {pb.AGENT_CONNECTED: "connected", pb.AGENT_DISCONNECTED: "disconnected",
                  pb.AGENT_LOST: "lost"}
@@ -116,17 +116,15 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 
 
 def cmd_token_list(args: argparse.Namespace) -> int:
-    _, reply = call(args, "ListTokens", pb.ListTokensRequest(all=args.all), 10)
-    tokens = json.loads(reply.json)
-    if args.json:
-        print(json.dumps(tokens, indent=2))
+    tokens = call_json(args, "ListTokens", pb.ListTokensRequest(all=args.all), 10)
+    if tokens is None:
         return EXIT_OK
     if not tokens:
         print("no token was ever made" if args.all else
               "no token can be used now (--all shows used, expired and revoked ones)")
         return EXIT_OK
     now = time.time()
-    when = lambda t: time.strftime("%Y-%m-%d %H:%M", time.gmtime(t))  # noqa: E731
+    when = render.utc_minute
     rows = [[t["id"], ",".join(t["roles"]), ",".join(t.get("provides", [])) or "-", t["agent_id"] or "any",
              when(t["created"]),
              when(t["expires"]) + (f" (in {render.span(t['expires'] - now)})" if t["state"] == "open" else ""),
@@ -160,16 +158,14 @@ def cmd_operator_token_create(args: argparse.Namespace) -> int:
 
 
 def cmd_operator_token_list(args: argparse.Namespace) -> int:
-    _, reply = call(args, "ListOperatorTokens", pb.ListTokensRequest(all=args.all), 10)
-    tokens = json.loads(reply.json)
-    if args.json:
-        print(json.dumps(tokens, indent=2))
+    tokens = call_json(args, "ListOperatorTokens", pb.ListTokensRequest(all=args.all), 10)
+    if tokens is None:
         return EXIT_OK
     if not tokens:
         print("no operator token was ever made" if args.all else
               "no operator token is valid now (--all shows expired and revoked ones)")
         return EXIT_OK
-    when = lambda t: time.strftime("%Y-%m-%d %H:%M", time.gmtime(t))  # noqa: E731
+    when = render.utc_minute
     rows = [[t["id"], t["role"], render.printable(t["label"], 32) or "-", t["created_by"],
              when(t["created"]), when(t["expires"]), t["state"]] for t in tokens]
     sys.stdout.write(render.table(["ID", "ROLE", "LABEL", "MADE BY", "CREATED (UTC)", "EXPIRES (UTC)", "STATE"],

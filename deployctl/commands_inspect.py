@@ -16,14 +16,12 @@ from protos import deployer_pb2 as pb
 
 from common.errors import EXIT_FAILED, EXIT_OK
 from deployctl import render
-from deployctl.client import call, connect, env_service, rpc_error
+from deployctl.client import call_json, connect, env_service, rpc_error
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    _, rows = call(args, "ListJobs", pb.EnvRef(environment=args.env or ""), 10)
-    rows = json.loads(rows.json)
-    if args.json:
-        print(json.dumps(rows, indent=2))
+    rows = call_json(args, "ListJobs", pb.EnvRef(environment=args.env or ""), 10)
+    if rows is None:
         return EXIT_OK
     now = time.time()
     sys.stdout.write(render.table(["JOB", "ENVIRONMENT", "KIND", "STATE", "STARTED", "SUMMARY"],
@@ -33,10 +31,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_job_show(args: argparse.Namespace) -> int:
-    _, job = call(args, "ShowJob", pb.JobRef(job_id=args.job_id), 10)
-    job = json.loads(job.json)
-    if args.json:
-        print(json.dumps(job, indent=2))
+    job = call_json(args, "ShowJob", pb.JobRef(job_id=args.job_id), 10)
+    if job is None:
         return EXIT_OK
     print(f"job         {job['id']}\nenvironment {job['env_key']}\nkind        {job['kind']}\n"
           f"state       {job['state']}\nsummary     {job['summary']}\nfolder      {job['folder']}")
@@ -92,10 +88,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger(args: argparse.Namespace) -> int:
-    _, data = call(args, "Ledger", pb.EnvRef(environment=args.env, service=args.service or ""), 10)
-    data = json.loads(data.json)
-    if args.json:
-        print(json.dumps(data, indent=2))
+    data = call_json(args, "Ledger", pb.EnvRef(environment=args.env, service=args.service or ""), 10)
+    if data is None:
         return EXIT_OK
     for i, (service, entry) in enumerate(data.items()):
         if len(data) > 1:
@@ -105,10 +99,8 @@ def cmd_ledger(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    _, rows = call(args, "Status", pb.EnvRef(environment=args.env), 60)
-    rows = json.loads(rows.json)
-    if args.json:
-        print(json.dumps(rows, indent=2))
+    rows = call_json(args, "Status", pb.EnvRef(environment=args.env), 60)
+    if rows is None:
         return EXIT_OK
     table = []
     for r in rows:

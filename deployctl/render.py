@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from typing import Sequence
 
 COLOURS = (36, 33, 35, 32, 34, 91, 96, 93, 95, 92)
@@ -14,6 +16,11 @@ def size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def utc_minute(t: float) -> str:
+    """A time as tables show it: UTC, to the minute."""
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(t))
 
 
 def span(seconds: float) -> str:

@@ -16,7 +16,7 @@ import random
 from protos import deployer_pb2 as pb
 
 from controller.environments import commands as ops, data, naming, ownership, routing, teardown
-from controller.environments.context import (CUT_OFF, OUTPUT_TAIL_LINES, JobContext, PlacementError, StepFailed, output_of,
+from controller.environments.context import (OUTPUT_TAIL_LINES, JobContext, PlacementError, StepFailed, output_of,
                                              pick_agent, result_detail, tail_of)
 from controller.environments.data import Deployment
 from controller.environments.facts import ServiceProcesses
@@ -260,13 +260,15 @@ async def start(ctx: JobContext, d: Deployment, workdir: str, env_path: str) -> 
         log_path=f"{d.service_dir}/logs/{d.code}.log", limits=ctx.limits(d.host))), name, "start")
     check, log_path = service.check, f"{d.service_dir}/logs/{d.code}.log"
     if service.is_web:
-        probe = await ctx.run_op(d.host, pb.Operation(http_probe=pb.HttpProbeSpec(
-            url=f"http://{ops.url_host(d.host.address)}:{d.port}{service.health}", expect_statuses=check.statuses,
-            interval_s=check.interval, timeout_s=check.timeout, deadline_s=check.deadline, service_name=unit,
-            service_instance=d.process)), name, "health", check=False)
-        if probe.result.exit_code != 0 or probe.result.outcome != pb.EXITED:
-            raise StepFailed(name, "health", result_detail(probe.result), await _log_tail(ctx, d, log_path),
-                             cut=probe.result.outcome in CUT_OFF)
+        try:
+            await ctx.run_op(d.host, pb.Operation(http_probe=pb.HttpProbeSpec(
+                url=f"http://{ops.url_host(d.host.address)}:{d.port}{service.health}", expect_statuses=check.statuses,
+                interval_s=check.interval, timeout_s=check.timeout, deadline_s=check.deadline, service_name=unit,
+                service_instance=d.process)), name, "health")
+        except StepFailed as failed:
+            if not failed.cut:  # the probe has nothing to say: the instance's own output has
+                failed.tail = await _log_tail(ctx, d, log_path)
+            raise
         return
     await asyncio.sleep(service.healthy_after)
     listing = await ctx.run_op(d.host, ServiceProcesses.operation(unit), name, "health")
@@ -274,14 +276,15 @@ async def start(ctx: JobContext, d: Deployment, workdir: str, env_path: str) -> 
         raise StepFailed(name, "health", f"the daemon did not stay up for {service.healthy_after:g}s",
                          await _log_tail(ctx, d, log_path))
     if check.command:
-        ran = await ctx.sh(d.host, ops.health_command_script(check.command, check.interval, check.timeout,
-                                                              check.deadline),
-                           name, "health command", cwd=workdir, env_file=env_path, check=False,
-                           user=ctx.unix_user, env=service_env(d), timeout=check.deadline + check.timeout + 30)
-        if ran.result.exit_code != 0 or ran.result.outcome != pb.EXITED:
+        try:
+            await ctx.sh(d.host, ops.health_command_script(check.command, check.interval, check.timeout,
+                                                            check.deadline),
+                         name, "health command", cwd=workdir, env_file=env_path, user=ctx.unix_user,
+                         env=service_env(d), timeout=check.deadline + check.timeout + 30)
+        except StepFailed as failed:
+            own = "" if failed.cut else "\n--- the daemon's own output ---\n" + await _log_tail(ctx, d, log_path)
             raise StepFailed(name, "health", f"{check.command!r} did not succeed within {check.deadline:g}s",
-                             tail_of(ran) + "\n--- the daemon's own output ---\n" + await _log_tail(ctx, d, log_path),
-                             cut=ran.result.outcome in CUT_OFF)
+                             failed.tail + own, cut=failed.cut) from None
 
 
 async def _log_tail(ctx: JobContext, d: Deployment, log_path: str) -> str:
