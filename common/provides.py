@@ -91,7 +91,7 @@ def _port(text: str) -> str:
 CHECKS = {
     "address": _host,
     "mysql.host": _host, "mysql.port": _port, "mysql.admin": _command,
-    "redis.host": _host, "redis.port": _port, "redis.admin": _command,
+    "redis.host": _host, "redis.port": _port, "redis.admin": _command, "redis.server": _path,
     "nginx.conf_dir": _path, "nginx.listen": _listen, "nginx.test": _command, "nginx.reload": _command,
     "nginx.pid": _path,
 }

@@ -115,6 +115,18 @@ def errors_mapped(cls):
     return cls
 
 
+def _data_in_use(live) -> dict:
+    """The data instances a service uses: its own live ones, or those of the service it shares
+    with (`mysql_of`: whose)."""
+    out = {}
+    for component in ("mysql", "redis"):
+        if component in live.used:
+            out[f"{component}_of"], out[component] = live.used[component]
+        else:
+            out[component] = live.live(component).number if live.live(component) else None
+    return out
+
+
 @errors_mapped
 class OperatorService(pb_grpc.OperatorServicer):
     def __init__(self, registry: Registry, dispatcher: Dispatcher, environments: Environments,
@@ -371,8 +383,7 @@ class OperatorService(pb_grpc.OperatorServicer):
         out = []
         for service, live in sorted(state.items()):
             entry = {"service": service, "code": live.code.number if live.code else None,
-                     "mysql": live.mysql.number if live.mysql else None,
-                     "redis": live.redis.number if live.redis else None,
+                     **_data_in_use(live),
                      "host": live.code.host if live.code else "", "port": live.code.port if live.code else 0,
                      "commit": live.code.commit if live.code else "", "process": "unknown"}
             agent = self.registry.agents.get(entry["host"])

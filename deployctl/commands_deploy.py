@@ -49,7 +49,10 @@ def print_plan(plan: dict) -> None:
     for s in plan["services"]:
         parts = []
         for component, c in s["components"].items():
-            parts.append(f"{component} " + ("new" if c["new"] else f"reuse {c['instance']}"))
+            if c.get("of"):  # another service's instance: its new one, or its live one
+                parts.append(f"{component} of {c['of']}" + (f" ({c['instance']})" if c["instance"] else " (new)"))
+            else:
+                parts.append(f"{component} " + ("new" if c["new"] else f"reuse {c['instance']}"))
         print(f"{plan['environment']}/{s['service']}: {s['action']} ({', '.join(parts) or 'everything'})")
         for reason in s["reasons"]:
             print(f"    {reason}")
@@ -98,7 +101,8 @@ def _follow_job(stub: pb_grpc.OperatorStub, job_id: str, verbose: bool, counts: 
         e = json.loads(event.json)
         name = e["event"]
         if name == "deploy.started":
-            made = [f"{c} {e[c]}{'' if c != 'code' or e['code_new'] else ' (reused)'}"
+            shared = e.get("shared", {})
+            made = [f"{c} {shared[c] + ':' if c in shared else ''}{e[c]}{'' if c != 'code' or e['code_new'] else ' (reused)'}"
                     for c in ("code", "mysql", "redis") if e.get(c)]
             print(f"{e['service']}: deploy {e['deploy']} on {e['host']}: {', '.join(made)}", flush=True)
         elif name == "step.started":

@@ -105,11 +105,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     table = []
     for r in rows:
         process = f"{r['process']}: {r['error']}" if r.get("error") else r["process"]  # e.g. out of memory
-        table.append([r["service"], str(r["code"] or "-"), r["commit"][:10], r["host"], str(r["port"] or "-"),
+        data = [(f"{r[c + '_of']}:" if r.get(c + "_of") else "") + str(r[c]) if r.get(c) else "-"
+                for c in ("mysql", "redis")]  # web:2: instance 2 of service web's
+        table.append([r["service"], str(r["code"] or "-"), *data, r["commit"][:10], r["host"], str(r["port"] or "-"),
                       process, r.get("health", "-"),
                       render.size(r["rss_bytes"]) if r.get("rss_bytes") else "-",
                       render.duration(r["cpu_s"]) if r.get("cpu_s") is not None else "-"])
-    sys.stdout.write(render.table(["SERVICE", "CODE", "COMMIT", "HOST", "PORT", "PROCESS", "HEALTH", "RSS", "CPU"], table))
+    sys.stdout.write(render.table(["SERVICE", "CODE", "MYSQL", "REDIS", "COMMIT", "HOST", "PORT", "PROCESS", "HEALTH", "RSS", "CPU"], table))
     limits = render.limits_table(rows)
     if limits:
         sys.stdout.write(f"\nlimits of {args.env} (per host, all its services there together)\n{limits}")

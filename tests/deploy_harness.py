@@ -17,7 +17,8 @@ from tests.harness import ROOT, Cluster, free_port, wait_for
 
 EXAMPLE = ROOT / "examples" / "shop"
 # Where an agent of this machine finds MariaDB and Redis, as its `provides` settings say.
-LOCAL_DATA = {"mysql.host": "127.0.0.1", "mysql.port": "3306", "redis.host": "127.0.0.1", "redis.port": "6379"}
+LOCAL_DATA = {"mysql.host": "127.0.0.1", "mysql.port": "3306", "redis.host": "127.0.0.1", "redis.port": "6379",
+              "redis.server": shutil.which("redis-server") or "/usr/bin/redis-server"}
 
 
 class Nginx:

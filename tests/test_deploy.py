@@ -294,7 +294,38 @@ BAD_SPECS = [
      "    start: x\n    uses: [mysql, postgres]\n", ":9: services.web.uses[1]:", "postgres"),
     ("app: shop\nenvironment: {env}\ndomain: shop.test\nservices:\n  web:\n    source: {repo}\n    ref: main\n",
      ":5: services.web", "start"),
+    ("app: shop\nenvironment: {env}\ndomain: shop.test\nservices:\n  worker:\n    source: {repo}\n    ref: main\n"
+     "    start: x\n    uses: [web.redis]\n", ":9: services.worker.uses[0]:", "web.redis: no service 'web'"),
+    ("app: shop\nenvironment: {env}\ndomain: shop.test\nservices:\n  web:\n    path: /\n    source: {repo}\n"
+     "    ref: main\n    start: x\n    health: {{path: /, status: [200, 700]}}\n",
+     ":10: services.web.health.status[1]:", "not an HTTP status (100 to 599)"),
 ]
+
+
+def test_a_data_instance_no_connected_agent_provides_is_refused_at_its_line(world, tmp_path):
+    """The redis mode (or component) of a new instance must have a connected agent able to
+    provide it: refused before any job, at the line that asks for it."""
+    env, cluster = new_env(world), world["cluster"]
+    web = {"path": "/", "source": str(world["repo"]), "ref": "main", "start": "x", "uses": ["redis"]}
+    dedicated = write_spec(tmp_path, env, {"web": {**web, "redis": {"mode": "dedicated"}}}, "dedicated.yml")
+    prefix = write_spec(tmp_path, env, {"web": web}, "prefix.yml")
+    jobs_before = cluster.deployctl("jobs", "--json").stdout
+    cluster.controller.grant("computing-1", ["redis"], ungrant=True)
+    try:
+        for path, key, what in (
+                (dedicated, "services.web.redis.mode", "dedicated: no connected agent runs dedicated Redis servers "
+                 "(one granted redis, with redis.server set in its configuration)"),
+                (prefix, "services.web.uses", "redis: no connected agent has capability redis (computing-1 is "
+                 "configured for it but not granted it: deployctl agents grant computing-1 --provides redis)")):
+            word = key.rsplit(".", 1)[1] + ":"
+            line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if text.strip().startswith(word))
+            for command in ("plan", "apply"):
+                result = cluster.deployctl(command, str(path))
+                assert result.returncode == 1
+                assert result.stderr.decode().strip().splitlines() == [f"deployctl: {path}:{line}: {key}: {what}"]
+    finally:
+        cluster.controller.grant("computing-1", ["redis"])
+    assert cluster.deployctl("jobs", "--json").stdout == jobs_before
 
 
 @pytest.mark.parametrize("spec_text, where, what", BAD_SPECS)

@@ -125,10 +125,36 @@ def test_service_folders_are_claimed_only_when_absent_or_ours(tmp_path):
 
 def test_an_existing_release_folder_is_taken(tmp_path):
     release = tmp_path / "releases" / "1"
-    assert sh(ownership.release_absent(str(release)) + "echo go").stdout == b"go\n"
+    assert sh(ownership.absent(str(release)) + "echo go").stdout == b"go\n"
     release.mkdir(parents=True)
-    taken = sh(ownership.release_absent(str(release)) + "rm -rf " + str(release))
+    taken = sh(ownership.absent(str(release)) + "rm -rf " + str(release))
     assert taken.returncode == ownership.TAKEN and release.exists()
+
+
+def test_a_destroy_keeps_only_a_services_redis_data_and_a_purge_takes_the_empty_folder(tmp_path):
+    from controller.environments import commands as ops
+    folder = tmp_path / "auto-shop-x-web"
+    for part in ("releases/1/.env", "logs/1.log", "data/redis-1/appendonly.aof"):
+        (folder / part).parent.mkdir(parents=True, exist_ok=True)
+        (folder / part).write_text("x")
+    (folder / ownership.FOLDER_MARK).write_text(ownership.owner_mark(OWNER) + "\n")
+    keep = sh(ownership.if_folder_ours(str(folder), OWNER, ops.remove_all_but_data()))
+    assert keep.returncode == 0, keep.stderr
+    assert [name for name, _, _ in tree(folder)] == [".", ownership.FOLDER_MARK, "data", "data/redis-1",
+                                                     "data/redis-1/appendonly.aof"]
+    assert (folder.stat().st_uid, folder.stat().st_mode & 0o777) == (0, 0o700)  # its user can go
+    # Nothing but an empty data folder: a purge's last step removes the folder; otherwise it stays.
+    assert sh(ownership.if_folder_ours(str(folder), OWNER, ops.remove_if_only_data())).returncode == 0
+    assert folder.exists()
+    (folder / "data" / "redis-1" / "appendonly.aof").unlink()
+    (folder / "data" / "redis-1").rmdir()
+    assert sh(ownership.if_folder_ours(str(folder), OWNER, ops.remove_if_only_data())).returncode == 0
+    assert not folder.exists()
+    # Without data, a destroy removes it whole.
+    (folder / "releases").mkdir(parents=True)
+    (folder / ownership.FOLDER_MARK).write_text(ownership.owner_mark(OWNER) + "\n")
+    assert sh(ownership.if_folder_ours(str(folder), OWNER, ops.remove_all_but_data())).returncode == 0
+    assert not folder.exists()
 
 
 def test_route_files_are_rewritten_only_when_ours(tmp_path):

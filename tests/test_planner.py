@@ -73,3 +73,66 @@ def test_a_pruned_service_whose_data_was_kept_is_not_planned_again():
     state = {"web": live(WEB), "worker": live(WORKER, code=None)}   # worker pruned, its redis kept
     assert plan(only_web, state, {"web": C1}, prune=True).empty
     assert plan(only_web, state, {"web": C1}).notes == ()
+
+
+# ---------------------------------------------------------------- instances shared between services
+
+from controller.environments.spec import RedisSettings  # noqa: E402
+
+QUEUE_WEB = dataclasses.replace(WEB, redis=RedisSettings("dedicated"))
+QUEUE_WORKER = dataclasses.replace(WORKER, uses=("mysql", "redis"), shared=(("mysql", "web"), ("redis", "web")))
+QUEUE = Spec(1, "shop", "prod", "shop.test", (QUEUE_WEB, QUEUE_WORKER))
+BOTH = {"web": C1, "worker": C1}
+
+
+def shared_summary(p) -> dict[str, dict[str, object]]:
+    return {s.service: {c.component: (f"{c.owner}:" if c.owner else "") + ("new" if c.new or (c.owner and c.number
+                                                                                            is None) else str(c.number))
+                        for c in s.changes} for s in p.services}
+
+
+def queue_state(mysql: int = 1, redis: int = 1, used: tuple[int, int] = (1, 1)) -> dict[str, ServiceState]:
+    web = dataclasses.replace(live(QUEUE_WEB, mysql=mysql, redis=redis),
+                              redis=LiveInstance(redis, mode="dedicated"))
+    worker = ServiceState("worker", code=LiveInstance(1, C1, code_fingerprint(QUEUE_WORKER)),
+                          used={"mysql": ("web", used[0]), "redis": ("web", used[1])})
+    return {"web": web, "worker": worker}
+
+
+def test_a_first_deploy_makes_the_shared_instances_once():
+    p = plan(QUEUE, {}, BOTH)
+    assert shared_summary(p) == {"web": {"code": "new", "mysql": "new", "redis": "new"},
+                                 "worker": {"code": "new", "mysql": "web:new", "redis": "web:new"}}
+
+
+def test_nothing_to_do_when_the_user_has_the_owners_live_instances():
+    assert plan(QUEUE, queue_state(), BOTH).empty
+
+
+def test_renewing_a_shared_instance_deploys_every_service_using_it():
+    p = plan(QUEUE, queue_state(), BOTH, Options(services=("web",), renew={"web": ("mysql",)}))
+    assert shared_summary(p) == {"web": {"code": "1", "mysql": "new", "redis": "1"},
+                                 "worker": {"code": "1", "mysql": "web:new", "redis": "web:1"}}
+    assert p.services[1].reasons == ("web's mysql is new",)
+    assert p.notes == ("worker is deployed too: it uses web's mysql, which is new",)
+
+
+def test_a_user_deployed_alone_brings_in_an_owner_that_has_no_instance_yet():
+    p = plan(QUEUE, {}, BOTH, Options(services=("worker",)))
+    assert [s.service for s in p.services] == ["web", "worker"]
+    assert p.notes == ("web is deployed too: worker uses its mysql, which is not made yet",)
+
+
+def test_a_user_behind_the_owners_live_instance_follows_it():
+    # web's mysql was renewed while worker's deploy failed: worker still has the old one.
+    p = plan(QUEUE, queue_state(mysql=2, used=(1, 1)), BOTH)
+    assert shared_summary(p) == {"worker": {"code": "1", "mysql": "web:2", "redis": "web:1"}}
+    assert p.services[0].reasons == ("now uses web's mysql 2",)
+
+
+def test_a_new_redis_mode_is_a_new_instance():
+    state = {"web": live(WEB), "worker": live(WORKER)}
+    changed = dataclasses.replace(SPEC, services=(QUEUE_WEB, WORKER))
+    p = plan(changed, state, BOTH)
+    assert summary(p) == {"web": {"code": 1, "mysql": 1, "redis": "new"}}
+    assert p.services[0].reasons == ("redis mode is now dedicated (live: prefix)",)

@@ -126,7 +126,7 @@ BAD_SPECS = [
      "shop.yml:4: owner: unknown key 'owner'; known keys: version, app, environment, domain, limits, services"),
     ("unknown-service-key", "    path: /", "    pth: /",
      "shop.yml:6: services.web.pth: unknown key 'pth' (did you mean 'path'?); known keys: path, source, ref, "
-     "root, install, build, migrate, start, health, healthy_after, drain, env, secrets, uses"),
+     "root, install, build, migrate, start, health, healthy_after, drain, env, secrets, uses, redis"),
     ("bad-app-name", "app: shop", "app: shop_x",
      "shop.yml:1: app: 'shop_x' contains '_'; names use lowercase letters, digits and single hyphens"),
     ("uppercase-service-name", "  web:", "  Web:",
@@ -152,9 +152,9 @@ BAD_SPECS = [
     ("unknown-component", "uses: [mysql, redis]", "uses: [mysql, postgres]",
      "shop.yml:13: services.web.uses[1]: unknown component 'postgres'; known components: mysql, redis"),
     ("component-twice", "uses: [mysql, redis]", "uses: [mysql, mysql]",
-     "shop.yml:13: services.web.uses[1]: mysql is listed twice"),
+     "shop.yml:13: services.web.uses[1]: mysql is listed twice; a service uses one mysql instance, its own or another service's"),
     ("uses-not-a-list", "    uses: [redis]", "    uses: redis",
-     "shop.yml:18: services.worker.uses: must be a list, like [mysql, redis], not a string"),
+     "shop.yml:18: services.worker.uses: must be a list, like [mysql, redis] or [web.mysql], not a string"),
     ("missing-start", "    start: node worker.js\n", "",
      "shop.yml:14: services.worker: missing required key 'start' (the command that runs the service in the "
      "foreground)"),
@@ -449,7 +449,7 @@ def test_good_options(shop, text, expected):
     ("services: [web, web]\n", "deploy-options.yml:1: services[1]: web is listed twice"),
     ("renew: [code]\n", "deploy-options.yml:1: renew[0]: unknown component 'code'; known components: mysql, redis"),
     ("services: [worker]\nrenew: [mysql]\n",
-     "deploy-options.yml:2: renew[0]: no service in this deploy uses mysql (services: worker)"),
+     "deploy-options.yml:2: renew[0]: no service in this deploy has a mysql instance of its own (services: worker)"),
     ("renew:\n  worker: [mysql]\n",
      "deploy-options.yml:2: renew.worker[0]: service worker does not use mysql (uses: redis)"),
     ("services: [web]\nrenew: {worker: [redis]}\n",
@@ -643,7 +643,9 @@ def test_schema_keys_match_the_loader():
     assert list(service["properties"]) == list(spec_mod.SERVICE_KEYS)
     assert service["required"] == list(spec_mod.SERVICE_REQUIRED)
     assert SCHEMA["$defs"]["reservedEnv"]["enum"] == list(spec_mod.RESERVED_ENV)
-    assert service["properties"]["uses"]["items"]["enum"] == list(spec_mod.COMPONENTS)
+    assert service["properties"]["uses"]["items"]["pattern"].endswith(f"({'|'.join(spec_mod.COMPONENTS)})$")
+    assert list(service["properties"]["redis"]["properties"]) == list(spec_mod.REDIS_KEYS)
+    assert service["properties"]["redis"]["properties"]["mode"]["enum"] == list(spec_mod.REDIS_MODES)
     assert SCHEMA["additionalProperties"] is False and service["additionalProperties"] is False
 
 
@@ -667,6 +669,78 @@ def test_schema_name_rule_is_the_loader_name_rule(text):
     rule = SCHEMA["$defs"]["name"]
     assert (re.search(rule["pattern"], text) is not None and len(text) <= rule["maxLength"]) == \
         (name_problem(text) is None)
+
+
+# ---------------------------------------------------------------- shared instances and Redis modes
+
+SHARED = """\
+app: shop
+environment: prod
+domain: shop.test
+services:
+  web:
+    path: /
+    source: /srv/git/shop.git
+    ref: main
+    start: node web.js
+    uses: [mysql, redis]
+    redis: {mode: dedicated, maxmemory: 32mb}
+  worker:
+    source: /srv/git/shop.git
+    ref: main
+    start: node worker.js
+    uses: [web.mysql, web.redis]
+    env:
+      QUEUE: "redis://:${REDIS_PASSWORD}@${REDIS_HOST}:${REDIS_PORT}/0"
+"""
+
+
+def test_a_service_uses_another_services_instances():
+    spec = parse_spec(SHARED, "shop.yml")
+    web, worker = spec.service("web"), spec.service("worker")
+    assert worker.uses == ("mysql", "redis") and worker.owner_of("mysql") == "web" == worker.owner_of("redis")
+    assert web.owner_of("mysql") == "web" and web.redis == spec_mod.RedisSettings("dedicated", 32 << 20)
+    assert worker.to_dict()["uses"] == ["web.mysql", "web.redis"]
+    assert web.to_dict()["redis"] == {"mode": "dedicated", "maxmemory": "32M"}
+    assert spec_from_dict(spec.to_dict()) == spec
+    assert schema_errors(yaml.safe_load(SHARED), SCHEMA) == []
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    ("uses: [web.mysql, web.redis]", "uses: [api.mysql, web.redis]",
+     "shop.yml:16: services.worker.uses[0]: api.mysql: no service 'api' in this spec (services: web, worker)"),
+    ("uses: [mysql, redis]", "uses: [redis]",
+     "shop.yml:16: services.worker.uses[0]: web.mysql: service web does not use mysql"),
+    ("uses: [mysql, redis]", "uses: [worker.mysql, redis]",
+     "shop.yml:10: services.web.uses[0]: worker.mysql: service worker uses this service's mysql; one of the two "
+     "must have its own (mysql)"),
+    ("uses: [web.mysql, web.redis]", "uses: [worker.mysql]",
+     "shop.yml:16: services.worker.uses[0]: worker.mysql is this service's own instance; write mysql"),
+    ("uses: [web.mysql, web.redis]", "uses: [web.mysql, mysql]",
+     "shop.yml:16: services.worker.uses[1]: mysql is listed twice; a service uses one mysql instance, its own or "
+     "another service's"),
+    ("uses: [web.mysql, web.redis]", "uses: [web.postgres, web.redis]",
+     "shop.yml:16: services.worker.uses[0]: unknown component 'postgres'; known components: mysql, redis"),
+    ("uses: [web.mysql, web.redis]", "uses: [web.mysql, web.redis]\n    redis: {mode: dedicated}",
+     "shop.yml:17: services.worker.redis: this service uses web's Redis instance; its mode and memory are set on "
+     "service web"),
+    ("{mode: dedicated, maxmemory: 32mb}", "{mode: private}",
+     "shop.yml:11: services.web.redis.mode: unknown mode 'private'; known modes: prefix, dedicated"),
+    ("{mode: dedicated, maxmemory: 32mb}", "{maxmemory: 32mb}",
+     "shop.yml:11: services.web.redis.maxmemory: only a dedicated Redis has a memory bound of its own; a prefix "
+     "user shares the server's (mode: dedicated)"),
+    ("{mode: dedicated, maxmemory: 32mb}", "{mode: dedicated, maxmemory: 100k}",
+     "shop.yml:11: services.web.redis.maxmemory: 100k is out of range: between 1M and 64G"),
+    ("uses: [mysql, redis]\n    redis:", "uses: [mysql]\n    redis:",
+     "shop.yml:11: services.web.redis: this service does not use redis (add it to uses)"),
+], ids=["unknown-service", "owner-does-not-use-it", "each-uses-the-other's", "own-written-as-shared", "twice",
+        "unknown-component", "mode-on-a-user", "unknown-mode", "maxmemory-in-prefix-mode", "maxmemory-too-small",
+        "redis-without-redis"])
+def test_bad_shared_instances_and_modes(old, new, expected):
+    assert old in SHARED
+    with pytest.raises(SpecError) as err:
+        parse_spec(SHARED.replace(old, new, 1), "shop.yml")
+    assert str(err.value) == expected
 
 
 # ---------------------------------------------------------------- env values built from generated ones

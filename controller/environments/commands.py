@@ -105,6 +105,82 @@ def redis_purge_script(cli: str, prefix: str) -> str:
     return f"{cli} EVAL {shlex.quote(_PURGE_LUA)} 0 {shlex.quote(pattern)} >/dev/null"
 
 
+# ---------------------------------------------------------------- dedicated Redis servers
+
+def redis_server_conf(bind: str, port: int, password: str, data_dir: str, maxmemory: int) -> bytes:
+    """A dedicated redis-server's configuration: its own port and password (which clients that
+    send no user name accept), persistence in its data folder, its memory bound. Writes are
+    refused, never evicted, at the bound: a queue must not lose jobs silently. Module loading
+    and DEBUG stay off (Redis 7's defaults, said again)."""
+    for value in (bind, data_dir, password):
+        if any(c in value for c in ' "\'\n\r\0'):
+            raise ValueError(f"a Redis setting holds a space, a quote or a line break: {value[:40]!r}")
+    return "\n".join([
+        f"bind {bind}", f"port {port}", "protected-mode yes", f"requirepass {password}", "daemonize no",
+        'logfile ""', f"dir {data_dir}", "dbfilename dump.rdb", "appendonly yes", "appendfsync everysec",
+        "save 3600 1 300 100 60 10000", f"maxmemory {maxmemory}", "maxmemory-policy noeviction",
+        "enable-debug-command no", "enable-module-command no", "enable-protected-configs no", ""]).encode()
+
+
+def redis_server_make(service_dir: str, data_dir: str, user: str) -> str:
+    """Make a dedicated Redis instance's data folder with its configuration (read on standard
+    input), as root and before the user can reach it, then give it to the user. The folders
+    above it (the service's, `data`, `logs`) are root's and the environment's group's, as on a
+    code host. Run after `ownership.absent`: a folder that exists already is not ours."""
+    return f"""set -eu
+d={_sh(service_dir)}; dd={_sh(data_dir)}; u={_sh(user)}
+mkdir -p "$d/data" "$d/logs"; chown root:"$u" "$d" "$d/data" "$d/logs"; chmod 0750 "$d" "$d/data" "$d/logs"
+mkdir -m 0700 "$dd"; umask 077; cat > "$dd/redis.conf"; chown -R "$u:$u" "$dd"
+"""
+
+
+def remove_all_but_data() -> str:
+    """In a service folder of ours ($d): remove it, or, where it keeps dedicated Redis data, all
+    of it but `data` (a destroy keeps data unless --purge-data)."""
+    # What is kept is root's until a deploy uses it again: the environment's user can then go.
+    return ('if [ -d "$d/data" ] && [ ! -L "$d/data" ] && [ -n "$(ls -A "$d/data")" ]; then '
+            'find "$d" -mindepth 1 -maxdepth 1 ! -name data ! -name .deployer-owner -exec rm -rf -- {} +; '
+            'chown root:root "$d" "$d/data"; chmod 0700 "$d" "$d/data"; '
+            'else rm -rf -- "$d"; fi')
+
+
+def remove_if_only_data() -> str:
+    """In a service folder of ours ($d): remove it if nothing but an empty `data` is left."""
+    return ('rmdir "$d/data" 2>/dev/null; '
+            '[ -n "$(ls -A "$d" | grep -vx .deployer-owner)" ] || rm -rf -- "$d"')
+
+
+def redis_server_reown(service_dir: str, data_dir: str, user: str) -> str:
+    """Give a kept data folder to the environment's user (who may have been made again since);
+    `-h` changes links themselves, never what they point to."""
+    return f"""set -eu
+d={_sh(service_dir)}; dd={_sh(data_dir)}; u={_sh(user)}
+mkdir -p "$d/logs"; chown root:"$u" "$d" "$d/data" "$d/logs"; chmod 0750 "$d" "$d/data" "$d/logs"
+[ -d "$dd" ] && [ ! -L "$dd" ] || {{ echo "redis data folder $dd is missing" >&2; exit 1; }}
+[ "$(stat -c %U:%G "$dd")" = "$u:$u" ] || chown -hR "$u:$u" "$dd"
+"""
+
+
+def redis_server_ready(host: str, port: int, deadline: float) -> str:
+    """Wait until a dedicated Redis answers PING with its password (read on standard input, so it
+    is in no argv); on failure say what it answered."""
+    return f"""pw=$(cat); end=$(( $(date +%s) + {max(1, int(deadline))} ))
+while :; do
+  r=$(printf 'AUTH %s\nPING\n' "$pw" | redis-cli -h {_sh(host)} -p {int(port)} 2>&1 | tail -n 1)
+  [ "$r" = PONG ] && exit 0
+  if [ "$(date +%s)" -ge "$end" ]; then echo "redis on {host}:{port} did not answer PING: $r" >&2; exit 1; fi
+  sleep 0.2
+done
+"""
+
+
+def redis_server_settle(host: str, port: int, maxmemory: int) -> str:
+    """A running dedicated Redis takes the memory bound the spec has now (its file has it too)."""
+    return (f"pw=$(cat); r=$(printf 'AUTH %s\nCONFIG SET maxmemory {int(maxmemory)}\n' \"$pw\" | "
+            f"redis-cli -h {_sh(host)} -p {int(port)} 2>&1 | tail -n 1)\n"
+            '[ "$r" = OK ] || { echo "redis did not take the new maxmemory: $r" >&2; exit 1; }\n')
+
+
 def env_file(values: dict[str, str]) -> bytes:
     """`.env` content: plain values as KEY=VALUE, others (multi-line ones too) double-quoted."""
     return envfile.render(values)

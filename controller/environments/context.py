@@ -7,6 +7,8 @@ their own modules that take a `JobContext`; none of them reaches into another's 
 
 from __future__ import annotations
 
+import asyncio
+import random
 from pathlib import Path
 
 from protos import deployer_pb2 as pb
@@ -22,6 +24,7 @@ from controller.environments.spec import Spec
 from common import errors
 
 OUTPUT_TAIL_LINES = 15
+PORT_RANGE = range(20000, 30000)
 
 # Outcomes of an operation that was under way and did not end on its own.
 CUT_OFF = (pb.SIGNALED, pb.TIMED_OUT, pb.CANCELLED, pb.INTERRUPTED, pb.LOST)
@@ -152,8 +155,50 @@ class JobContext:
     def unit(self, service: str) -> str:
         return naming.unit_base(self.spec.app, self.spec.environment, service)
 
+    def unit_of_redis(self, service: str) -> str:
+        """The unit of the service's dedicated Redis servers (instance: the Redis instance number)."""
+        return naming.redis_unit(self.spec.app, self.spec.environment, service)
+
     def deployed_on(self, host_id: str, service: str | None = None) -> bool:
         """The ledger holds a code instance (of `service`) that ran on that host: what is there
         under our names was made by us, if before objects carried a mark."""
         return any(r.component == "code" and r.host == host_id and r.status in RAN
                    for r in self.ledger.instances(self.env_key, service))
+
+
+async def allocate_port(ctx: JobContext, host: Agent, service: str, instance: int, holder: str = "") -> int:
+    """A port no instance on that host holds in the ledger, and that is free there now; held in
+    the ledger for `holder` (the service, by default) until released."""
+    async with ctx.port_locks.setdefault(host.id, asyncio.Lock()):
+        taken = ctx.ledger.ports_in_use(host.id)
+        # In random order, not the lowest first: a second controller on the same host (or any
+        # program) picking at the same moment would otherwise pick the very same port.
+        free = [p for p in PORT_RANGE if p not in taken]
+        candidates = random.sample(free, min(200, len(free)))
+        probe = await ctx.sh(host, ops.first_free_port_script(candidates), service, "port", check=False)
+        chosen = output_of(probe).strip()
+        if probe.result.exit_code == 1 and not chosen:
+            raise StepFailed(service, "port", f"no free port on {host.id} among {len(candidates)} candidates")
+        if probe.result.exit_code != 0 or not chosen.isdigit():
+            # Not an answer from the probe itself: say what happened instead of guessing.
+            raise StepFailed(service, "port", f"the port probe on {host.id} failed "
+                             f"({result_detail(probe.result)})", chosen[-2000:])
+        port = int(chosen)
+        ctx.ledger.reserve_port(host.id, port, ctx.env_key, holder or service, instance)
+        return port
+
+
+async def claim_host(ctx: JobContext, host: Agent, service: str) -> None:
+    """The service's folder on `host` (made with our mark, or checked to carry it) and the
+    environment's user there. The folder first: refused, it leaves nothing behind, not even a
+    new user."""
+    owner = ctx.ledger.owner
+    folder = naming.service_dir(host.services_root, ctx.spec.app, ctx.spec.environment, service)
+    refused = await ctx.guarded(host, ownership.claim_service_folder(folder, owner, ctx.deployed_on(host.id, service)),
+                                service, "folder")
+    if refused:
+        raise StepFailed(service, "folder", refused)
+    refused = await ctx.guarded(host, ownership.unix_user_guard(ctx.unix_user, owner, ctx.deployed_on(host.id))
+                                + ops.ensure_unix_user(ctx.unix_user, ownership.owner_mark(owner)), service, "user")
+    if refused:
+        raise StepFailed(service, "user", refused)

@@ -11,13 +11,12 @@ created, marks them failed in the ledger, and leaves the live instance serving (
 from __future__ import annotations
 
 import asyncio
-import random
 
 from protos import deployer_pb2 as pb
 
 from controller.environments import commands as ops, data, naming, ownership, routing, teardown
-from controller.environments.context import (OUTPUT_TAIL_LINES, JobContext, PlacementError, StepFailed, output_of,
-                                             pick_agent, result_detail, tail_of)
+from controller.environments.context import (OUTPUT_TAIL_LINES, JobContext, PlacementError, StepFailed,
+                                             allocate_port, claim_host, output_of, pick_agent, tail_of)
 from controller.environments.data import Deployment
 from controller.environments.facts import ServiceProcesses
 from controller.environments.planner import Plan, ServicePlan
@@ -26,7 +25,6 @@ from controller.state.ledger import RAN, Status
 from common import envfile
 
 KEEP_RELEASES = 5
-PORT_RANGE = range(20000, 30000)
 
 
 async def apply(ctx: JobContext, plan: Plan) -> str:
@@ -53,11 +51,16 @@ async def deploy_together(ctx: JobContext, plans: list[ServicePlan]) -> None:
     then every new daemon; then all routes switch in one nginx reload, and only then do the old
     instances stop. If any service fails before the switch, nothing switches: every new instance
     is undone and the old ones keep running."""
-    plans = sorted(plans, key=lambda sp: not ctx.spec.service(sp.service).is_web)  # web first, then daemons
+    in_job = {sp.service for sp in plans}
+
+    def order(sp: ServicePlan) -> tuple[bool, bool]:  # owners of shared instances, then web, then daemons
+        service = ctx.spec.service(sp.service)
+        return any(owner in in_job for _, owner in service.shared), not service.is_web
+    plans = sorted(plans, key=order)
     started: list[tuple[Deployment, object, dict[str, int]]] = []
     try:
         for sp in plans:
-            started.append(await _begin(ctx, sp))
+            started.append(await _begin(ctx, sp, {d.service.name: numbers for d, _, numbers in started}))
             await _up(ctx, started[-1][0], sp, started[-1][2])
         web = [d for d, _, _ in started if d.service.is_web]
         if len(started) > 1:
@@ -72,6 +75,8 @@ async def deploy_together(ctx: JobContext, plans: list[ServicePlan]) -> None:
             d.switched = True
         for d, live, numbers in started:
             await _after_switch(ctx, d, live, numbers)
+        for d, live, numbers in started:  # every user of a replaced server has moved off it
+            await _stop_replaced_servers(ctx, d, live, numbers)
     except BaseException as exc:
         # Before the switch, put everything back; after it the new instances are the live ones,
         # and undoing would take down what serves (and drop data they now use).
@@ -91,9 +96,11 @@ async def deploy_together(ctx: JobContext, plans: list[ServicePlan]) -> None:
             ctx.deploying.pop(d.service.name, None)
 
 
-async def _begin(ctx: JobContext, sp: ServicePlan) -> tuple[Deployment, object, dict[str, int]]:
+async def _begin(ctx: JobContext, sp: ServicePlan, numbers_of: dict[str, dict[str, int]]
+                 ) -> tuple[Deployment, object, dict[str, int]]:
     """Placement, numbers and the deploy's row in the ledger: (the deployment, the live state of
-    the service, the data instances' numbers)."""
+    the service, the numbers of its own data instances). An instance of another service comes
+    from that service's deploy in this job (`numbers_of`), if it has one, or is its live one."""
     service = ctx.spec.service(sp.service)
     live = ctx.ledger.state(ctx.env_key).get(service.name)
     try:
@@ -107,16 +114,24 @@ async def _begin(ctx: JobContext, sp: ServicePlan) -> tuple[Deployment, object, 
     d.code = ctx.ledger.next_number(ctx.env_key, service.name, "code") if code.new else code.number
     numbers = {}
     for change in (mysql, redis):
-        if change is not None:
+        if change is not None and change.owner:
+            number = numbers_of.get(change.owner, {}).get(change.component, change.number)
+            if number is None:
+                raise StepFailed(service.name, change.component, f"{change.owner}'s {change.component} instance "
+                                 f"is not made: deploy {change.owner} first")
+            d.shared[change.component] = (change.owner, number)
+        elif change is not None:
             numbers[change.component] = (ctx.ledger.next_number(ctx.env_key, service.name, change.component)
                                          if change.new else change.number)
+    used = {**numbers, **{c: n for c, (_, n) in d.shared.items()}}
     d.deploy = ctx.ledger.start_deploy(
         ctx.env_key, service.name, ctx.job.id, code=d.code, code_new=code.new,
-        mysql=numbers.get("mysql"), mysql_new=bool(mysql and mysql.new),
-        redis=numbers.get("redis"), redis_new=bool(redis and redis.new), commit=sp.commit, host=host.id)
+        mysql=used.get("mysql"), mysql_new=bool(mysql and mysql.new),
+        redis=used.get("redis"), redis_new=bool(redis and redis.new), commit=sp.commit, host=host.id,
+        shared={c: owner for c, (owner, _) in d.shared.items()})
     ctx.job.event("deploy.started", service=service.name, deploy=d.deploy, code=d.code,
-                  code_new=code.new, mysql=numbers.get("mysql"), redis=numbers.get("redis"),
-                  host=host.id, reasons=list(sp.reasons))
+                  code_new=code.new, mysql=used.get("mysql"), redis=used.get("redis"),
+                  shared={c: owner for c, (owner, _) in d.shared.items()}, host=host.id, reasons=list(sp.reasons))
     ctx.deploying[service.name] = d.deploy
     return d, live, numbers
 
@@ -132,18 +147,9 @@ async def _up(ctx: JobContext, d: Deployment, sp: ServicePlan, numbers: dict[str
 
 async def _prepare(ctx: JobContext, d: Deployment, sp: ServicePlan) -> None:
     """The service folder, the environment's user and, for a new code instance, its release."""
-    name, owner = d.service.name, ctx.ledger.owner
     if d.code_new:
         _add_code_instance(ctx, d, sp)
-    # The folder first: refused, it leaves nothing behind, not even a new user.
-    refused = await ctx.guarded(d.host, ownership.claim_service_folder(
-        d.service_dir, owner, ctx.deployed_on(d.host.id, name)), name, "folder")
-    if refused:
-        raise StepFailed(name, "folder", refused)
-    refused = await ctx.guarded(d.host, ownership.unix_user_guard(ctx.unix_user, owner, ctx.deployed_on(d.host.id))
-                                + ops.ensure_unix_user(ctx.unix_user, ownership.owner_mark(owner)), name, "user")
-    if refused:
-        raise StepFailed(name, "user", refused)
+    await claim_host(ctx, d.host, d.service.name)
     if d.code_new:
         await _checkout(ctx, d, sp)
 
@@ -209,6 +215,17 @@ async def _after_switch(ctx: JobContext, d: Deployment, live, numbers: dict[str,
     await _prune_releases(ctx, d)
 
 
+async def _stop_replaced_servers(ctx: JobContext, d: Deployment, live, numbers: dict[str, int]) -> None:
+    """A dedicated Redis this deploy replaced stops (its data is kept, as standby)."""
+    old = live.live("redis") if live else None
+    if old is None or numbers.get("redis") in (None, old.number):
+        return
+    row = ctx.ledger.instance(ctx.env_key, d.service.name, "redis", old.number)
+    host = ctx.registry.agents.get(row.host) if row else None
+    if row and row.names.get("mode") == "dedicated" and host is not None:
+        await data.stop_redis_server(ctx, host, d.service.name, old.number, "stop replaced redis")
+
+
 def _release(d: Deployment) -> str:
     return f"{d.service_dir}/releases/{d.code}"
 
@@ -230,7 +247,7 @@ async def _checkout(ctx: JobContext, d: Deployment, sp: ServicePlan) -> None:
     release folder that exists already is not ours to remove: its number is moved past."""
     first = d.code
     for _ in range(data.TAKEN_NAMES_MAX):
-        script = ownership.release_absent(_release(d)) + ops.checkout_script(
+        script = ownership.absent(_release(d)) + ops.checkout_script(
             d.service_dir, _release(d), d.service.source, sp.commit)
         taken = await ctx.guarded(d.host, script, d.service.name, "checkout", timeout=600)
         if not taken:
@@ -294,24 +311,7 @@ async def _log_tail(ctx: JobContext, d: Deployment, log_path: str) -> str:
 
 
 async def _allocate_port(ctx: JobContext, d: Deployment) -> int:
-    """A port no instance on that host holds in the ledger, and that is free there now."""
-    async with ctx.port_locks.setdefault(d.host.id, asyncio.Lock()):
-        taken = ctx.ledger.ports_in_use(d.host.id)
-        # In random order, not the lowest first: a second controller on the same host (or any
-        # program) picking at the same moment would otherwise pick the very same port.
-        free = [p for p in PORT_RANGE if p not in taken]
-        candidates = random.sample(free, min(200, len(free)))
-        probe = await ctx.sh(d.host, ops.first_free_port_script(candidates), d.service.name, "port", check=False)
-        chosen = output_of(probe).strip()
-        if probe.result.exit_code == 1 and not chosen:
-            raise StepFailed(d.service.name, "port", f"no free port on {d.host.id} among {len(candidates)} candidates")
-        if probe.result.exit_code != 0 or not chosen.isdigit():
-            # Not an answer from the probe itself: say what happened instead of guessing.
-            raise StepFailed(d.service.name, "port", f"the port probe on {d.host.id} failed "
-                             f"({result_detail(probe.result)})", chosen[-2000:])
-        port = int(chosen)
-        ctx.ledger.reserve_port(d.host.id, port, ctx.env_key, d.service.name, d.code)
-        return port
+    return await allocate_port(ctx, d.host, d.service.name, d.code)
 
 
 def go_live(ctx: JobContext, d: Deployment, numbers: dict[str, int]) -> None:

@@ -73,6 +73,19 @@ def unit_base(app: str, env: str, service: str) -> str:
     return _name((app, env, service))
 
 
+def redis_unit(app: str, env: str, service: str) -> str:
+    """The unit of a service's dedicated Redis servers (instance: the Redis instance number).
+    A name no service's unit can have: the parts differ, so `_name` keeps them apart."""
+    return _name((app, env, service, "redis"))
+
+
+def redis_data_dir(service_dir: str, n: int) -> str:
+    """Where dedicated Redis instance n keeps its data: in a root-owned folder of the service's,
+    which only a destroy with --purge-data removes."""
+    _check_number(n)
+    return posixpath.join(service_dir, "data", f"redis-{n}")
+
+
 def unit_template(app: str, env: str, service: str) -> str:
     return unit_base(app, env, service) + "@.service"
 

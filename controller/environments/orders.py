@@ -14,8 +14,8 @@ from controller.environments import planner, recovery, spec as spec_mod, sources
 from controller.fleet.dispatcher import Dispatcher
 from controller.state.jobs import EnvLock, Job, JobTable, Locked, Specs, new_job_id
 from controller.state.ledger import Ledger, Status
-from controller.environments import deploying
-from controller.environments.context import JobContext, PlacementError, StepFailed
+from controller.environments import data, deploying
+from controller.environments.context import JobContext, PlacementError, StepFailed, pick_agent
 from controller.environments.teardown import destroy
 from controller.environments.verify import Checker, claimed_names
 from controller.fleet.registry import Registry
@@ -140,6 +140,8 @@ class Environments:
         """Each service's ref → exact commit (git ls-remote), checked before any work starts."""
         refs = dict(options.refs) if options else {}
         selected = set(options.services) if options and options.services else {s.name for s in spec.services}
+        # A service using another's instance may bring that one in (see planner.plan).
+        selected |= {owner for s in spec.services if s.name in selected for _, owner in s.shared}
 
         async def one(service):
             ref = refs.get(service.name, service.ref)
@@ -161,7 +163,25 @@ class Environments:
         spec, options = self.read_order(request)
         commits = await self.resolve(spec, options, request)
         state = self.ledger.state(spec.key)
-        return spec, planner.plan(spec, state, commits, options, request.prune), options
+        made = planner.plan(spec, state, commits, options, request.prune)
+        self._check_providers(spec, made)
+        return spec, made, options
+
+    def _check_providers(self, spec: spec_mod.Spec, plan: planner.Plan) -> None:
+        """Each new data instance has a connected agent that can provide it, before any work
+        starts: a mode no agent provides is the spec's error, at its line."""
+        for sp in plan.services:
+            service = spec.service(sp.service) if sp.action == "deploy" else None
+            for change in (c for c in (sp.changes if service else ()) if c.new and c.component != "code"):
+                if change.component == "redis" and service.redis.mode == "dedicated":
+                    if not any(data.runs_dedicated(a) for a in self.registry.agents.values()):
+                        raise spec.error(("services", sp.service, "redis", "mode"),
+                                         f"dedicated: {data.DEDICATED_MISSING}")
+                    continue
+                try:
+                    pick_agent(self.registry, capability=change.component)
+                except PlacementError as exc:
+                    raise spec.error(("services", sp.service, "uses"), f"{change.component}: {exc}") from None
 
     # ---------------------------------------------------------------- apply
 
@@ -259,13 +279,10 @@ class Environments:
         except spec_mod.SpecError as exc:
             raise OrderError(f"{env_key}/{service}: the stored definition is invalid: {exc}") from None
         changes = [planner.Change("code", False, number, "reload" if reload else f"rollback to {number}")]
-        for component in ("mysql", "redis"):
-            current = live.live(component)
-            if current is not None:
-                changes.append(planner.Change(component, False, current.number))
+        changes += planner.kept_data(spec.service(service), self.ledger.state(env_key))
         why = f"reload of code instance {number}" if reload else f"rollback to code instance {number}"
         plan = planner.Plan(env_key, (planner.ServicePlan(service, "deploy", tuple(changes), row.commit_sha, (why,)),))
-        kept = [f"{c.component} {c.number}" for c in changes[1:]]
+        kept = [c.label for c in changes[1:]]
         note = why + ("; data is not touched: " + ", ".join(kept) + " stay live" if kept else "")
         return spec, plan, note
 

@@ -191,10 +191,11 @@ def folder_marks_script(services_root: str) -> str:
             "echo \"folder $d $m\"; done")
 
 
-def release_absent(release: str) -> str:
-    """A prefix for the checkout: a release folder that exists is never removed or reused."""
-    return (f"if [ -e {_sh(release)} ] || [ -L {_sh(release)} ]; then "
-            f"echo \"release folder {release} exists and is not this deployer's: left untouched\" >&2; "
+def absent(path: str, what: str = "release folder") -> str:
+    """A prefix for making a numbered folder (a release, a Redis data folder): one that exists is
+    never removed or reused (TAKEN: its number is moved past)."""
+    return (f"if [ -e {_sh(path)} ] || [ -L {_sh(path)} ]; then "
+            f"echo \"{what} {path} exists and is not this deployer's: left untouched\" >&2; "
             f"exit {TAKEN}; fi\n")
 
 

@@ -37,12 +37,16 @@ DEFAULT_DRAIN = 30.0   # the longest wait for the old instance's requests to end
 TOP_KEYS = ("version", "app", "environment", "domain", "limits", "services")
 TOP_REQUIRED = ("app", "environment", "domain", "services")
 SERVICE_KEYS = ("path", "source", "ref", "root", "install", "build", "migrate", "start", "health",
-                "healthy_after", "drain", "env", "secrets", "uses")
+                "healthy_after", "drain", "env", "secrets", "uses", "redis")
 WEB_HEALTH_KEYS = ("path", "status", "timeout", "interval", "deadline")
 DAEMON_HEALTH_KEYS = ("command", "timeout", "interval", "deadline")
 SERVICE_REQUIRED = ("source", "ref", "start")
 OPTION_KEYS = ("services", "renew", "refs")
 LIMIT_KEYS = ("memory", "cpu", "processes", "mysql_connections")
+REDIS_KEYS = ("mode", "maxmemory")
+REDIS_MODES = ("prefix", "dedicated")  # an ACL user and key prefix on a shared server, or a server of its own
+REDIS_MAXMEMORY = 64 << 20             # a dedicated server's default memory bound
+REDIS_MAXMEMORY_MIN, REDIS_MAXMEMORY_MAX = 1 << 20, 64 << 30
 
 _HINTS = {
     "app": "the app's name, like shop",
@@ -105,6 +109,23 @@ class HealthCheck:
 
 
 @dataclass(frozen=True)
+class RedisSettings:
+    """A service's own Redis instance: `prefix` (an ACL user limited to its key prefix on the
+    provider's shared server) or `dedicated` (a redis-server of its own, bounded by `maxmemory`)."""
+
+    mode: str = "prefix"
+    maxmemory: int = REDIS_MAXMEMORY
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {}
+        if self.mode != "prefix":
+            out["mode"] = self.mode
+            if self.maxmemory != REDIS_MAXMEMORY:
+                out["maxmemory"] = memory_text(self.maxmemory)
+        return out
+
+
+@dataclass(frozen=True)
 class Service:
     name: str
     path: str | None = None
@@ -122,6 +143,12 @@ class Service:
     healthy_after: float = DEFAULT_HEALTHY_AFTER
     check: HealthCheck = HealthCheck()
     drain: float = DEFAULT_DRAIN
+    shared: tuple[tuple[str, str], ...] = ()  # (component, service): another service's instance it uses
+    redis: RedisSettings = RedisSettings()
+
+    def owner_of(self, component: str) -> str:
+        """The service whose instance of `component` this one uses: itself, or the one it shares."""
+        return dict(self.shared).get(component, self.name)
 
     @property
     def is_web(self) -> bool:
@@ -156,7 +183,9 @@ class Service:
         if self.secrets:
             out["secrets"] = list(self.secrets)
         if self.uses:
-            out["uses"] = list(self.uses)
+            out["uses"] = [c if self.owner_of(c) == self.name else f"{self.owner_of(c)}.{c}" for c in self.uses]
+        if self.redis.to_dict():
+            out["redis"] = self.redis.to_dict()
         return out
 
 
@@ -200,6 +229,11 @@ class Spec:
     domain: str
     services: tuple[Service, ...]
     limits: Limits = Limits()
+    source: "_Source | None" = field(default=None, compare=False, repr=False)  # where each value was read
+
+    def error(self, key: Key, message: str) -> "SpecError":
+        """An error about a value of this spec, naming its file and line where it was read from one."""
+        return (self.source or _Source(None)).error(key, message)
 
     @property
     def key(self) -> str:
@@ -525,7 +559,7 @@ def _spec(data: Any, source: _Source) -> Spec:
     domain = _domain(source, ("domain",), data["domain"])
     services = _services(source, data["services"])
     limits = _limits(source, ("limits",), data.get("limits"))
-    return Spec(VERSION, app, environment, domain, services, limits)
+    return Spec(VERSION, app, environment, domain, services, limits, source)
 
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
@@ -551,15 +585,19 @@ def _limits(source: _Source, key: Key, value: Any) -> Limits:
 
 
 def _memory(source: _Source, key: Key, value: Any) -> int:
+    return _size(source, key, value, MEMORY_MIN, MEMORY_MAX) // 4096 * 4096  # the kernel counts in pages
+
+
+def _size(source: _Source, key: Key, value: Any, low: int, high: int) -> int:
     shown = source.text(key, value) if value is not None else "null"
     found = _SIZE.fullmatch(shown.strip()) if isinstance(value, (str, int)) and not isinstance(value, bool) else None
     if found is None:
         raise source.error(key, f"{shown!r} is not a size; write bytes or a number with K, M, G or T "
                                 "(powers of 1024), like 512M or 2G")
     number = float(found[1]) * (1 << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[found[2].upper()])
-    if not MEMORY_MIN <= number <= MEMORY_MAX:
-        raise source.error(key, f"{shown} is out of range: between 16M and 1T")
-    return int(number) // 4096 * 4096  # the kernel counts in pages
+    if not low <= number <= high:
+        raise source.error(key, f"{shown} is out of range: between {memory_text(low)} and {memory_text(high)}")
+    return int(number)
 
 
 def _cpu(source: _Source, key: Key, value: Any) -> float:
@@ -588,6 +626,7 @@ def _services(source: _Source, raw: Any) -> tuple[Service, ...]:
         raise source.error(key, "must name at least one service")
     services = [_service(source, name, body) for name, body in raw.items()]
     _unique_paths(source, services)
+    _shared_owners(source, raw, services)
     return tuple(sorted(services, key=lambda s: s.name))
 
 
@@ -609,10 +648,11 @@ def _service(source: _Source, name: str, body: Any) -> Service:
     drain = _drain(source, at + ("drain",), body.get("drain"), path is not None)
     secrets = _secrets(source, at + ("secrets",), body.get("secrets"))
     env = _env(source, at + ("env",), body.get("env"), secrets)
-    uses = _uses(source, at + ("uses",), body.get("uses"))
+    uses, shared = _uses(source, at + ("uses",), body.get("uses"), name)
     _env_references(source, at + ("env",), env, uses, path is not None)
+    redis = _redis(source, at + ("redis",), body.get("redis"), uses, dict(shared))
     return Service(name, path, repository, ref, root, install, build, migrate, start, health, env, secrets,
-                   uses, healthy_after, check, drain)
+                   uses, healthy_after, check, drain, shared, redis)
 
 
 def _unique_paths(source: _Source, services: list[Service]) -> None:
@@ -860,13 +900,71 @@ def _env_name(source: _Source, key: Key, name: Any) -> None:
         raise source.error(key, f"{name} is set by the deployer (reserved: {', '.join(RESERVED_ENV)})")
 
 
-def _uses(source: _Source, key: Key, value: Any) -> tuple[str, ...]:
-    components = _list(source, key, value, "[mysql, redis]")
-    for index, component in enumerate(components):
+def _uses(source: _Source, key: Key, value: Any, name: str) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """`[mysql, redis]`: instances of the service's own; `web.mysql`: service web's instance.
+    (the components, the (component, service) pairs of the shared ones)."""
+    entries = _list(source, key, value, "[mysql, redis] or [web.mysql]")
+    components, shared = [], []
+    for index, entry in enumerate(entries):
+        owner, dot, component = entry.rpartition(".") if isinstance(entry, str) else ("", "", entry)
         _component(source, key + (index,), component)
-        if components.index(component) != index:
-            raise source.error(key + (index,), f"{component} is listed twice")
-    return tuple(c for c in COMPONENTS if c in components)
+        if component in components:
+            raise source.error(key + (index,), f"{component} is listed twice; a service uses one {component} "
+                                               "instance, its own or another service's")
+        if dot:
+            if owner == name:
+                raise source.error(key + (index,), f"{entry} is this service's own instance; write {component}")
+            _name(source, key + (index,), owner, "service name")
+            shared.append((component, owner))
+        components.append(component)
+    return tuple(c for c in COMPONENTS if c in components), tuple(sorted(shared))
+
+
+def _shared_owners(source: _Source, raw: dict, services: list[Service]) -> None:
+    """A shared instance is another service's own: `web.mysql` needs a service web using mysql."""
+    by_name = {s.name: s for s in services}
+    for service in services:
+        for index, entry in enumerate(raw[service.name].get("uses") or ()):
+            owner, _, component = entry.rpartition(".")
+            if not owner:
+                continue
+            at = ("services", service.name, "uses", index)
+            if owner not in by_name:
+                raise source.error(at, f"{entry}: no service {owner!r} in this spec "
+                                       f"(services: {', '.join(sorted(by_name))})")
+            theirs = by_name[owner].owner_of(component)
+            if component not in by_name[owner].uses:
+                raise source.error(at, f"{entry}: service {owner} does not use {component}")
+            if theirs == service.name:
+                raise source.error(at, f"{entry}: service {owner} uses this service's {component}; one of the "
+                                       f"two must have its own ({component})")
+            if theirs != owner:
+                raise source.error(at, f"{entry}: service {owner} uses {theirs}'s {component} itself; "
+                                       f"write {theirs}.{component}")
+
+
+def _redis(source: _Source, key: Key, value: Any, uses: tuple[str, ...], shared: dict[str, str]) -> RedisSettings:
+    """`redis: {mode: prefix | dedicated, maxmemory: 64M}`, for a service's own Redis instance."""
+    if value is None:
+        return RedisSettings()
+    if "redis" not in uses:
+        raise source.error(key, "this service does not use redis (add it to uses)")
+    if "redis" in shared:
+        raise source.error(key, f"this service uses {shared['redis']}'s Redis instance; its mode and memory "
+                                f"are set on service {shared['redis']}")
+    _mapping(source, key, value)
+    _known_keys(source, key, value, REDIS_KEYS)
+    mode = value.get("mode", "prefix")
+    if mode not in REDIS_MODES:
+        raise source.error(key + ("mode",), f"unknown mode {source.text(key + ('mode',), mode)!r}; "
+                                            f"known modes: {', '.join(REDIS_MODES)}")
+    if "maxmemory" not in value:
+        return RedisSettings(mode)
+    if mode != "dedicated":
+        raise source.error(key + ("maxmemory",), "only a dedicated Redis has a memory bound of its own; "
+                                                 "a prefix user shares the server's (mode: dedicated)")
+    return RedisSettings(mode, _size(source, key + ("maxmemory",), value["maxmemory"],
+                                     REDIS_MAXMEMORY_MIN, REDIS_MAXMEMORY_MAX))
 
 
 def _component(source: _Source, key: Key, value: Any) -> str:
@@ -933,6 +1031,10 @@ def _option_renew(source: _Source, value: Any, spec: Spec,
             if component not in service.uses:
                 raise source.error(at + (index,), f"service {name} does not use {component} "
                                                   f"(uses: {', '.join(service.uses) or 'nothing'})")
+            if service.owner_of(component) != name:
+                owner = service.owner_of(component)
+                raise source.error(at + (index,), f"service {name} uses {owner}'s {component}; renew it there "
+                                                  f"({{{owner}: [{component}]}}), which deploys {name} too")
         if components:
             renew[name] = tuple(c for c in COMPONENTS if c in components)
     return renew
@@ -943,15 +1045,19 @@ def _renew_everywhere(source: _Source, key: Key, components: list, spec: Spec,
     # The list form means "these components, wherever the deployed services use them".
     for index, component in enumerate(components):
         _component(source, key + (index,), component)
-        if not any(component in spec.service(name).uses for name in in_scope):
-            raise source.error(key + (index,), f"no service in this deploy uses {component} "
+        if not any(_owns(spec.service(name), component) for name in in_scope):
+            raise source.error(key + (index,), f"no service in this deploy has a {component} instance of its own "
                                                f"(services: {', '.join(in_scope)})")
     renew = {}
     for name in in_scope:
-        used = tuple(c for c in COMPONENTS if c in components and c in spec.service(name).uses)
+        used = tuple(c for c in COMPONENTS if c in components and _owns(spec.service(name), c))
         if used:
             renew[name] = used
     return renew
+
+
+def _owns(service: Service, component: str) -> bool:
+    return component in service.uses and service.owner_of(component) == service.name
 
 
 def _spec_service(source: _Source, key: Key, name: Any, spec: Spec, in_scope: tuple[str, ...]) -> Service:

@@ -15,7 +15,7 @@ from controller.state.ledger import RAN, Status
 
 async def remove_code(ctx: JobContext, service: str) -> None:
     """Stop every process of a service and remove its folder; mark its code instances removed.
-    Its data instances are left alone."""
+    Its data instances are left alone: a dedicated Redis is stopped, its data folder kept."""
     spec, ledger, env_key = ctx.spec, ctx.ledger, ctx.env_key
     rows = [r for r in ledger.instances(env_key, service) if r.component == "code"]
     ran = {r.host for r in rows if r.status in RAN}  # made before folders had marks
@@ -29,14 +29,21 @@ async def remove_code(ctx: JobContext, service: str) -> None:
             await ctx.run_op(host, pb.Operation(service_stop=pb.ServiceStopSpec(
                 name=unit, instance=process.instance)), service, "stop", check=False)
         folder = naming.service_dir(host.services_root, spec.app, spec.environment, service)
-        op = await ctx.sh(host, ownership.if_folder_ours(folder, ledger.owner, 'rm -rf -- "$d"', legacy=host_id in ran),
-                          service, "remove folder")
+        op = await ctx.sh(host, ownership.if_folder_ours(folder, ledger.owner, ops.remove_all_but_data(),
+                                                         legacy=host_id in ran), service, "remove folder")
         for line in output_of(op).splitlines():
             ctx.note(f"{service}: {line}")
     for r in rows:
         ledger.set_status(env_key, service, "code", r.number, Status.REMOVED)
         if r.port:
             ledger.release_port(r.host, r.port)
+    for r in ledger.instances(env_key, service):
+        if r.names.get("mode") == "dedicated" and r.status not in (Status.REMOVED, Status.TAKEN):
+            host = ctx.registry.agents.get(r.host)
+            if host is None or host.state != CONNECTED:
+                raise StepFailed(service, "remove", f"agent {r.host} of its dedicated redis {r.number} is not "
+                                                    "connected: the server was not stopped")
+            await data.stop_redis_server(ctx, host, service, r.number, "stop redis")
 
 
 async def destroy(ctx: JobContext, purge_data: bool) -> str:
@@ -50,7 +57,8 @@ async def destroy(ctx: JobContext, purge_data: bool) -> str:
     routed = bool(ledger.state(env_key))
     for service in sorted({r.service for r in rows}):
         await remove_code(ctx, service)
-    for host_id in sorted({r.host for r in rows if r.component == "code" and r.host}):
+    for host_id in sorted({r.host for r in rows if (r.component == "code" or r.names.get("mode") == "dedicated")
+                           and r.host}):
         host = ctx.registry.agents[host_id]  # connected: remove_code has just used it
         op = await ctx.sh(host, ownership.if_unix_user_ours(
             ctx.unix_user, ledger.owner, ops.remove_unix_user(ctx.unix_user, host.services_root),
@@ -66,6 +74,10 @@ async def destroy(ctx: JobContext, purge_data: bool) -> str:
             if r.component not in ("mysql", "redis") or provider is None or r.status == Status.TAKEN:
                 continue
             purged.append(await data.purge(ctx, provider, r.component, r.number, r.names, r.service))
+            if r.names.get("mode") == "dedicated":  # the folder that kept its data goes once it is empty
+                folder = naming.service_dir(provider.services_root, ctx.spec.app, ctx.spec.environment, r.service)
+                await ctx.sh(provider, ownership.if_folder_ours(folder, ledger.owner, ops.remove_if_only_data()),
+                             r.service, "remove folder", check=False)
         for r in ledger.instances(env_key):
             ledger.set_status(env_key, r.service, r.component, r.number, Status.REMOVED)
     Specs(ledger.db).forget(env_key)

@@ -20,8 +20,9 @@ from controller.environments.facts import (HostFolders, MysqlNames, NginxFile, R
                                           ServiceProcesses)
 from controller.environments import naming, commands as ops, ownership
 from controller.state.knowledge import Scope
+from controller.environments import planner
 from controller.environments.planner import Change, ServicePlan
-from controller.environments import deploying, routing
+from controller.environments import data, deploying, routing
 from controller.environments.context import JobContext, PlacementError, StepFailed, output_of, pick_agent
 from controller.environments.deploying import KEEP_RELEASES
 from controller.state.ledger import RAN, Status
@@ -33,13 +34,14 @@ class Finding:
 
     where: str          # shop/prod/web, or a host for orphans
     what: str
-    fix: str            # "restart", "route", "redis-user", "mysql-user", "env-mode", "orphan", "" (manual)
+    fix: str            # "restart", "route", "redis-user", "redis-server", "mysql-user", "env-mode", "orphan", "" (manual)
     service: str = ""
     target: str = ""    # what the fix acts on (an orphan's path, a user name…)
 
     def line(self) -> str:
         advice = {"restart": "repair restarts it", "route": "repair rewrites it",
                   "redis-user": "repair recreates it", "mysql-user": "repair recreates it",
+                  "redis-server": "repair restarts it",
                   "env-mode": "repair fixes it", "orphan": "clean removes it"}.get(self.fix, "needs an operator")
         return f"{self.where}: {self.what} ({advice})"
 
@@ -63,6 +65,7 @@ class Facts:
     redis_scripting: set[str] = field(default_factory=set)     # auto-* users still allowed scripts
     redis_channels: dict[str, str] = field(default_factory=dict)  # user → its channel patterns
     redis_default_open: bool = False  # the shared Redis lets anyone in as `default` without a password
+    dedicated: dict[tuple[str, int], str] = field(default_factory=dict)  # live dedicated Redis → what is wrong ('')
     nginx_files: list[str] = field(default_factory=list)      # auto-*.conf in the router's folder
     nginx_marks: dict[str, str] = field(default_factory=dict)  # auto-*.conf → its owner line
 
@@ -159,6 +162,24 @@ class Checker:
             op = await self.ctx.sh(redis, RedisAcl.command(redis.redis_cli()), self.env_key, "inspect redis",
                                    check=False, scope=Scope.data(self.env_key))
             read_acl_list(output_of(op), facts)
+        for r in self.ledger.instances(self.env_key, status=Status.LIVE):
+            if r.component == "redis" and r.names.get("mode") == "dedicated":
+                facts.dedicated[(r.service, r.number)] = await self._dedicated_facts(r)
+
+    async def _dedicated_facts(self, r) -> str:
+        """What is wrong with a live dedicated Redis ('' if nothing): not running, not answering."""
+        host = self.ctx.registry.agents.get(r.host)
+        if host is None or host.state != "connected":
+            return f"cannot be checked: agent {r.host} is not connected"
+        unit = self.ctx.unit_of_redis(r.service)
+        listing = await self.ctx.run_op(host, ServiceProcesses.operation(unit), r.service, "list redis", check=False)
+        if not any(p.instance == str(r.number) and p.alive for p in ServiceProcesses.parse(output_of(listing), unit)):
+            return f"is not running on {r.host}"
+        password = self.ledger.password(self.env_key, r.service, "redis", r.number) or ""
+        ping = await self.ctx.sh(host, ops.redis_server_ready(r.names["bind"], r.names["port"], 2), r.service,
+                                 "ping redis", check=False, stdin=password.encode(),
+                                 scope=Scope.data(self.env_key, (r.service, "redis", r.number)))
+        return "" if ping.result.exit_code == 0 else f"does not answer on {r.host}: {output_of(ping).strip()[-200:]}"
 
     def findings(self, facts: Facts) -> list[Finding]:
         return findings(self.env_key, self.spec, self.ledger, facts, self.claimed,
@@ -176,7 +197,10 @@ class Checker:
         """Users and file modes first (a restarted process needs them), then processes, then routes."""
         done = []
         for f in found:
-            if f.fix == "redis-user":
+            if f.fix == "redis-server":
+                await self._restart_redis(f)
+                done.append(f"{f.where}: restarted its dedicated Redis {f.target}")
+            elif f.fix == "redis-user":
                 await self._recreate(f, "redis")
                 done.append(f"{f.where}: recreated Redis ACL user {f.target}")
             elif f.fix == "mysql-user":
@@ -201,10 +225,19 @@ class Checker:
         return done
 
     async def _restart(self, service: str) -> None:
-        live = self.ledger.state(self.env_key)[service]
+        state = self.ledger.state(self.env_key)
+        live = state[service]
         changes = [Change("code", False, live.code.number, "repair")]
-        changes += [Change(c, False, live.live(c).number) for c in ("mysql", "redis") if live.live(c)]
+        changes += planner.kept_data(self.ctx.spec.service(service), state)
         await deploying.deploy(self.ctx, ServicePlan(service, "deploy", tuple(changes), live.code.commit, ("repair",)))
+
+    async def _restart_redis(self, f: Finding) -> None:
+        number = int(f.target)
+        row = self.ledger.instance(self.env_key, f.service, "redis", number)
+        password = self.ledger.password(self.env_key, f.service, "redis", number) or ""
+        await data.stop_redis_server(self.ctx, self.ctx.registry.agents[row.host], f.service, number, "stop redis")
+        await data.ensure_redis_server(self.ctx, self.ctx.registry.agents[row.host], f.service, number, row.names,
+                                       password, self.spec.service(f.service).redis.maxmemory)
 
     async def _recreate(self, f: Finding, component: str) -> None:
         live = self.ledger.state(self.env_key)[f.service].live(component)
@@ -335,10 +368,17 @@ def _mysql_findings(env_key, service, where, mysql, ledger, facts: Facts) -> lis
 
 
 def _redis_findings(env_key, service, where, redis, ledger, facts: Facts) -> list[Finding]:
-    """The live Redis instance: its ACL user, the keys it may reach, and no scripting."""
+    """The live Redis instance: its ACL user, the keys it may reach, and no scripting; or, for a
+    dedicated one, its server running and answering."""
     out: list[Finding] = []
     row = ledger.instance(env_key, service, "redis", redis.number)
     names = row.names
+    if names.get("mode") == "dedicated":
+        problem = facts.dedicated.get((service, redis.number), "")
+        if problem:
+            out.append(Finding(where, f"redis {redis.number}: dedicated server {problem}",
+                               "" if problem.startswith("cannot") else "redis-server", service, str(redis.number)))
+        return out
     patterns = facts.redis_users.get(names["user"])
     if patterns is None:
         out.append(Finding(where, f"redis {redis.number}: ACL user {names['user']} is missing",
@@ -382,6 +422,11 @@ def _orphan_findings(env_key, spec, ledger, facts: Facts, claimed, unit) -> list
     rows = ledger.instances(env_key)
     units = {unit(r.service) for r in rows} | {unit(s.name) for s in spec.services}
     known = {(unit(r.service), r.names.get("process")) for r in rows if r.component == "code" and r.status != Status.REMOVED}
+    # A service's dedicated Redis servers: instance n under its Redis unit.
+    redis_units = {naming.redis_unit(spec.app, spec.environment, r.service) for r in rows}
+    units |= redis_units
+    known |= {(naming.redis_unit(spec.app, spec.environment, r.service), str(r.number)) for r in rows
+              if r.names.get("mode") == "dedicated" and r.status not in (Status.REMOVED, Status.TAKEN)}
     for (name, instance), alive in sorted(facts.processes.items()):
         if name in units and (name, instance) not in known:
             out.append(Finding("processes", f"orphan process {name}@{instance}"

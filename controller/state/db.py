@@ -188,6 +188,12 @@ MIGRATIONS = [
     ALTER TABLE tokens ADD COLUMN provides TEXT NOT NULL DEFAULT '[]';
     ALTER TABLE tokens ADD COLUMN address TEXT NOT NULL DEFAULT '';
     """,
+    # 9: a deploy may use another service's data instance (`uses: [web.mysql]`): whose it is
+    # ('' : the service's own).
+    """
+    ALTER TABLE deploys ADD COLUMN mysql_of TEXT NOT NULL DEFAULT '';
+    ALTER TABLE deploys ADD COLUMN redis_of TEXT NOT NULL DEFAULT '';
+    """,
 ]
 SEALED_VERSION = MIGRATIONS.index(_seal_at_rest) + 1
 

@@ -8,6 +8,7 @@ import enum
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Mapping
 
 from controller.state import knowledge
 from controller.state.db import Database
@@ -70,16 +71,19 @@ class LiveInstance:
     fingerprint: str = ""
     host: str = ""
     port: int = 0
+    mode: str = ""      # a Redis instance's: prefix or dedicated ('' for one made before modes: prefix)
 
 
 @dataclass(frozen=True)
 class ServiceState:
-    """What the ledger knows of one service: its live instance of each component (if any)."""
+    """What the ledger knows of one service: its live instance of each component (if any), and
+    the instances of other services its last successful deploy used (component → (service, number))."""
 
     service: str
     code: LiveInstance | None = None
     mysql: LiveInstance | None = None
     redis: LiveInstance | None = None
+    used: Mapping[str, tuple[str, int]] = field(default_factory=dict)
 
     def live(self, component: str) -> LiveInstance | None:
         return getattr(self, component)
@@ -101,6 +105,8 @@ class DeployRow:
     reason: str
     job_id: str
     created: float
+    mysql_of: str = ""   # the service whose instance it used, when another's
+    redis_of: str = ""
 
 
 class Ledger:
@@ -117,7 +123,15 @@ class Ledger:
         found: dict[str, dict] = {}
         for r in rows:
             found.setdefault(r["service"], {})[r["component"]] = LiveInstance(
-                r["number"], r["commit_sha"] or "", r["fingerprint"] or "", r["host"] or "", r["port"] or 0)
+                r["number"], r["commit_sha"] or "", r["fingerprint"] or "", r["host"] or "", r["port"] or 0,
+                json.loads(r["names"] or "{}").get("mode", "") if r["component"] == "redis" else "")
+        # What each service's last successful deploy used of other services' instances.
+        for r in self.conn.execute(
+                "SELECT d.* FROM deploys d WHERE env_key=? AND outcome='succeeded' AND (mysql_of != '' OR "
+                "redis_of != '') AND number = (SELECT MAX(number) FROM deploys WHERE env_key=d.env_key AND "
+                "service=d.service AND outcome='succeeded')", (env_key,)):
+            used = {c: (r[f"{c}_of"], r[c]) for c in ("mysql", "redis") if r[f"{c}_of"]}
+            found.setdefault(r["service"], {})["used"] = used
         return {service: ServiceState(service, **parts) for service, parts in found.items()}
 
     def history(self, env_key: str, service: str) -> list[DeployRow]:
@@ -125,7 +139,8 @@ class Ledger:
             "SELECT * FROM deploys WHERE env_key=? AND service=? ORDER BY number", (env_key, service))
         return [DeployRow(r["number"], r["code"], bool(r["code_new"]), r["mysql"], bool(r["mysql_new"]),
                           r["redis"], bool(r["redis_new"]), r["commit_sha"] or "", r["host"] or "",
-                          r["port"] or 0, r["outcome"], r["reason"], r["job_id"], r["created"])
+                          r["port"] or 0, r["outcome"], r["reason"], r["job_id"], r["created"], r["mysql_of"],
+                          r["redis_of"])
                 for r in rows]
 
     def services(self, env_key: str) -> list[str]:
@@ -301,14 +316,16 @@ class Ledger:
 
     def start_deploy(self, env_key: str, service: str, job_id: str, *, code: int | None, code_new: bool,
                      mysql: int | None, mysql_new: bool, redis: int | None, redis_new: bool,
-                     commit: str, host: str) -> int:
+                     commit: str, host: str, shared: Mapping[str, str] | None = None) -> int:
+        """`shared`: component → the service whose instance this deploy uses, when another's."""
+        shared = shared or {}
         number = self.next_number(env_key, service, "deploy")
         self.conn.execute(
             "INSERT INTO deploys (env_key, service, number, job_id, code, code_new, mysql, mysql_new, "
-            "redis, redis_new, commit_sha, host, outcome, created) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?)",
+            "redis, redis_new, commit_sha, host, outcome, created, mysql_of, redis_of) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?)",
             (env_key, service, number, job_id, code, int(code_new), mysql, int(mysql_new), redis,
-             int(redis_new), commit, host, time.time()))
+             int(redis_new), commit, host, time.time(), shared.get("mysql", ""), shared.get("redis", "")))
         return number
 
     def finish_deploy(self, env_key: str, service: str, number: int, outcome: str, reason: str = "",
@@ -345,26 +362,34 @@ class Ledger:
 
 def diagram(rows: list[DeployRow]) -> str:
     """The ledger in the shape of the original notes: `(n)` where a deploy made instance n, `|`
-    where it kept the one above, and a bare `n` where it went back to an older one (a rollback).
-    A deploy that did not succeed is marked."""
-    lines = ["deploy  code  mysql  redis"]
-    above: dict[str, int | None] = {"code": None, "mysql": None, "redis": None}
+    where it kept the one above, and a bare `n` where it went back to an older one (a rollback);
+    `web:n` is instance n of service web's, which this service shares. A deploy that did not
+    succeed is marked."""
+    table = [("deploy", "code", "mysql", "redis")]
+    above: dict[str, tuple[str, int] | None] = {"code": None, "mysql": None, "redis": None}
+    owners: set[str] = set()
     for row in rows:
-        cells = []
-        for component, number, new in (("code", row.code, row.code_new), ("mysql", row.mysql, row.mysql_new),
-                                       ("redis", row.redis, row.redis_new)):
+        cells = [str(row.number)]
+        for component, number, new, owner in (("code", row.code, row.code_new, ""),
+                                              ("mysql", row.mysql, row.mysql_new, row.mysql_of),
+                                              ("redis", row.redis, row.redis_new, row.redis_of)):
+            owners |= {owner} if owner and number is not None else set()
             if number is None:
                 cells.append("")
             elif new:
                 cells.append(f"({number})")
-            elif number == above[component]:
+            elif (owner, number) == above[component]:
                 cells.append(" |")
             else:
-                cells.append(f" {number}")
+                cells.append(f" {owner}:{number}" if owner else f" {number}")
             if row.outcome == "succeeded" and number is not None:
-                above[component] = number
-        line = f"{row.number:<7} {cells[0]:<5} {cells[1]:<6} {cells[2]}".rstrip()
-        if row.outcome != "succeeded":
-            line = f"{line:<28} {row.outcome}" + (f": {row.reason}" if row.reason else "")
-        lines.append(line)
+                above[component] = (owner, number)
+        table.append(tuple(cells) + ((row.outcome + (f": {row.reason}" if row.reason else "")
+                                      if row.outcome != "succeeded" else ""),))
+    widths = [max([len(r[i]) + 1 for r in table] + [least]) for i, least in enumerate((8, 6, 7, 0))]
+    lines = []
+    for r in table:
+        line = "".join(cell.ljust(width) for cell, width in zip(r[:4], widths)).rstrip()
+        lines.append(f"{line:<28} {r[4]}" if len(r) > 4 and r[4] else line)
+    lines += [f"{owner}:n is instance n of service {owner}'s, which this service uses" for owner in sorted(owners)]
     return "\n".join(lines) + "\n"

@@ -1,5 +1,7 @@
 """A small notes service on SQLAlchemy and PyMySQL, as a Python app would be written: it knows
-only SQLALCHEMY_DATABASE_URI (the deployer builds it from its generated values) and PORT."""
+only SQLALCHEMY_DATABASE_URI (the deployer builds it from its generated values) and PORT, and,
+when it is given REDIS_URL, keeps a cache there with cachelib under REDIS_PREFIX (get, set with
+an expiry and delete of its own keys: what a prefix-confined Redis user may send)."""
 
 import json
 import os
@@ -7,7 +9,7 @@ import sys
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from sqlalchemy import Column, Integer, String, create_engine, select
+from sqlalchemy import Column, Integer, String, create_engine, func, select
 from sqlalchemy.orm import DeclarativeBase, Session
 
 
@@ -22,6 +24,33 @@ class Note(Base):
 
 
 engine = create_engine(os.environ["SQLALCHEMY_DATABASE_URI"], pool_pre_ping=True, pool_size=4)
+
+
+def make_cache():
+    """A RedisCache on REDIS_URL (its user and password), every key under REDIS_PREFIX; None
+    without REDIS_URL, and then nothing is cached."""
+    if not os.environ.get("REDIS_URL"):
+        return None
+    import redis
+    from cachelib.redis import RedisCache
+    client = redis.Redis.from_url(os.environ["REDIS_URL"], socket_timeout=5)
+    return RedisCache(client, key_prefix=os.environ.get("REDIS_PREFIX", ""), default_timeout=60)
+
+
+cache = make_cache()
+
+
+def note_count() -> tuple[int, bool]:
+    """The number of notes, from the cache when it has it (for 60 s); and whether it did."""
+    if cache is not None:
+        cached = cache.get("count")
+        if cached is not None:
+            return int(cached), True
+    with Session(engine) as session:
+        count = session.scalar(select(func.count()).select_from(Note))
+    if cache is not None:
+        cache.set("count", count, timeout=60)
+    return count, False
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -46,6 +75,9 @@ class Handler(BaseHTTPRequestHandler):
         if url.path == "/notes":
             with Session(engine) as session:
                 return self.answer(200, {"notes": [n.text for n in session.scalars(select(Note).order_by(Note.id))]})
+        if url.path == "/count":
+            count, cached = note_count()
+            return self.answer(200, {"count": count, "cached": cached})
         return self.answer(404, {"error": "not found"})
 
     def do_POST(self):
@@ -56,6 +88,8 @@ class Handler(BaseHTTPRequestHandler):
         with Session(engine) as session:
             session.add(Note(text=text))
             session.commit()
+        if cache is not None:
+            cache.delete("count")
         return self.answer(201, {"added": text})
 
     def log_message(self, *args):
