@@ -527,7 +527,12 @@ def test_verify_sees_each_kind_of_drift_and_repair_closes_what_it_can(world, tmp
     code, out = verify()
     assert code == 2 and "nginx file differs from what the ledger says" in out, out
     repaired()
-    assert conf.read_bytes() == original
+    # Written again whole, byte for byte but for the probe's nonce, which every switch draws anew.
+    from controller.environments.commands import probe_of
+    rewritten = conf.read_bytes()
+    was, now = probe_of(original.decode()), probe_of(rewritten.decode())
+    assert was and now and was != now
+    assert rewritten.replace(now.encode(), was.encode()) == original
 
     db_user = f"auto-shop-{env}-web-1"                             # a dropped MariaDB user
     mysql(f"DROP USER '{db_user}'@'%'")
@@ -756,20 +761,60 @@ def test_one_switch_for_the_environment_or_none(world, tmp_path):
     assert "b failed, so nothing switched: the new instances of a were stopped" in notes, notes[-2000:]
 
 
+def minimal_site(repo: Path) -> dict:
+    """A web service that starts at once: it serves its own working folder and says which it is
+    (its environment's release), so an answer shows whose process gave it."""
+    return {"path": "/", "source": str(repo), "ref": "main", "root": "web", "health": "/whoami",
+            "start": "sh -c 'pwd > whoami && exec python3 -m http.server $PORT --bind 127.0.0.1'"}
+
+
 def test_a_first_deploy_answers_on_its_route_the_moment_apply_returns(world, tmp_path):
-    """20 first deploys of a minimal service, each asked for right after `apply` returns: no 404
-    from a reload still under way, no answer from another environment's server block."""
-    repo = world["repo"]
-    minimal = {"path": "/", "source": str(repo), "ref": "main", "root": "web",
-               "start": "python3 -m http.server $PORT --bind 127.0.0.1", "health": "/package.json"}
+    """20 first deploys of a minimal service, each asked for once through nginx, with its host
+    name, right after `apply` returns: a 200 from that environment's own process every time (no
+    404 from a reload still under way, no answer from another environment's server block)."""
+    cluster = world["cluster"]
+    envs = [new_env(world) for _ in range(20)]
     answers = []
-    for trial in range(20):
-        env = new_env(world)
-        apply(world, str(write_spec(tmp_path, env, {"site": minimal}, f"trial-{trial}.yml")))
-        status, body = http_get(world["nginx"].port, "/package.json", host=f"{env}.shop.test")
-        answers.append(status)
-        assert b'"name"' in body
-    assert answers == [200] * 20
+    try:
+        for trial, env in enumerate(envs):
+            apply(world, str(write_spec(tmp_path, env, {"site": minimal_site(world["repo"])}, f"trial-{trial}.yml")))
+            status, body = http_get(world["nginx"].port, "/whoami", host=f"{env}.shop.test")
+            answers.append((status, f"/auto-shop-{env}-site/releases/" in body.decode()))
+    finally:
+        destroyed = [cluster.deployctl("destroy", f"shop/{env}", timeout=300).returncode for env in envs]
+    assert answers == [(200, True)] * 20, answers
+    assert destroyed == [0] * 20
+    assert not [env for env in envs if (world["nginx"].conf_dir / f"auto-shop-{env}.conf").exists()]
+
+
+def test_a_switch_nginx_does_not_answer_from_the_new_instance_is_undone(world, tmp_path):
+    """A file the deployer did not write claims the environment's host name, and nginx reads it
+    first: `nginx -t` only warns and the reload works, but nginx answers the name from that
+    block. The switch fails with one line saying so, no route file is left and the new instance
+    is stopped; once the name is free, the same apply goes live."""
+    import re
+    env, cluster, nginx = new_env(world), world["cluster"], world["nginx"]
+    spec = write_spec(tmp_path, env, {"site": minimal_site(world["repo"])})
+    squatter = nginx.conf_dir / "00-hand-written.conf"
+    squatter.write_text(f'server {{ listen {nginx.port}; server_name {env}.shop.test; return 200 "not yours"; }}\n')
+    try:
+        result = apply(world, str(spec), ok=False)
+    finally:
+        squatter.unlink()
+    said = result.stderr.decode()
+    assert result.returncode == 1, said
+    assert re.search(rf"^error: site: route failed: nginx on computing-1 still answers / of {env}\.shop\.test from "
+                     r"an older file or another server block \(HTTP 200\), not from the new instance "
+                     r"127\.0\.0\.1:\d+; the previous configuration is back$", said, re.M), said
+    assert not (nginx.conf_dir / f"auto-shop-{env}.conf").exists()
+    ledger = json.loads(cluster.deployctl("ledger", f"shop/{env}", "site", "--json").stdout)["site"]
+    assert [(i["number"], i["status"]) for i in ledger["instances"] if i["component"] == "code"] == [(1, "failed")]
+    assert not [p for p in cluster.agents["computing-1"].services() if f"-{env}-" in p["name"] and p.get("alive")]
+
+    apply(world, str(spec))
+    status, body = through_nginx(world, env, "/whoami")
+    assert status == 200 and f"/auto-shop-{env}-site/releases/2" in body.decode(), body
+    assert cluster.deployctl("destroy", f"shop/{env}", timeout=300).returncode == 0
 
 
 def test_each_environment_runs_as_its_own_user_and_cannot_read_another(world, tmp_path):

@@ -168,7 +168,14 @@ def kill_during(world, *args: str, when) -> tuple[str, dict]:
     started = cluster.deployctl("apply", str(spec_file(world)), *args, "--detach", timeout=120)
     assert started.returncode == 0, started.stderr
     job_id = started.stdout.decode().strip()
-    wait_for(lambda: when(job_id), 180, every=0.02, what=f"the moment to kill {job_id}")
+    def moment() -> bool:
+        if when(job_id):
+            return True
+        ended = [e for e in events(world, job_id) if e["event"] in ("job.finished", "step.failed")]
+        if ended:  # it will never come: say why rather than wait
+            raise AssertionError(f"{job_id} ended before the moment to kill it: {ended}")
+        return False
+    wait_for(moment, 180, every=0.02, what=f"the moment to kill {job_id}")
     cluster.controller.kill9()
     for flag in world["flags"].iterdir():
         flag.unlink()

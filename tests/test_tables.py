@@ -24,6 +24,8 @@ def shown(value):
         return {"text": value.decode()}
     if hasattr(value, "DESCRIPTOR"):
         return {"message": json_format.MessageToDict(value)}
+    if isinstance(value, tuple):
+        return list(value)
     return value
 
 
@@ -50,6 +52,8 @@ def test_a_fact_reads_exactly_this(case):
     elif fact == "routed_to":
         found = recovery.routed_to(case["conf"], case["path"])
         assert (list(found) if found else None) == expected
+    elif fact == "probe_of":
+        assert commands.probe_of(case["conf"]) == expected
     elif fact == "scripting_allowed":
         assert verify.scripting_allowed(case["rules"]) is expected
     elif fact == "acl_list":
@@ -77,7 +81,8 @@ def test_a_fact_reads_exactly_this(case):
 def test_the_tables_hold_enough_cases():
     assert len(BUILDERS) + len(FACTS) >= 40
     assert {c["builder"].partition(".")[2] for c in BUILDERS} >= {
-        "mysql_create", "mysql_user", "redis_create_user", "nginx_config", "nginx_switch_script", "env_file"}
+        "mysql_create", "mysql_user", "redis_create_user", "nginx_config", "nginx_switch_script",
+        "nginx_check_function", "env_file"}
 
 
 def test_the_operations_of_facts_are_what_agents_answer():

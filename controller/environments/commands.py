@@ -187,32 +187,66 @@ def env_file(values: dict[str, str]) -> bytes:
 
 
 def nginx_config(env_key: str, domain: str, listen: str, routes: list[tuple[str, str, int]],
-                 owner_line: str = "") -> bytes:
+                 owner_line: str = "", probe: str = "") -> bytes:
     """The environment's nginx file: one location per web service (path, host, port).
 
     A service mounted at /api sees /api/x as /x (its health path is checked the same way, on
     its own port) and learns its mount point from X-Forwarded-Prefix.
+
+    With `probe` (a switch's nonce), each route also gets the exact location the switch asks
+    after its reload (probe_path): proxied like the route, and answered with the upstream nginx
+    used. It is a location of its own because an `add_header` in the route's location would drop
+    every `add_header` the router's http block gives its sites.
     """
-    _check_route_values(domain, listen, routes)
+    _check_route_values(domain, listen, routes, probe)
     out = [f"# {env_key}: written by the deployer; edits are overwritten\n", owner_line,
            "server {\n", f"    listen {listen};\n", f"    server_name {domain};\n"]
     for path, host, port in sorted(routes):
         prefix = path.rstrip("/")
         if prefix:
             out.append(f"    location = {prefix} {{ return 301 {prefix}/$is_args$args; }}\n")
-        out += [
-            f"    location {prefix}/ {{\n",
-            f"        proxy_pass http://{url_host(host)}:{port}/;\n",
-            "        proxy_http_version 1.1;\n",
-            "        proxy_set_header Connection \"\";\n",
-            "        proxy_set_header Host $host;\n",
-            "        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n",
-            f"        proxy_set_header X-Forwarded-Prefix {prefix or '/'};\n",
-            "        proxy_next_upstream error timeout;\n",
-            "    }\n",
-        ]
+        out += [f"    location {prefix}/ {{\n", *_proxied(prefix, host, port), "    }\n"]
+        if probe:
+            out += [f"    location = {probe_path(path, probe)} {{\n", *_proxied(prefix, host, port),
+                    f"        proxy_connect_timeout {PROBE_CONNECT_S}s;\n",
+                    f"        proxy_read_timeout {PROBE_READ_S}s;\n",
+                    f"        proxy_hide_header {PROBE_HEADER};\n",
+                    f"        add_header {PROBE_HEADER} \"$upstream_addr; $upstream_header_time\" always;\n",
+                    "    }\n"]
     out.append("}\n")
     return "".join(out).encode()
+
+
+def _proxied(prefix: str, host: str, port: int) -> list[str]:
+    return [
+        f"        proxy_pass http://{url_host(host)}:{port}/;\n",
+        "        proxy_http_version 1.1;\n",
+        "        proxy_set_header Connection \"\";\n",
+        "        proxy_set_header Host $host;\n",
+        "        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n",
+        f"        proxy_set_header X-Forwarded-Prefix {prefix or '/'};\n",
+        "        proxy_next_upstream error timeout;\n",
+    ]
+
+
+PROBE_HEADER = "X-Deployer-Upstream"
+# Together under NGINX_ANSWER_S: an instance that hangs still gets nginx's own answer (a 504
+# naming it) within the check's bound, enough for a route the switch does not move.
+PROBE_CONNECT_S, PROBE_READ_S = 2, 6
+_PROBE = re.compile(r"location = /[A-Za-z0-9._~/-]*?\.deployer-probe-([0-9a-f]{32,64}) \{")
+
+
+def probe_path(path: str, probe: str) -> str:
+    """Where the switch asks nginx about the route at `path`; the nonce makes it a path no outside
+    client can guess, and one only the new file has."""
+    return f"{path.rstrip('/')}/.deployer-probe-{probe}"
+
+
+def probe_of(conf: str | None) -> str:
+    """The nonce of the switch that wrote this nginx file ("" if none): what the file is compared
+    with is written with it, so a nonce drawn anew is never taken for drift."""
+    found = _PROBE.search(conf or "")
+    return found.group(1) if found else ""
 
 
 class RouteValueError(errors.BadInput):
@@ -222,9 +256,11 @@ class RouteValueError(errors.BadInput):
 _ROUTE_PATH = re.compile(r"/[A-Za-z0-9._~/-]*\Z")
 
 
-def _check_route_values(domain: str, listen: str, routes: list[tuple[str, str, int]]) -> None:
+def _check_route_values(domain: str, listen: str, routes: list[tuple[str, str, int]], probe: str = "") -> None:
     """Checked here again, whatever checked them before: a value with a space, a brace or a `;`
     could add directives to a file nginx loads for every environment on the router."""
+    if probe and not re.fullmatch(r"[0-9a-f]{32,64}", probe):
+        raise RouteValueError(f"probe {probe[:80]!r} is not 32 to 64 hexadecimal digits")
     if not valid_host(domain) or ":" in domain:
         raise RouteValueError(f"server name {domain[:80]!r} is not a host name")
     if check_setting("nginx.listen", listen):
@@ -282,14 +318,127 @@ reload_nginx() {{
 """
 
 
-def nginx_switch_script(conf: str, staged: str, test: str, reload: str, pid_file: str) -> str:
+NGINX_ANSWER_S = 10   # how long nginx may take to answer a route from its new instance
+NOT_ANSWERED = 4      # exit status of a switch whose check through nginx failed; its last line says why
+
+
+def listen_address(listen: str) -> tuple[str, int]:
+    """Where to connect to reach an nginx that has `listen` (PORT, HOST:PORT or [IPv6]:PORT):
+    a bare port or a wildcard address is this host's loopback."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host), int(port)
+
+
+# Run on the router with its values as arguments, never in the code: router, the address and port
+# nginx listens on, the host name, the bound in seconds, then per route its path, the path of its
+# probe location, the upstream host and port, and "new" or "live".
+_CHECK_ROUTES_PY = """import http.client, ipaddress, socket, sys, time
+router, host, port, domain, bound = sys.argv[1:6]
+routes = [sys.argv[i:i + 5] for i in range(6, len(sys.argv), 5)]
+
+
+def shown(h, p):
+    return f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
+
+
+def addresses(h, p):
+    try:
+        return {shown(str(ipaddress.ip_address(h)), p)}
+    except ValueError:
+        pass
+    try:  # nginx resolved the name when it read the file, with this host's resolver
+        return {shown(a[4][0], p) for a in socket.getaddrinfo(h, int(p), type=socket.SOCK_STREAM)}
+    except OSError:
+        return set()
+
+
+def last(value):  # nginx lists each server it tried: "a, b" (and "a : b" across redirects)
+    return value.replace(" : ", ", ").split(", ")[-1].strip()
+
+
+def ask(route, probe, up_host, up_port, kind, timeout):
+    want = shown(up_host, up_port)
+    whose = "the new instance" if kind == "new" else "its instance"
+    expected = addresses(up_host, up_port)
+    if expected != {want}:
+        want += " (" + ", ".join(sorted(expected) or ["not resolved"]) + ")"
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        conn.request("GET", probe, headers={"Host": domain, "Connection": "close", "User-Agent": "deployer-switch"})
+        response = conn.getresponse()
+        status, mark = response.status, response.getheader("X-Deployer-Upstream", "")
+    except (OSError, http.client.HTTPException) as exc:
+        why = str(exc) or type(exc).__name__
+        return f"nginx on {router} does not answer {route} of {domain} on {shown(host, port)} ({why})"
+    finally:
+        conn.close()
+    if not mark:
+        return (f"nginx on {router} still answers {route} of {domain} from an older file or another server "
+                f"block (HTTP {status}), not from {whose} {want}")
+    upstream, _, header_time = mark.partition(";")
+    if last(upstream) not in expected:
+        return f"nginx on {router} still answers {route} of {domain} from {last(upstream)}, not {whose} {want}"
+    if kind == "new" and last(header_time) == "-":
+        return (f"nginx on {router} routes {route} of {domain} to the new instance {want}, which did not "
+                f"answer (HTTP {status} from nginx)")
+    return ""
+
+
+deadline = time.monotonic() + float(bound)
+while routes:
+    left = []
+    for route in routes:
+        failed = ask(*route, timeout=max(0.5, deadline - time.monotonic()))
+        if failed:
+            left.append((route, failed))
+    routes = [route for route, _ in left]
+    if routes and time.monotonic() >= deadline:
+        print(left[0][1])
+        sys.exit(1)
+    if routes:
+        time.sleep(0.05)
+"""
+
+
+def nginx_check_function(router: str, listen: str, domain: str, probe: str,
+                         routes: list[tuple[str, str, int, bool]]) -> str:
+    """A shell function `check_routes`: ask nginx, on its own listen address and with the
+    environment's host name, about each route (path, host, port, new) at its probe location,
+    until nginx names that route's instance as the upstream it used (and a new instance has
+    answered, with any status), at most NGINX_ANSWER_S; else print one line saying what
+    answered instead. This is what the wait in nginx_reload_function cannot see: an nginx on
+    the listen address that is not the one reloaded, or another server block taking the name."""
+    host, port = listen_address(listen)
+    args = [router, host, str(port), domain, str(NGINX_ANSWER_S)]
+    for path, upstream, upstream_port, new in sorted(routes):
+        args += [f"{path.rstrip('/')}/", probe_path(path, probe), upstream, str(int(upstream_port)),
+                 "new" if new else "live"]
+    missing = f"python3 is missing on {router}: the switch checks its routes through nginx with it"
+    return f"""check_routes() {{
+  command -v python3 >/dev/null || {{ echo {_sh(missing)}; return 1; }}
+  python3 - {' '.join(_sh(a) for a in args)} <<'EOF'
+{_CHECK_ROUTES_PY}EOF
+}}
+"""
+
+
+def nginx_switch_script(conf: str, staged: str, test: str, reload: str, pid_file: str, check: str = "") -> str:
     """Swap the staged file in, test the whole configuration, reload — or put the old one back
     (and reload it) and fail. Every step is checked: success means nginx runs the new file, its
-    old workers included (see nginx_reload_function)."""
+    old workers included (see nginx_reload_function), and, with `check` (nginx_check_function),
+    that nginx answers each route from its instance; a failed check exits NOT_ANSWERED."""
+    checked = f"""if ! out=$(check_routes 2>&1); then
+  restore
+  reload_nginx >/dev/null 2>&1
+  echo "$out; the previous configuration is back" >&2
+  exit {NOT_ANSWERED}
+fi
+""" if check else ""
     return f"""set -u
 conf={_sh(conf)}; staged={_sh(staged)}; backup="$conf.previous"
 [ -f "$staged" ] || {{ echo "the staged file $staged is missing" >&2; exit 1; }}
-{nginx_reload_function(reload, pid_file)}if [ -f "$conf" ]; then cp -p "$conf" "$backup" || exit 1; else rm -f "$backup"; fi
+{nginx_reload_function(reload, pid_file)}{check}if [ -f "$conf" ]; then cp -p "$conf" "$backup" || exit 1; else rm -f "$backup"; fi
 restore() {{
   if [ -f "$backup" ]; then mv -f "$backup" "$conf"; else rm -f "$conf"; fi
 }}
@@ -307,7 +456,7 @@ if ! out=$(reload_nginx); then
   echo "$out" >&2
   exit 1
 fi
-rm -f "$backup"
+{checked}rm -f "$backup"
 """
 
 

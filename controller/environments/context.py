@@ -125,9 +125,10 @@ class JobContext:
                                                   limits=self.limits(agent) if user == self.unix_user else None))
         return await self.run_op(agent, operation, service, step, check, scope)
 
-    async def guarded(self, agent: Agent, script: str, service: str, step: str, **kw) -> str:
+    async def guarded(self, agent: Agent, script: str, service: str, step: str, explained: int = 0, **kw) -> str:
         """Run a guarded create; "" when it did its work, the line naming what it found taken
-        (and left untouched) when it exits TAKEN. Any other failure raises StepFailed."""
+        (and left untouched) when it exits TAKEN. Any other failure raises StepFailed; one that
+        exits `explained` has its last line of output as the failure's message."""
         op = await self.sh(agent, script, service, step, check=False, **kw)
         result = op.result
         if result.outcome == pb.EXITED and result.exit_code == 0:
@@ -136,6 +137,9 @@ class JobContext:
         if result.outcome == pb.EXITED and result.exit_code == ownership.TAKEN:
             taken = [line.strip() for line in found.splitlines() if "left untouched" in line]
             return "; ".join(taken) or f"{step}: the name is taken by something this deployer did not make"
+        said = found.strip().splitlines()
+        if explained and result.outcome == pb.EXITED and result.exit_code == explained and said:
+            raise StepFailed(service, step, said[-1].strip())
         raise StepFailed(service, step, result_detail(result), found, cut=result.outcome in CUT_OFF)
 
     def note(self, text: str) -> None:

@@ -377,7 +377,7 @@ async def _reaffirm_route(ctx: JobContext, read: str, force: bool) -> bool:
     in the middle); True if it was written."""
     fresh = routing.as_deployed(ctx)
     router = routing.router(fresh, ctx.env_key)
-    if not force and routing.nginx_content(fresh, router).decode() == read:
+    if not force and routing.nginx_content(fresh, router, probe=ops.probe_of(read)).decode() == read:
         return False
     await routing.switch_route(fresh, ctx.env_key)
     return True

@@ -1,10 +1,12 @@
 """An environment's route: its nginx file on the router, written whole from the ledger (with one
-service's new instance for a switch) and swapped in as a transaction (see commands.py)."""
+service's new instance for a switch) and swapped in as a transaction (see commands.py), which
+ends once nginx answers every route from its instance."""
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import secrets
 
 from protos import deployer_pb2 as pb
 
@@ -51,29 +53,46 @@ def reload_settings(on: Agent) -> tuple[str, str]:
     return on.settings.get("nginx.reload", "nginx -s reload"), on.settings.get("nginx.pid", "/run/nginx.pid")
 
 
-def nginx_content(ctx: JobContext, on: Agent, override=None) -> bytes:
+def nginx_content(ctx: JobContext, on: Agent, override=None, probe: str = "") -> bytes:
     owner = ownership.route_owner_line(ctx.ledger.owner) if ctx.ledger.owner else ""
     try:
         return ops.nginx_config(ctx.env_key, ctx.spec.domain, on.settings.get("nginx.listen", "80"),
-                                routes(ctx, override), owner)
+                                routes(ctx, override), owner, probe)
     except ops.RouteValueError as exc:
         raise StepFailed(ctx.env_key, "route", f"not written on {on.id}: {exc}") from None
 
 
+def route_check(ctx: JobContext, on: Agent, override: dict[str, tuple[str, int]] | None, probe: str) -> str:
+    """What the switch asks nginx after its reload: every route, and whether it goes to a new
+    instance (which must then have answered) or stays with the one it had."""
+    new = {ctx.spec.service(name).path for name in override or {}}
+    checked = [(path, host, port, path in new) for path, host, port in routes(ctx, override)]
+    if not checked:
+        return ""
+    return ops.nginx_check_function(on.id, on.settings.get("nginx.listen", "80"), ctx.spec.domain, probe, checked)
+
+
 async def switch_route(ctx: JobContext, service: str, override=None) -> None:
-    """The nginx transaction: stage, swap, `nginx -t`, reload — or put the old file back.
-    One at a time per router: `nginx -t` must test our file, not another job's."""
+    """The nginx transaction: stage, swap, `nginx -t`, reload, ask nginx for each route through
+    its listen address — or put the old file back. The probe's nonce is new at every switch, so
+    only the file just written can answer it. One at a time per router: `nginx -t` must test our
+    file, not another job's."""
     on = router(ctx, service)
     async with ctx.route_locks.setdefault(on.id, asyncio.Lock()):
         conf = nginx_path(ctx, on)
         staged = f"{conf}.staged-{ctx.job.id}"
+        probe = secrets.token_hex(16)
+        # Root's only (the nginx master reads it as root): a tenant on the router learns neither the
+        # upstreams nor the probe's nonce, which a default server of its own could otherwise answer.
         await ctx.run_op(on, pb.Operation(write_file=pb.WriteFileSpec(
-            path=staged, content=nginx_content(ctx, on, override), mode=0o644)), service, "route",
+            path=staged, content=nginx_content(ctx, on, override, probe), mode=0o600)), service, "route",
             scope=Scope.route(ctx.env_key))
-        switch = ops.nginx_switch_script(conf, staged, on.settings.get("nginx.test", "nginx -t"), *reload_settings(on))
+        switch = ops.nginx_switch_script(conf, staged, on.settings.get("nginx.test", "nginx -t"), *reload_settings(on),
+                                         check=route_check(ctx, on, override, probe))
         refused = await ctx.guarded(on, ownership.route_guard(
             conf, ctx.ledger.owner, ctx.env_key, bool(ctx.ledger.state(ctx.env_key)), switch,
-            refused=ops.remove_file(staged)), service, "route", scope=Scope.route(ctx.env_key))
+            refused=ops.remove_file(staged)), service, "route", scope=Scope.route(ctx.env_key),
+            explained=ops.NOT_ANSWERED)
         if refused:
             raise StepFailed(service, "route", refused)
 

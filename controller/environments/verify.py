@@ -101,7 +101,8 @@ class Checker:
                                     check=False, scope=Scope.route(self.env_key))
         facts.nginx_marks = RouteFiles.parse(output_of(listing))
         facts.nginx_files = list(facts.nginx_marks)
-        facts.nginx_expected = routing.nginx_content(self.ctx, router).decode()
+        # The probe's nonce is the switch's, not the ledger's: the file is compared with it.
+        facts.nginx_expected = routing.nginx_content(self.ctx, router, probe=ops.probe_of(facts.nginx)).decode()
         await self._data_facts(facts)
         return facts
 
