@@ -102,9 +102,12 @@ QUEUE_APPS = {
     "rqjobs": {"install": "python3 -m venv .venv && .venv/bin/pip install -q --disable-pip-version-check "
                           "-r requirements.txt",
                "migrate": ".venv/bin/python app.py migrate", "web": ".venv/bin/python app.py serve",
-               "worker": '.venv/bin/rq worker --url "$REDIS_URL" --path . default',
+               # rq reads its URL from RQ_REDIS_URL: a password on a command line is in every
+               # local user's `ps`.
+               "worker": ".venv/bin/rq worker --path . default",
                "env": {"SQLALCHEMY_DATABASE_URI":
-                       "mysql+pymysql://${DB_USER}:${DB_PASSWORD}@${DB_HOST}:${DB_PORT}/${DB_NAME}"}},
+                       "mysql+pymysql://${DB_USER}:${DB_PASSWORD}@${DB_HOST}:${DB_PORT}/${DB_NAME}",
+                       "RQ_REDIS_URL": "${REDIS_URL}"}},
     "bulljobs": {"install": "npm ci --omit=dev --no-audit --no-fund", "migrate": "node migrate.js",
                  "web": "node web.js", "worker": "node worker.js", "env": {}},
 }
@@ -187,6 +190,9 @@ def test_a_web_service_and_its_worker_share_a_queue_on_a_dedicated_redis(world, 
     assert "NOAUTH" in refused.stdout + refused.stderr
     server = subprocess.run(["pgrep", "-u", f"auto-{app}-{env}", "-f", "redis-server"], capture_output=True, text=True)
     assert server.stdout.split(), "the dedicated redis-server runs as the environment's user"
+    # No process of the environment has the password on its command line (`ps` shows it to all).
+    argv = subprocess.run(["ps", "-u", f"auto-{app}-{env}", "-o", "args="], capture_output=True, text=True).stdout
+    assert web_env["REDIS_PASSWORD"] not in argv and web_env["DB_PASSWORD"] not in argv
 
     # A new release of both, under traffic: the queue and the data are kept.
     (repo / "CHANGES").write_text("v2\n")
@@ -229,9 +235,18 @@ def test_renewing_a_shared_redis_deploys_its_users_too_destroy_keeps_it_and_a_pu
     data = cluster.agents["computing-1"].services_root / f"auto-{app}-{env}-web" / "data"
     assert sorted(p.name for p in data.iterdir()) == ["redis-1", "redis-2"]  # the replaced one is kept
 
-    # destroy keeps the data; the next apply runs the same server on it, for the new user.
+    # A new memory bound: the same server takes it (planned as such), no new instance.
     web_env = dotenv(world, app, env, "web", 1)
     own = ["redis-cli", "-p", web_env["REDIS_PORT"], "--no-auth-warning", "-a", web_env["REDIS_PASSWORD"]]
+    spec.write_text(spec.read_text().replace("maxmemory: 32M", "maxmemory: 48M"))
+    planned = cluster.deployctl("plan", str(spec))
+    assert b"redis maxmemory is now 48M (live: 32M)" in planned.stdout, planned.stdout
+    apply_ok(cluster, "apply", str(spec))
+    assert subprocess.run(own + ["CONFIG", "GET", "maxmemory"], capture_output=True,
+                          text=True).stdout.split() == ["maxmemory", str(48 << 20)]
+    assert cluster.deployctl("plan", str(spec)).returncode == 0  # nothing left to do
+
+    # destroy keeps the data; the next apply runs the same server on it, for the new user.
     assert subprocess.run(own + ["SET", "kept", "across a destroy"], capture_output=True, text=True).stdout == "OK\n"
     apply_ok(cluster, "destroy", f"{app}/{env}", "--yes")
     assert sorted(p.name for p in data.iterdir()) == ["redis-1", "redis-2"]

@@ -157,6 +157,28 @@ def test_a_destroy_keeps_only_a_services_redis_data_and_a_purge_takes_the_empty_
     assert not folder.exists()
 
 
+def test_a_kept_redis_folder_given_to_a_new_user_does_not_hand_over_a_file_it_hard_links(tmp_path):
+    """The attack: while it owned its data folder, the tenant hard-linked a file of root's into it
+    (on a file system where protected_hardlinks is off, /etc/shadow). When a later deploy gives
+    the kept folder to the environment's (new) user, that file must stay root's."""
+    import os
+    from controller.environments import commands as ops
+    folder = tmp_path / "auto-shop-x-web"
+    data = folder / "data" / "redis-1"
+    data.mkdir(parents=True)
+    (data / "appendonly.aof").write_text("the tenant's own data")
+    precious = tmp_path / "roots-file"
+    precious.write_text("root's")
+    os.link(precious, data / "linked")
+    (data / "pointer").symlink_to(precious)
+    done = sh(ops.redis_server_reown(str(folder), str(data), "daemon"))
+    assert done.returncode == 0, done.stderr
+    daemon = __import__("pwd").getpwnam("daemon").pw_uid
+    assert precious.stat().st_uid == 0                      # neither through the hard link
+    assert (data / "pointer").lstat().st_uid == daemon      # nor through the symbolic one
+    assert (data / "appendonly.aof").stat().st_uid == daemon and data.stat().st_uid == daemon
+
+
 def test_route_files_are_rewritten_only_when_ours(tmp_path):
     from controller.environments import commands as ops
     conf = tmp_path / "auto-shop-x.conf"

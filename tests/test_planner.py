@@ -136,3 +136,33 @@ def test_a_new_redis_mode_is_a_new_instance():
     p = plan(changed, state, BOTH)
     assert summary(p) == {"web": {"code": 1, "mysql": 1, "redis": "new"}}
     assert p.services[0].reasons == ("redis mode is now dedicated (live: prefix)",)
+
+
+def test_owners_are_planned_before_users_at_any_depth():
+    """alpha owns a database zed uses; zed owns the Redis mid uses: renewing zed's Redis brings mid
+    in, and an order by depth puts alpha, then zed, then mid."""
+    from controller.environments.spec import shared_depth
+    alpha = dataclasses.replace(WORKER, name="alpha", uses=("mysql",))
+    zed = dataclasses.replace(WORKER, name="zed", uses=("mysql", "redis"), shared=(("mysql", "alpha"),),
+                              redis=RedisSettings("dedicated"))
+    mid = dataclasses.replace(WORKER, name="mid", uses=("redis",), shared=(("redis", "zed"),))
+    spec = Spec(1, "shop", "prod", "shop.test", (alpha, mid, zed))
+    assert shared_depth(spec.services) == {"alpha": 0, "zed": 1, "mid": 2}
+    state = {"alpha": live(alpha), "zed": dataclasses.replace(live(zed), used={"mysql": ("alpha", 1)},
+                                                              redis=LiveInstance(1, mode="dedicated")),
+             "mid": ServiceState("mid", code=LiveInstance(1, C1, code_fingerprint(mid)), used={"redis": ("zed", 1)})}
+    p = plan(spec, state, {"alpha": C1, "zed": C1, "mid": C1}, Options(services=("zed",), renew={"zed": ("redis",)}))
+    assert shared_summary(p) == {"mid": {"code": "1", "redis": "zed:new"},
+                                 "zed": {"code": "1", "mysql": "alpha:1", "redis": "new"}}
+
+
+def test_a_new_maxmemory_redeploys_the_owner_on_the_same_instance():
+    state = queue_state()
+    state["web"] = dataclasses.replace(state["web"], redis=LiveInstance(1, mode="dedicated", maxmemory=64 << 20))
+    bigger = dataclasses.replace(QUEUE, services=(dataclasses.replace(QUEUE_WEB, redis=RedisSettings("dedicated",
+                                                                                                 256 << 20)),
+                                                  QUEUE_WORKER))
+    p = plan(bigger, state, BOTH)
+    assert shared_summary(p) == {"web": {"code": "1", "mysql": "1", "redis": "1"}}
+    assert p.services[0].reasons == ("redis maxmemory is now 256M (live: 64M)",)
+    assert plan(QUEUE, state, BOTH).empty  # the bound it has: nothing to do

@@ -706,6 +706,16 @@ def test_a_service_uses_another_services_instances():
     assert schema_errors(yaml.safe_load(SHARED), SCHEMA) == []
 
 
+def test_services_that_use_each_others_instances_are_refused():
+    crossed = SHARED.replace("uses: [mysql, redis]", "uses: [mysql, worker.redis]", 1).replace(
+        "    redis: {mode: dedicated, maxmemory: 32mb}\n", "").replace(
+        "uses: [web.mysql, web.redis]", "uses: [web.mysql, redis]")
+    with pytest.raises(SpecError) as err:
+        parse_spec(crossed, "shop.yml")
+    assert str(err.value) == ("shop.yml:10: services.web.uses: web → worker → web: these services use each other's "
+                              "instances, so none of them can be made first; let one own them all")
+
+
 @pytest.mark.parametrize("old, new, expected", [
     ("uses: [web.mysql, web.redis]", "uses: [api.mysql, web.redis]",
      "shop.yml:16: services.worker.uses[0]: api.mysql: no service 'api' in this spec (services: web, worker)"),

@@ -151,23 +151,40 @@ def remove_if_only_data() -> str:
 
 
 def redis_server_reown(service_dir: str, data_dir: str, user: str) -> str:
-    """Give a kept data folder to the environment's user (who may have been made again since);
-    `-h` changes links themselves, never what they point to."""
+    """Give a kept data folder to the environment's user (who may have been made again since,
+    with another uid): never `chown -R`, which would follow a hard link the tenant left there to
+    a file of root's (`-h` only spares symbolic links)."""
     return f"""set -eu
 d={_sh(service_dir)}; dd={_sh(data_dir)}; u={_sh(user)}
 mkdir -p "$d/logs"; chown root:"$u" "$d" "$d/data" "$d/logs"; chmod 0750 "$d" "$d/data" "$d/logs"
 [ -d "$dd" ] && [ ! -L "$dd" ] || {{ echo "redis data folder $dd is missing" >&2; exit 1; }}
-[ "$(stat -c %U:%G "$dd")" = "$u:$u" ] || chown -hR "$u:$u" "$dd"
+[ "$(stat -c %U:%G "$dd")" = "$u:$u" ] && exit 0
+# The tenant wrote what is in there: folders, links themselves, and files with no other name
+# change owner; a hard link to a file elsewhere (its other name is outside) is left as it is.
+find "$dd" -xdev \( -type d -o -type l -o \( -type f -links 1 \) \) -exec chown -h "$u:$u" {{}} +
+"""
+
+
+def _listener_is_ours(port: int) -> str:
+    """A shell function: true when the socket listening on `port` belongs to the user running it
+    (the environment's user): the password is never sent to a squatter on a port just freed."""
+    return f"""ours() {{
+  awk -v p=":{int(port):04X}" -v u="$(id -u)" '$4 == "0A" && substr($2, length($2) - 4) == p && $8 == u {{ f = 1 }}
+    END {{ exit !f }}' /proc/net/tcp /proc/net/tcp6 2>/dev/null
+}}
 """
 
 
 def redis_server_ready(host: str, port: int, deadline: float) -> str:
-    """Wait until a dedicated Redis answers PING with its password (read on standard input, so it
-    is in no argv); on failure say what it answered."""
-    return f"""pw=$(cat); end=$(( $(date +%s) + {max(1, int(deadline))} ))
+    """Run as the environment's user: wait until its dedicated Redis listens (a socket of that
+    user's) and answers PING with its password (read on standard input, so it is in no argv);
+    on failure say what it answered."""
+    return _listener_is_ours(port) + f"""pw=$(cat); end=$(( $(date +%s) + {max(1, int(deadline))} )); r="nothing of its own listens on port {int(port)}"
 while :; do
-  r=$(printf 'AUTH %s\nPING\n' "$pw" | redis-cli -h {_sh(host)} -p {int(port)} 2>&1 | tail -n 1)
-  [ "$r" = PONG ] && exit 0
+  if ours; then
+    r=$(printf 'AUTH %s\nPING\n' "$pw" | redis-cli -h {_sh(host)} -p {int(port)} 2>&1 | tail -n 1)
+    [ "$r" = PONG ] && exit 0
+  fi
   if [ "$(date +%s)" -ge "$end" ]; then echo "redis on {host}:{port} did not answer PING: $r" >&2; exit 1; fi
   sleep 0.2
 done
@@ -175,10 +192,13 @@ done
 
 
 def redis_server_settle(host: str, port: int, maxmemory: int) -> str:
-    """A running dedicated Redis takes the memory bound the spec has now (its file has it too)."""
-    return (f"pw=$(cat); r=$(printf 'AUTH %s\nCONFIG SET maxmemory {int(maxmemory)}\n' \"$pw\" | "
-            f"redis-cli -h {_sh(host)} -p {int(port)} 2>&1 | tail -n 1)\n"
-            '[ "$r" = OK ] || { echo "redis did not take the new maxmemory: $r" >&2; exit 1; }\n')
+    """Run as the environment's user: a running dedicated Redis takes the memory bound the spec
+    has now (its file has it too)."""
+    return _listener_is_ours(port) + (
+        f'ours || {{ echo "nothing of its own listens on port {int(port)}" >&2; exit 1; }}\n'
+        f"pw=$(cat); r=$(printf 'AUTH %s\\nCONFIG SET maxmemory {int(maxmemory)}\\n' \"$pw\" | "
+        f"redis-cli -h {_sh(host)} -p {int(port)} 2>&1 | tail -n 1)\n"
+        '[ "$r" = OK ] || { echo "redis did not take the new maxmemory: $r" >&2; exit 1; }\n')
 
 
 def env_file(values: dict[str, str]) -> bytes:

@@ -180,13 +180,14 @@ async def dedicated_redis(ctx: JobContext, d: Deployment, numbers: dict[str, int
             raise StepFailed(name, "redis", f"the agent of {owner}'s dedicated redis {number} "
                                             f"({row.host if row else '?'}) is not connected")
     service_dir = naming.service_dir(provider.services_root, app, env, owner)
+    maxmemory = ctx.spec.service(owner).redis.maxmemory  # the owner's setting, for every service using it
     bind = provider.settings.get("redis.host", "127.0.0.1")
     port = await allocate_port(ctx, provider, name, number, holder=f"{owner}.redis") if new else 0
 
     def names_of(n: int) -> dict:
-        return {"mode": "dedicated", "dir": naming.redis_data_dir(service_dir, n), "port": port, "bind": bind}
+        return {"mode": "dedicated", "dir": naming.redis_data_dir(service_dir, n), "port": port, "bind": bind,
+                "maxmemory": maxmemory}
 
-    maxmemory = ctx.spec.service(owner).redis.maxmemory  # the owner's setting, for every service using it
     try:
         provider, password, names = await _instance(
             ctx, d, "redis", numbers, new, names_of,
@@ -215,9 +216,15 @@ async def ensure_redis_server(ctx: JobContext, provider: Agent, owner: str, numb
     if not fresh:
         listing = await ctx.run_op(provider, ServiceProcesses.operation(unit), owner, "redis processes")
         running = any(p.instance == str(number) and p.alive for p in ServiceProcesses.parse(output_of(listing), unit))
-    if running and settle:
+    if running and settle and names.get("maxmemory") != maxmemory:
         await ctx.sh(provider, ops.redis_server_settle(names["bind"], names["port"], maxmemory), owner,
-                     "redis maxmemory", stdin=password.encode(), scope=scope)
+                     "redis maxmemory", stdin=password.encode(), scope=scope, user=ctx.unix_user)
+        await ctx.run_op(provider, pb.Operation(write_file=pb.WriteFileSpec(
+            path=f"{names['dir']}/redis.conf", mode=0o600, owner=ctx.unix_user,
+            content=ops.redis_server_conf(names["bind"], names["port"], password, names["dir"], maxmemory))),
+            owner, "redis.conf", scope=scope)
+    if settle:
+        ctx.ledger.set_names(ctx.env_key, owner, "redis", number, maxmemory=maxmemory)
     if running:
         return
     if not fresh:  # its user may be new (a destroy kept the data): the folder becomes its again
@@ -232,7 +239,7 @@ async def ensure_redis_server(ctx: JobContext, provider: Agent, owner: str, numb
         cwd=names["dir"], env={"HOME": names["dir"]}, user=ctx.unix_user, log_path=log_path,
         limits=ctx.limits(provider))), owner, "start redis")
     ready = await ctx.sh(provider, ops.redis_server_ready(names["bind"], names["port"], 30), owner, "redis ready",
-                         stdin=password.encode(), scope=scope, check=False)
+                         stdin=password.encode(), scope=scope, check=False, user=ctx.unix_user)
     if ready.result.exit_code != 0:
         read = await ctx.sh(provider, ops.log_tail(log_path, 15), owner, "read log", check=False)
         raise StepFailed(owner, "redis", tail_of(ready).strip().splitlines()[-1] if tail_of(ready).strip()

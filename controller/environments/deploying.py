@@ -20,7 +20,7 @@ from controller.environments.context import (OUTPUT_TAIL_LINES, JobContext, Plac
 from controller.environments.data import Deployment
 from controller.environments.facts import ServiceProcesses
 from controller.environments.planner import Plan, ServicePlan
-from controller.environments.spec import code_fingerprint
+from controller.environments.spec import code_fingerprint, shared_depth
 from controller.state.ledger import RAN, Status
 from common import envfile
 
@@ -51,11 +51,10 @@ async def deploy_together(ctx: JobContext, plans: list[ServicePlan]) -> None:
     then every new daemon; then all routes switch in one nginx reload, and only then do the old
     instances stop. If any service fails before the switch, nothing switches: every new instance
     is undone and the old ones keep running."""
-    in_job = {sp.service for sp in plans}
+    depth = shared_depth(ctx.spec.services)
 
-    def order(sp: ServicePlan) -> tuple[bool, bool]:  # owners of shared instances, then web, then daemons
-        service = ctx.spec.service(sp.service)
-        return any(owner in in_job for _, owner in service.shared), not service.is_web
+    def order(sp: ServicePlan) -> tuple[int, bool]:  # owners before their users, then web before daemons
+        return depth.get(sp.service, 0), not ctx.spec.service(sp.service).is_web
     plans = sorted(plans, key=order)
     started: list[tuple[Deployment, object, dict[str, int]]] = []
     try:
@@ -222,8 +221,14 @@ async def _stop_replaced_servers(ctx: JobContext, d: Deployment, live, numbers: 
         return
     row = ctx.ledger.instance(ctx.env_key, d.service.name, "redis", old.number)
     host = ctx.registry.agents.get(row.host) if row else None
-    if row and row.names.get("mode") == "dedicated" and host is not None:
-        await data.stop_redis_server(ctx, host, d.service.name, old.number, "stop replaced redis")
+    if not row or row.names.get("mode") != "dedicated" or host is None:
+        return
+    still = sorted(name for name, state in ctx.ledger.state(ctx.env_key).items()
+                   if state.used.get("redis") == (d.service.name, old.number))
+    if still:  # a user this job did not deploy (one no longer in the spec, say) is still on it
+        ctx.note(f"{d.service.name}: its replaced redis {old.number} keeps running: {', '.join(still)} still use it")
+        return
+    await data.stop_redis_server(ctx, host, d.service.name, old.number, "stop replaced redis")
 
 
 def _release(d: Deployment) -> str:

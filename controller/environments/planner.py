@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from controller.state.ledger import ServiceState
-from controller.environments.spec import Limits, Options, Spec, code_fingerprint
+from controller.environments.spec import Limits, Options, Spec, code_fingerprint, memory_text, shared_depth
 
 DATA_COMPONENTS = ("mysql", "redis")
 
@@ -79,7 +79,8 @@ def plan(spec: Spec, state: Mapping[str, ServiceState], commits: Mapping[str, st
                 selected.add(owner)
                 notes.append(f"{owner} is deployed too: {service.name} uses its {component}, which is not made yet")
     planned: dict[str, ServicePlan] = {}
-    for service in sorted(spec.services, key=lambda s: bool(s.shared)):  # owners first
+    depth = shared_depth(spec.services)
+    for service in sorted(spec.services, key=lambda s: depth[s.name]):  # owners before their users
         new_shared = [(c, o) for c, o in service.shared
                       if o in planned and (change := planned[o].change(c)) is not None and change.new]
         if service.name not in selected and not new_shared:
@@ -176,6 +177,12 @@ def _plan_service(service, current: ServiceState | None, commit: str, renew: set
             why = f"now uses {component}"
         elif not _same_mode(service, component, existing):
             why = f"redis mode is now {service.redis.mode} (live: {existing.mode or 'prefix'})"
+        elif component == "redis" and existing.maxmemory and existing.maxmemory != service.redis.maxmemory:
+            # The same instance, given the new bound by the deploy (CONFIG SET and its file).
+            reasons.append(f"redis maxmemory is now {memory_text(service.redis.maxmemory)} "
+                           f"(live: {memory_text(existing.maxmemory)})")
+            changes.append(Change(component, False, existing.number))
+            continue
         else:
             changes.append(Change(component, False, existing.number))
             continue
@@ -189,3 +196,4 @@ def _plan_service(service, current: ServiceState | None, commit: str, renew: set
 def _same_mode(service, component: str, live) -> bool:
     """A Redis instance of another mode cannot be reused: the new mode is a new instance."""
     return component != "redis" or (live.mode or "prefix") == service.redis.mode
+

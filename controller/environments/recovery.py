@@ -257,7 +257,8 @@ async def _settle_deploy(ctx: JobContext, row) -> tuple[str, str | None]:
                    naming.service_dir(host.services_root, spec.app, spec.environment, service) if host else "",
                    deploy=number, code=code, code_new=bool(row["code_new"]), port=row["port"] or 0,
                    process=row["process"] or "")
-    numbers = {c: row[c] for c in ("mysql", "redis") if row[c] is not None}
+    # Its own instances only: one of another service's (`mysql_of`) is that service's to make live.
+    numbers = {c: row[c] for c in ("mysql", "redis") if row[c] is not None and not row[f"{c}_of"]}
     text = None
     if row["step"] == "route" and d.service.is_web:
         text = await _read_route(ctx, service, number)

@@ -941,6 +941,34 @@ def _shared_owners(source: _Source, raw: dict, services: list[Service]) -> None:
             if theirs != owner:
                 raise source.error(at, f"{entry}: service {owner} uses {theirs}'s {component} itself; "
                                        f"write {theirs}.{component}")
+    for service in services:  # an owner is made before its users: no service may wait on itself
+        seen, path = set(), [service.name]
+        while path[-1] not in seen:
+            seen.add(path[-1])
+            owners = sorted({o for _, o in by_name[path[-1]].shared})
+            if not owners:
+                break
+            if service.name in owners:
+                raise source.error(("services", service.name, "uses"),
+                                   f"{' → '.join(path + [service.name])}: these services use each other's "
+                                   "instances, so none of them can be made first; let one own them all")
+            path.append(owners[0])
+
+
+def shared_depth(services) -> dict[str, int]:
+    """How many owners stand before each service (0: it uses no other service's instance): the
+    order in which their instances can be made."""
+    by_name = {s.name: s for s in services}
+    depth: dict[str, int] = {}
+
+    def of(name: str, trail: frozenset = frozenset()) -> int:
+        if name not in depth:
+            owners = [o for _, o in by_name[name].shared if o in by_name and o not in trail] if name in by_name else []
+            depth[name] = 1 + max((of(o, trail | {name}) for o in owners), default=-1)
+        return depth[name]
+    for name in by_name:
+        of(name)
+    return depth
 
 
 def _redis(source: _Source, key: Key, value: Any, uses: tuple[str, ...], shared: dict[str, str]) -> RedisSettings:

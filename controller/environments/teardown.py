@@ -37,6 +37,7 @@ async def remove_code(ctx: JobContext, service: str) -> None:
         ledger.set_status(env_key, service, "code", r.number, Status.REMOVED)
         if r.port:
             ledger.release_port(r.host, r.port)
+    data_hosts = set()
     for r in ledger.instances(env_key, service):
         if r.names.get("mode") == "dedicated" and r.status not in (Status.REMOVED, Status.TAKEN):
             host = ctx.registry.agents.get(r.host)
@@ -44,6 +45,12 @@ async def remove_code(ctx: JobContext, service: str) -> None:
                 raise StepFailed(service, "remove", f"agent {r.host} of its dedicated redis {r.number} is not "
                                                     "connected: the server was not stopped")
             await data.stop_redis_server(ctx, host, service, r.number, "stop redis")
+            data_hosts.add(host.id)
+    for host_id in sorted(data_hosts - {r.host for r in rows if r.host}):  # a host that holds only its data
+        host = ctx.registry.agents[host_id]
+        folder = naming.service_dir(host.services_root, spec.app, spec.environment, service)
+        await ctx.sh(host, ownership.if_folder_ours(folder, ledger.owner, ops.remove_all_but_data()), service,
+                     "remove folder")
 
 
 async def destroy(ctx: JobContext, purge_data: bool) -> str:

@@ -25,6 +25,7 @@ from controller.environments.planner import Change, ServicePlan
 from controller.environments import data, deploying, routing
 from controller.environments.context import JobContext, PlacementError, StepFailed, output_of, pick_agent
 from controller.environments.deploying import KEEP_RELEASES
+from controller.environments.spec import REDIS_MAXMEMORY
 from controller.state.ledger import RAN, Status
 
 
@@ -178,7 +179,7 @@ class Checker:
             return f"is not running on {r.host}"
         password = self.ledger.password(self.env_key, r.service, "redis", r.number) or ""
         ping = await self.ctx.sh(host, ops.redis_server_ready(r.names["bind"], r.names["port"], 2), r.service,
-                                 "ping redis", check=False, stdin=password.encode(),
+                                 "ping redis", check=False, stdin=password.encode(), user=self.ctx.unix_user,
                                  scope=Scope.data(self.env_key, (r.service, "redis", r.number)))
         return "" if ping.result.exit_code == 0 else f"does not answer on {r.host}: {output_of(ping).strip()[-200:]}"
 
@@ -238,7 +239,7 @@ class Checker:
         password = self.ledger.password(self.env_key, f.service, "redis", number) or ""
         await data.stop_redis_server(self.ctx, self.ctx.registry.agents[row.host], f.service, number, "stop redis")
         await data.ensure_redis_server(self.ctx, self.ctx.registry.agents[row.host], f.service, number, row.names,
-                                       password, self.spec.service(f.service).redis.maxmemory)
+                                       password, row.names.get("maxmemory") or REDIS_MAXMEMORY, settle=False)
 
     async def _recreate(self, f: Finding, component: str) -> None:
         live = self.ledger.state(self.env_key)[f.service].live(component)
@@ -313,7 +314,7 @@ def findings(env_key, spec, ledger, facts: Facts, claimed, unit, registry) -> li
         if live.mysql is not None:
             out += _mysql_findings(env_key, service, where, live.mysql, ledger, facts)
         if live.redis is not None:
-            out += _redis_findings(env_key, service, where, live.redis, ledger, facts)
+            out += _redis_findings(env_key, spec, service, where, live.redis, ledger, facts)
     out += _route_findings(env_key, spec, facts)
     out += _orphan_findings(env_key, spec, ledger, facts, claimed, unit)
     return out
@@ -368,7 +369,7 @@ def _mysql_findings(env_key, service, where, mysql, ledger, facts: Facts) -> lis
     return out
 
 
-def _redis_findings(env_key, service, where, redis, ledger, facts: Facts) -> list[Finding]:
+def _redis_findings(env_key, spec, service, where, redis, ledger, facts: Facts) -> list[Finding]:
     """The live Redis instance: its ACL user, the keys it may reach, and no scripting; or, for a
     dedicated one, its server running and answering."""
     out: list[Finding] = []
@@ -376,9 +377,10 @@ def _redis_findings(env_key, service, where, redis, ledger, facts: Facts) -> lis
     names = row.names
     if names.get("mode") == "dedicated":
         problem = facts.dedicated.get((service, redis.number), "")
-        if problem:
-            out.append(Finding(where, f"redis {redis.number}: dedicated server {problem}",
-                               "" if problem.startswith("cannot") else "redis-server", service, str(redis.number)))
+        if problem:  # a service no longer in the spec had its server stopped with it: nothing to restart
+            fix = "" if problem.startswith("cannot") or service not in {s.name for s in spec.services} else "redis-server"
+            out.append(Finding(where, f"redis {redis.number}: dedicated server {problem}", fix, service,
+                               str(redis.number)))
         return out
     patterns = facts.redis_users.get(names["user"])
     if patterns is None:

@@ -72,6 +72,7 @@ class LiveInstance:
     host: str = ""
     port: int = 0
     mode: str = ""      # a Redis instance's: prefix or dedicated ('' for one made before modes: prefix)
+    maxmemory: int = 0  # a dedicated Redis's memory bound, as it runs
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ class Ledger:
         for r in rows:
             found.setdefault(r["service"], {})[r["component"]] = LiveInstance(
                 r["number"], r["commit_sha"] or "", r["fingerprint"] or "", r["host"] or "", r["port"] or 0,
-                json.loads(r["names"] or "{}").get("mode", "") if r["component"] == "redis" else "")
+                *_redis_settings(r))
         # What each service's last successful deploy used of other services' instances.
         for r in self.conn.execute(
                 "SELECT d.* FROM deploys d WHERE env_key=? AND outcome='succeeded' AND (mysql_of != '' OR "
@@ -358,6 +359,11 @@ class Ledger:
                 self.conn.execute("RELEASE ledger")
             raise
         self.conn.execute("RELEASE ledger" if nested else "COMMIT")
+
+
+def _redis_settings(r) -> tuple[str, int]:
+    names = json.loads(r["names"] or "{}") if r["component"] == "redis" else {}
+    return names.get("mode", ""), names.get("maxmemory", 0)
 
 
 def diagram(rows: list[DeployRow]) -> str:
