@@ -84,9 +84,30 @@ class Agent:
     async def run(self) -> None:
         self.ops.recover()
         attempts = 0
+        self.session: Session | None = None
+        driver = self.ops.driver
+        watcher = None
+        if hasattr(driver, "watch"):  # the built-in supervisor says when a service ends unasked
+            driver.on_exit = self._service_exited
+            watcher = asyncio.create_task(driver.watch())
+        try:
+            await self._run(attempts)
+        finally:
+            if watcher:
+                watcher.cancel()
+
+    def _service_exited(self, exited) -> None:
+        """Told on the link at once if there is one; otherwise the next hello's check finds it."""
+        log.info("service.ended_unasked", service=f"{exited.name}@{exited.instance}", code=exited.exit_code,
+                 signal=exited.signal)
+        session = self.session
+        if session is not None and session.welcomed:
+            session.tell(pb.AgentMessage(exited=exited))
+
+    async def _run(self, attempts: int) -> None:
         while not self.stopping.is_set():
             channel = self._channel()
-            session = Session(self.config, self.ops, channel)
+            session = self.session = Session(self.config, self.ops, channel)
             task = asyncio.create_task(session.run(self._on_welcome))
             stop = asyncio.create_task(self.stopping.wait())
             renewer = None if self.config.insecure else asyncio.create_task(self._renew(channel))

@@ -3,7 +3,8 @@
 Services run detached in their own session, with output appended to their log file. Their state
 (pid, start time, command) is kept in `<state_dir>/services/`, so a restarted agent adopts the
 services that are still running. The driver never restarts anything on its own: a service that
-dies stays dead until the controller says otherwise (verify and repair are the controller's job).
+dies stays dead until the controller says otherwise. It only says so at once (`on_exit`), for its
+own children as they are reaped and for adopted ones as soon as their pid is gone.
 """
 
 from __future__ import annotations
@@ -41,6 +42,32 @@ class Supervisor:
         self.folder = state_dir / "services"
         self.folder.mkdir(parents=True, exist_ok=True)
         self.children: dict[str, subprocess.Popen] = {}
+        self.stopping: set[str] = set()   # ended on an order: not news
+        self.told: set[tuple[str, int]] = set()  # (key, pid) whose end was said
+        self.on_exit = None               # called with pb.ServiceExited when a process ends unasked
+
+    def _ended(self, key: str, state: dict, returncode: int | None) -> None:
+        """Say once that a service ended without an order (`returncode` as Popen has it: -N for
+        signal N; None when not known, for an adopted process)."""
+        if key in self.stopping or (key, state.get("pid")) in self.told or self.on_exit is None:
+            return
+        self.told.add((key, state.get("pid")))
+        code, sig = (-1, 0) if returncode is None else (0, -returncode) if returncode < 0 else (returncode, 0)
+        self.on_exit(pb.ServiceExited(name=state.get("name", ""), instance=state.get("instance", ""),
+                                      exit_code=code, signal=sig, at=time.time()))
+
+    async def watch(self, every: float = 0.25) -> None:
+        """Adopted services (started before this agent did) are no children to reap: their end
+        is seen when their pid is gone."""
+        while True:
+            await asyncio.sleep(every)
+            for path in list(self.folder.glob("*.json")):
+                key = path.stem
+                if key in self.children or key in self.stopping:
+                    continue
+                state = self._load(key)
+                if state and (key, state.get("pid")) not in self.told and not self.alive(state):
+                    self._ended(key, state, None)
 
     def _state_path(self, key: str) -> Path:
         return self.folder / f"{key}.json"
@@ -111,10 +138,13 @@ class Supervisor:
     async def _reap(self, key: str, proc: subprocess.Popen) -> None:
         """Our own children must be waited for, or they linger as zombies."""
         while proc.poll() is None:
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.1)
         if self.children.get(key) is proc:
             del self.children[key]
         log.info("service.exited", service=key, pid=proc.pid, code=proc.returncode)
+        state = self._load(key)
+        if state and state.get("pid") == proc.pid:
+            self._ended(key, state, proc.returncode)
 
     async def stop(self, op_id: str, spec: pb.ServiceStopSpec) -> pb.OperationResult:
         key = _key(spec.name, spec.instance)
@@ -123,6 +153,13 @@ class Supervisor:
             self._state_path(key).unlink(missing_ok=True)
             return pb.OperationResult(op_id=op_id, outcome=pb.EXITED, error=f"{key} was not running")
         pgid = state["pid"]
+        self.stopping.add(key)
+        try:
+            return await self._stop(op_id, spec, key, state, pgid)
+        finally:
+            self.stopping.discard(key)
+
+    async def _stop(self, op_id: str, spec: pb.ServiceStopSpec, key: str, state: dict, pgid: int) -> pb.OperationResult:
         _killpg(pgid, signal.SIGTERM)
         deadline = time.monotonic() + (spec.grace_s or DEFAULT_GRACE_S)
         while self.alive(state) and time.monotonic() < deadline:

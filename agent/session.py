@@ -65,6 +65,13 @@ class Session:
             await asyncio.gather(*tasks, *self.pumps.values(), return_exceptions=True)
             call.cancel()
 
+    def tell(self, message: pb.AgentMessage) -> None:
+        """Queue a message of the agent's own (not an operation's); dropped if the outbox is full."""
+        try:
+            self.outbox.put_nowait(message)
+        except asyncio.QueueFull:
+            log.warning("agent.outbox_full", dropped=message.WhichOneof("msg"))
+
     def _hello(self) -> pb.Hello:
         return pb.Hello(
             agent_id=self.config.id, roles=self.config.roles,

@@ -28,6 +28,8 @@ from controller.fleet.access import OperatorTokens
 from controller.state.db import Database
 from controller.fleet.dispatcher import Dispatcher
 from controller.fleet.door import AGENT, ENROLLEE, OPERATOR, Door
+from controller.environments.healing import Healer
+from controller.state.events import EnvEvents
 from controller.environments.orders import Environments
 from controller.state.ledger import Ledger
 from controller.fleet.gateway import AgentGateway, EnrollmentService
@@ -262,6 +264,7 @@ class Controller:
         ledger = Ledger(db, owner=owner_id(authority.fingerprint))
         dispatcher = Dispatcher(db, registry, self.store, ledger)
         environments = Environments(self.store, dispatcher, registry, ledger)
+        environments.healer = Healer(environments, EnvEvents(db))
         servers = self._agent_servers(registry, dispatcher, enrolment, authority)
         operator_tokens = OperatorTokens(db, authority.fingerprint)
         service = OperatorService(registry, dispatcher, environments, enrolment, operator_tokens)

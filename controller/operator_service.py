@@ -405,6 +405,7 @@ class OperatorService(pb_grpc.OperatorServicer):
                 if live.code.port and entry["process"] == "running":
                     spec = self.environments.stored_spec(env_key) or {}
                     health = spec.get("services", {}).get(service, {}).get("health", "/")
+                    health = health.get("path", "/") if isinstance(health, dict) else health
                     probe = await self.dispatcher.execute(agent.id, pb.Operation(
                         id=operations.new_op_id(), http_probe=pb.HttpProbeSpec(
                             url=f"http://{url_host(agent.address)}:{live.code.port}{health}",
@@ -414,8 +415,20 @@ class OperatorService(pb_grpc.OperatorServicer):
                 entry["process"] = f"agent {agent.id} is {agent.state}"
             entry["limits"] = {"memory_bytes": limits.memory, "cpu": limits.cpu, "processes": limits.processes,
                                "mysql_connections": limits.mysql_connections}
+            if self.environments.healer is not None and live.code:
+                row = self.ledger.instance(env_key, service, "code", live.code.number)
+                entry.update(self.environments.healer.status(env_key, service, row.names.get("process", "") if row else ""))
             out.append(entry)
         return pb.JsonReply(json=json.dumps(out))
+
+    async def Events(self, request, context):
+        """The environment's history besides its jobs, after event `after` (0: from the start)."""
+        healer = self.environments.healer
+        if healer is None:
+            return pb.JsonReply(json="[]")
+        if not self.environments.stored_spec(request.environment) and not self.ledger.services(request.environment):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"{request.environment}: no such environment")
+        return pb.JsonReply(json=json.dumps(healer.events.after(request.environment, request.after)))
 
     async def SetSecret(self, request, context):
         if not _env_key(context, request.environment):

@@ -16,7 +16,7 @@ from protos import deployer_pb2 as pb
 
 from common.errors import EXIT_FAILED, EXIT_OK
 from deployctl import render
-from deployctl.client import call_json, connect, env_service, rpc_error
+from deployctl.client import call, call_json, connect, env_service, rpc_error
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -98,6 +98,33 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def event_line(e: dict) -> str:
+    """One event of an environment's history, as `deployctl events` prints it."""
+    what = {"exited": lambda: f"process {e.get('process')} on {e.get('host')} ended: {e.get('why')}",
+            "restarting": lambda: f"restart ordered ({e.get('job')})",
+            "restarted": lambda: f"restarted: code {e.get('code')} on port {e.get('port')} ({e.get('job')})",
+            "restart-failed": lambda: f"restart failed ({e.get('job')}): {e.get('why')}",
+            "crash-loop": lambda: f"crash loop: {e.get('why')}",
+            "left": lambda: f"process {e.get('process')} ended and is left stopped ({e.get('why')})",
+            "agent-lost": lambda: f"agent {e.get('host')} is lost; its process {e.get('process')} is not moved"}
+    text = what.get(e["kind"], lambda: e["kind"])()
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["t"]))
+    return f"{stamp}  {e.get('service') or '-':<12} {text}"
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    """An environment's history besides its jobs; with -f, new events as they come."""
+    after = 0
+    while True:
+        _, reply = call(args, "Events", pb.EventsRequest(environment=args.env, after=after), 10)
+        for e in json.loads(reply.json):
+            print(json.dumps(e) if args.json else event_line(e), flush=True)
+            after = e["id"]
+        if not args.follow:
+            return EXIT_OK
+        time.sleep(0.5)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     rows = call_json(args, "Status", pb.EnvRef(environment=args.env), 60)
     if rows is None:
@@ -107,11 +134,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         process = f"{r['process']}: {r['error']}" if r.get("error") else r["process"]  # e.g. out of memory
         data = [(f"{r[c + '_of']}:" if r.get(c + "_of") else "") + str(r[c]) if r.get(c) else "-"
                 for c in ("mysql", "redis")]  # web:2: instance 2 of service web's
+        if r.get("crash_loop"):
+            process = "crash loop (deploy it again)"
+        restarts = str(r.get("restarts", 0)) + (f", last {r['last_exit']}" if r.get("last_exit") else "")
         table.append([r["service"], str(r["code"] or "-"), *data, r["commit"][:10], r["host"], str(r["port"] or "-"),
-                      process, r.get("health", "-"),
+                      process, r.get("health", "-"), restarts,
                       render.size(r["rss_bytes"]) if r.get("rss_bytes") else "-",
                       render.duration(r["cpu_s"]) if r.get("cpu_s") is not None else "-"])
-    sys.stdout.write(render.table(["SERVICE", "CODE", "MYSQL", "REDIS", "COMMIT", "HOST", "PORT", "PROCESS", "HEALTH", "RSS", "CPU"], table))
+    sys.stdout.write(render.table(["SERVICE", "CODE", "MYSQL", "REDIS", "COMMIT", "HOST", "PORT", "PROCESS", "HEALTH", "RESTARTS",
+                                   "RSS", "CPU"], table))
     limits = render.limits_table(rows)
     if limits:
         sys.stdout.write(f"\nlimits of {args.env} (per host, all its services there together)\n{limits}")

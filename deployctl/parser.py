@@ -13,7 +13,7 @@ from deployctl.commands_agents import (
     cmd_operator_token_revoke, cmd_token_create, cmd_token_list, cmd_token_revoke)
 from deployctl.commands_deploy import cmd_apply, cmd_check, cmd_plan, cmd_rollback, cmd_secret_set
 from deployctl.commands_exec import cmd_exec, cmd_op_output, cmd_op_show
-from deployctl.commands_inspect import cmd_job_show, cmd_jobs, cmd_ledger, cmd_logs, cmd_status
+from deployctl.commands_inspect import cmd_events, cmd_job_show, cmd_jobs, cmd_ledger, cmd_logs, cmd_status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,6 +199,14 @@ def add_job_commands(sub) -> None:
     p.add_argument("service", nargs="?")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ledger)
+
+    p = sub.add_parser("events", help="an environment's history besides its jobs: processes that ended, "
+                                      "restarts the controller ordered, crash loops, lost agents",
+                       epilog="example: deployctl events shop/prod -f")
+    p.add_argument("env", help="APP/ENVIRONMENT")
+    p.add_argument("-f", "--follow", action="store_true", help="then print new events as they come")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_events)
 
     p = sub.add_parser("status", help="live instance, host, port, health, RSS and CPU of each service, "
                                       "and the environment's use of its limits",

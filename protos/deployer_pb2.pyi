@@ -318,19 +318,35 @@ class Accepted(_message.Message):
     duplicate: bool
     def __init__(self, op_id: _Optional[str] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
+class ServiceExited(_message.Message):
+    __slots__ = ("name", "instance", "exit_code", "signal", "at")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    instance: str
+    exit_code: int
+    signal: int
+    at: float
+    def __init__(self, name: _Optional[str] = ..., instance: _Optional[str] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., at: _Optional[float] = ...) -> None: ...
+
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "heartbeat", "accepted", "output", "result")
+    __slots__ = ("hello", "heartbeat", "accepted", "output", "result", "exited")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    EXITED_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     heartbeat: Heartbeat
     accepted: Accepted
     output: OutputChunk
     result: OperationResult
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., accepted: _Optional[_Union[Accepted, _Mapping]] = ..., output: _Optional[_Union[OutputChunk, _Mapping]] = ..., result: _Optional[_Union[OperationResult, _Mapping]] = ...) -> None: ...
+    exited: ServiceExited
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., accepted: _Optional[_Union[Accepted, _Mapping]] = ..., output: _Optional[_Union[OutputChunk, _Mapping]] = ..., result: _Optional[_Union[OperationResult, _Mapping]] = ..., exited: _Optional[_Union[ServiceExited, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("controller_version", "heartbeat_interval_s")
@@ -660,6 +676,14 @@ class EnvRef(_message.Message):
     environment: str
     service: str
     def __init__(self, environment: _Optional[str] = ..., service: _Optional[str] = ...) -> None: ...
+
+class EventsRequest(_message.Message):
+    __slots__ = ("environment", "after")
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    environment: str
+    after: int
+    def __init__(self, environment: _Optional[str] = ..., after: _Optional[int] = ...) -> None: ...
 
 class JsonReply(_message.Message):
     __slots__ = ("json",)

@@ -289,6 +289,11 @@ class OperatorStub:
                 request_serializer=protos_dot_deployer__pb2.EnvRef.SerializeToString,
                 response_deserializer=protos_dot_deployer__pb2.JsonReply.FromString,
                 _registered_method=True)
+        self.Events = channel.unary_unary(
+                '/deployer.v1.Operator/Events',
+                request_serializer=protos_dot_deployer__pb2.EventsRequest.SerializeToString,
+                response_deserializer=protos_dot_deployer__pb2.JsonReply.FromString,
+                _registered_method=True)
         self.SetSecret = channel.unary_unary(
                 '/deployer.v1.Operator/SetSecret',
                 request_serializer=protos_dot_deployer__pb2.SecretRequest.SerializeToString,
@@ -424,6 +429,13 @@ class OperatorServicer:
 
     def Status(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Events(self, request, context):
+        """an environment's history: restarts, crash loops, lost agents
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -566,6 +578,11 @@ def add_OperatorServicer_to_server(servicer, server):
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
                     request_deserializer=protos_dot_deployer__pb2.EnvRef.FromString,
+                    response_serializer=protos_dot_deployer__pb2.JsonReply.SerializeToString,
+            ),
+            'Events': grpc.unary_unary_rpc_method_handler(
+                    servicer.Events,
+                    request_deserializer=protos_dot_deployer__pb2.EventsRequest.FromString,
                     response_serializer=protos_dot_deployer__pb2.JsonReply.SerializeToString,
             ),
             'SetSecret': grpc.unary_unary_rpc_method_handler(
@@ -952,6 +969,33 @@ class Operator:
             target,
             '/deployer.v1.Operator/Status',
             protos_dot_deployer__pb2.EnvRef.SerializeToString,
+            protos_dot_deployer__pb2.JsonReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Events(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deployer.v1.Operator/Events',
+            protos_dot_deployer__pb2.EventsRequest.SerializeToString,
             protos_dot_deployer__pb2.JsonReply.FromString,
             options,
             channel_credentials,

@@ -126,7 +126,7 @@ BAD_SPECS = [
      "shop.yml:4: owner: unknown key 'owner'; known keys: version, app, environment, domain, limits, services"),
     ("unknown-service-key", "    path: /", "    pth: /",
      "shop.yml:6: services.web.pth: unknown key 'pth' (did you mean 'path'?); known keys: path, source, ref, "
-     "root, install, build, migrate, start, health, healthy_after, drain, env, secrets, uses, redis"),
+     "root, install, build, migrate, start, health, healthy_after, drain, env, secrets, uses, redis, restart"),
     ("bad-app-name", "app: shop", "app: shop_x",
      "shop.yml:1: app: 'shop_x' contains '_'; names use lowercase letters, digits and single hyphens"),
     ("uppercase-service-name", "  web:", "  Web:",

@@ -161,7 +161,7 @@ mkdir -p "$d/logs"; chown root:"$u" "$d" "$d/data" "$d/logs"; chmod 0750 "$d" "$
 [ "$(stat -c %U:%G "$dd")" = "$u:$u" ] && exit 0
 # The tenant wrote what is in there: folders, links themselves, and files with no other name
 # change owner; a hard link to a file elsewhere (its other name is outside) is left as it is.
-find "$dd" -xdev \( -type d -o -type l -o \( -type f -links 1 \) \) -exec chown -h "$u:$u" {{}} +
+find "$dd" -xdev \\( -type d -o -type l -o \\( -type f -links 1 \\) \\) -exec chown -h "$u:$u" {{}} +
 """
 
 

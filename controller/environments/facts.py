@@ -26,6 +26,7 @@ class Process:
     cpu_s: float | None = None
     error: str = ""
     limits_use: dict | None = None   # the environment's group on that host (asked with a group)
+    started_at: float = 0.0          # unix time the agent started it (0: not said)
 
 
 class ServiceProcesses:
@@ -48,7 +49,7 @@ class ServiceProcesses:
             found.append(Process(name=item["name"], instance=item["instance"], alive=bool(item["alive"]),
                                  pid=int(item.get("pid") or 0), rss_bytes=item.get("rss_bytes"),
                                  cpu_s=item.get("cpu_s"), error=item.get("error") or "",
-                                 limits_use=item.get("limits_use")))
+                                 limits_use=item.get("limits_use"), started_at=float(item.get("started_at") or 0)))
         return found
 
 

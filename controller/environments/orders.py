@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -78,6 +79,7 @@ class Environments:
         self.specs, self.job_table = Specs(self.db), JobTable(self.db)
         self.jobs: dict[str, Job] = {}
         self.tasks: set[asyncio.Task] = set()
+        self.healer = None  # controller/environments/healing.py, set by the daemon
         self._recover()
 
     def _recover(self) -> None:
@@ -127,7 +129,6 @@ class Environments:
         """A relative local source is relative to the spec file's folder."""
         if not base_dir:
             return spec
-        import dataclasses
         services = []
         for service in spec.services:
             source = service.source
@@ -291,6 +292,23 @@ class Environments:
         spec, plan, note = self._code_plan(env_key, service, request.to, request.reload)
         kind = "reload" if request.reload else "rollback"
         return self._launch(spec, kind, plan, {}, lambda ctx: deploying.apply(ctx, plan), note), plan
+
+    def heal(self, env_key: str, services: list[str]) -> Job:
+        """Restart the live code instances of `services` whose process ended, as a `heal` job:
+        each the same code instance, blue/green on a fresh port (like a reload), switched together."""
+        spec = self.as_deployed_spec(env_key)
+        if spec is None:
+            raise OrderError(f"{env_key}: no such environment")
+        plans = [self._code_plan(env_key, service, 0, reload=True)[1].services[0] for service in services]
+        plan = planner.Plan(env_key, tuple(dataclasses.replace(sp, reasons=("its process ended: restarted",))
+                                           for sp in plans))
+        note = f"restarting {', '.join(services)}: the ledger holds them live and their process ended"
+        return self._launch(spec, "heal", plan, {}, lambda ctx: deploying.apply(ctx, plan), note)
+
+    def as_deployed_spec(self, env_key: str) -> spec_mod.Spec | None:
+        """The environment as its live instances were deployed (None if it has no stored spec)."""
+        stored = self.stored_spec(env_key)
+        return spec_mod.spec_from_dict(self._as_deployed(env_key, stored)) if stored is not None else None
 
     def _as_deployed(self, env_key: str, stored: dict) -> dict:
         """The stored spec with each service's definition as its live code instance was deployed

@@ -37,13 +37,14 @@ DEFAULT_DRAIN = 30.0   # the longest wait for the old instance's requests to end
 TOP_KEYS = ("version", "app", "environment", "domain", "limits", "services")
 TOP_REQUIRED = ("app", "environment", "domain", "services")
 SERVICE_KEYS = ("path", "source", "ref", "root", "install", "build", "migrate", "start", "health",
-                "healthy_after", "drain", "env", "secrets", "uses", "redis")
+                "healthy_after", "drain", "env", "secrets", "uses", "redis", "restart")
 WEB_HEALTH_KEYS = ("path", "status", "timeout", "interval", "deadline")
 DAEMON_HEALTH_KEYS = ("command", "timeout", "interval", "deadline")
 SERVICE_REQUIRED = ("source", "ref", "start")
 OPTION_KEYS = ("services", "renew", "refs")
 LIMIT_KEYS = ("memory", "cpu", "processes", "mysql_connections")
 REDIS_KEYS = ("mode", "maxmemory")
+RESTART_KEYS = ("attempts", "stable_after")
 REDIS_MODES = ("prefix", "dedicated")  # an ACL user and key prefix on a shared server, or a server of its own
 REDIS_MAXMEMORY = 64 << 20             # a dedicated server's default memory bound
 REDIS_MAXMEMORY_MIN, REDIS_MAXMEMORY_MAX = 1 << 20, 64 << 30
@@ -126,6 +127,23 @@ class RedisSettings:
 
 
 @dataclass(frozen=True)
+class RestartPolicy:
+    """Whether the controller restarts a live process that ended on its own, and when it gives up:
+    after `attempts` restarts in a row that did not stay up `stable_after` seconds (a crash loop)."""
+
+    enabled: bool = True
+    attempts: int = 5
+    stable_after: float = 30.0
+
+    def to_dict(self) -> str | dict | None:
+        if not self.enabled:
+            return "never"
+        out = {k: _plain_number(getattr(self, k)) for k, default in (("attempts", 5), ("stable_after", 30.0))
+               if getattr(self, k) != default}
+        return out or None
+
+
+@dataclass(frozen=True)
 class Service:
     name: str
     path: str | None = None
@@ -145,6 +163,7 @@ class Service:
     drain: float = DEFAULT_DRAIN
     shared: tuple[tuple[str, str], ...] = ()  # (component, service): another service's instance it uses
     redis: RedisSettings = RedisSettings()
+    restart: RestartPolicy = RestartPolicy()
 
     def owner_of(self, component: str) -> str:
         """The service whose instance of `component` this one uses: itself, or the one it shares."""
@@ -186,6 +205,8 @@ class Service:
             out["uses"] = [c if self.owner_of(c) == self.name else f"{self.owner_of(c)}.{c}" for c in self.uses]
         if self.redis.to_dict():
             out["redis"] = self.redis.to_dict()
+        if self.restart.to_dict() is not None:
+            out["restart"] = self.restart.to_dict()
         return out
 
 
@@ -651,8 +672,9 @@ def _service(source: _Source, name: str, body: Any) -> Service:
     uses, shared = _uses(source, at + ("uses",), body.get("uses"), name)
     _env_references(source, at + ("env",), env, uses, path is not None)
     redis = _redis(source, at + ("redis",), body.get("redis"), uses, dict(shared))
+    restart = _restart(source, at + ("restart",), body.get("restart"))
     return Service(name, path, repository, ref, root, install, build, migrate, start, health, env, secrets,
-                   uses, healthy_after, check, drain, shared, redis)
+                   uses, healthy_after, check, drain, shared, redis, restart)
 
 
 def _unique_paths(source: _Source, services: list[Service]) -> None:
@@ -969,6 +991,23 @@ def shared_depth(services) -> dict[str, int]:
     for name in by_name:
         of(name)
     return depth
+
+
+def _restart(source: _Source, key: Key, value: Any) -> RestartPolicy:
+    """`restart: always` (the default), `never`, or `{attempts: 5, stable_after: 30s}`."""
+    if value is None or value == "always":
+        return RestartPolicy()
+    if value == "never":
+        return RestartPolicy(enabled=False)
+    if not isinstance(value, dict):
+        raise source.error(key, f"{source.text(key, value)!r} is not a restart policy: always (the default), never, "
+                                "or a mapping like {attempts: 5, stable_after: 30s}")
+    _known_keys(source, key, value, RESTART_KEYS)
+    default = RestartPolicy()
+    return RestartPolicy(True, _count(source, key + ("attempts",), value.get("attempts"), default.attempts, 1, 100,
+                                      "restarts"),
+                         _seconds(source, key + ("stable_after",), value["stable_after"]) if "stable_after" in value
+                         else default.stable_after)
 
 
 def _redis(source: _Source, key: Key, value: Any, uses: tuple[str, ...], shared: dict[str, str]) -> RedisSettings:

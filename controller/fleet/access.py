@@ -34,7 +34,7 @@ class Role(enum.Enum):
 # Check needs operate: it also repairs, cleans and destroys.
 NEEDS_READ = frozenset({
     "ListAgents", "Follow", "GetOperation", "FollowJob", "ListJobs", "ShowJob", "Ledger", "Status",
-    "ServiceLogs", "ListTokens", "ListOperatorTokens",
+    "ServiceLogs", "ListTokens", "ListOperatorTokens", "Events",
 })
 NEEDS_OPERATE = frozenset({
     "SubmitExec", "CancelOperations", "Plan", "Apply", "SetSecret", "Rollback", "Check",

@@ -37,6 +37,9 @@ KNOWN_ROLES = ("computing", "daemons")
 MAX_DESCRIPTION = 16 << 10
 
 
+MAX_NAME = 300  # a unit or instance name an agent may report (ours are shorter)
+
+
 def valid_agent_id(agent_id: str) -> bool:
     """Agent ids name hosts in logs and files; the controller's own TLS name is reserved."""
     return bool(_AGENT_ID.match(agent_id)) and agent_id.rstrip(".") != SERVER_NAME and not agent_id.endswith(".")
@@ -169,6 +172,8 @@ class AgentGateway(pb_grpc.AgentGatewayServicer):
             await context.write(pb.ControllerMessage(welcome=pb.Welcome(
                 controller_version=__version__, heartbeat_interval_s=hello.heartbeat_interval_s)))
             self.dispatcher.on_hello(session, hello)
+            for callback in self.registry.on_attached:
+                callback(session.agent_id)
             tasks = [
                 asyncio.create_task(self._reader(session, context)),
                 asyncio.create_task(self._writer(session, context)),
@@ -250,6 +255,13 @@ class AgentGateway(pb_grpc.AgentGatewayServicer):
             elif kind == "result":
                 self.registry.heard(session)
                 await self.dispatcher.on_result(session, message.result)
+            elif kind == "exited":
+                self.registry.heard(session)
+                exited = message.exited
+                if len(exited.name) > MAX_NAME or len(exited.instance) > MAX_NAME:
+                    raise ProtocolError(f"a service name of more than {MAX_NAME} characters")
+                for callback in self.registry.on_exited:
+                    callback(session.agent_id, exited)
             else:
                 log.warning("agent.unexpected_message", agent_id=session.agent_id, kind=kind)
 

@@ -108,6 +108,8 @@ class Registry:
         self.agents: dict[str, Agent] = {}
         self.on_disconnected: list = []   # callbacks(agent_id)
         self.on_lost: list = []           # callbacks(agent_id)
+        self.on_attached: list = []       # callbacks(agent_id): a hello was welcomed
+        self.on_exited: list = []         # callbacks(agent_id, pb.ServiceExited): a service ended unasked
         grants = db.grants()
         for row in db.agents():
             # Known from before a restart: expected back, lost if they don't come.

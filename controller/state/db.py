@@ -194,6 +194,16 @@ MIGRATIONS = [
     ALTER TABLE deploys ADD COLUMN mysql_of TEXT NOT NULL DEFAULT '';
     ALTER TABLE deploys ADD COLUMN redis_of TEXT NOT NULL DEFAULT '';
     """,
+    # 10: what happened to an environment besides its jobs: a process that ended unasked, the
+    # restart the controller ordered, a crash loop, a lost agent (see environments/healing.py).
+    """
+    CREATE TABLE env_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        env_key TEXT NOT NULL, t REAL NOT NULL, kind TEXT NOT NULL, service TEXT NOT NULL DEFAULT '',
+        detail TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX env_events_env ON env_events (env_key, id);
+    """,
 ]
 SEALED_VERSION = MIGRATIONS.index(_seal_at_rest) + 1
 

@@ -73,7 +73,7 @@ class Job:
         self.folder.mkdir(parents=True)
         self._events = open(self.folder / "events.jsonl", "a", buffering=1)
         self.listeners: set[asyncio.Event] = set()
-        self.finished = False
+        self.finished, self.state, self.summary = False, "running", ""
         db.conn.execute("INSERT INTO jobs (id, env_key, kind, state, created) VALUES (?, ?, ?, 'running', ?)",
                         (job_id, env_key, kind, time.time()))
 
@@ -91,6 +91,18 @@ class Job:
         for listener in self.listeners:
             listener.set()
 
+    async def wait(self) -> str:
+        """Until the job has finished: its state."""
+        ended = asyncio.Event()
+        self.listeners.add(ended)
+        try:
+            while not self.finished:
+                await ended.wait()
+                ended.clear()
+        finally:
+            self.listeners.discard(ended)
+        return self.state
+
     def finish(self, state: str, summary: str) -> None:
         self.event("job.finished", state=state, summary=summary)
         self.db.conn.execute("UPDATE jobs SET state=?, finished=?, summary=? WHERE id=?",
@@ -98,7 +110,7 @@ class Job:
         (self.folder / "job.json").write_text(json.dumps(
             {"id": self.id, "environment": self.env_key, "kind": self.kind, "state": state,
              "summary": summary}, indent=2) + "\n")
-        self.finished = True
+        self.finished, self.state, self.summary = True, state, summary
         self._events.close()
         for listener in self.listeners:
             listener.set()

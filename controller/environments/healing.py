@@ -1,0 +1,207 @@
+"""Self-healing, level-triggered, and the controller's decision like everything else.
+
+An agent says at once when a service process ends without an order (`ServiceExited`), and every
+hello is a reason to look again. Either way the controller asks the agent what runs (one process
+listing per host) and compares it with the ledger: a live code instance whose process is gone is
+restarted — the same code instance, blue/green on a fresh port, as `deployctl reload` does — as a
+`heal` job. A process that ran `stable_after` seconds (30) before it ended is restarted at once;
+one that did not, or a restart that failed, is unstable, and each unstable one in a row waits
+longer (1, 2, 4, 8… s, at most BACKOFF_MAX_S). After `attempts` (5) of them the service is in a
+crash loop: the controller stops trying and says so, until it is deployed again. A service with
+`restart: never` is only reported. Each of these is an event in the environment's history
+(`deployctl events`); no instance number changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import structlog
+
+from controller.environments import naming
+from controller.environments.facts import ServiceProcesses
+from controller.fleet.operations import new_op_id
+from controller.fleet.registry import CONNECTED
+from controller.state.events import EnvEvents
+from controller.state.ledger import Status
+
+log = structlog.get_logger("controller")
+
+BACKOFF_MAX_S = 60.0
+RETRY_BUSY_S = 2.0         # the environment is held by another job: look again after this
+
+
+@dataclass
+class Track:
+    """One service's restarts, as the controller keeps them."""
+
+    unstable: int = 0         # ends (or failed restarts) in a row that did not stay up stable_after
+    counted: str = ""         # the process whose end was counted
+    last_attempt: float = 0.0
+    looping: str = ""         # the process it gave up on (a crash loop), until a deploy replaces it
+
+
+def exit_text(code: int, signal: int) -> str:
+    return f"killed by signal {signal}" if signal else "exit code unknown" if code < 0 else f"exit code {code}"
+
+
+class Healer:
+    def __init__(self, environments, events: EnvEvents, clock=time.monotonic) -> None:
+        self.environments = environments
+        self.ledger, self.registry, self.dispatcher = environments.ledger, environments.registry, environments.dispatcher
+        self.events = events
+        self.clock = clock
+        self.tracks: dict[tuple[str, str], Track] = {}
+        self.scheduled: dict[str, asyncio.TimerHandle] = {}
+        self.running: set[str] = set()
+        self.tasks: set[asyncio.Task] = set()
+        self.registry.on_exited.append(self.exited)
+        self.registry.on_attached.append(self.attached)
+        self.registry.on_lost.append(self.lost)
+
+    # ---------------------------------------------------------------- what the agents say
+
+    def _live_on(self, agent_id: str) -> list[tuple[str, str, str]]:
+        """(environment, service, process) of every live code instance on that agent."""
+        return [(r.env_key, r.service, r.names.get("process", "")) for r in self.ledger.every_instance()
+                if r.component == "code" and r.status == Status.LIVE and r.host == agent_id]
+
+    def exited(self, agent_id: str, exited) -> None:
+        for env_key, service, process in self._live_on(agent_id):
+            app, env = env_key.split("/", 1)
+            if exited.name == naming.unit_base(app, env, service) and exited.instance == process:
+                self.events.add(env_key, "exited", service, host=agent_id, process=process,
+                                exit_code=exited.exit_code, signal=exited.signal,
+                                why=exit_text(exited.exit_code, exited.signal))
+                self.schedule(env_key, 0.0)
+
+    def attached(self, agent_id: str) -> None:
+        for env_key in sorted({env_key for env_key, _, _ in self._live_on(agent_id)}):
+            self.schedule(env_key, 0.5)  # its other sessions' messages come first
+
+    def lost(self, agent_id: str) -> None:
+        """Reported, not moved (moving comes with several servers)."""
+        for env_key, service, process in self._live_on(agent_id):
+            self.events.add(env_key, "agent-lost", service, host=agent_id, process=process)
+
+    # ---------------------------------------------------------------- deciding
+
+    def schedule(self, env_key: str, delay: float) -> None:
+        if env_key in self.scheduled:
+            return
+        self.scheduled[env_key] = asyncio.get_running_loop().call_later(delay, self._launch_check, env_key)
+
+    def _launch_check(self, env_key: str) -> None:
+        self.scheduled.pop(env_key, None)
+        task = asyncio.create_task(self.check(env_key))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def check(self, env_key: str) -> None:
+        """Ask each host what runs; restart, wait or give up for each live instance that is gone."""
+        if env_key in self.running:  # a heal job of this environment is under way: after it
+            self.schedule(env_key, RETRY_BUSY_S)
+            return
+        try:
+            dead = await self._dead(env_key)
+        except Exception as exc:  # a listing that failed (agent gone meanwhile): the next hello looks again
+            log.warning("heal.check_failed", environment=env_key, error=str(exc))
+            return
+        now, due, later = self.clock(), [], []
+        spec = self.environments.as_deployed_spec(env_key)
+        for service, process, started_at in dead:
+            definition = next((s for s in spec.services if s.name == service), None) if spec else None
+            policy = definition.restart if definition is not None else None
+            track = self.tracks.setdefault((env_key, service), Track())
+            if track.looping == process:
+                continue
+            if track.looping:  # deployed again since it looped: a fresh start
+                track.looping, track.unstable = "", 0
+            if policy is not None and not policy.enabled:
+                if track.counted != process:
+                    track.counted = process
+                    self.events.add(env_key, "left", service, process=process, why="restart: never")
+                continue
+            attempts, stable_after = (policy.attempts, policy.stable_after) if policy else (5, 30.0)
+            if track.counted != process:  # a new end: stable if it had run long enough
+                track.counted = process
+                track.unstable = 0 if started_at and time.time() - started_at >= stable_after else track.unstable + 1
+            if track.unstable >= attempts:
+                track.looping = process
+                self.events.add(env_key, "crash-loop", service, process=process, restarts=track.unstable,
+                                why=f"{track.unstable} restarts in a row did not stay up {stable_after:g}s: "
+                                    "no more are ordered until it is deployed again")
+                log.warning("heal.crash_loop", environment=env_key, service=service)
+                continue
+            delay = min(BACKOFF_MAX_S, 2.0 ** (track.unstable - 1)) if track.unstable else 0.0
+            wait = track.last_attempt + delay - now if track.last_attempt else 0.0
+            (due if wait <= 0 else later).append((service, wait))
+        if later:
+            self.schedule(env_key, min(w for _, w in later))
+        if due:
+            await self._restart(env_key, [s for s, _ in due])
+
+    async def _dead(self, env_key: str) -> list[tuple[str, str, float]]:
+        """(service, process, when it started) of the live code instances whose process is not
+        running (0: not said, as for a process the agent no longer lists)."""
+        app, env = env_key.split("/", 1)
+        live = [(r.service, r.host, r.names.get("process", "")) for r in self.ledger.instances(env_key, status=Status.LIVE)
+                if r.component == "code" and r.names.get("process")]
+        dead = []
+        for host_id in sorted({host for _, host, _ in live}):
+            agent = self.registry.agents.get(host_id)
+            if agent is None or agent.state != CONNECTED:
+                continue
+            asked = ServiceProcesses.operation(naming.unit_base(app, env, "x")[:-1], group=naming.unix_user(app, env))
+            asked.id = new_op_id()
+            op = await self.dispatcher.execute(host_id, asked, environment=env_key)
+            listed = {(p.name, p.instance): p for p in ServiceProcesses.parse(op.output.text())}
+            for service, host, process in live:
+                found = listed.get((naming.unit_base(app, env, service), process))
+                if host == host_id and (found is None or not found.alive):
+                    dead.append((service, process, found.started_at if found else 0.0))
+        return dead
+
+    async def _restart(self, env_key: str, services: list[str]) -> None:
+        now = self.clock()
+        try:
+            job = self.environments.heal(env_key, services)
+        except Exception as exc:  # held by another job (a deploy, a repair): look again soon
+            log.info("heal.deferred", environment=env_key, reason=str(exc))
+            self.schedule(env_key, RETRY_BUSY_S)
+            return
+        for service in services:
+            self.tracks[(env_key, service)].last_attempt = now
+            self.events.add(env_key, "restarting", service, job=job.id)
+        self.running.add(env_key)
+        try:
+            state = await job.wait()
+        finally:
+            self.running.discard(env_key)
+        live = self.ledger.state(env_key)
+        for service in services:
+            if state == "succeeded" and service in live and live[service].code:
+                self.events.add(env_key, "restarted", service, job=job.id, code=live[service].code.number,
+                                port=live[service].code.port)
+            else:
+                self.tracks[(env_key, service)].unstable += 1
+                self.events.add(env_key, "restart-failed", service, job=job.id, why=job.summary)
+        self.schedule(env_key, 0.0)  # what failed (or died again meanwhile) is looked at once more
+
+    def status(self, env_key: str, service: str, process: str) -> dict:
+        """What `deployctl status` shows of a service's healing."""
+        events = self.events.of_service(env_key, service, ("exited", "restarted", "crash-loop"))
+        restarted = [e for e in events if e["kind"] == "restarted"]
+        exits = [e for e in events if e["kind"] == "exited"]
+        out = {"restarts": len(restarted)}
+        if exits:
+            out["last_exit"] = exits[-1]["why"]
+            out["last_exit_at"] = exits[-1]["t"]
+        if restarted:
+            out["restarted_at"] = restarted[-1]["t"]
+        track = self.tracks.get((env_key, service))
+        if track is not None and track.looping and track.looping == process:
+            out["crash_loop"] = True
+        return out
