@@ -975,7 +975,8 @@ def test_a_service_over_its_memory_limit_is_killed_and_reported_while_its_neighb
             spec.write_text(yaml.safe_dump({
                 "app": "lim", "environment": env, "domain": f"{env}.lim.test",
                 "limits": {"memory": "64M", "processes": 64, "cpu": 0.5},
-                "services": {"web": {"path": "/", "source": str(repo), "ref": "main",
+                # restart: never, so the killed process stays dead for status to show why
+                "services": {"web": {"path": "/", "source": str(repo), "ref": "main", "restart": "never",
                                      "start": "python3 server.py", "health": "/health"}}}))
             applied = cluster.deployctl("apply", str(spec), timeout=300)
             assert applied.returncode == 0, applied.stdout.decode() + applied.stderr.decode()

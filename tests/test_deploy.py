@@ -447,7 +447,8 @@ def test_rollback_from_a_release_that_serves_errors(world, tmp_path):
 
 def test_verify_repair_and_clean(world, tmp_path):
     env, repo, cluster = new_env(world), world["repo"], world["cluster"]
-    apply(world, str(write_spec(tmp_path, env, {"web": web_service(repo)})))
+    # restart: never, so a process that dies stays dead for verify to see (test_healing.py has the rest)
+    apply(world, str(write_spec(tmp_path, env, {"web": {**web_service(repo), "restart": "never"}})))
     key = f"shop/{env}"
 
     def verify() -> tuple[int, str]:
