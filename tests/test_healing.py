@@ -151,3 +151,42 @@ def test_restart_never_leaves_the_process_stopped_and_says_so(world):
     time.sleep(3)
     assert not answers(world, env)
     assert [e["kind"] for e in events(world, env)] == ["exited", "left"]
+
+
+def test_a_wiped_release_comes_back_from_its_commit_and_a_dropped_database_is_only_reported(world):
+    """The service's folder is wiped under a live environment (a rebuilt server, a careless rm):
+    repair checks the release out again from the commit the ledger recorded, installs it and
+    restarts it; verify is then clean but for the database dropped by hand, which is reported
+    and never made again empty."""
+    import shutil
+    from tests.deploy_harness import mysql
+    cluster, env = world["cluster"], new_env(world)
+    spec = world["base"] / f"{env}.yml"
+    spec.write_text(yaml.safe_dump({"app": "heal", "environment": env, "domain": f"{env}.heal.test", "services": {
+        "site": {"path": "/", "source": str(world["repo"]), "ref": "main", "root": "web", "uses": ["mysql"],
+                 "install": "echo installed > installed.txt",  # what only an install makes
+                 "start": "python3 -m http.server $PORT --bind 127.0.0.1", "health": "/installed.txt"}}},
+        sort_keys=False))
+    ok(cluster.deployctl("apply", str(spec), timeout=300))
+    folder = cluster.agents["computing-1"].services_root / f"auto-heal-{env}-site"
+    shutil.rmtree(folder)
+    database = f"auto-heal-{env}-site-1"
+    mysql(f"DROP DATABASE `{database}`")
+
+    found = cluster.deployctl("verify", f"heal/{env}", timeout=120)
+    out = found.stdout.decode()
+    assert found.returncode == 2, out
+    assert "code 1: release folder is missing (repair checks it out again from its commit)" in out, out
+    assert f"mysql 1: database {database} is missing (needs an operator)" in out, out
+    done = cluster.deployctl("repair", f"heal/{env}", timeout=300)
+    repaired = done.stdout.decode()
+    assert done.returncode == 2, repaired  # what it cannot repair is left, and said
+    assert "checked out" in repaired and "again, installed, built and restarted" in repaired, repaired
+    assert f"still: heal/{env}/site: mysql 1: database {database} is missing (needs an operator)" in repaired
+    assert http_get(world["nginx"].port, "/installed.txt", f"{env}.heal.test")[0] == 200
+    assert (folder / "releases" / "1" / "web" / "installed.txt").exists()
+    after = cluster.deployctl("verify", f"heal/{env}", timeout=120).stdout.decode()
+    assert "release folder" not in after and f"database {database} is missing" in after, after
+    assert mysql(f"SHOW DATABASES LIKE '{database}'").strip() == ""  # reported, not recreated
+    ledger = json.loads(ok(cluster.deployctl("ledger", f"heal/{env}", "site", "--json")))["site"]
+    assert [d["code"] for d in ledger["deploys"]] == [1, 1]  # the same code instance, from its commit

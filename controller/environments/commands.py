@@ -134,6 +134,11 @@ mkdir -m 0700 "$dd"; umask 077; cat > "$dd/redis.conf"; chown -R "$u:$u" "$dd"
 """
 
 
+def folder_exists(path: str) -> str:
+    """Prints `present` or `missing`: whether `path` is a folder (a link is not one)."""
+    return f'if [ -d {_sh(path)} ] && [ ! -L {_sh(path)} ]; then echo present; else echo missing; fi'
+
+
 def remove_all_but_data() -> str:
     """In a service folder of ours ($d): remove it, or, where it keeps dedicated Redis data, all
     of it but `data` (a destroy keeps data unless --purge-data)."""

@@ -39,6 +39,7 @@ class Deployment:
     staged_env: str = ""    # a reused release's next .env, until the switch
     created: list[tuple[str, int, dict, Agent]] = field(default_factory=list)  # new data instances
     shared: dict[str, tuple[str, int]] = field(default_factory=dict)  # component → another service's instance
+    rebuilt: bool = False   # a reused release was missing and is checked out and installed again
 
 
 def move_past(ctx: JobContext, d: Deployment, component: str, number: int, taken: str) -> int:

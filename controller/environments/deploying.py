@@ -149,7 +149,13 @@ async def _prepare(ctx: JobContext, d: Deployment, sp: ServicePlan) -> None:
     if d.code_new:
         _add_code_instance(ctx, d, sp)
     await claim_host(ctx, d.host, d.service.name)
-    if d.code_new:
+    if not d.code_new:  # a reused release that is gone (a wiped or rebuilt server) comes back from its commit
+        probe = await ctx.sh(d.host, ops.folder_exists(_release(d)), d.service.name, "release", check=False)
+        d.rebuilt = output_of(probe).strip() == "missing"
+        if d.rebuilt:
+            ctx.note(f"{d.service.name}: release {d.code} is missing on {d.host.id}: checked out again from "
+                     f"{sp.commit[:12]}, installed and built (its data is not touched)")
+    if d.code_new or d.rebuilt:
         await _checkout(ctx, d, sp)
 
 
@@ -189,7 +195,7 @@ async def _build(ctx: JobContext, d: Deployment, workdir: str, env_path: str, mi
     """install and build for a new release; migrate for a new release or a new database."""
     service, name = d.service, d.service.name
     as_user = {"user": ctx.unix_user, "env": service_env(d)}
-    if d.code_new:
+    if d.code_new or d.rebuilt:
         for step in ("install", "build"):
             command = getattr(service, step)
             if command:
@@ -257,6 +263,8 @@ async def _checkout(ctx: JobContext, d: Deployment, sp: ServicePlan) -> None:
         taken = await ctx.guarded(d.host, script, d.service.name, "checkout", timeout=600)
         if not taken:
             return
+        if d.rebuilt:  # the live instance's own folder: its number is not ours to change
+            raise StepFailed(d.service.name, "checkout", taken)
         d.code = data.move_past(ctx, d, "code", d.code, taken)
         _add_code_instance(ctx, d, sp)
     raise data.give_up(d, "code", first, d.code - 1)

@@ -35,14 +35,15 @@ class Finding:
 
     where: str          # shop/prod/web, or a host for orphans
     what: str
-    fix: str            # "restart", "route", "redis-user", "redis-server", "mysql-user", "env-mode", "orphan", "" (manual)
+    fix: str            # "restart", "checkout", "route", "redis-user", "redis-server", "mysql-user", "env-mode",
+    #                     "orphan", "" (manual)
     service: str = ""
     target: str = ""    # what the fix acts on (an orphan's path, a user name…)
 
     def line(self) -> str:
         advice = {"restart": "repair restarts it", "route": "repair rewrites it",
                   "redis-user": "repair recreates it", "mysql-user": "repair recreates it",
-                  "redis-server": "repair restarts it",
+                  "redis-server": "repair restarts it", "checkout": "repair checks it out again from its commit",
                   "env-mode": "repair fixes it", "orphan": "clean removes it"}.get(self.fix, "needs an operator")
         return f"{self.where}: {self.what} ({advice})"
 
@@ -217,10 +218,13 @@ class Checker:
                 await self.ctx.sh(host, ops.env_mode_private(path), f.service, "repair .env",
                                      user=self.ctx.unix_user)
                 done.append(f"{f.where}: .env mode set to 600")
-        restart = sorted({f.service for f in found if f.fix == "restart"})
+        restart = sorted({f.service for f in found if f.fix in ("restart", "checkout")})
         for service in restart:
-            await self._restart(service)
-            done.append(f"{self.env_key}/{service}: restarted its live code instance")
+            await self._restart(service)  # a missing release is checked out and installed again on the way
+            again = next((f for f in found if f.fix == "checkout" and f.service == service), None)
+            done.append(f"{self.env_key}/{service}: " + (f"checked out {again.target[:12]} again, installed, built and "
+                                                         "restarted its live code instance" if again else
+                                                         "restarted its live code instance"))
         if any(f.fix == "route" for f in found) and not restart:  # a restart rewrites the route anyway
             await routing.switch_route(self.ctx, self.env_key)
             done.append(f"{self.env_key}: rewrote the nginx route")
@@ -331,8 +335,9 @@ def _code_findings(env_key, service, where, code, ledger, facts: Facts, user, un
                            "restart", service, user))
     else:
         commit = facts.releases.get(service)
-        if commit == "missing":
-            out.append(Finding(where, f"code {code.number}: release folder is missing", "", service))
+        if commit == "missing":  # code comes back by itself, from the commit the ledger recorded
+            out.append(Finding(where, f"code {code.number}: release folder is missing", "checkout", service,
+                               code.commit))
         elif commit and commit != code.commit:
             out.append(Finding(where, f"code {code.number}: release is at {commit[:12]}, not {code.commit[:12]}",
                                "", service))
