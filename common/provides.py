@@ -90,7 +90,8 @@ def _port(text: str) -> str:
 # carrying one is checked like the rest, though the controller never takes it from a hello.
 CHECKS = {
     "address": _host,
-    "mysql.host": _host, "mysql.port": _port, "mysql.admin": _command,
+    "mysql.host": _host, "mysql.port": _port, "mysql.admin": _command, "mysql.dump": _command,
+    "mysql.backups": _path,
     "redis.host": _host, "redis.port": _port, "redis.admin": _command, "redis.server": _path,
     "nginx.conf_dir": _path, "nginx.listen": _listen, "nginx.test": _command, "nginx.reload": _command,
     "nginx.pid": _path,

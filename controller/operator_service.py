@@ -21,7 +21,7 @@ from common import errors
 import json
 
 from controller.fleet import access
-from controller.environments import commands, naming
+from controller.environments import backups, commands, naming
 from controller.environments.facts import ServiceProcesses
 from controller.fleet import operations
 from controller.fleet.door import OPERATOR_CALLER
@@ -29,7 +29,8 @@ from controller.fleet.dispatcher import Dispatcher, UnknownOperation
 from controller.environments.orders import Check, Environments, Order, Rollback, order_of
 from controller.state.jobs import JobTable, read_events
 from controller.environments.spec import Limits, spec_from_dict
-from controller.state.ledger import diagram
+from controller.state.knowledge import Scope
+from controller.state.ledger import Status, diagram
 from controller.fleet.gateway import KNOWN_ROLES, valid_agent_id
 from common.provides import check_provides, url_host, valid_host
 from controller.fleet.pki import Enrolment
@@ -420,6 +421,31 @@ class OperatorService(pb_grpc.OperatorServicer):
                 entry.update(self.environments.healer.status(env_key, service, row.names.get("process", "") if row else ""))
             out.append(entry)
         return pb.JsonReply(json=json.dumps(out))
+
+    async def Backup(self, request, context):
+        if request.restore_from:
+            job, plan = self.environments.restore(request.environment, request.service, request.restore_from)
+            return pb.ApplyReply(job_id=job.id, plan_json=json.dumps(plan.to_dict()))
+        return pb.ApplyReply(job_id=self.environments.backup(request.environment, request.service).id)
+
+    async def Backups(self, request, context):
+        """The snapshots of the service's MySQL instances (live and kept), on their data hosts."""
+        env_key, service = request.environment, request.service
+        rows = [r for r in self.ledger.instances(env_key, service) if r.component == "mysql"
+                and r.status in (Status.LIVE, Status.STANDBY)]
+        if not rows:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"{env_key}/{service}: no MySQL instance of its own")
+        found = []
+        for row in rows:
+            agent = self.registry.agents.get(row.host)
+            if agent is None or agent.state != "connected":
+                continue
+            asked = pb.Operation(id=operations.new_op_id(), exec=pb.ExecSpec(
+                argv=["sh", "-c", commands.mysql_snapshots(backups.folder(agent, env_key, service, row.number))],
+                timeout_s=60))
+            op = await self.dispatcher.execute(agent.id, asked, scope=Scope.data(env_key))
+            found += [{**b, "live": row.status == Status.LIVE} for b in backups.parse(op.output.text(), row.number)]
+        return pb.JsonReply(json=json.dumps(sorted(found, key=lambda b: b["id"], reverse=True)))
 
     async def Events(self, request, context):
         """The environment's history besides its jobs, after event `after` (0: from the start)."""

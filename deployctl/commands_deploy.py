@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -18,7 +19,7 @@ from protos import deployer_pb2_grpc as pb_grpc
 
 from common.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from deployctl import render
-from deployctl.client import CliError, call, env_service, rpc_error
+from deployctl.client import CliError, call, call_json, env_service, rpc_error
 
 EXIT_CHANGES = 2  # `plan`: there is something to do
 
@@ -147,6 +148,42 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     if args.detach:
         print(reply.job_id)
         return EXIT_OK
+    print(f"job {reply.job_id}")
+    return follow_job(stub, reply.job_id, verbose=False)
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    env, service = env_service(args.target)
+    stub, reply = call(args, "Backup", pb.BackupRequest(environment=env, service=service), 30, order=True)
+    print(f"job {reply.job_id}")
+    return follow_job(stub, reply.job_id, verbose=False)
+
+
+def cmd_backups(args: argparse.Namespace) -> int:
+    env, service = env_service(args.target)
+    rows = call_json(args, "Backups", pb.EnvRef(environment=env, service=service), 60)
+    if rows is None:
+        return EXIT_OK
+    table = [[b["id"], f"mysql {b['mysql']}" + (" (live)" if b["live"] else ""), render.size(b["bytes"]),
+              render.span(time.time() - b["taken"]) + " ago"] for b in rows]
+    sys.stdout.write(render.table(["SNAPSHOT", "OF", "SIZE", "TAKEN"], table) if table else
+                     f"{args.target}: no snapshot yet (one is taken before each migrate; deployctl backup takes one)\n")
+    return EXIT_OK
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    env, service = env_service(args.target)
+    warning = (f"This makes a new MySQL instance for {args.target} from snapshot {args.snapshot} and switches every "
+               "service using the live one to it: writes made after the snapshot are not in it (the live instance "
+               "is kept, as standby).")
+    print(warning, file=sys.stderr)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise CliError("add --yes to restore (writes made after the snapshot are left behind)", EXIT_USAGE)
+        if input(f"Type {args.snapshot} to confirm: ").strip() != args.snapshot:
+            raise CliError("not confirmed; nothing was done", EXIT_USAGE)
+    stub, reply = call(args, "Backup", pb.BackupRequest(environment=env, service=service,
+                                                        restore_from=args.snapshot), 30, order=True)
     print(f"job {reply.job_id}")
     return follow_job(stub, reply.job_id, verbose=False)
 

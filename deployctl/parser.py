@@ -11,7 +11,8 @@ from common import __version__
 from deployctl.commands_agents import (
     cmd_agents, cmd_agents_grant, cmd_agents_revoke, cmd_operator_token_create, cmd_operator_token_list,
     cmd_operator_token_revoke, cmd_token_create, cmd_token_list, cmd_token_revoke)
-from deployctl.commands_deploy import cmd_apply, cmd_check, cmd_plan, cmd_rollback, cmd_secret_set
+from deployctl.commands_deploy import (cmd_apply, cmd_backup, cmd_backups, cmd_check, cmd_plan, cmd_restore,
+                                      cmd_rollback, cmd_secret_set)
 from deployctl.commands_exec import cmd_exec, cmd_op_output, cmd_op_show
 from deployctl.commands_inspect import cmd_events, cmd_job_show, cmd_jobs, cmd_ledger, cmd_logs, cmd_status
 
@@ -235,6 +236,30 @@ def add_day2_commands(sub) -> None:
     p.add_argument("target", metavar="APP/ENV/SERVICE")
     p.add_argument("--detach", action="store_true")
     p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("backup", help="a snapshot of a service's MySQL database now",
+                       description="Dump the service's live MySQL instance (one transaction, compressed) into its "
+                                   "root-only folder on the data host; the newest 5 are kept. One is also taken "
+                                   "before every migrate that runs against a live database.",
+                       epilog="example: deployctl backup shop/prod/web")
+    p.add_argument("target", metavar="APP/ENV/SERVICE")
+    p.set_defaults(func=cmd_backup)
+
+    p = sub.add_parser("backups", help="a service's MySQL snapshots, with size and age",
+                       epilog="example: deployctl backups shop/prod/web")
+    p.add_argument("target", metavar="APP/ENV/SERVICE")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_backups)
+
+    p = sub.add_parser("restore", help="a new MySQL instance from a snapshot, and every service using it switched to it",
+                       description="Make a new MySQL instance (the next number) from a snapshot of the service's "
+                                   "live one and switch every service using that instance to it, blue/green; the "
+                                   "replaced instance is kept. Writes made after the snapshot are not in it.",
+                       epilog="example: deployctl restore shop/prod/web --from 20261202T193000Z --yes")
+    p.add_argument("target", metavar="APP/ENV/SERVICE")
+    p.add_argument("--from", dest="snapshot", required=True, metavar="ID", help="a snapshot ID (deployctl backups)")
+    p.add_argument("--yes", action="store_true", help="do not ask (writes made after the snapshot are left behind)")
+    p.set_defaults(func=cmd_restore)
 
     checks = {
         "verify": ("compare the ledger with reality (exit 0 clean, 2 drift)",

@@ -685,6 +685,16 @@ class EventsRequest(_message.Message):
     after: int
     def __init__(self, environment: _Optional[str] = ..., after: _Optional[int] = ...) -> None: ...
 
+class BackupRequest(_message.Message):
+    __slots__ = ("environment", "service", "restore_from")
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_FROM_FIELD_NUMBER: _ClassVar[int]
+    environment: str
+    service: str
+    restore_from: str
+    def __init__(self, environment: _Optional[str] = ..., service: _Optional[str] = ..., restore_from: _Optional[str] = ...) -> None: ...
+
 class JsonReply(_message.Message):
     __slots__ = ("json",)
     JSON_FIELD_NUMBER: _ClassVar[int]

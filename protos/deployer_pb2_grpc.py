@@ -294,6 +294,16 @@ class OperatorStub:
                 request_serializer=protos_dot_deployer__pb2.EventsRequest.SerializeToString,
                 response_deserializer=protos_dot_deployer__pb2.JsonReply.FromString,
                 _registered_method=True)
+        self.Backup = channel.unary_unary(
+                '/deployer.v1.Operator/Backup',
+                request_serializer=protos_dot_deployer__pb2.BackupRequest.SerializeToString,
+                response_deserializer=protos_dot_deployer__pb2.ApplyReply.FromString,
+                _registered_method=True)
+        self.Backups = channel.unary_unary(
+                '/deployer.v1.Operator/Backups',
+                request_serializer=protos_dot_deployer__pb2.EnvRef.SerializeToString,
+                response_deserializer=protos_dot_deployer__pb2.JsonReply.FromString,
+                _registered_method=True)
         self.SetSecret = channel.unary_unary(
                 '/deployer.v1.Operator/SetSecret',
                 request_serializer=protos_dot_deployer__pb2.SecretRequest.SerializeToString,
@@ -435,6 +445,20 @@ class OperatorServicer:
 
     def Events(self, request, context):
         """an environment's history: restarts, crash loops, lost agents
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Backup(self, request, context):
+        """a snapshot of a service's MySQL now, or a restore from one
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Backups(self, request, context):
+        """a service's snapshots: id, size, when
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -583,6 +607,16 @@ def add_OperatorServicer_to_server(servicer, server):
             'Events': grpc.unary_unary_rpc_method_handler(
                     servicer.Events,
                     request_deserializer=protos_dot_deployer__pb2.EventsRequest.FromString,
+                    response_serializer=protos_dot_deployer__pb2.JsonReply.SerializeToString,
+            ),
+            'Backup': grpc.unary_unary_rpc_method_handler(
+                    servicer.Backup,
+                    request_deserializer=protos_dot_deployer__pb2.BackupRequest.FromString,
+                    response_serializer=protos_dot_deployer__pb2.ApplyReply.SerializeToString,
+            ),
+            'Backups': grpc.unary_unary_rpc_method_handler(
+                    servicer.Backups,
+                    request_deserializer=protos_dot_deployer__pb2.EnvRef.FromString,
                     response_serializer=protos_dot_deployer__pb2.JsonReply.SerializeToString,
             ),
             'SetSecret': grpc.unary_unary_rpc_method_handler(
@@ -996,6 +1030,60 @@ class Operator:
             target,
             '/deployer.v1.Operator/Events',
             protos_dot_deployer__pb2.EventsRequest.SerializeToString,
+            protos_dot_deployer__pb2.JsonReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Backup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deployer.v1.Operator/Backup',
+            protos_dot_deployer__pb2.BackupRequest.SerializeToString,
+            protos_dot_deployer__pb2.ApplyReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Backups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deployer.v1.Operator/Backups',
+            protos_dot_deployer__pb2.EnvRef.SerializeToString,
             protos_dot_deployer__pb2.JsonReply.FromString,
             options,
             channel_credentials,

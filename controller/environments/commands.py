@@ -206,6 +206,47 @@ def redis_server_settle(host: str, port: int, maxmemory: int) -> str:
         '[ "$r" = OK ] || { echo "redis did not take the new maxmemory: $r" >&2; exit 1; }\n')
 
 
+# ---------------------------------------------------------------- MySQL snapshots
+
+SNAPSHOT_ID = re.compile(r"\d{8}T\d{6}Z\Z")
+
+
+def mysql_snapshot(dump: str, folder: str, database: str, snapshot: str, keep: int) -> str:
+    """As root on the data host: a consistent dump of `database` (one transaction, tables and
+    rows; no triggers or routines, whose definers are the old instance's user), compressed, in a
+    root-only folder, named `snapshot`.sql.gz; the `keep` newest are kept. Prints its size."""
+    b, f = _sh(folder), _sh(f"{folder}/{snapshot}.sql.gz")
+    t = _sh(f"{folder}/.{snapshot}.partial")
+    return f"""set -eu
+umask 077
+mkdir -p {b}; chmod 0700 {b} "$(dirname {b})"
+( {dump} --single-transaction --quick --skip-triggers --no-tablespaces --skip-comments {_sh(database)}; echo $? > {t}.rc ) | gzip -c > {t}
+if [ "$(cat {t}.rc)" != 0 ]; then rm -f {t} {t}.rc; echo "the dump of {database} failed" >&2; exit 1; fi
+rm -f {t}.rc; mv {t} {f}
+ls -1t {b}/*.sql.gz | tail -n +{int(keep) + 1} | while read -r old; do rm -f -- "$old"; done
+stat -c %s {f}
+"""
+
+
+def mysql_snapshots(folder: str) -> str:
+    """One line per snapshot in `folder`: ID SIZE MTIME."""
+    return (f'for f in {_sh(folder)}/*.sql.gz; do [ -f "$f" ] || continue; '
+            'printf "%s %s %s\\n" "$(basename "$f" .sql.gz)" "$(stat -c %s "$f")" "$(stat -c %Y "$f")"; done')
+
+
+def mysql_load_snapshot(path: str, host: str, port: str, database: str, user: str) -> str:
+    """Load a snapshot into a new database as that database's own user (its password on standard
+    input, put in a root-only file for the client, never in an argv): the dump can do no more
+    than that user may."""
+    return f"""set -eu
+umask 077
+[ -f {_sh(path)} ] || {{ echo "snapshot {path} is missing" >&2; exit 1; }}
+cnf=$(mktemp); trap 'rm -f "$cnf"' EXIT
+printf '[client]\\nuser=%s\\npassword=%s\\n' {_sh(user)} "$(cat)" > "$cnf"
+gzip -dc {_sh(path)} | mariadb --defaults-extra-file="$cnf" --protocol=tcp -h {_sh(host)} -P {_sh(port)} {_sh(database)}
+"""
+
+
 def env_file(values: dict[str, str]) -> bytes:
     """`.env` content: plain values as KEY=VALUE, others (multi-line ones too) double-quoted."""
     return envfile.render(values)

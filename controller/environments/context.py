@@ -98,6 +98,7 @@ class JobContext:
         self.job, self.spec, self.dispatcher, self.registry, self.ledger = job, spec, dispatcher, registry, ledger
         self.env_key = spec.key
         self.deploying: dict[str, int] = {}  # service → its deploy in progress, whose step the ledger keeps
+        self.restoring: dict[str, tuple[tuple[str, int], str]] = {}  # owner → (instance, snapshot) it is made from
 
     async def run_op(self, agent: Agent, operation: pb.Operation, service: str, step: str,
                      check: bool = True, scope: Scope | None = None) -> Op:

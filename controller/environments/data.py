@@ -9,7 +9,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, field
 
-from controller.environments import naming, commands as ops, ownership
+from controller.environments import backups, naming, commands as ops, ownership
 from protos import deployer_pb2 as pb
 
 from controller.environments.context import (JobContext, PlacementError, StepFailed, allocate_port, claim_host,
@@ -283,6 +283,9 @@ async def purge(ctx: JobContext, provider: Agent, component: str, number: int, n
         return names["dir"]
     if component == "mysql":
         await drop_owned(ctx, provider, "mysql", number, names, service, "drop mysql", check=True)
+        # its snapshots go with it
+        await ctx.sh(provider, ops.remove_paths(backups.folder(provider, ctx.env_key, service, number)), service,
+                     "drop snapshots", check=True, scope=Scope.data(ctx.env_key))
         return names["database"]
     await ctx.sh(provider, ops.redis_purge_script(provider.redis_cli(), names["prefix"]), service, "drop keys",
                  scope=Scope.data(ctx.env_key))

@@ -14,7 +14,7 @@ import asyncio
 
 from protos import deployer_pb2 as pb
 
-from controller.environments import commands as ops, data, naming, ownership, routing, teardown
+from controller.environments import backups, commands as ops, data, naming, ownership, routing, teardown
 from controller.environments.context import (OUTPUT_TAIL_LINES, JobContext, PlacementError, StepFailed,
                                              allocate_port, claim_host, output_of, pick_agent, tail_of)
 from controller.environments.data import Deployment
@@ -140,7 +140,11 @@ async def _up(ctx: JobContext, d: Deployment, sp: ServicePlan, numbers: dict[str
     mysql, redis = sp.change("mysql"), sp.change("redis")
     await _prepare(ctx, d, sp)
     workdir, env_path = await _configure(ctx, d, numbers, mysql, redis)
-    await _build(ctx, d, workdir, env_path, migrate=d.code_new or (mysql is not None and mysql.new))
+    # A restore loads the snapshot into a new database and runs no migrate: the snapshot is from
+    # before the one that failed, and would meet it again.
+    migrate = (d.code_new or (mysql is not None and mysql.new)) and not ctx.restoring
+    live_db = None if mysql is None or mysql.new else d.shared.get("mysql") or (d.service.name, numbers["mysql"])
+    await _build(ctx, d, workdir, env_path, migrate, live_db)
     await start(ctx, d, workdir, env_path)
 
 
@@ -168,6 +172,12 @@ async def _configure(ctx: JobContext, d: Deployment, numbers: dict[str, int], my
     generated = {}
     if mysql is not None:
         generated.update(await data.mysql(ctx, d, numbers, mysql.new))
+        if mysql.new and ctx.restoring and d.service.name in ctx.restoring:
+            source, snapshot_id = ctx.restoring[d.service.name]
+            provider, names = backups.provider_of(ctx, d.service.name, numbers["mysql"], d.service.name)
+            await backups.load(ctx, provider, source, snapshot_id, numbers["mysql"], names,
+                               ctx.ledger.password(ctx.env_key, d.service.name, "mysql", numbers["mysql"]) or "",
+                               d.service.name)
     if redis is not None:
         generated.update(await data.redis(ctx, d, numbers, redis.new))
     if service.is_web and any("PORT" in envfile.references(v) for _, v in service.env):
@@ -191,8 +201,10 @@ async def _configure(ctx: JobContext, d: Deployment, numbers: dict[str, int], my
     return workdir, env_path
 
 
-async def _build(ctx: JobContext, d: Deployment, workdir: str, env_path: str, migrate: bool) -> None:
-    """install and build for a new release; migrate for a new release or a new database."""
+async def _build(ctx: JobContext, d: Deployment, workdir: str, env_path: str, migrate: bool,
+                 live_db: tuple[str, int] | None = None) -> None:
+    """install and build for a new release; migrate for a new release or a new database. A
+    migrate against a live database (`live_db`: whose, which) runs after a snapshot of it."""
     service, name = d.service, d.service.name
     as_user = {"user": ctx.unix_user, "env": service_env(d)}
     if d.code_new or d.rebuilt:
@@ -200,8 +212,16 @@ async def _build(ctx: JobContext, d: Deployment, workdir: str, env_path: str, mi
             command = getattr(service, step)
             if command:
                 await ctx.sh(d.host, command, name, step, cwd=workdir, env_file=env_path, **as_user)
-    if service.migrate and migrate:
+    if not (service.migrate and migrate):
+        return
+    taken = await backups.snapshot(ctx, *live_db, name, "before the migrate") if live_db else ""
+    try:
         await ctx.sh(d.host, service.migrate, name, "migrate", cwd=workdir, env_file=env_path, **as_user)
+    except StepFailed as failed:
+        if taken:  # what the migrate changed before it failed is in the live database
+            failed.args = (f"{failed.args[0]}; the database was saved just before it: deployctl restore "
+                           f"{ctx.env_key}/{live_db[0]} --from {taken} puts that back (as a new instance)",)
+        raise
 
 
 async def _after_switch(ctx: JobContext, d: Deployment, live, numbers: dict[str, int]) -> None:

@@ -15,7 +15,7 @@ from controller.environments import planner, recovery, spec as spec_mod, sources
 from controller.fleet.dispatcher import Dispatcher
 from controller.state.jobs import EnvLock, Job, JobTable, Locked, Specs, new_job_id
 from controller.state.ledger import Ledger, Status
-from controller.environments import data, deploying
+from controller.environments import backups, commands as ops, data, deploying
 from controller.environments.context import JobContext, PlacementError, StepFailed, pick_agent
 from controller.environments.teardown import destroy
 from controller.environments.verify import Checker, claimed_names
@@ -304,6 +304,55 @@ class Environments:
                                            for sp in plans))
         note = f"restarting {', '.join(services)}: the ledger holds them live and their process ended"
         return self._launch(spec, "heal", plan, {}, lambda ctx: deploying.apply(ctx, plan), note)
+
+    def _live_mysql(self, env_key: str, service: str) -> int:
+        live = self.ledger.state(env_key).get(service)
+        if live is None or live.mysql is None:
+            raise OrderError(f"{env_key}/{service}: no MySQL instance of its own is live")
+        return live.mysql.number
+
+    def backup(self, env_key: str, service: str) -> Job:
+        """A snapshot of the service's live MySQL instance now, as a job."""
+        spec = self.as_deployed_spec(env_key)
+        if spec is None:
+            raise OrderError(f"{env_key}: no such environment (nothing was ever applied)")
+        number = self._live_mysql(env_key, service)
+
+        async def body(ctx: JobContext) -> str:
+            return f"snapshot {await backups.snapshot(ctx, service, number, service, 'on demand')} of mysql {number}"
+        return self._launch(spec, "backup", None, {}, body)
+
+    def restore(self, env_key: str, service: str, snapshot_id: str) -> tuple[Job, planner.Plan]:
+        """A new MySQL instance made from a snapshot of the service's live one, and every service
+        using that instance switched to it (a renew from a snapshot); the replaced one is kept."""
+        spec = self.as_deployed_spec(env_key)
+        if spec is None:
+            raise OrderError(f"{env_key}: no such environment (nothing was ever applied)")
+        if not ops.SNAPSHOT_ID.match(snapshot_id):
+            raise OrderError(f"{snapshot_id!r} is not a snapshot ID (like 20261202T193000Z): deployctl backups "
+                             f"{env_key}/{service} lists them")
+        number = self._live_mysql(env_key, service)
+        state = self.ledger.state(env_key)
+        users = [s for s in spec.services if s.name != service and s.owner_of("mysql") == service and s.name in state]
+        why = f"restore of mysql {number} from snapshot {snapshot_id}"
+        plans = []
+        for name in [service, *(u.name for u in users)]:
+            live = state[name]
+            changes = [planner.Change("code", False, live.code.number, why)]
+            for change in planner.kept_data(spec.service(name), state):
+                if change.component != "mysql":
+                    changes.append(change)
+            changes.append(planner.Change("mysql", True, reason=why) if name == service
+                           else planner.Change("mysql", False, None, why, service))
+            plans.append(planner.ServicePlan(name, "deploy", tuple(changes), live.code.commit, (why,)))
+        plan = planner.Plan(env_key, tuple(plans))
+        note = (f"{why}: a new instance gets what the database held at {snapshot_id}; writes made since then are "
+                f"not in it. Services switched to it: {', '.join(p.service for p in plans)}; mysql {number} is kept")
+
+        async def body(ctx: JobContext) -> str:
+            ctx.restoring[service] = ((service, number), snapshot_id)
+            return await deploying.apply(ctx, plan)
+        return self._launch(spec, "restore", plan, {}, body, note), plan
 
     def as_deployed_spec(self, env_key: str) -> spec_mod.Spec | None:
         """The environment as its live instances were deployed (None if it has no stored spec)."""

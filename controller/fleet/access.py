@@ -34,11 +34,12 @@ class Role(enum.Enum):
 # Check needs operate: it also repairs, cleans and destroys.
 NEEDS_READ = frozenset({
     "ListAgents", "Follow", "GetOperation", "FollowJob", "ListJobs", "ShowJob", "Ledger", "Status",
-    "ServiceLogs", "ListTokens", "ListOperatorTokens", "Events",
+    "ServiceLogs", "ListTokens", "ListOperatorTokens", "Events", "Backups",
 })
 NEEDS_OPERATE = frozenset({
     "SubmitExec", "CancelOperations", "Plan", "Apply", "SetSecret", "Rollback", "Check",
     "CreateToken", "RevokeToken", "RevokeAgent", "GrantAgent", "CreateOperatorToken", "RevokeOperatorToken",
+    "Backup",
 })
 METHODS = NEEDS_READ | NEEDS_OPERATE
 
