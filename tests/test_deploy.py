@@ -435,14 +435,16 @@ def test_rollback_from_a_release_that_serves_errors(world, tmp_path):
     assert {(i["component"], i["number"]) for i in after["instances"]
             if i["status"] == "live" and i["component"] != "code"} == live_data == {("mysql", 1), ("redis", 1)}
 
-    # --to an instance whose folder is gone from disk: refused by its start, 2 keeps serving.
+    # --to a kept instance whose folder is gone from disk (a wiped server): it comes back from the
+    # commit the ledger recorded, installed and built again, under its number; the data is untouched.
     shutil.rmtree(cluster.agents["computing-1"].services_root / f"auto-shop-{env}-web" / "releases" / "1")
     gone_from_disk = cluster.deployctl("rollback", f"shop/{env}/web", "--to", "1", timeout=300)
-    assert gone_from_disk.returncode == 1
-    assert b"web: " in gone_from_disk.stderr and b" failed: " in gone_from_disk.stderr, gone_from_disk.stderr
-    assert through_nginx(world, env)[0] == 500
+    assert gone_from_disk.returncode == 0, gone_from_disk.stdout.decode() + gone_from_disk.stderr.decode()
+    assert b"release 1 is missing on computing-1: checked out again from" in gone_from_disk.stdout
+    assert through_nginx(world, env)[0] == 200
+    assert b"written before the rollbacks" in through_nginx(world, env, "/notes")[1]
     assert json.loads(cluster.deployctl("ledger", f"shop/{env}", "web", "--json").stdout)["web"]["deploys"][-1][
-        "outcome"] == "failed"
+        "code"] == 1
 
 
 def test_verify_repair_and_clean(world, tmp_path):
