@@ -150,6 +150,8 @@ class Supervisor:
         key = _key(spec.name, spec.instance)
         state = self._load(key)
         if state is None or not self.alive(state):
+            if state is not None and state.get("limits"):  # its leader died: what it forked is still in its leaf
+                await asyncio.to_thread(_release, state["limits"]["group"], key)
             self._state_path(key).unlink(missing_ok=True)
             return pb.OperationResult(op_id=op_id, outcome=pb.EXITED, error=f"{key} was not running")
         pgid = state["pid"]

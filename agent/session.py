@@ -40,6 +40,7 @@ class Session:
         self.stub = pb_grpc.AgentGatewayStub(channel)
         self.outbox: asyncio.Queue[pb.AgentMessage] = asyncio.Queue(OUTBOX_MESSAGES)
         self.pumps: dict[str, asyncio.Task] = {}
+        self.told: set[asyncio.Task] = set()
         self.welcomed = False
         self.started = time.monotonic()
 
@@ -66,11 +67,11 @@ class Session:
             call.cancel()
 
     def tell(self, message: pb.AgentMessage) -> None:
-        """Queue a message of the agent's own (not an operation's); dropped if the outbox is full."""
-        try:
-            self.outbox.put_nowait(message)
-        except asyncio.QueueFull:
-            log.warning("agent.outbox_full", dropped=message.WhichOneof("msg"))
+        """Queue a message of the agent's own (not an operation's), waiting for room in the outbox
+        rather than dropping it behind a large output."""
+        task = asyncio.get_running_loop().create_task(self.outbox.put(message))
+        self.told.add(task)
+        task.add_done_callback(self.told.discard)
 
     def _hello(self) -> pb.Hello:
         return pb.Hello(

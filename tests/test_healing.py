@@ -128,7 +128,9 @@ def test_a_process_that_dies_at_every_start_ends_in_a_crash_loop(world):
 
 
 def test_a_service_that_died_while_the_controller_was_down_is_healed_once_agents_are_back(world):
-    cluster, env = world["cluster"], new_env(world)
+    # A hyphen in the name: its units get a hashed name, which a listing by prefix would miss.
+    cluster, env = world["cluster"], unique_env() + "-x"
+    world["envs"].append(env)
     ok(cluster.deployctl("apply", site(world, env, "always"), timeout=300))
     pid = status(world, env)["pid"]
     cluster.controller.stop()
@@ -141,6 +143,13 @@ def test_a_service_that_died_while_the_controller_was_down_is_healed_once_agents
     wait_for(lambda: "restarted" in [e["kind"] for e in events(world, env)], 30, every=0.2,
              what="the restart in the environment's history")
     assert [e["kind"] for e in events(world, env)][0] == "restarting"  # no exit was heard: the hello's check found it
+    # Healed once, and then left alone: a live process is not taken for a dead one.
+    time.sleep(3)
+    cluster.controller.stop()
+    cluster.controller.start()
+    cluster.wait_connected("computing-1", "daemons-1")
+    time.sleep(3)
+    assert [e["kind"] for e in events(world, env)] == ["restarting", "restarted"]
 
 
 def test_restart_never_leaves_the_process_stopped_and_says_so(world):

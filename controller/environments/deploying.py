@@ -404,6 +404,8 @@ async def undo(ctx: JobContext, d: Deployment) -> None:
         ctx.ledger.release_port(d.host.id, d.port)
     if d.staged_env:
         await ctx.sh(d.host, ops.remove_file(d.staged_env), name, "drop staged .env", check=False, user=ctx.unix_user)
+    if d.rebuilt:  # this job checked it out (it was missing): half-built, it would be taken as whole next time
+        await ctx.sh(d.host, ops.remove_paths(_release(d)), name, "drop rebuilt release", check=False)
     if d.code_new:
         ctx.ledger.set_status(ctx.env_key, name, "code", d.code, Status.FAILED)
     for component, number, names, provider in d.created:

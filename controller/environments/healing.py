@@ -20,17 +20,23 @@ from dataclasses import dataclass
 
 import structlog
 
+from protos import deployer_pb2 as pb
+
 from controller.environments import naming
 from controller.environments.facts import ServiceProcesses
 from controller.fleet.operations import new_op_id
 from controller.fleet.registry import CONNECTED
 from controller.state.events import EnvEvents
+from controller.state.jobs import Locked
 from controller.state.ledger import Status
 
 log = structlog.get_logger("controller")
 
 BACKOFF_MAX_S = 60.0
+LISTING_S = 30.0           # a listing an agent does not answer in this long ends the check
 RETRY_BUSY_S = 2.0         # the environment is held by another job: look again after this
+# A failed restart counts against the service when one of these of its own steps failed.
+OWN_STEPS = {f"{step} failed" for step in ("checkout", "install", "build", "start", "health", "health command")}
 
 
 @dataclass
@@ -55,7 +61,9 @@ class Healer:
         self.clock = clock
         self.tracks: dict[tuple[str, str], Track] = {}
         self.scheduled: dict[str, asyncio.TimerHandle] = {}
-        self.running: set[str] = set()
+        self.running: set[str] = set()    # environments with a check or heal job under way
+        self.again: set[str] = set()      # ... asked to look once more when it ends
+        self.heard: set[tuple[str, str]] = set()
         self.tasks: set[asyncio.Task] = set()
         self.registry.on_exited.append(self.exited)
         self.registry.on_attached.append(self.attached)
@@ -65,16 +73,17 @@ class Healer:
 
     def _live_on(self, agent_id: str) -> list[tuple[str, str, str]]:
         """(environment, service, process) of every live code instance on that agent."""
-        return [(r.env_key, r.service, r.names.get("process", "")) for r in self.ledger.every_instance()
-                if r.component == "code" and r.status == Status.LIVE and r.host == agent_id]
+        return [(r.env_key, r.service, r.names.get("process", "")) for r in self.ledger.live_code_on(agent_id)]
 
     def exited(self, agent_id: str, exited) -> None:
         for env_key, service, process in self._live_on(agent_id):
             app, env = env_key.split("/", 1)
             if exited.name == naming.unit_base(app, env, service) and exited.instance == process:
-                self.events.add(env_key, "exited", service, host=agent_id, process=process,
-                                exit_code=exited.exit_code, signal=exited.signal,
-                                why=exit_text(exited.exit_code, exited.signal))
+                if (env_key, process) not in self.heard:  # said once per process, however often the agent says it
+                    self.heard.add((env_key, process))
+                    self.events.add(env_key, "exited", service, host=agent_id, process=process,
+                                    exit_code=exited.exit_code, signal=exited.signal,
+                                    why=exit_text(exited.exit_code, exited.signal))
                 self.schedule(env_key, 0.0)
 
     def attached(self, agent_id: str) -> None:
@@ -95,22 +104,30 @@ class Healer:
 
     def _launch_check(self, env_key: str) -> None:
         self.scheduled.pop(env_key, None)
-        task = asyncio.create_task(self.check(env_key))
+        if env_key in self.running:  # one at a time per environment: the one under way looks again after
+            self.again.add(env_key)
+            return
+        self.running.add(env_key)
+        task = asyncio.create_task(self._checked(env_key))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
+    async def _checked(self, env_key: str) -> None:
+        try:
+            await self.check(env_key)
+        except Exception as exc:  # a listing that failed (agent gone meanwhile): the next hello looks again
+            log.warning("heal.check_failed", environment=env_key, error=str(exc) or type(exc).__name__)
+        finally:
+            self.running.discard(env_key)
+            if env_key in self.again:
+                self.again.discard(env_key)
+                self.schedule(env_key, 0.0)
+
     async def check(self, env_key: str) -> None:
         """Ask each host what runs; restart, wait or give up for each live instance that is gone."""
-        if env_key in self.running:  # a heal job of this environment is under way: after it
-            self.schedule(env_key, RETRY_BUSY_S)
-            return
-        try:
-            dead = await self._dead(env_key)
-        except Exception as exc:  # a listing that failed (agent gone meanwhile): the next hello looks again
-            log.warning("heal.check_failed", environment=env_key, error=str(exc))
-            return
+        dead = await self._dead(env_key)
         now, due, later = self.clock(), [], []
-        spec = self.environments.as_deployed_spec(env_key)
+        spec = self.environments.accepted_spec(env_key)  # `restart:` as the operator last set it
         for service, process, started_at in dead:
             definition = next((s for s in spec.services if s.name == service), None) if spec else None
             policy = definition.restart if definition is not None else None
@@ -154,9 +171,13 @@ class Healer:
             agent = self.registry.agents.get(host_id)
             if agent is None or agent.state != CONNECTED:
                 continue
-            asked = ServiceProcesses.operation(naming.unit_base(app, env, "x")[:-1], group=naming.unix_user(app, env))
+            # Every unit of ours on that host, then only this environment's exact unit names: a prefix
+            # of them would miss hashed names and take in another environment's.
+            asked = ServiceProcesses.operation(naming.PREFIX, group=naming.unix_user(app, env))
             asked.id = new_op_id()
-            op = await self.dispatcher.execute(host_id, asked, environment=env_key)
+            op = await asyncio.wait_for(self.dispatcher.execute(host_id, asked, environment=env_key), LISTING_S)
+            if op.result.outcome != pb.EXITED or op.result.exit_code != 0:  # no answer is not "all dead"
+                raise RuntimeError(f"the process listing on {host_id} did not complete")
             listed = {(p.name, p.instance): p for p in ServiceProcesses.parse(op.output.text())}
             for service, host, process in live:
                 found = listed.get((naming.unit_base(app, env, service), process))
@@ -168,27 +189,30 @@ class Healer:
         now = self.clock()
         try:
             job = self.environments.heal(env_key, services)
-        except Exception as exc:  # held by another job (a deploy, a repair): look again soon
+        except Locked as exc:  # held by another job (a deploy, a repair): look again soon
             log.info("heal.deferred", environment=env_key, reason=str(exc))
             self.schedule(env_key, RETRY_BUSY_S)
             return
         for service in services:
             self.tracks[(env_key, service)].last_attempt = now
             self.events.add(env_key, "restarting", service, job=job.id)
-        self.running.add(env_key)
-        try:
-            state = await job.wait()
-        finally:
-            self.running.discard(env_key)
+        state = await job.wait()
         live = self.ledger.state(env_key)
+        retry = 0.0
         for service in services:
             if state == "succeeded" and service in live and live[service].code:
                 self.events.add(env_key, "restarted", service, job=job.id, code=live[service].code.number,
-                                port=live[service].code.port)
-            else:
+                                **({"port": live[service].code.port} if live[service].code.port else {}))
+                continue
+            # Only a failure of the service's own steps counts against it: a router or agent that
+            # failed the job is tried again later, and the service that did fail is the one named.
+            own = job.summary.startswith(f"{service}: ") and job.summary.split(": ", 2)[1] in OWN_STEPS
+            if own:
                 self.tracks[(env_key, service)].unstable += 1
-                self.events.add(env_key, "restart-failed", service, job=job.id, why=job.summary)
-        self.schedule(env_key, 0.0)  # what failed (or died again meanwhile) is looked at once more
+            else:
+                retry = RETRY_BUSY_S
+            self.events.add(env_key, "restart-failed", service, job=job.id, why=job.summary)
+        self.schedule(env_key, retry)  # what failed (or died again meanwhile) is looked at once more
 
     def status(self, env_key: str, service: str, process: str) -> dict:
         """What `deployctl status` shows of a service's healing."""

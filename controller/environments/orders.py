@@ -354,6 +354,11 @@ class Environments:
             return await deploying.apply(ctx, plan)
         return self._launch(spec, "restore", plan, {}, body, note), plan
 
+    def accepted_spec(self, env_key: str) -> spec_mod.Spec | None:
+        """The spec the operator last applied (its `restart:` policies hold from then on)."""
+        stored = self.stored_spec(env_key)
+        return spec_mod.spec_from_dict(stored) if stored is not None else None
+
     def as_deployed_spec(self, env_key: str) -> spec_mod.Spec | None:
         """The environment as its live instances were deployed (None if it has no stored spec)."""
         stored = self.stored_spec(env_key)

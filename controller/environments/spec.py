@@ -1006,8 +1006,15 @@ def _restart(source: _Source, key: Key, value: Any) -> RestartPolicy:
     default = RestartPolicy()
     return RestartPolicy(True, _count(source, key + ("attempts",), value.get("attempts"), default.attempts, 1, 100,
                                       "restarts"),
-                         _seconds(source, key + ("stable_after",), value["stable_after"]) if "stable_after" in value
+                         _stable_after(source, key + ("stable_after",), value["stable_after"]) if "stable_after" in value
                          else default.stable_after)
+
+
+def _stable_after(source: _Source, key: Key, value: Any) -> float:
+    seconds = _seconds(source, key, value)
+    if seconds < 1:  # shorter, a process that dies just after starting would be restarted forever
+        raise source.error(key, f"{source.text(key, value)!r} is shorter than 1s")
+    return seconds
 
 
 def _redis(source: _Source, key: Key, value: Any, uses: tuple[str, ...], shared: dict[str, str]) -> RedisSettings:

@@ -19,7 +19,9 @@ class EnvEvents:
     def add(self, env_key: str, kind: str, service: str = "", **detail) -> int:
         cur = self.conn.execute("INSERT INTO env_events (env_key, t, kind, service, detail) VALUES (?, ?, ?, ?, ?)",
                                 (env_key, time.time(), kind, service, json.dumps(detail)))
-        self.conn.execute("DELETE FROM env_events WHERE env_key=? AND id <= ?", (env_key, cur.lastrowid - KEPT_PER_ENV))
+        # The newest KEPT_PER_ENV of this environment (ids are shared by all environments).
+        self.conn.execute("DELETE FROM env_events WHERE env_key=? AND id <= (SELECT id FROM env_events WHERE "
+                          "env_key=? ORDER BY id DESC LIMIT 1 OFFSET ?)", (env_key, env_key, KEPT_PER_ENV))
         return cur.lastrowid
 
     def after(self, env_key: str, after: int = 0, limit: int = 1000) -> list[dict]:
