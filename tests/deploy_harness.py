@@ -143,7 +143,8 @@ def purge(app: str, env: str) -> None:
 
 
 def purge_names(prefix: str) -> None:
-    """Every database, MariaDB user, Redis ACL user and key whose name starts with `prefix`."""
+    """Every database, MariaDB user, Redis ACL user and key, and snapshot folder, whose name starts
+    with `prefix`."""
     for db in mysql(f"SHOW DATABASES LIKE '{prefix}%'").split():
         mysql(f"DROP DATABASE `{db}`")
     for user in mysql(f"SELECT User FROM mysql.user WHERE User LIKE '{prefix}%'").split():
@@ -154,6 +155,9 @@ def purge_names(prefix: str) -> None:
     keys = redis("--scan", "--pattern", f"{prefix}*").split()
     if keys:
         redis("DEL", *keys)
+    import glob  # the snapshots taken before migrates (controller/environments/backups.py)
+    for folder in glob.glob(f"/var/backups/deployer/{glob.escape(prefix)}*"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def purge_each(app: str, envs: list[str]) -> None:
