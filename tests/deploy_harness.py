@@ -161,11 +161,11 @@ def purge_names(prefix: str) -> None:
 
 
 def purge_each(app: str, envs: list[str]) -> None:
-    """Purge each environment in a clean-up of its own, so one that fails leaves the others
-    purged all the same (their processes must have ended)."""
+    """Purge each environment (of `app`, or `APP/ENV` for another app) in a clean-up of its own, so
+    one that fails leaves the others purged all the same (their processes must have ended)."""
     with contextlib.ExitStack() as each:
         for env in envs:
-            each.callback(purge, app, env)
+            each.callback(purge, *(env.split("/", 1) if "/" in env else (app, env)))
 
 
 def remove_limits_group(group: str) -> None:

@@ -162,7 +162,7 @@ def apply_ok(cluster, *args: str) -> str:
 def test_a_web_service_and_its_worker_share_a_queue_on_a_dedicated_redis(world, app):
     cluster, nginx = world["cluster"], world["nginx"]
     env = unique_env()
-    world["envs"].append(env)
+    world["envs"].append(f"{app}/{env}")  # purged at the end under its own app's names
     repo = app_repo(world["base"], app)
     spec = queue_spec(world, app, env, repo)
     host = f"{env}.{app}.test"
@@ -219,7 +219,7 @@ def test_a_web_service_and_its_worker_share_a_queue_on_a_dedicated_redis(world, 
 def test_renewing_a_shared_redis_deploys_its_users_too_destroy_keeps_it_and_a_purge_removes_it(world):
     cluster, nginx = world["cluster"], world["nginx"]
     env, app = unique_env(), "rqjobs"
-    world["envs"].append(env)
+    world["envs"].append(f"{app}/{env}")
     spec = queue_spec(world, app, env, app_repo(world["base"], app))
     host = f"{env}.{app}.test"
     apply_ok(cluster, "apply", str(spec))
