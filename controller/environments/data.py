@@ -220,20 +220,14 @@ async def ensure_redis_server(ctx: JobContext, provider: Agent, owner: str, numb
     if running and settle and names.get("maxmemory") != maxmemory:
         await ctx.sh(provider, ops.redis_server_settle(names["bind"], names["port"], maxmemory), owner,
                      "redis maxmemory", stdin=password.encode(), scope=scope, user=ctx.unix_user)
-        await ctx.run_op(provider, pb.Operation(write_file=pb.WriteFileSpec(
-            path=f"{names['dir']}/redis.conf", mode=0o600, owner=ctx.unix_user,
-            content=ops.redis_server_conf(names["bind"], names["port"], password, names["dir"], maxmemory))),
-            owner, "redis.conf", scope=scope)
+        await _write_redis_conf(ctx, provider, owner, names, password, maxmemory, scope)
     if settle:
         ctx.ledger.set_names(ctx.env_key, owner, "redis", number, maxmemory=maxmemory)
     if running:
         return
     if not fresh:  # its user may be new (a destroy kept the data): the folder becomes its again
         await ctx.sh(provider, ops.redis_server_reown(service_dir, names["dir"], ctx.unix_user), owner, "redis folder")
-        await ctx.run_op(provider, pb.Operation(write_file=pb.WriteFileSpec(
-            path=f"{names['dir']}/redis.conf", mode=0o600, owner=ctx.unix_user,
-            content=ops.redis_server_conf(names["bind"], names["port"], password, names["dir"], maxmemory))),
-            owner, "redis.conf", scope=scope)
+        await _write_redis_conf(ctx, provider, owner, names, password, maxmemory, scope)
     log_path = f"{service_dir}/logs/redis-{number}.log"
     await ctx.run_op(provider, pb.Operation(service_start=pb.ServiceStartSpec(
         name=unit, instance=str(number), argv=[provider.settings["redis.server"], f"{names['dir']}/redis.conf"],
@@ -245,6 +239,15 @@ async def ensure_redis_server(ctx: JobContext, provider: Agent, owner: str, numb
         read = await ctx.sh(provider, ops.log_tail(log_path, 15), owner, "read log", check=False)
         raise StepFailed(owner, "redis", tail_of(ready).strip().splitlines()[-1] if tail_of(ready).strip()
                          else "the dedicated Redis did not answer", tail_of(read))
+
+
+async def _write_redis_conf(ctx: JobContext, provider: Agent, owner: str, names: dict, password: str,
+                            maxmemory: int, scope: Scope) -> None:
+    """The server's file, written again whole (the folder is the tenant's; write_file follows no link)."""
+    await ctx.run_op(provider, pb.Operation(write_file=pb.WriteFileSpec(
+        path=f"{names['dir']}/redis.conf", mode=0o600, owner=ctx.unix_user,
+        content=ops.redis_server_conf(names["bind"], names["port"], password, names["dir"], maxmemory))),
+        owner, "redis.conf", scope=scope)
 
 
 async def stop_redis_server(ctx: JobContext, provider: Agent, owner: str, number: int, step: str) -> None:
