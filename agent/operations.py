@@ -18,7 +18,7 @@ import structlog
 
 from protos import deployer_pb2 as pb
 
-from agent import executor, probe
+from agent import executor, logfiles, probe
 from agent.journal import Entry, Journal, JournalError, valid_op_id
 from common.redact import Patterns, bounded, patterns
 from agent.services import Supervisor
@@ -142,9 +142,10 @@ class Operations:
                    redact: Patterns) -> pb.OperationResult:
         # service_list prints only names, pids and paths the controller chose (and redacting its
         # JSON could break it); every result's error is redacted by the caller.
-        if kind == "exec":
+        if kind in ("exec", "log_read"):
             try:
-                run = executor.spawn(op.id, op.exec, str(self.services_root), held.spool, held.notify,
+                spec = op.exec if kind == "exec" else logfiles.read_exec(op.log_read, self.services_root)
+                run = executor.spawn(op.id, spec, str(self.services_root), held.spool, held.notify,
                                      redact)
             except executor.StartError as exc:
                 return pb.OperationResult(op_id=op.id, outcome=pb.FAILED_TO_START, error=str(exc))
@@ -158,7 +159,7 @@ class Operations:
             except OSError as exc:
                 # It runs regardless; only a crashed agent could not end its leftovers.
                 log.warning("op.process_not_journaled", op_id=op.id, error=exc.strerror)
-            return await executor.supervise(run, op.exec)
+            return await executor.supervise(run, spec)
         if kind == "write_file":
             return await asyncio.to_thread(executor.write_file, op.id, op.write_file, self.write_roots)
         if kind in ("service_start", "service_stop"):

@@ -22,7 +22,7 @@ import structlog
 
 from protos import deployer_pb2 as pb
 
-from agent import limits
+from agent import limits, logfiles
 from agent.executor import StartError, confine_env, limits_confine, prepare, resolve_user, started
 
 log = structlog.get_logger("agent")
@@ -45,6 +45,7 @@ class Supervisor:
         self.stopping: set[str] = set()   # ended on an order: not news
         self.told: set[tuple[str, int]] = set()  # (key, pid) whose end was said
         self.on_exit = None               # called with pb.ServiceExited when a process ends unasked
+        self.writers: list[subprocess.Popen] = []  # log writers, reaped as they end
 
     def _ended(self, key: str, state: dict, returncode: int | None) -> None:
         """Say once that a service ended without an order (`returncode` as Popen has it: -N for
@@ -61,6 +62,7 @@ class Supervisor:
         is seen when their pid is gone."""
         while True:
             await asyncio.sleep(every)
+            self.writers = [w for w in self.writers if w.poll() is None]
             for path in list(self.folder.glob("*.json")):
                 key = path.stem
                 if key in self.children or key in self.stopping:
@@ -95,7 +97,6 @@ class Supervisor:
             return pb.OperationResult(op_id=op_id, outcome=pb.EXITED,
                                       error=f"{key} already running (pid {previous['pid']})")
         user = resolve_user(spec.user) if spec.user else None
-        Path(spec.log_path).parent.mkdir(parents=True, exist_ok=True)
         launch = prepare(list(spec.argv), user, spec.cwd, spec.env_file, spec.env)
         confined = None
         if spec.HasField("limits"):
@@ -107,17 +108,19 @@ class Supervisor:
                 raise
             launch.argv = confined.argv
             launch.env.update(confine_env(launch, confined))
-        with open(spec.log_path, "ab") as logfile:
-            try:
-                proc = subprocess.Popen(launch.argv, cwd=launch.cwd, env=launch.env, stdin=subprocess.DEVNULL,
-                                        stdout=logfile, stderr=logfile, start_new_session=True,
-                                        close_fds=True, pass_fds=launch.pass_fds)
-            except FileNotFoundError:
-                launch.close()
-                raise StartError(f"command not found: {launch.argv[0]}") from None
-            except OSError as exc:
-                launch.close()
-                raise StartError(f"cannot start {launch.argv[0]}: {exc.strerror}") from None
+        logfile = self._log_sink(spec)
+        try:
+            proc = subprocess.Popen(launch.argv, cwd=launch.cwd, env=launch.env, stdin=subprocess.DEVNULL,
+                                    stdout=logfile, stderr=logfile, start_new_session=True,
+                                    close_fds=True, pass_fds=launch.pass_fds)
+        except FileNotFoundError:
+            launch.close()
+            raise StartError(f"command not found: {launch.argv[0]}") from None
+        except OSError as exc:
+            launch.close()
+            raise StartError(f"cannot start {launch.argv[0]}: {exc.strerror}") from None
+        finally:
+            os.close(logfile)
         await asyncio.to_thread(started, launch, proc, SERVICE_LAUNCH_WAIT_S)  # a slow launcher blocks no one
         self.children[key] = proc
         state = {"name": spec.name, "instance": spec.instance, "pid": proc.pid,
@@ -131,9 +134,29 @@ class Supervisor:
         if proc.poll() is not None:
             why = _oom(state) or f"exited at once with code {proc.returncode}"
             return pb.OperationResult(op_id=op_id, outcome=pb.FAILED_TO_START,
-                                      error=f"{key} {why} (see {spec.log_path})")
+                                      error=f"{key} {why} (see {spec.log_dir or spec.log_path})")
         log.info("service.started", service=key, pid=proc.pid)
         return pb.OperationResult(op_id=op_id, outcome=pb.EXITED)
+
+    def _log_sink(self, spec: pb.ServiceStartSpec) -> int:
+        """Where the service's output goes: the pipe to a log writer of its own (a process apart,
+        so it outlives this agent like the service does), or an appended file."""
+        if not spec.log_dir:
+            Path(spec.log_path).parent.mkdir(parents=True, exist_ok=True)
+            return os.open(spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        try:
+            writer = subprocess.Popen(logfiles.writer_argv(spec.log_dir, spec.log_file_bytes or logfiles.FILE_BYTES,
+                                                           spec.log_keep_bytes or logfiles.KEEP_BYTES),
+                                      stdin=read_end, stdout=subprocess.DEVNULL, cwd="/", env={"PATH": "/usr/bin:/bin"},
+                                      start_new_session=True, close_fds=True)
+        except OSError as exc:
+            os.close(write_end)
+            raise StartError(f"cannot start the log writer: {exc.strerror}") from None
+        finally:
+            os.close(read_end)
+        self.writers.append(writer)
+        return write_end
 
     async def _reap(self, key: str, proc: subprocess.Popen) -> None:
         """Our own children must be waited for, or they linger as zombies."""

@@ -257,38 +257,46 @@ class OperatorService(pb_grpc.OperatorServicer):
         return pb.ApplyReply(job_id=job.id)
 
     async def ServiceLogs(self, request, context):
-        """Tail the live instance's log on its agent; after a redeploy, move to the new one."""
+        """A service's output from its log files on the host of its live instance (or of the
+        instance asked for); every code instance of the service there, so a follower goes on
+        across restarts and redeploys. A new host (the service moved) gets a new reader."""
         env_key, service = request.environment, request.service
         app, _, env = env_key.partition("/")
-        tail = str(request.tail or 20)
-        current: tuple[str, int] | None = None
+        host: str | None = None
         op = None
         offset = 0
         wake = asyncio.Event()
         try:
             while True:
                 target = await self._log_target(env_key, service, request.instance, context)
-                if target != current:
+                if target[0] != host:
                     agent = self.registry.agents.get(target[0])
                     if agent is None or agent.state != "connected":
                         await context.abort(grpc.StatusCode.UNAVAILABLE, f"agent {target[0]} is not connected")
+                    read = pb.LogReadSpec(
+                        logs=f"{naming.service_dir(agent.services_root, app, env, service)}/logs",
+                        instance=str(request.instance or ""), since=request.since, until=request.until,
+                        tail=request.tail or (0 if request.since else 20), follow=request.follow,
+                        timestamps=request.timestamps)
                     if op is not None:
-                        self.dispatcher.cancel(op.id, "the service moved to a new instance")
+                        self.dispatcher.cancel(op.id, "the service moved to another host")
                         op.listeners.discard(wake)
                         yield pb.FollowEvent(status=pb.OperationStatus(
-                            agent_id=agent.id, note=f"now following code instance {target[1]}"))
-                    log_path = (f"{naming.service_dir(agent.services_root, app, env, service)}"
-                                f"/logs/{target[1]}.log")
-                    argv = commands.log_tail_argv(log_path, tail if current is None else "+1", request.follow)
-                    op = self.dispatcher.submit(agent.id, pb.Operation(
-                        id=operations.new_op_id(), exec=pb.ExecSpec(argv=argv)), environment=env_key)
+                            agent_id=agent.id, note=f"now following code instance {target[1]} on {agent.id}"))
+                        read.instance, read.tail, read.since = str(target[1]), 0, ""
+                    op = self.dispatcher.submit(agent.id, pb.Operation(id=operations.new_op_id(), log_read=read),
+                                                environment=env_key)
                     op.listeners.add(wake)
-                    current, offset = target, 0
+                    host, offset = target[0], 0
                 wake.clear()
                 for start, stream, data in op.output.read(offset):
                     yield pb.FollowEvent(output=pb.OutputChunk(op_id=op.id, offset=start, stream=stream, data=data))
                     offset = start + len(data)
                 if op.finished and offset >= op.output.received:
+                    if op.result and op.result.outcome != pb.EXITED:
+                        await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                            f"{env_key}/{service}: cannot read its logs on {host}: "
+                                            f"{op.result.error or pb.Outcome.Name(op.result.outcome).lower()}")
                     return
                 try:
                     await asyncio.wait_for(wake.wait(), 0.5)  # and look at the ledger twice a second

@@ -9,14 +9,16 @@ import argparse
 import json
 import sys
 import time
+from datetime import datetime, timezone
 
 import grpc
 
 from protos import deployer_pb2 as pb
 
-from common.errors import EXIT_FAILED, EXIT_OK
+from common import moments
+from common.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from deployctl import render
-from deployctl.client import call, call_json, connect, env_service, rpc_error
+from deployctl.client import CliError, call, call_json, connect, env_service, rpc_error
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -46,12 +48,21 @@ def cmd_job_show(args: argparse.Namespace) -> int:
 def cmd_service_logs(args: argparse.Namespace) -> int:
     """A service's own output, streamed from its agent; follows on to a new instance."""
     env, service = env_service(args.target)
+    now = datetime.now(timezone.utc)
+    bounds = {}
+    for flag in ("since", "until"):
+        try:
+            bounds[flag] = moments.parse(getattr(args, flag), now) if getattr(args, flag) else ""
+        except moments.MomentError as exc:
+            raise CliError(f"logs {args.target}: --{flag}: {exc}", EXIT_USAGE) from None
+    since, until = bounds["since"], bounds["until"]
     stub, where = connect(args)
     out = {pb.STDOUT: sys.stdout.buffer, pb.STDERR: sys.stderr.buffer}
     try:
         for event in stub.ServiceLogs(pb.ServiceLogsRequest(environment=env, service=service, follow=args.follow,
-                                                            tail=args.tail or 0,
-                                                            instance=args.instance or 0)):
+                                                            tail=args.tail or 0, instance=args.instance or 0,
+                                                            since=since, until=until,
+                                                            timestamps=args.timestamps)):
             kind = event.WhichOneof("ev")
             if kind == "output":
                 sink = out.get(event.output.stream, sys.stdout.buffer)

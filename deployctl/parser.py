@@ -183,15 +183,21 @@ def add_job_commands(sub) -> None:
 
     p = sub.add_parser("logs", help="a job's steps and operation output, or a service's own output",
                        description="deployctl logs JOB: the job's steps and the full output of each operation. "
-                                   "deployctl logs APP/ENV/SERVICE: the service's own output from its agent; "
-                                   "with -f it keeps following, onto the new instance after a redeploy.",
+                                   "deployctl logs APP/ENV/SERVICE: the service's own output from its agent, every code "
+                                   "instance's in time order (the last 20 lines unless --since or --tail); "
+                                   "with -f it keeps following, across restarts and redeploys.",
                        epilog="examples: deployctl logs job-20261125T101500-a1b2c3 | deployctl logs shop/prod/web -f | "
-                              "deployctl logs shop/prod/web --instance 4")
+                              "deployctl logs shop/prod/web --instance 4 | deployctl logs shop/prod/web --since 10m -t")
     p.add_argument("job_id", metavar="JOB | APP/ENV/SERVICE")
     p.add_argument("-f", "--follow", action="store_true")
     p.add_argument("--tail", type=int, help="service logs: lines of the past to show first (default 20)")
     p.add_argument("--instance", type=int, metavar="N",
                    help="service logs: code instance N's output, live or not (one that failed, say)")
+    p.add_argument("--since", metavar="WHEN",
+                   help="service logs: lines from this moment on: a time ago (10m, 2h, 1d) or a UTC time (2026-12-02T22:40)")
+    p.add_argument("--until", metavar="WHEN", help="service logs: lines before this moment (same forms)")
+    p.add_argument("-t", "--timestamps", action="store_true",
+                   help="service logs: each line with its time (UTC) and code instance")
     p.set_defaults(func=cmd_logs)
 
     p = sub.add_parser("ledger", help="which instance of each component every deploy made or reused",

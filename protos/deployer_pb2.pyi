@@ -113,7 +113,7 @@ class WriteFileSpec(_message.Message):
     def __init__(self, path: _Optional[str] = ..., content: _Optional[bytes] = ..., mode: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class ServiceStartSpec(_message.Message):
-    __slots__ = ("name", "instance", "argv", "cwd", "env", "env_file", "user", "log_path", "limits")
+    __slots__ = ("name", "instance", "argv", "cwd", "env", "env_file", "user", "log_path", "limits", "log_dir", "log_file_bytes", "log_keep_bytes")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,9 @@ class ServiceStartSpec(_message.Message):
     USER_FIELD_NUMBER: _ClassVar[int]
     LOG_PATH_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    LOG_DIR_FIELD_NUMBER: _ClassVar[int]
+    LOG_FILE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOG_KEEP_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     instance: str
     argv: _containers.RepeatedScalarFieldContainer[str]
@@ -139,7 +142,28 @@ class ServiceStartSpec(_message.Message):
     user: str
     log_path: str
     limits: Limits
-    def __init__(self, name: _Optional[str] = ..., instance: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., env_file: _Optional[str] = ..., user: _Optional[str] = ..., log_path: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+    log_dir: str
+    log_file_bytes: int
+    log_keep_bytes: int
+    def __init__(self, name: _Optional[str] = ..., instance: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., env_file: _Optional[str] = ..., user: _Optional[str] = ..., log_path: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., log_dir: _Optional[str] = ..., log_file_bytes: _Optional[int] = ..., log_keep_bytes: _Optional[int] = ...) -> None: ...
+
+class LogReadSpec(_message.Message):
+    __slots__ = ("logs", "instance", "since", "until", "tail", "follow", "timestamps")
+    LOGS_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
+    TAIL_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMPS_FIELD_NUMBER: _ClassVar[int]
+    logs: str
+    instance: str
+    since: str
+    until: str
+    tail: int
+    follow: bool
+    timestamps: bool
+    def __init__(self, logs: _Optional[str] = ..., instance: _Optional[str] = ..., since: _Optional[str] = ..., until: _Optional[str] = ..., tail: _Optional[int] = ..., follow: _Optional[bool] = ..., timestamps: _Optional[bool] = ...) -> None: ...
 
 class ServiceStopSpec(_message.Message):
     __slots__ = ("name", "instance", "grace_s")
@@ -184,7 +208,7 @@ class HttpProbeSpec(_message.Message):
     def __init__(self, url: _Optional[str] = ..., expect_status: _Optional[int] = ..., attempts: _Optional[int] = ..., interval_s: _Optional[float] = ..., timeout_s: _Optional[float] = ..., host_header: _Optional[str] = ..., service_name: _Optional[str] = ..., service_instance: _Optional[str] = ..., expect_statuses: _Optional[_Iterable[int]] = ..., deadline_s: _Optional[float] = ...) -> None: ...
 
 class Operation(_message.Message):
-    __slots__ = ("id", "exec", "write_file", "service_start", "service_stop", "service_list", "http_probe", "redact")
+    __slots__ = ("id", "exec", "write_file", "service_start", "service_stop", "service_list", "http_probe", "log_read", "redact")
     ID_FIELD_NUMBER: _ClassVar[int]
     EXEC_FIELD_NUMBER: _ClassVar[int]
     WRITE_FILE_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +216,7 @@ class Operation(_message.Message):
     SERVICE_STOP_FIELD_NUMBER: _ClassVar[int]
     SERVICE_LIST_FIELD_NUMBER: _ClassVar[int]
     HTTP_PROBE_FIELD_NUMBER: _ClassVar[int]
+    LOG_READ_FIELD_NUMBER: _ClassVar[int]
     REDACT_FIELD_NUMBER: _ClassVar[int]
     id: str
     exec: ExecSpec
@@ -200,8 +225,9 @@ class Operation(_message.Message):
     service_stop: ServiceStopSpec
     service_list: ServiceListSpec
     http_probe: HttpProbeSpec
+    log_read: LogReadSpec
     redact: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[str] = ..., exec: _Optional[_Union[ExecSpec, _Mapping]] = ..., write_file: _Optional[_Union[WriteFileSpec, _Mapping]] = ..., service_start: _Optional[_Union[ServiceStartSpec, _Mapping]] = ..., service_stop: _Optional[_Union[ServiceStopSpec, _Mapping]] = ..., service_list: _Optional[_Union[ServiceListSpec, _Mapping]] = ..., http_probe: _Optional[_Union[HttpProbeSpec, _Mapping]] = ..., redact: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., exec: _Optional[_Union[ExecSpec, _Mapping]] = ..., write_file: _Optional[_Union[WriteFileSpec, _Mapping]] = ..., service_start: _Optional[_Union[ServiceStartSpec, _Mapping]] = ..., service_stop: _Optional[_Union[ServiceStopSpec, _Mapping]] = ..., service_list: _Optional[_Union[ServiceListSpec, _Mapping]] = ..., http_probe: _Optional[_Union[HttpProbeSpec, _Mapping]] = ..., log_read: _Optional[_Union[LogReadSpec, _Mapping]] = ..., redact: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class OutputChunk(_message.Message):
     __slots__ = ("op_id", "seq", "offset", "stream", "data")
@@ -628,18 +654,24 @@ class CheckRequest(_message.Message):
     def __init__(self, environment: _Optional[str] = ..., action: _Optional[str] = ..., dry_run: _Optional[bool] = ..., purge_data: _Optional[bool] = ...) -> None: ...
 
 class ServiceLogsRequest(_message.Message):
-    __slots__ = ("environment", "service", "follow", "tail", "instance")
+    __slots__ = ("environment", "service", "follow", "tail", "instance", "since", "until", "timestamps")
     ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     FOLLOW_FIELD_NUMBER: _ClassVar[int]
     TAIL_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMPS_FIELD_NUMBER: _ClassVar[int]
     environment: str
     service: str
     follow: bool
     tail: int
     instance: int
-    def __init__(self, environment: _Optional[str] = ..., service: _Optional[str] = ..., follow: _Optional[bool] = ..., tail: _Optional[int] = ..., instance: _Optional[int] = ...) -> None: ...
+    since: str
+    until: str
+    timestamps: bool
+    def __init__(self, environment: _Optional[str] = ..., service: _Optional[str] = ..., follow: _Optional[bool] = ..., tail: _Optional[int] = ..., instance: _Optional[int] = ..., since: _Optional[str] = ..., until: _Optional[str] = ..., timestamps: _Optional[bool] = ...) -> None: ...
 
 class PlanReply(_message.Message):
     __slots__ = ("plan_json",)

@@ -199,3 +199,42 @@ def test_a_wiped_release_comes_back_from_its_commit_and_a_dropped_database_is_on
     assert mysql(f"SHOW DATABASES LIKE '{database}'").strip() == ""  # reported, not recreated
     ledger = json.loads(ok(cluster.deployctl("ledger", f"heal/{env}", "site", "--json")))["site"]
     assert [d["code"] for d in ledger["deploys"]] == [1, 1]  # the same code instance, from its commit
+
+
+def test_logs_since_and_until_give_exactly_a_window_across_a_restart(world):
+    """Every line is stamped as it is read; a restart starts a file of its own in the same
+    instance's folder, and a window is cut by those stamps, whichever run wrote the lines."""
+    cluster, env = world["cluster"], new_env(world)
+    ok(cluster.deployctl("apply", site(world, env, "always"), timeout=300))
+
+    def mark(name: str) -> None:
+        assert http_get(world["nginx"].port, f"/package.json?m={name}", f"{env}.heal.test")[0] == 200
+
+    for i in range(5):
+        mark(f"before-{i}")
+    killed = kill_live(world, env)
+    wait_for(lambda: answers(world, env) and status(world, env).get("pid") not in (killed, None), 30, every=0.05,
+             what="the site back after its kill")
+    for i in range(5):
+        mark(f"after-{i}")
+    time.sleep(0.5)
+    target = f"heal/{env}/site"
+    stamped = [line.split(" ", 2) for line in ok(cluster.deployctl("logs", target, "-t", "--since", "1h")).splitlines()]
+    assert all(at.endswith("Z") and instance == "[1]" for at, instance, _body in stamped), stamped[:3]
+    marked = [(at, body) for at, _i, body in stamped if "?m=" in body]
+    assert [body.split("?m=")[1].split()[0] for _at, body in marked] == \
+        [f"before-{i}" for i in range(5)] + [f"after-{i}" for i in range(5)]
+    since, until = marked[3][0], marked[7][0]
+    window = ok(cluster.deployctl("logs", target, "--since", since, "--until", until)).splitlines()
+    assert window == [body for at, _i, body in stamped if since <= at < until]
+    assert sum("?m=" in line for line in window) == 4
+    assert ok(cluster.deployctl("logs", target, "--tail", "1")).splitlines() == [stamped[-1][2]]
+    folder = cluster.agents["computing-1"].services_root / f"auto-heal-{env}-site" / "logs" / "1"
+    runs = sorted(p.name for p in folder.iterdir())
+    assert len(runs) == 2 and all(p.endswith(".0001.log") for p in runs), runs  # one file per run
+    info = folder.stat()
+    assert (info.st_uid, oct(info.st_mode & 0o777)) == (0, "0o750")
+    bad = cluster.deployctl("logs", target, "--since", "yesterday")
+    assert bad.returncode == 2 and bad.stderr.decode().strip() == (
+        f"deployctl: logs {target}: --since: 'yesterday' is not a moment; write a time ago (10m, 2h, 1d) "
+        "or a UTC date and time (2026-12-02T22:40)")

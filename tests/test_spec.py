@@ -122,8 +122,17 @@ BAD_SPECS = [
     ("yaml-two-documents", WORKER, WORKER + "---\napp: other\n",
      "shop.yml:19: invalid YAML: expected a single document in the stream, but found another document "
      "(column 1)"),
+    ("logs-bad-size", "domain: shop.localhost\n", "domain: shop.localhost\nlogs: {file: lots}\n",
+     "shop.yml:4: logs.file: 'lots' is not a size; write bytes or a number with K, M, G or T (powers of 1024), "
+     "like 512M or 2G"),
+    ("logs-cap-below-two-files", "domain: shop.localhost\n", "domain: shop.localhost\nlogs: {file: 10M, service: 15M}\n",
+     "shop.yml:4: logs.service: 15M is out of range: between 20M and 1T"),
+    ("logs-environment-too-small", "domain: shop.localhost\n",
+     "domain: shop.localhost\nlogs: {file: 1M, environment: 3M}\n",
+     "shop.yml:4: logs.environment: 3M for 2 services leaves each less than two files of 1M: raise "
+     "logs.environment or lower logs.file"),
     ("unknown-top-level-key", "domain: shop.localhost\n", "domain: shop.localhost\nowner: me\n",
-     "shop.yml:4: owner: unknown key 'owner'; known keys: version, app, environment, domain, limits, services"),
+     "shop.yml:4: owner: unknown key 'owner'; known keys: version, app, environment, domain, limits, logs, services"),
     ("unknown-service-key", "    path: /", "    pth: /",
      "shop.yml:6: services.web.pth: unknown key 'pth' (did you mean 'path'?); known keys: path, source, ref, "
      "root, install, build, migrate, start, health, healthy_after, drain, env, secrets, uses, redis, restart"),
@@ -542,7 +551,7 @@ def test_empty_diff_changes_nothing(stored, shop):
                          "but got '<stream end>' (column 1)"),
     ("- web\n", "environment-diff.yml:1: a diff must be a mapping (a partial spec), not a list"),
     ("owner: me\n", "environment-diff.yml:1: owner: unknown key 'owner'; known keys: version, app, environment, "
-                    "domain, limits, services"),
+                    "domain, limits, logs, services"),
 ])
 def test_bad_diffs_name_the_diff_file_and_line(stored, diff, expected):
     with pytest.raises(SpecError) as err:
@@ -645,6 +654,7 @@ def test_schema_keys_match_the_loader():
     assert SCHEMA["$defs"]["reservedEnv"]["enum"] == list(spec_mod.RESERVED_ENV)
     assert service["properties"]["uses"]["items"]["pattern"].endswith(f"({'|'.join(spec_mod.COMPONENTS)})$")
     assert list(service["properties"]["redis"]["properties"]) == list(spec_mod.REDIS_KEYS)
+    assert list(SCHEMA["properties"]["logs"]["properties"]) == list(spec_mod.LOG_KEYS)
     assert service["properties"]["redis"]["properties"]["mode"]["enum"] == list(spec_mod.REDIS_MODES)
     assert SCHEMA["additionalProperties"] is False and service["additionalProperties"] is False
 

@@ -710,16 +710,6 @@ def remove_file(path: str) -> str:
     return f"rm -f {_sh(path)}"
 
 
-def log_tail_argv(path: str, lines: str, follow: bool) -> list[str]:
-    """`tail` of a service's log (`lines`: a count, or +1 for all of it), following it by name
-    across rotation when `follow`."""
-    return ["tail", "-n", lines, *(["-F"] if follow else []), path]
-
-
-def log_tail(path: str, lines: int) -> str:
-    return f"tail -n {int(lines)} {_sh(path)}"
-
-
 def redis_admin(redis_cli: str, expect: str = "OK") -> str:
     """redis-cli exits 0 even when Redis answers an error, so the reply is checked; it is not
     printed, since an ACL error can quote the rule it refused."""

@@ -157,6 +157,21 @@ class JobContext:
         lim = self.spec.limits
         return ops.limits(lim.memory, lim.cpu, lim.processes, self.unix_user, host.services_root)
 
+    def log_files(self, service_dir: str, instance: str) -> dict:
+        """Where a process of the environment writes its output: stamped, rotated files in the
+        instance's folder of the service's `logs`, kept under the service's share of the
+        environment's cap (a driver that cannot stamp appends to `log_path`)."""
+        logs = self.spec.logs
+        return {"log_path": f"{service_dir}/logs/{instance}.log", "log_dir": f"{service_dir}/logs/{instance}",
+                "log_file_bytes": logs.file, "log_keep_bytes": logs.keep(len(self.spec.services))}
+
+    async def log_tail(self, host: Agent, service_dir: str, instance: str, service: str,
+                       lines: int = OUTPUT_TAIL_LINES) -> str:
+        """The last lines an instance printed: why it failed is usually there."""
+        read = await self.run_op(host, pb.Operation(log_read=pb.LogReadSpec(
+            logs=f"{service_dir}/logs", instance=instance, tail=lines)), service, "read log", check=False)
+        return tail_of(read, lines)
+
     def unit(self, service: str) -> str:
         return naming.unit_base(self.spec.app, self.spec.environment, service)
 

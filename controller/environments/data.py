@@ -228,17 +228,16 @@ async def ensure_redis_server(ctx: JobContext, provider: Agent, owner: str, numb
     if not fresh:  # its user may be new (a destroy kept the data): the folder becomes its again
         await ctx.sh(provider, ops.redis_server_reown(service_dir, names["dir"], ctx.unix_user), owner, "redis folder")
         await _write_redis_conf(ctx, provider, owner, names, password, maxmemory, scope)
-    log_path = f"{service_dir}/logs/redis-{number}.log"
     await ctx.run_op(provider, pb.Operation(service_start=pb.ServiceStartSpec(
         name=unit, instance=str(number), argv=[provider.settings["redis.server"], f"{names['dir']}/redis.conf"],
-        cwd=names["dir"], env={"HOME": names["dir"]}, user=ctx.unix_user, log_path=log_path,
-        limits=ctx.limits(provider))), owner, "start redis")
+        cwd=names["dir"], env={"HOME": names["dir"]}, user=ctx.unix_user, limits=ctx.limits(provider),
+        **ctx.log_files(service_dir, f"redis-{number}"))), owner, "start redis")
     ready = await ctx.sh(provider, ops.redis_server_ready(names["bind"], names["port"], 30), owner, "redis ready",
                          stdin=password.encode(), scope=scope, check=False, user=ctx.unix_user)
     if ready.result.exit_code != 0:
-        read = await ctx.sh(provider, ops.log_tail(log_path, 15), owner, "read log", check=False)
+        own = await ctx.log_tail(provider, service_dir, f"redis-{number}", owner)
         raise StepFailed(owner, "redis", tail_of(ready).strip().splitlines()[-1] if tail_of(ready).strip()
-                         else "the dedicated Redis did not answer", tail_of(read))
+                         else "the dedicated Redis did not answer", own)
 
 
 async def _write_redis_conf(ctx: JobContext, provider: Agent, owner: str, names: dict, password: str,

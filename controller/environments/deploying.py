@@ -15,8 +15,8 @@ import asyncio
 from protos import deployer_pb2 as pb
 
 from controller.environments import backups, commands as ops, data, naming, ownership, routing, teardown
-from controller.environments.context import (OUTPUT_TAIL_LINES, JobContext, PlacementError, StepFailed,
-                                             allocate_port, claim_host, output_of, pick_agent, tail_of)
+from controller.environments.context import (JobContext, PlacementError, StepFailed, allocate_port, claim_host,
+                                             output_of, pick_agent)
 from controller.environments.data import Deployment
 from controller.environments.facts import ServiceProcesses
 from controller.environments.planner import Plan, ServicePlan
@@ -306,9 +306,9 @@ async def start(ctx: JobContext, d: Deployment, workdir: str, env_path: str) -> 
     unit = ctx.unit(name)
     await ctx.run_op(d.host, pb.Operation(service_start=pb.ServiceStartSpec(
         name=unit, instance=d.process, argv=["sh", "-c", f"exec {service.start}"], cwd=workdir,
-        env=env, env_file=env_path, user=ctx.unix_user,
-        log_path=f"{d.service_dir}/logs/{d.code}.log", limits=ctx.limits(d.host))), name, "start")
-    check, log_path = service.check, f"{d.service_dir}/logs/{d.code}.log"
+        env=env, env_file=env_path, user=ctx.unix_user, limits=ctx.limits(d.host),
+        **ctx.log_files(d.service_dir, str(d.code)))), name, "start")
+    check = service.check
     if service.is_web:
         try:
             await ctx.run_op(d.host, pb.Operation(http_probe=pb.HttpProbeSpec(
@@ -317,14 +317,14 @@ async def start(ctx: JobContext, d: Deployment, workdir: str, env_path: str) -> 
                 service_instance=d.process)), name, "health")
         except StepFailed as failed:
             if not failed.cut:  # the probe has nothing to say: the instance's own output has
-                failed.tail = await _log_tail(ctx, d, log_path)
+                failed.tail = await _log_tail(ctx, d)
             raise
         return
     await asyncio.sleep(service.healthy_after)
     listing = await ctx.run_op(d.host, ServiceProcesses.operation(unit), name, "health")
     if not any(p.instance == d.process and p.alive for p in ServiceProcesses.parse(output_of(listing), unit)):
         raise StepFailed(name, "health", f"the daemon did not stay up for {service.healthy_after:g}s",
-                         await _log_tail(ctx, d, log_path))
+                         await _log_tail(ctx, d))
     if check.command:
         try:
             await ctx.sh(d.host, ops.health_command_script(check.command, check.interval, check.timeout,
@@ -332,15 +332,13 @@ async def start(ctx: JobContext, d: Deployment, workdir: str, env_path: str) -> 
                          name, "health command", cwd=workdir, env_file=env_path, user=ctx.unix_user,
                          env=service_env(d), timeout=check.deadline + check.timeout + 30)
         except StepFailed as failed:
-            own = "" if failed.cut else "\n--- the daemon's own output ---\n" + await _log_tail(ctx, d, log_path)
+            own = "" if failed.cut else "\n--- the daemon's own output ---\n" + await _log_tail(ctx, d)
             raise StepFailed(name, "health", f"{check.command!r} did not succeed within {check.deadline:g}s",
                              failed.tail + own, cut=failed.cut) from None
 
 
-async def _log_tail(ctx: JobContext, d: Deployment, log_path: str) -> str:
-    """The last lines the instance printed: why it failed is usually there."""
-    read = await ctx.sh(d.host, ops.log_tail(log_path, OUTPUT_TAIL_LINES), d.service.name, "read log", check=False)
-    return tail_of(read)
+async def _log_tail(ctx: JobContext, d: Deployment) -> str:
+    return await ctx.log_tail(d.host, d.service_dir, str(d.code), d.service.name)
 
 
 async def _allocate_port(ctx: JobContext, d: Deployment) -> int:

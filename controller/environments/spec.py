@@ -34,7 +34,7 @@ DEFAULT_HEALTH = "/"
 DEFAULT_HEALTHY_AFTER = 5.0
 DEFAULT_DRAIN = 30.0   # the longest wait for the old instance's requests to end after a switch
 
-TOP_KEYS = ("version", "app", "environment", "domain", "limits", "services")
+TOP_KEYS = ("version", "app", "environment", "domain", "limits", "logs", "services")
 TOP_REQUIRED = ("app", "environment", "domain", "services")
 SERVICE_KEYS = ("path", "source", "ref", "root", "install", "build", "migrate", "start", "health",
                 "healthy_after", "drain", "env", "secrets", "uses", "redis", "restart")
@@ -43,6 +43,7 @@ DAEMON_HEALTH_KEYS = ("command", "timeout", "interval", "deadline")
 SERVICE_REQUIRED = ("source", "ref", "start")
 OPTION_KEYS = ("services", "renew", "refs")
 LIMIT_KEYS = ("memory", "cpu", "processes", "mysql_connections")
+LOG_KEYS = ("file", "service", "environment")
 REDIS_KEYS = ("mode", "maxmemory")
 RESTART_KEYS = ("attempts", "stable_after")
 REDIS_MODES = ("prefix", "dedicated")  # an ACL user and key prefix on a shared server, or a server of its own
@@ -235,6 +236,25 @@ class Limits:
         return out
 
 
+@dataclass(frozen=True)
+class Logs:
+    """How much of its services' output an environment keeps on each host: files of `file` bytes,
+    at most `service` bytes per service and `environment` bytes for all of them together
+    (docs/decisions/030-service-logs.md)."""
+
+    file: int = 10 << 20
+    service: int = 100 << 20
+    environment: int = 1 << 30
+
+    def keep(self, services: int) -> int:
+        """The bytes one service may keep: its own cap, or its share of the environment's."""
+        return min(self.service, self.environment // max(services, 1))
+
+    def to_dict(self) -> dict:
+        default = Logs()
+        return {k: memory_text(getattr(self, k)) for k in LOG_KEYS if getattr(self, k) != getattr(default, k)}
+
+
 def memory_text(n: int) -> str | int:
     for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
         if n % (1 << shift) == 0:
@@ -250,6 +270,7 @@ class Spec:
     domain: str
     services: tuple[Service, ...]
     limits: Limits = Limits()
+    logs: Logs = Logs()
     source: "_Source | None" = field(default=None, compare=False, repr=False)  # where each value was read
 
     def error(self, key: Key, message: str) -> "SpecError":
@@ -271,6 +292,8 @@ class Spec:
                "domain": self.domain}
         if self.limits.to_dict():
             out["limits"] = self.limits.to_dict()
+        if self.logs.to_dict():
+            out["logs"] = self.logs.to_dict()
         out["services"] = {s.name: s.to_dict() for s in self.services}
         return out
 
@@ -580,7 +603,8 @@ def _spec(data: Any, source: _Source) -> Spec:
     domain = _domain(source, ("domain",), data["domain"])
     services = _services(source, data["services"])
     limits = _limits(source, ("limits",), data.get("limits"))
-    return Spec(VERSION, app, environment, domain, services, limits, source)
+    logs = _logs(source, ("logs",), data.get("logs"), len(services))
+    return Spec(VERSION, app, environment, domain, services, limits, logs, source)
 
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
@@ -603,6 +627,30 @@ def _limits(source: _Source, key: Key, value: Any) -> Limits:
                          PROCESSES_MIN, PROCESSES_MAX, "processes"),
         mysql_connections=_count(source, key + ("mysql_connections",), value.get("mysql_connections"),
                                  default.mysql_connections, 1, MYSQL_CONNECTIONS_MAX, "connections"))
+
+
+LOG_FILE_MIN, LOG_FILE_MAX = 64 << 10, 1 << 30
+
+
+def _logs(source: _Source, key: Key, value: Any, services: int) -> Logs:
+    if value is None:
+        return Logs()
+    _mapping(source, key, value)
+    _known_keys(source, key, value, LOG_KEYS)
+    default = Logs()
+    file = _size(source, key + ("file",), value["file"], LOG_FILE_MIN, LOG_FILE_MAX) if "file" in value else default.file
+    cap = {k: _size(source, key + (k,), value[k], 2 * file, 1 << 40) if k in value else getattr(default, k)
+           for k in ("service", "environment")}
+    logs = Logs(file, cap["service"], cap["environment"])
+    if logs.keep(services) < 2 * file:
+        at = key + ("environment",) if "environment" in value else key + ("file",)
+        raise source.error(at, f"{memory_text(logs.environment)} for {services} services leaves each less than "
+                               f"two files of {memory_text(file)}: raise logs.environment or lower logs.file")
+    for k in ("service", "environment"):
+        if k not in value and cap[k] < 2 * file:
+            raise source.error(key + ("file",), f"{memory_text(file)} files leave fewer than two under the "
+                                                f"default {k} cap of {memory_text(cap[k])}")
+    return logs
 
 
 def _memory(source: _Source, key: Key, value: Any) -> int:
