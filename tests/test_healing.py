@@ -90,6 +90,9 @@ def test_a_killed_web_process_comes_back_with_no_operator_action(world):
           f"worst {max(back):.2f}s; {len(load.tally.failed)} of {load.tally.total} requests failed meanwhile "
           "(nginx answers 502 at once while nothing listens)")
     assert load.tally.total >= 2000
+    # The site answers once the route is switched; the heal's own event follows when its job ends.
+    wait_for(lambda: [e["kind"] for e in events(world, env)].count("restarted") >= 20, 30,
+             what="the last heal's event")
     kinds = [e["kind"] for e in events(world, env)]
     assert kinds.count("exited") == 20 and kinds.count("restarted") == 20 and "crash-loop" not in kinds
     exited = next(e for e in events(world, env) if e["kind"] == "exited")
