@@ -29,6 +29,10 @@ from controller.state.db import Database
 from controller.fleet.dispatcher import Dispatcher
 from controller.fleet.door import AGENT, ENROLLEE, OPERATOR, Door
 from controller.environments.healing import Healer
+from controller.environments.notify import Notifier
+from controller import settings as settings_mod
+from controller.state import retention
+from controller.state.outbox import Outbox
 from controller.state.events import EnvEvents
 from controller.environments.orders import Environments
 from controller.state.ledger import Ledger
@@ -65,6 +69,7 @@ ENROLL_OPTIONS = [
     ("grpc.so_reuseport", 0),
 ]
 DEFAULT_LISTEN = "127.0.0.1:7710"
+RETENTION_EVERY_S = 3600.0
 
 
 def server_credentials(authority: Authority, clients: bool) -> grpc.ServerCredentials:
@@ -188,7 +193,9 @@ def _lock_store(store: Path) -> int:
 class Controller:
     def __init__(self, store: Path, socket_path: Path, listen: str, operator_listen: str | None,
                  lost_after: float, insecure: bool = False, enroll_listen: str | None = None,
-                 tls_names: list[str] = (), agent_cert_ttl: float = DEFAULT_AGENT_TTL_S) -> None:
+                 tls_names: list[str] = (), agent_cert_ttl: float = DEFAULT_AGENT_TTL_S,
+                 settings: settings_mod.Settings = settings_mod.Settings()) -> None:
+        self.settings = settings
         self.store = store
         self.socket_path = socket_path
         self.listen = listen
@@ -256,6 +263,21 @@ class Controller:
         servers.append(agents)
         return servers
 
+    async def _prune_every(self, db: Database, dispatcher: Dispatcher) -> None:
+        """Job retention: at start, then every hour (the folders go off the event loop)."""
+        while True:
+            try:
+                planned = retention.plan(self.store, db, self.settings.retention, dispatcher.followed)
+                if planned.jobs or planned.operations:
+                    done = await asyncio.to_thread(retention.remove, planned)
+                    retention.record(db, done)
+                    dispatcher.forget([op for _, ops in done.jobs for op in ops] + done.operations)
+                    log.info("retention.pruned", jobs=len(done.jobs), operations=len(done.operations),
+                             bytes=done.bytes)
+            except Exception as exc:  # never take the controller down; said, and tried again later
+                log.error("retention.failed", error=f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(RETENTION_EVERY_S)
+
     async def run(self) -> None:
         self._check_addresses()
         self.enroll_listen = self.enroll_listen or enroll_address(self.listen)
@@ -263,7 +285,8 @@ class Controller:
         registry = Registry(db, self.lost_after)
         ledger = Ledger(db, owner=owner_id(authority.fingerprint))
         dispatcher = Dispatcher(db, registry, self.store, ledger)
-        environments = Environments(self.store, dispatcher, registry, ledger)
+        notifier = Notifier(Outbox(db), self.settings.targets, self.settings.retry)
+        environments = Environments(self.store, dispatcher, registry, ledger, notifier)
         environments.healer = Healer(environments, EnvEvents(db))
         servers = self._agent_servers(registry, dispatcher, enrolment, authority)
         operator_tokens = OperatorTokens(db, authority.fingerprint)
@@ -286,6 +309,8 @@ class Controller:
             await server.start()
         os.chmod(self.socket_path, 0o600)
         sweeper = asyncio.create_task(registry.sweeper())
+        notifier.start()
+        pruner = asyncio.create_task(self._prune_every(db, dispatcher))
         log.info("controller.started", version=__version__, store=str(self.store),
                  listen=self.listen, tls=not self.insecure,
                  enroll=None if self.insecure else self.enroll_listen,
@@ -301,6 +326,8 @@ class Controller:
         for server in reversed(servers):
             await server.stop(1.0 if server is operators else 2.0)
         sweeper.cancel()
+        pruner.cancel()
+        notifier.stop()
         dispatcher.close()
         db.close()
         self.socket_path.unlink(missing_ok=True)
@@ -331,6 +358,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "token: deployctl operator-token create)")
     parser.add_argument("--lost-after", type=float, default=60.0,
                         help="seconds without contact before a disconnected agent is lost (default 60)")
+    parser.add_argument("--config", type=Path,
+                        help="settings file: job retention, notification webhooks (e.g. /etc/deployer/controller.yml)")
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--log-file", type=Path, help="append JSON logs here instead of stderr")
     parser.add_argument("--version", action="version", version=f"deployer-controller {__version__}")
@@ -344,10 +373,15 @@ def main(argv: list[str] | None = None) -> int:
     log_stream = open(args.log_file, "a", buffering=1) if args.log_file else None
     configure_logging(args.log_level, log_stream)
     store = (args.store or default_store()).resolve()
+    try:
+        settings = settings_mod.load(args.config)
+    except settings_mod.ConfigError as exc:
+        print(f"deployer-controller: {exc}", file=sys.stderr)
+        return 2
     controller = Controller(store, (args.socket or store / "control.sock").resolve(), args.listen,
                             args.operator_listen, args.lost_after, insecure=args.insecure,
                             enroll_listen=args.enroll_listen, tls_names=args.tls_name,
-                            agent_cert_ttl=args.agent_cert_ttl)
+                            agent_cert_ttl=args.agent_cert_ttl, settings=settings)
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import time
 
 import grpc
 import structlog
@@ -331,10 +332,18 @@ class OperatorService(pb_grpc.OperatorServicer):
         folder = self.environments.store / "jobs" / job_id
         return folder if folder.is_dir() else None
 
+    def _no_folder(self, job_id: str) -> str:
+        row = JobTable(self.dispatcher.db).get(job_id) if job_id.startswith("job-") else None
+        if row is None or not row.get("pruned"):
+            return f"unknown job {job_id!r}"
+        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(row["pruned"]))
+        return (f"job {job_id} ({row['kind']}, {row['state']}: {row['summary']}): its folder and outputs were removed "
+                f"by the controller's job retention on {when} UTC")
+
     async def FollowJob(self, request, context):
         folder = self._job_folder(request.job_id)
         if folder is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown job {request.job_id!r}")
+            await context.abort(grpc.StatusCode.NOT_FOUND, self._no_folder(request.job_id))
         job = self.environments.jobs.get(request.job_id)
         wake = asyncio.Event()
         if job is not None:

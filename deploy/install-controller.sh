@@ -10,6 +10,7 @@ DEPLOY_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
 
 readonly UNIT=deployer-controller.service
 readonly ENV_FILE=$CONFIG_DIR/controller.env
+readonly SETTINGS_FILE=$CONFIG_DIR/controller.yml
 readonly SERVICE_USER=deployer
 # Must match StateDirectory=/RuntimeDirectory= and ExecStart= in the unit.
 readonly STATE_DIR=/var/lib/deployer
@@ -30,6 +31,8 @@ Install or upgrade the deployer controller on this server (run as root):
   - writes $ENV_FILE (mode 0640, listen addresses) unless it already
     exists (an existing file is never overwritten, even if other values are
     given),
+  - writes $SETTINGS_FILE (root:$SERVICE_USER, 0640: job retention and
+    notification webhooks, all at their defaults) unless it already exists,
   - installs $UNIT into $UNIT_DIR,
   - if systemd runs this machine: enables the controller and (re)starts it;
     otherwise prints the command that starts it by hand.
@@ -121,6 +124,25 @@ render_env() {
     fi
 }
 
+# render_settings: controller.yml with every setting at its default, as comments.
+render_settings() {
+    cat <<'YAML'
+# deployer controller settings (see docs/decisions/031-notifications-and-job-retention.md).
+# Edit, then run "systemctl restart deployer-controller". Every key is optional.
+#
+# jobs:
+#   keep: 30d          # finished jobs' folders and operation outputs older than this go,
+#   keep_last: 20      # except each environment's newest 20 jobs
+# notify:
+#   - name: ops
+#     url: https://hooks.example.org/deployer
+#     format: json     # or slack (a Slack-compatible incoming webhook)
+#     key_file: /etc/deployer/notify-ops.key   # HMAC key: root:deployer, mode 0640
+#     events: [job.finished, service.crash_loop, agent.lost, verify.drift]
+# notify_retry: {first: 1s, max: 60s, give_up_after: 24h}
+YAML
+}
+
 if [ "$print_config" = 1 ]; then
     render_env
     exit 0
@@ -164,6 +186,14 @@ else
     fi
 fi
 
+# controller.yml: read by the controller itself (as $SERVICE_USER), so its
+# group is $SERVICE_USER; webhook URLs may be secrets, so no one else reads it.
+if render_settings | write_config_once "$SETTINGS_FILE"; then
+    chgrp "$SERVICE_USER" "$SETTINGS_FILE"
+else
+    info "kept the existing $SETTINGS_FILE (never overwritten)"
+fi
+
 install_unit "$UNIT" "$prefix"
 
 if systemd_is_pid1; then
@@ -176,7 +206,7 @@ else
     info "  install -d -m 0700 -o $SERVICE_USER -g $SERVICE_USER $RUN_DIR   # after each boot"
     info "  set -a; . $ENV_FILE; set +a"
     info "  runuser -u $SERVICE_USER -- sh -c 'umask 077; exec \"\$0\" \"\$@\"' $controller_bin \\"
-    info "      --store $STORE_DIR --socket $SOCKET \\"
+    info "      --store $STORE_DIR --socket $SOCKET --config $SETTINGS_FILE \\"
     info "      --listen \"\$DEPLOYER_CONTROLLER_LISTEN\" --log-level \"\$DEPLOYER_CONTROLLER_LOG_LEVEL\" \$DEPLOYER_CONTROLLER_OPTS"
 fi
 info "operators: sudo -u $SERVICE_USER $prefix/.venv/bin/deployctl --socket $SOCKET ..."

@@ -92,8 +92,10 @@ class Healer:
 
     def lost(self, agent_id: str) -> None:
         """Reported, not moved (moving comes with several servers)."""
-        for env_key, service, process in self._live_on(agent_id):
+        live = self._live_on(agent_id)
+        for env_key, service, process in live:
             self.events.add(env_key, "agent-lost", service, host=agent_id, process=process)
+        self.environments.notifier.agent_lost(agent_id, live)
 
     # ---------------------------------------------------------------- deciding
 
@@ -131,7 +133,7 @@ class Healer:
         for service, process, started_at in dead:
             definition = next((s for s in spec.services if s.name == service), None) if spec else None
             policy = definition.restart if definition is not None else None
-            track = self.tracks.setdefault((env_key, service), Track())
+            track = self.tracks.get((env_key, service)) or self._recall(env_key, service, process)
             if track.looping == process:
                 continue
             if track.looping:  # deployed again since it looped: a fresh start
@@ -147,10 +149,11 @@ class Healer:
                 track.unstable = 0 if started_at and time.time() - started_at >= stable_after else track.unstable + 1
             if track.unstable >= attempts:
                 track.looping = process
-                self.events.add(env_key, "crash-loop", service, process=process, restarts=track.unstable,
-                                why=f"{track.unstable} restarts in a row did not stay up {stable_after:g}s: "
-                                    "no more are ordered until it is deployed again")
+                why = (f"{track.unstable} restarts in a row did not stay up {stable_after:g}s: "
+                       "no more are ordered until it is deployed again")
+                self.events.add(env_key, "crash-loop", service, process=process, restarts=track.unstable, why=why)
                 log.warning("heal.crash_loop", environment=env_key, service=service)
+                self.environments.notifier.crash_loop(env_key, service, track.unstable, why)
                 continue
             delay = min(BACKOFF_MAX_S, 2.0 ** (track.unstable - 1)) if track.unstable else 0.0
             wait = track.last_attempt + delay - now if track.last_attempt else 0.0
@@ -214,6 +217,16 @@ class Healer:
             self.events.add(env_key, "restart-failed", service, job=job.id, why=job.summary)
         self.schedule(env_key, retry)  # what failed (or died again meanwhile) is looked at once more
 
+    def _recall(self, env_key: str, service: str, process: str) -> Track:
+        """A service first looked at since this controller started: a crash loop it was left in is
+        remembered from the history (the same process given up on), not tried `attempts` times more."""
+        track = self.tracks[(env_key, service)] = Track()
+        loops = self.events.of_service(env_key, service, ("crash-loop",))
+        if loops and loops[-1].get("process") == process:
+            track.looping = track.counted = process
+            track.unstable = loops[-1].get("restarts", 0)
+        return track
+
     def status(self, env_key: str, service: str, process: str) -> dict:
         """What `deployctl status` shows of a service's healing."""
         events = self.events.of_service(env_key, service, ("exited", "restarted", "crash-loop"))
@@ -226,6 +239,8 @@ class Healer:
         if restarted:
             out["restarted_at"] = restarted[-1]["t"]
         track = self.tracks.get((env_key, service))
-        if track is not None and track.looping and track.looping == process:
+        loops = [e for e in events if e["kind"] == "crash-loop"]
+        looping = track.looping if track is not None else loops[-1].get("process", "") if loops else ""
+        if looping and looping == process:
             out["crash_loop"] = True
         return out

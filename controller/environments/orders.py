@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from controller.fleet.dispatcher import Dispatcher
 from controller.state.jobs import EnvLock, Job, JobTable, Locked, Specs, new_job_id
 from controller.state.ledger import Ledger, Status
 from controller.environments import backups, commands as ops, data, deploying
+from controller.environments.notify import Notifier
 from controller.environments.context import JobContext, PlacementError, StepFailed, pick_agent
 from controller.environments.teardown import destroy
 from controller.environments.verify import Checker, claimed_names
@@ -70,7 +72,8 @@ def order_of(kind, message):
 
 
 class Environments:
-    def __init__(self, store: Path, dispatcher: Dispatcher, registry: Registry, ledger: Ledger) -> None:
+    def __init__(self, store: Path, dispatcher: Dispatcher, registry: Registry, ledger: Ledger,
+                 notifier: Notifier | None = None) -> None:
         self.store = store
         self.dispatcher = dispatcher
         self.registry = registry
@@ -80,16 +83,21 @@ class Environments:
         self.jobs: dict[str, Job] = {}
         self.tasks: set[asyncio.Task] = set()
         self.healer = None  # controller/environments/healing.py, set by the daemon
+        self.notifier = notifier or Notifier(None)
         self._recover()
 
     def _recover(self) -> None:
         """Jobs that were running when the controller died end as `interrupted`, saying where; a
         recovery job per environment then settles what they left in flight (recovery.py)."""
-        for env_key in recovery.interrupt(self.store, self.job_table):
+        for env_key in recovery.interrupt(self.store, self.job_table, self._interrupted):
             try:
                 self.recover(env_key)
             except (OrderError, Locked, spec_mod.SpecError) as exc:  # a lock not ours to break, a bad stored spec
                 log.warning("recovery.not_started", environment=env_key, error=str(exc))
+
+    def _interrupted(self, row, summary: str) -> None:
+        self.notifier.job_finished(row["id"], row["env_key"], row["kind"], "interrupted", summary,
+                                   row["created"], time.time())
 
     def recover(self, env_key: str) -> Job | None:
         """Start the job that settles what interrupted jobs left in this environment."""
@@ -394,6 +402,8 @@ class Environments:
             for line in checker.foreign(facts):  # not drift: reported, never acted on
                 ctx.job.event("job.note", note=line)
             if request.action == "verify":
+                if found:
+                    self.notifier.drift(spec.key, ctx.job.id, [f.line() for f in found])
                 return f"{len(found)} finding(s)" if found else "no drift"
             if request.action == "clean":
                 lines = await checker.clean(facts, dry_run=True)
@@ -436,3 +446,6 @@ class Environments:
         finally:
             lock.release()
             log.info("job.finished", job_id=job.id, environment=job.env_key)
+            if job.finished:
+                self.notifier.job_finished(job.id, job.env_key, job.kind, job.state, job.summary, job.created,
+                                           time.time())

@@ -46,9 +46,9 @@ UNSETTLED = ("running", "interrupted")
 
 # ---------------------------------------------------------------- at start, before any agent is back
 
-def interrupt(store: Path, jobs: JobTable) -> list[str]:
-    """End every job a dead controller was running as `interrupted`, saying where it was; return
-    the environments with work to settle (some may be left from an earlier start)."""
+def interrupt(store: Path, jobs: JobTable, told=lambda row, summary: None) -> list[str]:
+    """End every job a dead controller was running as `interrupted`, saying where it was (and to
+    `told`); return the environments with work to settle (some may be left from an earlier start)."""
     for row in jobs.running():
         folder = store / "jobs" / row["id"]
         lock = EnvLock(store, row["env_key"])
@@ -65,6 +65,7 @@ def interrupt(store: Path, jobs: JobTable) -> list[str]:
         if (lock.owner() or {}).get("job") == row["id"]:
             lock.release()
         log.warning("job.interrupted", job_id=row["id"], environment=row["env_key"], summary=summary)
+        told(row, summary)
     return jobs.unsettled_environments()
 
 

@@ -93,6 +93,18 @@ class Dispatcher:
         self.ops[op_id] = op
         return op
 
+    def followed(self, op_id: str) -> bool:
+        """Someone reads the operation now (its output must stay)."""
+        op = self.ops.get(op_id)
+        return op is not None and (not op.finished or bool(op.listeners))
+
+    def forget(self, op_ids: list[str]) -> None:
+        """Operations whose rows and folders retention removed."""
+        for op_id in op_ids:
+            op = self.ops.pop(op_id, None)
+            if op is not None:
+                op.output.close()
+
     def release(self, op: Op) -> None:
         """Forget a finished operation nobody follows (its files stay on disk)."""
         if op.finished and not op.listeners and self.ops.get(op.id) is op:

@@ -204,6 +204,19 @@ MIGRATIONS = [
     );
     CREATE INDEX env_events_env ON env_events (env_key, id);
     """,
+    # 11: notifications to the operator's webhooks, kept until delivered (or given up on), so a
+    # receiver that is down or a controller restarted loses none (see state/outbox.py).
+    """
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        target TEXT NOT NULL, event TEXT NOT NULL, body TEXT NOT NULL,
+        created REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_at REAL NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',   -- pending, delivered, dropped
+        last_error TEXT NOT NULL DEFAULT '', done REAL
+    );
+    CREATE INDEX outbox_pending ON outbox (target, id) WHERE state = 'pending';
+    ALTER TABLE jobs ADD COLUMN pruned REAL;    -- when retention removed its folder (the row stays)
+    """,
 ]
 SEALED_VERSION = MIGRATIONS.index(_seal_at_rest) + 1
 

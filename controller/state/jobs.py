@@ -74,8 +74,9 @@ class Job:
         self._events = open(self.folder / "events.jsonl", "a", buffering=1)
         self.listeners: set[asyncio.Event] = set()
         self.finished, self.state, self.summary = False, "running", ""
+        self.created = time.time()
         db.conn.execute("INSERT INTO jobs (id, env_key, kind, state, created) VALUES (?, ?, ?, 'running', ?)",
-                        (job_id, env_key, kind, time.time()))
+                        (job_id, env_key, kind, self.created))
 
     def save(self, name: str, content: bytes | str) -> None:
         path = self.folder / name
@@ -148,7 +149,7 @@ class JobTable:
         return dict(row) if row else None
 
     def running(self) -> list[dict]:
-        return [dict(r) for r in self.conn.execute("SELECT id, env_key, kind FROM jobs WHERE state='running'")]
+        return [dict(r) for r in self.conn.execute("SELECT id, env_key, kind, created FROM jobs WHERE state='running'")]
 
     def record_end(self, job_id: str, state: str, finished: float, summary: str) -> None:
         """A job that had finished, though the database had not heard: nothing to settle."""
