@@ -113,3 +113,46 @@ def _expected_text(spec: pb.HttpProbeSpec) -> str:
     if spec.expect_statuses:
         return " or ".join(str(s) for s in spec.expect_statuses)
     return str(spec.expect_status) if spec.expect_status else "2xx or 3xx"
+
+
+# ---------------------------------------------------------------- rounds the controller orders
+
+ROUND_CONCURRENCY = 64
+MAX_TARGETS = 10_000
+
+
+async def _status(target: pb.ProbeTarget, timeout: float) -> int:
+    """The status line's code of one GET, over a connection of its own (no thread per check)."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(target.host, target.port), timeout)
+    try:
+        writer.write(f"GET {target.path} HTTP/1.0\r\nHost: {target.host}\r\nUser-Agent: deployer-probe\r\n"
+                     "Connection: close\r\n\r\n".encode())
+        line = await asyncio.wait_for(reader.readline(), timeout)
+    finally:
+        writer.close()
+    parts = line.split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+        raise OSError("not an HTTP answer")
+    return int(parts[1])
+
+
+async def check_round(message: pb.Probe) -> pb.ProbeReport:
+    """Every target of the round at once (at most ROUND_CONCURRENCY in flight), one try each."""
+    gate = asyncio.Semaphore(ROUND_CONCURRENCY)
+    timeout = min(max(message.timeout_s or 2.0, 0.1), 30.0)
+
+    async def one(target: pb.ProbeTarget) -> pb.ProbeResult:
+        if not target.path.startswith("/") or not 0 < target.port < 65536 or any(c in target.path for c in " \r\n"):
+            return pb.ProbeResult(key=target.key, ok=False, problem="not a target this agent checks")
+        async with gate:
+            try:
+                status = await _status(target, timeout)
+            except asyncio.TimeoutError:
+                return pb.ProbeResult(key=target.key, ok=False, problem=f"no answer within {timeout:g}s")
+            except OSError as exc:
+                return pb.ProbeResult(key=target.key, ok=False, problem=exc.strerror or str(exc) or type(exc).__name__)
+        good = status in target.expect_statuses if target.expect_statuses else 200 <= status < 400
+        return pb.ProbeResult(key=target.key, ok=good, problem="" if good else f"status {status}")
+
+    results = await asyncio.gather(*(one(t) for t in message.targets[:MAX_TARGETS]))
+    return pb.ProbeReport(round=message.round, results=results)

@@ -16,7 +16,7 @@ import structlog
 from protos import deployer_pb2 as pb
 from protos import deployer_pb2_grpc as pb_grpc
 
-from agent import facts
+from agent import facts, probe
 from common import __version__
 from agent.config import AgentConfig
 from agent.operations import Held, Operations
@@ -41,6 +41,7 @@ class Session:
         self.outbox: asyncio.Queue[pb.AgentMessage] = asyncio.Queue(OUTBOX_MESSAGES)
         self.pumps: dict[str, asyncio.Task] = {}
         self.told: set[asyncio.Task] = set()
+        self.probing: asyncio.Task | None = None   # one round of health checks at a time
         self.welcomed = False
         self.started = time.monotonic()
 
@@ -61,6 +62,8 @@ class Session:
                 self._start_pump(held)
             await self._reader(call)
         finally:
+            if self.probing is not None:
+                tasks.append(self.probing)
             for task in [*tasks, *self.pumps.values()]:
                 task.cancel()
             await asyncio.gather(*tasks, *self.pumps.values(), return_exceptions=True)
@@ -97,8 +100,23 @@ class Session:
                     self._resend(message.ack.op_id, message.ack.offset)
             elif kind == "cancel":
                 self.ops.cancel(message.cancel.op_id, message.cancel.reason)
+            elif kind == "probe":
+                self._on_probe(message.probe)
             elif kind == "goodbye":
                 raise SessionEnded(message.goodbye.reason)
+
+    def _on_probe(self, message: pb.Probe) -> None:
+        """A round of health checks: answered when done; one still running makes this one wait
+        for the controller's next (a slow round is never stacked on another)."""
+        if self.probing is not None and not self.probing.done():
+            log.info("probe.skipped", round=message.round)
+            return
+
+        async def run() -> None:
+            report = await probe.check_round(message)
+            await self.outbox.put(pb.AgentMessage(probe_report=report))
+
+        self.probing = asyncio.create_task(run())
 
     async def _on_operation(self, operation: pb.Operation) -> None:
         held, duplicate, rejection = self.ops.receive(operation)

@@ -30,6 +30,7 @@ from controller.fleet.dispatcher import Dispatcher
 from controller.fleet.door import AGENT, ENROLLEE, OPERATOR, Door
 from controller.environments.healing import Healer
 from controller.environments.notify import Notifier
+from controller.environments.watch import Watcher
 from controller import settings as settings_mod
 from controller.state import retention
 from controller.state.outbox import Outbox
@@ -288,6 +289,7 @@ class Controller:
         notifier = Notifier(Outbox(db), self.settings.targets, self.settings.retry)
         environments = Environments(self.store, dispatcher, registry, ledger, notifier)
         environments.healer = Healer(environments, EnvEvents(db))
+        watcher = Watcher(environments, environments.healer, self.settings.health)
         servers = self._agent_servers(registry, dispatcher, enrolment, authority)
         operator_tokens = OperatorTokens(db, authority.fingerprint)
         service = OperatorService(registry, dispatcher, environments, enrolment, operator_tokens)
@@ -311,6 +313,7 @@ class Controller:
         sweeper = asyncio.create_task(registry.sweeper())
         notifier.start()
         pruner = asyncio.create_task(self._prune_every(db, dispatcher))
+        watching = asyncio.create_task(watcher.run())
         log.info("controller.started", version=__version__, store=str(self.store),
                  listen=self.listen, tls=not self.insecure,
                  enroll=None if self.insecure else self.enroll_listen,
@@ -327,6 +330,7 @@ class Controller:
             await server.stop(1.0 if server is operators else 2.0)
         sweeper.cancel()
         pruner.cancel()
+        watching.cancel()
         notifier.stop()
         dispatcher.close()
         db.close()

@@ -12,6 +12,7 @@ controller at start with one line naming the file and the key (decision 031).
         key_file: /etc/deployer/notify-ops.key   # the HMAC key, root's, mode 0600
         events: [job.finished, service.crash_loop, agent.lost, verify.drift]   # the default: all
     notify_retry: {first: 1s, max: 60s, give_up_after: 24h}
+    health: {every: 10s, failures: 3, timeout: 2s}   # checks of live web instances (decision 032)
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ import yaml
 
 from common import errors
 from controller.environments.notify import EVENTS, FORMATS, Retry, Target
+from controller.environments.watch import HealthSettings
 from controller.state.retention import Retention
 
-KEYS = ("jobs", "notify", "notify_retry")
+KEYS = ("jobs", "notify", "notify_retry", "health")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d)")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
@@ -45,6 +47,7 @@ class Settings:
     retention: Retention = Retention()
     targets: tuple[Target, ...] = ()
     retry: Retry = Retry()
+    health: HealthSettings = HealthSettings()
     source: str = field(default="", compare=False)
 
 
@@ -73,7 +76,23 @@ def load(path: Path | None) -> Settings:
     targets = _targets(where, data.get("notify"))
     if targets and mode & stat.S_IROTH:
         raise ConfigError(f"{where}: readable by every user, and its webhook URLs may be secrets: chmod o-r it")
-    return Settings(_retention(where, data.get("jobs")), targets, _retry(where, data.get("notify_retry")), where)
+    return Settings(_retention(where, data.get("jobs")), targets, _retry(where, data.get("notify_retry")),
+                    _health(where, data.get("health")), where)
+
+
+def _health(where: str, value: Any) -> HealthSettings:
+    value = _mapping(where, "health", value, ("every", "failures", "timeout"))
+    default = HealthSettings()
+    every = _seconds(where, "health.every", value["every"]) if "every" in value else default.every
+    timeout = _seconds(where, "health.timeout", value["timeout"]) if "timeout" in value else default.timeout
+    failures = value.get("failures", default.failures)
+    if not 1 <= every <= 3600:
+        raise ConfigError(f"{where}: health.every: from 1s to 1h")
+    if not timeout < every or timeout > 30:
+        raise ConfigError(f"{where}: health.timeout: at most 30s, and shorter than health.every")
+    if not isinstance(failures, int) or isinstance(failures, bool) or not 1 <= failures <= 100:
+        raise ConfigError(f"{where}: health.failures: {failures!r} is not a number of rounds from 1 to 100")
+    return HealthSettings(every, failures, timeout)
 
 
 def _seconds(where: str, key: str, value: Any) -> float:

@@ -140,6 +140,7 @@ render_settings() {
 #     key_file: /etc/deployer/notify-ops.key   # HMAC key: root:deployer, mode 0640
 #     events: [job.finished, service.crash_loop, agent.lost, verify.drift]
 # notify_retry: {first: 1s, max: 60s, give_up_after: 24h}
+# health: {every: 10s, failures: 3, timeout: 2s}   # checks of live web instances
 YAML
 }
 

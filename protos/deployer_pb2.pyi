@@ -359,20 +359,64 @@ class ServiceExited(_message.Message):
     def __init__(self, name: _Optional[str] = ..., instance: _Optional[str] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., at: _Optional[float] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "heartbeat", "accepted", "output", "result", "exited")
+    __slots__ = ("hello", "heartbeat", "accepted", "output", "result", "exited", "probe_report")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     EXITED_FIELD_NUMBER: _ClassVar[int]
+    PROBE_REPORT_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     heartbeat: Heartbeat
     accepted: Accepted
     output: OutputChunk
     result: OperationResult
     exited: ServiceExited
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., accepted: _Optional[_Union[Accepted, _Mapping]] = ..., output: _Optional[_Union[OutputChunk, _Mapping]] = ..., result: _Optional[_Union[OperationResult, _Mapping]] = ..., exited: _Optional[_Union[ServiceExited, _Mapping]] = ...) -> None: ...
+    probe_report: ProbeReport
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., accepted: _Optional[_Union[Accepted, _Mapping]] = ..., output: _Optional[_Union[OutputChunk, _Mapping]] = ..., result: _Optional[_Union[OperationResult, _Mapping]] = ..., exited: _Optional[_Union[ServiceExited, _Mapping]] = ..., probe_report: _Optional[_Union[ProbeReport, _Mapping]] = ...) -> None: ...
+
+class Probe(_message.Message):
+    __slots__ = ("round", "targets", "timeout_s")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    targets: _containers.RepeatedCompositeFieldContainer[ProbeTarget]
+    timeout_s: float
+    def __init__(self, round: _Optional[int] = ..., targets: _Optional[_Iterable[_Union[ProbeTarget, _Mapping]]] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class ProbeTarget(_message.Message):
+    __slots__ = ("key", "host", "port", "path", "expect_statuses")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    EXPECT_STATUSES_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    host: str
+    port: int
+    path: str
+    expect_statuses: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, key: _Optional[str] = ..., host: _Optional[str] = ..., port: _Optional[int] = ..., path: _Optional[str] = ..., expect_statuses: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ProbeReport(_message.Message):
+    __slots__ = ("round", "results")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    results: _containers.RepeatedCompositeFieldContainer[ProbeResult]
+    def __init__(self, round: _Optional[int] = ..., results: _Optional[_Iterable[_Union[ProbeResult, _Mapping]]] = ...) -> None: ...
+
+class ProbeResult(_message.Message):
+    __slots__ = ("key", "ok", "problem")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    ok: bool
+    problem: str
+    def __init__(self, key: _Optional[str] = ..., ok: _Optional[bool] = ..., problem: _Optional[str] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("controller_version", "heartbeat_interval_s")
@@ -409,18 +453,20 @@ class Goodbye(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class ControllerMessage(_message.Message):
-    __slots__ = ("welcome", "operation", "cancel", "ack", "goodbye")
+    __slots__ = ("welcome", "operation", "cancel", "ack", "goodbye", "probe")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     OPERATION_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
     GOODBYE_FIELD_NUMBER: _ClassVar[int]
+    PROBE_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     operation: Operation
     cancel: Cancel
     ack: Ack
     goodbye: Goodbye
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., operation: _Optional[_Union[Operation, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ...) -> None: ...
+    probe: Probe
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., operation: _Optional[_Union[Operation, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ..., probe: _Optional[_Union[Probe, _Mapping]] = ...) -> None: ...
 
 class RenewRequest(_message.Message):
     __slots__ = ("csr_pem",)

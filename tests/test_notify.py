@@ -3,7 +3,9 @@ agent lost, verify drift) once, signed, with the documented fields; while it is 
 nothing waits for it and nothing is lost, a controller restart included. Also here: an agent
 stopped while its service runs is reported lost, and the service, killed meanwhile, is healed
 when the agent is back; and the controller's job retention removes old jobs' folders, never an
-unsettled one's, and says so when one asks for such a job."""
+unsettled one's, and says so when one asks for such a job. And a live process that stops
+answering (SIGSTOP: it runs, its port accepts, nothing answers) is restarted once it failed its
+periodic health checks."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import subprocess
 import threading
 import time
 
+import psutil
 import pytest
 import yaml
 
@@ -81,7 +84,8 @@ def world():
                 {"name": "ops", "url": f"http://127.0.0.1:{receiver.port}/ops", "key_file": str(key_file)},
                 {"name": "chat", "url": f"http://127.0.0.1:{receiver.port}/chat", "format": "slack",
                  "events": ["service.crash_loop", "agent.lost"]}],
-            "notify_retry": {"first": "1s", "max": "5s"}}))
+            "notify_retry": {"first": "1s", "max": "5s"},
+            "health": {"every": "1s", "failures": 3, "timeout": "0.5s"}}))
         config.chmod(0o600)
         cluster.controller.stop()
         cluster.controller.extra_args = ("--config", str(config), "--lost-after", "3")
@@ -270,3 +274,27 @@ def test_job_retention_removes_old_folders_and_never_an_unsettled_one(world):
     assert shown.returncode != 0
     assert b"removed by the controller's job retention" in shown.stderr, shown.stderr
     assert cluster.controller.events("retention.pruned")
+
+
+def test_a_process_that_stops_answering_is_restarted_after_failing_its_health_checks(world):
+    cluster = world["cluster"]
+    env = new_env(world)
+    ok(cluster.deployctl("apply", site(world, env, "always"), timeout=300))
+    pid = status(world, env)["pid"]
+    os.kill(pid, signal.SIGSTOP)  # it still runs and its port still accepts: only a check can tell
+    try:
+        wait_for(lambda: answers(world, env) and status(world, env).get("pid") not in (pid, None), 60, every=0.2,
+                 what="the hung instance replaced")
+        wait_for(lambda: "restarted" in kinds(world, env), 30, every=0.3, what="the heal in the history")
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    out = ok(cluster.deployctl("events", f"notify/{env}", "--json"))
+    history = [json.loads(line) for line in out.splitlines()]
+    assert [e["kind"] for e in history] == ["unhealthy", "restarting", "restarted"]
+    assert history[0]["why"].startswith("failed 3 health checks in a row (last: no answer within 0.5s)")
+    wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 30,
+             what="the hung process stopped by the heal")
+    assert status(world, env)["restarts"] == 1

@@ -67,7 +67,7 @@ notify_retry: {{first: 2s, max: 1m, give_up_after: 2h}}
     ("jobs: {keep: 10m}", "jobs.keep: keep finished jobs at least 1h"),
     ("jobs: {keep: soon}", "jobs.keep: 'soon' is not a duration"),
     ("jobs: {keep_last: 0}", "jobs.keep_last: 0 is not a number of jobs"),
-    ("job: {}", "job: not a setting (known: jobs, notify, notify_retry)"),
+    ("job: {}", "job: not a setting (known: jobs, notify, notify_retry, health)"),
     ("notify: {name: x}", "notify: a list of targets"),
     ("notify: [{name: x, url: ftp://h/}]", "notify[0].url: an http:// or https:// URL is needed"),
     ("notify: [{url: 'http://h/'}]", "notify[0].name: a short name is needed"),
@@ -78,6 +78,9 @@ notify_retry: {{first: 2s, max: 1m, give_up_after: 2h}}
     ("notify: [{name: a, url: 'http://h/', key_file: /nonexistent/k}]", "cannot read /nonexistent/k"),
     ("notify_retry: {first: 2m, max: 1m}", "notify_retry.first: longer than notify_retry.max"),
     ("a: [", "not YAML"),
+    ("health: {every: 0.5s}", "health.every: from 1s to 1h"),
+    ("health: {every: 5s, timeout: 5s}", "health.timeout: at most 30s, and shorter than health.every"),
+    ("health: {failures: 0}", "health.failures: 0 is not a number of rounds"),
 ])
 def test_a_mistake_is_one_line_naming_the_file_and_the_key(tmp_path, text, message):
     path = config(tmp_path, text)

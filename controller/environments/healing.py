@@ -64,6 +64,7 @@ class Healer:
         self.running: set[str] = set()    # environments with a check or heal job under way
         self.again: set[str] = set()      # ... asked to look once more when it ends
         self.heard: set[tuple[str, str]] = set()
+        self.sick: dict[tuple[str, str], tuple[str, float]] = {}  # (env, process) → (service, live since)
         self.tasks: set[asyncio.Task] = set()
         self.registry.on_exited.append(self.exited)
         self.registry.on_attached.append(self.attached)
@@ -127,7 +128,7 @@ class Healer:
 
     async def check(self, env_key: str) -> None:
         """Ask each host what runs; restart, wait or give up for each live instance that is gone."""
-        dead = await self._dead(env_key)
+        dead = await self._dead(env_key) + self._sick(env_key)
         now, due, later = self.clock(), [], []
         spec = self.environments.accepted_spec(env_key)  # `restart:` as the operator last set it
         for service, process, started_at in dead:
@@ -161,7 +162,35 @@ class Healer:
         if later:
             self.schedule(env_key, min(w for _, w in later))
         if due:
-            await self._restart(env_key, [s for s, _ in due])
+            sick = {service for (env, _), (service, _) in self.sick.items() if env == env_key}
+            await self._restart(env_key, list(dict.fromkeys(s for s, _ in due)), sick)
+
+    def busy(self, env_key: str, service: str) -> bool:
+        """Being looked at or healed, or given up on: not worth a health check now."""
+        track = self.tracks.get((env_key, service))
+        return env_key in self.running or env_key in self.scheduled or bool(track and track.looping)
+
+    def unhealthy(self, env_key: str, service: str, process: str, since: float, why: str) -> None:
+        """A live instance that runs but failed its health checks (watch.py): restarted like a dead one."""
+        if (env_key, process) in self.sick:
+            return
+        self.sick[(env_key, process)] = (service, since)
+        self.events.add(env_key, "unhealthy", service, process=process, why=why)
+        self.schedule(env_key, 0.0)
+
+    def _sick(self, env_key: str) -> list[tuple[str, str, float]]:
+        """The unhealthy ones still live (a heal or deploy since replaced the others)."""
+        live = {r.names.get("process", "") for r in self.ledger.instances(env_key, status=Status.LIVE)
+                if r.component == "code"}
+        out = []
+        for (env, process), (service, since) in list(self.sick.items()):
+            if env != env_key:
+                continue
+            if process in live:
+                out.append((service, process, since))
+            else:
+                del self.sick[(env, process)]
+        return out
 
     async def _dead(self, env_key: str) -> list[tuple[str, str, float]]:
         """(service, process, when it started) of the live code instances whose process is not
@@ -188,10 +217,10 @@ class Healer:
                     dead.append((service, process, found.started_at if found else 0.0))
         return dead
 
-    async def _restart(self, env_key: str, services: list[str]) -> None:
+    async def _restart(self, env_key: str, services: list[str], sick: set[str] = frozenset()) -> None:
         now = self.clock()
         try:
-            job = self.environments.heal(env_key, services)
+            job = self.environments.heal(env_key, services, sick)
         except Locked as exc:  # held by another job (a deploy, a repair): look again soon
             log.info("heal.deferred", environment=env_key, reason=str(exc))
             self.schedule(env_key, RETRY_BUSY_S)

@@ -301,16 +301,19 @@ class Environments:
         kind = "reload" if request.reload else "rollback"
         return self._launch(spec, kind, plan, {}, lambda ctx: deploying.apply(ctx, plan), note), plan
 
-    def heal(self, env_key: str, services: list[str]) -> Job:
-        """Restart the live code instances of `services` whose process ended, as a `heal` job:
-        each the same code instance, blue/green on a fresh port (like a reload), switched together."""
+    def heal(self, env_key: str, services: list[str], sick: set[str] = frozenset()) -> Job:
+        """Restart the live code instances of `services` whose process ended (or, for those in
+        `sick`, failed its health checks), as a `heal` job: each the same code instance,
+        blue/green on a fresh port (like a reload), switched together."""
         spec = self.as_deployed_spec(env_key)
         if spec is None:
             raise OrderError(f"{env_key}: no such environment")
         plans = [self._code_plan(env_key, service, 0, reload=True)[1].services[0] for service in services]
-        plan = planner.Plan(env_key, tuple(dataclasses.replace(sp, reasons=("its process ended: restarted",))
-                                           for sp in plans))
-        note = f"restarting {', '.join(services)}: the ledger holds them live and their process ended"
+        why = {s: "it failed its health checks: restarted" if s in sick else "its process ended: restarted"
+               for s in services}
+        plan = planner.Plan(env_key, tuple(dataclasses.replace(sp, reasons=(why[sp.service],)) for sp in plans))
+        note = (f"restarting {', '.join(services)}: the ledger holds them live and "
+                + ("they failed their health checks" if set(services) <= set(sick) else "their process ended"))
         return self._launch(spec, "heal", plan, {}, lambda ctx: deploying.apply(ctx, plan), note)
 
     def _live_mysql(self, env_key: str, service: str) -> int:

@@ -262,6 +262,10 @@ class AgentGateway(pb_grpc.AgentGatewayServicer):
                     raise ProtocolError(f"a service name of more than {MAX_NAME} characters")
                 for callback in self.registry.on_exited:
                     callback(session.agent_id, exited)
+            elif kind == "probe_report":
+                self.registry.heard(session)
+                for callback in self.registry.on_probed:
+                    callback(session.agent_id, message.probe_report)
             else:
                 log.warning("agent.unexpected_message", agent_id=session.agent_id, kind=kind)
 

@@ -110,6 +110,7 @@ class Registry:
         self.on_lost: list = []           # callbacks(agent_id)
         self.on_attached: list = []       # callbacks(agent_id): a hello was welcomed
         self.on_exited: list = []         # callbacks(agent_id, pb.ServiceExited): a service ended unasked
+        self.on_probed: list = []         # callbacks(agent_id, pb.ProbeReport): a round of health checks
         grants = db.grants()
         for row in db.agents():
             # Known from before a restart: expected back, lost if they don't come.

@@ -164,6 +164,11 @@ class Ledger:
             query, args = query + " AND status=?", args + [status.value]
         return [InstanceRow.of(r) for r in self.conn.execute(query + " ORDER BY service, component, number", args)]
 
+    def live_code(self) -> list[InstanceRow]:
+        """The live code instances of every environment, on every host."""
+        return [InstanceRow.of(r) for r in self.conn.execute(
+            "SELECT * FROM instances WHERE component='code' AND status='live'")]
+
     def live_code_on(self, host: str) -> list[InstanceRow]:
         """The live code instances of every environment on one host."""
         return [InstanceRow.of(r) for r in self.conn.execute(
