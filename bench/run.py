@@ -22,7 +22,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import deploy as deploy_bench, peers as peers_mod  # noqa: E402
+from bench import deploy as deploy_bench, health as health_bench, peers as peers_mod  # noqa: E402
 from tests.harness import Cluster, PeakRss  # noqa: E402
 
 DEPLOYCTL = ROOT / ".venv" / "bin" / "deployctl"
@@ -84,6 +84,7 @@ def main() -> int:
     parser.add_argument("--bytes", type=int, default=1 << 30)
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--deploy-runs", type=int, default=3, help="full deploys of the example, each way")
+    parser.add_argument("--health-window", type=float, default=60.0, help="seconds measured per health-check case")
     args = parser.parse_args()
 
     print("setting up peers (sshd on 127.0.0.1-50, Ansible, pyinfra)…", flush=True)
@@ -120,7 +121,9 @@ def main() -> int:
     deploys = deploy_bench.run(args.deploy_runs)
     print(f"deploy: deployer {deploys['deploy']:.2f}s, shell script {deploys['by_hand']:.2f}s; "
           f"no-op re-apply of 20 services {deploys['noop'] * 1000:.0f} ms", flush=True)
-    report = render(fanout, throughput, peers, load_before, args, deploys)
+    print("periodic health checks of 1,000 live instances, on and off, over 1 and 10 agents…", flush=True)
+    health = health_bench.run(args.health_window)
+    report = render(fanout, throughput, peers, load_before, args, deploys) + "\n".join(health_bench.render(health)) + "\n"
     args.output.write_text(report)
     print()
     print(report)
