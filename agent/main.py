@@ -87,7 +87,7 @@ class Agent:
         self.session: Session | None = None
         driver = self.ops.driver
         watcher = None
-        if hasattr(driver, "watch"):  # the built-in supervisor says when a service ends unasked
+        if hasattr(driver, "watch"):  # each driver says at once when a service ends unasked
             driver.on_exit = self._service_exited
             watcher = asyncio.create_task(driver.watch())
         try:

@@ -18,8 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
+import signal
+import socket
+import time
 from pathlib import Path
 
 from protos import deployer_pb2 as pb
@@ -34,7 +38,7 @@ OLD_UNIT_DIR = Path("/etc/systemd/system")
 
 
 def template_unit(env_dir: Path, user: str = "", slice_name: str = "", python: str = "",
-                  launcher: str = "") -> str:
+                  launcher: str = "", exits: str = "") -> str:
     """The template of one service (`%p` = name, `%i` = instance), run as `user` if given: every
     process of a service runs as the same user, its environment's, in its environment's slice
     (its limits) with a /tmp of its own and no way to gain privileges.
@@ -43,6 +47,9 @@ def template_unit(env_dir: Path, user: str = "", slice_name: str = "", python: s
     keeps a literal `$` for the shell.
     """
     run_as = f"User={user}\nGroup={user}\n" if user else ""
+    # How the process ended, to the agent at once (`+`: as root, whatever User= says).
+    told = (f"ExecStopPost=+{_word(python or launcher_python())} -I -S -B {_word(exit_note_script())} "
+            f"{_word(exits)} %p %i\n") if exits else ""
     python = python or launcher_python()
     launcher = launcher or launcher_script()
     if slice_name:
@@ -55,7 +62,7 @@ Type=simple
 {run_as}EnvironmentFile={env_dir}/%p@%i.env
 ExecStart={_word(python)} -I -S -B {_word(launcher)} --cwd=${{DEPLOYER_CWD}} --env-file=${{DEPLOYER_ENV_FILE}} \\
   --keep=${{DEPLOYER_KEEP}} -- /bin/sh -c ${{DEPLOYER_COMMAND}}
-KillMode=control-group
+{told}KillMode=control-group
 TimeoutStopSec=10
 Restart=no
 """
@@ -115,6 +122,27 @@ def booted() -> bool:
     return Path("/run/systemd/system").is_dir()
 
 
+def exit_note_script() -> str:
+    return str(Path(__file__).resolve().with_name("exitnote.py"))
+
+
+def parse_note(data: bytes) -> pb.ServiceExited | None:
+    """Pure: what an ExecStopPost note says, as the supervisor would say it (None if not one)."""
+    try:
+        note = json.loads(data)
+        name, instance = str(note["name"]), str(note["instance"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    code, status = str(note.get("code", "")), str(note.get("status", ""))
+    if code == "exited" and status.lstrip("-").isdigit():
+        return pb.ServiceExited(name=name, instance=instance, exit_code=int(status), at=time.time())
+    signals = {s.name.removeprefix("SIG"): int(s) for s in signal.Signals}
+    if code in ("killed", "dumped"):
+        number = int(status) if status.isdigit() else signals.get(status, 0)
+        return pb.ServiceExited(name=name, instance=instance, signal=number, at=time.time())
+    return pb.ServiceExited(name=name, instance=instance, exit_code=-1, at=time.time())
+
+
 class SystemdDriver:
     name = "systemd"
 
@@ -122,6 +150,42 @@ class SystemdDriver:
         self.env_dir = state_dir / "services"
         self.env_dir.mkdir(parents=True, exist_ok=True)
         self.unit_dir = unit_dir
+        self.exits = state_dir / "exits.sock"
+        self.stopping: set[str] = set()   # units stopped on an order: their end is not news
+        self.on_exit = None               # called with pb.ServiceExited when a process ends unasked
+
+    async def watch(self) -> None:
+        """Hear each instance's ExecStopPost note and say the ends nobody ordered."""
+        self.exits.unlink(missing_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        sock.bind(str(self.exits))
+        os.chmod(self.exits, 0o600)
+        loop = asyncio.get_running_loop()
+        heard = asyncio.Event()
+        loop.add_reader(sock.fileno(), heard.set)
+        try:
+            while True:
+                await heard.wait()
+                heard.clear()
+                while True:
+                    try:
+                        data = sock.recv(4096)
+                    except BlockingIOError:
+                        break
+                    self._noted(data)
+        finally:
+            loop.remove_reader(sock.fileno())
+            sock.close()
+
+    def _noted(self, data: bytes) -> None:
+        exited = parse_note(data)
+        if exited is None or self.on_exit is None:
+            return
+        unit = f"{exited.name}@{exited.instance}"
+        # Stopped on an order (under way, or done: its environment file is gone with it).
+        if unit in self.stopping or not (self.env_dir / f"{unit}.env").exists():
+            return
+        self.on_exit(exited)
 
     def retire_old_units(self, old_dir: Path = OLD_UNIT_DIR) -> list[str]:
         """Earlier agents wrote their units to /etc/systemd/system, where they would hide the
@@ -156,7 +220,8 @@ class SystemdDriver:
         """The template, the environment's slice and the instance's drop-in, then one reload."""
         limits = spec.limits if spec.HasField("limits") else None
         files = {self.unit_dir / f"{spec.name}@.service":
-                 template_unit(self.env_dir, spec.user, slice_name(limits.group) if limits else ""),
+                 template_unit(self.env_dir, spec.user, slice_name(limits.group) if limits else "",
+                               exits=str(self.exits)),
                  self._dropin(spec.name, spec.instance): log_dropin(spec.log_path)}
         if limits is not None:
             files[self.unit_dir / slice_name(limits.group)] = slice_unit(limits)
@@ -193,8 +258,12 @@ class SystemdDriver:
 
     async def stop(self, op_id: str, spec: pb.ServiceStopSpec) -> pb.OperationResult:
         unit = f"{spec.name}@{spec.instance}.service"
-        code, out = await self._systemctl("stop", unit)
-        (self.env_dir / f"{spec.name}@{spec.instance}.env").unlink(missing_ok=True)
+        self.stopping.add(f"{spec.name}@{spec.instance}")
+        try:
+            code, out = await self._systemctl("stop", unit)
+            (self.env_dir / f"{spec.name}@{spec.instance}.env").unlink(missing_ok=True)
+        finally:
+            self.stopping.discard(f"{spec.name}@{spec.instance}")
         dropin = self._dropin(spec.name, spec.instance)
         dropin.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
@@ -208,7 +277,8 @@ class SystemdDriver:
         for path in sorted(self.env_dir.glob(f"{prefix}*@*.env")):
             name, _, instance = path.stem.partition("@")
             unit = f"{name}@{instance}.service"
-            show = subprocess.run(["systemctl", "show", unit, "-p", "ActiveState,MainPID,MemoryCurrent,CPUUsageNSec,Result,ExecMainStatus"],
+            show = subprocess.run(["systemctl", "show", unit, "-p", "ActiveState,MainPID,MemoryCurrent,CPUUsageNSec,Result,ExecMainStatus,"
+                                  "ExecMainStartTimestampMonotonic"],
                                   capture_output=True, text=True).stdout
             props = dict(line.split("=", 1) for line in show.splitlines() if "=" in line)
             try:
@@ -217,6 +287,9 @@ class SystemdDriver:
                 log_path = ""
             entry = {"name": name, "instance": instance, "pid": int(props.get("MainPID") or 0),
                      "alive": props.get("ActiveState") == "active", "log_path": log_path}
+            started = props.get("ExecMainStartTimestampMonotonic", "")
+            if started.isdigit() and int(started):  # when it started, for the controller's stable_after
+                entry["started_at"] = time.time() - (time.monotonic() - int(started) / 1e6)
             if props.get("MemoryCurrent", "").isdigit():
                 entry["rss_bytes"] = int(props["MemoryCurrent"])
             if props.get("CPUUsageNSec", "").isdigit():

@@ -16,6 +16,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import shutil
 import sqlite3
 import sys
 import tempfile
@@ -118,6 +119,7 @@ def measure(agents: int, checks: bool, window: float, every: float = 10.0) -> di
     finally:
         cluster.close()
         server.kill()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def run(window: float = 60.0) -> list[dict]:

@@ -72,6 +72,7 @@ def kill_live(world, env: str) -> int:
     return pid
 
 
+@pytest.mark.drivers  # with the systemd driver too: the unit's ExecStopPost says the end at once
 def test_a_killed_web_process_comes_back_with_no_operator_action(world):
     cluster, env = world["cluster"], new_env(world)
     ok(cluster.deployctl("apply", site(world, env, {"stable_after": "1s"}), timeout=300))
@@ -130,6 +131,7 @@ def test_a_process_that_dies_at_every_start_ends_in_a_crash_loop(world):
              what="the site restarted after the crash loop was left")
 
 
+@pytest.mark.drivers
 def test_a_service_that_died_while_the_controller_was_down_is_healed_once_agents_are_back(world):
     # A hyphen in the name: its units get a hashed name, which a listing by prefix would miss.
     cluster, env = world["cluster"], unique_env() + "-x"

@@ -6,6 +6,7 @@ deploy, day-2 and recovery tests also run once more with this driver (tests/run.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import pytest
@@ -14,7 +15,7 @@ from agent import config as config_mod
 from agent import limits as limits_mod
 from agent.main import choose_driver
 from agent.services import Supervisor
-from agent.systemd_driver import SystemdDriver, dropin_log_path, instance_env, log_dropin, template_unit
+from agent.systemd_driver import SystemdDriver, dropin_log_path, instance_env, log_dropin, parse_note, template_unit
 from protos import deployer_pb2 as pb
 from tests.test_deploy_units import problems, verify
 
@@ -24,7 +25,8 @@ def test_template_unit_verifies(tmp_path, user):
     env_dir = tmp_path / "services"
     env_dir.mkdir()
     template = tmp_path / "auto-shop-prod-web@.service"
-    template.write_text(template_unit(env_dir, user))
+    template.write_text(template_unit(env_dir, user, exits=str(tmp_path / "exits.sock")))
+    assert "\nExecStopPost=+" in template.read_text() and f"exitnote.py {tmp_path}/exits.sock %p %i\n" in template.read_text()
     assert (f"User={user}\nGroup={user}\n" in template.read_text()) == bool(user)
     (env_dir / "auto-shop-prod-web@3-20001.env").write_text('DEPLOYER_CWD="/tmp"\nDEPLOYER_COMMAND="true"\n')
     instance = tmp_path / "auto-shop-prod-web@3-20001.service"
@@ -54,6 +56,17 @@ def test_the_unit_starts_the_launcher_and_never_names_the_release_env(tmp_path):
     assert unit.count("EnvironmentFile=") == 1 and f"EnvironmentFile={tmp_path}/%p@%i.env" in unit
     assert "ExecStart=/usr/bin/python3 -I -S -B /opt/d/agent/launcher.py --cwd=${DEPLOYER_CWD} " in unit
     assert "-- /bin/sh -c ${DEPLOYER_COMMAND}" in unit and "WorkingDirectory" not in unit
+
+
+def test_an_exit_note_says_what_the_supervisor_would():
+    def note(**fields) -> bytes:
+        return json.dumps({"name": "auto-shop-prod-web", "instance": "3-20001", **fields}).encode()
+    exited = parse_note(note(result="exit-code", code="exited", status="3"))
+    assert (exited.name, exited.instance, exited.exit_code, exited.signal) == ("auto-shop-prod-web", "3-20001", 3, 0)
+    assert parse_note(note(result="signal", code="killed", status="KILL")).signal == 9
+    assert parse_note(note(result="core-dump", code="dumped", status="11")).signal == 11
+    assert parse_note(note(result="timeout", code="", status="")).exit_code == -1
+    assert parse_note(b"not json") is None and parse_note(b'{"name": "x"}') is None
 
 
 def test_the_log_dropin_appends_to_the_operation_s_file_and_reads_back():
@@ -154,6 +167,39 @@ def test_start_list_logs_and_stop_for_real(tmp_path, tenant):
     assert not psutil.pid_exists(entry["pid"]) or psutil.Process(entry["pid"]).status() == psutil.STATUS_ZOMBIE
     assert driver.list(f"{user}-") == []
     assert not (driver.unit_dir / f"{user}-web@1-20001.service.d").exists()
+
+
+@pytest.mark.systemd
+def test_an_end_nobody_ordered_is_said_at_once_and_an_ordered_stop_is_not(tmp_path, tenant):
+    import asyncio
+    import os
+    import signal
+
+    user, work = tenant
+    driver = SystemdDriver(tmp_path / "state")
+    heard: list[pb.ServiceExited] = []
+    driver.on_exit = heard.append
+
+    async def scenario():
+        watching = asyncio.create_task(driver.watch())
+        await asyncio.sleep(0.2)
+        for instance in ("1-20005", "1-20006"):
+            spec = _start_spec(user, work, "exec sleep 300", instance)
+            assert (await driver.start("op-1", spec)).outcome == pb.EXITED
+        pid = {e["instance"]: e for e in driver.list(f"{user}-")}["1-20005"]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(100):
+            if heard:
+                break
+            await asyncio.sleep(0.05)
+        await driver.stop("op-2", pb.ServiceStopSpec(name=f"{user}-web", instance="1-20006"))
+        await asyncio.sleep(1.0)
+        await driver.stop("op-3", pb.ServiceStopSpec(name=f"{user}-web", instance="1-20005"))
+        await asyncio.sleep(0.5)
+        watching.cancel()
+
+    asyncio.run(scenario())
+    assert [(e.name, e.instance, e.signal) for e in heard] == [(f"{user}-web", "1-20005", 9)]
 
 
 @pytest.mark.systemd
