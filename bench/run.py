@@ -22,7 +22,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import deploy as deploy_bench, health as health_bench, peers as peers_mod  # noqa: E402
+from bench import backups as backups_bench, deploy as deploy_bench, health as health_bench, peers as peers_mod  # noqa: E402
 from tests.harness import Cluster, PeakRss  # noqa: E402
 
 DEPLOYCTL = ROOT / ".venv" / "bin" / "deployctl"
@@ -123,7 +123,10 @@ def main() -> int:
           f"no-op re-apply of 20 services {deploys['noop'] * 1000:.0f} ms", flush=True)
     print("periodic health checks of 1,000 live instances, on and off, over 1 and 10 agents…", flush=True)
     health = health_bench.run(args.health_window)
-    report = render(fanout, throughput, peers, load_before, args, deploys) + "\n".join(health_bench.render(health)) + "\n"
+    print("snapshots of a 500,000-row database beside a plain mariadb-dump…", flush=True)
+    snapshots = backups_bench.run()
+    report = (render(fanout, throughput, peers, load_before, args, deploys)
+              + "\n".join(health_bench.render(health) + backups_bench.render(snapshots)) + "\n")
     args.output.write_text(report)
     print()
     print(report)
