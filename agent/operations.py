@@ -18,7 +18,7 @@ import structlog
 
 from protos import deployer_pb2 as pb
 
-from agent import executor, logfiles, probe
+from agent import executor, logfiles, probe, releases
 from agent.journal import Entry, Journal, JournalError, valid_op_id
 from common.redact import Patterns, bounded, patterns
 from agent.services import Supervisor
@@ -142,9 +142,10 @@ class Operations:
                    redact: Patterns) -> pb.OperationResult:
         # service_list prints only names, pids and paths the controller chose (and redacting its
         # JSON could break it); every result's error is redacted by the caller.
-        if kind in ("exec", "log_read"):
+        if kind in ("exec", "log_read", "release_seal"):
             try:
-                spec = op.exec if kind == "exec" else logfiles.read_exec(op.log_read, self.services_root)
+                spec = op.exec if kind == "exec" else logfiles.read_exec(op.log_read, self.services_root) \
+                    if kind == "log_read" else releases.seal_exec(op.release_seal, self.services_root)
                 run = executor.spawn(op.id, spec, str(self.services_root), held.spool, held.notify,
                                      redact)
             except executor.StartError as exc:

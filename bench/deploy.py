@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.deploy_harness import Nginx, deploy_cluster, example_repo, purge, service_users_base
+from tests.deploy_harness import Nginx, deploy_cluster, example_repo, new_commit, purge, service_users_base
 from tests.harness import Cluster
 
 INSTALL = "npm ci --omit=dev --no-audit --no-fund --prefer-offline"
@@ -93,6 +93,27 @@ def shell_deploy(base: Path, repo: Path, nginx: Nginx, db: str) -> float:
     return seconds
 
 
+def _du(*paths: str, apparent: bool = False) -> int:
+    """Bytes on disk of `paths` together: du counts an inode once, however many names it has."""
+    out = subprocess.run(["du", "-s", "-B1", "-c", *(["--apparent-size"] if apparent else []), *paths],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.strip().splitlines()[-1].split()[0])
+
+
+def kept_release_disk(cluster: Cluster, base: Path, repo: Path, env: str, releases: int = 4) -> dict:
+    """Deploy the example's web again `releases - 1` times (a new commit each: a new release with its
+    own npm install); what each kept release adds on disk, against a full copy of it."""
+    for n in range(releases - 1):
+        new_commit(repo, f"release {n + 2}")
+        _apply(cluster, example_spec(base, env, repo))
+    web = cluster.agents["computing-1"].services_root / f"auto-bench-{env}-web"
+    kept = sorted(str(p) for p in (web / "releases").iterdir())
+    full = _du(kept[0])
+    together = _du(*kept, str(web / "store"))
+    return {"releases": len(kept), "first": full, "together": together,
+            "each_more": (together - full) / (len(kept) - 1), "apparent": _du(kept[0], apparent=True)}
+
+
 def run(runs: int = 3) -> dict:
     base = service_users_base("deployer-bench-deploy-")
     nginx, cluster = deploy_cluster(base)
@@ -107,13 +128,14 @@ def run(runs: int = 3) -> dict:
             db = f"auto-bench-{env}-byhand"
             envs.append(env)
             by_hand.append(shell_deploy(base, repo, nginx, db))
+        disk = kept_release_disk(cluster, base, repo, envs[0])
         wide_env = "w" + secrets.token_hex(3)
         envs.append(wide_env)
         wide = wide_spec(base, wide_env, repo, 20)
         first = _apply(cluster, wide)
         noop = [_apply(cluster, wide) for _ in range(5)]
         return {"deploy": statistics.median(ours), "by_hand": statistics.median(by_hand),
-                "wide_first": first, "noop": statistics.median(noop), "runs": runs}
+                "wide_first": first, "noop": statistics.median(noop), "runs": runs, "disk": disk}
     finally:
         cluster.close()
         nginx.stop()

@@ -165,6 +165,28 @@ class LogReadSpec(_message.Message):
     timestamps: bool
     def __init__(self, logs: _Optional[str] = ..., instance: _Optional[str] = ..., since: _Optional[str] = ..., until: _Optional[str] = ..., tail: _Optional[int] = ..., follow: _Optional[bool] = ..., timestamps: _Optional[bool] = ...) -> None: ...
 
+class ReleaseSealSpec(_message.Message):
+    __slots__ = ("release", "store", "user", "prune", "writable")
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    STORE_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    PRUNE_FIELD_NUMBER: _ClassVar[int]
+    WRITABLE_FIELD_NUMBER: _ClassVar[int]
+    release: str
+    store: str
+    user: str
+    prune: bool
+    writable: _containers.RepeatedCompositeFieldContainer[WritablePath]
+    def __init__(self, release: _Optional[str] = ..., store: _Optional[str] = ..., user: _Optional[str] = ..., prune: _Optional[bool] = ..., writable: _Optional[_Iterable[_Union[WritablePath, _Mapping]]] = ...) -> None: ...
+
+class WritablePath(_message.Message):
+    __slots__ = ("path", "target")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    target: str
+    def __init__(self, path: _Optional[str] = ..., target: _Optional[str] = ...) -> None: ...
+
 class ServiceStopSpec(_message.Message):
     __slots__ = ("name", "instance", "grace_s")
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -208,7 +230,7 @@ class HttpProbeSpec(_message.Message):
     def __init__(self, url: _Optional[str] = ..., expect_status: _Optional[int] = ..., attempts: _Optional[int] = ..., interval_s: _Optional[float] = ..., timeout_s: _Optional[float] = ..., host_header: _Optional[str] = ..., service_name: _Optional[str] = ..., service_instance: _Optional[str] = ..., expect_statuses: _Optional[_Iterable[int]] = ..., deadline_s: _Optional[float] = ...) -> None: ...
 
 class Operation(_message.Message):
-    __slots__ = ("id", "exec", "write_file", "service_start", "service_stop", "service_list", "http_probe", "log_read", "redact")
+    __slots__ = ("id", "exec", "write_file", "service_start", "service_stop", "service_list", "http_probe", "log_read", "release_seal", "redact")
     ID_FIELD_NUMBER: _ClassVar[int]
     EXEC_FIELD_NUMBER: _ClassVar[int]
     WRITE_FILE_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +239,7 @@ class Operation(_message.Message):
     SERVICE_LIST_FIELD_NUMBER: _ClassVar[int]
     HTTP_PROBE_FIELD_NUMBER: _ClassVar[int]
     LOG_READ_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_SEAL_FIELD_NUMBER: _ClassVar[int]
     REDACT_FIELD_NUMBER: _ClassVar[int]
     id: str
     exec: ExecSpec
@@ -226,8 +249,9 @@ class Operation(_message.Message):
     service_list: ServiceListSpec
     http_probe: HttpProbeSpec
     log_read: LogReadSpec
+    release_seal: ReleaseSealSpec
     redact: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[str] = ..., exec: _Optional[_Union[ExecSpec, _Mapping]] = ..., write_file: _Optional[_Union[WriteFileSpec, _Mapping]] = ..., service_start: _Optional[_Union[ServiceStartSpec, _Mapping]] = ..., service_stop: _Optional[_Union[ServiceStopSpec, _Mapping]] = ..., service_list: _Optional[_Union[ServiceListSpec, _Mapping]] = ..., http_probe: _Optional[_Union[HttpProbeSpec, _Mapping]] = ..., log_read: _Optional[_Union[LogReadSpec, _Mapping]] = ..., redact: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., exec: _Optional[_Union[ExecSpec, _Mapping]] = ..., write_file: _Optional[_Union[WriteFileSpec, _Mapping]] = ..., service_start: _Optional[_Union[ServiceStartSpec, _Mapping]] = ..., service_stop: _Optional[_Union[ServiceStopSpec, _Mapping]] = ..., service_list: _Optional[_Union[ServiceListSpec, _Mapping]] = ..., http_probe: _Optional[_Union[HttpProbeSpec, _Mapping]] = ..., log_read: _Optional[_Union[LogReadSpec, _Mapping]] = ..., release_seal: _Optional[_Union[ReleaseSealSpec, _Mapping]] = ..., redact: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class OutputChunk(_message.Message):
     __slots__ = ("op_id", "seq", "offset", "stream", "data")

@@ -1661,3 +1661,57 @@ def test_a_second_controller_on_a_taken_port_exits_and_the_first_keeps_its_agent
         assert done.returncode == 0 and done.stdout.count(b"still-here") == 2, done.stderr
     finally:
         first.close()
+
+
+# ---------------------------------------------------------------- 13. kept releases (decision 033)
+# A tenant's next release, or any process of its environment, tries to change the release a
+# rollback would run; and a tenant looks for another environment's files through the sharing.
+import os as _rel_os  # noqa: E402
+
+from controller.environments.naming import unix_user as _rel_user  # noqa: E402
+
+
+def _rel_as(user: str, script: str) -> _own_subprocess.CompletedProcess:
+    return _own_subprocess.run(["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "sh", "-c", script],
+                               capture_output=True, text=True)
+
+
+def test_a_next_install_cannot_change_the_kept_release_and_nothing_is_shared_between_environments(owned_world,
+                                                                                                    tmp_path):
+    cluster, repo = owned_world["cluster"], owned_world["repo"]
+    env, other = _own_env(), _own_env()
+    owned_world["envs"] += [env, other]
+    first = cluster.deployctl("apply", _own_spec(owned_world, tmp_path, env), timeout=600)
+    assert first.returncode == 0, first.stderr.decode()
+    root = cluster.agents["computing-1"].services_root
+    kept = root / f"auto-shop-{env}-web" / "releases" / "1"
+    before = _tree(kept)
+    # Release 2's install (the tenant's own command, as its user, in releases/2/web) attacks release 1.
+    _own_commit(repo, "v2")
+    attack = ("for f in $(find ../../1 -type f | head -200); do echo pwned >> \"$f\" 2>/dev/null; done; "
+              "rm -rf ../../1/web/node_modules 2>/dev/null; mv ../../1/web/server.js ../../1/web/x 2>/dev/null; "
+              "ln -sf /etc/passwd ../../1/web/evil 2>/dev/null; chmod -R a+w ../../1 2>/dev/null; " + _OWN_INSTALL)
+    second = cluster.deployctl("apply", _own_spec(owned_world, tmp_path, env, install=attack), timeout=600)
+    assert second.returncode == 0, second.stderr.decode()
+    assert _tree(kept) == before  # every name, mode, owner and byte of the rollback target as it was
+    # ... and the two releases share their dependencies' files: one inode, which nobody can write.
+    module = next(p for p in (kept / "web" / "node_modules").rglob("*.js") if p.stat().st_size >= 4096)
+    twin = root / f"auto-shop-{env}-web" / "releases" / "2" / module.relative_to(kept)
+    assert module.stat().st_ino == twin.stat().st_ino and module.stat().st_uid == 0
+    user = _rel_user("shop", env)
+    assert _rel_as(user, f"cat {module} > /dev/null").returncode == 0
+    assert _rel_as(user, f"echo pwned >> {twin}").returncode != 0
+    # Another environment deploying the same code shares nothing with this one, and this tenant
+    # cannot read that environment's release.
+    third = cluster.deployctl("apply", _own_spec(owned_world, tmp_path, other), timeout=600)
+    assert third.returncode == 0, third.stderr.decode()
+    theirs = root / f"auto-shop-{other}-web" / "releases" / "1" / module.relative_to(kept)
+    assert theirs.read_bytes() == module.read_bytes() and theirs.stat().st_ino != module.stat().st_ino
+    assert _rel_as(user, f"cat {theirs}").returncode != 0
+    rolled = cluster.deployctl("rollback", f"shop/{env}/web", "--to", "1", timeout=600)
+    assert rolled.returncode == 0, rolled.stderr.decode()
+    assert _own_get(owned_world["nginx"].port, "/health", f"{env}.shop.test")[0] == 200
+    # The rollback ran the release as it was deployed (only its .env was written anew).
+    def code(tree):
+        return [entry for entry in tree if not entry[0].startswith(".env")]
+    assert code(_tree(kept)) == code(before) and _rel_os.path.isdir(kept / "web" / "node_modules")

@@ -766,8 +766,9 @@ def test_one_switch_for_the_environment_or_none(world, tmp_path):
 
 def minimal_site(repo: Path) -> dict:
     """A web service that starts at once: it serves its own working folder and says which it is
-    (its environment's release), so an answer shows whose process gave it."""
-    return {"path": "/", "source": str(repo), "ref": "main", "root": "web", "health": "/whoami",
+    (its environment's release), so an answer shows whose process gave it. The release is sealed
+    (read-only) once built: `whoami` is a writable path, a link into the service's shared folder."""
+    return {"path": "/", "source": str(repo), "ref": "main", "root": "web", "health": "/whoami", "writable": ["whoami"],
             "start": "sh -c 'pwd > whoami && exec python3 -m http.server $PORT --bind 127.0.0.1'"}
 
 

@@ -135,7 +135,19 @@ BAD_SPECS = [
      "shop.yml:4: owner: unknown key 'owner'; known keys: version, app, environment, domain, limits, logs, services"),
     ("unknown-service-key", "    path: /", "    pth: /",
      "shop.yml:6: services.web.pth: unknown key 'pth' (did you mean 'path'?); known keys: path, source, ref, "
-     "root, install, build, migrate, start, health, healthy_after, drain, env, secrets, uses, redis, restart"),
+     "root, install, build, migrate, start, health, healthy_after, drain, env, secrets, uses, redis, restart, "
+     "writable"),
+    ("writable-escapes", "    path: /\n", "    path: /\n    writable: [../../etc/]\n",
+     "shop.yml:7: services.web.writable[0]: '../../etc/' is not a relative path of letters, digits and . _ - "
+     "(no .., no leading dot or slash)"),
+    ("writable-absolute", "    path: /\n", "    path: /\n    writable: [/tmp]\n",
+     "shop.yml:7: services.web.writable[0]: '/tmp' is not a relative path of letters, digits and . _ - "
+     "(no .., no leading dot or slash)"),
+    ("writable-env", "    path: /\n", "    path: /\n    writable: [.env]\n",
+     "shop.yml:7: services.web.writable[0]: '.env' is not a relative path of letters, digits and . _ - "
+     "(no .., no leading dot or slash)"),
+    ("writable-overlap", "    path: /\n", "    path: /\n    writable: [tmp/, tmp/cache/]\n",
+     "shop.yml:7: services.web.writable[1]: 'tmp/cache/' overlaps another writable path"),
     ("bad-app-name", "app: shop", "app: shop_x",
      "shop.yml:1: app: 'shop_x' contains '_'; names use lowercase letters, digits and single hyphens"),
     ("uppercase-service-name", "  web:", "  Web:",

@@ -553,7 +553,8 @@ useradd --system "$@" --no-create-home --home-dir /nonexistent --shell /usr/sbin
 def service_layout(service_dir: str, release: str, user: str) -> str:
     """Owners and modes of a service folder and of the release about to run. A release that is
     not the user's yet (just checked out as root, or deployed before users existed) is given to it
-    whole; `-h` changes links themselves, never what they point to."""
+    whole; `-h` changes links themselves, never what they point to. A sealed release (root's, in
+    the user's group: decision 033) stays as it is."""
     return f"""set -e
 u={_sh(user)}; d={_sh(service_dir)}; r={_sh(release)}
 mkdir -p "$d/releases" "$d/shared" "$d/logs" "$d/.home"
@@ -563,7 +564,7 @@ chown -h "$u:$u" "$d/shared" "$d/.home"
 chmod 0750 "$d/shared"
 chmod 0700 "$d/.home"
 if [ -d "$r" ]; then
-  [ "$(stat -c %U:%G "$r")" = "$u:$u" ] || chown -hR "$u:$u" "$r"
+  case "$(stat -c %U:%G "$r")" in "$u:$u"|"root:$u") ;; *) chown -hR "$u:$u" "$r" ;; esac
   chmod 0750 "$r"
   if ! setpriv --reuid="$u" --regid="$u" --init-groups -- test -x "$r"; then
     echo "$u cannot reach $r: the folders above the services root must be open to other users (o+x)" >&2
@@ -571,6 +572,21 @@ if [ -d "$r" ]; then
   fi
 fi
 """
+
+
+def writable_script(shared: str, paths: tuple[str, ...]) -> str:
+    """Run as the environment's user in the working folder: each writable path's place in the
+    service's shared folder, made (from what the release holds there, if anything) the first time."""
+    lines = ["set -e", f"s={_sh(shared)}"]
+    for path in paths:
+        name = _sh(path.rstrip("/"))
+        if path.endswith("/"):
+            lines.append(f'if [ ! -e "$s"/{name} ] && [ ! -L "$s"/{name} ]; then mkdir -p "$s"/{name}; '
+                         f'if [ -d {name} ] && [ ! -L {name} ]; then cp -a {name}/. "$s"/{name}/; fi; fi')
+        else:
+            lines.append(f'if [ ! -e "$s"/{name} ] && [ ! -L "$s"/{name} ]; then mkdir -p "$(dirname "$s"/{name})"; '
+                         f'if [ -f {name} ] && [ ! -L {name} ]; then cp -a {name} "$s"/{name}; else : > "$s"/{name}; fi; fi')
+    return "\n".join(lines) + "\n"
 
 
 def service_home(service_dir: str) -> str:

@@ -212,6 +212,17 @@ async def _build(ctx: JobContext, d: Deployment, workdir: str, env_path: str, mi
             command = getattr(service, step)
             if command:
                 await ctx.sh(d.host, command, name, step, cwd=workdir, env_file=env_path, **as_user)
+        shared = f"{d.service_dir}/shared"
+        if service.writable:  # as the user: its shared folder, seeded from the release the first time
+            await ctx.sh(d.host, ops.writable_script(shared, service.writable), name, "writable", cwd=workdir,
+                         **as_user)
+        # From here the release is root's and read-only to the tenant: a later install (or a
+        # compromised process) can never change it, and its files are shared with the kept ones.
+        prefix = f"{service.root}/" if service.root else ""
+        await ctx.run_op(d.host, pb.Operation(release_seal=pb.ReleaseSealSpec(
+            release=_release(d), store=f"{d.service_dir}/store", user=ctx.unix_user,
+            writable=[pb.WritablePath(path=prefix + p.rstrip("/"), target=f"{shared}/{p.rstrip('/')}")
+                      for p in service.writable])), name, "seal")
     if not (service.migrate and migrate):
         return
     taken = await backups.snapshot(ctx, *live_db, name, "before the migrate") if live_db else ""
@@ -388,6 +399,8 @@ async def _prune_releases(ctx: JobContext, d: Deployment) -> None:
         return
     await ctx.sh(d.host, ops.remove_paths(*(f"{d.service_dir}/releases/{n}" for n in doomed)), d.service.name,
                  "prune releases", check=False)
+    await ctx.run_op(d.host, pb.Operation(release_seal=pb.ReleaseSealSpec(store=f"{d.service_dir}/store", prune=True)),
+                     d.service.name, "prune store", check=False)
     for number in doomed:
         ctx.ledger.set_status(ctx.env_key, d.service.name, "code", number, Status.REMOVED)
 

@@ -37,7 +37,7 @@ DEFAULT_DRAIN = 30.0   # the longest wait for the old instance's requests to end
 TOP_KEYS = ("version", "app", "environment", "domain", "limits", "logs", "services")
 TOP_REQUIRED = ("app", "environment", "domain", "services")
 SERVICE_KEYS = ("path", "source", "ref", "root", "install", "build", "migrate", "start", "health",
-                "healthy_after", "drain", "env", "secrets", "uses", "redis", "restart")
+                "healthy_after", "drain", "env", "secrets", "uses", "redis", "restart", "writable")
 WEB_HEALTH_KEYS = ("path", "status", "timeout", "interval", "deadline")
 DAEMON_HEALTH_KEYS = ("command", "timeout", "interval", "deadline")
 SERVICE_REQUIRED = ("source", "ref", "start")
@@ -165,6 +165,7 @@ class Service:
     shared: tuple[tuple[str, str], ...] = ()  # (component, service): another service's instance it uses
     redis: RedisSettings = RedisSettings()
     restart: RestartPolicy = RestartPolicy()
+    writable: tuple[str, ...] = ()  # paths in the working folder linked to `shared/` (decision 033)
 
     def owner_of(self, component: str) -> str:
         """The service whose instance of `component` this one uses: itself, or the one it shares."""
@@ -208,6 +209,8 @@ class Service:
             out["redis"] = self.redis.to_dict()
         if self.restart.to_dict() is not None:
             out["restart"] = self.restart.to_dict()
+        if self.writable:
+            out["writable"] = list(self.writable)
         return out
 
 
@@ -326,6 +329,8 @@ def code_fingerprint(service: Service, limits: Limits | None = None) -> str:
                 "build": service.build, "migrate": service.migrate, "start": service.start,
                 "health": service.health, "env": dict(service.env), "secrets": list(service.secrets),
                 "path": service.path, "healthy_after": float(service.healthy_after)}
+    if service.writable:
+        defining["writable"] = list(service.writable)
     if service.check.to_dict():
         defining["check"] = service.check.to_dict()
     if limits is not None and limits.to_dict():
@@ -721,8 +726,38 @@ def _service(source: _Source, name: str, body: Any) -> Service:
     _env_references(source, at + ("env",), env, uses, path is not None)
     redis = _redis(source, at + ("redis",), body.get("redis"), uses, dict(shared))
     restart = _restart(source, at + ("restart",), body.get("restart"))
+    writable = _writable(source, at + ("writable",), body.get("writable"))
     return Service(name, path, repository, ref, root, install, build, migrate, start, health, env, secrets,
-                   uses, healthy_after, check, drain, shared, redis, restart)
+                   uses, healthy_after, check, drain, shared, redis, restart, writable)
+
+
+WRITABLE_MAX = 32
+_WRITABLE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
+
+
+def _writable(source: _Source, key: Key, value: Any) -> tuple[str, ...]:
+    """`[tmp/, storage/, whoami]`: paths of the working folder that stay writable once the release
+    is sealed, each a link into the service's `shared` folder (a folder with a trailing /)."""
+    entries = _list(source, key, value, "[tmp/, storage/]")
+    if len(entries) > WRITABLE_MAX:
+        raise source.error(key, f"{len(entries)} paths; at most {WRITABLE_MAX}")
+    out: list[str] = []
+    for index, entry in enumerate(entries):
+        at = key + (index,)
+        if not isinstance(entry, str) or not entry.strip("/"):
+            raise source.error(at, "must be a path inside the working folder, like tmp/ or storage/uploads/")
+        parts = entry.rstrip("/").split("/")
+        if entry.startswith("/") or not all(_WRITABLE_PART.fullmatch(p) for p in parts) or len(entry) > 200:
+            raise source.error(at, f"{entry!r} is not a relative path of letters, digits and . _ - "
+                                   "(no .., no leading dot or slash)")
+        if parts[0] in (".env", ".git") or parts[0].startswith(".env"):
+            raise source.error(at, f"{entry!r} is the deployer's (the .env) or the checkout's own")
+        name = "/".join(parts)
+        if any(name == o.rstrip("/") or name.startswith(o.rstrip("/") + "/") or o.startswith(name + "/")
+               for o in out):
+            raise source.error(at, f"{entry!r} overlaps another writable path")
+        out.append(name + "/" if entry.endswith("/") else name)
+    return tuple(out)
 
 
 def _unique_paths(source: _Source, services: list[Service]) -> None:

@@ -45,7 +45,7 @@ class Watcher:
         self.round = 0
         self.sent: dict[str, tuple[int, dict[str, Watched]]] = {}   # agent → (round, key → instance)
         self.failing: dict[str, int] = {}                           # key → rounds failed in a row
-        self._paths: dict[str, tuple[str, dict[str, tuple[str, tuple[int, ...]]]]] = {}
+        self._paths: dict[str, tuple[tuple, dict[str, tuple[str, tuple[int, ...]]]]] = {}
         self.registry.on_probed.append(self.reported)
 
     async def run(self) -> None:
@@ -56,32 +56,37 @@ class Watcher:
             except Exception as exc:  # a round that could not be sent: the next one tries again
                 log.error("health.round_failed", error=f"{type(exc).__name__}: {exc}")
 
-    def _web_services(self, env_key: str) -> dict[str, tuple[str, tuple[int, ...]]]:
-        """service → (health path, statuses) of the environment's web services, read again only
-        when its stored spec changed."""
+    def _web_services(self, env_key: str, rows: list) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """service → (health path, statuses) of the environment's web services as their live
+        instances were deployed (after a failed apply the stored spec is ahead of what runs),
+        worked out again only when the stored spec or the live instances changed."""
         stored = self.environments.specs.get(env_key)
+        key = (stored, tuple(sorted((r.service, r.number, r.fingerprint) for r in rows)))
         cached = self._paths.get(env_key)
-        if cached is not None and cached[0] == stored:
+        if cached is not None and cached[0] == key:
             return cached[1]
-        spec = self.environments.accepted_spec(env_key)
+        spec = self.environments.as_deployed_spec(env_key)
         web = {s.name: (s.health, tuple(s.check.statuses)) for s in spec.services
                if s.is_web and s.restart.enabled} if spec else {}
-        self._paths[env_key] = (stored, web)
+        self._paths[env_key] = (key, web)
         return web
 
     def tick(self) -> None:
         self.round += 1
         by_host: dict[str, list] = {}
+        by_env: dict[str, list] = {}
         for row in self.ledger.live_code():
             if row.port and row.names.get("process"):
                 by_host.setdefault(row.host, []).append(row)
+                by_env.setdefault(row.env_key, []).append(row)
+        web_of = {env_key: self._web_services(env_key, rows) for env_key, rows in by_env.items()}
         for host, rows in by_host.items():
             agent, session = self.registry.agents.get(host), self.registry.session(host)
             if agent is None or session is None or agent.state != CONNECTED:
                 continue
             targets, watched = [], {}
             for row in rows:
-                web = self._web_services(row.env_key).get(row.service)
+                web = web_of[row.env_key].get(row.service)
                 if web is None or self.healer.busy(row.env_key, row.service):
                     continue
                 key = f"{row.env_key}|{row.service}|{row.names['process']}"
