@@ -8,7 +8,7 @@ next install, or a compromised process, can read and run a kept release but neve
 so a rollback runs what was deployed. The release's top-level `.env` files stay the user's
 (the launcher reads them as that user; they are rewritten at each start anyway).
 
-Then each file of at least SHARE_MIN bytes is swapped for a hard link to the one copy of its
+Then each file that is not empty is swapped for a hard link to the one copy of its
 content in the service's store (`S`, root's, 0750, beside `releases/`): one content, one inode,
 for all kept releases of the service. The store is one service's own: nothing is shared between
 services, let alone environments, so no tenant can place content in another's release.
@@ -34,7 +34,7 @@ import shutil
 import stat
 import sys
 
-SHARE_MIN = 4096
+SHARE_MIN = 1  # every file with content: a small file still takes a block of its own
 CHUNK = 1 << 20
 
 

@@ -193,7 +193,7 @@ def render(fanout, throughput, peers, load_before, args, deploys) -> str:
         "",
         f"The example's web deployed {deploys['disk']['releases']} times in one environment (a new commit each: a "
         "fresh checkout and `npm ci`), then the releases' folders and the service's store measured together "
-        "with `du` (an inode counts once): sealed releases share each file of 4 KiB or more with the kept "
+        "with `du` (an inode counts once): sealed releases share each file with the kept "
         "ones by hard links to one root-owned copy.",
         "",
         "| what | on disk |",
