@@ -14,6 +14,7 @@ from tests.test_layers import PACKAGES, ROOT, module_name
 
 OUTSIDE = {  # not errors of the deployer's, each for a reason
     "agent.launcher.LaunchError": "the published launcher runs with the standard library only",
+    "agent.releases.Refused": "the release sealer runs as a script of the standard library only",
     "agent.executor._Symlink": "a signal inside one function, never raised out of it",
     "agent.session.SessionEnded": "the controller's goodbye: control flow, not a failure",
 }

@@ -671,8 +671,18 @@ def first_free_port_script(candidates: list[int]) -> str:
             "sys.exit(1)\nEOF")
 
 
+def in_release(release: str, user: str, script: str) -> str:
+    """Run `script` (which renames or removes `.env` files at the top of `release`) as root in a
+    sealed release, whose folder is root's so no name in it can be the tenant's trap; as the
+    user in an older release that is still the user's (root's `mv` there could be led by a link
+    the tenant made). Run as root."""
+    return (f"r={_sh(release)}; u={_sh(user)}\n"
+            f'if [ ! -L "$r" ] && [ "$(stat -c %U:%G "$r")" = "root:$u" ]; then sh -c {_sh(script)}; '
+            f'else setpriv --reuid="$u" --regid="$u" --init-groups -- sh -c {_sh(script)}; fi')
+
+
 def move_staged_env(staged: str, env_path: str) -> str:
-    """A reused release's staged `.env` in place, as its user; -T: a `.env` the tenant made a
+    """A reused release's staged `.env` in place (see in_release); -T: a `.env` the tenant made a
     link to a folder is replaced, never moved into."""
     return f"mv -fT {_sh(staged)} {_sh(env_path)}"
 

@@ -245,8 +245,8 @@ async def _after_switch(ctx: JobContext, d: Deployment, live, numbers: dict[str,
     if live and live.code:
         await _retire(ctx, d, live, previous)
     if d.staged_env:
-        await ctx.sh(d.host, ops.move_staged_env(d.staged_env, release + "/.env"), name, ".env", check=False,
-                     user=ctx.unix_user, env=service_env(d))
+        await ctx.sh(d.host, ops.in_release(release, ctx.unix_user, ops.move_staged_env(d.staged_env, release + "/.env")),
+                     name, ".env", check=False)
     await ctx.sh(d.host, ops.current_script(d.service_dir, release), name, "current", check=False)
     await _prune_releases(ctx, d)
 
@@ -414,7 +414,8 @@ async def undo(ctx: JobContext, d: Deployment) -> None:
     if d.port:
         ctx.ledger.release_port(d.host.id, d.port)
     if d.staged_env:
-        await ctx.sh(d.host, ops.remove_file(d.staged_env), name, "drop staged .env", check=False, user=ctx.unix_user)
+        await ctx.sh(d.host, ops.in_release(_release(d), ctx.unix_user, ops.remove_file(d.staged_env)), name,
+                     "drop staged .env", check=False)
     if d.rebuilt:  # this job checked it out (it was missing): half-built, it would be taken as whole next time
         await ctx.sh(d.host, ops.remove_paths(_release(d)), name, "drop rebuilt release", check=False)
     if d.code_new:

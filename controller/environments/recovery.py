@@ -354,8 +354,9 @@ async def _converge(ctx: JobContext, service: str, rows) -> list[str]:
         service_dir = naming.service_dir(host.services_root, spec.app, spec.environment, service)
         release = f"{service_dir}/releases/{code.number}"
         staged = f"{release}/.env.deploy-{last[-1]['number']}"
-        # The release is the tenant's: its .env is moved as its user (see ops.move_staged_env).
-        await ctx.sh(host, ops.settle_staged_env(staged, release), service, ".env", check=False, user=ctx.unix_user)
+        # As root in a sealed release, as its user in one still the user's (see ops.in_release).
+        await ctx.sh(host, ops.in_release(release, ctx.unix_user, ops.settle_staged_env(staged, release)), service,
+                     ".env", check=False)
         await ctx.sh(host, ops.current_script(service_dir, release), service, "current", check=False)
     return lines
 
