@@ -162,3 +162,63 @@ def test_a_writable_path_becomes_a_link_into_shared_and_nothing_else_is(service)
     wrote = as_user(user, f"echo hello > {r}/web/tmp/y && cat {shared}/tmp/y")
     assert wrote.returncode == 0 and wrote.stdout == "hello\n", wrote.stderr
     assert as_user(user, f"echo no > {r}/web/other").returncode != 0
+
+
+def test_a_root_file_whose_other_names_are_gone_is_refused_not_sealed(service, tmp_path):
+    # The tenant's link is the only name left of a root file once its owner replaced it by a
+    # rename (as passwd does for /etc/shadow): one name, root's, and still never the tenant's to read.
+    user, entry, folder = service
+    secret = tmp_path / "shadow"
+    secret.write_text("root:$6$old-hash:19000:0:99999:7:::\n")
+    os.chmod(secret, 0o600)
+    r = release(user, entry, folder, 1)
+    os.link(secret, f"{r}/node_modules/shadow")
+    fresh = tmp_path / "shadow.new"
+    fresh.write_text("root:$6$new-hash\n")
+    os.rename(fresh, secret)
+    assert os.stat(f"{r}/node_modules/shadow").st_nlink == 1
+    assert seal(folder, r, user) == 1
+    assert as_user(user, f"cat {r}/node_modules/shadow").returncode != 0
+    assert not [n for n in os.listdir(folder / "releases") if n.startswith(".")]  # nothing half-built left
+
+
+def test_what_a_process_of_the_tenant_does_during_and_after_the_seal_changes_nothing(service):
+    user, entry, folder = service
+    r = release(user, entry, folder, 1, extra="mkdir -p busy && for i in $(seq 2000); do echo $i > busy/f$i; done")
+    # A process of the environment keeps adding names while the seal runs, and another holds
+    # a file of the release open for writing across it.
+    adder = subprocess.Popen(["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "sh", "-c",
+                              f"i=0; while [ $i -lt 100000 ]; do i=$((i+1)); "
+                              f"mkdir {r}/busy/d$i 2>/dev/null && echo x > {r}/busy/d$i/x 2>/dev/null; done"])
+    holder = subprocess.Popen(["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "/usr/bin/python3", "-c",
+                               f"import time; f = open('{r}/app.js', 'r+'); print('open', flush=True); "
+                               "time.sleep(3); f.seek(0); f.write('EVIL!!!'); f.flush(); print('wrote', flush=True)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "open\n"
+    try:
+        assert seal(folder, r, user) == 0
+    finally:
+        adder.kill()
+        adder.wait()
+    assert holder.stdout.readline() == "wrote\n"
+    holder.wait()
+    for path, dirs, files in os.walk(r):
+        for name in dirs + files:
+            info = os.lstat(os.path.join(path, name))
+            if not (path == r and name == ".env"):  # a link's own mode is always 0777: its owner counts
+                assert info.st_uid == 0 and (stat.S_ISLNK(info.st_mode) or not info.st_mode & 0o022), \
+                    os.path.join(path, name)
+    assert open(f"{r}/app.js").read() == "console.log(1)\n"  # the held descriptor wrote to the old file only
+    for name in os.listdir(folder / "store"):
+        assert b"EVIL" not in (folder / "store" / name).read_bytes()
+
+
+def test_only_the_env_itself_stays_the_user_s_and_a_too_deep_tree_is_refused_cleanly(service):
+    user, entry, folder = service
+    r = release(user, entry, folder, 1, extra="echo 'module.exports = 1' > .env.js")
+    assert seal(folder, r, user) == 0
+    assert os.stat(f"{r}/.env.js").st_uid == 0 and os.stat(f"{r}/.env").st_uid == entry.pw_uid
+    deep = release(user, entry, folder, 2, extra="d=.; for i in $(seq 150); do d=$d/x; done; mkdir -p $d")
+    assert seal(folder, deep, user) == 1
+    assert os.stat(deep).st_uid == entry.pw_uid  # left as it was: the deploy fails, nothing is half-sealed
+    assert not [n for n in os.listdir(folder / "releases") if n.startswith(".")]
