@@ -200,7 +200,13 @@ def prune(logs: str, keep: int) -> int:
     return removed
 
 
-def write(folder: str, file_bytes: int, keep: int, source: int = 0) -> None:
+UNLINKED_CHECK_S = 1.0
+
+
+def write(folder: str, file_bytes: int, keep: int, source: int = 0, until_unlinked: bool = False) -> None:
+    """Stamp what `source` gives until its end; with `until_unlinked`, `source` is a FIFO this
+    process also holds for writing (so no writer ever waits for a reader, nor does its end look
+    like the end of the output), and the writer stops once the FIFO's name is gone."""
     gid = _own_folder(folder)
     logs = os.path.dirname(folder)
     started = time.time()
@@ -215,16 +221,19 @@ def write(folder: str, file_bytes: int, keep: int, source: int = 0) -> None:
     prune(logs, keep)
     stamper, size = Stamper(), 0
     while True:
-        waiting = PAUSE_S if stamper.pending else None
+        waiting = PAUSE_S if stamper.pending else UNLINKED_CHECK_S if until_unlinked else None
         ready, _w, _x = select.select([source], [], [], waiting)
         now = time.time()
-        if not ready:
+        if not ready and until_unlinked and os.fstat(source).st_nlink == 0:
+            ready, chunk = [], b""  # stopped: the agent removed the FIFO
+            data = stamper.flush()
+        elif not ready:
             data = stamper.flush()
             chunk = None
         else:
             try:
                 chunk = os.read(source, READ_BYTES)
-            except InterruptedError:
+            except (InterruptedError, BlockingIOError):  # a FIFO (the systemd driver's) woke us early
                 continue
             data = stamper.feed(chunk, stamp(now), now) if chunk else stamper.flush()
             if stamper.pending and now - stamper.pending_since >= PAUSE_S:
@@ -315,7 +324,7 @@ def read(logs: str, instance: str, since: bytes, until: bytes, tail: int, follow
     if not files and (legacy := _legacy(logs, instance)):
         # Written before stamped logs, or by the systemd driver: the file as it is.
         if since or until:
-            print(f"{legacy} has no stamps (written by the systemd driver or an older agent): "
+            print(f"{legacy} has no stamps (written by an older agent): "
                   "--since and --until need stamped logs", file=sys.stderr)
             raise SystemExit(1)
         _read_legacy(logs, instance, legacy, tail or 20, follow, out)
@@ -401,9 +410,10 @@ def _python() -> str:
     return sys.executable or "/usr/bin/python3"
 
 
-def writer_argv(folder: str, file_bytes: int, keep: int) -> list[str]:
+def writer_argv(folder: str, file_bytes: int, keep: int, until_unlinked: bool = False) -> list[str]:
     return [_python(), "-I", "-S", "-B", os.path.abspath(__file__), "write", f"--dir={folder}",
-            f"--file-bytes={int(file_bytes)}", f"--keep={int(keep)}"]
+            f"--file-bytes={int(file_bytes)}", f"--keep={int(keep)}",
+            *(["--until-unlinked"] if until_unlinked else [])]
 
 
 def read_exec(spec, services_root):
@@ -435,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--dir", required=True)
     w.add_argument("--file-bytes", type=int, required=True)
     w.add_argument("--keep", type=int, required=True)
+    w.add_argument("--until-unlinked", action="store_true")
     r = sub.add_parser("read")
     r.add_argument("--logs", required=True)
     r.add_argument("--instance", default="")
@@ -445,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--timestamps", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "write":
-        write(args.dir, max(args.file_bytes, 4096), max(args.keep, 2 * args.file_bytes))
+        write(args.dir, max(args.file_bytes, 4096), max(args.keep, 2 * args.file_bytes),
+              until_unlinked=args.until_unlinked)
         return 0
     if args.instance and not INSTANCE_RE.match(args.instance):
         print(f"invalid instance {args.instance[:40]!r}", file=sys.stderr)

@@ -9,8 +9,8 @@ root can enter, from what the tenant's tree holds, then puts it in the release's
   copy of its content in the service's store (`S`, root's, 0750), made by root from the bytes
   read and linked into the tree: 0640, or 0750 if it was executable. Links are made anew with the
   same target, root's; they are never followed here. FIFOs, sockets and devices are left out. The
-  release's top-level `.env` is copied as the user's, 0600 (the launcher reads it as the user, and
-  each start writes it anew). `PATH=TARGET` makes `PATH` a link to `TARGET` in the user's shared
+  release's top-level `.env` (and a `.env.deploy-N` staged for its next start) is copied as the
+  user's, 0600 (the launcher reads it as the user, and each start writes it anew). `PATH=TARGET` makes `PATH` a link to `TARGET` in the user's shared
   folder.
 - The tenant's own tree is then removed. Nothing the tenant still holds (a process of the
   environment, a descriptor opened for writing, a name it adds while the seal runs) reaches the
@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import pwd
+import re
 import secrets
 import shutil
 import stat
@@ -46,6 +47,7 @@ MAX_ENTRIES = 1_000_000
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 LEFTOVERS = (".sealing-", ".unsealed-")
+ENV_FILE = re.compile(r"\.env(\.deploy-[0-9]+)?")
 
 
 class Refused(Exception):
@@ -147,8 +149,6 @@ class Sealer:
             elif stat.S_ISDIR(info.st_mode):
                 self._copy_folder(src_fd, dst_fd, store_fd, name, depth)
             elif stat.S_ISREG(info.st_mode):
-                if depth == 0 and name.startswith(".env.deploy-"):
-                    continue  # a staged .env of an earlier try: the deploy writes its own
                 self._copy_file(src_fd, dst_fd, store_fd, name, top=depth == 0)
             # FIFOs, sockets, devices: nothing a release needs, left out
 
@@ -188,7 +188,7 @@ class Sealer:
                 # Another's file, or root's that the tenant made a link to: never read, never copied.
                 raise Refused(f"{name!r} is not the environment's own file (owner {info.st_uid})")
             self.files += 1
-            if top and name == ".env":
+            if top and ENV_FILE.fullmatch(name):  # the .env, or one staged for the next start
                 self._private_copy(fd, dst_fd, name, 0o600, (self.uid, self.gid))
                 return
             mode = 0o750 if info.st_mode & 0o111 else 0o640
@@ -345,7 +345,6 @@ def seal_exec(spec, services_root):
     """The exec that runs a ReleaseSealSpec; StartError unless its folders are a service's own
     under the services root and its user one of the deployer's (the controller names them, still
     checked)."""
-    import re
     from protos import deployer_pb2 as pb
     from agent.executor import StartError
     root = os.path.abspath(str(services_root))

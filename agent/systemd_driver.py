@@ -23,13 +23,14 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
 from protos import deployer_pb2 as pb
 
 from common import envfile
-from agent import limits
+from agent import limits, logfiles
 from agent.slices import UNIT_DIR, scope_argv, slice_name, slice_unit  # noqa: F401 - also this driver's API
 from agent.executor import StartError, launcher_python, launcher_script
 
@@ -88,20 +89,26 @@ LockPersonality=yes
 """
 
 
-def log_dropin(log_path: str) -> str:
-    """The instance's drop-in: its output appended to the operation's log file. The folder is the
-    service's, made by root; the name comes from the controller and is still checked."""
-    if not log_path.startswith("/") or any(c in log_path for c in "\n\r\0"):
-        raise StartError(f"invalid log path {log_path[:80]!r}")
+def log_dropin(log_path: str, fifo: str = "") -> str:
+    """The instance's drop-in: its output into the FIFO its log writer reads (stamped files in the
+    service's `logs/<instance>/`, as under the supervisor), or, without one, appended to the
+    operation's log file. Paths come from the controller and the agent, and are still checked."""
+    for path in (log_path, fifo):
+        if path and (not path.startswith("/") or any(c in path for c in "\n\r\0")):
+            raise StartError(f"invalid log path {path[:80]!r}")
     path = log_path.replace("%", "%%")
+    if fifo:
+        pipe = fifo.replace("%", "%%")
+        return f"[Service]\n# log: {path}\nStandardOutput=file:{pipe}\nStandardError=file:{pipe}\n"
     return f"[Service]\nStandardOutput=append:{path}\nStandardError=append:{path}\n"
 
 
 def dropin_log_path(text: str) -> str:
     """Pure: the log file a drop-in written by log_dropin names."""
     for line in text.splitlines():
-        if line.startswith("StandardOutput=append:"):
-            return line.removeprefix("StandardOutput=append:").replace("%%", "%")
+        for prefix in ("StandardOutput=append:", "# log: "):
+            if line.startswith(prefix):
+                return line.removeprefix(prefix).replace("%%", "%")
     return ""
 
 
@@ -152,6 +159,7 @@ class SystemdDriver:
         self.unit_dir = unit_dir
         self.exits = state_dir / "exits.sock"
         self.stopping: set[str] = set()   # units stopped on an order: their end is not news
+        self.writers: list[subprocess.Popen] = []  # log writers this agent started, reaped as they end
         self.on_exit = None               # called with pb.ServiceExited when a process ends unasked
 
     async def watch(self) -> None:
@@ -216,13 +224,39 @@ class SystemdDriver:
     def _dropin(self, name: str, instance: str) -> Path:
         return self.unit_dir / f"{name}@{instance}.service.d" / "deployer-log.conf"
 
-    async def _install(self, spec: pb.ServiceStartSpec) -> None:
+    def _fifo(self, name: str, instance: str) -> Path:
+        return self.env_dir / f"{name}@{instance}.log-pipe"
+
+    def _log_writer(self, spec: pb.ServiceStartSpec) -> subprocess.Popen | None:
+        """The instance's log writer (agent/logfiles.py, as under the supervisor), reading a FIFO
+        in the agent's own folder that systemd opens as the output of the unit's commands: started
+        first, in a session of its own so it outlives the agent; it ends once the instance is
+        stopped and its FIFO removed."""
+        self.writers = [w for w in self.writers if w.poll() is None]
+        if not spec.log_dir:
+            return None
+        fifo = self._fifo(spec.name, spec.instance)
+        fifo.unlink(missing_ok=True)
+        os.mkfifo(fifo, 0o600)
+        read_end = os.open(fifo, os.O_RDWR | os.O_CLOEXEC)  # both ends: see logfiles.write
+        try:
+            writer = subprocess.Popen(
+                logfiles.writer_argv(spec.log_dir, spec.log_file_bytes or logfiles.FILE_BYTES,
+                                     spec.log_keep_bytes or logfiles.KEEP_BYTES, until_unlinked=True),
+                stdin=read_end, stdout=subprocess.DEVNULL, cwd="/", env={"PATH": "/usr/bin:/bin"},
+                start_new_session=True, close_fds=True)
+        finally:
+            os.close(read_end)
+        self.writers.append(writer)
+        return writer
+
+    async def _install(self, spec: pb.ServiceStartSpec, fifo: str = "") -> None:
         """The template, the environment's slice and the instance's drop-in, then one reload."""
         limits = spec.limits if spec.HasField("limits") else None
         files = {self.unit_dir / f"{spec.name}@.service":
                  template_unit(self.env_dir, spec.user, slice_name(limits.group) if limits else "",
                                exits=str(self.exits)),
-                 self._dropin(spec.name, spec.instance): log_dropin(spec.log_path)}
+                 self._dropin(spec.name, spec.instance): log_dropin(spec.log_path, fifo)}
         if limits is not None:
             files[self.unit_dir / slice_name(limits.group)] = slice_unit(limits)
         changed = False
@@ -240,7 +274,13 @@ class SystemdDriver:
         if not os.path.isdir(spec.cwd):
             raise StartError(f"working directory {spec.cwd} does not exist")
         Path(spec.log_path).parent.mkdir(parents=True, exist_ok=True)
-        await self._install(spec)
+        writer = self._log_writer(spec)
+        try:
+            await self._install(spec, str(self._fifo(spec.name, spec.instance)) if writer else "")
+        except BaseException:
+            if writer is not None:
+                writer.kill()
+            raise
         env_path = self.env_dir / f"{spec.name}@{spec.instance}.env"
         fd = os.open(env_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -248,20 +288,24 @@ class SystemdDriver:
         unit = f"{spec.name}@{spec.instance}.service"
         code, out = await self._systemctl("start", unit)
         if code != 0:
+            if writer is not None and writer.poll() is None:
+                writer.kill()  # systemd never opened its FIFO: nothing would ever end it
             return pb.OperationResult(op_id=op_id, outcome=pb.FAILED_TO_START, error=f"systemctl start {unit}: {out}")
         await asyncio.sleep(STARTUP_WATCH_S)
         code, state = await self._systemctl("is-active", unit)
         if state != "active":
             return pb.OperationResult(op_id=op_id, outcome=pb.FAILED_TO_START,
-                                      error=f"{unit} is {state} (see {spec.log_path})")
+                                      error=f"{unit} is {state} (see {spec.log_dir or spec.log_path})")
         return pb.OperationResult(op_id=op_id, outcome=pb.EXITED)
 
     async def stop(self, op_id: str, spec: pb.ServiceStopSpec) -> pb.OperationResult:
         unit = f"{spec.name}@{spec.instance}.service"
+        self.writers = [w for w in self.writers if w.poll() is None]  # reaped as they end
         self.stopping.add(f"{spec.name}@{spec.instance}")
         try:
             code, out = await self._systemctl("stop", unit)
             (self.env_dir / f"{spec.name}@{spec.instance}.env").unlink(missing_ok=True)
+            self._fifo(spec.name, spec.instance).unlink(missing_ok=True)
         finally:
             self.stopping.discard(f"{spec.name}@{spec.instance}")
         dropin = self._dropin(spec.name, spec.instance)

@@ -215,9 +215,11 @@ def test_what_a_process_of_the_tenant_does_during_and_after_the_seal_changes_not
 
 def test_only_the_env_itself_stays_the_user_s_and_a_too_deep_tree_is_refused_cleanly(service):
     user, entry, folder = service
-    r = release(user, entry, folder, 1, extra="echo 'module.exports = 1' > .env.js")
+    r = release(user, entry, folder, 1, extra="echo 'module.exports = 1' > .env.js; echo A=2 > .env.deploy-7")
     assert seal(folder, r, user) == 0
     assert os.stat(f"{r}/.env.js").st_uid == 0 and os.stat(f"{r}/.env").st_uid == entry.pw_uid
+    staged = os.stat(f"{r}/.env.deploy-7")  # staged for the next start of a release checked out again
+    assert (staged.st_uid, stat.S_IMODE(staged.st_mode)) == (entry.pw_uid, 0o600)
     deep = release(user, entry, folder, 2, extra="d=.; for i in $(seq 150); do d=$d/x; done; mkdir -p $d")
     assert seal(folder, deep, user) == 1
     assert os.stat(deep).st_uid == entry.pw_uid  # left as it was: the deploy fails, nothing is half-sealed

@@ -203,6 +203,40 @@ def test_an_end_nobody_ordered_is_said_at_once_and_an_ordered_stop_is_not(tmp_pa
 
 
 @pytest.mark.systemd
+def test_output_is_stamped_line_by_line_into_files_of_its_own_and_the_writer_ends_with_the_instance(tmp_path,
+                                                                                                     tenant):
+    import asyncio
+    import time
+
+    import psutil
+
+    from agent import logfiles
+    from tests.harness import wait_for
+    user, work = tenant
+    logs = work.parent / "logs"
+    driver = SystemdDriver(tmp_path / "state")
+    spec = _start_spec(user, work, 'printf "first\\nsecond no newline"; sleep 1; echo; echo third >&2; exec sleep 300',
+                       "1-20007")
+    spec.log_dir, spec.log_file_bytes, spec.log_keep_bytes = str(logs / "1"), 1 << 20, 8 << 20
+    assert asyncio.run(driver.start("op-1", spec)).outcome == pb.EXITED
+    writer = driver.writers[-1]
+
+    def records():
+        return [r for f in logfiles.files_of(str(logs)) for r in logfiles._records(f[3], b"", b"", f[0])]
+    wait_for(lambda: len(records()) >= 4, 20, what="the stamped lines")
+    lines = [r[2] for r in records()]
+    assert lines[:2] == [b"first\n", b"second no newline"] and b"third\n" in lines, lines
+    stamps = [r[0] for r in records()]
+    assert stamps == sorted(stamps) and all(len(s) == 27 for s in stamps)
+    assert psutil.Process(writer.pid).status() != psutil.STATUS_ZOMBIE
+    asyncio.run(driver.stop("op-2", pb.ServiceStopSpec(name=f"{user}-web", instance="1-20007")))
+    deadline = time.monotonic() + 10
+    while writer.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert writer.poll() == 0  # it ended with its instance
+
+
+@pytest.mark.systemd
 def test_a_process_that_exits_at_once_fails_its_start_naming_the_log(tmp_path, tenant):
     import asyncio
     user, work = tenant
