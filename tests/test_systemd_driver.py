@@ -215,8 +215,9 @@ def test_output_is_stamped_line_by_line_into_files_of_its_own_and_the_writer_end
     user, work = tenant
     logs = work.parent / "logs"
     driver = SystemdDriver(tmp_path / "state")
-    spec = _start_spec(user, work, 'printf "first\\nsecond no newline"; sleep 1; echo; echo third >&2; exec sleep 300',
+    spec = _start_spec(user, work, 'printf "first\\nsecond no newline"; sleep 2; echo; echo third >&2; exec sleep 300',
                        "1-20007")
+    # Left without its newline for longer than the writer waits (1 s), a line is written as a piece.
     spec.log_dir, spec.log_file_bytes, spec.log_keep_bytes = str(logs / "1"), 1 << 20, 8 << 20
     assert asyncio.run(driver.start("op-1", spec)).outcome == pb.EXITED
     writer = driver.writers[-1]
