@@ -232,7 +232,9 @@ def test_logs_since_and_until_give_exactly_a_window_across_a_restart(world):
     since, until = marked[3][0], marked[7][0]
     window = ok(cluster.deployctl("logs", target, "--since", since, "--until", until)).splitlines()
     assert window == [body for at, _i, body in stamped if since <= at < until]
-    assert sum("?m=" in line for line in window) == 4, (marked, window)
+    # Lines read in one go share their stamp: a window cut at a stamp takes all of them.
+    inside = sum(since <= at < until for at, _body in marked)
+    assert inside >= 2 and sum("?m=" in line for line in window) == inside, (marked, window)  # a restart between
     assert ok(cluster.deployctl("logs", target, "--tail", "1")).splitlines() == [stamped[-1][2]]
     folder = cluster.agents["computing-1"].services_root / f"auto-heal-{env}-site" / "logs" / "1"
     runs = sorted(p.name for p in folder.iterdir())
