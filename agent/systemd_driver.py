@@ -199,7 +199,6 @@ class SystemdDriver:
         """Earlier agents wrote their units to /etc/systemd/system, where they would hide the
         runtime ones: those files, and only those (the deployer's description in a file named
         `auto-*`), are removed once at start. The processes they run are not touched."""
-        import subprocess
         removed = []
         for path in sorted(old_dir.glob("auto-*")):
             if path.suffix not in (".service", ".slice") or not path.is_file() or path.is_symlink():
@@ -316,7 +315,6 @@ class SystemdDriver:
 
     def list(self, prefix: str, group: str = "") -> list[dict]:
         """Known instances, from their environment files; liveness from systemd."""
-        import subprocess
         out = []
         for path in sorted(self.env_dir.glob(f"{prefix}*@*.env")):
             name, _, instance = path.stem.partition("@")
@@ -352,7 +350,6 @@ class SystemdDriver:
 
 def slice_use(group: str) -> dict:
     """The environment's slice against its limits, as systemd accounts it."""
-    import subprocess
     show = subprocess.run(["systemctl", "show", slice_name(group), "-p",
                            "MemoryCurrent,MemoryPeak,MemoryMax,CPUUsageNSec,CPUQuotaPerSecUSec,TasksCurrent,TasksMax"],
                           capture_output=True, text=True).stdout

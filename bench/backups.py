@@ -23,7 +23,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.deploy_harness import deploy_cluster, git, mysql, purge, service_users_base  # noqa: E402
+from tests.deploy_harness import deploy_cluster, mysql, new_repo, purge, service_users_base  # noqa: E402
 
 
 def _run(argv: list[str] | str, shell: bool = False) -> float:
@@ -44,12 +44,7 @@ def run(rows: int = 500_000, runs: int = 3) -> dict:
         cleanup.callback(shutil.rmtree, scratch, ignore_errors=True)
         cleanup.callback(purge, "bench", env)
         nginx, cluster = deploy_cluster(base, cleanup)
-        repo = base / "repo"
-        repo.mkdir()
-        (repo / "index.html").write_text("ok\n")
-        git(repo, "init", "-q", "-b", "main")
-        git(repo, "add", "-A")
-        git(repo, "commit", "-q", "-m", "v1")
+        repo = new_repo(base / "repo", {"index.html": "ok\n"})
         spec = base / f"{env}.yml"
         spec.write_text(yaml.safe_dump({"app": "bench", "environment": env, "domain": f"{env}.bench.test",
                                         "services": {"site": {

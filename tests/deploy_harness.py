@@ -89,6 +89,17 @@ def git(repo: Path, *args: str) -> str:
                           env=env).stdout.strip()
 
 
+def new_repo(repo: Path, files: dict[str, str], message: str = "v1") -> Path:
+    """A git repository at `repo` holding `files` (name → text) in one commit on branch main."""
+    repo.mkdir()
+    for name, text in files.items():
+        (repo / name).write_text(text)
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", message)
+    return repo
+
+
 def example_repo(base: Path) -> Path:
     """A git repository holding the example's web and worker, on branch main."""
     repo = base / "shop-repo"

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from common import envfile
-from tests.deploy_harness import deploy_world, git, mysql, unique_env
+from tests.deploy_harness import deploy_world, git, mysql, new_repo, unique_env
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -46,13 +46,7 @@ def test_a_failed_migrate_is_undone_by_restoring_the_snapshot_taken_before_it(wo
     cluster, base = world["cluster"], world["base"]
     env = unique_env()
     world["envs"].append(env)
-    repo = base / f"{env}-repo"
-    repo.mkdir()
-    (repo / "migrate.sh").write_text(MIGRATE_V1)
-    (repo / "index.html").write_text("ok\n")
-    git(repo, "init", "-q", "-b", "main")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-q", "-m", "v1")
+    repo = new_repo(base / f"{env}-repo", {"migrate.sh": MIGRATE_V1, "index.html": "ok\n"})
     spec = base / f"{env}.yml"
     spec.write_text(yaml.safe_dump({"app": "bak", "environment": env, "domain": f"{env}.bak.test", "services": {
         "site": {"path": "/", "source": str(repo), "ref": "main", "migrate": "sh migrate.sh", "uses": ["mysql"],
