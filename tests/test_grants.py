@@ -19,7 +19,7 @@ from controller.daemon import ENROLL_OPTIONS, SERVER_OPTIONS, StartupError, clai
 from controller.state.db import Database
 from controller.fleet.gateway import check_hello
 from controller.environments.context import PlacementError, pick_agent
-from controller.fleet.registry import CONNECTED, Agent, Registry, peer_host
+from controller.fleet.registry import CONNECTED, DISCONNECTED, LOST, RECONNECT_WINDOW_S, Agent, Registry, peer_host
 from protos import deployer_pb2 as pb
 
 # What a rogue agent put in its hello before: it passes `nginx -t` and adds a server of its own.
@@ -212,6 +212,30 @@ def test_claims_count_only_once_granted_and_the_old_path_took_them(tmp_path):
     db.close()
     again = Registry(Database(tmp_path / "deployer.db"), 60).agents["a-rogue-1"]
     assert again.capabilities == ["mysql"] and again.address == "10.0.0.40" and again.granted == ["mysql"]
+
+
+def test_an_agent_known_before_a_restart_has_its_backoff_to_come_back_before_it_is_lost(tmp_path):
+    db = Database(tmp_path / "deployer.db")
+    first = Registry(db, 3)
+    first.attach(pb.Hello(agent_id="c-1", roles=["computing"], version="x"), "ipv4:127.0.0.1:1")
+    lost = []
+    # A controller started again: the agent backed off while it was away and may take its widest
+    # window (16 s) to dial; `lost_after` alone (3 s) would call it lost, and tell operators so.
+    again = Registry(db, 3)
+    again.on_lost.append(lost.append)
+    agent = again.agents["c-1"]
+    agent.since -= 3 + RECONNECT_WINDOW_S - 1
+    again.sweep()
+    assert agent.state == DISCONNECTED and lost == []
+    agent.since -= 2
+    again.sweep()
+    assert agent.state == LOST and lost == ["c-1"]
+    # Once it has been connected, a drop counts from `lost_after` alone.
+    again.detach(again.attach(pb.Hello(agent_id="c-1", roles=["computing"], version="x"), "ipv4:127.0.0.1:1"))
+    agent = again.agents["c-1"]
+    agent.since -= 3.5
+    again.sweep()
+    assert agent.state == LOST and lost == ["c-1", "c-1"]
 
 
 def test_a_grant_of_nginx_does_not_give_what_was_never_claimed(tmp_path):

@@ -90,3 +90,10 @@ def test_the_operations_of_facts_are_what_agents_answer():
     assert (op.service_list.name_prefix, op.service_list.group) == ("auto-shop-prod-web", "auto-shop-prod")
     assert NginxFile.command("/etc/nginx/conf.d/auto-shop prod.conf") == \
         "cat '/etc/nginx/conf.d/auto-shop prod.conf' 2>/dev/null || echo '<missing>'"
+
+
+def test_a_process_list_that_is_not_json_lines_is_named_not_a_crash():
+    from controller.environments.facts import Unreadable
+    good = '{"name": "auto-a-b-web", "instance": "1", "alive": true}\n'
+    with pytest.raises(Unreadable, match=r"^the process list is not readable at line 2: '\[deployer-agent: 9 bytes"):
+        ServiceProcesses.parse(good + "[deployer-agent: 9 bytes of output lost here: disk full]\n")

@@ -9,9 +9,14 @@ import json
 import shlex
 from dataclasses import dataclass
 
+from common import errors
 from protos import deployer_pb2 as pb
 
 MISSING = "<missing>"
+
+
+class Unreadable(errors.Broken):
+    """An agent's answer that is not in the form its operation prints (a broken agent or store)."""
 
 
 @dataclass(frozen=True)
@@ -40,10 +45,13 @@ class ServiceProcesses:
     def parse(output: str, unit: str = "") -> list[Process]:
         """One JSON object per line; with `unit`, only that unit's processes."""
         found = []
-        for line in output.splitlines():
+        for number, line in enumerate(output.splitlines(), 1):
             if not line.strip():
                 continue
-            item = json.loads(line)
+            try:
+                item = json.loads(line)
+            except ValueError:
+                raise Unreadable(f"the process list is not readable at line {number}: {line[:120]!r}") from None
             if unit and item.get("name") != unit:
                 continue
             found.append(Process(name=item["name"], instance=item["instance"], alive=bool(item["alive"]),

@@ -441,6 +441,9 @@ class Environments:
             job.finish("failed", str(exc))
         except PlacementError as exc:
             job.finish("failed", str(exc))
+        except errors.DeployerError as exc:  # raised on purpose: its line names what and where
+            log.exception("job.failed", job_id=job.id)
+            job.finish("failed", str(exc))
         except Exception as exc:  # a bug must still end the job visibly
             log.exception("job.crashed", job_id=job.id)
             job.finish("failed", f"internal error: {type(exc).__name__}: {exc}")

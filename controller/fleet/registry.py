@@ -24,6 +24,8 @@ from controller.state.db import Database
 
 log = structlog.get_logger("controller")
 CONNECTED, DISCONNECTED, LOST = "connected", "disconnected", "lost"
+# The widest reconnect window of an agent's backoff (1, 2, 4, 8, 16 s: agent/link.py).
+RECONNECT_WINDOW_S = 16.0
 HEARTBEAT_MISSES = 3  # a connected agent silent for 3 heartbeat intervals is cut off
 
 
@@ -61,6 +63,7 @@ class Agent:
     state: str = DISCONNECTED
     session: Session | None = None
     since: float = field(default_factory=time.monotonic)  # when the state last changed
+    grace: float = 0.0   # added to `lost_after` before it counts as lost (known from before a restart)
     running: int = 0
     settings: dict[str, str] = field(default_factory=dict)   # its well-formed settings, no address
     services_root: str = ""
@@ -120,6 +123,9 @@ class Registry:
                 peer=row["peer"] or "", services_root=row["services_root"] or "",
                 claimed=json.loads(row["capabilities"]), stated=json.loads(row["settings"] or "{}"))
             agent.regrant(*grants.get(agent.id, ([], "")))
+            # While this controller was away its agents backed off; each dials again within
+            # the longest window, so none is called lost before it has had that time to come.
+            agent.grace = RECONNECT_WINDOW_S
 
     def grant(self, agent_id: str, provides: list[str], address: str) -> None:
         """Record what an agent may provide and its address, and apply it at once, connected or
@@ -160,7 +166,7 @@ class Registry:
         session.close(session.close_reason or "stream ended")
         if agent is None or agent.session is not session:
             return  # already replaced by a newer session
-        agent.session, agent.state, agent.since = None, DISCONNECTED, time.monotonic()
+        agent.session, agent.state, agent.since, agent.grace = None, DISCONNECTED, time.monotonic(), 0.0
         self.db.touch_agent(agent.id, agent.last_seen, None)
         log.info("agent.disconnected", agent_id=agent.id, reason=session.close_reason)
         for callback in self.on_disconnected:
@@ -199,7 +205,7 @@ class Registry:
                 log.warning("agent.silent", agent_id=agent.id,
                             silent_s=round(now - session.last_message, 1))
                 session.close(f"no heartbeat for {now - session.last_message:.0f}s")
-            elif agent.state == DISCONNECTED and now - agent.since > self.lost_after:
+            elif agent.state == DISCONNECTED and now - agent.since > self.lost_after + agent.grace:
                 agent.state, agent.since = LOST, now
                 log.warning("agent.lost", agent_id=agent.id, after_s=self.lost_after)
                 for callback in self.on_lost:
