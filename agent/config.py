@@ -13,7 +13,7 @@ from common.provides import PROVIDES, check_setting
 from common.tls import is_loopback
 from common import errors
 
-ROLES = ("computing", "daemons")
+ROLES = ("computing", "daemons", "routing")
 _ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")
 _KEYS = {"id", "controller", "roles", "capabilities", "state_dir", "services_root",
          "heartbeat_interval", "provides", "service_driver", "tls_dir", "enroll_address", "insecure",

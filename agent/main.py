@@ -158,7 +158,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML file with the settings below (flags win)")
     parser.add_argument("--id", help="this agent's id, unique in the fleet")
     parser.add_argument("--controller", help="controller address, HOST:PORT or unix:PATH")
-    parser.add_argument("--role", action="append", help="computing or daemons (repeatable)")
+    parser.add_argument("--role", action="append", help="computing, daemons or routing (repeatable)")
     parser.add_argument("--capability", action="append", help="an extra capability label (repeatable)")
     parser.add_argument("--provide", action="append",
                         help="what this agent provides to deploys, e.g. mysql.port=3306, "

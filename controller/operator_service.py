@@ -22,7 +22,7 @@ from common import errors
 import json
 
 from controller.fleet import access
-from controller.environments import backups, commands, naming
+from controller.environments import backups, commands, hosts, naming, placement, spec as spec_mod
 from controller.environments.facts import ServiceProcesses
 from controller.fleet import operations
 from controller.fleet.door import OPERATOR_CALLER
@@ -78,6 +78,17 @@ def _grant_problem(provides, address: str) -> str:
         return f"--provides: {problem}"
     if address and not valid_host(address):
         return f"--address {address[:80]!r}: expected an IP address or a host name (RFC 1123)"
+    return ""
+
+
+def _placement_problem(request: pb.GrantRequest) -> str:
+    """Why a capacity or a label cannot be granted, in one line, or ''."""
+    for key, value in request.labels.items():
+        if not spec_mod.LABEL.fullmatch(key) or not spec_mod.LABEL.fullmatch(value):
+            return (f"--label {key[:40]}={value[:40]}: a label is KEY=VALUE in lowercase letters, digits and "
+                    ". _ - (like zone=eu-1)")
+    if not 0 <= request.cpu <= 4096 or request.cpu != request.cpu:
+        return f"--capacity cpu={request.cpu:g}: expected a number of CPUs between 0 and 4096"
     return ""
 
 
@@ -223,21 +234,32 @@ class OperatorService(pb_grpc.OperatorServicer):
         known = agent_id in self.registry.agents or (self.enrolment and self.enrolment.expires(agent_id))
         if not known:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown agent {agent_id!r}")
-        problem = _grant_problem(request.provides, "" if request.ungrant else request.address)
+        problem = _grant_problem(request.provides, "" if request.ungrant else request.address) \
+            or _placement_problem(request)
         if problem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         provides, address = self.registry.db.grant(agent_id)
+        memory, cpu, labels = self.registry.placement_grant(agent_id)
         if request.ungrant:
             provides = [p for p in provides if p not in request.provides]
             address = "" if request.clear_address else address
+            memory, cpu = (0, 0.0) if request.clear_capacity else (memory, cpu)
+            labels = {k: v for k, v in labels.items() if k not in request.unlabel}
         else:
             provides = sorted({*provides, *request.provides})
             address = request.address or address
+            memory, cpu = request.memory_bytes or memory, request.cpu or cpu
+            labels = {**labels, **request.labels}
         self.registry.grant(agent_id, provides, address)
-        log.warning("agent.granted", agent_id=agent_id, provides=provides, address=address or None)
+        self.registry.grant_placement(agent_id, memory, cpu, labels)
+        log.warning("agent.granted", agent_id=agent_id, provides=provides, address=address or None,
+                    memory=memory or None, cpu=cpu or None, labels=labels or None)
         agent = self.registry.agents.get(agent_id)
+        if agent is not None:
+            memory, cpu = placement.capacity(memory, cpu, agent.facts.mem_total_bytes, agent.facts.cpus)
         return pb.GrantReply(granted=provides, address=agent.address if agent else address,
-                             address_granted=bool(address), not_granted=agent.ignored() if agent else [])
+                             address_granted=bool(address), not_granted=agent.ignored() if agent else [],
+                             memory_bytes=memory, cpu=cpu, labels=labels)
 
     # ---------------------------------------------------------------- orders and jobs
 
@@ -487,6 +509,7 @@ class OperatorService(pb_grpc.OperatorServicer):
 
     async def ListAgents(self, request, context):
         reply = pb.ListAgentsReply()
+        seen = {h.id: h for h in hosts.view(self.registry, self.environments.ledger)}
         for agent in sorted(self.registry.agents.values(), key=lambda a: a.id):
             reply.agents.append(pb.AgentInfo(
                 id=agent.id, roles=agent.roles, capabilities=agent.capabilities,
@@ -495,7 +518,10 @@ class OperatorService(pb_grpc.OperatorServicer):
                 certificate_expires=self.enrolment.expires(agent.id) if self.enrolment else 0.0,
                 revoked=bool(self.enrolment and self.enrolment.revoked(agent.id)),
                 granted=agent.granted, address=agent.address, address_granted=bool(agent.granted_address),
-                claimed=agent.claimed))
+                claimed=agent.claimed, labels=agent.labels,
+                capacity_memory_bytes=seen[agent.id].memory, capacity_cpu=seen[agent.id].cpu,
+                reserved_memory_bytes=seen[agent.id].reserved_memory, reserved_cpu=seen[agent.id].reserved_cpu,
+                instances=seen[agent.id].instances))
         return reply
 
     async def SubmitExec(self, request: pb.SubmitExecRequest, context):

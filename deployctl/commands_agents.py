@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 
@@ -39,16 +40,25 @@ def cmd_agents(args: argparse.Namespace) -> int:
             "revoked" if a.revoked else _AGENT_STATES.get(a.state, "?"),
             render.age(now - a.last_seen),
             f"{f.load1:.2f}/{f.cpus}", f"{render.size(f.mem_available_bytes)} free of {render.size(f.mem_total_bytes)}",
-            f"{render.size(f.disk_free_bytes)} free", render.printable(a.version, 24),
+            f"{render.size(f.disk_free_bytes)} free", _placed(a), render.printable(a.version, 24),
         ])
     sys.stdout.write(render.table(
-        ["ID", "ROLES", "PROVIDES", "ADDRESS", "STATE", "LAST SEEN", "LOAD/CPUS", "MEMORY", "DISK", "VERSION"], rows))
+        ["ID", "ROLES", "PROVIDES", "ADDRESS", "STATE", "LAST SEEN", "LOAD/CPUS", "MEMORY", "DISK", "PLACED",
+         "VERSION"], rows))
     for a in reply.agents:
         asked = _not_granted(a)
         if asked:
             print(f"{a.id} is configured to provide {','.join(asked)}, not granted (it is not used for it): "
                   f"deployctl agents grant {a.id} --provides {','.join(asked)}", file=sys.stderr)
     return EXIT_OK
+
+
+def _placed(a: pb.AgentInfo) -> str:
+    """Instances placed there, and what their environments reserve of what it may hand out."""
+    room = f"{render.size(a.reserved_memory_bytes)}/{render.size(a.capacity_memory_bytes)}" \
+        if a.capacity_memory_bytes else ""
+    labels = ",".join(f"{k}={v}" for k, v in sorted(a.labels.items()))
+    return " ".join(x for x in (f"{a.instances}", room, labels) if x)
 
 
 def _not_granted(a: pb.AgentInfo) -> list[str]:
@@ -60,23 +70,63 @@ def _provides_list(values: list[str] | None) -> list[str]:
     return [name.strip() for value in values or [] for name in value.split(",") if name.strip()]
 
 
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)([KMGT]?)", re.IGNORECASE)
+
+
+def parse_capacity(text: str) -> tuple[int, float]:
+    """memory=16G,cpu=8 → (bytes, CPUs); either may be left out."""
+    memory, cpu = 0, 0.0
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        key, _, value = part.partition("=")
+        if key == "memory" and (found := _SIZE.fullmatch(value)):
+            memory = int(float(found[1]) * (1 << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[found[2].upper()]))
+        elif key == "cpu" and re.fullmatch(r"\d+(\.\d+)?", value) and 0 < float(value) <= 4096:
+            cpu = float(value)
+        else:
+            raise CliError(f"--capacity {part!r}: expected memory=SIZE (like 16G) and/or cpu=N (like 8)", EXIT_USAGE)
+    if not (memory or cpu):
+        raise CliError(f"--capacity {text!r}: expected memory=SIZE (like 16G) and/or cpu=N (like 8)", EXIT_USAGE)
+    return memory, cpu
+
+
+def _labels(values: list[str] | None) -> dict[str, str]:
+    out = {}
+    for value in values or []:
+        key, equals, label = value.partition("=")
+        if not equals or not key or not label:
+            raise CliError(f"--label {value!r}: expected KEY=VALUE, like zone=eu-1", EXIT_USAGE)
+        out[key] = label
+    return out
+
+
 def cmd_agents_grant(args: argparse.Namespace) -> int:
     provides = _provides_list(args.provides)
     ungrant = args.agents_command == "ungrant"
-    if ungrant and not (provides or args.address):
-        raise CliError("say what to take away: --provides NAME[,NAME…] and/or --address", EXIT_USAGE)
-    if not ungrant and not (provides or args.address):
-        raise CliError("say what to grant: --provides NAME[,NAME…] and/or --address HOST", EXIT_USAGE)
+    if ungrant and not (provides or args.address or args.capacity or args.label):
+        raise CliError("say what to take away: --provides NAME[,NAME…], --address, --capacity or --label KEY",
+                       EXIT_USAGE)
+    if not ungrant and not (provides or args.address or args.capacity or args.label):
+        raise CliError("say what to grant: --provides NAME[,NAME…], --address HOST, --capacity memory=SIZE,cpu=N "
+                       "or --label KEY=VALUE", EXIT_USAGE)
+    memory, cpu = parse_capacity(args.capacity) if args.capacity and not ungrant else (0, 0.0)
     request = pb.GrantRequest(agent_id=args.agent_id, provides=provides, ungrant=ungrant,
                               address="" if ungrant else args.address or "",
-                              clear_address=bool(ungrant and args.address))
+                              clear_address=bool(ungrant and args.address),
+                              memory_bytes=memory, cpu=cpu, labels={} if ungrant else _labels(args.label),
+                              unlabel=(args.label or []) if ungrant else [], clear_capacity=bool(ungrant and args.capacity))
     _, reply = call(args, "GrantAgent", request, 10)
     if args.json:
         print(json.dumps({"agent_id": args.agent_id, "granted": list(reply.granted), "address": reply.address,
-                          "address_granted": reply.address_granted, "not_granted": list(reply.not_granted)}))
+                          "address_granted": reply.address_granted, "not_granted": list(reply.not_granted),
+                          "capacity": {"memory_bytes": reply.memory_bytes, "cpu": reply.cpu},
+                          "labels": dict(reply.labels)}))
         return EXIT_OK
     address = reply.address + ("" if reply.address_granted else " (the address its link comes from)")
     print(f"{args.agent_id} may provide: {', '.join(reply.granted) or 'nothing'}; address {address}")
+    capacity = ", ".join(x for x in (f"{render.size(reply.memory_bytes)} memory" if reply.memory_bytes else "",
+                                     f"{reply.cpu:g} CPUs" if reply.cpu else "") if x)
+    print(f"placement counts on: {capacity or 'what it measures (not known yet)'}; labels: "
+          + (", ".join(f"{k}={v}" for k, v in sorted(reply.labels.items())) or "none"))
     return EXIT_OK
 
 
@@ -189,7 +239,9 @@ def _agent_dict(a: pb.AgentInfo) -> dict:
         "version": a.version, "peer": a.peer, "running": a.running,
         "certificate_expires": a.certificate_expires or None, "revoked": a.revoked,
         "granted": list(a.granted), "claimed": list(a.claimed), "address": a.address,
-        "address_granted": a.address_granted,
+        "address_granted": a.address_granted, "labels": dict(a.labels),
+        "capacity": {"memory_bytes": a.capacity_memory_bytes, "cpu": a.capacity_cpu},
+        "reserved": {"memory_bytes": a.reserved_memory_bytes, "cpu": a.reserved_cpu}, "instances": a.instances,
         "facts": {"hostname": f.hostname, "cpus": f.cpus, "load": [f.load1, f.load5, f.load15],
                   "mem_total_bytes": f.mem_total_bytes, "mem_available_bytes": f.mem_available_bytes,
                   "disk_free_bytes": f.disk_free_bytes, "disk_total_bytes": f.disk_total_bytes},

@@ -57,6 +57,9 @@ def print_plan(plan: dict) -> None:
         print(f"{plan['environment']}/{s['service']}: {s['action']} ({', '.join(parts) or 'everything'})")
         for reason in s["reasons"]:
             print(f"    {reason}")
+        placed = plan.get("placement", {}).get(s["service"])
+        if placed:
+            print(f"    on {placed['host']}: {placed['why']}" if placed["host"] else f"    {placed['why']}")
     for note in plan.get("notes", []):
         print(f"note: {note}")
 

@@ -58,10 +58,14 @@ def add_agent_commands(sub) -> None:
                                       "what it is configured for: an agent is used for a service only "
                                       "when both agree), and the address other hosts reach it at (by "
                                       "default, the address its link comes from). Takes effect at once.",
-                          epilog="example: deployctl agents grant db-1 --provides mysql,redis --address 10.0.0.7")
+                          epilog="example: deployctl agents grant db-1 --provides mysql,redis --address 10.0.0.7\n"
+                                 "         deployctl agents grant web-2 --capacity memory=16G,cpu=8 --label zone=eu-1")
     r.add_argument("agent_id")
     r.add_argument("--provides", action="append", help="mysql, redis, nginx (comma-separated, repeatable)")
     r.add_argument("--address", help="IP address or host name other hosts use to reach its services")
+    r.add_argument("--capacity", help="what placement may count on it: memory=SIZE,cpu=N (never more than "
+                                      "it measures; by default what it measures)")
+    r.add_argument("--label", action="append", help="KEY=VALUE a spec's host_labels can pin to (repeatable)")
     r.add_argument("--json", action="store_true", help="machine-readable output")
     r.set_defaults(func=cmd_agents_grant)
     r = agents.add_parser("ungrant", help="take away what an agent may provide, or its granted address",
@@ -72,6 +76,8 @@ def add_agent_commands(sub) -> None:
     r.add_argument("agent_id")
     r.add_argument("--provides", action="append", help="mysql, redis, nginx (comma-separated, repeatable)")
     r.add_argument("--address", action="store_true", help="forget the granted address")
+    r.add_argument("--capacity", action="store_true", help="forget the granted capacity (count what it measures)")
+    r.add_argument("--label", action="append", help="KEY of a label to take away (repeatable)")
     r.add_argument("--json", action="store_true", help="machine-readable output")
     r.set_defaults(func=cmd_agents_grant)
 
@@ -87,7 +93,7 @@ def add_token_commands(sub) -> None:
                                      "that agent's certificates. It is printed once and only its "
                                      "hash is kept.",
                          epilog="example: deployctl token create --role computing --provides nginx --ttl 1h")
-    p.add_argument("--role", action="append", required=True, help="computing or daemons (repeatable)")
+    p.add_argument("--role", action="append", required=True, help="computing, daemons or routing (repeatable)")
     p.add_argument("--ttl", default="1h", help="how long it can be used: 90s, 30m, 1h, 2d (default 1h)")
     p.add_argument("--agent", help="only this agent id may use it")
     p.add_argument("--provides", action="append",

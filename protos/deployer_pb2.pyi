@@ -521,7 +521,14 @@ class EnrollRequest(_message.Message):
     def __init__(self, token: _Optional[str] = ..., agent_id: _Optional[str] = ..., csr_pem: _Optional[bytes] = ...) -> None: ...
 
 class AgentInfo(_message.Message):
-    __slots__ = ("id", "roles", "capabilities", "state", "last_seen", "version", "facts", "peer", "running", "certificate_expires", "revoked", "granted", "address", "address_granted", "claimed")
+    __slots__ = ("id", "roles", "capabilities", "state", "last_seen", "version", "facts", "peer", "running", "certificate_expires", "revoked", "granted", "address", "address_granted", "claimed", "labels", "capacity_memory_bytes", "capacity_cpu", "reserved_memory_bytes", "reserved_cpu", "instances")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     ROLES_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
@@ -537,6 +544,12 @@ class AgentInfo(_message.Message):
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_GRANTED_FIELD_NUMBER: _ClassVar[int]
     CLAIMED_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_CPU_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_CPU_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
     id: str
     roles: _containers.RepeatedScalarFieldContainer[str]
     capabilities: _containers.RepeatedScalarFieldContainer[str]
@@ -552,7 +565,13 @@ class AgentInfo(_message.Message):
     address: str
     address_granted: bool
     claimed: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., capabilities: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[AgentState, str]] = ..., last_seen: _Optional[float] = ..., version: _Optional[str] = ..., facts: _Optional[_Union[HostFacts, _Mapping]] = ..., peer: _Optional[str] = ..., running: _Optional[int] = ..., certificate_expires: _Optional[float] = ..., revoked: _Optional[bool] = ..., granted: _Optional[_Iterable[str]] = ..., address: _Optional[str] = ..., address_granted: _Optional[bool] = ..., claimed: _Optional[_Iterable[str]] = ...) -> None: ...
+    labels: _containers.ScalarMap[str, str]
+    capacity_memory_bytes: int
+    capacity_cpu: float
+    reserved_memory_bytes: int
+    reserved_cpu: float
+    instances: int
+    def __init__(self, id: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., capabilities: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[AgentState, str]] = ..., last_seen: _Optional[float] = ..., version: _Optional[str] = ..., facts: _Optional[_Union[HostFacts, _Mapping]] = ..., peer: _Optional[str] = ..., running: _Optional[int] = ..., certificate_expires: _Optional[float] = ..., revoked: _Optional[bool] = ..., granted: _Optional[_Iterable[str]] = ..., address: _Optional[str] = ..., address_granted: _Optional[bool] = ..., claimed: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., capacity_memory_bytes: _Optional[int] = ..., capacity_cpu: _Optional[float] = ..., reserved_memory_bytes: _Optional[int] = ..., reserved_cpu: _Optional[float] = ..., instances: _Optional[int] = ...) -> None: ...
 
 class ListAgentsRequest(_message.Message):
     __slots__ = ()
@@ -884,27 +903,57 @@ class OperatorTokenRevokeReply(_message.Message):
     def __init__(self, revoked: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GrantRequest(_message.Message):
-    __slots__ = ("agent_id", "provides", "address", "ungrant", "clear_address")
+    __slots__ = ("agent_id", "provides", "address", "ungrant", "clear_address", "memory_bytes", "cpu", "labels", "unlabel", "clear_capacity")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     PROVIDES_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     UNGRANT_FIELD_NUMBER: _ClassVar[int]
     CLEAR_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CPU_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    UNLABEL_FIELD_NUMBER: _ClassVar[int]
+    CLEAR_CAPACITY_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     provides: _containers.RepeatedScalarFieldContainer[str]
     address: str
     ungrant: bool
     clear_address: bool
-    def __init__(self, agent_id: _Optional[str] = ..., provides: _Optional[_Iterable[str]] = ..., address: _Optional[str] = ..., ungrant: _Optional[bool] = ..., clear_address: _Optional[bool] = ...) -> None: ...
+    memory_bytes: int
+    cpu: float
+    labels: _containers.ScalarMap[str, str]
+    unlabel: _containers.RepeatedScalarFieldContainer[str]
+    clear_capacity: bool
+    def __init__(self, agent_id: _Optional[str] = ..., provides: _Optional[_Iterable[str]] = ..., address: _Optional[str] = ..., ungrant: _Optional[bool] = ..., clear_address: _Optional[bool] = ..., memory_bytes: _Optional[int] = ..., cpu: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ..., unlabel: _Optional[_Iterable[str]] = ..., clear_capacity: _Optional[bool] = ...) -> None: ...
 
 class GrantReply(_message.Message):
-    __slots__ = ("granted", "address", "address_granted", "not_granted")
+    __slots__ = ("granted", "address", "address_granted", "not_granted", "memory_bytes", "cpu", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     GRANTED_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_GRANTED_FIELD_NUMBER: _ClassVar[int]
     NOT_GRANTED_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CPU_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     granted: _containers.RepeatedScalarFieldContainer[str]
     address: str
     address_granted: bool
     not_granted: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, granted: _Optional[_Iterable[str]] = ..., address: _Optional[str] = ..., address_granted: _Optional[bool] = ..., not_granted: _Optional[_Iterable[str]] = ...) -> None: ...
+    memory_bytes: int
+    cpu: float
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, granted: _Optional[_Iterable[str]] = ..., address: _Optional[str] = ..., address_granted: _Optional[bool] = ..., not_granted: _Optional[_Iterable[str]] = ..., memory_bytes: _Optional[int] = ..., cpu: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...

@@ -261,7 +261,7 @@ def test_200mb_of_output_keeps_memory_bounded(cluster):
     (["--all", "--timeout", "1", "--", "sleep", "60"],
      ["computing-1: timed out after 1s", "computing-2: timed out after 1s"]),
     (["--role", "daemons", "--", "true"], ["deployctl: no connected agent has role 'daemons'"]),
-    (["--role", "web", "--", "true"], ["deployctl: unknown role 'web' (roles: computing, daemons)"]),
+    (["--role", "web", "--", "true"], ["deployctl: unknown role 'web' (roles: computing, daemons, routing)"]),
 ])
 def test_bad_input_gives_one_clear_line_per_agent(cluster, args, expected):
     cluster.add_agent("computing-1")

@@ -414,7 +414,7 @@ def test_the_planner_is_total_deterministic_and_idempotent(inputs):
 CONNECT = "/deployer.v1.AgentGateway/Connect"
 FUZZ_ID, VICTIM_ID, PROBE_ID = "fuzz-1", "victim-1", "probe-1"
 AGENT_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # the gateway's rule for agent ids
-KNOWN_ROLES = ("computing", "daemons")
+KNOWN_ROLES = ("computing", "daemons", "routing")
 MAX_MESSAGE = 8 << 20  # the controller's limit on one message
 _END = object()
 

@@ -136,7 +136,14 @@ BAD_SPECS = [
     ("unknown-service-key", "    path: /", "    pth: /",
      "shop.yml:6: services.web.pth: unknown key 'pth' (did you mean 'path'?); known keys: path, source, ref, "
      "root, install, build, migrate, start, health, healthy_after, drain, env, secrets, uses, redis, restart, "
-     "writable"),
+     "writable, host, host_labels"),
+    ("host-not-an-id", "    path: /\n", "    path: /\n    host: Web 1\n",
+     "shop.yml:7: services.web.host: 'Web 1' is not an agent id (lowercase letters, digits and . _ -)"),
+    ("host-labels-not-a-mapping", "    path: /\n", "    path: /\n    host_labels: [zone]\n",
+     "shop.yml:7: services.web.host_labels: must be a mapping of labels, like {zone: eu-1}"),
+    ("host-label-bad-value", "    path: /\n", "    path: /\n    host_labels: {zone: EU 1}\n",
+     "shop.yml:7: services.web.host_labels.zone: zone: 'EU 1' is not a label (lowercase letters, digits and . _ -, "
+     "like zone: eu-1)"),
     ("writable-escapes", "    path: /\n", "    path: /\n    writable: [../../etc/]\n",
      "shop.yml:7: services.web.writable[0]: '../../etc/' is not a relative path of letters, digits and . _ - "
      "(no .., no leading dot or slash)"),
@@ -426,8 +433,18 @@ def test_code_fingerprint_covers_code_settings_but_not_the_ref():
     assert code_fingerprint(replace(web, uses=("mysql",))) == base
     for change in [dict(source="/other.git"), dict(root="web"), dict(install="npm ci"), dict(build="make"),
                    dict(migrate="m"), dict(start="node x.js"), dict(health="/h"), dict(env=(("A", "1"),)),
-                   dict(secrets=("OTHER",)), dict(path="/x"), dict(healthy_after=7.0)]:
+                   dict(secrets=("OTHER",)), dict(path="/x"), dict(healthy_after=7.0), dict(host="c-2"),
+                   dict(host_labels=(("zone", "a"),))]:
         assert code_fingerprint(replace(web, **change)) != base, change
+
+
+def test_a_pin_reads_and_round_trips():
+    spec = parse_spec(variant("    path: /\n", "    path: /\n    host: computing-2\n    host_labels: {zone: eu-1, disk: ssd}\n"),
+                      "shop.yml")
+    web = spec.service("web")
+    assert (web.host, web.host_labels) == ("computing-2", (("disk", "ssd"), ("zone", "eu-1")))
+    assert web.to_dict()["host"] == "computing-2" and web.to_dict()["host_labels"] == {"disk": "ssd", "zone": "eu-1"}
+    assert spec_mod.spec_from_dict(spec.to_dict()) == spec
 
 
 def test_service_defaults_allow_direct_construction():

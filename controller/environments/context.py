@@ -20,6 +20,7 @@ from controller.fleet.registry import CONNECTED, Agent, Registry
 from controller.state.jobs import Job
 from controller.state.knowledge import Scope
 from controller.state.ledger import RAN, Ledger
+from controller.environments.placement import PlacementError
 from controller.environments.spec import Spec
 from common import errors
 
@@ -37,10 +38,6 @@ class StepFailed(errors.Failed):
         super().__init__(f"{service}: {step} failed: {message}")
         self.service, self.step, self.tail = service, step, tail
         self.cut = cut  # its operation was under way and did not end on its own (killed, lost…)
-
-
-class PlacementError(errors.Failed):
-    """No connected agent can take this work."""
 
 
 def pick_agent(registry: Registry, *, role: str | None = None, capability: str | None = None,

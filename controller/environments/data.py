@@ -56,6 +56,19 @@ def give_up(d: Deployment, component: str, first: int, last: int) -> StepFailed:
                       f"they are, then applies again")
 
 
+def recorded_host(ctx: JobContext, row, component: str) -> Agent:
+    """The agent the ledger recorded for a data instance: it is found there, never by asking who
+    else provides the same thing (another server would not have it)."""
+    agent = ctx.registry.agents.get(row.host) if row.host else None
+    if agent is None:
+        raise StepFailed(row.service, component, f"{component} {row.number} is on agent {row.host or '?'}, "
+                                                 "which this controller does not know")
+    if agent.state != "connected":
+        raise StepFailed(row.service, component, f"{component} {row.number} is on agent {agent.id}, which is "
+                                                 f"{agent.state}")
+    return agent
+
+
 async def _instance(ctx: JobContext, d: Deployment, component: str, numbers: dict[str, int], new: bool,
                     names_of, guard, create, provider: Agent | None = None) -> tuple[Agent, str, dict]:
     """The provider, password and names of a mysql or redis instance. A new one is recorded
@@ -63,15 +76,22 @@ async def _instance(ctx: JobContext, d: Deployment, component: str, numbers: dic
     `create(names, password)` on its standard input and touches nothing if a name is taken;
     a taken number is moved past."""
     name = d.service.name
+    owner, number = d.shared.get(component) or (name, numbers.get(component))
+    if not new:  # the service's own, or the one of another service it shares: where the ledger has it
+        row = ctx.ledger.instance(ctx.env_key, owner, component, number)
+        names = row.names if row else names_of(number)
+        if provider is None and row is not None:
+            provider = recorded_host(ctx, row, component)
+        if provider is None:  # no row: an instance older than the ledger's hosts
+            try:
+                provider = pick_agent(ctx.registry, capability=component)
+            except PlacementError as exc:
+                raise StepFailed(name, component, str(exc)) from None
+        return provider, ctx.ledger.password(ctx.env_key, owner, component, number) or "", names
     try:
         provider = provider or pick_agent(ctx.registry, capability=component)
     except PlacementError as exc:
         raise StepFailed(name, component, str(exc)) from None
-    owner, number = d.shared.get(component) or (name, numbers.get(component))
-    if not new:  # the service's own, or the one of another service it shares
-        row = ctx.ledger.instance(ctx.env_key, owner, component, number)
-        names = row.names if row else names_of(number)
-        return provider, ctx.ledger.password(ctx.env_key, owner, component, number) or "", names
     first = number
     for _ in range(TAKEN_NAMES_MAX):
         names = names_of(number)

@@ -14,9 +14,10 @@ import asyncio
 
 from protos import deployer_pb2 as pb
 
-from controller.environments import backups, commands as ops, data, naming, ownership, routing, teardown
+from controller.environments import backups, commands as ops, data, hosts, naming, ownership, routing, teardown
 from controller.environments.context import (JobContext, PlacementError, StepFailed, allocate_port, claim_host,
-                                             output_of, pick_agent)
+                                             output_of)
+from controller.fleet.registry import CONNECTED, Agent
 from controller.environments.data import Deployment
 from controller.environments.facts import ServiceProcesses
 from controller.environments.planner import Plan, ServicePlan
@@ -93,6 +94,8 @@ async def deploy_together(ctx: JobContext, plans: list[ServicePlan]) -> None:
     finally:
         for d, _, _ in started:
             ctx.deploying.pop(d.service.name, None)
+        for sp in plans:
+            hosts.PENDING.pop((ctx.env_key, sp.service), None)
 
 
 async def _begin(ctx: JobContext, sp: ServicePlan, numbers_of: dict[str, dict[str, int]]
@@ -102,13 +105,11 @@ async def _begin(ctx: JobContext, sp: ServicePlan, numbers_of: dict[str, dict[st
     from that service's deploy in this job (`numbers_of`), if it has one, or is its live one."""
     service = ctx.spec.service(sp.service)
     live = ctx.ledger.state(ctx.env_key).get(service.name)
-    try:
-        host = pick_agent(ctx.registry, role=service.role, prefer=live.code.host if live and live.code else "")
-    except PlacementError as exc:
-        raise StepFailed(service.name, "placement", str(exc)) from None
+    code = sp.change("code")
+    host = place(ctx, service, live, code)
     d = Deployment(service, host, naming.service_dir(host.services_root, ctx.spec.app, ctx.spec.environment,
                                                      service.name))
-    code, mysql, redis = sp.change("code"), sp.change("mysql"), sp.change("redis")
+    mysql, redis = sp.change("mysql"), sp.change("redis")
     d.code_new = code.new
     d.code = ctx.ledger.next_number(ctx.env_key, service.name, "code") if code.new else code.number
     numbers = {}
@@ -133,6 +134,31 @@ async def _begin(ctx: JobContext, sp: ServicePlan, numbers_of: dict[str, dict[st
                   shared={c: owner for c, (owner, _) in d.shared.items()}, host=host.id, reasons=list(sp.reasons))
     ctx.deploying[service.name] = d.deploy
     return d, live, numbers
+
+
+def place(ctx: JobContext, service, live, code) -> Agent:
+    """The host of the deploy: where placement puts a new code instance (decision 034), or where
+    the reused one's release is. Held in `hosts.PENDING` until the deploy ends, so jobs placing at
+    the same time see each other's choice."""
+    if not code.new:
+        row = ctx.ledger.instance(ctx.env_key, service.name, "code", code.number)
+        where = row.host if row and row.host else (live.code.host if live and live.code else "")
+        agent = ctx.registry.agents.get(where)
+        if agent is None or agent.state != CONNECTED:
+            raise StepFailed(service.name, "placement", f"code {code.number} is on agent {where or '?'}, which is "
+                                                        f"{agent.state if agent else 'unknown'}")
+        hosts.PENDING[(ctx.env_key, service.name)] = agent.id
+        return agent
+    try:
+        agent, choice = hosts.choose(ctx.registry, ctx.ledger, ctx.spec, service,
+                                     live.code.host if live and live.code else "")
+    except PlacementError as exc:
+        raise StepFailed(service.name, "placement", str(exc)) from None
+    hosts.PENDING[(ctx.env_key, service.name)] = agent.id
+    ctx.job.event("placed", service=service.name, host=agent.id, why=choice.why)
+    if not choice.why.startswith("stays"):
+        ctx.note(f"{service.name}: on {agent.id}: {choice.why}")
+    return agent
 
 
 async def _up(ctx: JobContext, d: Deployment, sp: ServicePlan, numbers: dict[str, int]) -> None:
@@ -378,13 +404,21 @@ def _process_of(ctx: JobContext, live) -> str:
 
 async def _retire(ctx: JobContext, d: Deployment, live, process: str) -> None:
     """Give in-flight requests to the old process time to finish, then stop it."""
-    if not process or process == d.process:
+    if not process or (process == d.process and live.code.host == d.host.id):
+        return
+    old = ctx.registry.agents.get(live.code.host)  # where it ran: another host if the service moved
+    if old is None or old.state != CONNECTED:
+        # Its host is away (a move off a lost host): the process is stopped there when it is
+        # back, by the repair that finds it running and not live (verify names it).
+        ctx.note(f"{d.service.name}: the previous instance on {live.code.host} "
+                 f"({old.state if old else 'unknown'}) could not be stopped; deployctl repair stops it "
+                 "once that host is back")
         return
     if live.code.port and d.service.is_web:
-        await ctx.sh(d.host, ops.drain_script(live.code.port, d.service.drain), d.service.name, "drain",
+        await ctx.sh(old, ops.drain_script(live.code.port, d.service.drain), d.service.name, "drain",
                      check=False, timeout=d.service.drain + 30)
-    await ctx.run_op(d.host, pb.Operation(service_stop=pb.ServiceStopSpec(name=ctx.unit(d.service.name),
-                                                                          instance=process)),
+    await ctx.run_op(old, pb.Operation(service_stop=pb.ServiceStopSpec(name=ctx.unit(d.service.name),
+                                                                       instance=process)),
                      d.service.name, "stop previous", check=False)
     if live.code.port:
         ctx.ledger.release_port(live.code.host, live.code.port)

@@ -16,7 +16,7 @@ from controller.environments import planner, recovery, spec as spec_mod, sources
 from controller.fleet.dispatcher import Dispatcher
 from controller.state.jobs import EnvLock, Job, JobTable, Locked, Specs, new_job_id
 from controller.state.ledger import Ledger, Status
-from controller.environments import backups, commands as ops, data, deploying
+from controller.environments import backups, commands as ops, data, deploying, hosts
 from controller.environments.notify import Notifier
 from controller.environments.context import JobContext, PlacementError, StepFailed, pick_agent
 from controller.environments.teardown import destroy
@@ -174,7 +174,32 @@ class Environments:
         state = self.ledger.state(spec.key)
         made = planner.plan(spec, state, commits, options, request.prune)
         self._check_providers(spec, made)
-        return spec, made, options
+        return spec, self._placed(spec, made, state), options
+
+    def _placed(self, spec: spec_mod.Spec, plan: planner.Plan, state) -> planner.Plan:
+        """Where each new code instance would go and why (decision 034). A pin that names no
+        agent or no label is the spec's error, at its line; a fleet that cannot take the instance
+        now is said in the plan, and the deploy says it again when it places."""
+        where = []
+        for sp in plan.services:
+            code = sp.change("code") if sp.action == "deploy" else None
+            if code is None or not code.new:
+                continue
+            service = spec.service(sp.service)
+            live = state.get(service.name)
+            try:
+                _agent, choice = hosts.choose(self.registry, self.ledger, spec, service,
+                                              live.code.host if live and live.code else "")
+            except PlacementError as exc:
+                text = str(exc).removeprefix(f"{service.name}: ")
+                if service.host and ("is not an agent" in text or "does not have role" in text):
+                    raise spec.error(("services", service.name, "host"), text) from None
+                if service.host_labels and "has labels" in text:
+                    raise spec.error(("services", service.name, "host_labels"), text) from None
+                where.append((service.name, "", f"cannot be placed now: {text}"))
+                continue
+            where.append((service.name, choice.host, choice.why))
+        return dataclasses.replace(plan, placement=tuple(where)) if where else plan
 
     def _check_providers(self, spec: spec_mod.Spec, plan: planner.Plan) -> None:
         """Each new data instance has a connected agent that can provide it, before any work

@@ -54,14 +54,18 @@ class Plan:
     env_key: str
     services: tuple[ServicePlan, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    placement: tuple[tuple[str, str, str], ...] = ()  # (service, host, why) of each new code instance
 
     @property
     def empty(self) -> bool:
         return not self.services
 
     def to_dict(self) -> dict:
-        return {"environment": self.env_key, "services": [s.to_dict() for s in self.services],
-                "notes": list(self.notes)}
+        out = {"environment": self.env_key, "services": [s.to_dict() for s in self.services],
+               "notes": list(self.notes)}
+        if self.placement:
+            out["placement"] = {service: {"host": host, "why": why} for service, host, why in self.placement}
+        return out
 
 
 def plan(spec: Spec, state: Mapping[str, ServiceState], commits: Mapping[str, str],

@@ -37,7 +37,8 @@ DEFAULT_DRAIN = 30.0   # the longest wait for the old instance's requests to end
 TOP_KEYS = ("version", "app", "environment", "domain", "limits", "logs", "services")
 TOP_REQUIRED = ("app", "environment", "domain", "services")
 SERVICE_KEYS = ("path", "source", "ref", "root", "install", "build", "migrate", "start", "health",
-                "healthy_after", "drain", "env", "secrets", "uses", "redis", "restart", "writable")
+                "healthy_after", "drain", "env", "secrets", "uses", "redis", "restart", "writable", "host",
+                "host_labels")
 WEB_HEALTH_KEYS = ("path", "status", "timeout", "interval", "deadline")
 DAEMON_HEALTH_KEYS = ("command", "timeout", "interval", "deadline")
 SERVICE_REQUIRED = ("source", "ref", "start")
@@ -166,6 +167,8 @@ class Service:
     redis: RedisSettings = RedisSettings()
     restart: RestartPolicy = RestartPolicy()
     writable: tuple[str, ...] = ()  # paths in the working folder linked to `shared/` (decision 033)
+    host: str = ""                  # pinned to this agent (decision 034)
+    host_labels: tuple[tuple[str, str], ...] = ()  # pinned to agents granted these labels
 
     def owner_of(self, component: str) -> str:
         """The service whose instance of `component` this one uses: itself, or the one it shares."""
@@ -211,6 +214,10 @@ class Service:
             out["restart"] = self.restart.to_dict()
         if self.writable:
             out["writable"] = list(self.writable)
+        if self.host:
+            out["host"] = self.host
+        if self.host_labels:
+            out["host_labels"] = dict(self.host_labels)
         return out
 
 
@@ -331,6 +338,8 @@ def code_fingerprint(service: Service, limits: Limits | None = None) -> str:
                 "path": service.path, "healthy_after": float(service.healthy_after)}
     if service.writable:
         defining["writable"] = list(service.writable)
+    if service.host or service.host_labels:  # a new pin moves the service: a new instance where it points
+        defining["placement"] = {"host": service.host, "labels": dict(service.host_labels)}
     if service.check.to_dict():
         defining["check"] = service.check.to_dict()
     if limits is not None and limits.to_dict():
@@ -727,8 +736,44 @@ def _service(source: _Source, name: str, body: Any) -> Service:
     redis = _redis(source, at + ("redis",), body.get("redis"), uses, dict(shared))
     restart = _restart(source, at + ("restart",), body.get("restart"))
     writable = _writable(source, at + ("writable",), body.get("writable"))
+    host = _host(source, at + ("host",), body.get("host"))
+    host_labels = _host_labels(source, at + ("host_labels",), body.get("host_labels"))
     return Service(name, path, repository, ref, root, install, build, migrate, start, health, env, secrets,
-                   uses, healthy_after, check, drain, shared, redis, restart, writable)
+                   uses, healthy_after, check, drain, shared, redis, restart, writable, host, host_labels)
+
+
+# An agent id, and a label's key or value: what `deployctl agents grant --label` accepts.
+_HOST_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+LABEL = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+HOST_LABELS_MAX = 8
+
+
+def _host(source: _Source, key: Key, value: Any) -> str:
+    """`host: computing-2`: the agent every new instance of the service goes to."""
+    if value is None:
+        return ""
+    text = _string(source, key, value, what="an agent id, like computing-2")
+    if not _HOST_ID.fullmatch(text):
+        raise source.error(key, f"{text!r} is not an agent id (lowercase letters, digits and . _ -)")
+    return text
+
+
+def _host_labels(source: _Source, key: Key, value: Any) -> tuple[tuple[str, str], ...]:
+    """`host_labels: {zone: eu-1}`: new instances go only to agents granted every one of them."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or not value:
+        raise source.error(key, "must be a mapping of labels, like {zone: eu-1}")
+    if len(value) > HOST_LABELS_MAX:
+        raise source.error(key, f"{len(value)} labels; at most {HOST_LABELS_MAX}")
+    out = []
+    for label, wanted in value.items():
+        text = source.text(key + (label,), wanted) if not isinstance(wanted, (dict, list)) and wanted is not None else None
+        if not isinstance(label, str) or not LABEL.fullmatch(label) or text is None or not LABEL.fullmatch(text):
+            raise source.error(key + (str(label),), f"{label}: {wanted!r} is not a label (lowercase letters, digits "
+                                                    "and . _ -, like zone: eu-1)")
+        out.append((label, text))
+    return tuple(sorted(out))
 
 
 WRITABLE_MAX = 32

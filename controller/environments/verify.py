@@ -151,17 +151,25 @@ class Checker:
         except PlacementError:
             return None
 
+    def _data_hosts(self, component: str) -> list:
+        """The connected agents holding this environment's live instances of `component` (the
+        ledger says where each is), and the first provider, which would take a new one."""
+        recorded = {r.host for r in self.ledger.instances(self.env_key, status=Status.LIVE)
+                    if r.component == component and r.host and r.names.get("mode") != "dedicated"}
+        found = [a for a in (self.ctx.registry.agents.get(h) for h in sorted(recorded))
+                 if a is not None and a.state == "connected"]
+        first = self._provider(component)
+        return found + ([first] if first is not None and first not in found else [])
+
     async def _data_facts(self, facts: Facts) -> None:
-        mysql = self._provider("mysql")
-        if mysql is not None:
+        for mysql in self._data_hosts("mysql"):
             op = await self.ctx.sh(mysql, MysqlNames.command(mysql.mysql_admin()), self.env_key, "inspect mysql",
                                    check=False, scope=Scope.data(self.env_key))
             databases, users = MysqlNames.parse(output_of(op))
             facts.databases |= set(databases)
             facts.database_marks.update(databases)
             facts.mysql_users |= users
-        redis = self._provider("redis")
-        if redis is not None:
+        for redis in self._data_hosts("redis"):
             op = await self.ctx.sh(redis, RedisAcl.command(redis.redis_cli()), self.env_key, "inspect redis",
                                    check=False, scope=Scope.data(self.env_key))
             read_acl_list(output_of(op), facts)

@@ -31,7 +31,7 @@ from common import errors
 log = structlog.get_logger("controller")
 HELLO_TIMEOUT_S = 10.0
 _AGENT_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")  # \Z: `$` would let a final newline through
-KNOWN_ROLES = ("computing", "daemons")
+KNOWN_ROLES = ("computing", "daemons", "routing")  # routing: it serves the routes (nginx), no code
 # What an agent says about itself (its hello without held operations, its host facts) is kept and
 # listed to operators; a few KiB in practice, bounded so one agent cannot swell every listing.
 MAX_DESCRIPTION = 16 << 10

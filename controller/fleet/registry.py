@@ -72,6 +72,9 @@ class Agent:
     stated: dict[str, str] = field(default_factory=dict)      # settings as its hello gave them
     granted: list[str] = field(default_factory=list)          # what the operator granted
     granted_address: str = ""
+    labels: dict[str, str] = field(default_factory=dict)      # granted, for placement pins
+    granted_memory: int = 0                                   # bytes placement may count on (0: measured)
+    granted_cpu: float = 0.0
 
     @property
     def address(self) -> str:
@@ -115,6 +118,7 @@ class Registry:
         self.on_exited: list = []         # callbacks(agent_id, pb.ServiceExited): a service ended unasked
         self.on_probed: list = []         # callbacks(agent_id, pb.ProbeReport): a round of health checks
         grants = db.grants()
+        placed = db.placement_grants()
         for row in db.agents():
             # Known from before a restart: expected back, lost if they don't come.
             agent = self.agents[row["id"]] = Agent(
@@ -123,9 +127,20 @@ class Registry:
                 peer=row["peer"] or "", services_root=row["services_root"] or "",
                 claimed=json.loads(row["capabilities"]), stated=json.loads(row["settings"] or "{}"))
             agent.regrant(*grants.get(agent.id, ([], "")))
+            agent.granted_memory, agent.granted_cpu, agent.labels = placed.get(agent.id, (0, 0.0, {}))
             # While this controller was away its agents backed off; each dials again within
             # the longest window, so none is called lost before it has had that time to come.
             agent.grace = RECONNECT_WINDOW_S
+
+    def grant_placement(self, agent_id: str, memory: int, cpu: float, labels: dict[str, str]) -> None:
+        """Record what placement may count on an agent and its labels; the next plan sees it."""
+        self.db.save_placement_grant(agent_id, memory, cpu, labels)
+        agent = self.agents.get(agent_id)
+        if agent is not None:
+            agent.granted_memory, agent.granted_cpu, agent.labels = memory, cpu, dict(labels)
+
+    def placement_grant(self, agent_id: str) -> tuple[int, float, dict[str, str]]:
+        return self.db.placement_grants().get(agent_id, (0, 0.0, {}))
 
     def grant(self, agent_id: str, provides: list[str], address: str) -> None:
         """Record what an agent may provide and its address, and apply it at once, connected or
@@ -150,6 +165,7 @@ class Registry:
             services_root=hello.services_root, claimed=list(dict.fromkeys(hello.capabilities)),
             stated=dict(hello.settings))
         agent.regrant(*self.db.grant(agent.id))
+        agent.granted_memory, agent.granted_cpu, agent.labels = self.placement_grant(agent.id)
         self.db.save_agent(hello, peer)
         log.info("agent.connected", agent_id=hello.agent_id, peer=peer, roles=list(hello.roles),
                  version=hello.version, held=len(hello.held), provides=agent.capabilities,

@@ -217,6 +217,17 @@ MIGRATIONS = [
     CREATE INDEX outbox_pending ON outbox (target, id) WHERE state = 'pending';
     ALTER TABLE jobs ADD COLUMN pruned REAL;    -- when retention removed its folder (the row stays)
     """,
+    # 12: what placement may count on an agent, as the operator granted it (its facts may lower
+    # it, never raise it), and its labels (docs/decisions/034-placement.md).
+    """
+    CREATE TABLE placement_grants (
+        agent_id TEXT PRIMARY KEY,
+        memory INTEGER NOT NULL DEFAULT 0,      -- bytes; 0: what its facts measure
+        cpu REAL NOT NULL DEFAULT 0,            -- CPUs; 0: what its facts measure
+        labels TEXT NOT NULL DEFAULT '{}',      -- JSON object
+        updated REAL NOT NULL
+    );
+    """,
 ]
 SEALED_VERSION = MIGRATIONS.index(_seal_at_rest) + 1
 
@@ -327,6 +338,18 @@ class Database:
                ON CONFLICT (agent_id) DO UPDATE SET provides=excluded.provides, address=excluded.address,
                  updated=excluded.updated""",
             (agent_id, json.dumps(sorted(set(provides))), address, time.time()))
+
+    def placement_grants(self) -> dict[str, tuple[int, float, dict[str, str]]]:
+        """agent id → (memory granted, CPUs granted, labels)."""
+        return {row["agent_id"]: (row["memory"], row["cpu"], json.loads(row["labels"]))
+                for row in self.conn.execute("SELECT * FROM placement_grants")}
+
+    def save_placement_grant(self, agent_id: str, memory: int, cpu: float, labels: dict[str, str]) -> None:
+        self.conn.execute(
+            """INSERT INTO placement_grants (agent_id, memory, cpu, labels, updated) VALUES (?, ?, ?, ?, ?)
+               ON CONFLICT (agent_id) DO UPDATE SET memory=excluded.memory, cpu=excluded.cpu,
+                 labels=excluded.labels, updated=excluded.updated""",
+            (agent_id, memory, cpu, json.dumps(dict(sorted(labels.items()))), time.time()))
 
     # ---------------------------------------------------------------- operations
 

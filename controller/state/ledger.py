@@ -174,6 +174,13 @@ class Ledger:
         return [InstanceRow.of(r) for r in self.conn.execute(
             "SELECT * FROM instances WHERE host=? AND component='code' AND status='live'", (host,))]
 
+    def placed(self) -> list[tuple[str, str, str]]:
+        """(environment, service, host) of every code instance that runs or is being made: what
+        placement counts as placed on each host."""
+        return [(r["env_key"], r["service"], r["host"]) for r in self.conn.execute(
+            "SELECT env_key, service, host FROM instances WHERE component='code' AND status IN ('live', 'building')"
+            " AND host != ''")]
+
     def every_instance(self) -> list[InstanceRow]:
         """Every environment's instances: what a check across environments reads."""
         return [InstanceRow.of(r) for r in self.conn.execute("SELECT * FROM instances ORDER BY env_key, service")]
