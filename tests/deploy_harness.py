@@ -24,8 +24,9 @@ LOCAL_DATA = {"mysql.host": "127.0.0.1", "mysql.port": "3306", "redis.host": "12
 class Nginx:
     """An nginx of the test's own (prefix, config and port), reloaded like a real one."""
 
-    def __init__(self, base: Path) -> None:
-        self.prefix = base / "nginx"
+    def __init__(self, base: Path, netns: str = "", name: str = "nginx") -> None:
+        self.netns = netns  # started in this network namespace (a router host: tests/netns.py)
+        self.prefix = base / name
         self.conf_dir = self.prefix / "conf.d"
         self.conf = self.prefix / "nginx.conf"
         self.port = free_port()
@@ -58,7 +59,8 @@ http {{
                 "nginx.pid": str(self.prefix / "nginx.pid")}
 
     def start(self) -> "Nginx":
-        subprocess.run(self.base_cmd.split(), check=True)
+        inside = ["nsenter", f"--net=/run/netns/{self.netns}", "--"] if self.netns else []
+        subprocess.run(inside + self.base_cmd.split(), check=True)
         wait_for(lambda: (self.prefix / "nginx.pid").exists(), what="nginx started")
         return self
 
@@ -189,9 +191,10 @@ def remove_limits_group(group: str) -> None:
         Path(folder).rmdir()
 
 
-def http_get(port: int, path: str = "/", host: str = "", timeout: float = 5.0) -> tuple[int, bytes]:
+def http_get(port: int, path: str = "/", host: str = "", timeout: float = 5.0,
+             address: str = "127.0.0.1") -> tuple[int, bytes]:
     import http.client
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn = http.client.HTTPConnection(address, port, timeout=timeout)
     try:
         conn.request("GET", path, headers={"Host": host} if host else {})
         response = conn.getresponse()

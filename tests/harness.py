@@ -73,12 +73,13 @@ class Controller:
     """A controller process; its agent port requires mutual TLS unless `insecure`."""
 
     def __init__(self, base: Path, lost_after: float = 60.0, insecure: bool = False,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), host: str = "127.0.0.1") -> None:
         self.store = base / "store"
         self.socket = self.store / "control.sock"
+        self.host = host  # where agents dial it: a bridge's address for namespaced hosts (tests/netns.py)
         self.port = free_port_pair()
-        self.address = f"127.0.0.1:{self.port}"
-        self.enroll_address = f"127.0.0.1:{self.port + 1}"
+        self.address = f"{host}:{self.port}"
+        self.enroll_address = f"{host}:{self.port + 1}"
         self.log = base / "controller.log"
         self.lost_after = lost_after
         self.insecure = insecure
@@ -96,7 +97,7 @@ class Controller:
                 if self.started_once or "operators on" in str(exc):  # agents or the test know these ports
                     raise
                 self.port = free_port_pair()
-                self.address, self.enroll_address = f"127.0.0.1:{self.port}", f"127.0.0.1:{self.port + 1}"
+                self.address, self.enroll_address = f"{self.host}:{self.port}", f"{self.host}:{self.port + 1}"
         return self._start()
 
     def _start(self) -> "Controller":
@@ -180,7 +181,9 @@ class Agent:
 
     def __init__(self, base: Path, agent_id: str, controller: str, roles=("computing",),
                  heartbeat: float = 1.0, provides: dict[str, str] | None = None,
-                 token: str = "", insecure: bool = False, enroll_address: str = "") -> None:
+                 token: str = "", insecure: bool = False, enroll_address: str = "",
+                 netns: str = "", services_root: Path | None = None) -> None:
+        self.netns = netns  # run inside this network namespace (a test host: tests/netns.py)
         self.provides = provides or {}
         self.token = token
         self.insecure = insecure
@@ -189,7 +192,7 @@ class Agent:
         self.controller = controller
         self.roles = roles
         self.state_dir = base / f"agent-{agent_id}"
-        self.services_root = base / "srv"
+        self.services_root = services_root or base / "srv"
         self.log = base / f"agent-{agent_id}.log"
         self.heartbeat = heartbeat
         self.proc: subprocess.Popen | None = None
@@ -207,6 +210,8 @@ class Agent:
         if self.enroll_address:
             argv += ["--enroll-address", self.enroll_address]
         env = {**os.environ, "DEPLOYER_TOKEN": self.token}
+        if self.netns:  # it execs the agent (the pid is the agent's); the network namespace only (tests/netns.py)
+            argv = ["nsenter", f"--net=/run/netns/{self.netns}", "--", *argv]
         self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, env=env,
                                      stderr=open(self.log, "ab"))
         return self
@@ -257,23 +262,26 @@ def _stop_services(state_dir: Path) -> None:
 class Cluster:
     """A controller and its agents in one temporary folder; stops everything on close."""
 
-    def __init__(self, base: Path, lost_after: float = 60.0, insecure: bool = False) -> None:
+    def __init__(self, base: Path, lost_after: float = 60.0, insecure: bool = False, host: str = "127.0.0.1") -> None:
         self.base = base
-        self.controller = Controller(base, lost_after, insecure=insecure)
+        self.controller = Controller(base, lost_after, insecure=insecure, host=host)
         self.agents: dict[str, Agent] = {}
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "DEPLOYER_SOCKET": str(self.controller.socket), "NO_COLOR": "1"}
 
     def add_agent(self, agent_id: str, roles=("computing",), via: str | None = None,
-                  provides: dict[str, str] | None = None) -> Agent:
+                  provides: dict[str, str] | None = None, netns: str = "",
+                  services_root: Path | None = None) -> Agent:
         """An agent configured with `provides` settings and granted what they are for, as an
-        operator would: in its enrolment token, or (a plain link has no token) once it is there."""
+        operator would: in its enrolment token, or (a plain link has no token) once it is there.
+        With `netns`, it runs on that test host (tests/netns.py), with `services_root` its own."""
         insecure = self.controller.insecure
         granted = sorted({key.partition(".")[0] for key in provides or {}})
         token = "" if insecure else self.controller.token(roles, agent_id=agent_id, provides=granted)
         agent = Agent(self.base, agent_id, via or self.controller.address, roles, provides=provides,
-                      token=token, insecure=insecure, enroll_address=self.controller.enroll_address).start()
+                      token=token, insecure=insecure, enroll_address=self.controller.enroll_address,
+                      netns=netns, services_root=services_root).start()
         self.agents[agent_id] = agent
         if insecure and granted:
             self.wait_connected(agent_id)

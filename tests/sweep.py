@@ -48,7 +48,7 @@ def hold(sweep_first: bool = True) -> tuple[int, str]:
 
 def sweep() -> list[str]:
     swept: list[str] = []
-    for step in (_systemds, _processes, _mounts, _unix_users, _databases, _redis, _folders):
+    for step in (_systemds, _networks, _processes, _mounts, _unix_users, _databases, _redis, _folders):
         try:
             swept += step()
         except (OSError, subprocess.SubprocessError) as exc:
@@ -157,6 +157,23 @@ def _redis() -> list[str]:
         _run("redis-cli", "UNLINK", *keys[start:start + 500])
     if keys:
         swept.append(f"{len(keys)} Redis keys")
+    return swept
+
+
+def _networks() -> list[str]:
+    """The test hosts' namespaces (with whatever still runs in them: a data host's MariaDB, an
+    agent) and links (tests/netns.py)."""
+    from tests import netns
+    swept = []
+    for name in netns.leftovers():
+        if Path(f"/run/netns/{name}").exists():
+            for pid in _run("ip", "netns", "pids", name).split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+        netns.remove(name)
+        swept.append(f"network {name}")
     return swept
 
 

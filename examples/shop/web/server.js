@@ -15,7 +15,7 @@ const config = require('./config');
 
 const { log, logError, describe } = config;
 const PORT = config.port();
-const HOST = '127.0.0.1';
+const HOST = process.env.HOST || '127.0.0.1'; // where the routers reach it: 0.0.0.0 on a fleet
 const RELEASE = process.env.RELEASE || 'unknown';
 const FAIL_ERRORS = process.env.FAIL_MODE === 'errors'; // a "bad release": / fails, /health passes
 const PREFIX = config.redisPrefix(); // every Redis key must start with it (the ACL user allows nothing else)
