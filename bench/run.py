@@ -22,7 +22,8 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import backups as backups_bench, deploy as deploy_bench, health as health_bench, peers as peers_mod  # noqa: E402
+from bench import backups as backups_bench, deploy as deploy_bench, fleet as fleet_bench, health as health_bench  # noqa: E402
+from bench import peers as peers_mod  # noqa: E402
 from tests.harness import Cluster, PeakRss  # noqa: E402
 
 DEPLOYCTL = ROOT / ".venv" / "bin" / "deployctl"
@@ -125,8 +126,12 @@ def main() -> int:
     health = health_bench.run(args.health_window)
     print("snapshots of a 500,000-row database beside a plain mariadb-dump…", flush=True)
     snapshots = backups_bench.run()
+    print(f"across hosts: {fleet_bench.HOSTS} agents in network namespaces, and a {fleet_bench.SERVICES}-service "
+          "deploy across 3 hosts beside one…", flush=True)
+    across = fleet_bench.run()
     report = (render(fanout, throughput, peers, load_before, args, deploys)
-              + "\n".join(health_bench.render(health) + backups_bench.render(snapshots)) + "\n")
+              + "\n".join(health_bench.render(health) + backups_bench.render(snapshots) + fleet_bench.render(across))
+              + "\n")
     args.output.write_text(report)
     print()
     print(report)

@@ -123,10 +123,11 @@ def cmd_agents_grant(args: argparse.Namespace) -> int:
         return EXIT_OK
     address = reply.address + ("" if reply.address_granted else " (the address its link comes from)")
     print(f"{args.agent_id} may provide: {', '.join(reply.granted) or 'nothing'}; address {address}")
-    capacity = ", ".join(x for x in (f"{render.size(reply.memory_bytes)} memory" if reply.memory_bytes else "",
-                                     f"{reply.cpu:g} CPUs" if reply.cpu else "") if x)
-    print(f"placement counts on: {capacity or 'what it measures (not known yet)'}; labels: "
-          + (", ".join(f"{k}={v}" for k, v in sorted(reply.labels.items())) or "none"))
+    if args.capacity or args.label:  # asked about placement: what it counts on now
+        capacity = ", ".join(x for x in (f"{render.size(reply.memory_bytes)} memory" if reply.memory_bytes else "",
+                                         f"{reply.cpu:g} CPUs" if reply.cpu else "") if x)
+        print(f"placement counts on: {capacity or 'what it measures (not known yet)'}; labels: "
+              + (", ".join(f"{k}={v}" for k, v in sorted(reply.labels.items())) or "none"))
     return EXIT_OK
 
 

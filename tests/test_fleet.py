@@ -30,7 +30,7 @@ PLAIN = {"index.html": "plain\n"}
 
 @pytest.fixture(scope="module")
 def world():
-    with fleet_world("deployer-fleet-", APP, routers=1, computing=2, lost_after=LOST_AFTER) as w:
+    with fleet_world("deployer-fleet-", APP, routers=2, computing=2, lost_after=LOST_AFTER) as w:
         w["plain"] = new_repo(w["base"] / "plain-repo", PLAIN)
         w["shop"] = example_repo(w["base"])
         yield w
@@ -77,11 +77,18 @@ def host_of(world, env: str, service: str = "web") -> str:
     return next(s["host"] for s in status(world, env) if s["service"] == service)
 
 
-def answers(world, env: str, path: str = "/") -> int:
+def answers(world, env: str, path: str = "/", router: str = "router-1") -> int:
     try:
-        return world["fleet"].get("router-1", path, f"{env}.fleet.test")[0]
+        return world["fleet"].get(router, path, f"{env}.fleet.test")[0]
     except OSError:
         return 0
+
+
+def body(world, env: str, router: str) -> bytes:
+    try:
+        return world["fleet"].get(router, "/", f"{env}.fleet.test")[1]
+    except OSError:
+        return b""
 
 
 def test_environments_spread_by_room_and_plan_says_where(world):
@@ -107,11 +114,11 @@ def test_environments_spread_by_room_and_plan_says_where(world):
     counts = {h: hosts.count(h) for h in ("computing-1", "computing-2")}
     print(f"20 environments: {counts}")
     assert max(counts.values()) <= 12, counts   # no computing host holds more than 60 %
-    assert all(answers(world, env) == 200 for env in envs)
+    assert all(answers(world, env, router=r) == 200 for env in envs for r in ("router-1", "router-2"))
     listed = {a["id"]: a for a in json.loads(ok(cluster.deployctl("agents", "--json")))}
     assert listed["computing-1"]["instances"] + listed["computing-2"]["instances"] >= 20
     assert listed["computing-1"]["capacity"]["memory_bytes"] == 8 << 30
-    assert listed["router-1"]["instances"] == 0 and listed["daemons-1"]["instances"] == 0
+    assert listed["router-1"]["instances"] == listed["router-2"]["instances"] == listed["daemons-1"]["instances"] == 0
 
 
 def test_pins_to_a_host_or_a_label_and_bad_pins_are_one_line(world):
@@ -196,3 +203,32 @@ def test_a_host_cut_off_is_lost_and_its_service_is_placed_elsewhere_on_the_next_
         fleet.net.mend(fleet.host("computing-1"))
     cluster.wait_connected("computing-1", timeout=90)
     time.sleep(0.1)
+
+
+def test_every_router_serves_every_route_and_one_away_during_a_switch_gets_it_when_back(world):
+    cluster, fleet = world["cluster"], world["fleet"]
+    env = new_env(world)
+    repo = new_repo(world["base"] / f"{env}-repo", {"index.html": "v1\n"})
+    spec = spec_file(world, env, {"web": {**plain(world), "source": str(repo)}})
+    ok(cluster.deployctl("apply", str(spec), timeout=600))
+    assert body(world, env, "router-1") == body(world, env, "router-2") == b"v1\n"
+
+    fleet.net.cut(fleet.host("router-2"))
+    try:
+        wait_for(lambda: {a["id"]: a for a in json.loads(ok(cluster.deployctl("agents", "--json")))}
+                 ["router-2"]["state"] != "connected", 60, every=0.5, what="router-2 away")
+        (repo / "index.html").write_text("v2\n")
+        git(repo, "commit", "-qam", "v2")
+        out = ok(cluster.deployctl("apply", str(spec), timeout=600))
+        assert "route: router router-2 is disconnected: it gets this environment's routes when it is back" in out, out
+        assert body(world, env, "router-1") == b"v2\n"
+    finally:
+        fleet.net.mend(fleet.host("router-2"))
+    cluster.wait_connected("router-2", timeout=90)
+    # Back, it is given the route the ledger holds (a `route` job), and serves the new instance.
+    wait_for(lambda: body(world, env, "router-2") == b"v2\n", 60, every=0.3, what="router-2 given the new route")
+    jobs = [j for j in json.loads(ok(cluster.deployctl("jobs", "--json"))) if j["env_key"] == f"{APP}/{env}"]
+    assert any(j["kind"] == "route" and j["state"] == "succeeded" and "wrote the route on router-2" in j["summary"]
+               for j in jobs), jobs
+    verified = cluster.deployctl("verify", f"{APP}/{env}", timeout=300)
+    assert verified.returncode == 0, verified.stdout.decode() + verified.stderr.decode()

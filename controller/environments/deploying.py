@@ -11,6 +11,7 @@ created, marks them failed in the ledger, and leaves the live instance serving (
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 from protos import deployer_pb2 as pb
 
@@ -58,10 +59,22 @@ async def deploy_together(ctx: JobContext, plans: list[ServicePlan]) -> None:
         return depth.get(sp.service, 0), not ctx.spec.service(sp.service).is_web
     plans = sorted(plans, key=order)
     started: list[tuple[Deployment, object, dict[str, int]]] = []
+
+    async def one_host(items) -> None:  # one host's new instances, one after the other
+        for (d, _, numbers), sp in items:
+            await _up(ctx, d, sp, numbers)
     try:
-        for sp in plans:
-            started.append(await _begin(ctx, sp, {d.service.name: numbers for d, _, numbers in started}))
-            await _up(ctx, started[-1][0], sp, started[-1][2])
+        # Services of one rank (no one uses another's new instance) come up at the same time, one
+        # host's after the other's on that host; a rank is healthy before the next one starts.
+        for _, rank in itertools.groupby(plans, key=order):
+            on: dict[str, list] = {}
+            for sp in rank:
+                started.append(await _begin(ctx, sp, {d.service.name: numbers for d, _, numbers in started}))
+                on.setdefault(started[-1][0].host.id, []).append((started[-1], sp))
+            results = await asyncio.gather(*(one_host(items) for items in on.values()), return_exceptions=True)
+            failed = [r for r in results if isinstance(r, BaseException)]
+            if failed:  # every one has ended: nothing is left half-way when they are undone
+                raise failed[0]
         web = [d for d, _, _ in started if d.service.is_web]
         if len(started) > 1:
             ctx.note(f"all {len(started)} new instances are healthy ({', '.join(d.service.name for d, _, _ in started)}); "

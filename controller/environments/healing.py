@@ -22,10 +22,11 @@ import structlog
 
 from protos import deployer_pb2 as pb
 
+from common import errors
 from controller.environments import naming
 from controller.environments.facts import ServiceProcesses
 from controller.fleet.operations import new_op_id
-from controller.fleet.registry import CONNECTED
+from controller.fleet.registry import CONNECTED, LOST
 from controller.state.events import EnvEvents
 from controller.state.jobs import Locked
 from controller.state.ledger import Status
@@ -90,9 +91,52 @@ class Healer:
     def attached(self, agent_id: str) -> None:
         for env_key in sorted({env_key for env_key, _, _ in self._live_on(agent_id)}):
             self.schedule(env_key, 0.5)  # its other sessions' messages come first
+        agent = self.registry.agents.get(agent_id)
+        if agent is not None and "nginx" in agent.capabilities:
+            # A router back: the routes that changed while it was away are written on it.
+            task = asyncio.get_running_loop().create_task(self._sync_routes(agent_id))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _sync_routes(self, router_id: str) -> None:
+        pending = self.ledger.db.route_debts(router_id)
+        tries: dict[str, int] = {}
+        while pending:
+            env_key = pending.pop(0)
+            try:
+                job = self.environments.sync_route(env_key, router_id)
+            except Locked:  # its own job is under way (it may have begun before the router was back)
+                tries[env_key] = tries.get(env_key, 0) + 1
+                if tries[env_key] < 20:
+                    pending.append(env_key)
+                    await asyncio.sleep(RETRY_BUSY_S / max(1, len(pending)))
+                continue
+            except errors.BadInput:  # destroyed meanwhile: a route file left there is verify's orphan
+                self.ledger.db.paid_route(router_id, env_key)
+                continue
+            except Exception as exc:
+                log.warning("route.sync_failed", environment=env_key, router=router_id, error=str(exc))
+                continue
+            state = await job.wait()
+            if state != "succeeded":
+                log.warning("route.sync_failed", environment=env_key, router=router_id, why=job.summary)
 
     def lost(self, agent_id: str) -> None:
-        """Reported, not moved (moving comes with several servers)."""
+        """Reported, not moved (moving comes with several servers). An agent this controller has
+        not seen since it started may still be in its reconnect backoff: it is reported once that
+        has passed, if it is still away."""
+        agent = self.registry.agents.get(agent_id)
+        if agent is not None and agent.grace:
+            asyncio.get_running_loop().call_later(agent.grace, self._still_lost, agent_id)
+            return
+        self._report_lost(agent_id)
+
+    def _still_lost(self, agent_id: str) -> None:
+        agent = self.registry.agents.get(agent_id)
+        if agent is not None and agent.state == LOST:
+            self._report_lost(agent_id)
+
+    def _report_lost(self, agent_id: str) -> None:
         live = self._live_on(agent_id)
         for env_key, service, process in live:
             self.events.add(env_key, "agent-lost", service, host=agent_id, process=process)

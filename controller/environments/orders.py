@@ -16,7 +16,7 @@ from controller.environments import planner, recovery, spec as spec_mod, sources
 from controller.fleet.dispatcher import Dispatcher
 from controller.state.jobs import EnvLock, Job, JobTable, Locked, Specs, new_job_id
 from controller.state.ledger import Ledger, Status
-from controller.environments import backups, commands as ops, data, deploying, hosts
+from controller.environments import backups, commands as ops, data, deploying, hosts, routing
 from controller.environments.notify import Notifier
 from controller.environments.context import JobContext, PlacementError, StepFailed, pick_agent
 from controller.environments.teardown import destroy
@@ -340,6 +340,17 @@ class Environments:
         note = (f"restarting {', '.join(services)}: the ledger holds them live and "
                 + ("they failed their health checks" if set(services) <= set(sick) else "their process ended"))
         return self._launch(spec, "heal", plan, {}, lambda ctx: deploying.apply(ctx, plan), note)
+
+    def sync_route(self, env_key: str, router_id: str) -> Job:
+        """A router back from being away gets the environment's route as the ledger holds it, if
+        its file is not that already (a `route` job)."""
+        spec = self.as_deployed_spec(env_key)
+        if spec is None:
+            raise OrderError(f"{env_key}: no such environment")
+
+        async def body(ctx: JobContext) -> str:
+            return await routing.sync(ctx, router_id)
+        return self._launch(spec, "route", None, {}, body, f"router {router_id} is back: its route is checked")
 
     def _live_mysql(self, env_key: str, service: str) -> int:
         live = self.ledger.state(env_key).get(service)

@@ -12,8 +12,9 @@ from protos import deployer_pb2 as pb
 
 from controller.environments import naming, commands as ops, ownership
 from controller.environments.context import JobContext, PlacementError, StepFailed, output_of, pick_agent
+from controller.environments.facts import NginxFile
 from controller.environments.spec import spec_from_dict
-from controller.fleet.registry import Agent
+from controller.fleet.registry import CONNECTED, Agent
 from controller.state.knowledge import Scope
 
 
@@ -36,11 +37,29 @@ def routes(ctx: JobContext, override: dict[str, tuple[str, int]] | None = None) 
     return out
 
 
+def routers(ctx: JobContext) -> list[Agent]:
+    """Every router the controller knows (granted nginx), whatever its state, by id: each serves
+    every environment's routes."""
+    return sorted((a for a in ctx.registry.agents.values() if "nginx" in a.capabilities), key=lambda a: a.id)
+
+
 def router(ctx: JobContext, service: str) -> Agent:
+    """The first connected router: the one whose file says where a route stands (recovery, verify)."""
     try:
         return pick_agent(ctx.registry, capability="nginx")
     except PlacementError as exc:
         raise StepFailed(service, "route", str(exc)) from None
+
+
+def connected_routers(ctx: JobContext, service: str) -> list[Agent]:
+    """The routers a switch is applied on now; the others are named in the job, and get the
+    routes when they are back (healing.py)."""
+    first = router(ctx, service)  # none connected: the one-line error of placement
+    ons = [a for a in routers(ctx) if a.state == CONNECTED] or [first]
+    for away in (a for a in routers(ctx) if a.state != CONNECTED):
+        ctx.ledger.db.owe_route(away.id, ctx.env_key)  # durably: a controller restart keeps the debt
+        ctx.note(f"route: router {away.id} is {away.state}: it gets this environment's routes when it is back")
+    return ons
 
 
 def nginx_path(ctx: JobContext, on: Agent) -> str:
@@ -72,12 +91,36 @@ def route_check(ctx: JobContext, on: Agent, override: dict[str, tuple[str, int]]
     return ops.nginx_check_function(on.id, on.settings.get("nginx.listen", "80"), ctx.spec.domain, probe, checked)
 
 
-async def switch_route(ctx: JobContext, service: str, override=None) -> None:
-    """The nginx transaction: stage, swap, `nginx -t`, reload, ask nginx for each route through
-    its listen address — or put the old file back. The probe's nonce is new at every switch, so
-    only the file just written can answer it. One at a time per router: `nginx -t` must test our
-    file, not another job's."""
-    on = router(ctx, service)
+async def switch_route(ctx: JobContext, service: str, override=None, only: list[Agent] | None = None) -> None:
+    """The switch on every connected router (or `only` those), at the same time. If one refuses,
+    those that switched are put back to the route the ledger holds, so no two routers send a
+    service to different instances for longer than the switch; the first refusal is raised."""
+    ons = only if only is not None else connected_routers(ctx, service)
+    results = await asyncio.gather(*(_switch_on(ctx, on, service, override) for on in ons), return_exceptions=True)
+    failed = [(on, r) for on, r in zip(ons, results) if isinstance(r, BaseException)]
+    if not failed:
+        for on in ons:
+            ctx.job.event("route.switched", service=service, router=on.id)
+            ctx.ledger.db.paid_route(on.id, ctx.env_key)
+        return
+    done = [on for on, r in zip(ons, results) if not isinstance(r, BaseException)]
+    if done and override:
+        back = await asyncio.gather(*(_switch_on(as_deployed(ctx), on, service, None) for on in done),
+                                    return_exceptions=True)
+        for on, r in zip(done, back):
+            if isinstance(r, BaseException):
+                ctx.note(f"{service}: the route on {on.id} could not be put back ({r}); deployctl verify shows it")
+    on, first = failed[0]
+    if isinstance(first, StepFailed) and len(ons) > 1:
+        first.args = (f"{first.args[0]} (router {on.id})",)
+    raise first
+
+
+async def _switch_on(ctx: JobContext, on: Agent, service: str, override=None) -> None:
+    """The nginx transaction on one router: stage, swap, `nginx -t`, reload, ask nginx for each
+    route through its listen address — or put the old file back. The probe's nonce is new at
+    every switch, so only the file just written can answer it. One at a time per router: `nginx
+    -t` must test our file, not another job's."""
     async with ctx.route_locks.setdefault(on.id, asyncio.Lock()):
         conf = nginx_path(ctx, on)
         staged = f"{conf}.staged-{ctx.job.id}"
@@ -125,8 +168,12 @@ def as_deployed(ctx: JobContext) -> JobContext:
 
 
 async def remove_route(ctx: JobContext, routed: bool) -> None:
-    """Remove the environment's nginx file, if it is ours, and reload."""
-    on = router(ctx, ctx.env_key)
+    """Remove the environment's nginx file, if it is ours, and reload, on every connected router."""
+    for on in connected_routers(ctx, ctx.env_key):
+        await _remove_on(ctx, on, routed)
+
+
+async def _remove_on(ctx: JobContext, on: Agent, routed: bool) -> None:
     conf = nginx_path(ctx, on)
     op = await ctx.sh(on, ownership.route_guard(conf, ctx.ledger.owner, ctx.env_key, routed,
                                                 ops.nginx_remove_script(conf, *reload_settings(on))),
@@ -135,3 +182,23 @@ async def remove_route(ctx: JobContext, routed: bool) -> None:
         ctx.note(f"nginx file {conf} is not this deployer's: left untouched")
     elif op.result.exit_code != 0:
         raise StepFailed(ctx.env_key, "remove route", f"exit {op.result.exit_code}", output_of(op)[-2000:])
+
+
+async def sync(ctx: JobContext, router_id: str) -> str:
+    """Write the route the ledger holds on one router if its file is not that (it was away
+    during a switch); what was done, in a few words."""
+    on = ctx.registry.agents.get(router_id)
+    if on is None or on.state != CONNECTED:
+        return f"router {router_id} is away again: nothing written"
+    deployed = as_deployed(ctx)
+    if not routes(deployed):
+        ctx.ledger.db.paid_route(router_id, ctx.env_key)
+        return "no route to write"
+    cat = await ctx.sh(on, NginxFile.command(nginx_path(ctx, on)), ctx.env_key, "read route", check=False,
+                       scope=Scope.route(ctx.env_key))
+    have = NginxFile.parse(output_of(cat))
+    if have is not None and have == nginx_content(deployed, on, probe=ops.probe_of(have)).decode():
+        ctx.ledger.db.paid_route(router_id, ctx.env_key)
+        return f"the route on {router_id} is current"
+    await switch_route(deployed, ctx.env_key, only=[on])
+    return f"wrote the route on {router_id}"

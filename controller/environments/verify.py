@@ -70,6 +70,7 @@ class Facts:
     dedicated: dict[tuple[str, int], str] = field(default_factory=dict)  # live dedicated Redis → what is wrong ('')
     nginx_files: list[str] = field(default_factory=list)      # auto-*.conf in the router's folder
     nginx_marks: dict[str, str] = field(default_factory=dict)  # auto-*.conf → its owner line
+    other_routers: dict[str, tuple[str | None, str]] = field(default_factory=dict)  # id → (file, expected)
 
 
 class Checker:
@@ -105,6 +106,14 @@ class Checker:
         facts.nginx_files = list(facts.nginx_marks)
         # The probe's nonce is the switch's, not the ledger's: the file is compared with it.
         facts.nginx_expected = routing.nginx_content(self.ctx, router, probe=ops.probe_of(facts.nginx)).decode()
+        for other in routing.routers(self.ctx):  # every router serves every route: each is looked at
+            if other.id == router.id or other.state != "connected":
+                continue
+            cat = await self.ctx.sh(other, NginxFile.command(routing.nginx_path(self.ctx, other)), self.env_key,
+                                    "read route", check=False, scope=Scope.route(self.env_key))
+            content = NginxFile.parse(output_of(cat))
+            facts.other_routers[other.id] = (content, routing.nginx_content(
+                self.ctx, other, probe=ops.probe_of(content)).decode())
         await self._data_facts(facts)
         return facts
 
@@ -414,10 +423,16 @@ def _redis_findings(env_key, spec, service, where, redis, ledger, facts: Facts) 
 def _route_findings(env_key, spec, facts: Facts) -> list[Finding]:
     """The environment's nginx file, against what the ledger says it should be."""
     out: list[Finding] = []
-    if facts.nginx is None and any(s.is_web for s in spec.services):
+    web = any(s.is_web for s in spec.services)
+    if facts.nginx is None and web:
         out.append(Finding(env_key, "nginx file is missing", "route"))
     elif facts.nginx is not None and facts.nginx != facts.nginx_expected:
         out.append(Finding(env_key, "nginx file differs from what the ledger says", "route"))
+    for router, (content, expected) in sorted(facts.other_routers.items()):
+        if content is None and web:
+            out.append(Finding(env_key, f"nginx file is missing on router {router}", "route"))
+        elif content is not None and content != expected:
+            out.append(Finding(env_key, f"nginx file on router {router} differs from what the ledger says", "route"))
     return out
 
 

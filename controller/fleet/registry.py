@@ -63,7 +63,7 @@ class Agent:
     state: str = DISCONNECTED
     session: Session | None = None
     since: float = field(default_factory=time.monotonic)  # when the state last changed
-    grace: float = 0.0   # added to `lost_after` before it counts as lost (known from before a restart)
+    grace: float = 0.0   # known from before a restart, not back yet: how much longer it may take to dial
     running: int = 0
     settings: dict[str, str] = field(default_factory=dict)   # its well-formed settings, no address
     services_root: str = ""
@@ -128,8 +128,9 @@ class Registry:
                 claimed=json.loads(row["capabilities"]), stated=json.loads(row["settings"] or "{}"))
             agent.regrant(*grants.get(agent.id, ([], "")))
             agent.granted_memory, agent.granted_cpu, agent.labels = placed.get(agent.id, (0, 0.0, {}))
-            # While this controller was away its agents backed off; each dials again within
-            # the longest window, so none is called lost before it has had that time to come.
+            # While this controller was away its agents backed off; each dials again within the
+            # longest window: one lost before that is told to operators only if it is still away
+            # then (healing.py), not for a reconnect that was merely slow.
             agent.grace = RECONNECT_WINDOW_S
 
     def grant_placement(self, agent_id: str, memory: int, cpu: float, labels: dict[str, str]) -> None:
@@ -221,7 +222,7 @@ class Registry:
                 log.warning("agent.silent", agent_id=agent.id,
                             silent_s=round(now - session.last_message, 1))
                 session.close(f"no heartbeat for {now - session.last_message:.0f}s")
-            elif agent.state == DISCONNECTED and now - agent.since > self.lost_after + agent.grace:
+            elif agent.state == DISCONNECTED and now - agent.since > self.lost_after:
                 agent.state, agent.since = LOST, now
                 log.warning("agent.lost", agent_id=agent.id, after_s=self.lost_after)
                 for callback in self.on_lost:

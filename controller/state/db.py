@@ -228,6 +228,13 @@ MIGRATIONS = [
         updated REAL NOT NULL
     );
     """,
+    # 13: routes a router missed (it was away during a switch): written when it is back.
+    """
+    CREATE TABLE route_debts (
+        router_id TEXT NOT NULL, env_key TEXT NOT NULL, since REAL NOT NULL,
+        PRIMARY KEY (router_id, env_key)
+    );
+    """,
 ]
 SEALED_VERSION = MIGRATIONS.index(_seal_at_rest) + 1
 
@@ -350,6 +357,18 @@ class Database:
                ON CONFLICT (agent_id) DO UPDATE SET memory=excluded.memory, cpu=excluded.cpu,
                  labels=excluded.labels, updated=excluded.updated""",
             (agent_id, memory, cpu, json.dumps(dict(sorted(labels.items()))), time.time()))
+
+    def owe_route(self, router_id: str, env_key: str) -> None:
+        self.conn.execute("INSERT OR IGNORE INTO route_debts (router_id, env_key, since) VALUES (?, ?, ?)",
+                          (router_id, env_key, time.time()))
+
+    def paid_route(self, router_id: str, env_key: str) -> None:
+        self.conn.execute("DELETE FROM route_debts WHERE router_id=? AND env_key=?", (router_id, env_key))
+
+    def route_debts(self, router_id: str) -> list[str]:
+        """The environments whose route changed while this router was away."""
+        return [r[0] for r in self.conn.execute(
+            "SELECT env_key FROM route_debts WHERE router_id=? ORDER BY since", (router_id,))]
 
     # ---------------------------------------------------------------- operations
 
