@@ -94,7 +94,7 @@ CHECKS = {
     "mysql.backups": _path,
     "redis.host": _host, "redis.port": _port, "redis.admin": _command, "redis.server": _path,
     "nginx.conf_dir": _path, "nginx.listen": _listen, "nginx.test": _command, "nginx.reload": _command,
-    "nginx.pid": _path,
+    "nginx.pid": _path, "nginx.tls_listen": _listen,
 }
 
 

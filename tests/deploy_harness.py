@@ -30,6 +30,7 @@ class Nginx:
         self.conf_dir = self.prefix / "conf.d"
         self.conf = self.prefix / "nginx.conf"
         self.port = free_port()
+        self.tls_port = free_port()  # where an environment with `tls:` is served over HTTPS
         for sub in ("conf.d", "logs", "tmp"):
             (self.prefix / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(self.prefix / "tmp", 0o1777)
@@ -56,7 +57,7 @@ http {{
     def settings(self) -> dict[str, str]:
         return {"nginx.conf_dir": str(self.conf_dir), "nginx.listen": str(self.port),
                 "nginx.test": f"{self.base_cmd} -t", "nginx.reload": f"{self.base_cmd} -s reload",
-                "nginx.pid": str(self.prefix / "nginx.pid")}
+                "nginx.pid": str(self.prefix / "nginx.pid"), "nginx.tls_listen": str(self.tls_port)}
 
     def start(self) -> "Nginx":
         inside = ["nsenter", f"--net=/run/netns/{self.netns}", "--"] if self.netns else []

@@ -232,3 +232,115 @@ def test_every_router_serves_every_route_and_one_away_during_a_switch_gets_it_wh
                for j in jobs), jobs
     verified = cluster.deployctl("verify", f"{APP}/{env}", timeout=300)
     assert verified.returncode == 0, verified.stdout.decode() + verified.stderr.decode()
+
+
+def curl(world, router: str, url: str, name: str, *extra: str) -> subprocess.CompletedProcess:
+    """curl from the root namespace to a router, NAME resolved to the router's address."""
+    fleet = world["fleet"]
+    nginx = fleet.routers[router]
+    port = nginx.tls_port if url.startswith("https") else nginx.port
+    return subprocess.run(["curl", "-sS", "--max-time", "5", "--resolve", f"{name}:{port}:{fleet.host(router).address}",
+                           "-o", "/dev/null", "-w", "%{http_code} %{redirect_url} %{ssl_verify_result}", *extra,
+                           url.replace("PORT", str(port))], capture_output=True, text=True, timeout=30)
+
+
+def served_names(world, router: str, name: str) -> tuple[list[str], int]:
+    """The DNS names and serial of the certificate a router serves for NAME (SNI)."""
+    import socket
+    import ssl
+    nginx, address = world["fleet"].routers[router], world["fleet"].host(router).address
+    context = ssl.create_default_context(cafile=str(world["base"] / "ca.pem"))
+    with socket.create_connection((address, nginx.tls_port), timeout=5) as raw, \
+            context.wrap_socket(raw, server_hostname=name) as tls_sock:
+        der = tls_sock.getpeercert(binary_form=True)
+    from cryptography import x509
+    cert = x509.load_der_x509_certificate(der)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return sorted(san.get_values_for_type(x509.DNSName)), cert.serial_number
+
+
+def test_https_with_the_operators_certificate_on_every_router_redirects_http_and_swaps_on_renewal(world):
+    from tests.certs import OwnCA
+    cluster, fleet = world["cluster"], world["fleet"]
+    ca = OwnCA()
+    (world["base"] / "ca.pem").write_text(ca.pem)
+    env = new_env(world)
+    name, alias = f"{env}.fleet.test", f"www.{env}.fleet.test"
+    key = f"{APP}/{env}"
+    path = world["base"] / f"{env}.yml"
+    path.write_text(yaml.safe_dump({"app": APP, "environment": env, "domain": name, "aliases": [alias],
+                                    "tls": {"certificate": "TLS_CERT", "key": "TLS_KEY"},
+                                    "services": {"web": plain(world)}}, sort_keys=False))
+
+    def secret(label: str, value: str) -> None:
+        done = subprocess.run([*cluster_deployctl(cluster), "secret", "set", key, label], input=value.encode(),
+                              capture_output=True, env=cluster.env(), timeout=60)
+        assert done.returncode == 0, done.stderr
+
+    def refused(expected: str) -> None:
+        result = cluster.deployctl("apply", str(path), timeout=120)
+        assert result.returncode == 1 and result.stderr.decode().strip().splitlines() == [f"deployctl: {expected}"], \
+            result.stdout.decode() + result.stderr.decode()
+        for router in fleet.routers.values():  # no router was touched
+            assert not list(router.conf_dir.glob(f"auto-{APP}-{env}*")) and not list(router.conf_dir.glob(f"auto-tls/*{env}*"))
+
+    refused(f"{path}:7: tls.certificate: secret TLS_CERT is not set: deployctl secret set {key} TLS_CERT < FILE")
+    wrong_cert, wrong_key = ca.issue(name)          # no alias in it
+    secret("TLS_CERT", wrong_cert)
+    secret("TLS_KEY", ca.other_key())               # and not its key
+    refused(f"{path}:6: tls: the key is not the certificate's: they are not a pair")
+    secret("TLS_KEY", wrong_key)
+    refused(f"{path}:6: tls: the certificate does not cover {alias} (it names {name})")
+    assert wrong_key.splitlines()[1] not in ok(cluster.deployctl("jobs", "--json"))
+
+    cert, tls_key = ca.issue(name, alias)
+    secret("TLS_CERT", cert)
+    secret("TLS_KEY", tls_key)
+    out = ok(cluster.deployctl("apply", str(path), timeout=600))
+    assert tls_key.splitlines()[1] not in out
+    for router in fleet.routers:
+        for host_name in (name, alias):
+            got = curl(world, router, f"https://{host_name}:PORT/", host_name, "--cacert", str(world["base"] / "ca.pem"))
+            assert got.stdout.split()[0] == "200", (router, host_name, got.stdout, got.stderr)
+            plain_http = curl(world, router, f"http://{host_name}:PORT/x?y=1", host_name)
+            assert plain_http.stdout.split()[:2] == ["308", f"https://{host_name}/x?y=1"], plain_http.stdout
+        assert served_names(world, router, name)[0] == sorted([name, alias])
+        served = fleet.routers[router].conf_dir / "auto-tls" / f"auto-{APP}-{env}.key"
+        assert oct(served.stat().st_mode & 0o777) == "0o600" and served.stat().st_uid == 0
+    ok(cluster.deployctl("verify", key, timeout=300))
+
+    # Renewal: the operator sets the new pair; verify names the drift on each router, repair swaps it
+    # in (an nginx reload), and requests through the swap keep succeeding.
+    before = served_names(world, "router-1", name)[1]
+    renewed, renewed_key = ca.issue(name, alias, days=60)
+    secret("TLS_CERT", renewed)
+    secret("TLS_KEY", renewed_key)
+    drift = cluster.deployctl("verify", key, timeout=300)
+    assert drift.returncode == 2 and b"the certificate on router router-1 is not the one in the environment's secret" \
+        in drift.stdout, drift.stdout.decode()
+    import threading
+    failures, count, stop = [], [0], threading.Event()
+
+    def load():
+        while not stop.is_set():
+            got = curl(world, "router-1", f"https://{name}:PORT/", name, "--cacert", str(world["base"] / "ca.pem"))
+            count[0] += 1
+            if got.stdout.split()[:1] != ["200"]:
+                failures.append(got.stdout + got.stderr)
+    thread = threading.Thread(target=load)
+    thread.start()
+    try:
+        ok(cluster.deployctl("repair", key, timeout=300))
+        time.sleep(1)
+    finally:
+        stop.set()
+        thread.join()
+    print(f"renewal under load: {count[0]} requests, {len(failures)} failed")
+    assert count[0] > 5 and failures == []
+    assert served_names(world, "router-1", name)[1] != before
+    ok(cluster.deployctl("verify", key, timeout=300))
+
+
+def cluster_deployctl(cluster) -> list[str]:
+    import sys
+    return [sys.executable, "-m", "deployctl.cli"]

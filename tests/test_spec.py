@@ -132,11 +132,22 @@ BAD_SPECS = [
      "shop.yml:4: logs.environment: 3M for 2 services leaves each less than two files of 1M: raise "
      "logs.environment or lower logs.file"),
     ("unknown-top-level-key", "domain: shop.localhost\n", "domain: shop.localhost\nowner: me\n",
-     "shop.yml:4: owner: unknown key 'owner'; known keys: version, app, environment, domain, limits, logs, services"),
+     "shop.yml:4: owner: unknown key 'owner'; known keys: version, app, environment, domain, aliases, tls, limits, logs, services"),
     ("unknown-service-key", "    path: /", "    pth: /",
      "shop.yml:6: services.web.pth: unknown key 'pth' (did you mean 'path'?); known keys: path, source, ref, "
      "root, install, build, migrate, start, health, healthy_after, drain, env, secrets, uses, redis, restart, "
      "writable, host, host_labels"),
+    ("alias-twice", "domain: shop.localhost\n", "domain: shop.localhost\naliases: [www.shop.localhost, shop.localhost]\n",
+     "shop.yml:4: aliases[1]: shop.localhost is named twice (the domain and aliases are each one name)"),
+    ("tls-unknown", "domain: shop.localhost\n", "domain: shop.localhost\ntls: yes\n",
+     "shop.yml:4: tls: 'yes' is not a TLS setting: {certificate: SECRET, key: SECRET}, the environment's secrets "
+     "holding a certificate and its key"),
+    ("tls-auto", "domain: shop.localhost\n", "domain: shop.localhost\ntls: auto\n",
+     "shop.yml:4: tls: auto (certificates by ACME) is not available in this version; give the environment's secrets "
+     "holding a certificate and its key: {certificate: SECRET, key: SECRET}"),
+    ("tls-secret-name", "domain: shop.localhost\n", "domain: shop.localhost\ntls: {certificate: cert.pem, key: TLS_KEY}\n",
+     "shop.yml:4: tls.certificate: 'cert.pem' is not a secret name (A-Z, 0-9 and _, like TLS_CERT): the value is set "
+     "with deployctl secret set"),
     ("host-not-an-id", "    path: /\n", "    path: /\n    host: Web 1\n",
      "shop.yml:7: services.web.host: 'Web 1' is not an agent id (lowercase letters, digits and . _ -)"),
     ("host-labels-not-a-mapping", "    path: /\n", "    path: /\n    host_labels: [zone]\n",
@@ -438,6 +449,14 @@ def test_code_fingerprint_covers_code_settings_but_not_the_ref():
         assert code_fingerprint(replace(web, **change)) != base, change
 
 
+def test_aliases_and_tls_read_and_round_trip():
+    for tls, expected in (("{certificate: TLS_CERT, key: TLS_KEY}", spec_mod.Tls("TLS_CERT", "TLS_KEY")),):
+        spec = parse_spec(variant("domain: shop.localhost\n", f"domain: shop.localhost\naliases: [www.shop.localhost]\n"
+                                                               f"tls: {tls}\n"), "shop.yml")
+        assert spec.names == ("shop.localhost", "www.shop.localhost") and spec.tls == expected
+        assert spec_mod.spec_from_dict(spec.to_dict()) == spec
+
+
 def test_a_pin_reads_and_round_trips():
     spec = parse_spec(variant("    path: /\n", "    path: /\n    host: computing-2\n    host_labels: {zone: eu-1, disk: ssd}\n"),
                       "shop.yml")
@@ -580,7 +599,7 @@ def test_empty_diff_changes_nothing(stored, shop):
                          "but got '<stream end>' (column 1)"),
     ("- web\n", "environment-diff.yml:1: a diff must be a mapping (a partial spec), not a list"),
     ("owner: me\n", "environment-diff.yml:1: owner: unknown key 'owner'; known keys: version, app, environment, "
-                    "domain, limits, logs, services"),
+                    "domain, aliases, tls, limits, logs, services"),
 ])
 def test_bad_diffs_name_the_diff_file_and_line(stored, diff, expected):
     with pytest.raises(SpecError) as err:

@@ -9,6 +9,8 @@ tests/data/commands.json); guarded creates and drops are in ownership.py.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import re
 
 from common import envfile
@@ -252,8 +254,19 @@ def env_file(values: dict[str, str]) -> bytes:
     return envfile.render(values)
 
 
+@dataclass(frozen=True)
+class RouteTls:
+    """Where a router serves an environment's HTTPS: its TLS listen address and the certificate
+    and key files written there (decision 035)."""
+
+    listen: str
+    certificate: str
+    key: str
+
+
 def nginx_config(env_key: str, domain: str, listen: str, routes: list[tuple[str, str, int]],
-                 owner_line: str = "", probe: str = "") -> bytes:
+                 owner_line: str = "", probe: str = "", aliases: tuple[str, ...] = (),
+                 tls: RouteTls | None = None) -> bytes:
     """The environment's nginx file: one location per web service (path, host, port).
 
     A service mounted at /api sees /api/x as /x (its health path is checked the same way, on
@@ -265,13 +278,41 @@ def nginx_config(env_key: str, domain: str, listen: str, routes: list[tuple[str,
     every `add_header` the router's http block gives its sites.
     """
     _check_route_values(domain, listen, routes, probe)
+    for alias in aliases:
+        _check_route_values(alias, listen, [])
+    if tls is not None:
+        if check_setting("nginx.listen", tls.listen):
+            raise RouteValueError(f"TLS listen {tls.listen[:80]!r} is not PORT or HOST:PORT")
+        for path in (tls.certificate, tls.key):
+            if not re.fullmatch(r"/[A-Za-z0-9._/-]+", path) or ".." in path:
+                raise RouteValueError(f"TLS file {path[:80]!r} is not a plain absolute path")
+    names = " ".join((domain, *aliases))
     out = [f"# {env_key}: written by the deployer; edits are overwritten\n", owner_line,
-           "server {\n", f"    listen {listen};\n", f"    server_name {domain};\n"]
+           "server {\n", f"    listen {listen};\n", f"    server_name {names};\n"]
+    if tls is None:
+        out += _locations(routes, probe, routed=True)
+        out.append("}\n")
+        return "".join(out).encode()
+    # HTTPS: plain HTTP only redirects (308 keeps the method and body); the switch's probes stay
+    # on it, so a switch checks what nginx runs without a certificate to trust.
+    out += _locations(routes, probe, routed=False)
+    out += ["    location / { return 308 https://$host$request_uri; }\n", "}\n",
+            "server {\n", f"    listen {tls.listen} ssl;\n", f"    server_name {names};\n",
+            f"    ssl_certificate {tls.certificate};\n", f"    ssl_certificate_key {tls.key};\n",
+            "    ssl_protocols TLSv1.2 TLSv1.3;\n"]
+    out += _locations(routes, "", routed=True)
+    out.append("}\n")
+    return "".join(out).encode()
+
+
+def _locations(routes: list[tuple[str, str, int]], probe: str, routed: bool) -> list[str]:
+    out = []
     for path, host, port in sorted(routes):
         prefix = path.rstrip("/")
-        if prefix:
-            out.append(f"    location = {prefix} {{ return 301 {prefix}/$is_args$args; }}\n")
-        out += [f"    location {prefix}/ {{\n", *_proxied(prefix, host, port), "    }\n"]
+        if routed:
+            if prefix:
+                out.append(f"    location = {prefix} {{ return 301 {prefix}/$is_args$args; }}\n")
+            out += [f"    location {prefix}/ {{\n", *_proxied(prefix, host, port), "    }\n"]
         if probe:
             out += [f"    location = {probe_path(path, probe)} {{\n", *_proxied(prefix, host, port),
                     f"        proxy_connect_timeout {PROBE_CONNECT_S}s;\n",
@@ -279,8 +320,7 @@ def nginx_config(env_key: str, domain: str, listen: str, routes: list[tuple[str,
                     f"        proxy_hide_header {PROBE_HEADER};\n",
                     f"        add_header {PROBE_HEADER} \"$upstream_addr; $upstream_header_time\" always;\n",
                     "    }\n"]
-    out.append("}\n")
-    return "".join(out).encode()
+    return out
 
 
 def _proxied(prefix: str, host: str, port: int) -> list[str]:

@@ -16,7 +16,7 @@ from controller.environments import planner, recovery, spec as spec_mod, sources
 from controller.fleet.dispatcher import Dispatcher
 from controller.state.jobs import EnvLock, Job, JobTable, Locked, Specs, new_job_id
 from controller.state.ledger import Ledger, Status
-from controller.environments import backups, commands as ops, data, deploying, hosts, routing
+from controller.environments import backups, commands as ops, data, deploying, hosts, routing, tls
 from controller.environments.notify import Notifier
 from controller.environments.context import JobContext, PlacementError, StepFailed, pick_agent
 from controller.environments.teardown import destroy
@@ -174,7 +174,23 @@ class Environments:
         state = self.ledger.state(spec.key)
         made = planner.plan(spec, state, commits, options, request.prune)
         self._check_providers(spec, made)
+        self._check_tls(spec)
         return spec, self._placed(spec, made, state), options
+
+    def _check_tls(self, spec: spec_mod.Spec) -> None:
+        """The operator's certificate and key are set, a pair, and cover every name, before any
+        router is touched: else the spec's error at `tls`, in one line that never quotes them."""
+        if spec.tls is None:
+            return
+        stored = self.ledger.secrets(spec.key)
+        for part, name in (("certificate", spec.tls.certificate), ("key", spec.tls.key)):
+            if not stored.get(name):
+                raise spec.error(("tls", part), f"secret {name} is not set: deployctl secret set {spec.key} {name} "
+                                                "< FILE")
+        try:
+            tls.check_pair(stored[spec.tls.certificate], stored[spec.tls.key], spec.names)
+        except tls.TlsError as exc:
+            raise spec.error(("tls",), str(exc)) from None
 
     def _placed(self, spec: spec_mod.Spec, plan: planner.Plan, state) -> planner.Plan:
         """Where each new code instance would go and why (decision 034). A pin that names no

@@ -10,7 +10,7 @@ import secrets
 
 from protos import deployer_pb2 as pb
 
-from controller.environments import naming, commands as ops, ownership
+from controller.environments import naming, commands as ops, ownership, tls
 from controller.environments.context import JobContext, PlacementError, StepFailed, output_of, pick_agent
 from controller.environments.facts import NginxFile
 from controller.environments.spec import spec_from_dict
@@ -72,11 +72,35 @@ def reload_settings(on: Agent) -> tuple[str, str]:
     return on.settings.get("nginx.reload", "nginx -s reload"), on.settings.get("nginx.pid", "/run/nginx.pid")
 
 
+def tls_files(ctx: JobContext, on: Agent) -> tuple[str, str]:
+    """Where a router keeps the environment's certificate and key (root's, 0600)."""
+    conf_dir = on.settings.get("nginx.conf_dir", "/etc/nginx/conf.d")
+    base = naming.nginx_file(ctx.spec.app, ctx.spec.environment).removesuffix(".conf")
+    return f"{conf_dir}/auto-tls/{base}.crt", f"{conf_dir}/auto-tls/{base}.key"
+
+
+def certificate_pair(ctx: JobContext, service: str) -> tuple[str, str]:
+    """The operator's certificate and key from the environment's secrets, checked again (a secret
+    set since the plan) before any router gets them."""
+    secrets_ = ctx.ledger.secrets(ctx.env_key)
+    names = ctx.spec.tls.certificate, ctx.spec.tls.key
+    missing = [n for n in names if not secrets_.get(n)]
+    if missing:
+        raise StepFailed(service, "certificate", f"secret {missing[0]} is not set: deployctl secret set "
+                                                 f"{ctx.env_key} {missing[0]} < FILE")
+    try:
+        tls.check_pair(secrets_[names[0]], secrets_[names[1]], ctx.spec.names)
+    except tls.TlsError as exc:
+        raise StepFailed(service, "certificate", str(exc)) from None
+    return secrets_[names[0]], secrets_[names[1]]
+
+
 def nginx_content(ctx: JobContext, on: Agent, override=None, probe: str = "") -> bytes:
     owner = ownership.route_owner_line(ctx.ledger.owner) if ctx.ledger.owner else ""
+    https = ops.RouteTls(on.settings.get("nginx.tls_listen", "443"), *tls_files(ctx, on)) if ctx.spec.tls else None
     try:
         return ops.nginx_config(ctx.env_key, ctx.spec.domain, on.settings.get("nginx.listen", "80"),
-                                routes(ctx, override), owner, probe)
+                                routes(ctx, override), owner, probe, ctx.spec.aliases, https)
     except ops.RouteValueError as exc:
         raise StepFailed(ctx.env_key, "route", f"not written on {on.id}: {exc}") from None
 
@@ -122,6 +146,12 @@ async def _switch_on(ctx: JobContext, on: Agent, service: str, override=None) ->
     every switch, so only the file just written can answer it. One at a time per router: `nginx
     -t` must test our file, not another job's."""
     async with ctx.route_locks.setdefault(on.id, asyncio.Lock()):
+        if ctx.spec.tls:  # the pair first, so the file that names it never points at nothing
+            certificate, key = certificate_pair(ctx, service)
+            for path, content in zip(tls_files(ctx, on), (certificate, key)):
+                await ctx.run_op(on, pb.Operation(write_file=pb.WriteFileSpec(
+                    path=path, content=content.encode(), mode=0o600)), service, "certificate",
+                    scope=Scope.route(ctx.env_key))
         conf = nginx_path(ctx, on)
         staged = f"{conf}.staged-{ctx.job.id}"
         probe = secrets.token_hex(16)

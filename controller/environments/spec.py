@@ -34,7 +34,7 @@ DEFAULT_HEALTH = "/"
 DEFAULT_HEALTHY_AFTER = 5.0
 DEFAULT_DRAIN = 30.0   # the longest wait for the old instance's requests to end after a switch
 
-TOP_KEYS = ("version", "app", "environment", "domain", "limits", "logs", "services")
+TOP_KEYS = ("version", "app", "environment", "domain", "aliases", "tls", "limits", "logs", "services")
 TOP_REQUIRED = ("app", "environment", "domain", "services")
 SERVICE_KEYS = ("path", "source", "ref", "root", "install", "build", "migrate", "start", "health",
                 "healthy_after", "drain", "env", "secrets", "uses", "redis", "restart", "writable", "host",
@@ -282,6 +282,13 @@ class Spec:
     limits: Limits = Limits()
     logs: Logs = Logs()
     source: "_Source | None" = field(default=None, compare=False, repr=False)  # where each value was read
+    aliases: tuple[str, ...] = ()   # more host names the environment answers (decision 035)
+    tls: "Tls | None" = None        # HTTPS with the operator's certificate
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every host name the environment answers: its domain, then its aliases."""
+        return (self.domain, *self.aliases)
 
     def error(self, key: Key, message: str) -> "SpecError":
         """An error about a value of this spec, naming its file and line where it was read from one."""
@@ -300,12 +307,28 @@ class Spec:
     def to_dict(self) -> dict:
         out = {"version": self.version, "app": self.app, "environment": self.environment,
                "domain": self.domain}
+        if self.aliases:
+            out["aliases"] = list(self.aliases)
+        if self.tls is not None:
+            out["tls"] = self.tls.to_dict()
         if self.limits.to_dict():
             out["limits"] = self.limits.to_dict()
         if self.logs.to_dict():
             out["logs"] = self.logs.to_dict()
         out["services"] = {s.name: s.to_dict() for s in self.services}
         return out
+
+
+@dataclass(frozen=True)
+class Tls:
+    """`tls: {certificate: SECRET, key: SECRET}`: HTTPS with the operator's certificate and key,
+    held in two of the environment's secrets (decision 035)."""
+
+    certificate: str   # secret names
+    key: str
+
+    def to_dict(self) -> dict:
+        return {"certificate": self.certificate, "key": self.key}
 
 
 @dataclass(frozen=True)
@@ -618,7 +641,52 @@ def _spec(data: Any, source: _Source) -> Spec:
     services = _services(source, data["services"])
     limits = _limits(source, ("limits",), data.get("limits"))
     logs = _logs(source, ("logs",), data.get("logs"), len(services))
-    return Spec(VERSION, app, environment, domain, services, limits, logs, source)
+    aliases = _aliases(source, ("aliases",), data.get("aliases"), domain)
+    tls = _tls(source, ("tls",), data.get("tls"))
+    return Spec(VERSION, app, environment, domain, services, limits, logs, source, aliases, tls)
+
+
+ALIASES_MAX = 16
+SECRET_NAME = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
+
+
+def _aliases(source: _Source, key: Key, value: Any, domain: str) -> tuple[str, ...]:
+    """`aliases: [www.shop.example, shop.example]`: more host names, routed and certified like the domain."""
+    entries = _list(source, key, value, "[www.shop.example.com]")
+    if len(entries) > ALIASES_MAX:
+        raise source.error(key, f"{len(entries)} aliases; at most {ALIASES_MAX}")
+    out: list[str] = []
+    for index, entry in enumerate(entries):
+        name = _domain(source, key + (index,), entry)
+        if name == domain or name in out:
+            raise source.error(key + (index,), f"{name} is named twice (the domain and aliases are each one name)")
+        out.append(name)
+    return tuple(out)
+
+
+def _tls(source: _Source, key: Key, value: Any) -> Tls | None:
+    """`tls: {certificate: SECRET, key: SECRET}`; none: plain HTTP."""
+    if value is None:
+        return None
+    if value == "auto":
+        raise source.error(key, "auto (certificates by ACME) is not available in this version; give the "
+                                "environment's secrets holding a certificate and its key: {certificate: SECRET, "
+                                "key: SECRET}")
+    if not isinstance(value, dict):
+        raise source.error(key, f"{source.text(key, value)!r} is not a TLS setting: {{certificate: SECRET, key: "
+                                "SECRET}, the environment's secrets holding a certificate and its key")
+    _known_keys(source, key, value, ("certificate", "key"))
+    _required_keys(source, key, value, ("certificate", "key"))
+    names = []
+    for part in ("certificate", "key"):
+        name = value[part]
+        if not isinstance(name, str) or not SECRET_NAME.fullmatch(name):
+            raise source.error(key + (part,), f"{name!r} is not a secret name (A-Z, 0-9 and _, like TLS_CERT): "
+                                              "the value is set with deployctl secret set")
+        names.append(name)
+    if names[0] == names[1]:
+        raise source.error(key + ("key",), "the certificate and the key are two secrets")
+    return Tls(*names)
 
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)

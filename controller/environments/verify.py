@@ -71,6 +71,8 @@ class Facts:
     nginx_files: list[str] = field(default_factory=list)      # auto-*.conf in the router's folder
     nginx_marks: dict[str, str] = field(default_factory=dict)  # auto-*.conf → its owner line
     other_routers: dict[str, tuple[str | None, str]] = field(default_factory=dict)  # id → (file, expected)
+    certificates: dict[str, str | None] = field(default_factory=dict)  # router → the certificate it serves
+    certificate_expected: str = ""                                     # the one in the environment's secret
 
 
 class Checker:
@@ -106,6 +108,14 @@ class Checker:
         facts.nginx_files = list(facts.nginx_marks)
         # The probe's nonce is the switch's, not the ledger's: the file is compared with it.
         facts.nginx_expected = routing.nginx_content(self.ctx, router, probe=ops.probe_of(facts.nginx)).decode()
+        if self.spec.tls:  # the certificate each router serves (public), against the one in the secret
+            for on in routing.routers(self.ctx):
+                if on.state != "connected":
+                    continue
+                cat = await self.ctx.sh(on, NginxFile.command(routing.tls_files(self.ctx, on)[0]), self.env_key,
+                                        "read certificate", check=False, scope=Scope.route(self.env_key))
+                facts.certificates[on.id] = NginxFile.parse(output_of(cat))
+            facts.certificate_expected = self.ledger.secrets(self.env_key).get(self.spec.tls.certificate, "")
         for other in routing.routers(self.ctx):  # every router serves every route: each is looked at
             if other.id == router.id or other.state != "connected":
                 continue
@@ -428,6 +438,11 @@ def _route_findings(env_key, spec, facts: Facts) -> list[Finding]:
         out.append(Finding(env_key, "nginx file is missing", "route"))
     elif facts.nginx is not None and facts.nginx != facts.nginx_expected:
         out.append(Finding(env_key, "nginx file differs from what the ledger says", "route"))
+    for router, served in sorted(facts.certificates.items()):
+        if served != facts.certificate_expected:
+            out.append(Finding(env_key, f"the certificate on router {router} is "
+                               + ("missing" if served is None else "not the one in the environment's secret"),
+                               "route"))
     for router, (content, expected) in sorted(facts.other_routers.items()):
         if content is None and web:
             out.append(Finding(env_key, f"nginx file is missing on router {router}", "route"))
