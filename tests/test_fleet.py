@@ -340,6 +340,15 @@ def test_https_with_the_operators_certificate_on_every_router_redirects_http_and
     assert served_names(world, "router-1", name)[1] != before
     ok(cluster.deployctl("verify", key, timeout=300))
 
+    # One name, one environment: another's alias cannot take it.
+    other = new_env(world)
+    taker = spec_file(world, other, {"web": plain(world)})
+    taker.write_text(taker.read_text().replace(f"domain: {other}.fleet.test\n",
+                                               f"domain: {other}.fleet.test\naliases:\n- {alias}\n"))
+    taken = cluster.deployctl("apply", str(taker), timeout=120)
+    assert taken.returncode == 1 and taken.stderr.decode().strip() == \
+        f"deployctl: {taker}: alias {alias} is already used by {key}", taken.stderr
+
 
 def cluster_deployctl(cluster) -> list[str]:
     import sys

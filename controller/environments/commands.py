@@ -410,7 +410,7 @@ reload_nginx() {{
     taken=yes
     for p in $old; do
       [ "$(ppid_of "$p")" = "$master" ] || continue   # gone, or its number reused
-      case "$(tr '\\0' ' ' < "/proc/$p/cmdline" 2>/dev/null)" in *"shutting down"*) ;; *) taken=no;; esac
+      case "$(tr '\\0' ' ' 2>/dev/null < "/proc/$p/cmdline")" in *"shutting down"*) ;; *) taken=no;; esac
     done
     [ "$taken" = yes ] && pgrep -P "$master" >/dev/null && return 0
     tries=$((tries + 1))

@@ -238,8 +238,11 @@ class Environments:
     async def apply(self, request: Order) -> tuple[Job | None, planner.Plan]:
         spec, plan, options = await self.plan(request)
         for other, stored in self.specs.others(spec.key):
-            if json.loads(stored).get("domain") == spec.domain:
-                raise OrderError(f"{request.spec_name or request.diff_name}: domain {spec.domain} is already "
+            theirs = json.loads(stored)
+            taken = [n for n in spec.names if n in (theirs.get("domain"), *theirs.get("aliases", ()))]
+            if taken:  # one name, one environment: nginx would route it to whichever it read first
+                what = "domain" if taken[0] == spec.domain else "alias"
+                raise OrderError(f"{request.spec_name or request.diff_name}: {what} {taken[0]} is already "
                                  f"used by {other}")
         missing = [f"{s.name}: secret {n} is not set (deployctl secret set {spec.key} {n})"
                    for s in spec.services for n in s.secrets if n not in self.ledger.secrets(spec.key)]
