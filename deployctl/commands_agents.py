@@ -13,6 +13,7 @@ import time
 
 from protos import deployer_pb2 as pb
 
+from common import sizes
 from common.errors import EXIT_OK, EXIT_USAGE
 from deployctl import render
 from deployctl.client import CliError, call, call_json
@@ -70,16 +71,13 @@ def _provides_list(values: list[str] | None) -> list[str]:
     return [name.strip() for value in values or [] for name in value.split(",") if name.strip()]
 
 
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)([KMGT]?)", re.IGNORECASE)
-
-
 def parse_capacity(text: str) -> tuple[int, float]:
     """memory=16G,cpu=8 → (bytes, CPUs); either may be left out."""
     memory, cpu = 0, 0.0
     for part in (p.strip() for p in text.split(",") if p.strip()):
         key, _, value = part.partition("=")
-        if key == "memory" and (found := _SIZE.fullmatch(value)):
-            memory = int(float(found[1]) * (1 << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[found[2].upper()]))
+        if key == "memory" and (size := sizes.parse(value, strict=True)) is not None:
+            memory = int(size)
         elif key == "cpu" and re.fullmatch(r"\d+(\.\d+)?", value) and 0 < float(value) <= 4096:
             cpu = float(value)
         else:

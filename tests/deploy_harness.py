@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from tests.harness import ROOT, Cluster, free_port, wait_for
+from tests.netns import inside
 
 EXAMPLE = ROOT / "examples" / "shop"
 # Where an agent of this machine finds MariaDB and Redis, as its `provides` settings say.
@@ -60,8 +61,7 @@ http {{
                 "nginx.pid": str(self.prefix / "nginx.pid"), "nginx.tls_listen": str(self.tls_port)}
 
     def start(self) -> "Nginx":
-        inside = ["nsenter", f"--net=/run/netns/{self.netns}", "--"] if self.netns else []
-        subprocess.run(inside + self.base_cmd.split(), check=True)
+        subprocess.run(inside(self.netns) + self.base_cmd.split(), check=True)
         wait_for(lambda: (self.prefix / "nginx.pid").exists(), what="nginx started")
         return self
 

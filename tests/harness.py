@@ -14,6 +14,8 @@ from pathlib import Path
 
 import psutil
 
+from tests.netns import inside
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 # The service driver every test agent runs: the built-in supervisor, or systemd when the suite runs
@@ -211,7 +213,7 @@ class Agent:
             argv += ["--enroll-address", self.enroll_address]
         env = {**os.environ, "DEPLOYER_TOKEN": self.token}
         if self.netns:  # it execs the agent (the pid is the agent's); the network namespace only (tests/netns.py)
-            argv = ["nsenter", f"--net=/run/netns/{self.netns}", "--", *argv]
+            argv = [*inside(self.netns), *argv]
         self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, env=env,
                                      stderr=open(self.log, "ab"))
         return self

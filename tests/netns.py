@@ -43,6 +43,13 @@ def _taken_subnets() -> set[str]:
     return out
 
 
+# The network namespace only: `ip netns exec` would also mount a /sys of its own, without the
+# machine's cgroup hierarchies the agents need.
+def inside(netns: str) -> list[str]:
+    """The argv prefix that runs a command inside network namespace `netns` (none for "")."""
+    return ["nsenter", f"--net=/run/netns/{netns}", "--"] if netns else []
+
+
 @dataclass
 class Host:
     name: str        # as tests call it: computing-1, router-2…
@@ -51,9 +58,8 @@ class Host:
     link: str        # the root namespace's end of its veth pair
 
     def argv(self, *command: str) -> list[str]:
-        """`command` run inside the host's network namespace, and only that: `ip netns exec` would
-        also mount a /sys of its own, without the machine's cgroup hierarchies the agents need."""
-        return ["nsenter", f"--net=/run/netns/{self.netns}", "--", *command]
+        """`command` run inside the host's network namespace (see `inside`)."""
+        return [*inside(self.netns), *command]
 
     def run(self, *command: str, **kw) -> subprocess.CompletedProcess:
         return subprocess.run(self.argv(*command), **{"capture_output": True, "text": True, "timeout": 60, **kw})

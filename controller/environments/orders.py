@@ -182,15 +182,10 @@ class Environments:
         router is touched: else the spec's error at `tls`, in one line that never quotes them."""
         if spec.tls is None:
             return
-        stored = self.ledger.secrets(spec.key)
-        for part, name in (("certificate", spec.tls.certificate), ("key", spec.tls.key)):
-            if not stored.get(name):
-                raise spec.error(("tls", part), f"secret {name} is not set: deployctl secret set {spec.key} {name} "
-                                                "< FILE")
         try:
-            tls.check_pair(stored[spec.tls.certificate], stored[spec.tls.key], spec.names)
+            tls.pair_of(spec.tls.certificate, spec.tls.key, self.ledger.secrets(spec.key), spec.key, spec.names)
         except tls.TlsError as exc:
-            raise spec.error(("tls",), str(exc)) from None
+            raise spec.error(("tls", exc.part) if exc.part else ("tls",), str(exc)) from None
 
     def _placed(self, spec: spec_mod.Spec, plan: planner.Plan, state) -> planner.Plan:
         """Where each new code instance would go and why (decision 034). A pin that names no
@@ -208,10 +203,8 @@ class Environments:
                                               live.code.host if live and live.code else "")
             except PlacementError as exc:
                 text = str(exc).removeprefix(f"{service.name}: ")
-                if service.host and ("is not an agent" in text or "does not have role" in text):
-                    raise spec.error(("services", service.name, "host"), text) from None
-                if service.host_labels and "has labels" in text:
-                    raise spec.error(("services", service.name, "host_labels"), text) from None
+                if exc.pin:
+                    raise spec.error(("services", service.name, exc.pin), text) from None
                 where.append((service.name, "", f"cannot be placed now: {text}"))
                 continue
             where.append((service.name, choice.host, choice.why))

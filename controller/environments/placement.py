@@ -18,7 +18,12 @@ from common import errors
 
 
 class PlacementError(errors.Failed):
-    """No connected agent can take this work."""
+    """No connected agent can take this work; `pin` is the spec's key ("host", "host_labels")
+    when the pin itself names no agent that could."""
+
+    def __init__(self, message: str, pin: str = "") -> None:
+        super().__init__(message)
+        self.pin = pin
 
 
 @dataclass(frozen=True)
@@ -87,10 +92,11 @@ def eligible(hosts: list[Host], want: Want) -> list[Host]:
         named = [h for h in hosts if h.id == want.host]
         if not named:
             raise PlacementError(f"{want.service}: host {want.host} is not an agent of this controller "
-                                 f"(agents of role {want.role}: {', '.join(sorted(h.id for h in of_role)) or 'none'})")
+                                 f"(agents of role {want.role}: {', '.join(sorted(h.id for h in of_role)) or 'none'})",
+                                 "host")
         if want.role not in named[0].roles:
             raise PlacementError(f"{want.service}: host {want.host} does not have role {want.role} "
-                                 f"(its roles: {', '.join(named[0].roles) or 'none'})")
+                                 f"(its roles: {', '.join(named[0].roles) or 'none'})", "host")
         of_role = named
     if want.labels:
         matching = [h for h in of_role if all(h.labels.get(k) == v for k, v in want.labels.items())]
@@ -98,7 +104,7 @@ def eligible(hosts: list[Host], want: Want) -> list[Host]:
             known = sorted({_labels(h.labels) for h in of_role if h.labels})
             raise PlacementError(f"{want.service}: no agent of role {want.role} has labels {_labels(want.labels)} "
                                  f"(labels granted: {'; '.join(known) or 'none'}; deployctl agents grant ID "
-                                 f"--label KEY=VALUE)")
+                                 f"--label KEY=VALUE)", "host_labels")
         of_role = matching
     return of_role
 

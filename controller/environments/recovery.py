@@ -29,13 +29,12 @@ import structlog
 
 from protos import deployer_pb2 as pb
 
-from controller.environments.facts import NginxFile, ServiceProcesses
+from controller.environments.facts import ServiceProcesses
 from controller.environments import commands as ops, deploying, naming, routing
 from controller.environments.context import JobContext, StepFailed, output_of
 from controller.environments.data import Deployment
 from controller.environments.spec import DEFAULT_DRAIN
 from controller.state.jobs import EnvLock, JobTable, read_events
-from controller.state.knowledge import Scope
 from controller.state.ledger import Status
 from controller.fleet.registry import CONNECTED, DISCONNECTED
 from controller.environments.spec import Service
@@ -300,8 +299,7 @@ async def _read_route(ctx: JobContext, service: str, number: int) -> str:
     except StepFailed:
         router = None
     if router is not None:
-        op = await ctx.sh(router, NginxFile.command(routing.nginx_path(ctx, router)),
-                             service, "read route", check=False, scope=Scope.route(ctx.env_key))
+        op = await routing.read_op(ctx, router, routing.nginx_path(ctx, router), service)
         if op.result.outcome == pb.EXITED and op.result.exit_code == 0:
             return op.output.text()   # the file, or MISSING: routed_to() reads either
     raise StepFailed(service, "recover", f"deploy {number} was switching its route when the controller stopped, "

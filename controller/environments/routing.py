@@ -54,17 +54,31 @@ def router(ctx: JobContext, service: str) -> Agent:
 def connected_routers(ctx: JobContext, service: str) -> list[Agent]:
     """The routers a switch is applied on now; the others are named in the job, and get the
     routes when they are back (healing.py)."""
-    first = router(ctx, service)  # none connected: the one-line error of placement
-    ons = [a for a in routers(ctx) if a.state == CONNECTED] or [first]
+    router(ctx, service)  # none connected: the one-line error of placement
+    ons = [a for a in routers(ctx) if a.state == CONNECTED]
     for away in (a for a in routers(ctx) if a.state != CONNECTED):
         ctx.ledger.db.owe_route(away.id, ctx.env_key)  # durably: a controller restart keeps the debt
         ctx.note(f"route: router {away.id} is {away.state}: it gets this environment's routes when it is back")
     return ons
 
 
+def conf_dir(on: Agent) -> str:
+    """Where this router's nginx reads the deployer's files (Debian's default)."""
+    return on.settings.get("nginx.conf_dir", "/etc/nginx/conf.d")
+
+
 def nginx_path(ctx: JobContext, on: Agent) -> str:
-    conf_dir = on.settings.get("nginx.conf_dir", "/etc/nginx/conf.d")
-    return f"{conf_dir}/{naming.nginx_file(ctx.spec.app, ctx.spec.environment)}"
+    return f"{conf_dir(on)}/{naming.nginx_file(ctx.spec.app, ctx.spec.environment)}"
+
+
+async def read_op(ctx: JobContext, on: Agent, path: str, service: str, step: str = "read route"):
+    """Read one of the environment's files on a router (the operation, for its outcome)."""
+    return await ctx.sh(on, NginxFile.command(path), service, step, check=False, scope=Scope.route(ctx.env_key))
+
+
+async def read_file(ctx: JobContext, on: Agent, path: str, service: str, step: str = "read route") -> str | None:
+    """One of the environment's files on a router, byte for byte, or None where there is none."""
+    return NginxFile.parse(output_of(await read_op(ctx, on, path, service, step)))
 
 
 def reload_settings(on: Agent) -> tuple[str, str]:
@@ -74,25 +88,18 @@ def reload_settings(on: Agent) -> tuple[str, str]:
 
 def tls_files(ctx: JobContext, on: Agent) -> tuple[str, str]:
     """Where a router keeps the environment's certificate and key (root's, 0600)."""
-    conf_dir = on.settings.get("nginx.conf_dir", "/etc/nginx/conf.d")
     base = naming.nginx_file(ctx.spec.app, ctx.spec.environment).removesuffix(".conf")
-    return f"{conf_dir}/auto-tls/{base}.crt", f"{conf_dir}/auto-tls/{base}.key"
+    return f"{conf_dir(on)}/auto-tls/{base}.crt", f"{conf_dir(on)}/auto-tls/{base}.key"
 
 
 def certificate_pair(ctx: JobContext, service: str) -> tuple[str, str]:
     """The operator's certificate and key from the environment's secrets, checked again (a secret
     set since the plan) before any router gets them."""
-    secrets_ = ctx.ledger.secrets(ctx.env_key)
-    names = ctx.spec.tls.certificate, ctx.spec.tls.key
-    missing = [n for n in names if not secrets_.get(n)]
-    if missing:
-        raise StepFailed(service, "certificate", f"secret {missing[0]} is not set: deployctl secret set "
-                                                 f"{ctx.env_key} {missing[0]} < FILE")
     try:
-        tls.check_pair(secrets_[names[0]], secrets_[names[1]], ctx.spec.names)
+        return tls.pair_of(ctx.spec.tls.certificate, ctx.spec.tls.key, ctx.ledger.secrets(ctx.env_key),
+                           ctx.env_key, ctx.spec.names)
     except tls.TlsError as exc:
         raise StepFailed(service, "certificate", str(exc)) from None
-    return secrets_[names[0]], secrets_[names[1]]
 
 
 def nginx_content(ctx: JobContext, on: Agent, override=None, probe: str = "") -> bytes:
@@ -120,7 +127,10 @@ async def switch_route(ctx: JobContext, service: str, override=None, only: list[
     those that switched are put back to the route the ledger holds, so no two routers send a
     service to different instances for longer than the switch; the first refusal is raised."""
     ons = only if only is not None else connected_routers(ctx, service)
-    results = await asyncio.gather(*(_switch_on(ctx, on, service, override) for on in ons), return_exceptions=True)
+    # The pair first, once for all routers, so the file that names it never points at nothing.
+    pair = _pair(ctx, service)
+    results = await asyncio.gather(*(_switch_on(ctx, on, service, override, pair) for on in ons),
+                                   return_exceptions=True)
     failed = [(on, r) for on, r in zip(ons, results) if isinstance(r, BaseException)]
     if not failed:
         for on in ons:
@@ -129,8 +139,7 @@ async def switch_route(ctx: JobContext, service: str, override=None, only: list[
         return
     done = [on for on, r in zip(ons, results) if not isinstance(r, BaseException)]
     if done and override:
-        back = await asyncio.gather(*(_switch_on(as_deployed(ctx), on, service, None) for on in done),
-                                    return_exceptions=True)
+        back = await asyncio.gather(*(_put_back(ctx, on, service) for on in done), return_exceptions=True)
         for on, r in zip(done, back):
             if isinstance(r, BaseException):
                 ctx.note(f"{service}: the route on {on.id} could not be put back ({r}); deployctl verify shows it")
@@ -140,15 +149,24 @@ async def switch_route(ctx: JobContext, service: str, override=None, only: list[
     raise first
 
 
-async def _switch_on(ctx: JobContext, on: Agent, service: str, override=None) -> None:
+def _pair(ctx: JobContext, service: str) -> tuple[str, str] | None:
+    return certificate_pair(ctx, service) if ctx.spec.tls else None
+
+
+async def _put_back(ctx: JobContext, on: Agent, service: str) -> None:
+    deployed = as_deployed(ctx)
+    await _switch_on(deployed, on, service, None, _pair(deployed, service))
+
+
+async def _switch_on(ctx: JobContext, on: Agent, service: str, override=None,
+                     pair: tuple[str, str] | None = None) -> None:
     """The nginx transaction on one router: stage, swap, `nginx -t`, reload, ask nginx for each
     route through its listen address — or put the old file back. The probe's nonce is new at
     every switch, so only the file just written can answer it. One at a time per router: `nginx
     -t` must test our file, not another job's."""
     async with ctx.route_locks.setdefault(on.id, asyncio.Lock()):
-        if ctx.spec.tls:  # the pair first, so the file that names it never points at nothing
-            certificate, key = certificate_pair(ctx, service)
-            for path, content in zip(tls_files(ctx, on), (certificate, key)):
+        if pair:
+            for path, content in zip(tls_files(ctx, on), pair):
                 await ctx.run_op(on, pb.Operation(write_file=pb.WriteFileSpec(
                     path=path, content=content.encode(), mode=0o600)), service, "certificate",
                     scope=Scope.route(ctx.env_key))
@@ -224,9 +242,7 @@ async def sync(ctx: JobContext, router_id: str) -> str:
     if not routes(deployed):
         ctx.ledger.db.paid_route(router_id, ctx.env_key)
         return "no route to write"
-    cat = await ctx.sh(on, NginxFile.command(nginx_path(ctx, on)), ctx.env_key, "read route", check=False,
-                       scope=Scope.route(ctx.env_key))
-    have = NginxFile.parse(output_of(cat))
+    have = await read_file(ctx, on, nginx_path(ctx, on), ctx.env_key)
     if have is not None and have == nginx_content(deployed, on, probe=ops.probe_of(have)).decode():
         ctx.ledger.db.paid_route(router_id, ctx.env_key)
         return f"the route on {router_id} is current"

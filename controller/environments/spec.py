@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from controller.environments.naming import name_problem
-from common import envfile, errors
+from common import envfile, errors, sizes
 
 VERSION = 1
 COMPONENTS = ("mysql", "redis")
@@ -689,7 +689,6 @@ def _tls(source: _Source, key: Key, value: Any) -> Tls | None:
     return Tls(*names)
 
 
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
 MEMORY_MIN, MEMORY_MAX = 16 << 20, 1 << 40
 CPU_MIN, CPU_MAX = 0.01, 1024.0
 PROCESSES_MIN, PROCESSES_MAX = 8, 4_194_304
@@ -741,11 +740,10 @@ def _memory(source: _Source, key: Key, value: Any) -> int:
 
 def _size(source: _Source, key: Key, value: Any, low: int, high: int) -> int:
     shown = source.text(key, value) if value is not None else "null"
-    found = _SIZE.fullmatch(shown.strip()) if isinstance(value, (str, int)) and not isinstance(value, bool) else None
-    if found is None:
+    number = sizes.parse(shown.strip()) if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+    if number is None:
         raise source.error(key, f"{shown!r} is not a size; write bytes or a number with K, M, G or T "
                                 "(powers of 1024), like 512M or 2G")
-    number = float(found[1]) * (1 << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[found[2].upper()])
     if not low <= number <= high:
         raise source.error(key, f"{shown} is out of range: between {memory_text(low)} and {memory_text(high)}")
     return int(number)
@@ -811,7 +809,6 @@ def _service(source: _Source, name: str, body: Any) -> Service:
 
 
 # An agent id, and a label's key or value: what `deployctl agents grant --label` accepts.
-_HOST_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 LABEL = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 HOST_LABELS_MAX = 8
 
@@ -821,7 +818,7 @@ def _host(source: _Source, key: Key, value: Any) -> str:
     if value is None:
         return ""
     text = _string(source, key, value, what="an agent id, like computing-2")
-    if not _HOST_ID.fullmatch(text):
+    if not LABEL.fullmatch(text):
         raise source.error(key, f"{text!r} is not an agent id (lowercase letters, digits and . _ -)")
     return text
 

@@ -13,7 +13,12 @@ from common import errors
 
 
 class TlsError(errors.BadInput):
-    """A certificate or key that cannot serve the environment's names."""
+    """A certificate or key that cannot serve the environment's names; `part` is where the spec
+    names it ("certificate", "key", or "" for the pair)."""
+
+    def __init__(self, message: str, part: str = "") -> None:
+        super().__init__(message)
+        self.part = part
 
 
 def _covers(pattern: str, name: str) -> bool:
@@ -56,3 +61,14 @@ def check_pair(certificate_pem: str, key_pem: str, names: tuple[str, ...],
     if leaf.not_valid_before_utc > now:
         raise TlsError(f"the certificate is not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
     return leaf.not_valid_after_utc
+
+
+def pair_of(certificate: str, key: str, stored: dict[str, str], env_key: str,
+            names: tuple[str, ...]) -> tuple[str, str]:
+    """The certificate and key the secrets named `certificate` and `key` hold, once both are set,
+    a pair, and cover every name; else a TlsError naming the secret to set."""
+    for part, name in (("certificate", certificate), ("key", key)):
+        if not stored.get(name):
+            raise TlsError(f"secret {name} is not set: deployctl secret set {env_key} {name} < FILE", part)
+    check_pair(stored[certificate], stored[key], names)
+    return stored[certificate], stored[key]

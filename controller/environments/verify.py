@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from protos import deployer_pb2 as pb
 
-from controller.environments.facts import (HostFolders, MysqlNames, NginxFile, RedisAcl, Releases, RouteFiles,
+from controller.environments.facts import (HostFolders, MysqlNames, RedisAcl, Releases, RouteFiles,
                                           ServiceProcesses)
 from controller.environments import naming, commands as ops, ownership
 from controller.state.knowledge import Scope
@@ -99,10 +99,8 @@ class Checker:
             await self._code_facts(host, state, facts)
         router = routing.router(self.ctx, self.env_key)
         conf = routing.nginx_path(self.ctx, router)
-        cat = await self.ctx.sh(router, NginxFile.command(conf),
-                                   self.env_key, "read route", check=False, scope=Scope.route(self.env_key))
-        facts.nginx = NginxFile.parse(output_of(cat))
-        listing = await self.ctx.sh(router, RouteFiles.command(conf.rsplit("/", 1)[0]), self.env_key, "list routes",
+        facts.nginx = await routing.read_file(self.ctx, router, conf, self.env_key)
+        listing = await self.ctx.sh(router, RouteFiles.command(routing.conf_dir(router)), self.env_key, "list routes",
                                     check=False, scope=Scope.route(self.env_key))
         facts.nginx_marks = RouteFiles.parse(output_of(listing))
         facts.nginx_files = list(facts.nginx_marks)
@@ -112,16 +110,13 @@ class Checker:
             for on in routing.routers(self.ctx):
                 if on.state != "connected":
                     continue
-                cat = await self.ctx.sh(on, NginxFile.command(routing.tls_files(self.ctx, on)[0]), self.env_key,
-                                        "read certificate", check=False, scope=Scope.route(self.env_key))
-                facts.certificates[on.id] = NginxFile.parse(output_of(cat))
+                facts.certificates[on.id] = await routing.read_file(
+                    self.ctx, on, routing.tls_files(self.ctx, on)[0], self.env_key, "read certificate")
             facts.certificate_expected = self.ledger.secrets(self.env_key).get(self.spec.tls.certificate, "")
         for other in routing.routers(self.ctx):  # every router serves every route: each is looked at
             if other.id == router.id or other.state != "connected":
                 continue
-            cat = await self.ctx.sh(other, NginxFile.command(routing.nginx_path(self.ctx, other)), self.env_key,
-                                    "read route", check=False, scope=Scope.route(self.env_key))
-            content = NginxFile.parse(output_of(cat))
+            content = await routing.read_file(self.ctx, other, routing.nginx_path(self.ctx, other), self.env_key)
             facts.other_routers[other.id] = (content, routing.nginx_content(
                 self.ctx, other, probe=ops.probe_of(content)).decode())
         await self._data_facts(facts)

@@ -141,7 +141,7 @@ class Registry:
             agent.granted_memory, agent.granted_cpu, agent.labels = memory, cpu, dict(labels)
 
     def placement_grant(self, agent_id: str) -> tuple[int, float, dict[str, str]]:
-        return self.db.placement_grants().get(agent_id, (0, 0.0, {}))
+        return self.db.placement_grant(agent_id) or (0, 0.0, {})
 
     def grant(self, agent_id: str, provides: list[str], address: str) -> None:
         """Record what an agent may provide and its address, and apply it at once, connected or

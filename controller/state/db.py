@@ -264,6 +264,10 @@ def _row(r: sqlite3.Row, vault: Vault) -> OperationRow:
     )
 
 
+def _placement(r: sqlite3.Row) -> tuple[int, float, dict[str, str]]:
+    return r["memory"], r["cpu"], json.loads(r["labels"])
+
+
 class Database:
     def __init__(self, path: Path) -> None:
         self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -348,8 +352,12 @@ class Database:
 
     def placement_grants(self) -> dict[str, tuple[int, float, dict[str, str]]]:
         """agent id → (memory granted, CPUs granted, labels)."""
-        return {row["agent_id"]: (row["memory"], row["cpu"], json.loads(row["labels"]))
+        return {row["agent_id"]: _placement(row)
                 for row in self.conn.execute("SELECT * FROM placement_grants")}
+
+    def placement_grant(self, agent_id: str) -> tuple[int, float, dict[str, str]] | None:
+        row = self.conn.execute("SELECT * FROM placement_grants WHERE agent_id = ?", (agent_id,)).fetchone()
+        return _placement(row) if row else None
 
     def save_placement_grant(self, agent_id: str, memory: int, cpu: float, labels: dict[str, str]) -> None:
         self.conn.execute(
