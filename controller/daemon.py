@@ -279,6 +279,19 @@ class Controller:
                 log.error("retention.failed", error=f"{type(exc).__name__}: {exc}")
             await asyncio.sleep(RETENTION_EVERY_S)
 
+    async def _renew_every(self, environments: Environments) -> None:
+        """`tls: auto`: certificates that are due are renewed, each as a job (certificates.py)."""
+        if not self.settings.acme.directory:
+            return
+        while True:
+            await asyncio.sleep(self.settings.acme.check_every)
+            try:
+                started = environments.renew_due()
+                if started:
+                    log.info("certificate.renewals", jobs=started)
+            except Exception as exc:  # a round that failed: the next one tries again
+                log.error("certificate.round_failed", error=f"{type(exc).__name__}: {exc}")
+
     async def run(self) -> None:
         self._check_addresses()
         self.enroll_listen = self.enroll_listen or enroll_address(self.listen)
@@ -289,6 +302,7 @@ class Controller:
         notifier = Notifier(Outbox(db), self.settings.targets, self.settings.retry)
         environments = Environments(self.store, dispatcher, registry, ledger, notifier)
         environments.healer = Healer(environments, EnvEvents(db))
+        environments.acme = self.settings.acme
         watcher = Watcher(environments, environments.healer, self.settings.health)
         servers = self._agent_servers(registry, dispatcher, enrolment, authority)
         operator_tokens = OperatorTokens(db, authority.fingerprint)
@@ -313,6 +327,7 @@ class Controller:
         sweeper = asyncio.create_task(registry.sweeper())
         notifier.start()
         pruner = asyncio.create_task(self._prune_every(db, dispatcher))
+        renewer = asyncio.create_task(self._renew_every(environments))
         watching = asyncio.create_task(watcher.run())
         log.info("controller.started", version=__version__, store=str(self.store),
                  listen=self.listen, tls=not self.insecure,
@@ -330,6 +345,7 @@ class Controller:
             await server.stop(1.0 if server is operators else 2.0)
         sweeper.cancel()
         pruner.cancel()
+        renewer.cancel()
         watching.cancel()
         notifier.stop()
         dispatcher.close()

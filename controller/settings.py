@@ -13,6 +13,12 @@ controller at start with one line naming the file and the key (decision 031).
         events: [job.finished, service.crash_loop, agent.lost, verify.drift]   # the default: all
     notify_retry: {first: 1s, max: 60s, give_up_after: 24h}
     health: {every: 10s, failures: 3, timeout: 2s}   # checks of live web instances (decision 032)
+    acme:                  # for `tls: auto` (decision 036); without it, `tls: auto` is refused
+      directory: https://acme-v02.api.letsencrypt.org/directory
+      contact: ops@example.org          # optional: the account's email
+      ca_file: /etc/deployer/acme-ca.pem   # optional: whom to trust for that server (default: the system's CAs)
+      renew_before: 30d    # a certificate with less left is renewed
+      check_every: 12h     # how often the controller looks
 """
 
 from __future__ import annotations
@@ -27,11 +33,12 @@ from typing import Any
 import yaml
 
 from common import errors
+from controller.environments.certificates import AcmeSettings
 from controller.environments.notify import EVENTS, FORMATS, Retry, Target
 from controller.environments.watch import HealthSettings
 from controller.state.retention import Retention
 
-KEYS = ("jobs", "notify", "notify_retry", "health")
+KEYS = ("jobs", "notify", "notify_retry", "health", "acme")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d)")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
@@ -48,6 +55,7 @@ class Settings:
     targets: tuple[Target, ...] = ()
     retry: Retry = Retry()
     health: HealthSettings = HealthSettings()
+    acme: AcmeSettings = AcmeSettings()
     source: str = field(default="", compare=False)
 
 
@@ -77,7 +85,30 @@ def load(path: Path | None) -> Settings:
     if targets and mode & stat.S_IROTH:
         raise ConfigError(f"{where}: readable by every user, and its webhook URLs may be secrets: chmod o-r it")
     return Settings(_retention(where, data.get("jobs")), targets, _retry(where, data.get("notify_retry")),
-                    _health(where, data.get("health")), where)
+                    _health(where, data.get("health")), _acme(where, data.get("acme")), where)
+
+
+def _acme(where: str, value: Any) -> AcmeSettings:
+    value = _mapping(where, "acme", value, ("directory", "contact", "ca_file", "renew_before", "check_every"))
+    default = AcmeSettings()
+    if not value:
+        return default
+    directory = value.get("directory")
+    if not isinstance(directory, str) or not re.fullmatch(r"https://[^\s/?#]+/[^\s]*", directory):
+        raise ConfigError(f"{where}: acme.directory: the ACME server's directory URL is needed (https://…)")
+    contact = value.get("contact", "")
+    if not isinstance(contact, str) or contact and not re.fullmatch(r"[^\s@:,]+@[^\s@:,]+", contact):
+        raise ConfigError(f"{where}: acme.contact: {contact!r} is not an email address")
+    ca_file = value.get("ca_file", "")
+    if not isinstance(ca_file, str) or ca_file and not os.path.isfile(ca_file):
+        raise ConfigError(f"{where}: acme.ca_file: {ca_file!r} is not a file")
+    renew = _seconds(where, "acme.renew_before", value["renew_before"]) if "renew_before" in value \
+        else default.renew_before
+    every = _seconds(where, "acme.check_every", value["check_every"]) if "check_every" in value \
+        else default.check_every
+    if not 1 <= every <= 7 * 86400:
+        raise ConfigError(f"{where}: acme.check_every: from 1s to 7d")
+    return AcmeSettings(directory, ca_file, contact, renew, every)
 
 
 def _health(where: str, value: Any) -> HealthSettings:

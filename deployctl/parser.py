@@ -291,6 +291,16 @@ def add_day2_commands(sub) -> None:
             p.add_argument("--dry-run", action="store_true")
         p.set_defaults(func=cmd_check)
 
+    p = sub.add_parser("certificate", help="tls: auto: order a new certificate now, and switch it in on every router",
+                       description="For an environment with tls: auto, order a certificate for its names from "
+                                   "the controller's ACME server now (HTTP-01, answered by the routers) and "
+                                   "switch it in on every router with an nginx reload, which drops no request. "
+                                   "The controller renews on its own when less than acme.renew_before (30 "
+                                   "days) is left; this is for the times it should not wait.",
+                       epilog="example: deployctl certificate shop/prod")
+    p.add_argument("env", help="APP/ENVIRONMENT")
+    p.set_defaults(func=cmd_check)
+
     p = sub.add_parser("destroy", help="remove an environment; data is kept unless --purge-data",
                        description="Stop every process of the environment, remove its nginx route and its "
                                    "folders. Databases and Redis keys are kept unless --purge-data, which asks "

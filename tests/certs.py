@@ -4,6 +4,7 @@ tests: what an operator would bring from their own CA."""
 from __future__ import annotations
 
 import datetime
+import ipaddress
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -18,6 +19,13 @@ def _key() -> ec.EllipticCurvePrivateKey:
 def _pem_key(key) -> str:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption()).decode()
+
+
+def _san(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
 
 
 class OwnCA:
@@ -36,7 +44,8 @@ class OwnCA:
         return self.cert.public_bytes(serialization.Encoding.PEM).decode()
 
     def issue(self, *names: str, days: float = 30, key=None) -> tuple[str, str]:
-        """(certificate PEM, key PEM) for `names`, valid from two days ago until `days` from now."""
+        """(certificate PEM, key PEM) for `names` (host names or IP addresses), valid from two days
+        ago until `days` from now."""
         key = key or _key()
         now = datetime.datetime.now(datetime.timezone.utc)
         cert = (x509.CertificateBuilder()
@@ -44,7 +53,7 @@ class OwnCA:
                 .issuer_name(self.cert.subject).public_key(key.public_key())
                 .serial_number(x509.random_serial_number())
                 .not_valid_before(now - datetime.timedelta(days=2)).not_valid_after(now + datetime.timedelta(days=days))
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
+                .add_extension(x509.SubjectAlternativeName([_san(n) for n in names]), critical=False)
                 .sign(self.key, hashes.SHA256()))
         return cert.public_bytes(serialization.Encoding.PEM).decode(), _pem_key(key)
 

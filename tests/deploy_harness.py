@@ -30,8 +30,9 @@ class Nginx:
         self.prefix = base / name
         self.conf_dir = self.prefix / "conf.d"
         self.conf = self.prefix / "nginx.conf"
-        self.port = free_port()
-        self.tls_port = free_port()  # where an environment with `tls:` is served over HTTPS
+        # A router host of its own has its own ports: the usual ones, where an ACME server asks.
+        self.port = 80 if netns else free_port()
+        self.tls_port = 443 if netns else free_port()  # where an environment with `tls:` is served over HTTPS
         for sub in ("conf.d", "logs", "tmp"):
             (self.prefix / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(self.prefix / "tmp", 0o1777)

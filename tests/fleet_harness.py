@@ -90,11 +90,13 @@ def npm_cache(base: Path) -> Path:
 class Fleet:
     """The hosts, their agents, and what runs on them; `close()` stops it all and removes the network."""
 
-    def __init__(self, base: Path, cleanup: contextlib.ExitStack, lost_after: float = 60.0) -> None:
+    def __init__(self, base: Path, cleanup: contextlib.ExitStack, lost_after: float = 60.0,
+                 controller_args: tuple[str, ...] = ()) -> None:
         self.base = base
         self.net = Network()
         cleanup.callback(self.net.close)
         self.cluster = Cluster(base, lost_after=lost_after, host=self.net.gateway)
+        self.cluster.controller.extra_args += tuple(controller_args)
         cleanup.callback(self.cluster.close)
         self.routers: dict[str, Nginx] = {}
         self.data: dict[str, DataHost] = {}
@@ -143,10 +145,12 @@ class Fleet:
 
 
 @contextlib.contextmanager
-def fleet_world(prefix: str, app: str, routers: int = 1, computing: int = 2, lost_after: float = 60.0):
+def fleet_world(prefix: str, app: str, routers: int = 1, computing: int = 2, lost_after: float = 60.0,
+                controller_args=lambda base: ()):
     """A module's fleet: `routers` routers, `computing` computing hosts and one data host
     (`daemons-1`, with MariaDB and Redis), every agent connected; and the list of environments
-    whose users and groups are removed at the end (of `app`)."""
+    whose users and groups are removed at the end (of `app`). `controller_args(base)` are the
+    controller's extra arguments (a settings file made in the world's folder, say)."""
     if os.geteuid() != 0:
         raise AssertionError("network namespaces need root")
     with contextlib.ExitStack() as cleanup:
@@ -155,7 +159,7 @@ def fleet_world(prefix: str, app: str, routers: int = 1, computing: int = 2, los
         envs: list[str] = []
         cleanup.callback(purge_each, app, envs)
         cache = npm_cache(base)
-        fleet = Fleet(base, cleanup, lost_after).start()
+        fleet = Fleet(base, cleanup, lost_after, controller_args(base)).start()
         for n in range(1, routers + 1):
             fleet.add_router(f"router-{n}")
         for n in range(1, computing + 1):

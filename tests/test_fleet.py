@@ -244,6 +244,29 @@ def curl(world, router: str, url: str, name: str, *extra: str) -> subprocess.Com
                            url.replace("PORT", str(port))], capture_output=True, text=True, timeout=30)
 
 
+def https_under_load(world, router: str, name: str, action) -> tuple[int, list[str]]:
+    """Run `action` while one client asks https://NAME/ of a router again and again (trusting
+    the world's ca.pem); (requests, the failed ones) once a second has passed after it."""
+    import threading
+    failures, count, stop = [], [0], threading.Event()
+
+    def load():
+        while not stop.is_set():
+            got = curl(world, router, f"https://{name}:PORT/", name, "--cacert", str(world["base"] / "ca.pem"))
+            count[0] += 1
+            if got.stdout.split()[:1] != ["200"]:
+                failures.append(got.stdout + got.stderr)
+    thread = threading.Thread(target=load)
+    thread.start()
+    try:
+        action()
+        time.sleep(1)
+    finally:
+        stop.set()
+        thread.join()
+    return count[0], failures
+
+
 def served_names(world, router: str, name: str) -> tuple[list[str], int]:
     """The DNS names and serial of the certificate a router serves for NAME (SNI)."""
     import socket
@@ -318,25 +341,10 @@ def test_https_with_the_operators_certificate_on_every_router_redirects_http_and
     drift = cluster.deployctl("verify", key, timeout=300)
     assert drift.returncode == 2 and b"the certificate on router router-1 is not the one in the environment's secret" \
         in drift.stdout, drift.stdout.decode()
-    import threading
-    failures, count, stop = [], [0], threading.Event()
-
-    def load():
-        while not stop.is_set():
-            got = curl(world, "router-1", f"https://{name}:PORT/", name, "--cacert", str(world["base"] / "ca.pem"))
-            count[0] += 1
-            if got.stdout.split()[:1] != ["200"]:
-                failures.append(got.stdout + got.stderr)
-    thread = threading.Thread(target=load)
-    thread.start()
-    try:
-        ok(cluster.deployctl("repair", key, timeout=300))
-        time.sleep(1)
-    finally:
-        stop.set()
-        thread.join()
-    print(f"renewal under load: {count[0]} requests, {len(failures)} failed")
-    assert count[0] > 5 and failures == []
+    count, failures = https_under_load(world, "router-1", name,
+                                       lambda: ok(cluster.deployctl("repair", key, timeout=300)))
+    print(f"renewal under load: {count} requests, {len(failures)} failed")
+    assert count > 5 and failures == []
     assert served_names(world, "router-1", name)[1] != before
     ok(cluster.deployctl("verify", key, timeout=300))
 

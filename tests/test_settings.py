@@ -67,7 +67,14 @@ notify_retry: {{first: 2s, max: 1m, give_up_after: 2h}}
     ("jobs: {keep: 10m}", "jobs.keep: keep finished jobs at least 1h"),
     ("jobs: {keep: soon}", "jobs.keep: 'soon' is not a duration"),
     ("jobs: {keep_last: 0}", "jobs.keep_last: 0 is not a number of jobs"),
-    ("job: {}", "job: not a setting (known: jobs, notify, notify_retry, health)"),
+    ("job: {}", "job: not a setting (known: jobs, notify, notify_retry, health, acme)"),
+    ("acme: {directory: 'http://ca.example/dir'}", "acme.directory: the ACME server's directory URL is needed"),
+    ("acme: {contact: a@b.example}", "acme.directory: the ACME server's directory URL is needed"),
+    ("acme: {directory: 'https://ca.example/dir', contact: 'a b'}", "acme.contact: 'a b' is not an email address"),
+    ("acme: {directory: 'https://ca.example/dir', ca_file: /nonexistent.pem}", "acme.ca_file: '/nonexistent.pem' is not"),
+    ("acme: {directory: 'https://ca.example/dir', renew_before: soon}", "acme.renew_before: 'soon' is not a duration"),
+    ("acme: {directory: 'https://ca.example/dir', check_every: 30d}", "acme.check_every: from 1s to 7d"),
+    ("acme: {directory: 'https://ca.example/dir', port: 1}", "acme.port: not a setting"),
     ("notify: {name: x}", "notify: a list of targets"),
     ("notify: [{name: x, url: ftp://h/}]", "notify[0].url: an http:// or https:// URL is needed"),
     ("notify: [{url: 'http://h/'}]", "notify[0].name: a short name is needed"),
@@ -88,6 +95,14 @@ def test_a_mistake_is_one_line_naming_the_file_and_the_key(tmp_path, text, messa
         settings.load(path)
     assert str(caught.value).startswith(str(path)) and message in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_acme_settings_are_read_with_their_defaults(tmp_path):
+    loaded = settings.load(config(tmp_path, "acme: {directory: 'https://ca.example/dir', contact: ops@shop.example, "
+                                            "renew_before: 20d}"))
+    assert loaded.acme == settings.AcmeSettings("https://ca.example/dir", "", "ops@shop.example", 20 * 86400.0,
+                                                12 * 3600.0)
+    assert settings.load(config(tmp_path, "jobs: {keep: 2d}")).acme.directory == ""
 
 
 def test_a_key_others_can_read_or_too_short_is_refused(tmp_path):

@@ -140,11 +140,8 @@ BAD_SPECS = [
     ("alias-twice", "domain: shop.localhost\n", "domain: shop.localhost\naliases: [www.shop.localhost, shop.localhost]\n",
      "shop.yml:4: aliases[1]: shop.localhost is named twice (the domain and aliases are each one name)"),
     ("tls-unknown", "domain: shop.localhost\n", "domain: shop.localhost\ntls: yes\n",
-     "shop.yml:4: tls: 'yes' is not a TLS setting: {certificate: SECRET, key: SECRET}, the environment's secrets "
-     "holding a certificate and its key"),
-    ("tls-auto", "domain: shop.localhost\n", "domain: shop.localhost\ntls: auto\n",
-     "shop.yml:4: tls: auto (certificates by ACME) is not available in this version; give the environment's secrets "
-     "holding a certificate and its key: {certificate: SECRET, key: SECRET}"),
+     "shop.yml:4: tls: 'yes' is not a TLS setting: auto (certificates by ACME), or {certificate: SECRET, key: "
+     "SECRET}, the environment's secrets holding a certificate and its key"),
     ("tls-secret-name", "domain: shop.localhost\n", "domain: shop.localhost\ntls: {certificate: cert.pem, key: TLS_KEY}\n",
      "shop.yml:4: tls.certificate: 'cert.pem' is not a secret name (A-Z, 0-9 and _, like TLS_CERT): the value is set "
      "with deployctl secret set"),
@@ -450,11 +447,14 @@ def test_code_fingerprint_covers_code_settings_but_not_the_ref():
 
 
 def test_aliases_and_tls_read_and_round_trip():
-    for tls, expected in (("{certificate: TLS_CERT, key: TLS_KEY}", spec_mod.Tls("TLS_CERT", "TLS_KEY")),):
+    for tls, expected in (("{certificate: TLS_CERT, key: TLS_KEY}", spec_mod.Tls("TLS_CERT", "TLS_KEY")),
+                          ("auto", spec_mod.Tls())):
         spec = parse_spec(variant("domain: shop.localhost\n", f"domain: shop.localhost\naliases: [www.shop.localhost]\n"
                                                                f"tls: {tls}\n"), "shop.yml")
         assert spec.names == ("shop.localhost", "www.shop.localhost") and spec.tls == expected
         assert spec_mod.spec_from_dict(spec.to_dict()) == spec
+        assert schema_errors(spec.to_dict(), SCHEMA) == []
+    assert schema_errors({**spec.to_dict(), "tls": "manual"}, SCHEMA) != []
 
 
 def test_a_pin_reads_and_round_trips():

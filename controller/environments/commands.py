@@ -254,6 +254,9 @@ def env_file(values: dict[str, str]) -> bytes:
     return envfile.render(values)
 
 
+ACME_CHALLENGES = "/.well-known/acme-challenge/"   # RFC 8555 8.3: where HTTP-01 answers are asked for
+
+
 @dataclass(frozen=True)
 class RouteTls:
     """Where a router serves an environment's HTTPS: its TLS listen address and the certificate
@@ -266,8 +269,11 @@ class RouteTls:
 
 def nginx_config(env_key: str, domain: str, listen: str, routes: list[tuple[str, str, int]],
                  owner_line: str = "", probe: str = "", aliases: tuple[str, ...] = (),
-                 tls: RouteTls | None = None) -> bytes:
+                 tls: RouteTls | None = None, challenges: str = "") -> bytes:
     """The environment's nginx file: one location per web service (path, host, port).
+
+    With `challenges` (a folder on the router, for `tls: auto`), plain HTTP also serves the ACME
+    HTTP-01 answers written there, whether or not HTTPS is served yet.
 
     A service mounted at /api sees /api/x as /x (its health path is checked the same way, on
     its own port) and learns its mount point from X-Forwarded-Prefix.
@@ -283,12 +289,14 @@ def nginx_config(env_key: str, domain: str, listen: str, routes: list[tuple[str,
     if tls is not None:
         if check_setting("nginx.listen", tls.listen):
             raise RouteValueError(f"TLS listen {tls.listen[:80]!r} is not PORT or HOST:PORT")
-        for path in (tls.certificate, tls.key):
-            if not re.fullmatch(r"/[A-Za-z0-9._/-]+", path) or ".." in path:
-                raise RouteValueError(f"TLS file {path[:80]!r} is not a plain absolute path")
+    for path in ((tls.certificate, tls.key) if tls else ()) + ((challenges,) if challenges else ()):
+        if not re.fullmatch(r"/[A-Za-z0-9._/-]+", path) or ".." in path:
+            raise RouteValueError(f"TLS file {path[:80]!r} is not a plain absolute path")
     names = " ".join((domain, *aliases))
     out = [f"# {env_key}: written by the deployer; edits are overwritten\n", owner_line,
            "server {\n", f"    listen {listen};\n", f"    server_name {names};\n"]
+    if challenges:
+        out.append(f"    location ^~ {ACME_CHALLENGES} {{ alias {challenges}/; default_type text/plain; }}\n")
     if tls is None:
         out += _locations(routes, probe, routed=True)
         out.append("}\n")

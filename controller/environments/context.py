@@ -96,6 +96,7 @@ class JobContext:
         self.env_key = spec.key
         self.deploying: dict[str, int] = {}  # service → its deploy in progress, whose step the ledger keeps
         self.restoring: dict[str, tuple[tuple[str, int], str]] = {}  # owner → (instance, snapshot) it is made from
+        self.acme = None  # the controller's ACME settings (certificates.AcmeSettings), for `tls: auto`
 
     async def run_op(self, agent: Agent, operation: pb.Operation, service: str, step: str,
                      check: bool = True, scope: Scope | None = None) -> Op:

@@ -15,7 +15,8 @@ import itertools
 
 from protos import deployer_pb2 as pb
 
-from controller.environments import backups, commands as ops, data, hosts, naming, ownership, routing, teardown
+from controller.environments import (backups, certificates, commands as ops, data, hosts, naming, ownership, routing,
+                                     teardown)
 from controller.environments.context import (JobContext, PlacementError, StepFailed, allocate_port, claim_host,
                                              output_of)
 from controller.fleet.registry import CONNECTED, Agent
@@ -41,7 +42,12 @@ async def apply(ctx: JobContext, plan: Plan) -> str:
             if any(s.is_web for s in ctx.spec.services):
                 await routing.switch_route(ctx, service_plan.service)
     verb = {"apply": "deployed"}.get(ctx.job.kind, ctx.job.kind + " of")
-    return f"{verb} {', '.join(s.service for s in plan.services)}"
+    summary = f"{verb} {', '.join(s.service for s in plan.services)}"
+    if ctx.spec.tls and ctx.spec.tls.auto and ctx.job.kind in ("apply", "restore"):
+        done = await certificates.ensure(ctx, ctx.acme)
+        if done.startswith("certificate for"):
+            summary += f"; {done}"
+    return summary
 
 
 async def deploy(ctx: JobContext, sp: ServicePlan) -> None:

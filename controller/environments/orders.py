@@ -16,7 +16,7 @@ from controller.environments import planner, recovery, spec as spec_mod, sources
 from controller.fleet.dispatcher import Dispatcher
 from controller.state.jobs import EnvLock, Job, JobTable, Locked, Specs, new_job_id
 from controller.state.ledger import Ledger, Status
-from controller.environments import backups, commands as ops, data, deploying, hosts, routing, tls
+from controller.environments import backups, certificates, commands as ops, data, deploying, hosts, routing, tls
 from controller.environments.notify import Notifier
 from controller.environments.context import JobContext, PlacementError, StepFailed, pick_agent
 from controller.environments.teardown import destroy
@@ -83,6 +83,7 @@ class Environments:
         self.jobs: dict[str, Job] = {}
         self.tasks: set[asyncio.Task] = set()
         self.healer = None  # controller/environments/healing.py, set by the daemon
+        self.acme: certificates.AcmeSettings | None = None  # the controller's `acme:` settings, set by the daemon
         self.notifier = notifier or Notifier(None)
         self._recover()
 
@@ -181,6 +182,12 @@ class Environments:
         """The operator's certificate and key are set, a pair, and cover every name, before any
         router is touched: else the spec's error at `tls`, in one line that never quotes them."""
         if spec.tls is None:
+            return
+        if spec.tls.auto:
+            every = routing.routers_of(self.registry)
+            refused = certificates.refusal(self.acme, every, [r for r in every if r.state == "connected"])
+            if refused:
+                raise spec.error(("tls",), refused)
             return
         try:
             tls.pair_of(spec.tls.certificate, spec.tls.key, self.ledger.secrets(spec.key), spec.key, spec.names)
@@ -433,14 +440,17 @@ class Environments:
         stored = self.stored_spec(request.environment)
         if stored is None:
             raise OrderError(f"{request.environment}: no such environment (nothing was ever applied)")
-        if request.action not in ("verify", "repair", "clean", "destroy"):
+        if request.action not in ("verify", "repair", "clean", "destroy", "certificate"):
             raise OrderError(f"unknown action {request.action!r}")
         spec = spec_mod.spec_from_dict(self._as_deployed(request.environment, stored))
+        if request.action == "certificate":
+            return self.renew_certificate(spec, "renewal asked by the operator", force=True)
         claimed = claimed_names(self.ledger)
 
         async def body(ctx: JobContext) -> str:
             if request.action == "destroy":
                 summary = await destroy(ctx, request.purge_data)
+                self.db.drop_certificate(spec.key)  # its routes are gone, and the routers' copies with them
                 (self.store / "environments" / spec.app / f"{spec.environment}.yml").unlink(missing_ok=True)
                 return summary
             checker = Checker(ctx, claimed)
@@ -474,6 +484,42 @@ class Environments:
 
         return self._launch(spec, request.action, None, {}, body)
 
+    def renew_certificate(self, spec: spec_mod.Spec, why: str, force: bool = False) -> Job:
+        """A new ACME certificate for a `tls: auto` environment, switched in on every router, as a
+        `certificate` job."""
+        if not spec.tls or not spec.tls.auto:
+            raise OrderError(f"{spec.key}: its certificate is not obtained by ACME (tls: auto): "
+                             + ("it has no tls" if not spec.tls else "the operator sets it with deployctl secret set"))
+        every = routing.routers_of(self.registry)
+        refused = certificates.refusal(self.acme, every, [r for r in every if r.state == "connected"])
+        if refused:
+            raise OrderError(f"{spec.key}: tls: {refused}")
+
+        async def body(ctx: JobContext) -> str:
+            return await certificates.ensure(ctx, self.acme, force=force)
+        return self._launch(spec, "certificate", None, {}, body, f"certificate: {why}")
+
+    def renew_due(self) -> list[str]:
+        """Start a renewal for every `tls: auto` environment whose certificate is due (the
+        controller's round); the ones busy with another job are tried at the next round."""
+        if self.acme is None or not self.acme.directory:
+            return []
+        specs = {}
+        for env_key in self.db.certificate_envs():
+            try:
+                spec = self.as_deployed_spec(env_key)
+            except spec_mod.SpecError:
+                continue
+            if spec is not None:
+                specs[env_key] = spec
+        started = []
+        for env_key, why in certificates.due_now(self.ledger, specs, self.acme):
+            try:
+                started.append(self.renew_certificate(specs[env_key], why).id)
+            except (OrderError, Locked) as exc:
+                log.info("certificate.renewal_deferred", environment=env_key, why=why, error=str(exc))
+        return started
+
     def _accept(self, spec: spec_mod.Spec) -> None:
         folder = self.store / "environments" / spec.app
         folder.mkdir(parents=True, exist_ok=True)
@@ -482,6 +528,7 @@ class Environments:
 
     async def _run(self, job: Job, spec, body, lock: EnvLock) -> None:
         ctx = JobContext(job, spec, self.dispatcher, self.registry, self.ledger)
+        ctx.acme = self.acme
         try:
             summary = await body(ctx)
         except StepFailed as exc:

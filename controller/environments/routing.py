@@ -40,7 +40,11 @@ def routes(ctx: JobContext, override: dict[str, tuple[str, int]] | None = None) 
 def routers(ctx: JobContext) -> list[Agent]:
     """Every router the controller knows (granted nginx), whatever its state, by id: each serves
     every environment's routes."""
-    return sorted((a for a in ctx.registry.agents.values() if "nginx" in a.capabilities), key=lambda a: a.id)
+    return routers_of(ctx.registry)
+
+
+def routers_of(registry) -> list[Agent]:
+    return sorted((a for a in registry.agents.values() if "nginx" in a.capabilities), key=lambda a: a.id)
 
 
 def router(ctx: JobContext, service: str) -> Agent:
@@ -102,12 +106,29 @@ def certificate_pair(ctx: JobContext, service: str) -> tuple[str, str]:
         raise StepFailed(service, "certificate", str(exc)) from None
 
 
+def acme_certificate(ctx: JobContext) -> tuple[str, str] | None:
+    """`tls: auto`: the certificate chain and key obtained for the environment, if any yet."""
+    issued = ctx.ledger.db.certificate(ctx.env_key)
+    return (issued[1], issued[2]) if issued else None
+
+
+def challenges_dir(ctx: JobContext, on: Agent) -> str:
+    """`tls: auto`: where a router keeps the environment's HTTP-01 answers (public, while an order lasts)."""
+    return f"{conf_dir(on)}/auto-acme/{naming.nginx_file(ctx.spec.app, ctx.spec.environment).removesuffix('.conf')}"
+
+
+def serves_https(ctx: JobContext) -> bool:
+    """HTTPS is served once there is a certificate: the operator's at once, ACME's once obtained."""
+    return bool(ctx.spec.tls) and (not ctx.spec.tls.auto or acme_certificate(ctx) is not None)
+
+
 def nginx_content(ctx: JobContext, on: Agent, override=None, probe: str = "") -> bytes:
     owner = ownership.route_owner_line(ctx.ledger.owner) if ctx.ledger.owner else ""
-    https = ops.RouteTls(on.settings.get("nginx.tls_listen", "443"), *tls_files(ctx, on)) if ctx.spec.tls else None
+    https = ops.RouteTls(on.settings.get("nginx.tls_listen", "443"), *tls_files(ctx, on)) if serves_https(ctx) else None
+    challenges = challenges_dir(ctx, on) if ctx.spec.tls and ctx.spec.tls.auto else ""
     try:
         return ops.nginx_config(ctx.env_key, ctx.spec.domain, on.settings.get("nginx.listen", "80"),
-                                routes(ctx, override), owner, probe, ctx.spec.aliases, https)
+                                routes(ctx, override), owner, probe, ctx.spec.aliases, https, challenges)
     except ops.RouteValueError as exc:
         raise StepFailed(ctx.env_key, "route", f"not written on {on.id}: {exc}") from None
 
@@ -150,7 +171,9 @@ async def switch_route(ctx: JobContext, service: str, override=None, only: list[
 
 
 def _pair(ctx: JobContext, service: str) -> tuple[str, str] | None:
-    return certificate_pair(ctx, service) if ctx.spec.tls else None
+    if not ctx.spec.tls:
+        return None
+    return acme_certificate(ctx) if ctx.spec.tls.auto else certificate_pair(ctx, service)
 
 
 async def _put_back(ctx: JobContext, on: Agent, service: str) -> None:
@@ -228,8 +251,12 @@ async def _remove_on(ctx: JobContext, on: Agent, routed: bool) -> None:
                       ctx.env_key, "remove route", check=False, scope=Scope.route(ctx.env_key))
     if op.result.exit_code == ownership.TAKEN:
         ctx.note(f"nginx file {conf} is not this deployer's: left untouched")
-    elif op.result.exit_code != 0:
+        return
+    if op.result.exit_code != 0:
         raise StepFailed(ctx.env_key, "remove route", f"exit {op.result.exit_code}", output_of(op)[-2000:])
+    if ctx.spec.tls:  # its certificate and key (and any ACME answers), in our own folders
+        await ctx.sh(on, ops.remove_paths(*tls_files(ctx, on), challenges_dir(ctx, on)), ctx.env_key,
+                     "remove certificate", check=False, scope=Scope.route(ctx.env_key))
 
 
 async def sync(ctx: JobContext, router_id: str) -> str:

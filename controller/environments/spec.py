@@ -283,7 +283,7 @@ class Spec:
     logs: Logs = Logs()
     source: "_Source | None" = field(default=None, compare=False, repr=False)  # where each value was read
     aliases: tuple[str, ...] = ()   # more host names the environment answers (decision 035)
-    tls: "Tls | None" = None        # HTTPS with the operator's certificate
+    tls: "Tls | None" = None        # HTTPS: the operator's certificate, or ACME's (`tls: auto`)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -322,13 +322,18 @@ class Spec:
 @dataclass(frozen=True)
 class Tls:
     """`tls: {certificate: SECRET, key: SECRET}`: HTTPS with the operator's certificate and key,
-    held in two of the environment's secrets (decision 035)."""
+    held in two of the environment's secrets (decision 035); `tls: auto` (both empty): with
+    certificates the controller obtains and renews by ACME (decision 036)."""
 
-    certificate: str   # secret names
-    key: str
+    certificate: str = ""   # secret names
+    key: str = ""
 
-    def to_dict(self) -> dict:
-        return {"certificate": self.certificate, "key": self.key}
+    @property
+    def auto(self) -> bool:
+        return not self.certificate
+
+    def to_dict(self) -> dict | str:
+        return "auto" if self.auto else {"certificate": self.certificate, "key": self.key}
 
 
 @dataclass(frozen=True)
@@ -665,16 +670,15 @@ def _aliases(source: _Source, key: Key, value: Any, domain: str) -> tuple[str, .
 
 
 def _tls(source: _Source, key: Key, value: Any) -> Tls | None:
-    """`tls: {certificate: SECRET, key: SECRET}`; none: plain HTTP."""
+    """`tls: auto` or `tls: {certificate: SECRET, key: SECRET}`; none: plain HTTP."""
     if value is None:
         return None
     if value == "auto":
-        raise source.error(key, "auto (certificates by ACME) is not available in this version; give the "
-                                "environment's secrets holding a certificate and its key: {certificate: SECRET, "
-                                "key: SECRET}")
+        return Tls()
     if not isinstance(value, dict):
-        raise source.error(key, f"{source.text(key, value)!r} is not a TLS setting: {{certificate: SECRET, key: "
-                                "SECRET}, the environment's secrets holding a certificate and its key")
+        raise source.error(key, f"{source.text(key, value)!r} is not a TLS setting: auto (certificates by ACME), "
+                                "or {certificate: SECRET, key: SECRET}, the environment's secrets holding a "
+                                "certificate and its key")
     _known_keys(source, key, value, ("certificate", "key"))
     _required_keys(source, key, value, ("certificate", "key"))
     names = []

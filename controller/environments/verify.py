@@ -106,13 +106,14 @@ class Checker:
         facts.nginx_files = list(facts.nginx_marks)
         # The probe's nonce is the switch's, not the ledger's: the file is compared with it.
         facts.nginx_expected = routing.nginx_content(self.ctx, router, probe=ops.probe_of(facts.nginx)).decode()
-        if self.spec.tls:  # the certificate each router serves (public), against the one in the secret
+        if routing.serves_https(self.ctx):  # the certificate each router serves (public), against ours
             for on in routing.routers(self.ctx):
                 if on.state != "connected":
                     continue
                 facts.certificates[on.id] = await routing.read_file(
                     self.ctx, on, routing.tls_files(self.ctx, on)[0], self.env_key, "read certificate")
-            facts.certificate_expected = self.ledger.secrets(self.env_key).get(self.spec.tls.certificate, "")
+            facts.certificate_expected = (routing.acme_certificate(self.ctx)[0] if self.spec.tls.auto else
+                                          self.ledger.secrets(self.env_key).get(self.spec.tls.certificate, ""))
         for other in routing.routers(self.ctx):  # every router serves every route: each is looked at
             if other.id == router.id or other.state != "connected":
                 continue
@@ -436,7 +437,8 @@ def _route_findings(env_key, spec, facts: Facts) -> list[Finding]:
     for router, served in sorted(facts.certificates.items()):
         if served != facts.certificate_expected:
             out.append(Finding(env_key, f"the certificate on router {router} is "
-                               + ("missing" if served is None else "not the one in the environment's secret"),
+                               + ("missing" if served is None else "not the one obtained by ACME" if spec.tls.auto
+                                  else "not the one in the environment's secret"),
                                "route"))
     for router, (content, expected) in sorted(facts.other_routers.items()):
         if content is None and web:

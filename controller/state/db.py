@@ -235,6 +235,20 @@ MIGRATIONS = [
         PRIMARY KEY (router_id, env_key)
     );
     """,
+    # 14: tls: auto (docs/decisions/036-acme.md): the ACME account of each directory and each
+    # environment's certificate, their keys sealed.
+    """
+    CREATE TABLE acme_accounts (
+        directory TEXT PRIMARY KEY, key TEXT NOT NULL, url TEXT NOT NULL DEFAULT '', created REAL NOT NULL
+    );
+    CREATE TABLE acme_certificates (
+        env_key TEXT PRIMARY KEY,
+        names TEXT NOT NULL,          -- JSON list: the domain, then the aliases
+        chain TEXT NOT NULL,          -- PEM, leaf first
+        key TEXT NOT NULL,            -- sealed
+        not_after REAL NOT NULL, obtained REAL NOT NULL
+    );
+    """,
 ]
 SEALED_VERSION = MIGRATIONS.index(_seal_at_rest) + 1
 
@@ -377,6 +391,38 @@ class Database:
         """The environments whose route changed while this router was away."""
         return [r[0] for r in self.conn.execute(
             "SELECT env_key FROM route_debts WHERE router_id=? ORDER BY since", (router_id,))]
+
+    def acme_account(self, directory: str) -> tuple[str, str] | None:
+        """(account key PEM, account URL) for an ACME directory."""
+        row = self.conn.execute("SELECT key, url FROM acme_accounts WHERE directory=?", (directory,)).fetchone()
+        return (self.vault.open_text(row[0]), row[1]) if row else None
+
+    def save_acme_account(self, directory: str, key: str, url: str) -> None:
+        """The first key saved for a directory is its account's: a second one made at the same
+        time is not kept (INSERT OR IGNORE), and the URL is set once the server gives it."""
+        self.conn.execute("INSERT OR IGNORE INTO acme_accounts VALUES (?, ?, '', ?)",
+                          (directory, self.vault.seal_text(key), time.time()))
+        if url:
+            self.conn.execute("UPDATE acme_accounts SET url=? WHERE directory=?", (url, directory))
+
+    def certificate(self, env_key: str) -> tuple[tuple[str, ...], str, str, float] | None:
+        """(names, chain PEM, key PEM, not after) of the environment's ACME certificate."""
+        row = self.conn.execute("SELECT names, chain, key, not_after FROM acme_certificates WHERE env_key=?",
+                                (env_key,)).fetchone()
+        if row is None:
+            return None
+        return tuple(json.loads(row[0])), self.vault.open_text(row[1]), self.vault.open_text(row[2]), row[3]
+
+    def save_certificate(self, env_key: str, names: tuple[str, ...], chain: str, key: str, not_after: float) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO acme_certificates VALUES (?, ?, ?, ?, ?, ?)",
+                          (env_key, json.dumps(list(names)), self.vault.seal_text(chain), self.vault.seal_text(key),
+                           not_after, time.time()))
+
+    def drop_certificate(self, env_key: str) -> None:
+        self.conn.execute("DELETE FROM acme_certificates WHERE env_key=?", (env_key,))
+
+    def certificate_envs(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT env_key FROM acme_certificates ORDER BY env_key")]
 
     # ---------------------------------------------------------------- operations
 

@@ -226,6 +226,9 @@ class Ledger:
         secrets = set(self.secrets(key).values())
         secrets.update(self.vault.open_text(r[0]) for r in self.conn.execute(
             "SELECT value FROM retired_secrets WHERE env_key=?", (key,)))
+        issued = self.db.certificate(key)  # tls: auto: its key is as secret as the operator's
+        if issued is not None:
+            secrets.add(issued[2])
         passwords = {(r[0], r[1], r[2]): self.vault.open_text(r[3]) for r in self.conn.execute(
             "SELECT service, component, number, password FROM credentials WHERE env_key=?", (key,))}
         hosts = {(r[0], r[1], r[2]): r[3] for r in self.conn.execute(
