@@ -14,6 +14,7 @@ declare -A need=(
   [mariadb]=mariadb-client    # databases are created through the client on the mysql agent
   [redis-cli]=redis-tools
   [curl]=curl
+  [pebble]=pebble            # an ACME server (and its DNS), for the tls: auto tests
 )
 missing=()
 for cmd in "${!need[@]}"; do
