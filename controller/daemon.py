@@ -301,7 +301,7 @@ class Controller:
         dispatcher = Dispatcher(db, registry, self.store, ledger)
         notifier = Notifier(Outbox(db), self.settings.targets, self.settings.retry)
         environments = Environments(self.store, dispatcher, registry, ledger, notifier)
-        environments.healer = Healer(environments, EnvEvents(db))
+        environments.healer = Healer(environments, EnvEvents(db), replace_after=self.settings.health.replace_after)
         environments.acme = self.settings.acme
         watcher = Watcher(environments, environments.healer, self.settings.health)
         servers = self._agent_servers(registry, dispatcher, enrolment, authority)

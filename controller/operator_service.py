@@ -421,38 +421,22 @@ class OperatorService(pb_grpc.OperatorServicer):
         stored = self.environments.stored_spec(env_key)
         limits = spec_from_dict(stored).limits if stored else Limits()
         out = []
+        spec = stored or {}
         for service, live in sorted(state.items()):
             entry = {"service": service, "code": live.code.number if live.code else None,
                      **_data_in_use(live),
                      "host": live.code.host if live.code else "", "port": live.code.port if live.code else 0,
                      "commit": live.code.commit if live.code else "", "process": "unknown"}
-            agent = self.registry.agents.get(entry["host"])
-            if live.code and agent is not None and agent.state == "connected":
-                unit = naming.unit_base(app, env, service)
-                asked = ServiceProcesses.operation(unit, group=naming.unix_user(app, env))
-                asked.id = operations.new_op_id()
-                op = await self.dispatcher.execute(agent.id, asked)
+            health = spec.get("services", {}).get(service, {}).get("health", "/")
+            health = health.get("path", "/") if isinstance(health, dict) else health
+            if live.code:
                 row = self.ledger.instance(env_key, service, "code", live.code.number)
-                process = row.names.get("process") if row else None
-                for item in ServiceProcesses.parse(op.output.text()):
-                    if item.instance == process:
-                        entry.update(process="running" if item.alive else "dead",
-                                     pid=item.pid or None, rss_bytes=item.rss_bytes, cpu_s=item.cpu_s)
-                        if item.error:  # why it died: "killed by the kernel: out of memory …"
-                            entry["error"] = item.error
-                    if item.limits_use is not None:  # the environment's group on that host, the same for each
-                        entry["use"] = item.limits_use
-                if live.code.port and entry["process"] == "running":
-                    spec = self.environments.stored_spec(env_key) or {}
-                    health = spec.get("services", {}).get(service, {}).get("health", "/")
-                    health = health.get("path", "/") if isinstance(health, dict) else health
-                    probe = await self.dispatcher.execute(agent.id, pb.Operation(
-                        id=operations.new_op_id(), http_probe=pb.HttpProbeSpec(
-                            url=f"http://{url_host(agent.address)}:{live.code.port}{health}",
-                            attempts=1, timeout_s=2.0)))
-                    entry["health"] = "ok" if probe.result.exit_code == 0 else probe.result.error
-            elif agent is not None:
-                entry["process"] = f"agent {agent.id} is {agent.state}"
+                replicas = row.replicas if row else []
+                seen = [await self._replica_status(app, env, service, r, health) for r in replicas]
+                if seen:
+                    entry.update(seen[0])
+                if len(seen) > 1:  # every replica, the first one's figures being the entry's own
+                    entry["replicas"] = [{"host": r.host, "port": r.port, **found} for r, found in zip(replicas, seen)]
             entry["limits"] = {"memory_bytes": limits.memory, "cpu": limits.cpu, "processes": limits.processes,
                                "mysql_connections": limits.mysql_connections}
             if self.environments.healer is not None and live.code:
@@ -460,6 +444,33 @@ class OperatorService(pb_grpc.OperatorServicer):
                 entry.update(self.environments.healer.status(env_key, service, row.names.get("process", "") if row else ""))
             out.append(entry)
         return pb.JsonReply(json=json.dumps(out))
+
+    async def _replica_status(self, app: str, env: str, service: str, replica, health: str) -> dict:
+        """What one replica's host says of its process (state, pid, memory, CPU, why it died) and
+        its health path."""
+        agent = self.registry.agents.get(replica.host)
+        if agent is None:
+            return {"process": "unknown"}
+        if agent.state != "connected":
+            return {"process": f"agent {agent.id} is {agent.state}"}
+        found: dict = {"process": "unknown"}
+        asked = ServiceProcesses.operation(naming.unit_base(app, env, service), group=naming.unix_user(app, env))
+        asked.id = operations.new_op_id()
+        op = await self.dispatcher.execute(agent.id, asked)
+        for item in ServiceProcesses.parse(op.output.text()):
+            if item.instance == replica.process:
+                found.update(process="running" if item.alive else "dead", pid=item.pid or None,
+                             rss_bytes=item.rss_bytes, cpu_s=item.cpu_s)
+                if item.error:  # why it died: "killed by the kernel: out of memory …"
+                    found["error"] = item.error
+            if item.limits_use is not None:  # the environment's group on that host, the same for each
+                found["use"] = item.limits_use
+        if replica.port and found["process"] == "running":
+            probe = await self.dispatcher.execute(agent.id, pb.Operation(
+                id=operations.new_op_id(), http_probe=pb.HttpProbeSpec(
+                    url=f"http://{url_host(agent.address)}:{replica.port}{health}", attempts=1, timeout_s=2.0)))
+            found["health"] = "ok" if probe.result.exit_code == 0 else probe.result.error
+        return found
 
     async def Backup(self, request, context):
         if request.restore_from:

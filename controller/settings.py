@@ -12,7 +12,8 @@ controller at start with one line naming the file and the key (decision 031).
         key_file: /etc/deployer/notify-ops.key   # the HMAC key, root's, mode 0600
         events: [job.finished, service.crash_loop, agent.lost, verify.drift]   # the default: all
     notify_retry: {first: 1s, max: 60s, give_up_after: 24h}
-    health: {every: 10s, failures: 3, timeout: 2s}   # checks of live web instances (decision 032)
+    health: {every: 10s, failures: 3, timeout: 2s,   # checks of live web instances (decision 032)
+             replace_after: 5m}                      # a web replica whose host is lost this long moves
     acme:                  # for `tls: auto` (decision 036); without it, `tls: auto` is refused
       directory: https://acme-v02.api.letsencrypt.org/directory
       contact: ops@example.org          # optional: the account's email
@@ -112,7 +113,7 @@ def _acme(where: str, value: Any) -> AcmeSettings:
 
 
 def _health(where: str, value: Any) -> HealthSettings:
-    value = _mapping(where, "health", value, ("every", "failures", "timeout"))
+    value = _mapping(where, "health", value, ("every", "failures", "timeout", "replace_after"))
     default = HealthSettings()
     every = _seconds(where, "health.every", value["every"]) if "every" in value else default.every
     timeout = _seconds(where, "health.timeout", value["timeout"]) if "timeout" in value else default.timeout
@@ -123,7 +124,11 @@ def _health(where: str, value: Any) -> HealthSettings:
         raise ConfigError(f"{where}: health.timeout: at most 30s, and shorter than health.every")
     if not isinstance(failures, int) or isinstance(failures, bool) or not 1 <= failures <= 100:
         raise ConfigError(f"{where}: health.failures: {failures!r} is not a number of rounds from 1 to 100")
-    return HealthSettings(every, failures, timeout)
+    replace_after = _seconds(where, "health.replace_after", value["replace_after"]) if "replace_after" in value \
+        else default.replace_after
+    if not 1 <= replace_after <= 7 * 86400:
+        raise ConfigError(f"{where}: health.replace_after: from 1s to 7d")
+    return HealthSettings(every, failures, timeout, replace_after)
 
 
 def _seconds(where: str, key: str, value: Any) -> float:

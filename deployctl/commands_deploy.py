@@ -57,9 +57,12 @@ def print_plan(plan: dict) -> None:
         print(f"{plan['environment']}/{s['service']}: {s['action']} ({', '.join(parts) or 'everything'})")
         for reason in s["reasons"]:
             print(f"    {reason}")
-        placed = plan.get("placement", {}).get(s["service"])
-        if placed:
-            print(f"    on {placed['host']}: {placed['why']}" if placed["host"] else f"    {placed['why']}")
+        placement = plan.get("placement", {})
+        for key in [s["service"], *sorted((k for k in placement if k.partition("#")[0] == s["service"] and "#" in k),
+                                          key=lambda k: int(k.partition("#")[2]))]:
+            placed = placement.get(key)
+            if placed:
+                print(f"    on {placed['host']}: {placed['why']}" if placed["host"] else f"    {placed['why']}")
     for note in plan.get("notes", []):
         print(f"note: {note}")
 

@@ -117,7 +117,11 @@ def event_line(e: dict) -> str:
             "restart-failed": lambda: f"restart failed ({e.get('job')}): {e.get('why')}",
             "crash-loop": lambda: f"crash loop: {e.get('why')}",
             "left": lambda: f"process {e.get('process')} ended and is left stopped ({e.get('why')})",
-            "agent-lost": lambda: f"agent {e.get('host')} is lost; its process {e.get('process')} is not moved"}
+            "agent-lost": lambda: (f"agent {e.get('host')} is lost; its process {e.get('process')} is moved only if it "
+                                   "is a web service's and the host stays lost (health.replace_after)"),
+            "replacing": lambda: f"moving off {e.get('host')}: {e.get('why')} ({e.get('job')})",
+            "moved": lambda: f"moved off {e.get('host')}: now on {', '.join(e.get('to') or []) or '?'} ({e.get('job')})",
+            "move-failed": lambda: f"could not move off {e.get('host')} ({e.get('job')}): {e.get('why')}"}
     text = what.get(e["kind"], lambda: e["kind"])()
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["t"]))
     return f"{stamp}  {e.get('service') or '-':<12} {text}"
@@ -152,9 +156,16 @@ def cmd_status(args: argparse.Namespace) -> int:
                       process, r.get("health", "-"), restarts,
                       render.size(r["rss_bytes"]) if r.get("rss_bytes") else "-",
                       render.duration(r["cpu_s"]) if r.get("cpu_s") is not None else "-"])
+        for rank, replica in enumerate(r.get("replicas", [])[1:], start=2):  # the same code instance elsewhere
+            shown = f"{replica['process']}: {replica['error']}" if replica.get("error") else replica["process"]
+            table.append([f"{r['service']}#{rank}", str(r["code"] or "-"), *data, r["commit"][:10], replica["host"],
+                          str(replica["port"] or "-"), shown, replica.get("health", "-"), "",
+                          render.size(replica["rss_bytes"]) if replica.get("rss_bytes") else "-",
+                          render.duration(replica["cpu_s"]) if replica.get("cpu_s") is not None else "-"])
     sys.stdout.write(render.table(["SERVICE", "CODE", "MYSQL", "REDIS", "COMMIT", "HOST", "PORT", "PROCESS", "HEALTH", "RESTARTS",
                                    "RSS", "CPU"], table))
     limits = render.limits_table(rows)
     if limits:
         sys.stdout.write(f"\nlimits of {args.env} (per host, all its services there together)\n{limits}")
-    return EXIT_OK if all(r["process"] == "running" for r in rows) else EXIT_FAILED
+    return EXIT_OK if all(x["process"] == "running" for r in rows for x in [r, *r.get("replicas", [])[1:]]) \
+        else EXIT_FAILED

@@ -176,6 +176,7 @@ def app():
         servers.append(server)
         return server.server_address[1], asked
 
+    start.servers = servers  # a test may stop one
     yield start
     for server in servers:
         server.shutdown()
@@ -215,6 +216,28 @@ def test_the_check_passes_once_nginx_answers_every_route_from_its_new_instance(n
     assert body == "api" and "x-deployer-upstream" not in headers
     assert "x-deployer-upstream" not in fetch(nginx.port, "shop.test", "/")[0]
     assert not (nginx.conf_dir / "auto-shop-prod.conf.previous").exists()
+
+
+def test_replicas_share_one_upstream_each_checked_and_one_that_goes_away_is_skipped(nginx, app, quick):
+    """`replicas: 2`: one least_conn upstream for the path, each replica asked at its own probe
+    during the switch, and a replica that stops answering is passed over (proxy_next_upstream),
+    then left out for a while (max_fails), so clients keep getting answers."""
+    (one, one_asked), (two, two_asked) = app("one"), app("two")
+    result = route_switch(nginx, [("/", one), ("/", two)], new={"/"})
+    assert result.returncode == 0, result.stderr
+    conf = (nginx.conf_dir / "auto-shop-prod.conf").read_text()
+    assert conf.count("least_conn;") == 1 and f"server 127.0.0.1:{one} max_fails=1" in conf
+    assert one_asked and two_asked  # each replica was asked through nginx before the switch ended
+    assert set(answer(nginx.port, "shop.test") for _ in range(20)) == {"one", "two"}
+    app.servers[1].shutdown()
+    app.servers[1].server_close()   # "two" goes away: every request is still answered, by "one"
+    assert [answer(nginx.port, "shop.test") for _ in range(20)] == ["one"] * 20
+    # A replica that is not there fails the switch, naming it; the previous file is back.
+    gone = free_port()
+    refused = route_switch(nginx, [("/", one), ("/", gone)], new={"/"})
+    assert refused.returncode == commands.NOT_ANSWERED and f"127.0.0.1:{gone}" in refused.stderr, refused.stderr
+    assert f"server 127.0.0.1:{two} " in (nginx.conf_dir / "auto-shop-prod.conf").read_text()
+    app.servers.pop(1)
 
 
 @pytest.mark.parametrize("kept", ["refusing", "hung"])

@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from controller.environments.placement import Host, PlacementError, Want, capacity, place, room
+from controller.environments.placement import Host, PlacementError, Want, capacity, place, place_replicas, room
 
 G = 1 << 30
 
@@ -116,3 +116,29 @@ def test_a_full_fleet_still_places_and_says_it_is_over_committed():
     choice = place(fleet, want())
     assert choice.host == "c-1"
     assert "over-committed by 100%: every eligible host is full" in choice.why  # CPU: (1 - 1 - 1) / 1
+
+
+def test_replicas_go_to_different_hosts_by_room_and_stay_where_their_live_ones_run():
+    fleet = [host("c-1", memory=8 * G, cpu=4, reserved_memory=4 * G), host("c-2", memory=8 * G, cpu=4),
+             host("c-3", memory=8 * G, cpu=4, reserved_memory=2 * G), host("r-1", roles=("routing",))]
+    chosen, warning = place_replicas(fleet, want(), 2)
+    assert [c.host for c in chosen] == ["c-2", "c-3"] and warning == ""
+    assert chosen[0].why.startswith("most room of 3 agents of role computing (")
+    assert chosen[1].why == "replica 2: most room of the hosts without a replica of it"
+    kept, _ = place_replicas(fleet, want(), 3, live=("c-3", "c-1"))
+    assert [c.host for c in kept] == ["c-3", "c-1", "c-2"]
+    assert kept[0].why == "stays on the host of its live instance" and kept[1].why == "replica 2 stays on the host of its live replica"
+
+
+def test_more_replicas_than_hosts_share_them_and_say_so_and_a_lost_hosts_replica_moves():
+    fleet = [host("c-1"), host("c-2", state="lost")]
+    chosen, warning = place_replicas(fleet, want(), 3)
+    assert [c.host for c in chosen] == ["c-1", "c-1", "c-1"]
+    assert warning == "web: replicas: 3, but 1 connected agent of role computing: 2 replicas share a host"
+    assert chosen[2].why == "replica 3: shares c-1 with another replica"
+    two = [host("c-1"), host("c-2", state="lost"), host("c-3")]
+    moved, warning = place_replicas(two, want(), 2, live=("c-1", "c-2"))
+    assert [c.host for c in moved] == ["c-1", "c-3"] and warning == ""
+    first_lost, _ = place_replicas(two, want(), 2, live=("c-2", "c-1"))
+    assert first_lost[0].host == "c-3" and first_lost[0].why.startswith("its host c-2 is lost; ")
+    assert [c.host for c in first_lost] == ["c-3", "c-1"]

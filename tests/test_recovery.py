@@ -37,10 +37,14 @@ INSTALL = "npm ci --omit=dev --no-audit --no-fund --prefer-offline"
 def test_routed_to_reads_what_the_deployer_writes():
     conf = ops.nginx_config("shop/prod", "shop.test", "80", [("/", "127.0.0.1", 20001),
                                                             ("/api", "10.0.0.2", 20002)]).decode()
-    assert routed_to(conf, "/") == ("127.0.0.1", 20001)
-    assert routed_to(conf, "/api") == ("10.0.0.2", 20002)
-    assert routed_to(conf, "/admin") is None
-    assert routed_to("<missing>\n", "/") is None
+    assert routed_to(conf, "/") == [("127.0.0.1", 20001)]
+    assert routed_to(conf, "/api") == [("10.0.0.2", 20002)]
+    assert routed_to(conf, "/admin") == []
+    assert routed_to("<missing>\n", "/") == []
+    replicated = ops.nginx_config("shop/prod", "shop.test", "80", [("/", "10.0.0.2", 20001), ("/", "10.0.0.3", 20002),
+                                                                  ("/api", "10.0.0.2", 20003)]).decode()
+    assert routed_to(replicated, "/") == [("10.0.0.2", 20001), ("10.0.0.3", 20002)]
+    assert routed_to(replicated, "/api") == [("10.0.0.2", 20003)]
 
 
 def test_where_a_job_was(tmp_path):
@@ -218,7 +222,7 @@ def assert_settled(world, killed: str, recovery: dict, during: str, live_code: i
     assert [i["number"] for i in live] == [live_code]
     port = live[0]["port"]
     conf = (world["nginx"].conf_dir / f"auto-shop-{env}.conf").read_text()
-    assert routed_to(conf, "/") == ("127.0.0.1", port)
+    assert routed_to(conf, "/") == [("127.0.0.1", port)]
     status, body = http_get(world["nginx"].port, "/", host=f"{env}.shop.test")
     assert status == 200 and json.loads(body)["release"] == str(live_code), body
 
@@ -284,7 +288,7 @@ def test_controller_killed_mid_deploy_settles_every_deploy(world):
     killed, recovery = kill_during(world, when=lambda _: (flags / "switching").exists())
     data = assert_settled(world, killed, recovery, "during step route of service web (deploy 4)", live_code=1)
     assert data["deploys"][-1]["outcome"] == "failed"
-    assert any(e["event"] == "route.read" and e["routed_to"] != e["new"] for e in events(world, recovery["id"]))
+    assert any(e["event"] == "route.read" and e["new"] not in (e["routed_to"] or []) for e in events(world, recovery["id"]))
 
     # 4. In the middle of the switch (nginx has the new file, the ledger does not know yet): the
     # router's file says the new instance serves, so it goes live and the old one is retired.
@@ -299,7 +303,7 @@ def test_controller_killed_mid_deploy_settles_every_deploy(world):
     assert load.tally.failed == [] and load.tally.releases == {"1", "5"}, str(load.tally)
     data = assert_settled(world, killed, recovery, "during step route of service web (deploy 5)", live_code=5)
     assert data["deploys"][-1]["outcome"] == "succeeded"
-    assert any(e["event"] == "route.read" and e["routed_to"] == e["new"] for e in events(world, recovery["id"]))
+    assert any(e["event"] == "route.read" and e["routed_to"] == [e["new"]] for e in events(world, recovery["id"]))
 
     # 5. Right after the switch, while the previous process drains (a connection to it is held
     # open, so the drain waits for it): the deploy stands, and what it had left to do (stop the
@@ -449,7 +453,7 @@ def test_a_switch_whose_router_is_lost_stays_unsettled_until_the_router_returns(
         live = [i for i in data["instances"] if i["component"] == "code" and i["status"] == "live"]
         assert [i["number"] for i in live] == [2]
         conf = (world["nginx"].conf_dir / f"auto-shop-{env}.conf").read_text()
-        assert routed_to(conf, "/") == ("127.0.0.1", live[0]["port"])
+        assert routed_to(conf, "/") == [("127.0.0.1", live[0]["port"])]
         status, body = http_get(world["nginx"].port, "/", host=f"{env}.shop.test")
         # The switch's script died with its agent between swapping the file and reloading: the
         # file said the new instance, nginx still ran the old one (now stopped). Recovery reloads.
@@ -507,7 +511,7 @@ def test_a_router_killed_mid_switch_leaves_the_previous_route_in_place(world):
         live = [i for i in data["instances"] if i["component"] == "code" and i["status"] == "live"]
         assert [i["number"] for i in live] == [1]
         conf = (world["nginx"].conf_dir / f"auto-shop-{env}.conf").read_text()
-        assert routed_to(conf, "/") == ("127.0.0.1", live[0]["port"])
+        assert routed_to(conf, "/") == [("127.0.0.1", live[0]["port"])]
         subprocess.run(world["nginx"].settings()["nginx.reload"].split(), check=True)   # anyone's reload
         status, body = http_get(world["nginx"].port, "/", host=f"{env}.shop.test")
         assert status == 200 and json.loads(body)["release"] == "1", body

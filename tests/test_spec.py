@@ -136,12 +136,19 @@ BAD_SPECS = [
     ("unknown-service-key", "    path: /", "    pth: /",
      "shop.yml:6: services.web.pth: unknown key 'pth' (did you mean 'path'?); known keys: path, source, ref, "
      "root, install, build, migrate, start, health, healthy_after, drain, env, secrets, uses, redis, restart, "
-     "writable, host, host_labels"),
+     "writable, host, host_labels, replicas"),
     ("alias-twice", "domain: shop.localhost\n", "domain: shop.localhost\naliases: [www.shop.localhost, shop.localhost]\n",
      "shop.yml:4: aliases[1]: shop.localhost is named twice (the domain and aliases are each one name)"),
     ("tls-unknown", "domain: shop.localhost\n", "domain: shop.localhost\ntls: yes\n",
      "shop.yml:4: tls: 'yes' is not a TLS setting: auto (certificates by ACME), or {certificate: SECRET, key: "
      "SECRET}, the environment's secrets holding a certificate and its key"),
+    ("replicas-zero", "    path: /\n", "    path: /\n    replicas: 0\n",
+     "shop.yml:7: services.web.replicas: must be a whole number of replicas between 1 and 32, not '0'"),
+    ("replicas-too-many", "    path: /\n", "    path: /\n    replicas: 33\n",
+     "shop.yml:7: services.web.replicas: must be a whole number of replicas between 1 and 32, not '33'"),
+    ("replicas-on-a-daemon", "    start: node worker.js\n", "    start: node worker.js\n    replicas: 2\n",
+     "shop.yml:18: services.worker.replicas: only a web service (with a path) runs replicas behind its route; a "
+     "daemon runs once"),
     ("tls-secret-name", "domain: shop.localhost\n", "domain: shop.localhost\ntls: {certificate: cert.pem, key: TLS_KEY}\n",
      "shop.yml:4: tls.certificate: 'cert.pem' is not a secret name (A-Z, 0-9 and _, like TLS_CERT): the value is set "
      "with deployctl secret set"),
@@ -455,6 +462,17 @@ def test_aliases_and_tls_read_and_round_trip():
         assert spec_mod.spec_from_dict(spec.to_dict()) == spec
         assert schema_errors(spec.to_dict(), SCHEMA) == []
     assert schema_errors({**spec.to_dict(), "tls": "manual"}, SCHEMA) != []
+
+
+def test_replicas_read_round_trip_and_make_a_new_code_instance_only_when_not_one():
+    spec = parse_spec(variant("    path: /\n", "    path: /\n    replicas: 3\n"), "shop.yml")
+    assert spec.service("web").replicas == 3 and spec.service("web").to_dict()["replicas"] == 3
+    assert spec_mod.spec_from_dict(spec.to_dict()) == spec and schema_errors(spec.to_dict(), SCHEMA) == []
+    one = parse_spec(variant("    path: /\n", "    path: /\n    replicas: 1\n"), "shop.yml")
+    plain = parse_spec(BASE, "shop.yml")
+    assert "replicas" not in one.service("web").to_dict()
+    assert code_fingerprint(one.service("web")) == code_fingerprint(plain.service("web"))
+    assert code_fingerprint(spec.service("web")) != code_fingerprint(plain.service("web"))
 
 
 def test_a_pin_reads_and_round_trips():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import hashlib
 import re
 
 from common import envfile
@@ -293,36 +294,80 @@ def nginx_config(env_key: str, domain: str, listen: str, routes: list[tuple[str,
         if not re.fullmatch(r"/[A-Za-z0-9._/-]+", path) or ".." in path:
             raise RouteValueError(f"TLS file {path[:80]!r} is not a plain absolute path")
     names = " ".join((domain, *aliases))
-    out = [f"# {env_key}: written by the deployer; edits are overwritten\n", owner_line,
+    out = [f"# {env_key}: written by the deployer; edits are overwritten\n", owner_line, *_upstreams(env_key, routes),
            "server {\n", f"    listen {listen};\n", f"    server_name {names};\n"]
     if challenges:
         out.append(f"    location ^~ {ACME_CHALLENGES} {{ alias {challenges}/; default_type text/plain; }}\n")
     if tls is None:
-        out += _locations(routes, probe, routed=True)
+        out += _locations(routes, probe, routed=True, env_key=env_key)
         out.append("}\n")
         return "".join(out).encode()
     # HTTPS: plain HTTP only redirects (308 keeps the method and body); the switch's probes stay
     # on it, so a switch checks what nginx runs without a certificate to trust.
-    out += _locations(routes, probe, routed=False)
+    out += _locations(routes, probe, routed=False, env_key=env_key)
     out += ["    location / { return 308 https://$host$request_uri; }\n", "}\n",
             "server {\n", f"    listen {tls.listen} ssl;\n", f"    server_name {names};\n",
             f"    ssl_certificate {tls.certificate};\n", f"    ssl_certificate_key {tls.key};\n",
             "    ssl_protocols TLSv1.2 TLSv1.3;\n"]
-    out += _locations(routes, "", routed=True)
+    out += _locations(routes, "", routed=True, env_key=env_key)
     out.append("}\n")
     return "".join(out).encode()
 
 
-def _locations(routes: list[tuple[str, str, int]], probe: str, routed: bool) -> list[str]:
+def numbered(routes: list[tuple]) -> list[tuple]:
+    """The routes in the order the nginx file has them, each with its rank among the replicas of
+    its path first: (rank, path, host, port, ...)."""
+    seen: dict[str, int] = {}
     out = []
+    for route in sorted(routes):
+        out.append((seen.get(route[0], 0), *route))
+        seen[route[0]] = seen.get(route[0], 0) + 1
+    return out
+
+
+def upstream_name(env_key: str, path: str) -> str:
+    """The nginx upstream of a replicated route: one name per environment and path, whatever
+    characters they hold (upstream names share nginx's http block with every other site)."""
+    return "auto_" + hashlib.sha256(f"{env_key}\0{path}".encode()).hexdigest()[:24]
+
+
+def _upstreams(env_key: str, routes: list[tuple[str, str, int]]) -> list[str]:
+    """An upstream block for each path served by more than one replica: least_conn, and a peer that
+    fails once is left out for FAIL_TIMEOUT_S (nginx's passive health check)."""
+    out = []
+    by_path: dict[str, list[tuple[str, int]]] = {}
     for path, host, port in sorted(routes):
+        by_path.setdefault(path, []).append((host, port))
+    for path, servers in by_path.items():
+        if len(servers) < 2:
+            continue
+        out += [f"upstream {upstream_name(env_key, path)} {{\n", "    least_conn;\n",
+                *(f"    server {url_host(host)}:{port} max_fails=1 fail_timeout={FAIL_TIMEOUT_S}s;\n"
+                  for host, port in servers), "}\n"]
+    return out
+
+
+FAIL_TIMEOUT_S = 10
+REPLICA_CONNECT_S = 2   # a replica whose host is cut off is given up on this soon, and the next one tried
+
+
+def _locations(routes: list[tuple[str, str, int]], probe: str, routed: bool, env_key: str = "") -> list[str]:
+    out = []
+    counts: dict[str, int] = {}
+    for path, _, _ in routes:
+        counts[path] = counts.get(path, 0) + 1
+    for rank, path, host, port in numbered(routes):
         prefix = path.rstrip("/")
-        if routed:
+        if routed and rank == 0:
             if prefix:
                 out.append(f"    location = {prefix} {{ return 301 {prefix}/$is_args$args; }}\n")
-            out += [f"    location {prefix}/ {{\n", *_proxied(prefix, host, port), "    }\n"]
+            if counts[path] > 1:
+                out += [f"    location {prefix}/ {{\n", *_proxied(prefix, upstream_name(env_key, path)),
+                        f"        proxy_connect_timeout {REPLICA_CONNECT_S}s;\n", "    }\n"]
+            else:
+                out += [f"    location {prefix}/ {{\n", *_proxied(prefix, f"{url_host(host)}:{port}"), "    }\n"]
         if probe:
-            out += [f"    location = {probe_path(path, probe)} {{\n", *_proxied(prefix, host, port),
+            out += [f"    location = {probe_path(path, probe, rank)} {{\n", *_proxied(prefix, f"{url_host(host)}:{port}"),
                     f"        proxy_connect_timeout {PROBE_CONNECT_S}s;\n",
                     f"        proxy_read_timeout {PROBE_READ_S}s;\n",
                     f"        proxy_hide_header {PROBE_HEADER};\n",
@@ -331,9 +376,9 @@ def _locations(routes: list[tuple[str, str, int]], probe: str, routed: bool) -> 
     return out
 
 
-def _proxied(prefix: str, host: str, port: int) -> list[str]:
+def _proxied(prefix: str, target: str) -> list[str]:
     return [
-        f"        proxy_pass http://{url_host(host)}:{port}/;\n",
+        f"        proxy_pass http://{target}/;\n",
         "        proxy_http_version 1.1;\n",
         "        proxy_set_header Connection \"\";\n",
         "        proxy_set_header Host $host;\n",
@@ -350,10 +395,10 @@ PROBE_CONNECT_S, PROBE_READ_S = 2, 6
 _PROBE = re.compile(r"location = /[A-Za-z0-9._~/-]*?\.deployer-probe-([0-9a-f]{32,64}) \{")
 
 
-def probe_path(path: str, probe: str) -> str:
-    """Where the switch asks nginx about the route at `path`; the nonce makes it a path no outside
-    client can guess, and one only the new file has."""
-    return f"{path.rstrip('/')}/.deployer-probe-{probe}"
+def probe_path(path: str, probe: str, rank: int = 0) -> str:
+    """Where the switch asks nginx about the route at `path` (its replica of `rank`: each is
+    asked); the nonce makes it a path no outside client can guess, and one only the new file has."""
+    return f"{path.rstrip('/')}/.deployer-probe-{probe}" + (f"-{rank}" if rank else "")
 
 
 def probe_of(conf: str | None) -> str:
@@ -525,8 +570,8 @@ def nginx_check_function(router: str, listen: str, domain: str, probe: str,
     the listen address that is not the one reloaded, or another server block taking the name."""
     host, port = listen_address(listen)
     args = [router, host, str(port), domain, str(NGINX_ANSWER_S)]
-    for path, upstream, upstream_port, new in sorted(routes):
-        args += [f"{path.rstrip('/')}/", probe_path(path, probe), upstream, str(int(upstream_port)),
+    for rank, path, upstream, upstream_port, new in numbered(routes):
+        args += [f"{path.rstrip('/')}/", probe_path(path, probe, rank), upstream, str(int(upstream_port)),
                  "new" if new else "live"]
     missing = f"python3 is missing on {router}: the switch checks its routes through nginx with it"
     return f"""check_routes() {{

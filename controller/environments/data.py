@@ -40,6 +40,13 @@ class Deployment:
     created: list[tuple[str, int, dict, Agent]] = field(default_factory=list)  # new data instances
     shared: dict[str, tuple[str, int]] = field(default_factory=dict)  # component → another service's instance
     rebuilt: bool = False   # a reused release was missing and is checked out and installed again
+    slot: int = 0           # which replica: 0 for the first (the deploy's own row), 1… for the others
+    replicas: list["Deployment"] = field(default_factory=list)  # the other replicas (`replicas: N`)
+    generated: dict[str, str] = field(default_factory=dict)     # the data values its `.env` got, for the replicas
+
+    @property
+    def every_replica(self) -> list["Deployment"]:
+        return [self, *self.replicas]
 
 
 def move_past(ctx: JobContext, d: Deployment, component: str, number: int, taken: str) -> int:

@@ -24,7 +24,7 @@ from controller.environments.data import Deployment
 from controller.environments.facts import ServiceProcesses
 from controller.environments.planner import Plan, ServicePlan
 from controller.environments.spec import code_fingerprint, shared_depth
-from controller.state.ledger import RAN, Status
+from controller.state.ledger import RAN, Replica, Status, replica_key
 from common import envfile
 
 KEEP_RELEASES = 5
@@ -89,7 +89,8 @@ async def deploy_together(ctx: JobContext, plans: list[ServicePlan]) -> None:
         if web:
             for d in web:  # durably, before the switch: recovery reads it after a crash
                 ctx.ledger.set_step(ctx.env_key, d.service.name, d.deploy, "route")
-            await routing.switch_to(ctx, web[0].service.name, {d.service.name: (d.host.address, d.port) for d in web})
+            await routing.switch_to(ctx, web[0].service.name,
+                                    {d.service.name: [(r.host.address, r.port) for r in d.every_replica] for d in web})
         for d, _, _ in started:
             d.switched = True
         for d, live, numbers in started:
@@ -113,8 +114,9 @@ async def deploy_together(ctx: JobContext, plans: list[ServicePlan]) -> None:
     finally:
         for d, _, _ in started:
             ctx.deploying.pop(d.service.name, None)
-        for sp in plans:
-            hosts.PENDING.pop((ctx.env_key, sp.service), None)
+        names = {sp.service for sp in plans}
+        for key in [k for k in hosts.PENDING if k[0] == ctx.env_key and k[1].partition("#")[0] in names]:
+            hosts.PENDING.pop(key, None)
 
 
 async def _begin(ctx: JobContext, sp: ServicePlan, numbers_of: dict[str, dict[str, int]]
@@ -125,9 +127,12 @@ async def _begin(ctx: JobContext, sp: ServicePlan, numbers_of: dict[str, dict[st
     service = ctx.spec.service(sp.service)
     live = ctx.ledger.state(ctx.env_key).get(service.name)
     code = sp.change("code")
-    host = place(ctx, service, live, code)
+    host, *others = place(ctx, service, live, code)
     d = Deployment(service, host, naming.service_dir(host.services_root, ctx.spec.app, ctx.spec.environment,
                                                      service.name))
+    d.replicas = [Deployment(service, other, naming.service_dir(other.services_root, ctx.spec.app,
+                                                                ctx.spec.environment, service.name), slot=slot)
+                  for slot, other in enumerate(others, start=1)]
     mysql, redis = sp.change("mysql"), sp.change("redis")
     d.code_new = code.new
     d.code = ctx.ledger.next_number(ctx.env_key, service.name, "code") if code.new else code.number
@@ -148,36 +153,41 @@ async def _begin(ctx: JobContext, sp: ServicePlan, numbers_of: dict[str, dict[st
         mysql=used.get("mysql"), mysql_new=bool(mysql and mysql.new),
         redis=used.get("redis"), redis_new=bool(redis and redis.new), commit=sp.commit, host=host.id,
         shared={c: owner for c, (owner, _) in d.shared.items()})
+    for r in d.replicas:
+        r.deploy, r.code, r.code_new, r.shared = d.deploy, d.code, d.code_new, d.shared
     ctx.job.event("deploy.started", service=service.name, deploy=d.deploy, code=d.code,
                   code_new=code.new, mysql=used.get("mysql"), redis=used.get("redis"),
-                  shared={c: owner for c, (owner, _) in d.shared.items()}, host=host.id, reasons=list(sp.reasons))
+                  shared={c: owner for c, (owner, _) in d.shared.items()}, host=host.id, reasons=list(sp.reasons),
+                  **({"replicas": [r.host.id for r in d.every_replica]} if d.replicas else {}))
     ctx.deploying[service.name] = d.deploy
     return d, live, numbers
 
 
-def place(ctx: JobContext, service, live, code) -> Agent:
-    """The host of the deploy: where placement puts a new code instance (decision 034), or where
-    the reused one's release is. Held in `hosts.PENDING` until the deploy ends, so jobs placing at
-    the same time see each other's choice."""
-    if not code.new:
+def place(ctx: JobContext, service, live, code) -> list[Agent]:
+    """The hosts of the deploy, one per replica (decision 034): a new code instance where
+    placement puts it, a reused one where its replicas are — or, for a replica whose host is
+    lost, on another host of its role, where its release is checked out again. Held in
+    `hosts.PENDING` until the deploy ends, so jobs placing at the same time see each other's
+    choice."""
+    if code.new:
+        where = tuple(live.code.hosts) if live and live.code else ()
+    else:
         row = ctx.ledger.instance(ctx.env_key, service.name, "code", code.number)
-        where = row.host if row and row.host else (live.code.host if live and live.code else "")
-        agent = ctx.registry.agents.get(where)
-        if agent is None or agent.state != CONNECTED:
-            raise StepFailed(service.name, "placement", f"code {code.number} is on agent {where or '?'}, which is "
-                                                        f"{agent.state if agent else 'unknown'}")
-        hosts.PENDING[(ctx.env_key, service.name)] = agent.id
-        return agent
+        where = tuple(r.host for r in row.replicas) if row and row.host else \
+            ((live.code.host,) if live and live.code else ())
     try:
-        agent, choice = hosts.choose(ctx.registry, ctx.ledger, ctx.spec, service,
-                                     live.code.host if live and live.code else "")
+        chosen, warning = hosts.choose_replicas(ctx.registry, ctx.ledger, ctx.spec, service, where)
     except PlacementError as exc:
         raise StepFailed(service.name, "placement", str(exc)) from None
-    hosts.PENDING[(ctx.env_key, service.name)] = agent.id
-    ctx.job.event("placed", service=service.name, host=agent.id, why=choice.why)
-    if not choice.why.startswith("stays"):
-        ctx.note(f"{service.name}: on {agent.id}: {choice.why}")
-    return agent
+    if warning:
+        ctx.note(warning)
+    for slot, (agent, choice) in enumerate(chosen):
+        hosts.PENDING[(ctx.env_key, replica_key(service.name, slot))] = agent.id
+        ctx.job.event("placed", service=service.name, host=agent.id, why=choice.why,
+                      **({"replica": slot + 1} if service.replicas > 1 else {}))
+        if not choice.why.startswith(("stays", f"replica {slot + 1} stays")):
+            ctx.note(f"{service.name}: on {agent.id}: {choice.why}")
+    return [agent for agent, _ in chosen]
 
 
 async def _up(ctx: JobContext, d: Deployment, sp: ServicePlan, numbers: dict[str, int]) -> None:
@@ -191,11 +201,28 @@ async def _up(ctx: JobContext, d: Deployment, sp: ServicePlan, numbers: dict[str
     live_db = None if mysql is None or mysql.new else d.shared.get("mysql") or (d.service.name, numbers["mysql"])
     await _build(ctx, d, workdir, env_path, migrate, live_db)
     await start(ctx, d, workdir, env_path)
+    if d.replicas:  # the others once the first is healthy (and migrated), each on its host at once
+        results = await asyncio.gather(*(_up_replica(ctx, d, r, sp) for r in d.replicas), return_exceptions=True)
+        failed = [x for x in results if isinstance(x, BaseException)]
+        if failed:
+            raise failed[0]
+
+
+async def _up_replica(ctx: JobContext, d: Deployment, r: Deployment, sp: ServicePlan) -> None:
+    """One more replica of the instance `d` has started: its release on its host (checked out
+    and built there: no migrate, the first one ran it), its `.env` (the same data, its own
+    PORT), its process, healthy."""
+    r.code = d.code  # moved past a taken number on the first host, if it was
+    await _prepare(ctx, r, sp)
+    workdir = await _layout(ctx, r)
+    env_path = await _write_env(ctx, r, d.generated)
+    await _build(ctx, r, workdir, env_path, migrate=False)
+    await start(ctx, r, workdir, env_path)
 
 
 async def _prepare(ctx: JobContext, d: Deployment, sp: ServicePlan) -> None:
     """The service folder, the environment's user and, for a new code instance, its release."""
-    if d.code_new:
+    if d.code_new and not d.slot:  # one code instance for every replica
         _add_code_instance(ctx, d, sp)
     await claim_host(ctx, d.host, d.service.name)
     if not d.code_new:  # a reused release that is gone (a wiped or rebuilt server) comes back from its commit
@@ -210,10 +237,7 @@ async def _prepare(ctx: JobContext, d: Deployment, sp: ServicePlan) -> None:
 
 async def _configure(ctx: JobContext, d: Deployment, numbers: dict[str, int], mysql, redis) -> tuple[str, str]:
     """Owners and modes, the data instances and the `.env`: (working folder, `.env` path)."""
-    service, name = d.service, d.service.name
-    release = _release(d)
-    workdir = f"{release}/{service.root}" if service.root else release
-    await ctx.sh(d.host, ops.service_layout(d.service_dir, release, ctx.unix_user), name, "permissions")
+    workdir = await _layout(ctx, d)
     generated = {}
     if mysql is not None:
         generated.update(await data.mysql(ctx, d, numbers, mysql.new))
@@ -225,6 +249,21 @@ async def _configure(ctx: JobContext, d: Deployment, numbers: dict[str, int], my
                                d.service.name)
     if redis is not None:
         generated.update(await data.redis(ctx, d, numbers, redis.new))
+    d.generated = generated
+    return workdir, await _write_env(ctx, d, generated)
+
+
+async def _layout(ctx: JobContext, d: Deployment) -> str:
+    """The release's owners and modes on the deploy's host; its working folder."""
+    release = _release(d)
+    await ctx.sh(d.host, ops.service_layout(d.service_dir, release, ctx.unix_user), d.service.name, "permissions")
+    return f"{release}/{d.service.root}" if d.service.root else release
+
+
+async def _write_env(ctx: JobContext, d: Deployment, generated: dict[str, str]) -> str:
+    """The `.env` from the data values, the spec's env and secrets, and this replica's PORT."""
+    service, name, release = d.service, d.service.name, _release(d)
+    generated = dict(generated)
     if service.is_web and any("PORT" in envfile.references(v) for _, v in service.env):
         d.port = await _allocate_port(ctx, d)  # before the .env, which is built from it
     if d.port:
@@ -243,7 +282,7 @@ async def _configure(ctx: JobContext, d: Deployment, numbers: dict[str, int], my
         raise StepFailed(name, ".env", str(exc)) from None
     await ctx.run_op(d.host, pb.Operation(write_file=pb.WriteFileSpec(
         path=env_path, content=content, mode=0o600, owner=ctx.unix_user)), name, ".env")
-    return workdir, env_path
+    return env_path
 
 
 async def _build(ctx: JobContext, d: Deployment, workdir: str, env_path: str, migrate: bool,
@@ -283,17 +322,20 @@ async def _build(ctx: JobContext, d: Deployment, workdir: str, env_path: str, mi
 async def _after_switch(ctx: JobContext, d: Deployment, live, numbers: dict[str, int]) -> None:
     """The new instance serves: the ledger says so, the old one drains and stops, and the
     release is tidied. A failure from here is reported, never undone."""
-    name, release = d.service.name, _release(d)
-    # Read before going live: restarting the same code instance rewrites its process key.
-    previous = _process_of(ctx, live)
+    name = d.service.name
+    # Read before going live: restarting the same code instance rewrites its processes.
+    previous = _replicas_of(ctx, live)
     go_live(ctx, d, numbers)
     if live and live.code:
-        await _retire(ctx, d, live, previous)
-    if d.staged_env:
-        await ctx.sh(d.host, ops.in_release(release, ctx.unix_user, ops.move_staged_env(d.staged_env, release + "/.env")),
-                     name, ".env", check=False)
-    await ctx.sh(d.host, ops.current_script(d.service_dir, release), name, "current", check=False)
-    await _prune_releases(ctx, d)
+        await _retire(ctx, d, previous)
+    for r in d.every_replica:
+        release = _release(r)
+        if r.staged_env:
+            await ctx.sh(r.host, ops.in_release(release, ctx.unix_user, ops.move_staged_env(r.staged_env, release + "/.env")),
+                         name, ".env", check=False)
+        await ctx.sh(r.host, ops.current_script(r.service_dir, release), name, "current", check=False)
+    for host in dict.fromkeys(r.host.id for r in d.every_replica):
+        await _prune_releases(ctx, next(r for r in d.every_replica if r.host.id == host))
 
 
 async def _stop_replaced_servers(ctx: JobContext, d: Deployment, live, numbers: dict[str, int]) -> None:
@@ -339,8 +381,8 @@ async def _checkout(ctx: JobContext, d: Deployment, sp: ServicePlan) -> None:
         taken = await ctx.guarded(d.host, script, d.service.name, "checkout", timeout=600)
         if not taken:
             return
-        if d.rebuilt:  # the live instance's own folder: its number is not ours to change
-            raise StepFailed(d.service.name, "checkout", taken)
+        if d.rebuilt or d.slot:  # the live instance's own folder, or a replica's: the number is not to change
+            raise StepFailed(d.service.name, "checkout", f"{taken} on {d.host.id}" if d.slot else taken)
         d.code = data.move_past(ctx, d, "code", d.code, taken)
         _add_code_instance(ctx, d, sp)
     raise data.give_up(d, "code", first, d.code - 1)
@@ -358,7 +400,8 @@ async def start(ctx: JobContext, d: Deployment, workdir: str, env_path: str) -> 
         d.process = f"{d.code}-{d.port}"
     else:
         d.process = f"{d.code}-d{d.deploy}"
-    ctx.ledger.set_step(ctx.env_key, name, d.deploy, "start", port=d.port or None, process=d.process)
+    if not d.slot:  # the deploy's row holds the first replica's: what recovery reads after a crash
+        ctx.ledger.set_step(ctx.env_key, name, d.deploy, "start", port=d.port or None, process=d.process)
     unit = ctx.unit(name)
     await ctx.run_op(d.host, pb.Operation(service_start=pb.ServiceStartSpec(
         name=unit, instance=d.process, argv=["sh", "-c", f"exec {service.start}"], cwd=workdir,
@@ -402,45 +445,57 @@ async def _allocate_port(ctx: JobContext, d: Deployment) -> int:
 
 
 def go_live(ctx: JobContext, d: Deployment, numbers: dict[str, int]) -> None:
-    """The ledger takes the new instance (and its data instances) as live, in one transaction."""
+    """The ledger takes the new instance (every replica, and its data instances) as live, in one
+    transaction."""
     name = d.service.name
     with ctx.ledger.transaction():  # all of it or none of it, whatever kills the controller
         ctx.ledger.set_status(ctx.env_key, name, "code", d.code, Status.LIVE, port=d.port or None)
-        ctx.ledger.set_names(ctx.env_key, name, "code", d.code, process=d.process)
+        if d.host is not None:  # where the first replica runs now (it moves off a lost host)
+            ctx.ledger.set_host(ctx.env_key, name, "code", d.code, d.host.id)
+        ctx.ledger.set_names(ctx.env_key, name, "code", d.code, process=d.process,
+                             replicas=[Replica(r.host.id, r.port, r.process).to_dict() for r in d.replicas])
         ctx.ledger.make_live(ctx.env_key, name, "code", d.code)
         for component, number in numbers.items():
             ctx.ledger.make_live(ctx.env_key, name, component, number)
         ctx.ledger.finish_deploy(ctx.env_key, name, d.deploy, "succeeded", port=d.port or None)
-    ctx.job.event("deploy.live", service=name, deploy=d.deploy, code=d.code, port=d.port, host=d.host.id)
+    ctx.job.event("deploy.live", service=name, deploy=d.deploy, code=d.code, port=d.port,
+                  host=d.host.id if d.host else "",
+                  **({"replicas": [{"host": r.host.id, "port": r.port} for r in d.every_replica]}
+                     if d.replicas else {}))
 
 
-def _process_of(ctx: JobContext, live) -> str:
+def _replicas_of(ctx: JobContext, live) -> list[Replica]:
     if not live or not live.code:
-        return ""
+        return []
     row = ctx.ledger.instance(ctx.env_key, live.service, "code", live.code.number)
-    return row.names.get("process", "") if row else ""
+    return row.replicas if row else []
 
 
-async def _retire(ctx: JobContext, d: Deployment, live, process: str) -> None:
-    """Give in-flight requests to the old process time to finish, then stop it."""
-    if not process or (process == d.process and live.code.host == d.host.id):
+async def _retire(ctx: JobContext, d: Deployment, previous: list[Replica]) -> None:
+    """Give in-flight requests to each old replica time to finish, then stop it, on its host
+    (another host if the service moved); all of them at once."""
+    new = {(r.host.id, r.process) for r in d.every_replica}
+    await asyncio.gather(*(_retire_one(ctx, d, old) for old in previous
+                           if old.process and (old.host, old.process) not in new))
+
+
+async def _retire_one(ctx: JobContext, d: Deployment, old: Replica) -> None:
+    host = ctx.registry.agents.get(old.host)
+    if host is None or host.state != CONNECTED:
+        # Its host is away (a move off a lost host): the controller stops it there when the host
+        # is back (healing.py), and frees its port then.
+        ctx.ledger.db.owe_stop(old.host, ctx.env_key, d.service.name, old.process, old.port)
+        ctx.note(f"{d.service.name}: the previous instance on {old.host} "
+                 f"({host.state if host else 'unknown'}) could not be stopped: it is stopped when that host is back")
         return
-    old = ctx.registry.agents.get(live.code.host)  # where it ran: another host if the service moved
-    if old is None or old.state != CONNECTED:
-        # Its host is away (a move off a lost host): the process is stopped there when it is
-        # back, by the repair that finds it running and not live (verify names it).
-        ctx.note(f"{d.service.name}: the previous instance on {live.code.host} "
-                 f"({old.state if old else 'unknown'}) could not be stopped; deployctl repair stops it "
-                 "once that host is back")
-        return
-    if live.code.port and d.service.is_web:
-        await ctx.sh(old, ops.drain_script(live.code.port, d.service.drain), d.service.name, "drain",
+    if old.port and d.service.is_web:
+        await ctx.sh(host, ops.drain_script(old.port, d.service.drain), d.service.name, "drain",
                      check=False, timeout=d.service.drain + 30)
-    await ctx.run_op(old, pb.Operation(service_stop=pb.ServiceStopSpec(name=ctx.unit(d.service.name),
-                                                                       instance=process)),
+    await ctx.run_op(host, pb.Operation(service_stop=pb.ServiceStopSpec(name=ctx.unit(d.service.name),
+                                                                        instance=old.process)),
                      d.service.name, "stop previous", check=False)
-    if live.code.port:
-        ctx.ledger.release_port(live.code.host, live.code.port)
+    if old.port:
+        ctx.ledger.release_port(old.host, old.port)
 
 
 async def _prune_releases(ctx: JobContext, d: Deployment) -> None:
@@ -458,8 +513,7 @@ async def _prune_releases(ctx: JobContext, d: Deployment) -> None:
         ctx.ledger.set_status(ctx.env_key, d.service.name, "code", number, Status.REMOVED)
 
 
-async def undo(ctx: JobContext, d: Deployment) -> None:
-    """Leave things as they were: the live instance keeps serving, new data goes away."""
+async def _undo_replica(ctx: JobContext, d: Deployment) -> None:
     name = d.service.name
     if d.process:
         await ctx.run_op(d.host, pb.Operation(service_stop=pb.ServiceStopSpec(name=ctx.unit(name), instance=d.process)),
@@ -471,6 +525,13 @@ async def undo(ctx: JobContext, d: Deployment) -> None:
                      "drop staged .env", check=False)
     if d.rebuilt:  # this job checked it out (it was missing): half-built, it would be taken as whole next time
         await ctx.sh(d.host, ops.remove_paths(_release(d)), name, "drop rebuilt release", check=False)
+
+
+async def undo(ctx: JobContext, d: Deployment) -> None:
+    """Leave things as they were: the live instance keeps serving, new data goes away."""
+    name = d.service.name
+    for r in d.every_replica:
+        await _undo_replica(ctx, r)
     if d.code_new:
         ctx.ledger.set_status(ctx.env_key, name, "code", d.code, Status.FAILED)
     for component, number, names, provider in d.created:

@@ -55,7 +55,7 @@ def exit_text(code: int, signal: int) -> str:
 
 
 class Healer:
-    def __init__(self, environments, events: EnvEvents, clock=time.monotonic) -> None:
+    def __init__(self, environments, events: EnvEvents, clock=time.monotonic, replace_after: float = 300.0) -> None:
         self.environments = environments
         self.ledger, self.registry, self.dispatcher = environments.ledger, environments.registry, environments.dispatcher
         self.events = events
@@ -67,6 +67,8 @@ class Healer:
         self.heard: set[tuple[str, str]] = set()
         self.sick: dict[tuple[str, str], tuple[str, float]] = {}  # (env, process) → (service, live since)
         self.tasks: set[asyncio.Task] = set()
+        self.replace_after = replace_after
+        self.replacing: dict[str, asyncio.TimerHandle] = {}   # lost agent → when its web replicas move
         self.registry.on_exited.append(self.exited)
         self.registry.on_attached.append(self.attached)
         self.registry.on_lost.append(self.lost)
@@ -74,8 +76,8 @@ class Healer:
     # ---------------------------------------------------------------- what the agents say
 
     def _live_on(self, agent_id: str) -> list[tuple[str, str, str]]:
-        """(environment, service, process) of every live code instance on that agent."""
-        return [(r.env_key, r.service, r.names.get("process", "")) for r in self.ledger.live_code_on(agent_id)]
+        """(environment, service, process) of every live code instance's replica on that agent."""
+        return [(r.env_key, r.service, replica.process) for r, replica in self.ledger.live_code_on(agent_id)]
 
     def exited(self, agent_id: str, exited) -> None:
         for env_key, service, process in self._live_on(agent_id):
@@ -89,14 +91,39 @@ class Healer:
                 self.schedule(env_key, 0.0)
 
     def attached(self, agent_id: str) -> None:
+        timer = self.replacing.pop(agent_id, None)
+        if timer is not None:  # back in time: its replicas stay where they are
+            timer.cancel()
         for env_key in sorted({env_key for env_key, _, _ in self._live_on(agent_id)}):
             self.schedule(env_key, 0.5)  # its other sessions' messages come first
+        if self.ledger.db.stop_debts(agent_id):  # back from being lost: what moved off it is stopped there
+            task = asyncio.get_running_loop().create_task(self._settle_stops(agent_id))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
         agent = self.registry.agents.get(agent_id)
         if agent is not None and "nginx" in agent.capabilities:
             # A router back: the routes that changed while it was away are written on it.
             task = asyncio.get_running_loop().create_task(self._sync_routes(agent_id))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+
+    async def _settle_stops(self, agent_id: str) -> None:
+        for env_key in dict.fromkeys(env for env, _, _, _ in self.ledger.db.stop_debts(agent_id)):
+            for _ in range(30):
+                try:
+                    job = self.environments.stop_owed(env_key, agent_id)
+                    break
+                except Locked:  # its own job is under way: once it ends
+                    await asyncio.sleep(RETRY_BUSY_S)
+                except errors.BadInput:  # destroyed meanwhile
+                    for _, service, process, _ in self.ledger.db.stop_debts(agent_id, env_key):
+                        self.ledger.db.paid_stop(agent_id, env_key, service, process)
+                    job = None
+                    break
+            else:
+                continue
+            if job is not None and await job.wait() != "succeeded":
+                log.warning("heal.stop_failed", environment=env_key, host=agent_id, why=job.summary)
 
     async def _sync_routes(self, router_id: str) -> None:
         pending = self.ledger.db.route_debts(router_id)
@@ -141,6 +168,52 @@ class Healer:
         for env_key, service, process in live:
             self.events.add(env_key, "agent-lost", service, host=agent_id, process=process)
         self.environments.notifier.agent_lost(agent_id, live)
+        if live and agent_id not in self.replacing:
+            self.replacing[agent_id] = asyncio.get_running_loop().call_later(
+                self.replace_after, self._launch_replace, agent_id)
+
+    # ---------------------------------------------------------------- a host that stays lost
+
+    def _launch_replace(self, agent_id: str) -> None:
+        self.replacing.pop(agent_id, None)
+        task = asyncio.get_running_loop().create_task(self.replace(agent_id))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def replace(self, agent_id: str) -> None:
+        """The web replicas of a host lost for `replace_after` start on other hosts of their role:
+        each service's live code instance again (a `heal` job), placed off the lost host, its
+        release checked out there. Daemons and data instances never move on their own."""
+        agent = self.registry.agents.get(agent_id)
+        if agent is None or agent.state != LOST:
+            return
+        by_env: dict[str, set[str]] = {}
+        for env_key, service, _ in self._live_on(agent_id):
+            spec = self.environments.accepted_spec(env_key)
+            definition = next((s for s in spec.services if s.name == service), None) if spec else None
+            if definition is not None and definition.is_web:
+                by_env.setdefault(env_key, set()).add(service)
+        for env_key, services in sorted(by_env.items()):
+            for attempt in range(30):
+                try:
+                    job = self.environments.heal(env_key, sorted(services), lost=agent_id)
+                    break
+                except Locked:  # another job holds it: once it ends
+                    await asyncio.sleep(RETRY_BUSY_S)
+            else:
+                log.warning("heal.replace_deferred", environment=env_key, host=agent_id)
+                continue
+            for service in sorted(services):
+                self.events.add(env_key, "replacing", service, host=agent_id, job=job.id,
+                                why=f"host {agent_id} is lost for more than {self.replace_after:g}s")
+            state = await job.wait()
+            live = self.ledger.state(env_key)
+            for service in sorted(services):
+                hosts = live[service].code.hosts if service in live and live[service].code else []
+                if state == "succeeded":
+                    self.events.add(env_key, "moved", service, job=job.id, host=agent_id, to=hosts)
+                else:
+                    self.events.add(env_key, "move-failed", service, job=job.id, host=agent_id, why=job.summary)
 
     # ---------------------------------------------------------------- deciding
 
@@ -224,8 +297,8 @@ class Healer:
 
     def _sick(self, env_key: str) -> list[tuple[str, str, float]]:
         """The unhealthy ones still live (a heal or deploy since replaced the others)."""
-        live = {r.names.get("process", "") for r in self.ledger.instances(env_key, status=Status.LIVE)
-                if r.component == "code"}
+        live = {replica.process for r in self.ledger.instances(env_key, status=Status.LIVE)
+                if r.component == "code" for replica in r.replicas}
         out = []
         for (env, process), (service, since) in list(self.sick.items()):
             if env != env_key:
@@ -240,8 +313,8 @@ class Healer:
         """(service, process, when it started) of the live code instances whose process is not
         running (0: not said, as for a process the agent no longer lists)."""
         app, env = env_key.split("/", 1)
-        live = [(r.service, r.host, r.names.get("process", "")) for r in self.ledger.instances(env_key, status=Status.LIVE)
-                if r.component == "code" and r.names.get("process")]
+        live = [(r.service, replica.host, replica.process) for r in self.ledger.instances(env_key, status=Status.LIVE)
+                if r.component == "code" for replica in r.replicas if replica.process]
         dead = []
         for host_id in sorted({host for _, host, _ in live}):
             agent = self.registry.agents.get(host_id)

@@ -60,7 +60,20 @@ def want(spec: Spec, service: Service, stay_on: str = "") -> Want:
 def choose(registry: Registry, ledger: Ledger, spec: Spec, service: Service, stay_on: str = "") -> tuple[Agent, Choice]:
     """The agent for a new instance of `service` (where its live one is, if it may stay), and why."""
     choice = placement.place(view(registry, ledger, spec), want(spec, service, stay_on))
+    return _agent(registry, service, choice), choice
+
+
+def choose_replicas(registry: Registry, ledger: Ledger, spec: Spec, service: Service, live: tuple[str, ...] = ()
+                    ) -> tuple[list[tuple[Agent, Choice]], str]:
+    """The agents for every replica of a new instance of `service` (where its live replicas run,
+    if they may stay), each with why; and a warning if some must share a host."""
+    choices, warning = placement.place_replicas(view(registry, ledger, spec), want(spec, service),
+                                                service.replicas, live)
+    return [(_agent(registry, service, c), c) for c in choices], warning
+
+
+def _agent(registry: Registry, service: Service, choice: Choice) -> Agent:
     agent = registry.agents.get(choice.host)
     if agent is None:  # placement only names agents of the registry
         raise PlacementError(f"{service.name}: agent {choice.host} is not known")
-    return agent, choice
+    return agent

@@ -12,10 +12,12 @@ from pathlib import Path
 import structlog
 import yaml
 
+from protos import deployer_pb2 as pb
+
 from controller.environments import planner, recovery, spec as spec_mod, sources
 from controller.fleet.dispatcher import Dispatcher
 from controller.state.jobs import EnvLock, Job, JobTable, Locked, Specs, new_job_id
-from controller.state.ledger import Ledger, Status
+from controller.state.ledger import Ledger, Status, replica_key
 from controller.environments import backups, certificates, commands as ops, data, deploying, hosts, routing, tls
 from controller.environments.notify import Notifier
 from controller.environments.context import JobContext, PlacementError, StepFailed, pick_agent
@@ -198,7 +200,7 @@ class Environments:
         """Where each new code instance would go and why (decision 034). A pin that names no
         agent or no label is the spec's error, at its line; a fleet that cannot take the instance
         now is said in the plan, and the deploy says it again when it places."""
-        where = []
+        where, notes = [], []
         for sp in plan.services:
             code = sp.change("code") if sp.action == "deploy" else None
             if code is None or not code.new:
@@ -206,15 +208,20 @@ class Environments:
             service = spec.service(sp.service)
             live = state.get(service.name)
             try:
-                _agent, choice = hosts.choose(self.registry, self.ledger, spec, service,
-                                              live.code.host if live and live.code else "")
+                chosen, warning = hosts.choose_replicas(self.registry, self.ledger, spec, service,
+                                                        tuple(live.code.hosts) if live and live.code else ())
             except PlacementError as exc:
                 text = str(exc).removeprefix(f"{service.name}: ")
                 if exc.pin:
                     raise spec.error(("services", service.name, exc.pin), text) from None
                 where.append((service.name, "", f"cannot be placed now: {text}"))
                 continue
-            where.append((service.name, choice.host, choice.why))
+            for slot, (_agent, choice) in enumerate(chosen):
+                where.append((replica_key(service.name, slot), choice.host, choice.why))
+            if warning:
+                notes.append(warning)
+        if notes:
+            plan = dataclasses.replace(plan, notes=plan.notes + tuple(notes))
         return dataclasses.replace(plan, placement=tuple(where)) if where else plan
 
     def _check_providers(self, spec: spec_mod.Spec, plan: planner.Plan) -> None:
@@ -345,7 +352,7 @@ class Environments:
         kind = "reload" if request.reload else "rollback"
         return self._launch(spec, kind, plan, {}, lambda ctx: deploying.apply(ctx, plan), note), plan
 
-    def heal(self, env_key: str, services: list[str], sick: set[str] = frozenset()) -> Job:
+    def heal(self, env_key: str, services: list[str], sick: set[str] = frozenset(), lost: str = "") -> Job:
         """Restart the live code instances of `services` whose process ended (or, for those in
         `sick`, failed its health checks), as a `heal` job: each the same code instance,
         blue/green on a fresh port (like a reload), switched together."""
@@ -353,12 +360,41 @@ class Environments:
         if spec is None:
             raise OrderError(f"{env_key}: no such environment")
         plans = [self._code_plan(env_key, service, 0, reload=True)[1].services[0] for service in services]
-        why = {s: "it failed its health checks: restarted" if s in sick else "its process ended: restarted"
+        why = {s: f"its host {lost} is lost: started on another host" if lost else
+               "it failed its health checks: restarted" if s in sick else "its process ended: restarted"
                for s in services}
         plan = planner.Plan(env_key, tuple(dataclasses.replace(sp, reasons=(why[sp.service],)) for sp in plans))
         note = (f"restarting {', '.join(services)}: the ledger holds them live and "
-                + ("they failed their health checks" if set(services) <= set(sick) else "their process ended"))
+                + (f"their host {lost} is lost" if lost else
+                   "they failed their health checks" if set(services) <= set(sick) else "their process ended"))
         return self._launch(spec, "heal", plan, {}, lambda ctx: deploying.apply(ctx, plan), note)
+
+    def stop_owed(self, env_key: str, host_id: str) -> Job:
+        """A host back from being lost: the processes of this environment that a deploy could not
+        stop there (its replica had moved) are stopped now, and their ports freed (a `stop` job)."""
+        spec = self.as_deployed_spec(env_key)
+        if spec is None:
+            raise OrderError(f"{env_key}: no such environment")
+
+        async def body(ctx: JobContext) -> str:
+            host = self.registry.agents.get(host_id)
+            if host is None or host.state != "connected":
+                return f"{host_id} is away again: nothing stopped"
+            live = {(r.host, r.process) for row in self.ledger.instances(env_key, status=Status.LIVE)
+                    if row.component == "code" for r in row.replicas}
+            stopped = []
+            for service, process, port in ((s, p, port) for _, s, p, port in self.db.stop_debts(host_id, env_key)):
+                if (host_id, process) not in live:  # a replica placed back there since is not stopped
+                    await ctx.run_op(host, pb.Operation(service_stop=pb.ServiceStopSpec(
+                        name=ctx.unit(service), instance=process)), service, "stop previous", check=False)
+                    if port and (host_id, port) not in {(r.host, r.port) for row in self.ledger.instances(
+                            env_key, status=Status.LIVE) if row.component == "code" for r in row.replicas}:
+                        self.ledger.release_port(host_id, port)
+                    stopped.append(f"{service} {process}")
+                self.db.paid_stop(host_id, env_key, service, process)
+            return f"stopped on {host_id}: {', '.join(stopped)}" if stopped else "nothing left to stop"
+        return self._launch(spec, "stop", None, {}, body,
+                            f"{host_id} is back: what a deploy could not stop there while it was lost is stopped")
 
     def sync_route(self, env_key: str, router_id: str) -> Job:
         """A router back from being away gets the environment's route as the ledger holds it, if

@@ -12,6 +12,7 @@ longer fits the pin.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from common import errors
@@ -144,3 +145,43 @@ def place(hosts: list[Host], want: Want) -> Choice:
     detail.append(f"{best.instances} instance{'s' if best.instances != 1 else ''} there")
     why = f"{why} ({', '.join(detail)})"
     return Choice(best.id, f"{moved}; {why}" if moved else why)
+
+
+def place_replicas(hosts: list[Host], want: Want, count: int, live: tuple[str, ...] = ()) -> tuple[list[Choice], str]:
+    """The hosts of `count` replicas of one new instance, and a warning when they cannot all be
+    on different hosts. The first is placed as any instance (`live[0]`, the host of the live
+    first replica, as `stay_on`). Each replica whose live one runs on a connected host that fits
+    stays there; the others go to the host with fewest replicas of it, then the most room. Fewer
+    connected hosts than replicas is allowed: some share a host (on their own ports), and it is
+    said."""
+    first = place(hosts, dataclasses.replace(want, stay_on=live[0]) if live else want)
+    if count <= 1:
+        return [first], ""
+    connected = [h for h in eligible(hosts, want) if h.state == "connected"]
+    ranked = sorted(connected, key=lambda h: (-room(h, want), h.instances, h.id))
+    chosen: list[Choice | None] = [None] * count
+    if first.why.startswith("stays") or not live:  # moved off its host: not onto another replica's, if it can
+        chosen[0] = first
+    for slot in range(1, count):
+        stay = live[slot] if slot < len(live) else ""
+        if any(h.id == stay for h in ranked) and all(c is None or c.host != stay for c in chosen):
+            chosen[slot] = Choice(stay, f"replica {slot + 1} stays on the host of its live replica")
+    for slot in range(count):
+        if chosen[slot] is not None:
+            continue
+        used = {h.id: sum(c is not None and c.host == h.id for c in chosen) for h in ranked}
+        best = min(ranked, key=lambda h: used[h.id])  # min() keeps the first of equals: the most room
+        why = ("most room of the hosts without a replica of it" if used[best.id] == 0 else
+               f"shares {best.id} with another replica")
+        if slot == 0:
+            moved = first.why.split("; ")[0] if "; " in first.why else ""
+            chosen[0] = Choice(best.id, f"{moved}; {why}" if moved else why)
+        else:
+            chosen[slot] = Choice(best.id, f"replica {slot + 1}: {why}")
+    distinct = len({c.host for c in chosen})
+    if distinct == count:
+        return chosen, ""
+    pin = f" with host {want.host}" if want.host else f" with labels {_labels(want.labels)}" if want.labels else ""
+    shared = f"{count - distinct} replicas share a host" if count - distinct != 1 else "1 replica shares a host"
+    return chosen, (f"{want.service}: replicas: {count}, but {distinct} connected agent"
+                    f"{'s' if distinct != 1 else ''} of role {want.role}{pin}: {shared}")

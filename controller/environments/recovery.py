@@ -214,7 +214,7 @@ def _needed(ctx: JobContext, rows, unsettled, routers: bool = False) -> set[str]
                     needed.add(instance.host)
     for live in ledger.state(env_key).values():
         if live.code:
-            needed.add(live.code.host)
+            needed.update(live.code.hosts)
     if routers or any(r["step"] == "route" for r in unsettled):
         needed |= {a.id for a in ctx.registry.agents.values() if "nginx" in a.capabilities}
     return needed
@@ -263,9 +263,9 @@ async def _settle_deploy(ctx: JobContext, row) -> tuple[str, str | None]:
     if row["step"] == "route" and d.service.is_web:
         text = await _read_route(ctx, service, number)
         where = routed_to(text, d.service.path)
-        ctx.job.event("route.read", service=service, deploy=number, routed_to=list(where) if where else None,
+        ctx.job.event("route.read", service=service, deploy=number, routed_to=[list(w) for w in where] or None,
                          new=[host.address, d.port] if host else None)
-        if host is not None and d.port and where == (host.address, d.port):
+        if host is not None and d.port and (host.address, d.port) in where:
             deploying.go_live(ctx, d, numbers)
             return (f"{service}: deploy {number} is live: its route switch had happened (nginx routes to "
                     f"code {code} on port {d.port})"), text
@@ -307,11 +307,19 @@ async def _read_route(ctx: JobContext, service: str, number: int) -> str:
                                           f"the next order on {ctx.env_key} tries again")
 
 
-def routed_to(conf: str, path: str) -> tuple[str, int] | None:
-    """Where an nginx file written by the deployer sends a service's path: (host, port)."""
+def routed_to(conf: str, path: str) -> list[tuple[str, int]]:
+    """Where an nginx file written by the deployer sends a service's path: (host, port) of each
+    replica (the servers of its upstream, when it has several)."""
     prefix = re.escape(path.rstrip("/"))
-    match = re.search(rf"location {prefix}/ \{{\s*proxy_pass http://(\S+):(\d+)/;", conf)
-    return (match.group(1), int(match.group(2))) if match else None
+    match = re.search(rf"location {prefix}/ \{{\s*proxy_pass http://(\S+?)/;", conf)
+    if match is None:
+        return []
+    target = match.group(1)
+    if not target.startswith("auto_"):
+        host, _, port = target.rpartition(":")
+        return [(host, int(port))] if port.isdigit() else []
+    block = re.search(rf"upstream {re.escape(target)} \{{(.*?)\}}", conf, re.S)
+    return [(h, int(p)) for h, p in re.findall(r"server (\S+):(\d+) ", block.group(1))] if block else []
 
 
 async def _converge(ctx: JobContext, service: str, rows) -> list[str]:
@@ -321,10 +329,10 @@ async def _converge(ctx: JobContext, service: str, rows) -> list[str]:
     live = ledger.state(env_key).get(service)
     code = live.code if live else None
     row = ledger.instance(env_key, service, "code", code.number) if code else None
-    keep = (code.host, row.names.get("process", "")) if row else None
+    keep = {(r.host, r.process) for r in row.replicas} if row else set()   # every replica of the live one
     unit = ctx.unit(service)
     lines = []
-    hosts = {r["host"] for r in rows if r["service"] == service and r["host"]} | ({code.host} if code else set())
+    hosts = {r["host"] for r in rows if r["service"] == service and r["host"]} | (set(code.hosts) if code else set())
     for host_id in sorted(hosts):
         host = ctx.registry.agents.get(host_id)
         if host is None or host.state != CONNECTED:
@@ -334,7 +342,7 @@ async def _converge(ctx: JobContext, service: str, rows) -> list[str]:
         listing = await ctx.run_op(host, ServiceProcesses.operation(unit),
                                       service, "list processes", check=False)
         for process in ServiceProcesses.parse(output_of(listing), unit):
-            if (host_id, process.instance) == keep:
+            if (host_id, process.instance) in keep:
                 continue
             if process.alive:  # it may have served until the switch: let its requests end
                 await _drain(ctx, host, service, process.instance)
@@ -342,8 +350,9 @@ async def _converge(ctx: JobContext, service: str, rows) -> list[str]:
             await ctx.run_op(host, pb.Operation(service_stop=stop), service, "stop", check=False)
             lines.append(f"{service}: stopped {unit}@{process.instance} on {host_id}, "
                          "which the ledger does not hold live")
+    held = {(r.host, r.port) for r in row.replicas} if row else set()
     for port_host, port in ledger.ports_of(env_key, service):
-        if not code or (port_host, port) != (code.host, code.port):
+        if not code or (port_host, port) not in held:
             ledger.release_port(port_host, port)
             lines.append(f"{service}: released port {port} on {port_host}")
     last = [r for r in rows if r["service"] == service and r["outcome"] == "succeeded"]

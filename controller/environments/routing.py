@@ -16,11 +16,13 @@ from controller.environments.facts import NginxFile
 from controller.environments.spec import spec_from_dict
 from controller.fleet.registry import CONNECTED, Agent
 from controller.state.knowledge import Scope
+from controller.state.ledger import Replica
 
 
-def routes(ctx: JobContext, override: dict[str, tuple[str, int]] | None = None) -> list[tuple[str, str, int]]:
-    """(path, host address, port) of every web service: the live ones from the ledger, with
-    `override` for a service being switched."""
+def routes(ctx: JobContext, override: dict[str, list[tuple[str, int]]] | None = None) -> list[tuple[str, str, int]]:
+    """(path, host address, port) of every web service's replicas: the live ones from the
+    ledger, with `override` (service → its new replicas' addresses and ports) for those being
+    switched. A path with more than one replica becomes an nginx upstream."""
     override = override or {}
     state = ctx.ledger.state(ctx.env_key)
     out = []
@@ -28,12 +30,14 @@ def routes(ctx: JobContext, override: dict[str, tuple[str, int]] | None = None) 
         if not service.is_web:
             continue
         if service.name in override:
-            out.append((service.path, *override[service.name]))
+            out += [(service.path, address, port) for address, port in override[service.name]]
             continue
         live = state.get(service.name)
         if live and live.code and live.code.port:
-            host = ctx.registry.agents.get(live.code.host)
-            out.append((service.path, host.address if host else "127.0.0.1", live.code.port))
+            for replica in live.code.replicas or (Replica(live.code.host, live.code.port),):
+                if replica.port:
+                    host = ctx.registry.agents.get(replica.host)
+                    out.append((service.path, host.address if host else "127.0.0.1", replica.port))
     return out
 
 
@@ -133,7 +137,7 @@ def nginx_content(ctx: JobContext, on: Agent, override=None, probe: str = "") ->
         raise StepFailed(ctx.env_key, "route", f"not written on {on.id}: {exc}") from None
 
 
-def route_check(ctx: JobContext, on: Agent, override: dict[str, tuple[str, int]] | None, probe: str) -> str:
+def route_check(ctx: JobContext, on: Agent, override: dict[str, list[tuple[str, int]]] | None, probe: str) -> str:
     """What the switch asks nginx after its reload: every route, and whether it goes to a new
     instance (which must then have answered) or stays with the one it had."""
     new = {ctx.spec.service(name).path for name in override or {}}
@@ -211,8 +215,8 @@ async def _switch_on(ctx: JobContext, on: Agent, service: str, override=None,
             raise StepFailed(service, "route", refused)
 
 
-async def switch_to(ctx: JobContext, service: str, new: dict[str, tuple[str, int]]) -> None:
-    """Route each service in `new` to its new instance (address, port), in one reload. A switch
+async def switch_to(ctx: JobContext, service: str, new: dict[str, list[tuple[str, int]]]) -> None:
+    """Route each service in `new` to its new instance (each replica's address and port), in one reload. A switch
     cut in the middle (its agent killed) may leave the file naming new instances, which are about
     to be stopped, and the next reload of nginx, for any environment, would route there: the
     route the ledger holds is written back."""

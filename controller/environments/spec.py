@@ -38,7 +38,7 @@ TOP_KEYS = ("version", "app", "environment", "domain", "aliases", "tls", "limits
 TOP_REQUIRED = ("app", "environment", "domain", "services")
 SERVICE_KEYS = ("path", "source", "ref", "root", "install", "build", "migrate", "start", "health",
                 "healthy_after", "drain", "env", "secrets", "uses", "redis", "restart", "writable", "host",
-                "host_labels")
+                "host_labels", "replicas")
 WEB_HEALTH_KEYS = ("path", "status", "timeout", "interval", "deadline")
 DAEMON_HEALTH_KEYS = ("command", "timeout", "interval", "deadline")
 SERVICE_REQUIRED = ("source", "ref", "start")
@@ -169,6 +169,7 @@ class Service:
     writable: tuple[str, ...] = ()  # paths in the working folder linked to `shared/` (decision 033)
     host: str = ""                  # pinned to this agent (decision 034)
     host_labels: tuple[tuple[str, str], ...] = ()  # pinned to agents granted these labels
+    replicas: int = 1               # a web service's processes, on different hosts where it can
 
     def owner_of(self, component: str) -> str:
         """The service whose instance of `component` this one uses: itself, or the one it shares."""
@@ -218,6 +219,8 @@ class Service:
             out["host"] = self.host
         if self.host_labels:
             out["host_labels"] = dict(self.host_labels)
+        if self.replicas != 1:
+            out["replicas"] = self.replicas
         return out
 
 
@@ -370,6 +373,8 @@ def code_fingerprint(service: Service, limits: Limits | None = None) -> str:
         defining["placement"] = {"host": service.host, "labels": dict(service.host_labels)}
     if service.check.to_dict():
         defining["check"] = service.check.to_dict()
+    if service.replicas != 1:  # another count: a new instance, on as many hosts
+        defining["replicas"] = service.replicas
     if limits is not None and limits.to_dict():
         defining["limits"] = limits.to_dict()
     canonical = json.dumps(defining, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -808,8 +813,21 @@ def _service(source: _Source, name: str, body: Any) -> Service:
     writable = _writable(source, at + ("writable",), body.get("writable"))
     host = _host(source, at + ("host",), body.get("host"))
     host_labels = _host_labels(source, at + ("host_labels",), body.get("host_labels"))
+    replicas = _replicas(source, at + ("replicas",), body.get("replicas"), path is not None)
     return Service(name, path, repository, ref, root, install, build, migrate, start, health, env, secrets,
-                   uses, healthy_after, check, drain, shared, redis, restart, writable, host, host_labels)
+                   uses, healthy_after, check, drain, shared, redis, restart, writable, host, host_labels, replicas)
+
+
+REPLICAS_MAX = 32
+
+
+def _replicas(source: _Source, key: Key, value: Any, is_web: bool) -> int:
+    """`replicas: N`: a web service's processes of one code instance, behind one nginx upstream."""
+    if value is None:
+        return 1
+    if not is_web:
+        raise source.error(key, "only a web service (with a path) runs replicas behind its route; a daemon runs once")
+    return _count(source, key, value, 1, 1, REPLICAS_MAX, "replicas")
 
 
 # An agent id, and a label's key or value: what `deployctl agents grant --label` accepts.

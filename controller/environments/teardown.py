@@ -20,7 +20,7 @@ async def remove_code(ctx: JobContext, service: str) -> None:
     rows = [r for r in ledger.instances(env_key, service) if r.component == "code"]
     ran = {r.host for r in rows if r.status in RAN}  # made before folders had marks
     unit = ctx.unit(service)
-    for host_id in sorted({r.host for r in rows if r.host}):
+    for host_id in sorted({host for r in rows for host in r.hosts}):  # every replica's host
         host = ctx.registry.agents.get(host_id)
         if host is None or host.state != CONNECTED:
             raise StepFailed(service, "remove", f"agent {host_id} is not connected: nothing was removed there")
@@ -35,8 +35,9 @@ async def remove_code(ctx: JobContext, service: str) -> None:
             ctx.note(f"{service}: {line}")
     for r in rows:
         ledger.set_status(env_key, service, "code", r.number, Status.REMOVED)
-        if r.port:
-            ledger.release_port(r.host, r.port)
+        for replica in r.replicas:
+            if replica.port:
+                ledger.release_port(replica.host, replica.port)
     data_hosts = set()
     for r in ledger.instances(env_key, service):
         if r.names.get("mode") == "dedicated" and r.status not in (Status.REMOVED, Status.TAKEN):
@@ -64,8 +65,8 @@ async def destroy(ctx: JobContext, purge_data: bool) -> str:
     routed = bool(ledger.state(env_key))
     for service in sorted({r.service for r in rows}):
         await remove_code(ctx, service)
-    for host_id in sorted({r.host for r in rows if (r.component == "code" or r.names.get("mode") == "dedicated")
-                           and r.host}):
+    for host_id in sorted({host for r in rows if r.component == "code" for host in r.hosts} |
+                          {r.host for r in rows if r.names.get("mode") == "dedicated" and r.host}):
         host = ctx.registry.agents[host_id]  # connected: remove_code has just used it
         op = await ctx.sh(host, ownership.if_unix_user_ours(
             ctx.unix_user, ledger.owner, ops.remove_unix_user(ctx.unix_user, host.services_root),

@@ -55,6 +55,7 @@ class Facts:
     env_owners: dict[str, str] = field(default_factory=dict)   # service → owner of its .env
     users: dict[str, bool] = field(default_factory=dict)       # host → the environment's user exists there
     processes: dict[tuple[str, str], bool] = field(default_factory=dict)  # (unit, instance) → alive
+    host_processes: dict[str, dict[tuple[str, str], bool]] = field(default_factory=dict)  # host → its own listing
     health: dict[str, str] = field(default_factory=dict)       # service → "" ok, or why not
     nginx: str | None = None                                   # content, None if missing
     nginx_expected: str = ""
@@ -73,6 +74,17 @@ class Facts:
     other_routers: dict[str, tuple[str | None, str]] = field(default_factory=dict)  # id → (file, expected)
     certificates: dict[str, str | None] = field(default_factory=dict)  # router → the certificate it serves
     certificate_expected: str = ""                                     # the one in the environment's secret
+    # A web service's other replicas (`replicas: N`): (service, rank from 2) → what their host shows.
+    replicas: dict[tuple[str, int], "ReplicaFacts"] = field(default_factory=dict)
+
+
+@dataclass
+class ReplicaFacts:
+    host: str
+    process: str
+    commit: str = ""       # its release's commit, "missing", or "" when its host could not be asked
+    alive: bool = False
+    health: str = ""       # "" ok, or why not
 
 
 class Checker:
@@ -91,7 +103,7 @@ class Checker:
     async def gather(self) -> Facts:
         facts = Facts()
         state = self.ledger.state(self.env_key)
-        hosts = {live.code.host for live in state.values() if live.code}
+        hosts = {host for live in state.values() if live.code for host in live.code.hosts}
         for host_id in sorted(hosts):
             host = self.ctx.registry.agents.get(host_id)
             if host is None or host.state != "connected":
@@ -133,14 +145,25 @@ class Checker:
         facts.folder_marks.update(folders)
         if user_exists is not None:
             facts.users[host.id] = user_exists
-        releases = {service: f"{naming.service_dir(host.services_root, self.spec.app, self.spec.environment, service)}"
-                             f"/releases/{live.code.number}"
+        def release_of(service: str, live) -> str:
+            return (f"{naming.service_dir(host.services_root, self.spec.app, self.spec.environment, service)}"
+                    f"/releases/{live.code.number}")
+        releases = {service: release_of(service, live)
                     for service, live in state.items() if live.code and live.code.host == host.id}
+        others = {(service, rank): replica for service, live in state.items() if live.code
+                  for rank, replica in enumerate(live.code.replicas[1:], start=2) if replica.host == host.id}
+        releases.update({f"{service}#{rank}": release_of(service, state[service]) for service, rank in others})
         if releases and facts.users.get(host.id):
             # As the environment's user: root never runs git in a repository its user owns.
             probe = await self.ctx.sh(host, Releases.command(releases), self.env_key, "inspect releases", check=False,
                                       user=user)
             for service, found in Releases.parse(output_of(probe)).items():
+                if "#" in service:  # another replica's release: its commit only (the first one's .env is checked)
+                    name, _, rank = service.partition("#")
+                    if (name, int(rank)) in others:
+                        facts.replicas[(name, int(rank))] = ReplicaFacts(host.id, others[(name, int(rank))].process,
+                                                                         found.commit)
+                    continue
                 if found.commit:
                     facts.releases[service] = found.commit
                 if found.env_mode:
@@ -149,9 +172,20 @@ class Checker:
                     facts.env_owners[service] = found.env_owner
         listing = await self.ctx.run_op(host, ServiceProcesses.operation(naming.PREFIX),
                                            self.env_key, "list processes", check=False)
+        here = facts.host_processes.setdefault(host.id, {})
         for process in ServiceProcesses.parse(output_of(listing)):
             facts.processes[(process.name, process.instance)] = process.alive
+            here[(process.name, process.instance)] = process.alive
         address = host.address
+        for (service, rank), replica in others.items():  # each replica by its host's own listing
+            seen = facts.replicas.setdefault((service, rank), ReplicaFacts(host.id, replica.process))
+            seen.alive = here.get((self.ctx.unit(service), replica.process), False)
+            definition = next((s for s in self.spec.services if s.name == service), None)
+            if seen.alive and replica.port and definition and definition.is_web:
+                probe = await self.ctx.run_op(host, pb.Operation(http_probe=pb.HttpProbeSpec(
+                    url=f"http://{ops.url_host(address)}:{replica.port}{definition.health}", attempts=2,
+                    interval_s=0.5, timeout_s=2.0)), service, "health", check=False)
+                seen.health = probe.result.error if probe.result.exit_code else ""
         for service, live in state.items():
             definition = self.spec.service(service) if service in {s.name for s in self.spec.services} else None
             if live.code and live.code.host == host.id and live.code.port and definition and definition.is_web:
@@ -375,12 +409,34 @@ def _code_findings(env_key, service, where, code, ledger, facts: Facts, user, un
             out.append(Finding(where, f"code {code.number}: .env has mode {mode}, not 600", "env-mode", service))
         row = ledger.instance(env_key, service, "code", code.number)
         process = row.names.get("process", "") if row else ""
-        if process and not facts.processes.get((unit(service), process), False):
+        listed = facts.host_processes.get(code.host, facts.processes)  # replicas elsewhere may share a name
+        if process and not listed.get((unit(service), process), False):
             out.append(Finding(where, f"code {code.number}: process {process} is not running", "restart", service))
         elif facts.health.get(service):
             out.append(Finding(where, f"code {code.number}: health check fails: {facts.health[service]}",
                                "restart", service))
+    for rank, replica in enumerate(code.replicas[1:], start=2):
+        out += _replica_findings(where, service, code, rank, replica, facts, registry)
     return out
+
+
+def _replica_findings(where, service, code, rank, replica, facts: Facts, registry) -> list[Finding]:
+    """Another replica of the live code instance, on its own host: its release, process and health.
+    Each is put right by restarting the instance (every replica, blue/green)."""
+    at = f"code {code.number}: replica {rank} on {replica.host}"
+    host = registry.agents.get(replica.host)
+    seen = facts.replicas.get((service, rank))
+    if host is None or host.state != "connected" or seen is None:
+        return [Finding(where, f"{at}: agent {replica.host} is not connected, cannot check", "")]
+    if seen.commit == "missing":
+        return [Finding(where, f"{at}: release folder is missing", "checkout", service, code.commit)]
+    if seen.commit and seen.commit != code.commit:
+        return [Finding(where, f"{at}: release is at {seen.commit[:12]}, not {code.commit[:12]}", "", service)]
+    if not seen.alive:
+        return [Finding(where, f"{at}: process {replica.process} is not running", "restart", service)]
+    if seen.health:
+        return [Finding(where, f"{at}: health check fails: {seen.health}", "restart", service)]
+    return []
 
 
 def _mysql_findings(env_key, service, where, mysql, ledger, facts: Facts) -> list[Finding]:
@@ -464,7 +520,8 @@ def _orphan_findings(env_key, spec, ledger, facts: Facts, claimed, unit) -> list
             out.append(Finding("nginx", f"orphan route file {name}", "", target=name))
     rows = ledger.instances(env_key)
     units = {unit(r.service) for r in rows} | {unit(s.name) for s in spec.services}
-    known = {(unit(r.service), r.names.get("process")) for r in rows if r.component == "code" and r.status != Status.REMOVED}
+    known = {(unit(r.service), replica.process) for r in rows if r.component == "code" and r.status != Status.REMOVED
+             for replica in r.replicas}
     # A service's dedicated Redis servers: instance n under its Redis unit.
     redis_units = {naming.redis_unit(spec.app, spec.environment, r.service) for r in rows}
     units |= redis_units

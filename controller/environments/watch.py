@@ -28,6 +28,7 @@ class HealthSettings:
     every: float = 10.0
     failures: int = 3
     timeout: float = 2.0
+    replace_after: float = 300.0   # a web replica whose host is lost this long is started on another host
 
 
 @dataclass(frozen=True)
@@ -76,22 +77,23 @@ class Watcher:
         by_host: dict[str, list] = {}
         by_env: dict[str, list] = {}
         for row in self.ledger.live_code():
-            if row.port and row.names.get("process"):
-                by_host.setdefault(row.host, []).append(row)
-                by_env.setdefault(row.env_key, []).append(row)
+            for replica in row.replicas:  # each replica is checked by the agent of its host
+                if replica.port and replica.process:
+                    by_host.setdefault(replica.host, []).append((row, replica))
+            by_env.setdefault(row.env_key, []).append(row)
         web_of = {env_key: self._web_services(env_key, rows) for env_key, rows in by_env.items()}
         for host, rows in by_host.items():
             agent, session = self.registry.agents.get(host), self.registry.session(host)
             if agent is None or session is None or agent.state != CONNECTED:
                 continue
             targets, watched = [], {}
-            for row in rows:
+            for row, replica in rows:
                 web = web_of[row.env_key].get(row.service)
                 if web is None or self.healer.busy(row.env_key, row.service):
                     continue
-                key = f"{row.env_key}|{row.service}|{row.names['process']}"
-                watched[key] = Watched(row.env_key, row.service, row.names["process"], row.updated)
-                targets.append(pb.ProbeTarget(key=key, host=ops.url_host(agent.address).strip("[]"), port=row.port,
+                key = f"{row.env_key}|{row.service}|{replica.process}"
+                watched[key] = Watched(row.env_key, row.service, replica.process, row.updated)
+                targets.append(pb.ProbeTarget(key=key, host=ops.url_host(agent.address).strip("[]"), port=replica.port,
                                               path=web[0], expect_statuses=web[1]))
             if targets:
                 self.sent[host] = (self.round, watched)

@@ -249,6 +249,15 @@ MIGRATIONS = [
         not_after REAL NOT NULL, obtained REAL NOT NULL
     );
     """,
+    # 15: processes a deploy could not stop because their host was away (a replica moved off a
+    # lost host): stopped when it is back (docs/decisions/037-replicas.md).
+    """
+    CREATE TABLE stop_debts (
+        host TEXT NOT NULL, env_key TEXT NOT NULL, service TEXT NOT NULL, process TEXT NOT NULL,
+        port INTEGER NOT NULL DEFAULT 0, since REAL NOT NULL,
+        PRIMARY KEY (host, env_key, service, process)
+    );
+    """,
 ]
 SEALED_VERSION = MIGRATIONS.index(_seal_at_rest) + 1
 
@@ -391,6 +400,21 @@ class Database:
         """The environments whose route changed while this router was away."""
         return [r[0] for r in self.conn.execute(
             "SELECT env_key FROM route_debts WHERE router_id=? ORDER BY since", (router_id,))]
+
+    def owe_stop(self, host: str, env_key: str, service: str, process: str, port: int) -> None:
+        self.conn.execute("INSERT OR IGNORE INTO stop_debts VALUES (?, ?, ?, ?, ?, ?)",
+                          (host, env_key, service, process, port, time.time()))
+
+    def paid_stop(self, host: str, env_key: str, service: str, process: str) -> None:
+        self.conn.execute("DELETE FROM stop_debts WHERE host=? AND env_key=? AND service=? AND process=?",
+                          (host, env_key, service, process))
+
+    def stop_debts(self, host: str, env_key: str | None = None) -> list[tuple[str, str, str, int]]:
+        """(environment, service, process, port) of what is to be stopped on `host` when it is back."""
+        query, args = "SELECT env_key, service, process, port FROM stop_debts WHERE host=?", [host]
+        if env_key is not None:
+            query, args = query + " AND env_key=?", args + [env_key]
+        return [tuple(r) for r in self.conn.execute(query + " ORDER BY since", args)]
 
     def acme_account(self, directory: str) -> tuple[str, str] | None:
         """(account key PEM, account URL) for an ACME directory."""

@@ -63,6 +63,39 @@ class InstanceRow:
     def to_dict(self) -> dict:
         return {**asdict(self), "status": self.status.value}
 
+    @property
+    def replicas(self) -> list["Replica"]:
+        """A code instance's processes: its own row's (the first replica), then the others a web
+        service with `replicas:` runs (recorded in `names`) — one code instance for all of them."""
+        return replicas_of(self.host, self.port, self.names)
+
+    @property
+    def hosts(self) -> list[str]:
+        """The hosts its replicas run on, each once, the first replica's first."""
+        return list(dict.fromkeys(r.host for r in self.replicas if r.host))
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One process of a code instance: where it runs, on which port, as which instance name."""
+
+    host: str
+    port: int = 0
+    process: str = ""
+
+    def to_dict(self) -> dict:
+        return {"host": self.host, "port": self.port, "process": self.process}
+
+
+def replica_key(service: str, slot: int) -> str:
+    """How placement names a replica: the service for the first, SERVICE#N for the others."""
+    return f"{service}#{slot}" if slot else service
+
+
+def replicas_of(host: str, port: int, names: dict) -> list[Replica]:
+    return [Replica(host, port or 0, names.get("process", "")),
+            *(Replica(r.get("host", ""), r.get("port") or 0, r.get("process", "")) for r in names.get("replicas", ()))]
+
 
 @dataclass(frozen=True)
 class LiveInstance:
@@ -73,6 +106,11 @@ class LiveInstance:
     port: int = 0
     mode: str = ""      # a Redis instance's: prefix or dedicated ('' for one made before modes: prefix)
     maxmemory: int = 0  # a dedicated Redis's memory bound, as it runs
+    replicas: tuple[Replica, ...] = ()  # a code instance's processes, the first at (host, port)
+
+    @property
+    def hosts(self) -> list[str]:
+        return list(dict.fromkeys(r.host for r in self.replicas if r.host)) or ([self.host] if self.host else [])
 
 
 @dataclass(frozen=True)
@@ -125,7 +163,9 @@ class Ledger:
         for r in rows:
             found.setdefault(r["service"], {})[r["component"]] = LiveInstance(
                 r["number"], r["commit_sha"] or "", r["fingerprint"] or "", r["host"] or "", r["port"] or 0,
-                *_redis_settings(r))
+                *_redis_settings(r), replicas=tuple(replicas_of(r["host"] or "", r["port"] or 0,
+                                                                json.loads(r["names"] or "{}")))
+                if r["component"] == "code" else ())
         # What each service's last successful deploy used of other services' instances.
         for r in self.conn.execute(
                 "SELECT d.* FROM deploys d WHERE env_key=? AND outcome='succeeded' AND (mysql_of != '' OR "
@@ -169,17 +209,21 @@ class Ledger:
         return [InstanceRow.of(r) for r in self.conn.execute(
             "SELECT * FROM instances WHERE component='code' AND status='live'")]
 
-    def live_code_on(self, host: str) -> list[InstanceRow]:
-        """The live code instances of every environment on one host."""
-        return [InstanceRow.of(r) for r in self.conn.execute(
-            "SELECT * FROM instances WHERE host=? AND component='code' AND status='live'", (host,))]
+    def live_code_on(self, host: str) -> list[tuple[InstanceRow, Replica]]:
+        """The live code instances of every environment with a replica on one host, and that replica
+        (each, if several are there)."""
+        return [(row, replica) for row in self.live_code() for replica in row.replicas if replica.host == host]
 
     def placed(self) -> list[tuple[str, str, str]]:
-        """(environment, service, host) of every code instance that runs or is being made: what
-        placement counts as placed on each host."""
-        return [(r["env_key"], r["service"], r["host"]) for r in self.conn.execute(
-            "SELECT env_key, service, host FROM instances WHERE component='code' AND status IN ('live', 'building')"
-            " AND host != ''")]
+        """(environment, service, host) of every code instance that runs or is being made, once
+        per replica (the replicas after the first as SERVICE#N): what placement counts as placed
+        on each host."""
+        out = []
+        for r in self.conn.execute("SELECT env_key, service, host, port, names FROM instances WHERE component='code' "
+                                   "AND status IN ('live', 'building') AND host != ''"):
+            for slot, replica in enumerate(replicas_of(r["host"], r["port"], json.loads(r["names"] or "{}"))):
+                out.append((r["env_key"], replica_key(r["service"], slot), replica.host))
+        return out
 
     def every_instance(self) -> list[InstanceRow]:
         """Every environment's instances: what a check across environments reads."""
@@ -295,7 +339,11 @@ class Ledger:
                 "AND component=? AND number=?",
                 (status, port, time.time(), env_key, service, component, number))
 
-    def set_names(self, env_key: str, service: str, component: str, number: int, **names: str) -> None:
+    def set_host(self, env_key: str, service: str, component: str, number: int, host: str) -> None:
+        self.conn.execute("UPDATE instances SET host=?, updated=? WHERE env_key=? AND service=? AND component=? "
+                          "AND number=?", (host, time.time(), env_key, service, component, number))
+
+    def set_names(self, env_key: str, service: str, component: str, number: int, **names) -> None:
         row = self.instance(env_key, service, component, number)
         merged = {**row.names, **names} if row else names
         self.conn.execute(
