@@ -121,6 +121,7 @@ def event_line(e: dict) -> str:
                                    "is a web service's and the host stays lost (health.replace_after)"),
             "replacing": lambda: f"moving off {e.get('host')}: {e.get('why')} ({e.get('job')})",
             "moved": lambda: f"moved off {e.get('host')}: now on {', '.join(e.get('to') or []) or '?'} ({e.get('job')})",
+            "stopped": lambda: f"stopped process {e.get('process')} on {e.get('host')}: {e.get('why')}",
             "move-failed": lambda: f"could not move off {e.get('host')} ({e.get('job')}): {e.get('why')}"}
     text = what.get(e["kind"], lambda: e["kind"])()
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["t"]))

@@ -881,7 +881,7 @@ def test_a_fork_bomb_stays_within_its_environments_process_limit(tenant_agent):
 
         bomb = await _exec(agent, "bomb() { bomb | bomb & }; bomb; sleep 3", limits, timeout=4)
         leaf = f"{group_dir}/{bomb.op_id}"
-        peak, host_forks, refused = 0, 0, 0
+        peak, host_forks, refused, host_refused = 0, 0, 0, []
         while not bomb.task.done():
             try:
                 peak = max(peak, int(_Path(f"{leaf}/pids.current").read_text()))
@@ -891,17 +891,21 @@ def test_a_fork_bomb_stays_within_its_environments_process_limit(tenant_agent):
                                            for d in (leaf, group_dir)])
             except (OSError, ValueError, IndexError):
                 pass
-            # The host still forks while the bomb runs: this very test does.
-            host_forks += _subprocess.run(["true"]).returncode == 0
+            # The host still forks while the bomb runs: this very test does, and is never refused
+            # (how many times it gets to depends on how busy the machine is, not on the bomb).
+            try:
+                host_forks += _subprocess.run(["true"]).returncode == 0
+            except OSError as exc:  # EAGAIN: the bomb would have taken the host's processes
+                host_refused.append(exc)
             await _asyncio.sleep(0.02)
         await bomb.task
-        return bomb, peak, host_forks, refused
+        return bomb, peak, host_forks, refused, host_refused
 
     started = _time.monotonic()
-    bomb, peak, host_forks, refused = _asyncio.run(attack())
+    bomb, peak, host_forks, refused, host_refused = _asyncio.run(attack())
     assert 32 <= peak <= 64, (peak, bomb.result)  # it did fork up to its limit, and no further
     assert refused > 0                      # the kernel said no to the forks beyond it
-    assert host_forks > 10
+    assert host_forks >= 1 and host_refused == []
     assert bomb.result.outcome in (_pb.TIMED_OUT, _pb.EXITED, _pb.SIGNALED), bomb.result
     assert not _os.path.exists(f"{group_dir}/{bomb.op_id}")        # the leaf is gone: nothing of it is left
     assert _Path(f"{group_dir}/pids.current").read_text().strip() == "0"

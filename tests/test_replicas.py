@@ -142,7 +142,18 @@ def test_replicas_on_both_hosts_survive_a_host_cut_and_move_off_it_once_it_stays
         out = subprocess.run(fleet.host("computing-1").argv("ss", "-Hltn"), capture_output=True, text=True).stdout
         return any(line.split()[3].endswith(f":{left_port}") for line in out.splitlines() if len(line.split()) > 3)
     wait_for(lambda: not listening(), 60, every=0.5, what=f"the old replica on computing-1 stopped (port {left_port})")
-    stop = wait_for(lambda: next((j for j in json.loads(ok(cluster.deployctl("jobs", "--env", key, "--json")))
-                                  if j["kind"] == "stop" and j["state"] != "running"), None), 60, what="the stop job")
-    assert stop["state"] == "succeeded", stop
+    stopped = wait_for(lambda: [e for e in map(json.loads, ok(cluster.deployctl("events", key, "--json")).splitlines())
+                                if e["kind"] == "stopped"] or None, 30, what="the stop in the history")
+    assert [e["host"] for e in stopped] == ["computing-1"], stopped
+    ok(cluster.deployctl("verify", key, timeout=300))
+
+    # Three replicas on two hosts: two share one (their own ports, one release), all three serve.
+    three_out = ok(cluster.deployctl("apply", str(spec_file(world, env, {"web": plain(world, replicas=3)})),
+                                     timeout=600))
+    assert "1 replica shares a host" in three_out, three_out
+    (web,) = status(world, env)
+    assert sorted(r["host"] for r in web["replicas"]) == ["computing-1", "computing-2", "computing-2"] or \
+        sorted(r["host"] for r in web["replicas"]) == ["computing-1", "computing-1", "computing-2"], web
+    assert all(r["process"] == "running" and r["health"] == "ok" for r in web["replicas"]), web
+    assert len({(r["host"], r["port"]) for r in web["replicas"]}) == 3
     ok(cluster.deployctl("verify", key, timeout=300))

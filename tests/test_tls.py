@@ -89,9 +89,12 @@ NAMES = ("shop.example", "www.shop.example")
 
 @pytest.mark.parametrize("issued, why", [
     (None, "the environment has no certificate yet"),
-    ((("shop.example",), "", "", 1e12), "the certificate does not cover www.shop.example"),
-    ((NAMES, "", "", 1000.0 + 10 * 86400), "the certificate has 10 days left"),
-    ((NAMES, "", "", 1000.0 + 31 * 86400), ""),
+    ((("shop.example",), "", "", 1e12, 0.0), "the certificate does not cover www.shop.example"),
+    ((NAMES, "", "", 1000.0 + 10 * 86400, 1000.0 - 80 * 86400), "the certificate has 10 days left"),
+    ((NAMES, "", "", 1000.0 + 31 * 86400, 1000.0 - 59 * 86400), ""),
+    # Issued for 6 days only (less than renew_before): renewed with a third of it left, not at once.
+    ((NAMES, "", "", 1000.0 + 5 * 86400, 1000.0 - 86400), ""),
+    ((NAMES, "", "", 1000.0 + 86400, 1000.0 - 5 * 86400), "the certificate has 1 days left"),
 ])
 def test_a_certificate_is_due_without_one_for_a_new_name_or_with_under_30_days_left(issued, why):
     assert certificates.due(issued, NAMES, 30 * 86400, now=1000.0) == why

@@ -17,6 +17,7 @@ import json
 import ssl
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from typing import Awaitable, Callable
@@ -34,6 +35,7 @@ POLL_S = 1.0
 ORDER_DEADLINE_S = 180.0
 BAD_NONCE = "urn:ietf:params:acme:error:badNonce"
 USER_AGENT = "deployer-acme/1"
+REPLY_MAX = 1 << 20          # a directory, an order or a chain is far smaller
 
 
 class AcmeError(errors.Failed):
@@ -97,9 +99,24 @@ class Reply:
 
     def json(self) -> dict:
         try:
-            return json.loads(self.body or b"{}")
+            body = json.loads(self.body or b"{}")
         except ValueError:
             raise AcmeError(f"the ACME server answered {self.status} with no JSON") from None
+        if not isinstance(body, dict):
+            raise AcmeError(f"the ACME server answered {self.status} with JSON that is not an object")
+        return body
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parsed = urllib.parse.urlsplit(url)
+    return (parsed.scheme, parsed.netloc) if parsed.scheme == "https" else ("", "")
+
+
+def _bounded(response) -> bytes:
+    body = response.read(REPLY_MAX + 1)
+    if len(body) > REPLY_MAX:
+        raise AcmeError(f"the ACME server answered more than {REPLY_MAX} bytes")
+    return body
 
 
 def _problem(reply: Reply, doing: str) -> AcmeError:
@@ -125,6 +142,10 @@ class Client:
     # ---------------------------------------------------------------- transport
 
     def _http(self, url: str, data: bytes | None = None, method: str = "GET", accept: str = "") -> Reply:
+        # The server's own URLs (orders, challenges, the certificate) are followed only on its
+        # origin, over HTTPS: a server is not trusted to send the controller anywhere else.
+        if not isinstance(url, str) or _origin(url) != _origin(self.directory_url):
+            raise AcmeError(f"the ACME server named a URL off its own origin: {str(url)[:120]!r}")
         request = urllib.request.Request(url, data=data, method=method, headers={"User-Agent": USER_AGENT})
         if data is not None:
             request.add_header("Content-Type", "application/jose+json")
@@ -132,9 +153,9 @@ class Client:
             request.add_header("Accept", accept)
         try:
             with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S, context=self.context) as response:
-                reply = Reply(response.status, dict(response.headers.items()), response.read())
+                reply = Reply(response.status, dict(response.headers.items()), _bounded(response))
         except urllib.error.HTTPError as exc:
-            reply = Reply(exc.code, dict(exc.headers.items()), exc.read())
+            reply = Reply(exc.code, dict(exc.headers.items()), _bounded(exc))
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise AcmeError(f"the ACME server {self.directory_url} cannot be reached: {reason}") from None
@@ -212,7 +233,17 @@ async def obtain(client: Client, names: tuple[str, ...], certificate_key: str, p
                  contact: str = "") -> str:
     """The certificate chain (PEM) for `names`, issued for `certificate_key`. `publish` is given
     every HTTP-01 answer this order needs (token → key authorisation) and must have them served
-    before it returns; it is called with {} at the end, to take them down."""
+    before it returns; it is called with {} at the end, to take them down. A reply that lacks what
+    RFC 8555 says it holds is an AcmeError, like a refusal."""
+    try:
+        return await _obtain(client, names, certificate_key, publish, contact)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise AcmeError(f"the ACME server's reply lacks what the protocol needs ({type(exc).__name__}: "
+                        f"{str(exc)[:80]})") from None
+
+
+async def _obtain(client: Client, names: tuple[str, ...], certificate_key: str, publish: Publish,
+                  contact: str) -> str:
     deadline = time.monotonic() + ORDER_DEADLINE_S
     await asyncio.to_thread(client.register, contact)
     reply = await asyncio.to_thread(client.post, client.url("newOrder"),

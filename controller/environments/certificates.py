@@ -13,7 +13,6 @@ job, started by the controller's own round (`due_now`) or by the operator.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import re
 import time
 from dataclasses import dataclass
@@ -43,12 +42,15 @@ def due(issued, names: tuple[str, ...], renew_before: float, now: float | None =
     """Why a new certificate is needed (a few words), or "" if the one `issued` will do."""
     if issued is None:
         return "the environment has no certificate yet"
-    covered, _chain, _key, not_after = issued
+    covered, _chain, _key, not_after, obtained = issued
     missing = [n for n in names if n not in covered]
     if missing:
         return f"the certificate does not cover {', '.join(missing)}"
     left = not_after - (now if now is not None else time.time())
-    if left < renew_before:
+    # A CA that issues for less than renew_before (a short-lived profile) is renewed once a third
+    # of the lifetime is left, not at every round.
+    lifetime = not_after - obtained
+    if left < (min(renew_before, lifetime / 3) if lifetime > 0 else renew_before):
         return f"the certificate has {max(left, 0) / DAY:.0f} days left"
     return ""
 
@@ -150,5 +152,3 @@ def due_now(ledger, specs: dict[str, object], settings: AcmeSettings, now: float
     return out
 
 
-def until(issued) -> str:
-    return datetime.datetime.fromtimestamp(issued[3], datetime.timezone.utc).strftime("%Y-%m-%d") if issued else ""

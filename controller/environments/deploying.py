@@ -170,7 +170,7 @@ def place(ctx: JobContext, service, live, code) -> list[Agent]:
     `hosts.PENDING` until the deploy ends, so jobs placing at the same time see each other's
     choice."""
     if code.new:
-        where = tuple(live.code.hosts) if live and live.code else ()
+        where = tuple(r.host for r in live.code.replicas) if live and live.code else ()
     else:
         row = ctx.ledger.instance(ctx.env_key, service.name, "code", code.number)
         where = tuple(r.host for r in row.replicas) if row and row.host else \
@@ -201,22 +201,37 @@ async def _up(ctx: JobContext, d: Deployment, sp: ServicePlan, numbers: dict[str
     live_db = None if mysql is None or mysql.new else d.shared.get("mysql") or (d.service.name, numbers["mysql"])
     await _build(ctx, d, workdir, env_path, migrate, live_db)
     await start(ctx, d, workdir, env_path)
-    if d.replicas:  # the others once the first is healthy (and migrated), each on its host at once
-        results = await asyncio.gather(*(_up_replica(ctx, d, r, sp) for r in d.replicas), return_exceptions=True)
-        failed = [x for x in results if isinstance(x, BaseException)]
-        if failed:
-            raise failed[0]
+    if not d.replicas:
+        return
+    # The others once the first is healthy (and migrated): each host's at the same time as the
+    # others', one after the other on a host, where the first to come builds the release the
+    # next ones share (a replica on the first one's host shares its release).
+    on: dict[str, list[Deployment]] = {}
+    for r in d.replicas:
+        on.setdefault(r.host.id, []).append(r)
+
+    async def one_host(replicas: list[Deployment]) -> None:
+        for index, r in enumerate(replicas):
+            await _up_replica(ctx, d, r, sp, built=index > 0 or r.host.id == d.host.id)
+    results = await asyncio.gather(*(one_host(rs) for rs in on.values()), return_exceptions=True)
+    failed = [x for x in results if isinstance(x, BaseException)]
+    if failed:
+        raise failed[0]
 
 
-async def _up_replica(ctx: JobContext, d: Deployment, r: Deployment, sp: ServicePlan) -> None:
+async def _up_replica(ctx: JobContext, d: Deployment, r: Deployment, sp: ServicePlan, built: bool) -> None:
     """One more replica of the instance `d` has started: its release on its host (checked out
-    and built there: no migrate, the first one ran it), its `.env` (the same data, its own
-    PORT), its process, healthy."""
+    and built there — no migrate, the first one ran it — unless another replica on that host
+    has `built` it), its `.env` (the same data, its own PORT), its process, healthy."""
     r.code = d.code  # moved past a taken number on the first host, if it was
-    await _prepare(ctx, r, sp)
-    workdir = await _layout(ctx, r)
-    env_path = await _write_env(ctx, r, d.generated)
-    await _build(ctx, r, workdir, env_path, migrate=False)
+    if built:  # its own .env beside the other's, in the release they share
+        workdir = _workdir(r)
+        env_path = await _write_env(ctx, r, d.generated, path=f"{_release(r)}/.env.replica-{r.slot}")
+    else:
+        await _prepare(ctx, r, sp)
+        workdir = await _layout(ctx, r)
+        env_path = await _write_env(ctx, r, d.generated)
+        await _build(ctx, r, workdir, env_path, migrate=False)
     await start(ctx, r, workdir, env_path)
 
 
@@ -255,12 +270,16 @@ async def _configure(ctx: JobContext, d: Deployment, numbers: dict[str, int], my
 
 async def _layout(ctx: JobContext, d: Deployment) -> str:
     """The release's owners and modes on the deploy's host; its working folder."""
+    await ctx.sh(d.host, ops.service_layout(d.service_dir, _release(d), ctx.unix_user), d.service.name, "permissions")
+    return _workdir(d)
+
+
+def _workdir(d: Deployment) -> str:
     release = _release(d)
-    await ctx.sh(d.host, ops.service_layout(d.service_dir, release, ctx.unix_user), d.service.name, "permissions")
     return f"{release}/{d.service.root}" if d.service.root else release
 
 
-async def _write_env(ctx: JobContext, d: Deployment, generated: dict[str, str]) -> str:
+async def _write_env(ctx: JobContext, d: Deployment, generated: dict[str, str], path: str = "") -> str:
     """The `.env` from the data values, the spec's env and secrets, and this replica's PORT."""
     service, name, release = d.service, d.service.name, _release(d)
     generated = dict(generated)
@@ -274,8 +293,8 @@ async def _write_env(ctx: JobContext, d: Deployment, generated: dict[str, str]) 
     stored = ctx.ledger.secrets(ctx.env_key)
     values.update({secret: stored[secret] for secret in service.secrets})
     # A reused release keeps serving from its .env until the switch: stage the new one beside it.
-    env_path = f"{release}/.env" if d.code_new else f"{release}/.env.deploy-{d.deploy}"
-    d.staged_env = "" if d.code_new else env_path
+    env_path = path or (f"{release}/.env" if d.code_new else f"{release}/.env.deploy-{d.deploy}")
+    d.staged_env = "" if d.code_new or path else env_path
     try:
         content = ops.env_file(values)
     except ValueError as exc:
@@ -334,8 +353,7 @@ async def _after_switch(ctx: JobContext, d: Deployment, live, numbers: dict[str,
             await ctx.sh(r.host, ops.in_release(release, ctx.unix_user, ops.move_staged_env(r.staged_env, release + "/.env")),
                          name, ".env", check=False)
         await ctx.sh(r.host, ops.current_script(r.service_dir, release), name, "current", check=False)
-    for host in dict.fromkeys(r.host.id for r in d.every_replica):
-        await _prune_releases(ctx, next(r for r in d.every_replica if r.host.id == host))
+    await _prune_releases(ctx, d)
 
 
 async def _stop_replaced_servers(ctx: JobContext, d: Deployment, live, numbers: dict[str, int]) -> None:
@@ -402,6 +420,8 @@ async def start(ctx: JobContext, d: Deployment, workdir: str, env_path: str) -> 
         d.process = f"{d.code}-d{d.deploy}"
     if not d.slot:  # the deploy's row holds the first replica's: what recovery reads after a crash
         ctx.ledger.set_step(ctx.env_key, name, d.deploy, "start", port=d.port or None, process=d.process)
+    else:
+        ctx.ledger.add_deploy_replica(ctx.env_key, name, d.deploy, Replica(d.host.id, d.port, d.process))
     unit = ctx.unit(name)
     await ctx.run_op(d.host, pb.Operation(service_start=pb.ServiceStartSpec(
         name=unit, instance=d.process, argv=["sh", "-c", f"exec {service.start}"], cwd=workdir,
@@ -453,7 +473,8 @@ def go_live(ctx: JobContext, d: Deployment, numbers: dict[str, int]) -> None:
         if d.host is not None:  # where the first replica runs now (it moves off a lost host)
             ctx.ledger.set_host(ctx.env_key, name, "code", d.code, d.host.id)
         ctx.ledger.set_names(ctx.env_key, name, "code", d.code, process=d.process,
-                             replicas=[Replica(r.host.id, r.port, r.process).to_dict() for r in d.replicas])
+                             replicas=[Replica(r.host.id, r.port, r.process).to_dict() for r in d.replicas
+                                       if r.host is not None and r.process])
         ctx.ledger.make_live(ctx.env_key, name, "code", d.code)
         for component, number in numbers.items():
             ctx.ledger.make_live(ctx.env_key, name, component, number)
@@ -499,22 +520,28 @@ async def _retire_one(ctx: JobContext, d: Deployment, old: Replica) -> None:
 
 
 async def _prune_releases(ctx: JobContext, d: Deployment) -> None:
+    """Releases beyond the newest KEEP_RELEASES go, on every host of the instance's replicas."""
     rows = [r for r in ctx.ledger.instances(ctx.env_key, d.service.name) if r.component == "code"]
     keep = {r.number for r in rows if r.status in (*RAN, Status.BUILDING)}
     keep = set(sorted(keep)[-KEEP_RELEASES:]) | {d.code}
     doomed = [r.number for r in rows if r.number not in keep and r.status not in (Status.REMOVED, Status.TAKEN)]
     if not doomed:
         return
-    await ctx.sh(d.host, ops.remove_paths(*(f"{d.service_dir}/releases/{n}" for n in doomed)), d.service.name,
-                 "prune releases", check=False)
-    await ctx.run_op(d.host, pb.Operation(release_seal=pb.ReleaseSealSpec(store=f"{d.service_dir}/store", prune=True)),
-                     d.service.name, "prune store", check=False)
+    for r in {r.host.id: r for r in reversed(d.every_replica)}.values():  # each host once
+        await ctx.sh(r.host, ops.remove_paths(*(f"{r.service_dir}/releases/{n}" for n in doomed)), d.service.name,
+                     "prune releases", check=False)
+        await ctx.run_op(r.host, pb.Operation(release_seal=pb.ReleaseSealSpec(store=f"{r.service_dir}/store",
+                                                                              prune=True)),
+                         d.service.name, "prune store", check=False)
     for number in doomed:
         ctx.ledger.set_status(ctx.env_key, d.service.name, "code", number, Status.REMOVED)
 
 
 async def _undo_replica(ctx: JobContext, d: Deployment) -> None:
     name = d.service.name
+    if d.process and d.slot and d.host.state != CONNECTED:  # cut off meanwhile: stopped when it is back
+        ctx.ledger.db.owe_stop(d.host.id, ctx.env_key, name, d.process, d.port)
+        return
     if d.process:
         await ctx.run_op(d.host, pb.Operation(service_stop=pb.ServiceStopSpec(name=ctx.unit(name), instance=d.process)),
                          name, "stop failed instance", check=False)

@@ -108,22 +108,32 @@ class Healer:
             task.add_done_callback(self.tasks.discard)
 
     async def _settle_stops(self, agent_id: str) -> None:
-        for env_key in dict.fromkeys(env for env, _, _, _ in self.ledger.db.stop_debts(agent_id)):
-            for _ in range(30):
+        """A host back from being lost: each process a deploy could not stop there (its replica
+        had moved) is stopped now and its port freed, unless it is live again; the environment's
+        history says so. No job: nothing else of the environment is touched, and it holds even for
+        one destroyed meanwhile. One the agent does not confirm stays owed for its next return."""
+        for env_key, service, process, port in self.ledger.db.stop_debts(agent_id):
+            live = {(r.host, r.process, r.port) for row in self.ledger.instances(env_key, status=Status.LIVE)
+                    if row.component == "code" for r in row.replicas}
+            if (agent_id, process) not in {(h, p) for h, p, _ in live}:
+                app, env = env_key.split("/", 1)
+                stop = pb.Operation(id=new_op_id(), service_stop=pb.ServiceStopSpec(
+                    name=naming.unit_base(app, env, service), instance=process))
                 try:
-                    job = self.environments.stop_owed(env_key, agent_id)
-                    break
-                except Locked:  # its own job is under way: once it ends
-                    await asyncio.sleep(RETRY_BUSY_S)
-                except errors.BadInput:  # destroyed meanwhile
-                    for _, service, process, _ in self.ledger.db.stop_debts(agent_id, env_key):
-                        self.ledger.db.paid_stop(agent_id, env_key, service, process)
-                    job = None
-                    break
-            else:
-                continue
-            if job is not None and await job.wait() != "succeeded":
-                log.warning("heal.stop_failed", environment=env_key, host=agent_id, why=job.summary)
+                    op = await asyncio.wait_for(self.dispatcher.execute(agent_id, stop, environment=env_key),
+                                                LISTING_S)
+                except (asyncio.TimeoutError, errors.DeployerError) as exc:
+                    log.warning("heal.stop_failed", environment=env_key, host=agent_id, process=process, error=str(exc))
+                    continue
+                if op.result.outcome != pb.EXITED or op.result.exit_code != 0:
+                    log.warning("heal.stop_failed", environment=env_key, host=agent_id, process=process,
+                                error=op.result.error or f"exit {op.result.exit_code}")
+                    continue
+                if port and (agent_id, port) not in {(h, p) for h, _, p in live}:
+                    self.ledger.release_port(agent_id, port)
+                self.events.add(env_key, "stopped", service, host=agent_id, process=process,
+                                why="it kept running while its host was lost, and its replica had moved")
+            self.ledger.db.paid_stop(agent_id, env_key, service, process)
 
     async def _sync_routes(self, router_id: str) -> None:
         pending = self.ledger.db.route_debts(router_id)
@@ -194,14 +204,17 @@ class Healer:
             if definition is not None and definition.is_web:
                 by_env.setdefault(env_key, set()).add(service)
         for env_key, services in sorted(by_env.items()):
-            for attempt in range(30):
+            job = None
+            while agent.state == LOST:  # back meanwhile: its replicas stay where they are
                 try:
                     job = self.environments.heal(env_key, sorted(services), lost=agent_id)
                     break
                 except Locked:  # another job holds it: once it ends
                     await asyncio.sleep(RETRY_BUSY_S)
-            else:
-                log.warning("heal.replace_deferred", environment=env_key, host=agent_id)
+                except errors.BadInput as exc:  # destroyed meanwhile
+                    log.warning("heal.replace_skipped", environment=env_key, host=agent_id, error=str(exc))
+                    break
+            if job is None:
                 continue
             for service in sorted(services):
                 self.events.add(env_key, "replacing", service, host=agent_id, job=job.id,

@@ -12,8 +12,6 @@ from pathlib import Path
 import structlog
 import yaml
 
-from protos import deployer_pb2 as pb
-
 from controller.environments import planner, recovery, spec as spec_mod, sources
 from controller.fleet.dispatcher import Dispatcher
 from controller.state.jobs import EnvLock, Job, JobTable, Locked, Specs, new_job_id
@@ -209,7 +207,8 @@ class Environments:
             live = state.get(service.name)
             try:
                 chosen, warning = hosts.choose_replicas(self.registry, self.ledger, spec, service,
-                                                        tuple(live.code.hosts) if live and live.code else ())
+                                                        tuple(r.host for r in live.code.replicas)
+                                                        if live and live.code else ())
             except PlacementError as exc:
                 text = str(exc).removeprefix(f"{service.name}: ")
                 if exc.pin:
@@ -368,33 +367,6 @@ class Environments:
                 + (f"their host {lost} is lost" if lost else
                    "they failed their health checks" if set(services) <= set(sick) else "their process ended"))
         return self._launch(spec, "heal", plan, {}, lambda ctx: deploying.apply(ctx, plan), note)
-
-    def stop_owed(self, env_key: str, host_id: str) -> Job:
-        """A host back from being lost: the processes of this environment that a deploy could not
-        stop there (its replica had moved) are stopped now, and their ports freed (a `stop` job)."""
-        spec = self.as_deployed_spec(env_key)
-        if spec is None:
-            raise OrderError(f"{env_key}: no such environment")
-
-        async def body(ctx: JobContext) -> str:
-            host = self.registry.agents.get(host_id)
-            if host is None or host.state != "connected":
-                return f"{host_id} is away again: nothing stopped"
-            live = {(r.host, r.process) for row in self.ledger.instances(env_key, status=Status.LIVE)
-                    if row.component == "code" for r in row.replicas}
-            stopped = []
-            for service, process, port in ((s, p, port) for _, s, p, port in self.db.stop_debts(host_id, env_key)):
-                if (host_id, process) not in live:  # a replica placed back there since is not stopped
-                    await ctx.run_op(host, pb.Operation(service_stop=pb.ServiceStopSpec(
-                        name=ctx.unit(service), instance=process)), service, "stop previous", check=False)
-                    if port and (host_id, port) not in {(r.host, r.port) for row in self.ledger.instances(
-                            env_key, status=Status.LIVE) if row.component == "code" for r in row.replicas}:
-                        self.ledger.release_port(host_id, port)
-                    stopped.append(f"{service} {process}")
-                self.db.paid_stop(host_id, env_key, service, process)
-            return f"stopped on {host_id}: {', '.join(stopped)}" if stopped else "nothing left to stop"
-        return self._launch(spec, "stop", None, {}, body,
-                            f"{host_id} is back: what a deploy could not stop there while it was lost is stopped")
 
     def sync_route(self, env_key: str, router_id: str) -> Job:
         """A router back from being away gets the environment's route as the ledger holds it, if

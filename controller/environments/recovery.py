@@ -257,6 +257,12 @@ async def _settle_deploy(ctx: JobContext, row) -> tuple[str, str | None]:
                    naming.service_dir(host.services_root, spec.app, spec.environment, service) if host else "",
                    deploy=number, code=code, code_new=bool(row["code_new"]), port=row["port"] or 0,
                    process=row["process"] or "")
+    for slot, replica in enumerate(json.loads(row["replicas"] or "[]"), start=1):  # the others, as recorded
+        agent = ctx.registry.agents.get(replica["host"])
+        d.replicas.append(Deployment(d.service, agent, naming.service_dir(agent.services_root, spec.app,
+                                                                          spec.environment, service) if agent else "",
+                                     deploy=number, code=code, code_new=d.code_new, port=replica["port"],
+                                     process=replica["process"], slot=slot))
     # Its own instances only: one of another service's (`mysql_of`) is that service's to make live.
     numbers = {c: row[c] for c in ("mysql", "redis") if row[c] is not None and not row[f"{c}_of"]}
     text = None
@@ -269,9 +275,12 @@ async def _settle_deploy(ctx: JobContext, row) -> tuple[str, str | None]:
             deploying.go_live(ctx, d, numbers)
             return (f"{service}: deploy {number} is live: its route switch had happened (nginx routes to "
                     f"code {code} on port {d.port})"), text
-    if host is None or host.state != CONNECTED:
-        d.process, d.port = "", 0  # nothing can be stopped there now; verify will show what is left
-    elif not d.code_new:
+    for r in d.every_replica:
+        if r.host is None or r.host.state != CONNECTED:
+            if r.slot and r.host is not None and r.process:  # another replica: stopped there when it is back
+                ledger.db.owe_stop(r.host.id, env_key, service, r.process, r.port)
+            r.process, r.port = "", 0  # nothing can be stopped there now
+    if host is not None and host.state == CONNECTED and not d.code_new:
         d.staged_env = f"{d.service_dir}/releases/{code}/.env.deploy-{number}"
     for component in ("mysql", "redis"):
         if row[f"{component}_new"] and row[component] is not None:

@@ -257,6 +257,8 @@ MIGRATIONS = [
         port INTEGER NOT NULL DEFAULT 0, since REAL NOT NULL,
         PRIMARY KEY (host, env_key, service, process)
     );
+    -- A deploy's other replicas as they start (host, port, process): what recovery stops or keeps.
+    ALTER TABLE deploys ADD COLUMN replicas TEXT NOT NULL DEFAULT '[]';
     """,
 ]
 SEALED_VERSION = MIGRATIONS.index(_seal_at_rest) + 1
@@ -429,13 +431,13 @@ class Database:
         if url:
             self.conn.execute("UPDATE acme_accounts SET url=? WHERE directory=?", (url, directory))
 
-    def certificate(self, env_key: str) -> tuple[tuple[str, ...], str, str, float] | None:
-        """(names, chain PEM, key PEM, not after) of the environment's ACME certificate."""
-        row = self.conn.execute("SELECT names, chain, key, not_after FROM acme_certificates WHERE env_key=?",
+    def certificate(self, env_key: str) -> tuple[tuple[str, ...], str, str, float, float] | None:
+        """(names, chain PEM, key PEM, not after, obtained) of the environment's ACME certificate."""
+        row = self.conn.execute("SELECT names, chain, key, not_after, obtained FROM acme_certificates WHERE env_key=?",
                                 (env_key,)).fetchone()
         if row is None:
             return None
-        return tuple(json.loads(row[0])), self.vault.open_text(row[1]), self.vault.open_text(row[2]), row[3]
+        return tuple(json.loads(row[0])), self.vault.open_text(row[1]), self.vault.open_text(row[2]), row[3], row[4]
 
     def save_certificate(self, env_key: str, names: tuple[str, ...], chain: str, key: str, not_after: float) -> None:
         self.conn.execute("INSERT OR REPLACE INTO acme_certificates VALUES (?, ?, ?, ?, ?, ?)",

@@ -270,9 +270,6 @@ class Ledger:
         secrets = set(self.secrets(key).values())
         secrets.update(self.vault.open_text(r[0]) for r in self.conn.execute(
             "SELECT value FROM retired_secrets WHERE env_key=?", (key,)))
-        issued = self.db.certificate(key)  # tls: auto: its key is as secret as the operator's
-        if issued is not None:
-            secrets.add(issued[2])
         passwords = {(r[0], r[1], r[2]): self.vault.open_text(r[3]) for r in self.conn.execute(
             "SELECT service, component, number, password FROM credentials WHERE env_key=?", (key,))}
         hosts = {(r[0], r[1], r[2]): r[3] for r in self.conn.execute(
@@ -412,6 +409,15 @@ class Ledger:
             "UPDATE deploys SET step=?, port=COALESCE(?, port), process=COALESCE(?, process) "
             "WHERE env_key=? AND service=? AND number=?",
             (step, port, process, env_key, service, number))
+
+    def add_deploy_replica(self, env_key: str, service: str, number: int, replica: "Replica") -> None:
+        """Another replica of a deploy is about to start: recorded first, as its first one is by set_step."""
+        row = self.conn.execute("SELECT replicas FROM deploys WHERE env_key=? AND service=? AND number=?",
+                                (env_key, service, number)).fetchone()
+        replicas = [r for r in json.loads(row[0] if row else "[]") if r.get("process") != replica.process
+                    or r.get("host") != replica.host]
+        self.conn.execute("UPDATE deploys SET replicas=? WHERE env_key=? AND service=? AND number=?",
+                          (json.dumps([*replicas, replica.to_dict()]), env_key, service, number))
 
     @contextlib.contextmanager
     def transaction(self):
