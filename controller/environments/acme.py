@@ -107,9 +107,21 @@ class Reply:
         return body
 
 
-def _origin(url: str) -> tuple[str, str]:
+def _origin(url: str) -> tuple[str, str, int]:
     parsed = urllib.parse.urlsplit(url)
-    return (parsed.scheme, parsed.netloc) if parsed.scheme == "https" else ("", "")
+    try:
+        port = parsed.port or 443
+    except ValueError:
+        return "", "", 0
+    return ("https", (parsed.hostname or "").lower(), port) if parsed.scheme == "https" else ("", "", 0)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """RFC 8555 has no redirects to follow: one is answered as it is (an error), never followed
+    off the server's origin."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None
 
 
 def _bounded(response) -> bytes:
@@ -136,6 +148,7 @@ class Client:
         self.key = _load(account_key)
         self.account = account
         self.context = ssl.create_default_context(cafile=ca_file or None)
+        self.opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=self.context), _NoRedirect())
         self.directory: dict = {}
         self.nonce = ""
 
@@ -152,7 +165,7 @@ class Client:
         if accept:
             request.add_header("Accept", accept)
         try:
-            with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S, context=self.context) as response:
+            with self.opener.open(request, timeout=HTTP_TIMEOUT_S) as response:
                 reply = Reply(response.status, dict(response.headers.items()), _bounded(response))
         except urllib.error.HTTPError as exc:
             reply = Reply(exc.code, dict(exc.headers.items()), _bounded(exc))

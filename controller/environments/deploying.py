@@ -481,8 +481,8 @@ def go_live(ctx: JobContext, d: Deployment, numbers: dict[str, int]) -> None:
         ctx.ledger.finish_deploy(ctx.env_key, name, d.deploy, "succeeded", port=d.port or None)
     ctx.job.event("deploy.live", service=name, deploy=d.deploy, code=d.code, port=d.port,
                   host=d.host.id if d.host else "",
-                  **({"replicas": [{"host": r.host.id, "port": r.port} for r in d.every_replica]}
-                     if d.replicas else {}))
+                  **({"replicas": [{"host": r.host.id, "port": r.port} for r in d.every_replica
+                                    if r.host is not None]} if d.replicas else {}))
 
 
 def _replicas_of(ctx: JobContext, live) -> list[Replica]:

@@ -205,7 +205,7 @@ class Healer:
                 by_env.setdefault(env_key, set()).add(service)
         for env_key, services in sorted(by_env.items()):
             job = None
-            while agent.state == LOST:  # back meanwhile: its replicas stay where they are
+            while getattr(self.registry.agents.get(agent_id), "state", "") == LOST:  # back: they stay
                 try:
                     job = self.environments.heal(env_key, sorted(services), lost=agent_id)
                     break

@@ -207,6 +207,7 @@ def _needed(ctx: JobContext, rows, unsettled, routers: bool = False) -> set[str]
     ledger, env_key = ctx.ledger, ctx.env_key
     needed = {r["host"] for r in rows if r["host"]}
     for r in unsettled:
+        needed.update(replica["host"] for replica in json.loads(r["replicas"] or "[]"))
         for component in ("mysql", "redis"):
             if r[f"{component}_new"] and r[component] is not None:
                 instance = ledger.instance(env_key, r["service"], component, r[component])

@@ -257,7 +257,9 @@ MIGRATIONS = [
         port INTEGER NOT NULL DEFAULT 0, since REAL NOT NULL,
         PRIMARY KEY (host, env_key, service, process)
     );
-    -- A deploy's other replicas as they start (host, port, process): what recovery stops or keeps.
+    """,
+    # 16: a deploy's other replicas as they start (host, port, process): what recovery stops or keeps.
+    """
     ALTER TABLE deploys ADD COLUMN replicas TEXT NOT NULL DEFAULT '[]';
     """,
 ]
