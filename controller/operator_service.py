@@ -429,8 +429,8 @@ class OperatorService(pb_grpc.OperatorServicer):
                      "commit": live.code.commit if live.code else "", "process": "unknown"}
             health = spec.get("services", {}).get(service, {}).get("health", "/")
             health = health.get("path", "/") if isinstance(health, dict) else health
+            row = self.ledger.instance(env_key, service, "code", live.code.number) if live.code else None
             if live.code:
-                row = self.ledger.instance(env_key, service, "code", live.code.number)
                 replicas = row.replicas if row else []
                 seen = [await self._replica_status(app, env, service, r, health) for r in replicas]
                 if seen:
@@ -440,7 +440,6 @@ class OperatorService(pb_grpc.OperatorServicer):
             entry["limits"] = {"memory_bytes": limits.memory, "cpu": limits.cpu, "processes": limits.processes,
                                "mysql_connections": limits.mysql_connections}
             if self.environments.healer is not None and live.code:
-                row = self.ledger.instance(env_key, service, "code", live.code.number)
                 entry.update(self.environments.healer.status(env_key, service, row.names.get("process", "") if row else ""))
             out.append(entry)
         return pb.JsonReply(json=json.dumps(out))

@@ -11,7 +11,7 @@ import yaml
 
 from tests.acme_harness import Pebble
 from tests.fleet_harness import fleet_world
-from tests.test_fleet import APP, curl, https_under_load, new_env, ok, plain, served_names
+from tests.test_fleet import APP, https_on_every_router, https_under_load, new_env, ok, plain, served_names
 from tests.harness import wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
@@ -37,10 +37,6 @@ def world():
             server.stop()
 
 
-def https(world, router: str, name: str):
-    return curl(world, router, f"https://{name}:PORT/", name, "--cacert", str(world["base"] / "ca.pem"))
-
-
 def test_a_certificate_from_acme_on_every_router_renewed_under_load_and_never_shown(world):
     cluster, fleet = world["cluster"], world["fleet"]
     env = new_env(world)
@@ -51,16 +47,8 @@ def test_a_certificate_from_acme_on_every_router_renewed_under_load_and_never_sh
                                     "tls": "auto", "services": {"web": plain(world)}}, sort_keys=False))
     out = ok(cluster.deployctl("apply", str(path), timeout=600))
     assert f"certificate for {name}, {alias} until" in out, out
-    for router in fleet.routers:
-        for host_name in (name, alias):
-            got = https(world, router, host_name)
-            assert got.stdout.split()[0] == "200", (router, host_name, got.stdout, got.stderr)
-            redirect = curl(world, router, f"http://{host_name}:PORT/a?b=1", host_name)
-            assert redirect.stdout.split()[:2] == ["308", f"https://{host_name}/a?b=1"], redirect.stdout
-        assert served_names(world, router, name)[0] == sorted([name, alias])
-        served = fleet.routers[router].conf_dir / "auto-tls" / f"auto-{APP}-{env}.key"
-        assert oct(served.stat().st_mode & 0o777) == "0o600" and served.stat().st_uid == 0
-        # The challenge's answers are taken down once the order ends.
+    https_on_every_router(world, env, name, alias, "/a?b=1")
+    for router in fleet.routers:  # the challenge's answers are taken down once the order ends
         assert not list((fleet.routers[router].conf_dir / "auto-acme").glob(f"auto-{APP}-{env}/*"))
     ok(cluster.deployctl("verify", key, timeout=300))
 

@@ -244,6 +244,22 @@ def curl(world, router: str, url: str, name: str, *extra: str) -> subprocess.Com
                            url.replace("PORT", str(port))], capture_output=True, text=True, timeout=30)
 
 
+def https_on_every_router(world, env: str, name: str, alias: str, path: str) -> None:
+    """Each router answers https://NAME/ and https://ALIAS/ with 200 (trusting the world's
+    ca.pem), redirects plain HTTP for `path` with 308, serves a certificate for both names, and
+    keeps the key root's, 0600."""
+    fleet = world["fleet"]
+    for router in fleet.routers:
+        for host_name in (name, alias):
+            got = curl(world, router, f"https://{host_name}:PORT/", host_name, "--cacert", str(world["base"] / "ca.pem"))
+            assert got.stdout.split()[0] == "200", (router, host_name, got.stdout, got.stderr)
+            plain_http = curl(world, router, f"http://{host_name}:PORT{path}", host_name)
+            assert plain_http.stdout.split()[:2] == ["308", f"https://{host_name}{path}"], plain_http.stdout
+        assert served_names(world, router, name)[0] == sorted([name, alias])
+        served = fleet.routers[router].conf_dir / "auto-tls" / f"auto-{APP}-{env}.key"
+        assert oct(served.stat().st_mode & 0o777) == "0o600" and served.stat().st_uid == 0
+
+
 def https_under_load(world, router: str, name: str, action) -> tuple[int, list[str]]:
     """Run `action` while one client asks https://NAME/ of a router again and again (trusting
     the world's ca.pem); (requests, the failed ones) once a second has passed after it."""
@@ -321,15 +337,7 @@ def test_https_with_the_operators_certificate_on_every_router_redirects_http_and
     secret("TLS_KEY", tls_key)
     out = ok(cluster.deployctl("apply", str(path), timeout=600))
     assert tls_key.splitlines()[1] not in out
-    for router in fleet.routers:
-        for host_name in (name, alias):
-            got = curl(world, router, f"https://{host_name}:PORT/", host_name, "--cacert", str(world["base"] / "ca.pem"))
-            assert got.stdout.split()[0] == "200", (router, host_name, got.stdout, got.stderr)
-            plain_http = curl(world, router, f"http://{host_name}:PORT/x?y=1", host_name)
-            assert plain_http.stdout.split()[:2] == ["308", f"https://{host_name}/x?y=1"], plain_http.stdout
-        assert served_names(world, router, name)[0] == sorted([name, alias])
-        served = fleet.routers[router].conf_dir / "auto-tls" / f"auto-{APP}-{env}.key"
-        assert oct(served.stat().st_mode & 0o777) == "0o600" and served.stat().st_uid == 0
+    https_on_every_router(world, env, name, alias, "/x?y=1")
     ok(cluster.deployctl("verify", key, timeout=300))
 
     # Renewal: the operator sets the new pair; verify names the drift on each router, repair swaps it

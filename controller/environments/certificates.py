@@ -55,8 +55,10 @@ def due(issued, names: tuple[str, ...], renew_before: float, now: float | None =
     return ""
 
 
-def refusal(settings: AcmeSettings | None, routers: list, connected: list) -> str:
-    """Why `tls: auto` cannot be served now (one line), or ""."""
+def refusal(settings: AcmeSettings | None, routers: list, connected: list | None = None) -> str:
+    """Why `tls: auto` cannot be served now (one line), or "". `connected`: those of `routers`
+    that are (by their state, if not given)."""
+    connected = [r for r in routers if r.state == "connected"] if connected is None else connected
     if settings is None or not settings.directory:
         return ("auto needs an ACME server: set acme.directory in the controller's settings file (--config), "
                 "or give the environment's secrets holding a certificate and its key: {certificate: SECRET, "
@@ -72,7 +74,7 @@ def refusal(settings: AcmeSettings | None, routers: list, connected: list) -> st
 def _account(ctx: JobContext, settings: AcmeSettings) -> acme.Client:
     stored = ctx.ledger.db.acme_account(settings.directory)
     if stored is None:
-        ctx.ledger.db.save_acme_account(settings.directory, acme.new_key(), "")
+        ctx.ledger.db.save_acme_account(settings.directory, acme.new_key())
         stored = ctx.ledger.db.acme_account(settings.directory)  # the first saved wins a race
     key, url = stored
     return acme.Client(settings.directory, key, settings.ca_file, url)
@@ -110,8 +112,7 @@ async def ensure(ctx: JobContext, settings: AcmeSettings | None, force: bool = F
                                                             if settings else 30 * DAY)
     if not why:
         return "the certificate is current"
-    all_routers = routing.routers(ctx)
-    refused = refusal(settings, all_routers, [r for r in all_routers if r.state == "connected"])
+    refused = refusal(settings, routing.routers(ctx))
     if refused:
         raise StepFailed(ctx.env_key, "certificate", f"tls: {refused}")
     ons = routing.connected_routers(ctx, ctx.env_key)
@@ -128,10 +129,10 @@ async def ensure(ctx: JobContext, settings: AcmeSettings | None, force: bool = F
     except tls.TlsError as exc:
         raise StepFailed(ctx.env_key, "certificate", f"the ACME server issued a certificate that cannot serve: {exc}") \
             from None
-    ctx.ledger.db.save_acme_account(settings.directory, "", client.account)
+    ctx.ledger.db.set_acme_account_url(settings.directory, client.account)
     ctx.ledger.db.save_certificate(ctx.env_key, names, chain, key, not_after.timestamp())
     ctx.job.event("certificate.obtained", names=list(names), not_after=not_after.isoformat())
-    await routing.switch_route(routing.as_deployed(ctx), ctx.env_key)
+    await routing.switch_route(deployed, ctx.env_key)
     return f"certificate for {', '.join(names)} until {not_after:%Y-%m-%d}"
 
 

@@ -170,11 +170,10 @@ def place(ctx: JobContext, service, live, code) -> list[Agent]:
     `hosts.PENDING` until the deploy ends, so jobs placing at the same time see each other's
     choice."""
     if code.new:
-        where = tuple(r.host for r in live.code.replicas) if live and live.code else ()
+        where = hosts.live_hosts(live)
     else:
         row = ctx.ledger.instance(ctx.env_key, service.name, "code", code.number)
-        where = tuple(r.host for r in row.replicas) if row and row.host else \
-            ((live.code.host,) if live and live.code else ())
+        where = tuple(r.host for r in row.replicas) if row and row.host else hosts.live_hosts(live)
     try:
         chosen, warning = hosts.choose_replicas(ctx.registry, ctx.ledger, ctx.spec, service, where)
     except PlacementError as exc:
@@ -185,7 +184,7 @@ def place(ctx: JobContext, service, live, code) -> list[Agent]:
         hosts.PENDING[(ctx.env_key, replica_key(service.name, slot))] = agent.id
         ctx.job.event("placed", service=service.name, host=agent.id, why=choice.why,
                       **({"replica": slot + 1} if service.replicas > 1 else {}))
-        if not choice.why.startswith(("stays", f"replica {slot + 1} stays")):
+        if not choice.stays:
             ctx.note(f"{service.name}: on {agent.id}: {choice.why}")
     return [agent for agent, _ in chosen]
 

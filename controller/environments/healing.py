@@ -113,9 +113,9 @@ class Healer:
         history says so. No job: nothing else of the environment is touched, and it holds even for
         one destroyed meanwhile. One the agent does not confirm stays owed for its next return."""
         for env_key, service, process, port in self.ledger.db.stop_debts(agent_id):
-            live = {(r.host, r.process, r.port) for row in self.ledger.instances(env_key, status=Status.LIVE)
-                    if row.component == "code" for r in row.replicas}
-            if (agent_id, process) not in {(h, p) for h, p, _ in live}:
+            live = [r for row in self.ledger.instances(env_key, status=Status.LIVE) if row.component == "code"
+                    for r in row.replicas if r.host == agent_id]
+            if process not in {r.process for r in live}:
                 app, env = env_key.split("/", 1)
                 stop = pb.Operation(id=new_op_id(), service_stop=pb.ServiceStopSpec(
                     name=naming.unit_base(app, env, service), instance=process))
@@ -129,7 +129,7 @@ class Healer:
                     log.warning("heal.stop_failed", environment=env_key, host=agent_id, process=process,
                                 error=op.result.error or f"exit {op.result.exit_code}")
                     continue
-                if port and (agent_id, port) not in {(h, p) for h, _, p in live}:
+                if port and port not in {r.port for r in live}:
                     self.ledger.release_port(agent_id, port)
                 self.events.add(env_key, "stopped", service, host=agent_id, process=process,
                                 why="it kept running while its host was lost, and its replica had moved")

@@ -57,10 +57,9 @@ def want(spec: Spec, service: Service, stay_on: str = "") -> Want:
                 dict(service.host_labels), stay_on)
 
 
-def choose(registry: Registry, ledger: Ledger, spec: Spec, service: Service, stay_on: str = "") -> tuple[Agent, Choice]:
-    """The agent for a new instance of `service` (where its live one is, if it may stay), and why."""
-    choice = placement.place(view(registry, ledger, spec), want(spec, service, stay_on))
-    return _agent(registry, service, choice), choice
+def live_hosts(live) -> tuple[str, ...]:
+    """The hosts of a service's live replicas, in their order (`live`: its ledger state, or None)."""
+    return tuple(r.host for r in live.code.replicas) if live and live.code else ()
 
 
 def choose_replicas(registry: Registry, ledger: Ledger, spec: Spec, service: Service, live: tuple[str, ...] = ()

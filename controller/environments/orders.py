@@ -184,8 +184,7 @@ class Environments:
         if spec.tls is None:
             return
         if spec.tls.auto:
-            every = routing.routers_of(self.registry)
-            refused = certificates.refusal(self.acme, every, [r for r in every if r.state == "connected"])
+            refused = certificates.refusal(self.acme, routing.routers_of(self.registry))
             if refused:
                 raise spec.error(("tls",), refused)
             return
@@ -207,8 +206,7 @@ class Environments:
             live = state.get(service.name)
             try:
                 chosen, warning = hosts.choose_replicas(self.registry, self.ledger, spec, service,
-                                                        tuple(r.host for r in live.code.replicas)
-                                                        if live and live.code else ())
+                                                        hosts.live_hosts(live))
             except PlacementError as exc:
                 text = str(exc).removeprefix(f"{service.name}: ")
                 if exc.pin:
@@ -498,8 +496,7 @@ class Environments:
         if not spec.tls or not spec.tls.auto:
             raise OrderError(f"{spec.key}: its certificate is not obtained by ACME (tls: auto): "
                              + ("it has no tls" if not spec.tls else "the operator sets it with deployctl secret set"))
-        every = routing.routers_of(self.registry)
-        refused = certificates.refusal(self.acme, every, [r for r in every if r.state == "connected"])
+        refused = certificates.refusal(self.acme, routing.routers_of(self.registry))
         if refused:
             raise OrderError(f"{spec.key}: tls: {refused}")
 

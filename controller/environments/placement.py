@@ -61,6 +61,8 @@ class Want:
 class Choice:
     host: str
     why: str
+    stays: bool = False   # where its live instance (or replica) runs
+    moved: str = ""       # why it left the host of its live one, if it did
 
 
 def capacity(granted_memory: int, granted_cpu: float, measured_memory: int, measured_cpu: int) -> tuple[int, float]:
@@ -117,7 +119,7 @@ def place(hosts: list[Host], want: Want) -> Choice:
     if want.stay_on:
         here = next((h for h in candidates if h.id == want.stay_on), None)
         if here is not None and here.state == "connected":
-            return Choice(here.id, "stays on the host of its live instance")
+            return Choice(here.id, "stays on the host of its live instance", stays=True)
         if here is not None and here.state != "lost":
             raise PlacementError(f"{want.service}: agent {here.id} (which runs this service) is {here.state}; "
                                  "it moves only once that host is lost")
@@ -144,7 +146,7 @@ def place(hosts: list[Host], want: Want) -> Choice:
                       else f"over-committed by {-left:.0%}: every eligible host is full")
     detail.append(f"{best.instances} instance{'s' if best.instances != 1 else ''} there")
     why = f"{why} ({', '.join(detail)})"
-    return Choice(best.id, f"{moved}; {why}" if moved else why)
+    return Choice(best.id, f"{moved}; {why}" if moved else why, moved=moved)
 
 
 def place_replicas(hosts: list[Host], want: Want, count: int, live: tuple[str, ...] = ()) -> tuple[list[Choice], str]:
@@ -160,12 +162,12 @@ def place_replicas(hosts: list[Host], want: Want, count: int, live: tuple[str, .
     connected = [h for h in eligible(hosts, want) if h.state == "connected"]
     ranked = sorted(connected, key=lambda h: (-room(h, want), h.instances, h.id))
     chosen: list[Choice | None] = [None] * count
-    if first.why.startswith("stays") or not live:  # moved off its host: not onto another replica's, if it can
+    if first.stays or not live:  # moved off its host: not onto another replica's, if it can
         chosen[0] = first
     for slot in range(1, count):
         stay = live[slot] if slot < len(live) else ""
         if any(h.id == stay for h in ranked) and all(c is None or c.host != stay for c in chosen):
-            chosen[slot] = Choice(stay, f"replica {slot + 1} stays on the host of its live replica")
+            chosen[slot] = Choice(stay, f"replica {slot + 1} stays on the host of its live replica", stays=True)
     for slot in range(count):
         if chosen[slot] is not None:
             continue
@@ -174,8 +176,7 @@ def place_replicas(hosts: list[Host], want: Want, count: int, live: tuple[str, .
         why = ("most room of the hosts without a replica of it" if used[best.id] == 0 else
                f"shares {best.id} with another replica")
         if slot == 0:
-            moved = first.why.split("; ")[0] if "; " in first.why else ""
-            chosen[0] = Choice(best.id, f"{moved}; {why}" if moved else why)
+            chosen[0] = Choice(best.id, f"{first.moved}; {why}" if first.moved else why, moved=first.moved)
         else:
             chosen[slot] = Choice(best.id, f"replica {slot + 1}: {why}")
     distinct = len({c.host for c in chosen})

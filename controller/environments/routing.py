@@ -16,7 +16,6 @@ from controller.environments.facts import NginxFile
 from controller.environments.spec import spec_from_dict
 from controller.fleet.registry import CONNECTED, Agent
 from controller.state.knowledge import Scope
-from controller.state.ledger import Replica
 
 
 def routes(ctx: JobContext, override: dict[str, list[tuple[str, int]]] | None = None) -> list[tuple[str, str, int]]:
@@ -34,7 +33,7 @@ def routes(ctx: JobContext, override: dict[str, list[tuple[str, int]]] | None = 
             continue
         live = state.get(service.name)
         if live and live.code and live.code.port:
-            for replica in live.code.replicas or (Replica(live.code.host, live.code.port),):
+            for replica in live.code.replicas:
                 if replica.port:
                     host = ctx.registry.agents.get(replica.host)
                     out.append((service.path, host.address if host else "127.0.0.1", replica.port))
@@ -94,10 +93,14 @@ def reload_settings(on: Agent) -> tuple[str, str]:
     return on.settings.get("nginx.reload", "nginx -s reload"), on.settings.get("nginx.pid", "/run/nginx.pid")
 
 
+def _base(ctx: JobContext) -> str:
+    """The environment's name in a router's folders: auto-APP-ENV."""
+    return naming.nginx_file(ctx.spec.app, ctx.spec.environment).removesuffix(".conf")
+
+
 def tls_files(ctx: JobContext, on: Agent) -> tuple[str, str]:
     """Where a router keeps the environment's certificate and key (root's, 0600)."""
-    base = naming.nginx_file(ctx.spec.app, ctx.spec.environment).removesuffix(".conf")
-    return f"{conf_dir(on)}/auto-tls/{base}.crt", f"{conf_dir(on)}/auto-tls/{base}.key"
+    return f"{conf_dir(on)}/auto-tls/{_base(ctx)}.crt", f"{conf_dir(on)}/auto-tls/{_base(ctx)}.key"
 
 
 def certificate_pair(ctx: JobContext, service: str) -> tuple[str, str]:
@@ -118,7 +121,7 @@ def acme_certificate(ctx: JobContext) -> tuple[str, str] | None:
 
 def challenges_dir(ctx: JobContext, on: Agent) -> str:
     """`tls: auto`: where a router keeps the environment's HTTP-01 answers (public, while an order lasts)."""
-    return f"{conf_dir(on)}/auto-acme/{naming.nginx_file(ctx.spec.app, ctx.spec.environment).removesuffix('.conf')}"
+    return f"{conf_dir(on)}/auto-acme/{_base(ctx)}"
 
 
 def serves_https(ctx: JobContext) -> bool:

@@ -425,13 +425,15 @@ class Database:
         row = self.conn.execute("SELECT key, url FROM acme_accounts WHERE directory=?", (directory,)).fetchone()
         return (self.vault.open_text(row[0]), row[1]) if row else None
 
-    def save_acme_account(self, directory: str, key: str, url: str) -> None:
+    def save_acme_account(self, directory: str, key: str) -> None:
         """The first key saved for a directory is its account's: a second one made at the same
-        time is not kept (INSERT OR IGNORE), and the URL is set once the server gives it."""
+        time is not kept (INSERT OR IGNORE)."""
         self.conn.execute("INSERT OR IGNORE INTO acme_accounts VALUES (?, ?, '', ?)",
                           (directory, self.vault.seal_text(key), time.time()))
-        if url:
-            self.conn.execute("UPDATE acme_accounts SET url=? WHERE directory=?", (url, directory))
+
+    def set_acme_account_url(self, directory: str, url: str) -> None:
+        """The account's URL, once the server gives it."""
+        self.conn.execute("UPDATE acme_accounts SET url=? WHERE directory=?", (url, directory))
 
     def certificate(self, env_key: str) -> tuple[tuple[str, ...], str, str, float, float] | None:
         """(names, chain PEM, key PEM, not after, obtained) of the environment's ACME certificate."""

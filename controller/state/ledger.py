@@ -72,7 +72,7 @@ class InstanceRow:
     @property
     def hosts(self) -> list[str]:
         """The hosts its replicas run on, each once, the first replica's first."""
-        return list(dict.fromkeys(r.host for r in self.replicas if r.host))
+        return hosts_of(self.replicas)
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,10 @@ class Replica:
 
     def to_dict(self) -> dict:
         return {"host": self.host, "port": self.port, "process": self.process}
+
+
+def hosts_of(replicas) -> list[str]:
+    return list(dict.fromkeys(r.host for r in replicas if r.host))
 
 
 def replica_key(service: str, slot: int) -> str:
@@ -110,7 +114,7 @@ class LiveInstance:
 
     @property
     def hosts(self) -> list[str]:
-        return list(dict.fromkeys(r.host for r in self.replicas if r.host)) or ([self.host] if self.host else [])
+        return hosts_of(self.replicas)
 
 
 @dataclass(frozen=True)
