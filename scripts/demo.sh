@@ -41,6 +41,21 @@ start_bg() {  # pidfile logfile cmd…
   STARTED+=("$pidfile")
 }
 
+# A command on the environment, once no other job holds it: back after `make demo-stop`, the
+# controller restarts the stopped services itself (a heal job), and an order meanwhile is told
+# the environment is busy (exit 5).
+when_free() {
+  local tries=0 code
+  while :; do
+    "$@" && return 0
+    code=$?
+    [ "$code" -eq 5 ] && [ "$tries" -lt 60 ] || return "$code"
+    tries=$((tries + 1))
+    echo "demo: shop/$ENV is busy with another job: trying again in 2 s" >&2
+    sleep 2
+  done
+}
+
 wait_until() {  # seconds description cmd…
   local seconds=$1 what=$2; shift 2
   for _ in $(seq $((seconds * 10))); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
@@ -184,12 +199,12 @@ start() {
   publish_example
   choose_environment
   echo "\$ deployctl apply $SPEC"
-  "$BIN/deployctl" apply "$SPEC"
-  if ! "$BIN/deployctl" verify "shop/$ENV" >/dev/null 2>&1; then
+  when_free "$BIN/deployctl" apply "$SPEC"
+  if ! when_free "$BIN/deployctl" verify "shop/$ENV" >/dev/null 2>&1; then
     # Already deployed, but stopped by `make demo-stop`: bring what the ledger says back.
     echo
     echo "\$ deployctl repair shop/$ENV"
-    "$BIN/deployctl" repair "shop/$ENV"
+    when_free "$BIN/deployctl" repair "shop/$ENV"
   fi
   echo
   echo "\$ curl http://$DOMAIN:$HTTP_PORT/     (through nginx; reads MySQL and Redis)"
